@@ -1,0 +1,1 @@
+//! team-joiner example (being written).

@@ -1,0 +1,1 @@
+//! Conflux guest SDK (being written).

@@ -1,0 +1,4 @@
+//! Conflux host: runs Wasm entities durably. See ARCHITECTURE.md for the map.
+
+pub mod model;
+pub mod cli;
