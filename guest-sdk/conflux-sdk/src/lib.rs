@@ -192,7 +192,9 @@ pub mod __private {
         match state::get_raw(SELF_KEY) {
             Some(bytes) => {
                 let value = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::failed(format!("state key '{SELF_KEY}' does not hold the entity: {e}"))
+                    Error::failed(format!(
+                        "state key '{SELF_KEY}' does not hold the entity: {e}"
+                    ))
                 })?;
                 Ok((value, bytes))
             }

@@ -10,8 +10,11 @@ use serde::de::DeserializeOwned;
 use crate::{Error, sys};
 
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, Error> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| Error::failed(format!("state key '{key}' does not hold the expected JSON: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        Error::failed(format!(
+            "state key '{key}' does not hold the expected JSON: {e}"
+        ))
+    })
 }
 
 /// Reads `key` and parses it as JSON. `Ok(None)` if the key is absent; `Error::Failed`

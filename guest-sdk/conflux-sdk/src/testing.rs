@@ -96,11 +96,10 @@ impl TestHarness {
         let outcome = catch_unwind(AssertUnwindSafe(|| E::dispatch(op, payload)));
         let turn = native::end().expect("conflux-sdk: the harness turn vanished during a call");
         self.store = turn.store;
-        self.logs.extend(
-            turn.logs
-                .into_iter()
-                .map(|l| LogRecord { level: Level::from_u8(l.level), message: l.message }),
-        );
+        self.logs.extend(turn.logs.into_iter().map(|l| LogRecord {
+            level: Level::from_u8(l.level),
+            message: l.message,
+        }));
         match outcome {
             Ok(Ok(reply)) => {
                 for (key, write) in turn.writes {

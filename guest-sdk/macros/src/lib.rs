@@ -41,7 +41,10 @@ struct Operation {
 
 fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     if !attr.is_empty() {
-        return Err(syn::Error::new_spanned(attr, "#[entity] takes no arguments"));
+        return Err(syn::Error::new_spanned(
+            attr,
+            "#[entity] takes no arguments",
+        ));
     }
     let imp = match syn::parse2::<Item>(item.clone()) {
         Ok(Item::Impl(imp)) => imp,
@@ -108,7 +111,10 @@ fn operation(f: &ImplItemFn) -> syn::Result<Option<Operation>> {
         ));
     }
     if let Some(asyncness) = &sig.asyncness {
-        return Err(syn::Error::new_spanned(asyncness, "entity operations cannot be `async`"));
+        return Err(syn::Error::new_spanned(
+            asyncness,
+            "entity operations cannot be `async`",
+        ));
     }
     if recv.colon_token.is_some() {
         return Err(syn::Error::new_spanned(
@@ -214,7 +220,11 @@ fn generate(imp: &ItemImpl, ops: &[Operation]) -> TokenStream2 {
                 let () = ::conflux_sdk::__private::parse_payload::<()>(__op, __payload)?;
             },
         };
-        let call_args = if op.arg.is_some() { quote!(__arg) } else { quote!() };
+        let call_args = if op.arg.is_some() {
+            quote!(__arg)
+        } else {
+            quote!()
+        };
         let call = quote_spanned! {span=> __this.#method(#call_args) };
         let call = if op.returns_result {
             quote_spanned! {span=>
@@ -257,6 +267,7 @@ fn generate(imp: &ItemImpl, ops: &[Operation]) -> TokenStream2 {
         impl ::conflux_sdk::Entity for #ty {
             const OPERATIONS: &'static [&'static str] = &[#(#names),*];
 
+            #[allow(clippy::let_unit_value, clippy::unit_arg)]
             fn dispatch(
                 __op: &str,
                 __payload: &[u8],
@@ -293,5 +304,73 @@ fn generate(imp: &ItemImpl, ops: &[Operation]) -> TokenStream2 {
 
             ::conflux_sdk::bindings::export!(#export_struct);
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(item: TokenStream2) -> String {
+        match expand(TokenStream2::new(), item) {
+            Ok(_) => panic!("expected a compile error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn rejects_non_impl_items() {
+        let e = error_of(quote! { struct Counter; });
+        assert!(e.contains("inherent `impl` block"), "{e}");
+        let e = error_of(quote! { impl Foo for Counter { } });
+        assert!(e.contains("not a trait impl"), "{e}");
+    }
+
+    #[test]
+    fn rejects_two_payload_args() {
+        let e =
+            error_of(quote! { impl C { pub fn add(&mut self, a: i64, b: i64) -> i64 { a + b } } });
+        assert!(e.contains("more than one payload argument"), "{e}");
+    }
+
+    #[test]
+    fn rejects_generic_methods() {
+        let e = error_of(quote! { impl C { pub fn add<T>(&mut self, a: T) {} } });
+        assert!(e.contains("cannot be generic"), "{e}");
+        let e = error_of(quote! { impl C { pub fn add(&mut self, a: impl Into<i64>) {} } });
+        assert!(e.contains("cannot be generic"), "{e}");
+    }
+
+    #[test]
+    fn rejects_borrowed_args_and_attribute_arguments() {
+        let e = error_of(quote! { impl C { pub fn add(&mut self, a: &str) {} } });
+        assert!(e.contains("owned type"), "{e}");
+        let e = match expand(quote!(foo), quote! { impl C {} }) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("takes no arguments"), "{e}");
+    }
+
+    #[test]
+    fn picks_pub_methods_with_receivers_only() {
+        let out = expand(
+            TokenStream2::new(),
+            quote! {
+                impl C {
+                    pub fn new() -> Self { C }
+                    fn helper(&self) {}
+                    pub fn r#get(&self) -> i64 { 1 }
+                    pub fn set(&mut self, v: i64) -> Result<(), E> { Ok(()) }
+                }
+            },
+        )
+        .unwrap()
+        .to_string();
+        assert!(
+            out.contains(r#"const OPERATIONS : & 'static [& 'static str] = & ["get" , "set"]"#),
+            "{out}"
+        );
+        assert!(out.contains("target_arch = \"wasm32\""));
     }
 }

@@ -4,7 +4,10 @@ use crate::EntityRef;
 use crate::bindings::conflux::entity::{context, state, types};
 
 fn from_wit(r: types::EntityRef) -> EntityRef {
-    EntityRef { entity_type: r.entity_type, id: r.id }
+    EntityRef {
+        entity_type: r.entity_type,
+        id: r.id,
+    }
 }
 
 pub(crate) fn state_get(key: &str) -> Option<Vec<u8>> {
