@@ -1,1 +1,236 @@
-//! Conflux guest SDK (being written).
+//! Write [Conflux](https://example.invalid/conflux) entities in Rust.
+//!
+//! An *entity* is a Rust struct whose state lives in the platform and whose public
+//! methods are *operations* that clients (or other entities) invoke by name. You compile
+//! the crate to a WebAssembly component and deploy it as an entity type; the platform
+//! runs one turn at a time per entity id, so every change to one entity is serialised.
+//!
+//! # Example
+//!
+//! ```
+//! use conflux_sdk::prelude::*;
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! pub struct Counter {
+//!     total: i64,
+//! }
+//!
+//! #[entity]
+//! impl Counter {
+//!     /// Adds `n` and returns the new total.
+//!     pub fn add(&mut self, n: i64) -> Result<i64, Error> {
+//!         self.total = self
+//!             .total
+//!             .checked_add(n)
+//!             .ok_or_else(|| Error::failed("counter would overflow"))?;
+//!         log::info(&format!("{} is now {}", context::self_ref(), self.total));
+//!         Ok(self.total)
+//!     }
+//!
+//!     /// The current total.
+//!     pub fn get(&self) -> i64 {
+//!         self.total
+//!     }
+//! }
+//!
+//! // Unit-test it natively, no host needed:
+//! use conflux_sdk::testing::TestHarness;
+//!
+//! let mut h = TestHarness::new("counter", "c1");
+//! assert_eq!(h.call::<Counter, _, i64>("add", &5)?, 5);
+//! assert_eq!(h.call::<Counter, _, i64>("add", &2)?, 7);
+//! assert_eq!(h.call::<Counter, _, i64>("get", &())?, 7);
+//! assert_eq!(h.invoke::<Counter>("get", b"")?, b"7");
+//! assert_eq!(h.logs().last().unwrap().message, "counter/c1 is now 7");
+//!
+//! // A bad payload is a bad request, and the turn's writes are discarded.
+//! assert!(matches!(h.invoke::<Counter>("add", b"\"five\""), Err(Error::BadRequest(_))));
+//! assert!(matches!(h.invoke::<Counter>("reset", b""), Err(Error::UnknownOperation(_))));
+//! assert_eq!(h.entity::<Counter>().total, 7);
+//! # Ok::<(), conflux_sdk::Error>(())
+//! ```
+//!
+//! # Operations
+//!
+//! Put `#[entity]` on one inherent `impl` block of a struct that is
+//! `Default + Serialize + DeserializeOwned`. Every `pub fn` in it with a `&self`,
+//! `&mut self` or `self` receiver becomes an operation named after the method; other
+//! functions (private, or without a receiver) are left alone. An operation takes zero or
+//! one argument besides the receiver — bundle several values into a struct or tuple.
+//! Generic and `async` methods are rejected at compile time.
+//!
+//! **Only one `#[entity]` per crate**: a crate compiles to one component exporting one
+//! handler, so a second `#[entity]` fails to link on `wasm32` (duplicate export).
+//!
+//! The user crate must depend on `conflux-sdk` under that name (the macro refers to
+//! `::conflux_sdk`), plus `serde` for the derives. Set `crate-type = ["cdylib", "rlib"]`.
+//!
+//! # Payloads and replies
+//!
+//! Payloads and replies are JSON. The argument is parsed from the payload with
+//! `serde_json`; an **empty payload counts as JSON `null`**, so an `Option<T>` argument
+//! accepts it. Operations without an argument accept only an empty or `null` payload.
+//! An unparseable payload yields [`Error::BadRequest`] naming the operation and serde's
+//! message.
+//!
+//! A method returns either `T: Serialize` or `Result<T, E>` with `E: Into<Error>` (any
+//! type whose last path segment is `Result`). The reply is the JSON of `T` (`()` → `null`).
+//!
+//! # Errors
+//!
+//! Errors abort the turn and reach the client as gRPC status codes:
+//!
+//! | [`Error`] variant / WIT `call-error` | gRPC code             |
+//! |--------------------------------------|-----------------------|
+//! | `BadRequest` / `bad-request`         | `INVALID_ARGUMENT`    |
+//! | `UnknownOperation` / `unknown-operation` | `NOT_FOUND`       |
+//! | `Failed` / `failed`                  | `FAILED_PRECONDITION` |
+//!
+//! An unknown operation name produces `Error::UnknownOperation` listing the operations the
+//! entity offers. A panic (trap) also aborts the turn; the host reports it as an internal
+//! error.
+//!
+//! # Atomic turns and the `$self` key
+//!
+//! Each invocation is one *turn*. Everything the turn writes — through [`state`] or by
+//! mutating `self` — is buffered and committed atomically if the operation returns `Ok`,
+//! and discarded if it returns `Err` or panics. Reads inside a turn see its own writes.
+//!
+//! Before each operation the struct is loaded from state key `"$self"` (JSON), or
+//! `Default::default()` if absent. After a `&mut self` method returns `Ok`, the struct is
+//! saved back to `"$self"` only if its JSON changed. `&self` methods never write it. A
+//! by-value `self` method consumes its copy, so it cannot change the stored struct either.
+//! You may keep additional data under other keys with [`state`] (e.g. large collections
+//! you page through with [`state::list`]).
+//!
+//! # Building
+//!
+//! ```text
+//! rustup target add wasm32-wasip2
+//! cargo build --release --target wasm32-wasip2
+//! # → target/wasm32-wasip2/release/<crate_name>.wasm, a component exporting
+//! #   conflux:entity/handler@0.1.0
+//! ```
+//!
+//! # Testing
+//!
+//! On non-`wasm32` targets the [`testing`] module provides
+//! [`TestHarness`](testing::TestHarness), which runs operations with the host's turn
+//! semantics against an in-memory store, so `cargo test` works with no host. Calling
+//! [`state`], [`context`] or [`log`] functions natively outside a harness call panics.
+
+// The `bindings` module (wit-bindgen output) needs `unsafe`; the rest of the SDK does not.
+#![deny(missing_docs)]
+
+extern crate self as conflux_sdk;
+
+#[doc(hidden)]
+#[allow(unsafe_code, missing_docs, clippy::all)]
+pub mod bindings;
+
+pub mod context;
+mod entity_ref;
+mod error;
+pub mod log;
+pub mod state;
+mod sys;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
+
+pub use conflux_sdk_macros::entity;
+pub use entity_ref::EntityRef;
+pub use error::Error;
+pub use serde;
+pub use serde_json;
+
+/// The state key under which `#[entity]` stores the entity struct as JSON.
+pub const SELF_KEY: &str = "$self";
+
+/// What `#[entity]` implements for your struct. You normally never implement or call
+/// this yourself: the host calls `dispatch` through the component export, and
+/// [`TestHarness`](testing::TestHarness) calls it in tests.
+pub trait Entity: Default + serde::Serialize + serde::de::DeserializeOwned {
+    /// The operation names, in declaration order.
+    const OPERATIONS: &'static [&'static str];
+
+    /// Runs operation `op` with the JSON `payload` inside the current turn and returns
+    /// the JSON reply.
+    fn dispatch(op: &str, payload: &[u8]) -> Result<Vec<u8>, Error>;
+}
+
+/// Everything an entity crate usually needs: `use conflux_sdk::prelude::*;`.
+pub mod prelude {
+    pub use crate::{EntityRef, Error, context, entity, log, state};
+    pub use serde::{Deserialize, Serialize};
+}
+
+/// Support code for `#[entity]`-generated code. Not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    use crate::{Error, SELF_KEY, state};
+
+    pub use wit_bindgen;
+
+    /// Parses the operation's argument; an empty payload is JSON `null`.
+    pub fn parse_payload<A: DeserializeOwned>(op: &str, payload: &[u8]) -> Result<A, Error> {
+        let bytes: &[u8] = if payload.is_empty() { b"null" } else { payload };
+        serde_json::from_slice(bytes)
+            .map_err(|e| Error::bad_request(format!("invalid payload for operation '{op}': {e}")))
+    }
+
+    /// Loads the entity struct from `$self`, or its default.
+    pub fn load<T: Default + DeserializeOwned>() -> Result<T, Error> {
+        Ok(state::get(SELF_KEY)?.unwrap_or_default())
+    }
+
+    /// Loads the entity struct plus the JSON it had, to detect changes.
+    pub fn load_for_update<T: Default + Serialize + DeserializeOwned>()
+    -> Result<(T, Vec<u8>), Error> {
+        match state::get_raw(SELF_KEY) {
+            Some(bytes) => {
+                let value = serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::failed(format!(
+                        "state key '{SELF_KEY}' does not hold the entity: {e}"
+                    ))
+                })?;
+                Ok((value, bytes))
+            }
+            None => {
+                let value = T::default();
+                let bytes = to_json(&value)?;
+                Ok((value, bytes))
+            }
+        }
+    }
+
+    /// Saves the entity struct to `$self` if its JSON differs from `before`.
+    pub fn save_if_changed<T: Serialize>(value: &T, before: &[u8]) -> Result<(), Error> {
+        let after = to_json(value)?;
+        if after != before {
+            state::set_raw(SELF_KEY, &after);
+        }
+        Ok(())
+    }
+
+    /// Serialises an operation's reply.
+    pub fn reply<T: Serialize + ?Sized>(op: &str, value: &T) -> Result<Vec<u8>, Error> {
+        serde_json::to_vec(value)
+            .map_err(|e| Error::failed(format!("cannot serialise the reply of '{op}': {e}")))
+    }
+
+    fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+        serde_json::to_vec(value)
+            .map_err(|e| Error::failed(format!("cannot serialise the entity: {e}")))
+    }
+
+    /// The error for an operation name the entity does not offer.
+    pub fn unknown_operation(op: &str, entity_type: &str, offered: &[&str]) -> Error {
+        Error::UnknownOperation(format!(
+            "unknown operation '{op}' for entity type {entity_type}; offered: {}",
+            offered.join(", ")
+        ))
+    }
+}

@@ -1,0 +1,51 @@
+//! `wasm32` back end of the platform layer: thin calls into the WIT imports.
+
+use crate::EntityRef;
+use crate::bindings::conflux::entity::{context, state, types};
+
+fn from_wit(r: types::EntityRef) -> EntityRef {
+    EntityRef {
+        entity_type: r.entity_type,
+        id: r.id,
+    }
+}
+
+pub(crate) fn state_get(key: &str) -> Option<Vec<u8>> {
+    state::get(key)
+}
+
+pub(crate) fn state_set(key: &str, value: &[u8]) {
+    state::set(key, value)
+}
+
+pub(crate) fn state_delete(key: &str) {
+    state::delete(key)
+}
+
+pub(crate) fn state_list(
+    prefix: &str,
+    start_after: Option<&str>,
+    limit: u32,
+) -> Vec<(String, Vec<u8>)> {
+    state::list(prefix, start_after, limit)
+}
+
+pub(crate) fn self_ref() -> EntityRef {
+    from_wit(context::self_ref())
+}
+
+pub(crate) fn caller() -> Option<EntityRef> {
+    context::caller().map(from_wit)
+}
+
+pub(crate) fn invocation_id() -> String {
+    context::invocation_id()
+}
+
+pub(crate) fn now_ms() -> u64 {
+    context::now_ms()
+}
+
+pub(crate) fn log(level: u8, message: &str) {
+    context::log(level, message)
+}

@@ -1,0 +1,176 @@
+//! A native test harness: run entity operations with plain `cargo test`, no host.
+//!
+//! [`TestHarness`] keeps one entity's committed state in memory and runs every call as
+//! a turn with the same semantics as the Conflux host: writes are buffered, reads see
+//! the turn's own writes, and the buffer is committed only if the operation returns
+//! `Ok` — it is discarded on `Err` or panic (the panic is then resumed).
+//!
+//! Only available on non-`wasm32` targets.
+
+use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::log::Level;
+use crate::sys::native::{self, Turn};
+use crate::{Entity, EntityRef, Error, SELF_KEY};
+
+/// One line logged by the entity during a harness call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Its severity.
+    pub level: Level,
+    /// Its text.
+    pub message: String,
+}
+
+/// Runs operations of one entity instance (`entity_type/id`) against an in-memory store.
+///
+/// ```
+/// # use conflux_sdk::prelude::*;
+/// # use conflux_sdk::testing::TestHarness;
+/// # #[derive(Default, Serialize, Deserialize)] struct Counter { total: i64 }
+/// # #[entity] impl Counter { pub fn add(&mut self, n: i64) -> i64 { self.total += n; self.total } }
+/// let mut h = TestHarness::new("counter", "c1");
+/// let total: i64 = h.call::<Counter, _, i64>("add", &5)?;
+/// assert_eq!(total, 5);
+/// assert_eq!(h.invoke::<Counter>("add", b"2")?, b"7");
+/// # Ok::<(), conflux_sdk::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct TestHarness {
+    self_ref: EntityRef,
+    caller: Option<EntityRef>,
+    now_ms: u64,
+    store: BTreeMap<String, Vec<u8>>,
+    logs: Vec<LogRecord>,
+    invocations: u64,
+}
+
+impl TestHarness {
+    /// A harness for the entity `entity_type/id`, with empty state, no caller and
+    /// `now_ms` = 0.
+    pub fn new(entity_type: impl Into<String>, id: impl Into<String>) -> Self {
+        TestHarness {
+            self_ref: EntityRef::new(entity_type, id),
+            caller: None,
+            now_ms: 0,
+            store: BTreeMap::new(),
+            logs: Vec::new(),
+            invocations: 0,
+        }
+    }
+
+    /// The ref the entity sees as [`crate::context::self_ref`].
+    pub fn self_ref(&self) -> &EntityRef {
+        &self.self_ref
+    }
+
+    /// Sets what [`crate::context::caller`] returns in later calls.
+    pub fn set_caller(&mut self, caller: Option<EntityRef>) {
+        self.caller = caller;
+    }
+
+    /// Sets what [`crate::context::now_ms`] returns in later calls.
+    pub fn set_now_ms(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
+    /// Runs operation `op` with a raw payload as one turn; returns the raw reply.
+    ///
+    /// The turn's writes are committed only if the result is `Ok`. If the operation
+    /// panics, the writes are discarded and the panic is resumed.
+    pub fn invoke<E: Entity>(&mut self, op: &str, payload: &[u8]) -> Result<Vec<u8>, Error> {
+        self.invocations += 1;
+        native::begin(Turn {
+            store: std::mem::take(&mut self.store),
+            writes: BTreeMap::new(),
+            self_ref: self.self_ref.clone(),
+            caller: self.caller.clone(),
+            invocation_id: format!("test-{}-{}", self.self_ref, self.invocations),
+            now_ms: self.now_ms,
+            logs: Vec::new(),
+        });
+        let outcome = catch_unwind(AssertUnwindSafe(|| E::dispatch(op, payload)));
+        let turn = native::end().expect("conflux-sdk: the harness turn vanished during a call");
+        self.store = turn.store;
+        self.logs.extend(turn.logs.into_iter().map(|l| LogRecord {
+            level: Level::from_u8(l.level),
+            message: l.message,
+        }));
+        match outcome {
+            Ok(Ok(reply)) => {
+                for (key, write) in turn.writes {
+                    match write {
+                        Some(value) => self.store.insert(key, value),
+                        None => self.store.remove(&key),
+                    };
+                }
+                Ok(reply)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(panic) => resume_unwind(panic),
+        }
+    }
+
+    /// Runs operation `op` with `arg` serialised as the JSON payload, and parses the JSON
+    /// reply as `R`. Pass `&()` for operations without an argument.
+    ///
+    /// A reply that is not valid JSON for `R` is reported as `Error::Failed`.
+    pub fn call<E: Entity, A: Serialize + ?Sized, R: DeserializeOwned>(
+        &mut self,
+        op: &str,
+        arg: &A,
+    ) -> Result<R, Error> {
+        let payload = serde_json::to_vec(arg)
+            .map_err(|e| Error::bad_request(format!("cannot serialise argument: {e}")))?;
+        let reply = self.invoke::<E>(op, &payload)?;
+        serde_json::from_slice(&reply).map_err(|e| {
+            Error::failed(format!(
+                "reply of '{op}' ({}) does not parse as the requested type: {e}",
+                String::from_utf8_lossy(&reply)
+            ))
+        })
+    }
+
+    /// The committed bytes under `key`, if any.
+    pub fn get_raw(&self, key: &str) -> Option<&[u8]> {
+        self.store.get(key).map(Vec::as_slice)
+    }
+
+    /// The committed value under `key`, parsed as JSON. Panics if it is not valid JSON
+    /// for `T` (this is a test helper).
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        self.get_raw(key).map(|bytes| {
+            serde_json::from_slice(bytes)
+                .unwrap_or_else(|e| panic!("state key '{key}' is not valid JSON for the type: {e}"))
+        })
+    }
+
+    /// Seeds committed state directly (outside any turn).
+    pub fn set_raw(&mut self, key: impl Into<String>, value: impl Into<Vec<u8>>) {
+        self.store.insert(key.into(), value.into());
+    }
+
+    /// The entity struct as committed under `"$self"`, or `E::default()` if absent.
+    pub fn entity<E: Entity>(&self) -> E {
+        self.get(SELF_KEY).unwrap_or_default()
+    }
+
+    /// All committed state, in key order.
+    pub fn state(&self) -> &BTreeMap<String, Vec<u8>> {
+        &self.store
+    }
+
+    /// Everything logged so far (including by calls that failed).
+    pub fn logs(&self) -> &[LogRecord] {
+        &self.logs
+    }
+
+    /// Forgets the captured logs.
+    pub fn clear_logs(&mut self) {
+        self.logs.clear();
+    }
+}
