@@ -1,2 +1,277 @@
-//! Command-line interface (being written).
-pub fn main() -> std::process::ExitCode { std::process::ExitCode::SUCCESS }
+//! The `conflux` command line: `serve` runs a node; every other command is a
+//! gRPC client of one (`--addr` / `CONFLUX_ADDR`). Output for humans on stdout,
+//! one-line reasons on stderr, non-zero exit on failure.
+
+use crate::api::pb::{self, conflux_client::ConfluxClient};
+use crate::api::{DEPLOY_CHUNK_BYTES, ERROR_KIND_HEADER};
+use crate::config::Config;
+use crate::model::EntityRef;
+use crate::node::Node;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(name = "conflux", version, about = "Conflux: durable WebAssembly entities")]
+pub struct Cli {
+    /// Address of the node to talk to (client commands).
+    #[arg(long, global = true, env = "CONFLUX_ADDR", default_value = "http://127.0.0.1:7070")]
+    addr: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve {
+        /// TOML configuration file (see README.md); flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Directory for state, log and components [default: ./conflux-data].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Address to listen on [default: 127.0.0.1:7070].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Upload a component (.wasm) as the new version of an entity type.
+    Deploy { entity_type: String, file: PathBuf },
+    /// Call an operation: `conflux invoke counter/c1 add 5`.
+    Invoke {
+        /// TYPE/ID of the entity.
+        entity: String,
+        operation: String,
+        /// JSON payload [default: null].
+        payload: Option<String>,
+    },
+    /// List entity types and their versions.
+    Types,
+    /// Show node status.
+    Status,
+    /// Show the committed state keys of one entity (TYPE/ID).
+    State { entity: String },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config, data_dir, listen } => serve(config, data_dir, listen).await,
+        command => client_command(&cli.addr, command).await,
+    }
+}
+
+async fn serve(config: Option<PathBuf>, data_dir: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = match config {
+        Some(path) => Config::from_file(&path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = data_dir {
+        cfg.storage.data_dir = d;
+    }
+    if let Some(l) = listen {
+        cfg.api.listen = l;
+    }
+    let data_dir = cfg.storage.data_dir.clone();
+    let node = tokio::task::spawn_blocking(move || Node::open(cfg)).await??;
+    node.serve(shutdown_signal(), |addr| {
+        // Scripts and tests read this line to find the port.
+        println!("conflux listening on {addr}");
+        tracing::info!(%addr, data_dir = %data_dir.display(), "conflux listening");
+    })
+    .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot watch SIGTERM: {e}");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Connects to a node; accepts `host:port` as well as a URL.
+pub async fn connect(addr: &str) -> anyhow::Result<ConfluxClient<Channel>> {
+    let url = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    let channel = Channel::from_shared(url.clone())
+        .with_context(|| format!("bad address {addr:?}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    Ok(ConfluxClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// Turns a gRPC status into a one-line error: `CODE (kind): message`.
+fn rpc_error(s: tonic::Status) -> anyhow::Error {
+    let kind = s.metadata().get(ERROR_KIND_HEADER).and_then(|v| v.to_str().ok()).map(|k| format!(" ({k})"));
+    anyhow::anyhow!("{:?}{}: {}", s.code(), kind.unwrap_or_default(), s.message())
+}
+
+async fn client_command(addr: &str, command: Command) -> anyhow::Result<()> {
+    // Validate local input before touching the network.
+    match &command {
+        Command::Invoke { entity, payload, .. } => {
+            EntityRef::parse(entity)?;
+            if let Some(p) = payload {
+                serde_json::from_str::<serde_json::Value>(p).context("payload is not valid JSON")?;
+            }
+        }
+        Command::State { entity } => {
+            EntityRef::parse(entity)?;
+        }
+        _ => {}
+    }
+    let mut client = connect(addr).await?;
+    match command {
+        Command::Serve { .. } => unreachable!("handled by run"),
+        Command::Deploy { entity_type, file } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let header = pb::DeployRequest {
+                part: Some(pb::deploy_request::Part::Header(pb::DeployHeader {
+                    entity_type: entity_type.clone(),
+                    size_bytes: bytes.len() as u64,
+                })),
+            };
+            let chunks: Vec<pb::DeployRequest> = bytes
+                .chunks(DEPLOY_CHUNK_BYTES)
+                .map(|c| pb::DeployRequest { part: Some(pb::deploy_request::Part::Chunk(c.to_vec())) })
+                .collect();
+            let stream = futures::stream::iter(std::iter::once(header).chain(chunks));
+            let r = client.deploy(stream).await.map_err(rpc_error)?.into_inner();
+            if r.unchanged {
+                println!("{} version {} unchanged (digest sha256:{})", r.entity_type, r.version, r.digest);
+            } else {
+                println!("deployed {} version {} (sha256:{})", r.entity_type, r.version, r.digest);
+            }
+        }
+        Command::Invoke { entity, operation, payload } => {
+            let e = EntityRef::parse(&entity)?;
+            let req = pb::InvokeRequest {
+                entity: Some(pb::EntityRef { entity_type: e.entity_type, id: e.id }),
+                operation,
+                payload: payload.unwrap_or_else(|| "null".to_owned()).into_bytes(),
+            };
+            let r = client.invoke(req).await.map_err(rpc_error)?.into_inner();
+            println!("{}", String::from_utf8_lossy(&r.reply));
+        }
+        Command::Types => {
+            let r = client.list_types(pb::ListTypesRequest {}).await.map_err(rpc_error)?.into_inner();
+            if r.types.is_empty() {
+                println!("no entity types deployed");
+            }
+            for t in r.types {
+                let active = t.versions.iter().find(|v| v.version == t.active_version);
+                println!(
+                    "{}\tversion {}\t{} versions\tsha256:{}",
+                    t.name,
+                    t.active_version,
+                    t.versions.len(),
+                    active.map(|v| v.digest.as_str()).unwrap_or("?")
+                );
+            }
+        }
+        Command::Status => {
+            let s = client.status(pb::StatusRequest {}).await.map_err(rpc_error)?.into_inner();
+            println!("conflux {}", s.version);
+            println!("uptime           {:.1}s", s.uptime_ms as f64 / 1000.0);
+            println!("data dir         {}", s.data_dir);
+            println!("entity types     {}", s.entity_types);
+            println!("active entities  {}", s.active_entities);
+            println!("resident         {}", s.resident_instances);
+            println!("in flight        {}", s.inflight_invocations);
+            println!("turns ok/failed  {}/{}", s.turns_ok, s.turns_failed);
+            println!("log applied      {} (durable {}, {} syncs)", s.applied_index, s.durable_index, s.log_sync_batches);
+        }
+        Command::State { entity } => {
+            let e = EntityRef::parse(&entity)?;
+            let mut start_after = String::new();
+            let mut any = false;
+            loop {
+                let req = pb::GetStateRequest {
+                    entity: Some(pb::EntityRef { entity_type: e.entity_type.clone(), id: e.id.clone() }),
+                    start_after: start_after.clone(),
+                    limit: 0,
+                };
+                let r = client.get_state(req).await.map_err(rpc_error)?.into_inner();
+                for entry in &r.entries {
+                    any = true;
+                    println!("{}\t{}", entry.key, String::from_utf8_lossy(&entry.value));
+                }
+                if r.next_start_after.is_empty() {
+                    break;
+                }
+                start_after = r.next_start_after;
+            }
+            if !any {
+                println!("(no state)");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_local_input_fails_before_connecting() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        // Port 9 (discard) is never a conflux node: these must fail on input first.
+        let bad_json = Command::Invoke { entity: "counter/a".into(), operation: "add".into(), payload: Some("{".into()) };
+        let e = rt.block_on(client_command("127.0.0.1:9", bad_json)).unwrap_err();
+        assert!(format!("{e:#}").contains("not valid JSON"), "{e:#}");
+        let bad_ref = Command::State { entity: "noslash".into() };
+        let e = rt.block_on(client_command("127.0.0.1:9", bad_ref)).unwrap_err();
+        assert!(format!("{e:#}").contains("TYPE/ID"), "{e:#}");
+    }
+}

@@ -1,4 +1,13 @@
-//! Conflux host: runs Wasm entities durably. See ARCHITECTURE.md for the map.
+//! Conflux host: runs WebAssembly entities durably on one node.
+//! See ARCHITECTURE.md for the layers and their invariants.
 
-pub mod model;
+pub mod api;
 pub mod cli;
+pub mod config;
+pub mod log;
+pub mod model;
+pub mod node;
+pub mod registry;
+pub mod runtime;
+pub mod scheduler;
+pub mod storage;

@@ -4,29 +4,13 @@
 //! reach the handler trait and the export macro. It is not part of the supported API:
 //! use [`crate::state`], [`crate::context`] and [`crate::log`] instead.
 //!
-//! The bindings are generated from `guest-sdk/conflux-sdk/wit/entity.wit`, a copy of the
-//! workspace's `wit/entity.wit` that differs only in spelling the `state.list` function
-//! `%list` (`list` is a WIT keyword and must be escaped; the function's name in the
-//! component is still `list`). A test below fails if the two files drift apart.
+//! The bindings are generated from the workspace's `wit/entity.wit`, the one
+//! definition of the guest contract shared with the host.
 
 wit_bindgen::generate!({
     world: "entity",
-    path: "wit",
+    path: "../../wit",
     pub_export_macro: true,
     default_bindings_module: "conflux_sdk::bindings",
     runtime_path: "conflux_sdk::__private::wit_bindgen::rt",
 });
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn wit_copy_matches_the_workspace_world() {
-        let ours = include_str!("../wit/entity.wit");
-        let workspace = include_str!("../../../wit/entity.wit");
-        assert_eq!(
-            ours.replace("  %list: func", "  list: func"),
-            workspace.replace("  %list: func", "  list: func"),
-            "guest-sdk/conflux-sdk/wit/entity.wit drifted from wit/entity.wit"
-        );
-    }
-}

@@ -1,1 +1,0 @@
-//! Support for end-to-end tests.
