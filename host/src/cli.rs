@@ -223,7 +223,10 @@ async fn client_command(addr: &str, command: Command) -> anyhow::Result<()> {
             println!("resident         {}", s.resident_instances);
             println!("in flight        {}", s.inflight_invocations);
             println!("turns ok/failed  {}/{}", s.turns_ok, s.turns_failed);
-            println!("log applied      {} (durable {}, {} syncs)", s.applied_index, s.durable_index, s.log_sync_batches);
+            println!(
+                "log applied      {} (durable {}, {} syncs)",
+                s.applied_index, s.durable_index, s.log_sync_batches
+            );
         }
         Command::State { entity } => {
             let e = EntityRef::parse(&entity)?;
@@ -267,7 +270,8 @@ mod tests {
     fn bad_local_input_fails_before_connecting() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         // Port 9 (discard) is never a conflux node: these must fail on input first.
-        let bad_json = Command::Invoke { entity: "counter/a".into(), operation: "add".into(), payload: Some("{".into()) };
+        let bad_json =
+            Command::Invoke { entity: "counter/a".into(), operation: "add".into(), payload: Some("{".into()) };
         let e = rt.block_on(client_command("127.0.0.1:9", bad_json)).unwrap_err();
         assert!(format!("{e:#}").contains("not valid JSON"), "{e:#}");
         let bad_ref = Command::State { entity: "noslash".into() };

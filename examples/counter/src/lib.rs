@@ -68,10 +68,7 @@ mod tests {
                 other => panic!("expected BadRequest for {bad:?}, got {other:?}"),
             }
         }
-        assert!(matches!(
-            h.invoke::<Counter>("get", b"1"),
-            Err(Error::BadRequest(_))
-        ));
+        assert!(matches!(h.invoke::<Counter>("get", b"1"), Err(Error::BadRequest(_))));
         assert_eq!(h.get_raw("$self").unwrap(), before);
     }
 
@@ -91,10 +88,7 @@ mod tests {
         let mut h = harness();
         match h.invoke::<Counter>("reset", b"") {
             Err(Error::UnknownOperation(m)) => {
-                assert_eq!(
-                    m,
-                    "unknown operation 'reset' for entity type Counter; offered: add, get"
-                )
+                assert_eq!(m, "unknown operation 'reset' for entity type Counter; offered: add, get")
             }
             other => panic!("expected UnknownOperation, got {other:?}"),
         }

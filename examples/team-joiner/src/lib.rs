@@ -20,16 +20,12 @@ impl User {
             return Err(Error::bad_request("team name must not be empty"));
         }
         match &self.team {
-            Some(current) if *current != team => Err(Error::failed(format!(
-                "user {} is already on team {current}",
-                context::self_ref().id
-            ))),
+            Some(current) if *current != team => {
+                Err(Error::failed(format!("user {} is already on team {current}", context::self_ref().id)))
+            }
             Some(_) => Ok(team),
             None => {
-                log::info(&format!(
-                    "user {} joined team {team}",
-                    context::self_ref().id
-                ));
+                log::info(&format!("user {} joined team {team}", context::self_ref().id));
                 self.team = Some(team.clone());
                 Ok(team)
             }
@@ -54,17 +50,9 @@ mod tests {
     #[test]
     fn join_then_team() {
         let mut h = sue();
-        assert_eq!(
-            h.call::<User, _, Option<String>>("team", &()).unwrap(),
-            None
-        );
+        assert_eq!(h.call::<User, _, Option<String>>("team", &()).unwrap(), None);
         assert_eq!(h.call::<User, _, String>("join", "red").unwrap(), "red");
-        assert_eq!(
-            h.call::<User, _, Option<String>>("team", &())
-                .unwrap()
-                .as_deref(),
-            Some("red")
-        );
+        assert_eq!(h.call::<User, _, Option<String>>("team", &()).unwrap().as_deref(), Some("red"));
         assert_eq!(h.logs().len(), 1);
         assert_eq!(h.logs()[0].message, "user sue joined team red");
     }
@@ -92,18 +80,9 @@ mod tests {
     #[test]
     fn empty_team_is_bad_request() {
         let mut h = sue();
-        assert!(matches!(
-            h.call::<User, _, String>("join", ""),
-            Err(Error::BadRequest(_))
-        ));
-        assert!(matches!(
-            h.invoke::<User>("join", b""),
-            Err(Error::BadRequest(_))
-        ));
-        assert!(matches!(
-            h.invoke::<User>("join", b"7"),
-            Err(Error::BadRequest(_))
-        ));
+        assert!(matches!(h.call::<User, _, String>("join", ""), Err(Error::BadRequest(_))));
+        assert!(matches!(h.invoke::<User>("join", b""), Err(Error::BadRequest(_))));
+        assert!(matches!(h.invoke::<User>("join", b"7"), Err(Error::BadRequest(_))));
         assert!(h.get_raw("$self").is_none());
     }
 

@@ -16,10 +16,7 @@ pub struct EntityRef {
 impl EntityRef {
     /// A ref for `entity_type/id`.
     pub fn new(entity_type: impl Into<String>, id: impl Into<String>) -> Self {
-        EntityRef {
-            entity_type: entity_type.into(),
-            id: id.into(),
-        }
+        EntityRef { entity_type: entity_type.into(), id: id.into() }
     }
 }
 

@@ -187,15 +187,11 @@ pub mod __private {
     }
 
     /// Loads the entity struct plus the JSON it had, to detect changes.
-    pub fn load_for_update<T: Default + Serialize + DeserializeOwned>()
-    -> Result<(T, Vec<u8>), Error> {
+    pub fn load_for_update<T: Default + Serialize + DeserializeOwned>() -> Result<(T, Vec<u8>), Error> {
         match state::get_raw(SELF_KEY) {
             Some(bytes) => {
-                let value = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::failed(format!(
-                        "state key '{SELF_KEY}' does not hold the entity: {e}"
-                    ))
-                })?;
+                let value = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::failed(format!("state key '{SELF_KEY}' does not hold the entity: {e}")))?;
                 Ok((value, bytes))
             }
             None => {
@@ -217,13 +213,11 @@ pub mod __private {
 
     /// Serialises an operation's reply.
     pub fn reply<T: Serialize + ?Sized>(op: &str, value: &T) -> Result<Vec<u8>, Error> {
-        serde_json::to_vec(value)
-            .map_err(|e| Error::failed(format!("cannot serialise the reply of '{op}': {e}")))
+        serde_json::to_vec(value).map_err(|e| Error::failed(format!("cannot serialise the reply of '{op}': {e}")))
     }
 
     fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
-        serde_json::to_vec(value)
-            .map_err(|e| Error::failed(format!("cannot serialise the entity: {e}")))
+        serde_json::to_vec(value).map_err(|e| Error::failed(format!("cannot serialise the entity: {e}")))
     }
 
     /// The error for an operation name the entity does not offer.

@@ -10,11 +10,8 @@ use serde::de::DeserializeOwned;
 use crate::{Error, sys};
 
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, Error> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        Error::failed(format!(
-            "state key '{key}' does not hold the expected JSON: {e}"
-        ))
-    })
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::failed(format!("state key '{key}' does not hold the expected JSON: {e}")))
 }
 
 /// Reads `key` and parses it as JSON. `Ok(None)` if the key is absent; `Error::Failed`
@@ -25,8 +22,8 @@ pub fn get<T: DeserializeOwned>(key: &str) -> Result<Option<T>, Error> {
 
 /// Stores `value` as JSON under `key`.
 pub fn set<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<(), Error> {
-    let bytes = serde_json::to_vec(value)
-        .map_err(|e| Error::failed(format!("cannot serialise state key '{key}': {e}")))?;
+    let bytes =
+        serde_json::to_vec(value).map_err(|e| Error::failed(format!("cannot serialise state key '{key}': {e}")))?;
     set_raw(key, &bytes);
     Ok(())
 }

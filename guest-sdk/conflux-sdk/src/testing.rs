@@ -96,10 +96,8 @@ impl TestHarness {
         let outcome = catch_unwind(AssertUnwindSafe(|| E::dispatch(op, payload)));
         let turn = native::end().expect("conflux-sdk: the harness turn vanished during a call");
         self.store = turn.store;
-        self.logs.extend(turn.logs.into_iter().map(|l| LogRecord {
-            level: Level::from_u8(l.level),
-            message: l.message,
-        }));
+        self.logs
+            .extend(turn.logs.into_iter().map(|l| LogRecord { level: Level::from_u8(l.level), message: l.message }));
         match outcome {
             Ok(Ok(reply)) => {
                 for (key, write) in turn.writes {
@@ -124,8 +122,8 @@ impl TestHarness {
         op: &str,
         arg: &A,
     ) -> Result<R, Error> {
-        let payload = serde_json::to_vec(arg)
-            .map_err(|e| Error::bad_request(format!("cannot serialise argument: {e}")))?;
+        let payload =
+            serde_json::to_vec(arg).map_err(|e| Error::bad_request(format!("cannot serialise argument: {e}")))?;
         let reply = self.invoke::<E>(op, &payload)?;
         serde_json::from_slice(&reply).map_err(|e| {
             Error::failed(format!(

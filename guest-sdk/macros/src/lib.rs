@@ -41,10 +41,7 @@ struct Operation {
 
 fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     if !attr.is_empty() {
-        return Err(syn::Error::new_spanned(
-            attr,
-            "#[entity] takes no arguments",
-        ));
+        return Err(syn::Error::new_spanned(attr, "#[entity] takes no arguments"));
     }
     let imp = match syn::parse2::<Item>(item.clone()) {
         Ok(Item::Impl(imp)) => imp,
@@ -111,10 +108,7 @@ fn operation(f: &ImplItemFn) -> syn::Result<Option<Operation>> {
         ));
     }
     if let Some(asyncness) = &sig.asyncness {
-        return Err(syn::Error::new_spanned(
-            asyncness,
-            "entity operations cannot be `async`",
-        ));
+        return Err(syn::Error::new_spanned(asyncness, "entity operations cannot be `async`"));
     }
     if recv.colon_token.is_some() {
         return Err(syn::Error::new_spanned(
@@ -220,11 +214,7 @@ fn generate(imp: &ItemImpl, ops: &[Operation]) -> TokenStream2 {
                 let () = ::conflux_sdk::__private::parse_payload::<()>(__op, __payload)?;
             },
         };
-        let call_args = if op.arg.is_some() {
-            quote!(__arg)
-        } else {
-            quote!()
-        };
+        let call_args = if op.arg.is_some() { quote!(__arg) } else { quote!() };
         let call = quote_spanned! {span=> __this.#method(#call_args) };
         let call = if op.returns_result {
             quote_spanned! {span=>
@@ -328,8 +318,7 @@ mod tests {
 
     #[test]
     fn rejects_two_payload_args() {
-        let e =
-            error_of(quote! { impl C { pub fn add(&mut self, a: i64, b: i64) -> i64 { a + b } } });
+        let e = error_of(quote! { impl C { pub fn add(&mut self, a: i64, b: i64) -> i64 { a + b } } });
         assert!(e.contains("more than one payload argument"), "{e}");
     }
 
@@ -367,10 +356,7 @@ mod tests {
         )
         .unwrap()
         .to_string();
-        assert!(
-            out.contains(r#"const OPERATIONS : & 'static [& 'static str] = & ["get" , "set"]"#),
-            "{out}"
-        );
+        assert!(out.contains(r#"const OPERATIONS : & 'static [& 'static str] = & ["get" , "set"]"#), "{out}");
         assert!(out.contains("target_arch = \"wasm32\""));
     }
 }

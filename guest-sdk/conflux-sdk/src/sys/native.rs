@@ -59,9 +59,7 @@ pub(crate) fn end() -> Option<Turn> {
 fn with<R>(f: impl FnOnce(&mut Turn) -> R) -> R {
     TURN.with(|cell| {
         let mut slot = cell.borrow_mut();
-        let Some(turn) = slot.as_mut() else {
-            panic!("{OUTSIDE_TURN}")
-        };
+        let Some(turn) = slot.as_mut() else { panic!("{OUTSIDE_TURN}") };
         f(turn)
     })
 }
@@ -85,11 +83,7 @@ pub(crate) fn state_delete(key: &str) {
     })
 }
 
-pub(crate) fn state_list(
-    prefix: &str,
-    start_after: Option<&str>,
-    limit: u32,
-) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn state_list(prefix: &str, start_after: Option<&str>, limit: u32) -> Vec<(String, Vec<u8>)> {
     with(|t| list_merged(&t.store, &t.writes, prefix, start_after, limit))
 }
 
@@ -113,20 +107,13 @@ pub(crate) fn list_merged(
         .take_while(|(k, _)| k.starts_with(prefix))
         .map(|(k, v)| (k.as_str(), v.as_slice()))
         .collect();
-    for (k, w) in writes
-        .range::<str, _>(range)
-        .take_while(|(k, _)| k.starts_with(prefix))
-    {
+    for (k, w) in writes.range::<str, _>(range).take_while(|(k, _)| k.starts_with(prefix)) {
         match w {
             Some(v) => merged.insert(k.as_str(), v.as_slice()),
             None => merged.remove(k.as_str()),
         };
     }
-    merged
-        .into_iter()
-        .take(limit as usize)
-        .map(|(k, v)| (k.to_owned(), v.to_vec()))
-        .collect()
+    merged.into_iter().take(limit as usize).map(|(k, v)| (k.to_owned(), v.to_vec())).collect()
 }
 
 pub(crate) fn self_ref() -> EntityRef {
@@ -146,12 +133,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 pub(crate) fn log(level: u8, message: &str) {
-    with(|t| {
-        t.logs.push(LogLine {
-            level,
-            message: message.to_owned(),
-        })
-    })
+    with(|t| t.logs.push(LogLine { level, message: message.to_owned() }))
 }
 
 #[cfg(test)]
@@ -159,9 +141,7 @@ mod tests {
     use super::*;
 
     fn store(keys: &[&str]) -> BTreeMap<String, Vec<u8>> {
-        keys.iter()
-            .map(|k| (k.to_string(), k.as_bytes().to_vec()))
-            .collect()
+        keys.iter().map(|k| (k.to_string(), k.as_bytes().to_vec())).collect()
     }
 
     fn keys(v: Vec<(String, Vec<u8>)>) -> Vec<String> {
@@ -179,29 +159,20 @@ mod tests {
         let all = list_merged(&s, &w, "a/", None, 10);
         assert_eq!(keys(all.clone()), ["a/1", "a/3", "a/4"]);
         assert_eq!(all[2].1, b"over");
-        assert_eq!(
-            keys(list_merged(&s, &w, "a/", Some("a/1"), 10)),
-            ["a/3", "a/4"]
-        );
+        assert_eq!(keys(list_merged(&s, &w, "a/", Some("a/1"), 10)), ["a/3", "a/4"]);
         assert_eq!(keys(list_merged(&s, &w, "a/", Some("a/3"), 1)), ["a/4"]);
         assert_eq!(keys(list_merged(&s, &w, "a/", None, 2)), ["a/1", "a/3"]);
         assert_eq!(keys(list_merged(&s, &w, "a/", Some("0"), 1)), ["a/1"]);
         assert!(list_merged(&s, &w, "a/", Some("z"), 10).is_empty());
         assert!(list_merged(&s, &w, "a/", None, 0).is_empty());
-        assert_eq!(
-            keys(list_merged(&s, &w, "", None, 10)),
-            ["a", "a/1", "a/3", "a/4", "b/1", "c/1"]
-        );
+        assert_eq!(keys(list_merged(&s, &w, "", None, 10)), ["a", "a/1", "a/3", "a/4", "b/1", "c/1"]);
     }
 
     #[test]
     fn byte_order_not_char_order() {
         // 'Z' (0x5a) < 'a' (0x61) < 'é' (0xc3 0xa9) in byte order.
         let s = store(&["k/é", "k/a", "k/Z"]);
-        assert_eq!(
-            keys(list_merged(&s, &BTreeMap::new(), "k/", None, 10)),
-            ["k/Z", "k/a", "k/é"]
-        );
+        assert_eq!(keys(list_merged(&s, &BTreeMap::new(), "k/", None, 10)), ["k/Z", "k/a", "k/é"]);
     }
 
     #[test]

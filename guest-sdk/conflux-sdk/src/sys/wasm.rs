@@ -4,10 +4,7 @@ use crate::EntityRef;
 use crate::bindings::conflux::entity::{context, state, types};
 
 fn from_wit(r: types::EntityRef) -> EntityRef {
-    EntityRef {
-        entity_type: r.entity_type,
-        id: r.id,
-    }
+    EntityRef { entity_type: r.entity_type, id: r.id }
 }
 
 pub(crate) fn state_get(key: &str) -> Option<Vec<u8>> {
@@ -22,11 +19,7 @@ pub(crate) fn state_delete(key: &str) {
     state::delete(key)
 }
 
-pub(crate) fn state_list(
-    prefix: &str,
-    start_after: Option<&str>,
-    limit: u32,
-) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn state_list(prefix: &str, start_after: Option<&str>, limit: u32) -> Vec<(String, Vec<u8>)> {
     state::list(prefix, start_after, limit)
 }
 

@@ -1,0 +1,203 @@
+//! The daemon's configuration: one serde tree with a sub-struct per module, loaded
+//! from an optional TOML file, overridden by flags, and validated once at start-up.
+//! Each module receives only its own slice.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub storage: StorageConfig,
+    pub log: crate::log::LogConfig,
+    pub runtime: RuntimeConfig,
+    pub scheduler: SchedulerConfig,
+    pub registry: RegistryConfig,
+    pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory holding the state store, the write-ahead log and components.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { data_dir: PathBuf::from("./conflux-data") }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Wasm fuel (≈ instructions) one turn may burn before it is stopped.
+    pub fuel_per_turn: u64,
+    /// Linear memory one instance may grow to.
+    pub max_memory_bytes: u64,
+    /// Table elements one instance may grow to.
+    pub max_table_elements: u32,
+    /// Upper bound of concurrently existing instances (pool size). Must exceed
+    /// `scheduler.max_resident_instances` by the number of turns that may run at once.
+    pub max_instances: u32,
+    /// Largest reply a turn may return.
+    pub max_reply_bytes: usize,
+    /// Largest state key a guest may write.
+    pub max_state_key_bytes: usize,
+    /// Largest state value a guest may write.
+    pub max_state_value_bytes: usize,
+    /// Most keys one `list` call returns, whatever the guest asks for.
+    pub max_list_keys: u32,
+    /// Total bytes one turn may write (keys + values).
+    pub max_write_set_bytes: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            fuel_per_turn: 2_000_000_000,
+            max_memory_bytes: 64 << 20,
+            max_table_elements: 20_000,
+            max_instances: 10_500,
+            max_reply_bytes: 1 << 20,
+            max_state_key_bytes: 1024,
+            max_state_value_bytes: 1 << 20,
+            max_list_keys: 1000,
+            max_write_set_bytes: 4 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Warm instances kept between turns; the least recently used idle one is
+    /// evicted beyond this.
+    pub max_resident_instances: usize,
+    /// An instance idle this long is evicted.
+    pub idle_timeout_ms: u64,
+    /// Invocations that may wait for one entity; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    pub mailbox_depth: usize,
+    /// Invocations accepted by the node at once (running or waiting).
+    pub max_inflight_invocations: usize,
+    /// How long a graceful shutdown waits for in-flight turns.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_resident_instances: 10_000,
+            idle_timeout_ms: 300_000,
+            mailbox_depth: 1024,
+            max_inflight_invocations: 8192,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Largest component accepted by Deploy.
+    pub max_component_bytes: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self { max_component_bytes: 64 << 20 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address the gRPC listener binds.
+    pub listen: SocketAddr,
+    /// Largest invocation payload accepted.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:7070".parse().expect("valid literal"), max_payload_bytes: 1 << 20 }
+    }
+}
+
+impl Config {
+    /// Loads a TOML file; missing sections and fields take their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+    }
+
+    /// Checks cross-field rules once, so modules can trust their slice.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        let r = &self.runtime;
+        let s = &self.scheduler;
+        if r.fuel_per_turn == 0 {
+            return bad("runtime.fuel_per_turn must be > 0");
+        }
+        if r.max_memory_bytes < (1 << 20) {
+            return bad("runtime.max_memory_bytes must be at least 1 MiB");
+        }
+        if s.max_resident_instances == 0 || s.mailbox_depth == 0 || s.max_inflight_invocations == 0 {
+            return bad("scheduler.max_resident_instances, mailbox_depth and max_inflight_invocations must be > 0");
+        }
+        if (r.max_instances as usize) < s.max_resident_instances + 64 {
+            return bad("runtime.max_instances must exceed scheduler.max_resident_instances by at least 64");
+        }
+        if self.api.max_payload_bytes == 0 || r.max_reply_bytes == 0 {
+            return bad("api.max_payload_bytes and runtime.max_reply_bytes must be > 0");
+        }
+        if self.registry.max_component_bytes < 1024 {
+            return bad("registry.max_component_bytes must be at least 1 KiB");
+        }
+        self.log.validate().map_err(ConfigError::Invalid)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn toml_sections_override_defaults() {
+        let c: Config = toml::from_str("[scheduler]\nmailbox_depth = 7\n[api]\nlisten = \"127.0.0.1:9\"\n").unwrap();
+        assert_eq!(c.scheduler.mailbox_depth, 7);
+        assert_eq!(c.api.listen.port(), 9);
+        assert_eq!(c.runtime.max_memory_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("[scheduler]\nmailbox_depht = 7\n").is_err());
+        let mut c = Config::default();
+        c.scheduler.mailbox_depth = 0;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.runtime.max_instances = 10;
+        assert!(c.validate().is_err());
+    }
+}

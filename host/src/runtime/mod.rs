@@ -1,0 +1,318 @@
+//! The Wasm runtime: wasmtime engine and linker, the host side of the `entity`
+//! world's imports, resource limits, and running one turn on one instance.
+//!
+//! A turn runs synchronously on the calling thread (the scheduler puts it on a
+//! blocking thread). Its writes are buffered in [`TurnState`] and returned as a
+//! [`TurnOutput`]; nothing here touches the commit log. An instance whose turn
+//! trapped is poisoned and must be dropped.
+
+mod host;
+mod output;
+
+use crate::config::RuntimeConfig;
+use crate::model::EntityRef;
+use crate::storage::StateStore;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+pub use host::TurnState;
+
+wasmtime::component::bindgen!({
+    world: "entity",
+    path: "../wit",
+    imports: { default: trappable },
+});
+
+use conflux::entity::types::CallError;
+
+/// WIT interfaces a plain `cargo build --target wasm32-wasip2` guest imports and
+/// that the host provides locked down (DESIGN.md §5a). Matched without version.
+pub const INERT_WASI_INTERFACES: &[&str] = &[
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+    "wasi:clocks/monotonic-clock",
+    "wasi:clocks/wall-clock",
+];
+
+/// The `conflux:entity` imports an entity may use.
+pub const ENTITY_IMPORTS: &[&str] =
+    &["conflux:entity/types@0.1.0", "conflux:entity/state@0.1.0", "conflux:entity/context@0.1.0"];
+
+/// The export every entity must provide.
+pub const HANDLER_EXPORT: &str = "conflux:entity/handler@0.1.0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot configure the wasm engine: {0}")]
+    Engine(String),
+    #[error("cannot instantiate entity {entity}: {message}")]
+    Instantiate { entity: String, message: String },
+    #[error("component does not fit the entity world: {0}")]
+    Link(String),
+}
+
+/// Why a trapped turn stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrapKind {
+    /// The turn burned its fuel budget.
+    OutOfFuel,
+    /// The guest asked for more memory than its limit.
+    OutOfMemory,
+    /// The guest overflowed its wasm stack.
+    StackOverflow,
+    /// The guest broke a host limit (reply, key, value or write-set size).
+    LimitExceeded,
+    /// Any other trap: `unreachable` (Rust panics end here), bad memory access…
+    Trap,
+}
+
+impl TrapKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrapKind::OutOfFuel => "out-of-fuel",
+            TrapKind::OutOfMemory => "out-of-memory",
+            TrapKind::StackOverflow => "stack-overflow",
+            TrapKind::LimitExceeded => "limit-exceeded",
+            TrapKind::Trap => "trap",
+        }
+    }
+}
+
+/// A turn that did not succeed. Nothing of it may be committed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TurnError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("unknown operation: {0}")]
+    UnknownOperation(String),
+    #[error("entity refused: {0}")]
+    Failed(String),
+    /// The instance trapped and has been poisoned.
+    #[error("{}: {message}", kind.as_str())]
+    Trapped { kind: TrapKind, message: String },
+}
+
+/// What a turn needs to know about its invocation.
+#[derive(Debug, Clone)]
+pub struct TurnInput {
+    pub operation: String,
+    pub payload: Vec<u8>,
+    pub invocation_id: String,
+    pub caller: Option<EntityRef>,
+    pub now_ms: u64,
+}
+
+/// The result of a successful turn: its reply and its buffered writes
+/// (`None` = delete), keyed by the guest's state key.
+#[derive(Debug, Clone, Default)]
+pub struct TurnOutput {
+    pub reply: Vec<u8>,
+    pub writes: BTreeMap<String, Option<Vec<u8>>>,
+}
+
+/// Per-store data: WASI context, resource table, limits and the current turn.
+pub struct HostState {
+    entity: EntityRef,
+    wasi: wasmtime_wasi::WasiCtx,
+    table: ResourceTable,
+    limits: host::Limiter,
+    turn: Option<TurnState>,
+    /// Set by a host function that refused a guest request by trapping, so
+    /// the trap can be classified.
+    limit_breach: Option<String>,
+    cfg: Arc<RuntimeConfig>,
+    stderr: output::GuestOutput,
+}
+
+impl wasmtime_wasi::WasiView for HostState {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// The engine, linker and limits shared by all instances of a node.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cfg: Arc<RuntimeConfig>,
+}
+
+/// A component checked against the world and ready to instantiate quickly.
+#[derive(Clone)]
+pub struct Prepared {
+    pre: EntityPre<HostState>,
+}
+
+impl Runtime {
+    pub fn new(cfg: &RuntimeConfig) -> Result<Self, RuntimeError> {
+        let mut pool = PoolingAllocationConfig::default();
+        let n = cfg.max_instances;
+        // A wit-bindgen Rust component is about three core instances.
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(4))
+            .total_memories(n.saturating_mul(2))
+            .total_tables(n.saturating_mul(2))
+            .max_memory_size(cfg.max_memory_bytes as usize)
+            .table_elements(cfg.max_table_elements as usize)
+            .linear_memory_keep_resident(256 << 10)
+            .table_keep_resident(16 << 10)
+            .max_memories_per_component(4)
+            .max_tables_per_component(8);
+        let mut c = Config::new();
+        c.wasm_component_model(true)
+            .consume_fuel(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            // Guard pages stay, but reservations are sized to the memory limit so
+            // ten thousand resident instances fit in the address space.
+            .memory_reservation(cfg.max_memory_bytes.next_power_of_two().max(1 << 30))
+            .memory_guard_size(32 << 20)
+            .max_wasm_stack(512 << 10);
+        let engine = Engine::new(&c).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        // All of WASI p2 is linked, but only the inert interfaces are reachable:
+        // the registry refuses components importing anything else, and the WASI
+        // context grants no files, sockets, env or args anyway.
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        Entity::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        Ok(Self { engine, linker, cfg: Arc::new(cfg.clone()) })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Type-checks a compiled component against the linker.
+    pub fn prepare(&self, component: &Component) -> Result<Prepared, RuntimeError> {
+        let pre = self.linker.instantiate_pre(component).map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        let pre = EntityPre::new(pre).map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        Ok(Prepared { pre })
+    }
+
+    /// Creates a fresh instance for one entity.
+    pub fn instantiate(&self, prepared: &Prepared, entity: &EntityRef) -> Result<Instance, RuntimeError> {
+        let tag: Arc<str> = entity.to_string().into();
+        let stdout = output::GuestOutput::new(tag.clone(), "stdout");
+        let stderr = output::GuestOutput::new(tag, "stderr");
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new()
+            .stdout(stdout)
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = HostState {
+            entity: entity.clone(),
+            wasi,
+            table: ResourceTable::new(),
+            limits: host::Limiter::new(&self.cfg),
+            turn: None,
+            limit_breach: None,
+            cfg: self.cfg.clone(),
+            stderr,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_fuel(self.cfg.fuel_per_turn).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let bindings = prepared
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| RuntimeError::Instantiate { entity: entity.to_string(), message: format!("{e:#}") })?;
+        Ok(Instance { store, bindings, poisoned: false })
+    }
+}
+
+/// A live instance of one entity's component. Reused across that entity's
+/// turns until evicted, replaced by a new version, or poisoned by a trap.
+pub struct Instance {
+    store: Store<HostState>,
+    bindings: Entity,
+    poisoned: bool,
+}
+
+impl Instance {
+    /// Whether a trap made this instance unusable.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Runs one turn. Reads go to the turn's own writes first, then `reader`.
+    pub fn run_turn(&mut self, input: TurnInput, reader: Arc<dyn StateStore>) -> Result<TurnOutput, TurnError> {
+        assert!(!self.poisoned, "a poisoned instance must be dropped, not reused");
+        let cfg = self.store.data().cfg.clone();
+        {
+            let data = self.store.data_mut();
+            data.limit_breach = None;
+            data.limits.reset_breach();
+            data.stderr.start_turn();
+            data.turn =
+                Some(TurnState::new(data.entity.clone(), input.invocation_id, input.caller, input.now_ms, reader));
+        }
+        if let Err(e) = self.store.set_fuel(cfg.fuel_per_turn) {
+            self.poisoned = true;
+            return Err(TurnError::Trapped { kind: TrapKind::Trap, message: format!("{e:#}") });
+        }
+        let result =
+            self.bindings.conflux_entity_handler().call_handle(&mut self.store, &input.operation, &input.payload);
+        let turn = self.store.data_mut().turn.take().expect("turn state set above");
+        match result {
+            Ok(Ok(reply)) => {
+                if reply.len() > cfg.max_reply_bytes {
+                    return Err(TurnError::Trapped {
+                        kind: TrapKind::LimitExceeded,
+                        message: format!("reply is {} bytes; the limit is {}", reply.len(), cfg.max_reply_bytes),
+                    });
+                }
+                Ok(TurnOutput { reply, writes: turn.into_writes() })
+            }
+            Ok(Err(CallError::BadRequest(m))) => Err(TurnError::BadRequest(m)),
+            Ok(Err(CallError::UnknownOperation(m))) => Err(TurnError::UnknownOperation(m)),
+            Ok(Err(CallError::Failed(m))) => Err(TurnError::Failed(m)),
+            Err(err) => {
+                self.poisoned = true;
+                Err(self.classify_trap(err))
+            }
+        }
+    }
+
+    fn classify_trap(&mut self, err: wasmtime::Error) -> TurnError {
+        let data = self.store.data_mut();
+        if let Some(msg) = data.limit_breach.take() {
+            return TurnError::Trapped { kind: TrapKind::LimitExceeded, message: msg };
+        }
+        let last_stderr = data.stderr.recent();
+        let kind = match err.downcast_ref::<wasmtime::Trap>() {
+            Some(wasmtime::Trap::OutOfFuel) => TrapKind::OutOfFuel,
+            Some(wasmtime::Trap::StackOverflow) => TrapKind::StackOverflow,
+            _ if data.limits.breached() => TrapKind::OutOfMemory,
+            _ => TrapKind::Trap,
+        };
+        let mut message = match kind {
+            TrapKind::OutOfFuel => "the turn used up its fuel (CPU budget)".to_owned(),
+            TrapKind::OutOfMemory => {
+                format!("the instance hit its memory limit of {} bytes", data.cfg.max_memory_bytes)
+            }
+            _ => format!("{}", err.root_cause()),
+        };
+        if let Some(line) = last_stderr {
+            message.push_str(&format!(" (guest stderr: {line})"));
+        }
+        TurnError::Trapped { kind, message }
+    }
+}

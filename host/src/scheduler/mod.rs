@@ -1,0 +1,347 @@
+//! The scheduler: per-entity mailboxes so turns of one entity never overlap
+//! while different entities run in parallel, a bounded cache of warm instances
+//! (LRU + idle eviction), and the turn pipeline: run the guest on a blocking
+//! thread, commit its write set through the log, then reply.
+//!
+//! Each entity has a [`Slot`] whose async mutex is its mailbox: waiters are
+//! served in arrival order (tokio's mutex is fair), the number of waiters is
+//! capped, and the lock is held from the start of a turn until its write set is
+//! applied, so the next turn always reads committed state. Every invocation
+//! runs in its own task, so a caller that goes away cannot cut a turn between
+//! its execution and its commit.
+
+use crate::config::SchedulerConfig;
+use crate::log::{CommitLog, LogError};
+use crate::model::{EntityRef, Keyspace, Op, WriteSet, state_key};
+use crate::registry::{LoadedVersion, Registry, RegistryError};
+use crate::runtime::{Instance, Runtime, RuntimeError, TurnError, TurnInput};
+use crate::storage::StateStore;
+use lru::LruCache;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One call of one operation on one entity.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub entity: EntityRef,
+    pub operation: String,
+    pub payload: Vec<u8>,
+    pub caller: Option<EntityRef>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error(transparent)]
+    UnknownType(RegistryError),
+    #[error("operation name must be 1..=128 printable characters")]
+    BadOperation,
+    #[error("entity {entity} has {depth} invocations waiting; try again later")]
+    MailboxFull { entity: String, depth: usize },
+    #[error("the node is handling {0} invocations; try again later")]
+    Overloaded(usize),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Turn(#[from] TurnError),
+    #[error(transparent)]
+    Instantiate(#[from] RuntimeError),
+    #[error("commit failed: {0}")]
+    Commit(#[from] LogError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+struct Slot {
+    resident: tokio::sync::Mutex<Option<Resident>>,
+    waiting: AtomicUsize,
+    last_used_ms: AtomicU64,
+}
+
+/// A warm instance and the version it was made from.
+struct Resident {
+    version: Arc<LoadedVersion>,
+    instance: Instance,
+    _count: ResidentCount,
+}
+
+/// Keeps the resident-instance gauge exact whichever way an instance goes.
+struct ResidentCount(Arc<AtomicUsize>);
+
+impl ResidentCount {
+    fn new(c: &Arc<AtomicUsize>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Self(c.clone())
+    }
+}
+
+impl Drop for ResidentCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Decrements a counter when dropped (a waiter that leaves, a finished call).
+struct CountGuard<'a>(&'a AtomicUsize);
+
+impl Drop for CountGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counters for `Status` and tests.
+#[derive(Debug, Clone, Default)]
+pub struct SchedulerStats {
+    pub active_entities: usize,
+    pub resident_instances: usize,
+    pub inflight_invocations: usize,
+    pub turns_ok: u64,
+    pub turns_failed: u64,
+    pub instantiations: u64,
+}
+
+struct Inner {
+    runtime: Arc<Runtime>,
+    registry: Arc<Registry>,
+    store: Arc<dyn StateStore>,
+    log: Arc<dyn CommitLog>,
+    cfg: SchedulerConfig,
+    slots: Mutex<LruCache<EntityRef, Arc<Slot>>>,
+    inflight: AtomicUsize,
+    resident: Arc<AtomicUsize>,
+    shutting_down: AtomicBool,
+    invocation_prefix: String,
+    next_invocation: AtomicU64,
+    turns_ok: AtomicU64,
+    turns_failed: AtomicU64,
+    instantiations: AtomicU64,
+    epoch: Instant,
+}
+
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn valid_operation(op: &str) -> bool {
+    !op.is_empty() && op.len() <= 128 && !op.chars().any(char::is_control)
+}
+
+impl Scheduler {
+    pub fn new(
+        cfg: &SchedulerConfig,
+        runtime: Arc<Runtime>,
+        registry: Arc<Registry>,
+        store: Arc<dyn StateStore>,
+        log: Arc<dyn CommitLog>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                runtime,
+                registry,
+                store,
+                log,
+                cfg: cfg.clone(),
+                slots: Mutex::new(LruCache::unbounded()),
+                inflight: AtomicUsize::new(0),
+                resident: Arc::new(AtomicUsize::new(0)),
+                shutting_down: AtomicBool::new(false),
+                invocation_prefix: format!("{:x}", wall_ms()),
+                next_invocation: AtomicU64::new(1),
+                turns_ok: AtomicU64::new(0),
+                turns_failed: AtomicU64::new(0),
+                instantiations: AtomicU64::new(0),
+                epoch: Instant::now(),
+            }),
+        }
+    }
+
+    /// Runs one invocation as a turn and returns its reply once the turn's
+    /// writes are durable.
+    pub async fn invoke(&self, inv: Invocation) -> Result<Vec<u8>, InvokeError> {
+        let inner = &self.inner;
+        if inner.shutting_down.load(Ordering::Acquire) {
+            return Err(InvokeError::ShuttingDown);
+        }
+        if !valid_operation(&inv.operation) {
+            return Err(InvokeError::BadOperation);
+        }
+        inner.registry.active(&inv.entity.entity_type).map_err(InvokeError::UnknownType)?;
+        let n = inner.inflight.fetch_add(1, Ordering::AcqRel);
+        let _inflight = CountGuard(&inner.inflight);
+        if n >= inner.cfg.max_inflight_invocations {
+            return Err(InvokeError::Overloaded(n));
+        }
+        let task_inner = inner.clone();
+        tokio::spawn(async move { task_inner.run(inv).await })
+            .await
+            .map_err(|e| InvokeError::Internal(format!("turn task failed: {e}")))?
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        let i = &self.inner;
+        SchedulerStats {
+            active_entities: i.slots.lock().expect("slots lock").len(),
+            resident_instances: i.resident.load(Ordering::Relaxed),
+            inflight_invocations: i.inflight.load(Ordering::Relaxed),
+            turns_ok: i.turns_ok.load(Ordering::Relaxed),
+            turns_failed: i.turns_failed.load(Ordering::Relaxed),
+            instantiations: i.instantiations.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops accepting invocations and waits (up to the configured grace) for
+    /// the ones in flight to finish.
+    pub async fn drain(&self) {
+        let inner = &self.inner;
+        inner.shutting_down.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_millis(inner.cfg.shutdown_grace_ms);
+        while inner.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let left = inner.inflight.load(Ordering::Acquire);
+        if left > 0 {
+            tracing::warn!(left, "shutdown grace expired with invocations still in flight");
+        }
+    }
+
+    /// Evicts instances idle longer than the configured timeout, forever.
+    pub async fn run_idle_eviction(self) {
+        let timeout = self.inner.cfg.idle_timeout_ms;
+        let period = Duration::from_millis((timeout / 4).clamp(100, 10_000));
+        loop {
+            tokio::time::sleep(period).await;
+            let evicted = self.inner.evict_idle(timeout);
+            if evicted > 0 {
+                tracing::debug!(evicted, "evicted idle instances");
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The entity's slot, created if needed; evicts least recently used idle
+    /// slots beyond the resident bound.
+    fn slot(&self, entity: &EntityRef) -> Arc<Slot> {
+        let now = self.now_ms();
+        let mut slots = self.slots.lock().expect("slots lock");
+        if let Some(s) = slots.get(entity) {
+            s.last_used_ms.store(now, Ordering::Relaxed);
+            return s.clone();
+        }
+        let s = Arc::new(Slot {
+            resident: tokio::sync::Mutex::new(None),
+            waiting: AtomicUsize::new(0),
+            last_used_ms: AtomicU64::new(now),
+        });
+        slots.put(entity.clone(), s.clone());
+        // Busy slots (someone else holds a clone) are skipped; the number of
+        // attempts is bounded so a node full of busy entities stays cheap.
+        let mut attempts = 0;
+        while slots.len() > self.cfg.max_resident_instances && attempts < 16 {
+            attempts += 1;
+            let Some((k, v)) = slots.pop_lru() else { break };
+            if Arc::strong_count(&v) > 1 {
+                slots.put(k, v);
+            }
+        }
+        s
+    }
+
+    fn evict_idle(&self, idle_ms: u64) -> usize {
+        let now = self.now_ms();
+        let mut slots = self.slots.lock().expect("slots lock");
+        let victims: Vec<EntityRef> = slots
+            .iter()
+            .rev()
+            .take(4096)
+            .take_while(|(_, s)| now.saturating_sub(s.last_used_ms.load(Ordering::Relaxed)) >= idle_ms)
+            .filter(|(_, s)| Arc::strong_count(s) == 1)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &victims {
+            slots.pop(k);
+        }
+        victims.len()
+    }
+
+    async fn run(self: Arc<Self>, inv: Invocation) -> Result<Vec<u8>, InvokeError> {
+        let slot = self.slot(&inv.entity);
+        let depth = slot.waiting.fetch_add(1, Ordering::AcqRel);
+        let waiting = CountGuard(&slot.waiting);
+        if depth >= self.cfg.mailbox_depth {
+            return Err(InvokeError::MailboxFull { entity: inv.entity.to_string(), depth });
+        }
+        let mut resident = slot.resident.lock().await;
+        drop(waiting);
+        // The active version is read at the start of each turn: a deploy takes
+        // effect between turns, and a turn in flight finishes on its version.
+        let version = self.registry.active(&inv.entity.entity_type).map_err(InvokeError::UnknownType)?;
+        let warm = resident.take().filter(|r| Arc::ptr_eq(&r.version, &version));
+        let seq = self.next_invocation.fetch_add(1, Ordering::Relaxed);
+        let input = TurnInput {
+            operation: inv.operation,
+            payload: inv.payload,
+            invocation_id: format!("{}-{seq:x}", self.invocation_prefix),
+            caller: inv.caller,
+            now_ms: wall_ms(),
+        };
+        let this = self.clone();
+        let entity = inv.entity.clone();
+        let (back, result) = tokio::task::spawn_blocking(move || {
+            let mut r = match warm {
+                Some(r) => r,
+                None => {
+                    this.instantiations.fetch_add(1, Ordering::Relaxed);
+                    match this.runtime.instantiate(&version.prepared, &entity) {
+                        Ok(instance) => Resident { version, instance, _count: ResidentCount::new(&this.resident) },
+                        Err(e) => return (None, Err(InvokeError::Instantiate(e))),
+                    }
+                }
+            };
+            let out = r.instance.run_turn(input, this.store.clone()).map_err(InvokeError::Turn);
+            let back = if r.instance.is_poisoned() { None } else { Some(r) };
+            (back, out)
+        })
+        .await
+        .map_err(|e| InvokeError::Internal(format!("turn thread failed: {e}")))?;
+        *resident = back;
+        let output = match result {
+            Ok(o) => o,
+            Err(e) => {
+                self.turns_failed.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        if !output.writes.is_empty() {
+            let ops = output
+                .writes
+                .into_iter()
+                .map(|(k, v)| {
+                    let key = state_key(&inv.entity, &k);
+                    match v {
+                        Some(value) => Op::Put { keyspace: Keyspace::State, key, value },
+                        None => Op::Delete { keyspace: Keyspace::State, key },
+                    }
+                })
+                .collect();
+            if let Err(e) = self.log.propose(WriteSet { ops }).await {
+                self.turns_failed.fetch_add(1, Ordering::Relaxed);
+                // The warm instance may hold state the store does not have.
+                *resident = None;
+                return Err(InvokeError::Commit(e));
+            }
+        }
+        self.turns_ok.fetch_add(1, Ordering::Relaxed);
+        Ok(output.reply)
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit, conformance, SDK doc tests, and end-to-end
+# tests that start the real `conflux` binary. CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+echo "==> formatting"
+cargo fmt --all --check
+echo "==> building guest components (wasm32-wasip2)"
+CARGO_TARGET_DIR=target/guests cargo build --release --target wasm32-wasip2 \
+    -p counter -p team-joiner -p faulty
+echo "==> building benchmarks (not run: they are not tests)"
+cargo build --benches -p conflux-host
+echo "==> tests"
+cargo test --workspace "$@"

@@ -1,0 +1,183 @@
+//! End to end with the real binary: status codes, guest errors and traps
+//! leaving state unchanged, bad uploads, bad input, the CLI's behaviour.
+
+mod support;
+
+use conflux_host::api::pb;
+use support::*;
+use tonic::Code;
+
+fn kind(s: &tonic::Status) -> String {
+    s.metadata().get("conflux-error-kind").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+}
+
+#[test]
+fn guest_errors_and_traps_after_writes_commit_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    deploy(&d, "faulty", &guest_wasm("faulty"));
+    rt().block_on(async {
+        let mut c = d.client().await;
+        call(&mut c, "faulty", "f1", "put", "\"original\"").await.unwrap();
+
+        let e = call(&mut c, "faulty", "f1", "set_then_fail", "").await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert_eq!(kind(&e), "failed");
+        assert!(e.message().contains("refusing after a write"), "{}", e.message());
+        assert_eq!(call(&mut c, "faulty", "f1", "get", "").await.unwrap(), "original");
+
+        let e = call(&mut c, "faulty", "f1", "set_then_panic", "").await.unwrap_err();
+        assert_eq!(e.code(), Code::Aborted, "{e:?}");
+        assert_eq!(kind(&e), "trap");
+        assert!(e.message().contains("deliberate panic"), "panic message is reported: {}", e.message());
+        // The trapped instance was discarded; a fresh one serves the next call.
+        assert_eq!(call(&mut c, "faulty", "f1", "get", "").await.unwrap(), "original");
+        call(&mut c, "faulty", "f1", "put", "\"later\"").await.unwrap();
+        assert_eq!(call(&mut c, "faulty", "f1", "get", "").await.unwrap(), "later");
+    });
+}
+
+#[test]
+fn reads_inside_a_turn_see_its_own_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    deploy(&d, "faulty", &guest_wasm("faulty"));
+    rt().block_on(async {
+        let mut c = d.client().await;
+        call(&mut c, "faulty", "r", "seed", "").await.unwrap();
+        let seen = call(&mut c, "faulty", "r", "read_your_writes", "").await.unwrap();
+        assert_eq!(seen, serde_json::json!(["a=Some(1)", "a=None", "list=p/0,p/1,p/3", "after=p/1"]));
+    });
+}
+
+#[test]
+fn invalid_requests_get_precise_status_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    deploy(&d, "counter", &guest_wasm("counter"));
+    rt().block_on(async {
+        let mut c = d.client().await;
+        let cases: Vec<(pb::InvokeRequest, Code, &str)> = vec![
+            (invoke_req("nosuchtype", "a", "add", "1"), Code::NotFound, "unknown entity type"),
+            (invoke_req("counter", "a", "nosuchop", "1"), Code::NotFound, "nosuchop"),
+            (invoke_req("counter", "a", "add", "\"x\""), Code::InvalidArgument, "add"),
+            (invoke_req("counter", "", "add", "1"), Code::InvalidArgument, "entity id must not be empty"),
+            (invoke_req("counter", "a\u{7}b", "add", "1"), Code::InvalidArgument, "control character"),
+            (invoke_req("counter", &"x".repeat(300), "add", "1"), Code::InvalidArgument, "limit is 256"),
+            (invoke_req("Counter!", "a", "add", "1"), Code::InvalidArgument, "entity type"),
+            (invoke_req("counter", "a", "", "1"), Code::InvalidArgument, "operation"),
+            (
+                pb::InvokeRequest { entity: None, operation: "add".into(), payload: vec![] },
+                Code::InvalidArgument,
+                "`entity`",
+            ),
+        ];
+        for (req, code, needle) in cases {
+            let e = c.invoke(req.clone()).await.unwrap_err();
+            assert_eq!(e.code(), code, "{req:?} -> {e:?}");
+            assert!(e.message().contains(needle), "{req:?}: {:?} lacks {needle:?}", e.message());
+        }
+        let big = "1".repeat(2 << 20);
+        let e = c.invoke(invoke_req("counter", "a", "add", &big)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("payload"), "{}", e.message());
+        // None of that changed anything.
+        assert_eq!(call(&mut c, "counter", "a", "get", "").await.unwrap(), 0);
+    });
+}
+
+#[test]
+fn bad_uploads_are_refused_and_leave_the_active_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let counter = guest_wasm("counter");
+    deploy(&d, "counter", &counter);
+    let bytes = std::fs::read(&counter).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let write = |name: &str, data: &[u8]| {
+        let p = work.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+    // A core module: the smallest valid one.
+    let core = write("core.wasm", b"\0asm\x01\0\0\0");
+    let text = write("text.wasm", b"this is not wasm at all");
+    let truncated = write("trunc.wasm", &bytes[..bytes.len() / 2]);
+    let empty = write("empty.wasm", b"");
+    for (file, needle) in [
+        (&core, "core WebAssembly module, not a component"),
+        (&text, "not a WebAssembly binary"),
+        (&truncated, "not a valid component"),
+        (&empty, "empty"),
+    ] {
+        let out = d.cli(&["deploy", "counter", file.to_str().unwrap()]);
+        assert!(!out.status.success(), "{} was accepted", file.display());
+        let err = stderr(&out);
+        assert!(err.contains("InvalidArgument") && err.contains(needle), "{}: {err}", file.display());
+        assert_eq!(err.trim().lines().count(), 1, "one-line reason: {err}");
+    }
+    let out = d.cli(&["deploy", "Bad Name", counter.to_str().unwrap()]);
+    assert!(stderr(&out).contains("entity type"), "{}", stderr(&out));
+    // Re-deploying identical bytes changes nothing and says so.
+    let out = d.cli(&["deploy", "counter", counter.to_str().unwrap()]);
+    assert!(stdout(&out).contains("version 1 unchanged"), "{}", stdout(&out));
+    let out = d.cli(&["invoke", "counter/a", "add", "2"]);
+    assert_eq!(stdout(&out).trim(), "2");
+}
+
+#[test]
+fn cli_commands_print_results_and_fail_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let out = d.cli(&["types"]);
+    assert!(stdout(&out).contains("no entity types"), "{}", stdout(&out));
+    deploy(&d, "counter", &guest_wasm("counter"));
+    let out = d.cli(&["invoke", "counter/c1", "add", "5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "5");
+    let out = d.cli(&["state", "counter/c1"]);
+    assert!(stdout(&out).contains("$self\t{\"total\":5}"), "{}", stdout(&out));
+    let out = d.cli(&["status"]);
+    assert!(stdout(&out).contains("entity types     1"), "{}", stdout(&out));
+    let out = d.cli(&["invoke", "counter/c1", "add", "{not json"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not valid JSON"), "{}", stderr(&out));
+    let out = d.cli(&["invoke", "nosuch/c1", "add", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).starts_with("error: NotFound (unknown-type)"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).trim().lines().count(), 1);
+    let out = d.cli(&["invoke", "counter/c1", "add"]);
+    assert!(stderr(&out).contains("InvalidArgument"), "null payload is a bad request for add: {}", stderr(&out));
+}
+
+#[test]
+fn a_full_mailbox_is_refused_with_resource_exhausted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("conflux.toml");
+    std::fs::write(&cfg, "[scheduler]\nmailbox_depth = 2\n").unwrap();
+    let d = Daemon::start_with(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
+    deploy(&d, "faulty", &guest_wasm("faulty"));
+    rt().block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..12 {
+            let mut c = d.client().await;
+            tasks.push(tokio::spawn(async move { call(&mut c, "faulty", "busy", "spin", "100000000").await }));
+        }
+        let mut exhausted = 0;
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                    assert_eq!(kind(&e), "mailbox-full");
+                    exhausted += 1;
+                }
+            }
+        }
+        assert!(exhausted > 0 && ok > 0, "ok={ok} exhausted={exhausted}");
+        // Another entity of the same type is unaffected.
+        let mut c = d.client().await;
+        call(&mut c, "faulty", "other", "spin", "10").await.unwrap();
+    });
+}

@@ -1,0 +1,184 @@
+//! End to end with the real binary: the counter under concurrency, restart,
+//! and `kill -9` during load; team-joiner's race made impossible.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use support::*;
+use tonic::Code;
+
+const CLIENTS: usize = 32;
+const ADDS_PER_CLIENT: usize = 200;
+
+#[test]
+fn concurrent_adds_are_exact_on_one_and_on_many_entities() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    deploy(&d, "counter", &guest_wasm("counter"));
+    rt().block_on(async {
+        // 32 clients × 200 `add 1` on one entity.
+        let mut tasks = Vec::new();
+        for _ in 0..CLIENTS {
+            let mut c = d.client().await;
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..ADDS_PER_CLIENT {
+                    call(&mut c, "counter", "hot", "add", "1").await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut c = d.client().await;
+        let total = call(&mut c, "counter", "hot", "get", "").await.unwrap();
+        assert_eq!(total, serde_json::json!((CLIENTS * ADDS_PER_CLIENT) as i64));
+
+        // The same over 1,000 entities, each client walking its own stride.
+        let mut tasks = Vec::new();
+        for client in 0..CLIENTS {
+            let mut c = d.client().await;
+            tasks.push(tokio::spawn(async move {
+                for j in 0..ADDS_PER_CLIENT {
+                    let id = format!("e{}", (client * ADDS_PER_CLIENT + j) % 1000);
+                    call(&mut c, "counter", &id, "add", "1").await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut expected: HashMap<String, i64> = HashMap::new();
+        for client in 0..CLIENTS {
+            for j in 0..ADDS_PER_CLIENT {
+                *expected.entry(format!("e{}", (client * ADDS_PER_CLIENT + j) % 1000)).or_default() += 1;
+            }
+        }
+        let mut sum = 0;
+        for i in 0..1000 {
+            let id = format!("e{i}");
+            let got = call(&mut c, "counter", &id, "get", "").await.unwrap().as_i64().unwrap();
+            assert_eq!(got, expected[&id], "entity {id}");
+            sum += got;
+        }
+        assert_eq!(sum, (CLIENTS * ADDS_PER_CLIENT) as i64);
+    });
+}
+
+#[test]
+fn state_and_registry_survive_a_clean_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path());
+    deploy(&d, "counter", &guest_wasm("counter"));
+    for _ in 0..5 {
+        let out = d.cli(&["invoke", "counter/r1", "add", "7"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let status = d.terminate();
+    assert!(status.success(), "SIGTERM exit: {status:?}\n{}", d.log());
+    assert!(d.log().contains("shut down cleanly"), "{}", d.log());
+
+    let d = Daemon::start(dir.path());
+    let out = d.cli(&["invoke", "counter/r1", "get"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "35");
+    let types = d.cli(&["types"]);
+    assert!(stdout(&types).contains("counter\tversion 1"), "{}", stdout(&types));
+    // The compiled artifact was cached: the restart did not recompile.
+    let artifacts: Vec<_> = std::fs::read_dir(dir.path().join("artifacts")).unwrap().collect();
+    assert_eq!(artifacts.len(), 1);
+}
+
+#[test]
+fn kill_dash_nine_during_load_loses_no_acknowledged_add() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path());
+    deploy(&d, "counter", &guest_wasm("counter"));
+    const ENTITIES: usize = 40;
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..ENTITIES).map(|_| AtomicU64::new(0)).collect());
+    let attempted: Arc<Vec<AtomicU64>> = Arc::new((0..ENTITIES).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let runtime = rt();
+    let mut tasks = Vec::new();
+    for client in 0..16usize {
+        let addr = d.addr.clone();
+        let (acked, attempted, stop) = (acked.clone(), attempted.clone(), stop.clone());
+        tasks.push(runtime.spawn(async move {
+            let mut c = conflux_host::cli::connect(&addr).await.unwrap();
+            let mut i = client;
+            // Bounded: stops on the flag, on the first error (the kill), or after 100k calls.
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let e = i % ENTITIES;
+                attempted[e].fetch_add(1, Ordering::SeqCst);
+                match call(&mut c, "counter", &format!("k{e}"), "add", "1").await {
+                    Ok(_) => {
+                        acked[e].fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => break,
+                }
+                i += 7;
+            }
+        }));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    d.kill9();
+    stop.store(true, Ordering::Relaxed);
+    runtime.block_on(async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let total_acked: u64 = acked.iter().map(|a| a.load(Ordering::SeqCst)).sum();
+    assert!(total_acked > 100, "the load did not get going: {total_acked} acks");
+
+    let d = Daemon::start(dir.path());
+    runtime.block_on(async {
+        let mut c = d.client().await;
+        for e in 0..ENTITIES {
+            let got = call(&mut c, "counter", &format!("k{e}"), "get", "").await.unwrap().as_u64().unwrap();
+            let a = acked[e].load(Ordering::SeqCst);
+            let t = attempted[e].load(Ordering::SeqCst);
+            assert!(got >= a, "entity k{e}: {got} < {a} acknowledged adds — an acknowledged write was lost");
+            assert!(got <= t, "entity k{e}: {got} > {t} attempted adds — an add was applied twice");
+        }
+    });
+}
+
+#[test]
+fn team_joiner_lets_exactly_one_concurrent_join_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    deploy(&d, "user", &guest_wasm("team-joiner"));
+    rt().block_on(async {
+        for round in 0..5 {
+            let user = format!("sue{round}");
+            let mut tasks = Vec::new();
+            for t in 0..24 {
+                let mut c = d.client().await;
+                let user = user.clone();
+                tasks.push(tokio::spawn(async move {
+                    let team = format!("\"team-{t}\"");
+                    call(&mut c, "user", &user, "join", &team).await.map(|v| (t, v))
+                }));
+            }
+            let mut winners = Vec::new();
+            for task in tasks {
+                match task.await.unwrap() {
+                    Ok((t, v)) => winners.push((t, v)),
+                    Err(s) => {
+                        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+                        assert!(s.message().contains("already on team"), "{}", s.message());
+                    }
+                }
+            }
+            assert_eq!(winners.len(), 1, "exactly one join must win: {winners:?}");
+            let mut c = d.client().await;
+            let team = call(&mut c, "user", &user, "team", "").await.unwrap();
+            assert_eq!(team, winners[0].1);
+        }
+    });
+}

@@ -1,0 +1,67 @@
+//! A guest for the host's tests: operations that write and then fail or trap,
+//! exercise reads-your-writes and `list` inside one turn, or burn CPU.
+
+use conflux_sdk::prelude::*;
+
+#[derive(Default, Serialize, Deserialize)]
+pub struct Faulty {}
+
+#[entity]
+impl Faulty {
+    /// Stores `value` under key `k`.
+    pub fn put(&self, value: String) -> Result<(), Error> {
+        state::set("k", &value)
+    }
+
+    /// The value under key `k`, if any.
+    pub fn get(&self) -> Result<Option<String>, Error> {
+        state::get("k")
+    }
+
+    /// Writes, then returns a guest error: nothing may be committed.
+    pub fn set_then_fail(&self) -> Result<(), Error> {
+        state::set("k", &"poisoned-by-error".to_owned())?;
+        Err(Error::failed("refusing after a write"))
+    }
+
+    /// Writes, then panics (a trap): nothing may be committed.
+    pub fn set_then_panic(&self) -> Result<(), Error> {
+        state::set("k", &"poisoned-by-trap".to_owned())?;
+        panic!("deliberate panic after a write");
+    }
+
+    /// Exercises reads of the turn's own writes and `list` over a mix of
+    /// committed and buffered keys; returns what it saw.
+    pub fn read_your_writes(&self) -> Result<Vec<String>, Error> {
+        let mut seen = Vec::new();
+        state::set("a", &1)?;
+        seen.push(format!("a={:?}", state::get::<i32>("a")?));
+        state::delete("a");
+        seen.push(format!("a={:?}", state::get::<i32>("a")?));
+        // `p/0` and `p/2` are committed by `seed`; buffer a new key and delete one.
+        state::set("p/1", &1)?;
+        state::delete("p/2");
+        let keys: Vec<String> = state::list::<i32>("p/", None, 10)?.into_iter().map(|(k, _)| k).collect();
+        seen.push(format!("list={}", keys.join(",")));
+        let after: Vec<String> = state::list::<i32>("p/", Some("p/0"), 1)?.into_iter().map(|(k, _)| k).collect();
+        seen.push(format!("after={}", after.join(",")));
+        Ok(seen)
+    }
+
+    /// Commits `p/0`, `p/2` and `p/3` for `read_your_writes`.
+    pub fn seed(&self) -> Result<(), Error> {
+        for k in ["p/0", "p/2", "p/3"] {
+            state::set(k, &0)?;
+        }
+        Ok(())
+    }
+
+    /// Burns CPU for `rounds` iterations and returns a checksum.
+    pub fn spin(&self, rounds: u64) -> u64 {
+        let mut x: u64 = 1;
+        for i in 0..rounds {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+        x
+    }
+}

@@ -1,0 +1,179 @@
+//! Shared support for the end-to-end tests: building guest components, running
+//! the real `conflux` binary on a free 127.0.0.1 port, and talking to it.
+#![allow(dead_code)]
+
+use conflux_host::api::pb::{self, conflux_client::ConfluxClient};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_owned()
+}
+
+pub fn conflux_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_conflux"))
+}
+
+static GUEST_BUILD: Mutex<()> = Mutex::new(());
+
+/// Builds the guest crate `package` for wasm32-wasip2 (once; later calls are
+/// no-ops for cargo) and returns the component's path. A separate target dir
+/// keeps this from waiting on the lock of the `cargo test` that runs us.
+pub fn guest_wasm(package: &str) -> PathBuf {
+    let _g = GUEST_BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    let root = workspace_root();
+    let target = root.join("target").join("guests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = Command::new(cargo)
+        .current_dir(&root)
+        .env("CARGO_TARGET_DIR", &target)
+        .args(["build", "--release", "--target", "wasm32-wasip2", "-p", package])
+        .output()
+        .expect("run cargo");
+    assert!(out.status.success(), "building guest {package} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let path = target.join("wasm32-wasip2/release").join(format!("{}.wasm", package.replace('-', "_")));
+    assert!(path.exists(), "{} missing after build", path.display());
+    path
+}
+
+/// A `conflux serve` child process. Killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    pub addr: String,
+    pub data_dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon on `data_dir` and waits until it listens.
+    pub fn start(data_dir: &Path) -> Daemon {
+        Self::start_with(data_dir, &[])
+    }
+
+    pub fn start_with(data_dir: &Path, extra: &[&str]) -> Daemon {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("daemon.log")).unwrap();
+        let mut child = Command::new(conflux_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawn conflux serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("conflux listening on ") {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(data_dir.join("daemon.log")).unwrap_or_default();
+                panic!("daemon did not start listening within 60 s; log:\n{log}");
+            }
+        };
+        Daemon { child: Some(child), addr, data_dir: data_dir.to_owned() }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> ConfluxClient<Channel> {
+        conflux_host::cli::connect(&self.addr).await.expect("connect to daemon")
+    }
+
+    /// Runs a client command of the real CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(conflux_bin()).arg("--addr").arg(self.url()).args(args).output().expect("run conflux")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `kill -9`: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit and returns its status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let ok = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().expect("run kill");
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("daemon did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Deploys `wasm` as `entity_type` through the CLI and checks it worked.
+pub fn deploy(d: &Daemon, entity_type: &str, wasm: &Path) {
+    let out = d.cli(&["deploy", entity_type, wasm.to_str().unwrap()]);
+    assert!(out.status.success(), "deploy failed: {}", stderr(&out));
+}
+
+pub fn invoke_req(entity_type: &str, id: &str, op: &str, payload: &str) -> pb::InvokeRequest {
+    pb::InvokeRequest {
+        entity: Some(pb::EntityRef { entity_type: entity_type.into(), id: id.into() }),
+        operation: op.into(),
+        payload: payload.as_bytes().to_vec(),
+    }
+}
+
+/// Invokes and parses the JSON reply.
+pub async fn call(
+    c: &mut ConfluxClient<Channel>,
+    entity_type: &str,
+    id: &str,
+    op: &str,
+    payload: &str,
+) -> Result<serde_json::Value, tonic::Status> {
+    let r = c.invoke(invoke_req(entity_type, id, op, payload)).await?.into_inner();
+    Ok(serde_json::from_slice(&r.reply).expect("reply is JSON"))
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
