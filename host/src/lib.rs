@@ -2,3 +2,5 @@
 
 pub mod model;
 pub mod cli;
+pub mod log;
+pub mod storage;
