@@ -90,7 +90,7 @@ pub(crate) fn later_ops_win(f: impl Fn() -> Fixture) {
 pub(crate) fn scan_semantics(f: impl Fn() -> Fixture) {
     let fx = f();
     let s = fx.store.as_ref();
-    let keys: &[&[u8]] = &[b"a", b"a\0", b"a\0x", b"a\0y", b"a\x01", b"a\xff", b"ab", b"b", b"\xff\xff"];
+    let keys: &[&[u8]] = &[b"a", b"a\0", b"a\0x", b"a\0y", b"a\x01", b"ab", b"a\xff", b"b", b"\xff\xff"];
     // Insert in scrambled order; the registry gets the same keys with other values.
     let mut ops = Vec::new();
     for k in keys.iter().rev() {
@@ -182,8 +182,9 @@ pub(crate) fn apply_is_atomic(f: impl Fn() -> Fixture) {
         std::thread::spawn(move || {
             let mut checks = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let n = s.scan(Keyspace::State, b"k", None, N + 1).unwrap().len();
+                // Applied index first: once it says 2, the scan must see everything.
                 let applied = s.applied_index().unwrap();
+                let n = s.scan(Keyspace::State, b"k", None, N + 1).unwrap().len();
                 assert!(n == 0 || n == N, "saw a partial batch of {n} ops");
                 if applied == 2 {
                     assert_eq!(n, N);
