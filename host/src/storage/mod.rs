@@ -33,6 +33,9 @@ pub enum StorageError {
     Poisoned,
 }
 
+/// Key/value pairs returned by `scan`, in ascending key order.
+pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Materialized key/value state built from committed log entries.
 pub trait StateStore: Send + Sync + 'static {
     fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
@@ -43,7 +46,7 @@ pub trait StateStore: Send + Sync + 'static {
         prefix: &[u8],
         start_after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    ) -> Result<KvPairs, StorageError>;
     /// Applies committed log entries in order as ONE atomic batch and records the last index as the applied index. Entries with index <= applied_index() are skipped (replay is idempotent). Within and across entries, later ops on a key win.
     fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError>;
     fn applied_index(&self) -> Result<LogIndex, StorageError>;

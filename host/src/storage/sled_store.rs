@@ -117,7 +117,7 @@ impl StateStore for SledStore {
         prefix: &[u8],
         start_after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    ) -> Result<super::KvPairs, StorageError> {
         let full_prefix = physical_key(keyspace, prefix);
         let (lower, exclusive) = scan_lower_bound(keyspace, prefix, start_after);
         let lower = if exclusive { Bound::Excluded(lower) } else { Bound::Included(lower) };
