@@ -1,0 +1,140 @@
+//! The durable commit log: the `CommitLog` trait, its errors, statistics and
+//! configuration, and `LocalLog`, the single-node implementation on a
+//! raft-log WAL with group commit. The log is the durability boundary: a
+//! proposal is acknowledged only once its entry is fdatasync'd and applied to
+//! the `StateStore`; on start-up the store is caught up by replaying the log.
+
+mod local;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+pub use local::{LocalLog, SINGLE_NODE_TERM, WalTypes};
+
+use crate::model::{LogIndex, WriteSet};
+use crate::storage::StorageError;
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// Errors of the commit log. Cheap to clone (sources are shared) because one
+/// failure is reported to every proposer of the affected batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    #[error("commit log I/O failed: {0}")]
+    Io(#[source] Arc<std::io::Error>),
+    #[error("state store failed: {0}")]
+    Storage(#[source] Arc<StorageError>),
+    #[error("commit log is poisoned by an earlier I/O or storage failure; the node must restart")]
+    Poisoned,
+    #[error("commit log is shut down")]
+    ShutDown,
+    #[error("commit log stopped before completing this request: {0}")]
+    Aborted(String),
+    #[error("corrupt log entry {index}: {reason}")]
+    Corrupt { index: LogIndex, reason: String },
+    #[error(
+        "state store has applied up to {applied} but the log was purged up to {purged}: entries in between are gone"
+    )]
+    StoreBehindLog { applied: LogIndex, purged: LogIndex },
+    #[error(
+        "state store has applied up to {applied} but the log ends at {last}: the log lost entries (wrong or deleted log directory?)"
+    )]
+    StoreAheadOfLog { applied: LogIndex, last: LogIndex },
+    #[error("invalid log config: {0}")]
+    Config(String),
+}
+
+impl From<std::io::Error> for LogError {
+    fn from(e: std::io::Error) -> Self {
+        LogError::Io(Arc::new(e))
+    }
+}
+
+impl From<StorageError> for LogError {
+    fn from(e: StorageError) -> Self {
+        LogError::Storage(Arc::new(e))
+    }
+}
+
+/// Counters for tests, metrics and benchmarks. Monotonic except
+/// `largest_batch` (a maximum) and `purged_index` (a position).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Proposals appended to the log.
+    pub proposals: u64,
+    /// Batches appended with one sync flush request each.
+    pub sync_batches: u64,
+    /// Most entries in one batch.
+    pub largest_batch: u64,
+    /// Payload bytes (encoded write sets) appended.
+    pub bytes_written: u64,
+    /// Entries replayed into the store when the log was opened.
+    pub replayed_entries: u64,
+    /// Times the store was persisted and the log purged.
+    pub compactions: u64,
+    /// Highest index purged from the log (0 = none).
+    pub purged_index: LogIndex,
+}
+
+/// Tuning of `LocalLog`. Every field has a default; in a config file any may
+/// be omitted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Most proposals appended and synced as one batch.
+    pub max_batch_entries: usize,
+    /// Stop adding proposals to a batch once it holds this many payload bytes.
+    pub max_batch_bytes: usize,
+    /// Proposals that may wait for the writer; further `propose` calls wait
+    /// for room (backpressure).
+    pub queue_depth: usize,
+    /// Persist the store and purge the log after this many applied entries.
+    pub compact_every_entries: u64,
+    /// How long raft-log's flush worker waits for more flush requests to
+    /// share one fdatasync. Adds at most this much latency to a lone proposal.
+    pub wal_flush_wait_micros: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_entries: 1024,
+            max_batch_bytes: 4 * 1024 * 1024,
+            queue_depth: 8192,
+            compact_every_entries: 100_000,
+            wal_flush_wait_micros: 100,
+        }
+    }
+}
+
+impl LogConfig {
+    pub fn validate(&self) -> Result<(), LogError> {
+        let positive = [
+            ("max_batch_entries", self.max_batch_entries as u64),
+            ("max_batch_bytes", self.max_batch_bytes as u64),
+            ("queue_depth", self.queue_depth as u64),
+            ("compact_every_entries", self.compact_every_entries),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(LogError::Config(format!("{name} must be greater than 0")));
+            }
+        }
+        if self.wal_flush_wait_micros > 100_000 {
+            return Err(LogError::Config("wal_flush_wait_micros must be at most 100000".into()));
+        }
+        Ok(())
+    }
+}
+
+/// An ordered, durable log of write sets that applies each committed entry to
+/// a state store.
+pub trait CommitLog: Send + Sync + 'static {
+    /// Proposes a write set. The returned future resolves once the entry is durable (fdatasync'd) AND applied to the state store, with its index. Index order = order in which proposals reach the log; one caller awaiting each proposal before the next sees strictly increasing indexes. An I/O failure fails that proposal and poisons the log: every later proposal fails with LogError::Poisoned (a node must stop after a failed fsync).
+    fn propose(&self, ws: WriteSet) -> futures::future::BoxFuture<'static, Result<LogIndex, LogError>>;
+    fn last_durable_index(&self) -> LogIndex;
+    fn applied_index(&self) -> LogIndex;
+    fn stats(&self) -> LogStats;
+    /// Stops accepting proposals, waits for in-flight ones to finish, persists the store. Idempotent.
+    fn shutdown(&self) -> futures::future::BoxFuture<'static, Result<(), LogError>>;
+}

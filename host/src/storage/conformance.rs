@@ -1,0 +1,269 @@
+//! Conformance suite for `StateStore`: every implementation must pass the same
+//! tests. Each check is a function generic over a factory; the macro at the
+//! bottom instantiates it for `MemStore` and `SledStore`. Sled-only properties
+//! (reopen, locking) are in `sled_only`.
+
+use super::{MemStore, SledStore, StateStore, StorageError};
+use crate::model::{Keyspace, LogIndex, Op, WriteSet};
+
+/// A store under test plus whatever must outlive it (a temp dir).
+pub(crate) struct Fixture {
+    pub store: Box<dyn StateStore>,
+    pub _guard: Option<tempfile::TempDir>,
+}
+
+pub(crate) fn mem_fixture() -> Fixture {
+    Fixture { store: Box::new(MemStore::new()), _guard: None }
+}
+
+pub(crate) fn sled_fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    Fixture { store: Box::new(store), _guard: Some(dir) }
+}
+
+pub(crate) fn put(ks: Keyspace, k: &[u8], v: &[u8]) -> Op {
+    Op::Put { keyspace: ks, key: k.to_vec(), value: v.to_vec() }
+}
+
+pub(crate) fn del(ks: Keyspace, k: &[u8]) -> Op {
+    Op::Delete { keyspace: ks, key: k.to_vec() }
+}
+
+pub(crate) fn ws(ops: Vec<Op>) -> WriteSet {
+    WriteSet { ops }
+}
+
+fn apply1(s: &dyn StateStore, index: LogIndex, w: &WriteSet) {
+    s.apply(&[(index, w)]).unwrap();
+}
+
+fn get(s: &dyn StateStore, ks: Keyspace, k: &[u8]) -> Option<Vec<u8>> {
+    s.get(ks, k).unwrap()
+}
+
+pub(crate) fn get_put_delete(f: impl Fn() -> Fixture) {
+    let fx = f();
+    let s = fx.store.as_ref();
+    assert_eq!(get(s, Keyspace::State, b"a"), None);
+    apply1(s, 1, &ws(vec![put(Keyspace::State, b"a", b"1")]));
+    assert_eq!(get(s, Keyspace::State, b"a"), Some(b"1".to_vec()));
+    apply1(s, 2, &ws(vec![put(Keyspace::State, b"a", b"2")]));
+    assert_eq!(get(s, Keyspace::State, b"a"), Some(b"2".to_vec()));
+    apply1(s, 3, &ws(vec![del(Keyspace::State, b"a")]));
+    assert_eq!(get(s, Keyspace::State, b"a"), None);
+    // Deleting a missing key is fine; empty keys and values are valid.
+    apply1(s, 4, &ws(vec![del(Keyspace::State, b"nope"), put(Keyspace::State, b"", b"")]));
+    assert_eq!(get(s, Keyspace::State, b""), Some(vec![]));
+    assert_eq!(s.applied_index().unwrap(), 4);
+}
+
+pub(crate) fn later_ops_win(f: impl Fn() -> Fixture) {
+    let fx = f();
+    let s = fx.store.as_ref();
+    // Within one write set.
+    apply1(
+        s,
+        1,
+        &ws(vec![
+            put(Keyspace::State, b"k", b"1"),
+            put(Keyspace::State, b"k", b"2"),
+            put(Keyspace::State, b"d", b"x"),
+            del(Keyspace::State, b"d"),
+            del(Keyspace::State, b"p"),
+            put(Keyspace::State, b"p", b"back"),
+        ]),
+    );
+    assert_eq!(get(s, Keyspace::State, b"k"), Some(b"2".to_vec()));
+    assert_eq!(get(s, Keyspace::State, b"d"), None);
+    assert_eq!(get(s, Keyspace::State, b"p"), Some(b"back".to_vec()));
+    // Across entries of one apply call.
+    let a = ws(vec![put(Keyspace::State, b"x", b"a"), put(Keyspace::State, b"y", b"a")]);
+    let b = ws(vec![put(Keyspace::State, b"x", b"b"), del(Keyspace::State, b"y")]);
+    let c = ws(vec![put(Keyspace::State, b"y", b"c")]);
+    s.apply(&[(2, &a), (3, &b), (4, &c)]).unwrap();
+    assert_eq!(get(s, Keyspace::State, b"x"), Some(b"b".to_vec()));
+    assert_eq!(get(s, Keyspace::State, b"y"), Some(b"c".to_vec()));
+    assert_eq!(s.applied_index().unwrap(), 4);
+}
+
+pub(crate) fn scan_semantics(f: impl Fn() -> Fixture) {
+    let fx = f();
+    let s = fx.store.as_ref();
+    let keys: &[&[u8]] = &[b"a", b"a\0", b"a\0x", b"a\0y", b"a\x01", b"ab", b"a\xff", b"b", b"\xff\xff"];
+    // Insert in scrambled order; the registry gets the same keys with other values.
+    let mut ops = Vec::new();
+    for k in keys.iter().rev() {
+        ops.push(put(Keyspace::State, k, b"s"));
+        ops.push(put(Keyspace::Registry, k, b"r"));
+    }
+    apply1(s, 1, &ws(ops));
+    let scan = |prefix: &[u8], after: Option<&[u8]>, limit| -> Vec<Vec<u8>> {
+        s.scan(Keyspace::State, prefix, after, limit).unwrap().into_iter().map(|(k, v)| {
+            assert_eq!(v, b"s", "keyspace isolation");
+            k
+        }).collect()
+    };
+    let all: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
+    assert_eq!(scan(b"", None, 100), all, "ascending byte order");
+    assert_eq!(scan(b"", None, 3), all[..3].to_vec(), "limit");
+    assert_eq!(scan(b"", None, 0), Vec::<Vec<u8>>::new());
+    assert_eq!(scan(b"a", None, 100), all[..7].to_vec(), "prefix");
+    assert_eq!(scan(b"a\0", None, 100), all[1..4].to_vec());
+    assert_eq!(scan(b"a\0", Some(b"a\0"), 100), all[2..4].to_vec(), "start_after is exclusive");
+    assert_eq!(scan(b"a\0", Some(b"a\0x"), 100), all[3..4].to_vec());
+    assert_eq!(scan(b"a\0", Some(b"a\0y"), 100), Vec::<Vec<u8>>::new());
+    assert_eq!(scan(b"a", Some(b"a\0x"), 2), all[3..5].to_vec(), "start_after + limit");
+    // start_after below the prefix excludes nothing; above it, everything.
+    assert_eq!(scan(b"b", Some(b"a"), 100), vec![b"b".to_vec()]);
+    assert_eq!(scan(b"a", Some(b"zz"), 100), Vec::<Vec<u8>>::new());
+    assert_eq!(scan(b"\xff", None, 100), vec![b"\xff\xff".to_vec()], "high bytes");
+    assert_eq!(scan(b"c", None, 100), Vec::<Vec<u8>>::new());
+    // Paging through with start_after visits every key exactly once.
+    let mut paged = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = scan(b"", after.as_deref(), 2);
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().cloned();
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+    // The other keyspace is scanned independently; deletes disappear from scans.
+    apply1(s, 2, &ws(vec![del(Keyspace::Registry, b"a\0x")]));
+    let reg: Vec<_> = s.scan(Keyspace::Registry, b"a\0", None, 100).unwrap();
+    assert_eq!(reg, vec![(b"a\0".to_vec(), b"r".to_vec()), (b"a\0y".to_vec(), b"r".to_vec())]);
+    assert_eq!(scan(b"a\0", None, 100), all[1..4].to_vec());
+}
+
+pub(crate) fn applied_index_and_replay(f: impl Fn() -> Fixture) {
+    let fx = f();
+    let s = fx.store.as_ref();
+    assert_eq!(s.applied_index().unwrap(), 0);
+    s.apply(&[]).unwrap();
+    assert_eq!(s.applied_index().unwrap(), 0);
+    let w1 = ws(vec![put(Keyspace::State, b"k", b"1")]);
+    let w2 = ws(vec![put(Keyspace::State, b"k", b"2")]);
+    let w3 = ws(vec![put(Keyspace::State, b"k", b"3"), put(Keyspace::State, b"j", b"3")]);
+    s.apply(&[(1, &w1), (2, &w2)]).unwrap();
+    assert_eq!(s.applied_index().unwrap(), 2);
+    // Replaying old entries changes nothing, even if they would overwrite.
+    s.apply(&[(1, &w1)]).unwrap();
+    assert_eq!(get(s, Keyspace::State, b"k"), Some(b"2".to_vec()));
+    assert_eq!(s.applied_index().unwrap(), 2);
+    // A chunk that straddles the applied index applies only the new part.
+    s.apply(&[(1, &w1), (2, &w2), (3, &w3)]).unwrap();
+    assert_eq!(get(s, Keyspace::State, b"k"), Some(b"3".to_vec()));
+    assert_eq!(s.applied_index().unwrap(), 3);
+    // Gaps are allowed (the log decides the indexes); out of order is refused
+    // and changes nothing.
+    let w4 = ws(vec![put(Keyspace::State, b"k", b"10")]);
+    let err = s.apply(&[(11, &w4), (10, &w4)]).unwrap_err();
+    assert!(matches!(err, StorageError::OutOfOrder { prev: 11, next: 10 }), "{err}");
+    assert_eq!(get(s, Keyspace::State, b"k"), Some(b"3".to_vec()));
+    s.apply(&[(10, &w4)]).unwrap();
+    assert_eq!(s.applied_index().unwrap(), 10);
+}
+
+pub(crate) fn apply_is_atomic(f: impl Fn() -> Fixture) {
+    let fx = f();
+    let s: std::sync::Arc<dyn StateStore> = std::sync::Arc::from(fx.store);
+    const N: usize = 2000;
+    // One write set with many ops plus a second entry: a concurrent reader must
+    // see either nothing or everything (marker key last, first key checked).
+    let big = ws((0..N).map(|i| put(Keyspace::State, format!("k{i:05}").as_bytes(), b"v")).collect());
+    let marker = ws(vec![put(Keyspace::Registry, b"done", b"1")]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let s = s.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut checks = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Applied index first: once it says 2, the scan must see everything.
+                let applied = s.applied_index().unwrap();
+                let n = s.scan(Keyspace::State, b"k", None, N + 1).unwrap().len();
+                assert!(n == 0 || n == N, "saw a partial batch of {n} ops");
+                if applied == 2 {
+                    assert_eq!(n, N);
+                }
+                checks += 1;
+            }
+            checks
+        })
+    };
+    assert_eq!(s.scan(Keyspace::State, b"", None, 10).unwrap().len(), 0, "nothing visible before apply");
+    s.apply(&[(1, &big), (2, &marker)]).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _checks = reader.join().unwrap();
+    assert_eq!(s.scan(Keyspace::State, b"k", None, N + 1).unwrap().len(), N);
+    assert_eq!(s.get(Keyspace::Registry, b"done").unwrap(), Some(b"1".to_vec()));
+    assert_eq!(s.applied_index().unwrap(), 2);
+    s.persist().unwrap();
+}
+
+macro_rules! state_store_conformance {
+    ($name:ident, $factory:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn get_put_delete() {
+                super::get_put_delete($factory)
+            }
+            #[test]
+            fn later_ops_win() {
+                super::later_ops_win($factory)
+            }
+            #[test]
+            fn scan_semantics() {
+                super::scan_semantics($factory)
+            }
+            #[test]
+            fn applied_index_and_replay() {
+                super::applied_index_and_replay($factory)
+            }
+            #[test]
+            fn apply_is_atomic() {
+                super::apply_is_atomic($factory)
+            }
+        }
+    };
+}
+
+state_store_conformance!(mem, mem_fixture);
+state_store_conformance!(sled, sled_fixture);
+
+mod sled_only {
+    use super::*;
+
+    #[test]
+    fn reopen_keeps_data_and_applied_index() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            apply1(&s, 7, &ws(vec![put(Keyspace::State, b"a", b"1"), put(Keyspace::Registry, b"r", b"2")]));
+            s.persist().unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.applied_index().unwrap(), 7);
+        assert_eq!(get(&s, Keyspace::State, b"a"), Some(b"1".to_vec()));
+        assert_eq!(get(&s, Keyspace::Registry, b"r"), Some(b"2".to_vec()));
+        // The meta key never shows up in scans of any keyspace.
+        for ks in Keyspace::ALL {
+            assert_eq!(s.scan(ks, b"", None, 10).unwrap().len(), 1);
+        }
+    }
+
+    #[test]
+    fn second_open_fails_with_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SledStore::open(dir.path()).unwrap();
+        let err = SledStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StorageError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("already open"), "{err}");
+        drop(first);
+        SledStore::open(dir.path()).unwrap();
+    }
+}
