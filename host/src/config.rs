@@ -168,7 +168,7 @@ impl Config {
         if self.registry.max_component_bytes < 1024 {
             return bad("registry.max_component_bytes must be at least 1 KiB");
         }
-        self.log.validate().map_err(ConfigError::Invalid)?;
+        self.log.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }
 }

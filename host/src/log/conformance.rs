@@ -43,12 +43,7 @@ fn assert_has_keys(store: &dyn StateStore, range: std::ops::RangeInclusive<u64>)
 }
 
 /// Proposes `put_ws(first..=last)` from `tasks` concurrent tasks; returns the indexes.
-async fn propose_concurrently<L: CommitLog>(
-    log: &Arc<L>,
-    first: u64,
-    last: u64,
-    tasks: u64,
-) -> Vec<LogIndex> {
+async fn propose_concurrently<L: CommitLog>(log: &Arc<L>, first: u64, last: u64, tasks: u64) -> Vec<LogIndex> {
     let mut handles = Vec::new();
     for t in 0..tasks {
         let log = log.clone();
@@ -179,7 +174,10 @@ pub(crate) async fn compaction_purges_and_state_survives_reopen<F: LogFactory>(f
     let sled_dir = tempfile::tempdir().unwrap();
     let config = LogConfig { compact_every_entries: 100, ..LogConfig::default() };
     let wal_files = |p: &Path| -> usize {
-        std::fs::read_dir(p).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".wal")).count()
+        std::fs::read_dir(p)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".wal"))
+            .count()
     };
     {
         let sled: Arc<dyn StateStore> = Arc::new(SledStore::open(sled_dir.path()).unwrap());
@@ -297,15 +295,19 @@ macro_rules! commit_log_conformance {
     };
 }
 
-commit_log_conformance!(local, LocalFactory, [
-    indexes_strictly_increase_and_are_contiguous,
-    concurrent_proposals_all_resolve_and_batch,
-    batches_respect_max_batch_entries,
-    reopen_with_fresh_memstore_replays_everything,
-    lagging_sled_store_catches_up_without_double_apply,
-    compaction_purges_and_state_survives_reopen,
-    propose_after_shutdown_fails_cleanly,
-    second_open_of_same_dir_fails,
-    write_set_is_applied_atomically,
-    timing_10k_proposals_at_concurrency_64,
-]);
+commit_log_conformance!(
+    local,
+    LocalFactory,
+    [
+        indexes_strictly_increase_and_are_contiguous,
+        concurrent_proposals_all_resolve_and_batch,
+        batches_respect_max_batch_entries,
+        reopen_with_fresh_memstore_replays_everything,
+        lagging_sled_store_catches_up_without_double_apply,
+        compaction_purges_and_state_survives_reopen,
+        propose_after_shutdown_fails_cleanly,
+        second_open_of_same_dir_fails,
+        write_set_is_applied_atomically,
+        timing_10k_proposals_at_concurrency_64,
+    ]
+);

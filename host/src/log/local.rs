@@ -78,7 +78,11 @@ type Wal = raft_log::RaftLog<WalTypes>;
 type Reply = oneshot::Sender<Result<LogIndex, LogError>>;
 
 enum Msg {
-    Propose { ws: WriteSet, payload: Vec<u8>, reply: Reply },
+    Propose {
+        ws: WriteSet,
+        payload: Vec<u8>,
+        reply: Reply,
+    },
     /// Everything queued before this is processed; everything after is refused.
     Shutdown,
 }
@@ -143,9 +147,8 @@ impl LocalLog {
     pub fn open(dir: &Path, store: Arc<dyn StateStore>, config: LogConfig) -> Result<LocalLog, LogError> {
         config.validate()?;
         std::fs::create_dir_all(dir)?;
-        let dir_str = dir
-            .to_str()
-            .ok_or_else(|| LogError::Config(format!("log directory {dir:?} is not valid UTF-8")))?;
+        let dir_str =
+            dir.to_str().ok_or_else(|| LogError::Config(format!("log directory {dir:?} is not valid UTF-8")))?;
         let wal_config = raft_log::Config {
             wal: raft_log::chunked_wal::Config {
                 dir: dir_str.to_owned(),
@@ -230,12 +233,14 @@ fn replay(wal: &Wal, store: &dyn StateStore, applied: LogIndex, last: LogIndex) 
             if index != expected {
                 return Err(LogError::Corrupt { index: expected, reason: format!("found entry {index} instead") });
             }
-            let ws = WriteSet::decode(&payload)
-                .map_err(|e| LogError::Corrupt { index, reason: e.to_string() })?;
+            let ws = WriteSet::decode(&payload).map_err(|e| LogError::Corrupt { index, reason: e.to_string() })?;
             chunk.push((index, ws));
         }
         if chunk.len() as u64 != end - next {
-            return Err(LogError::Corrupt { index: next + chunk.len() as u64, reason: "entry missing from log".into() });
+            return Err(LogError::Corrupt {
+                index: next + chunk.len() as u64,
+                reason: "entry missing from log".into(),
+            });
         }
         let refs: Vec<(LogIndex, &WriteSet)> = chunk.iter().map(|(i, ws)| (*i, ws)).collect();
         store.apply(&refs)?;

@@ -13,7 +13,7 @@ pub use local::{LocalLog, SINGLE_NODE_TERM, WalTypes};
 
 use crate::model::{LogIndex, WriteSet};
 use crate::storage::StorageError;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// Errors of the commit log. Cheap to clone (sources are shared) because one
@@ -78,7 +78,7 @@ pub struct LogStats {
 
 /// Tuning of `LocalLog`. Every field has a default; in a config file any may
 /// be omitted.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// Most proposals appended and synced as one batch.

@@ -99,10 +99,14 @@ pub(crate) fn scan_semantics(f: impl Fn() -> Fixture) {
     }
     apply1(s, 1, &ws(ops));
     let scan = |prefix: &[u8], after: Option<&[u8]>, limit| -> Vec<Vec<u8>> {
-        s.scan(Keyspace::State, prefix, after, limit).unwrap().into_iter().map(|(k, v)| {
-            assert_eq!(v, b"s", "keyspace isolation");
-            k
-        }).collect()
+        s.scan(Keyspace::State, prefix, after, limit)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| {
+                assert_eq!(v, b"s", "keyspace isolation");
+                k
+            })
+            .collect()
     };
     let all: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
     assert_eq!(scan(b"", None, 100), all, "ascending byte order");

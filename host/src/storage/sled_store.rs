@@ -78,9 +78,9 @@ fn decode_index(raw: Option<&[u8]>) -> Result<LogIndex, StorageError> {
     match raw {
         None => Ok(0),
         Some(bytes) => {
-            let arr: [u8; 8] = bytes.try_into().map_err(|_| {
-                StorageError::Corrupt(format!("applied index has {} bytes, expected 8", bytes.len()))
-            })?;
+            let arr: [u8; 8] = bytes
+                .try_into()
+                .map_err(|_| StorageError::Corrupt(format!("applied index has {} bytes, expected 8", bytes.len())))?;
             Ok(u64::from_be_bytes(arr))
         }
     }
@@ -167,9 +167,7 @@ impl StateStore for SledStore {
         self.db.flush()?;
         fsync_tree(&self.sled_dir)?;
         if let Some(parent) = self.sled_dir.parent() {
-            File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err("fsync directory", parent))?;
+            File::open(parent).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", parent))?;
         }
         Ok(())
     }
