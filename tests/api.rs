@@ -181,3 +181,82 @@ fn a_full_mailbox_is_refused_with_resource_exhausted() {
         call(&mut c, "faulty", "other", "spin", "10").await.unwrap();
     });
 }
+
+#[test]
+fn components_outside_the_entity_world_are_refused_naming_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let out = d.cli(&["deploy", "forbidden", guest_wasm("forbidden").to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("imports interfaces the host does not allow"), "{err}");
+    assert!(err.contains("wasi:filesystem/types@0.2"), "names the filesystem import: {err}");
+    assert!(err.contains("wasi:filesystem/preopens@0.2"), "names every import: {err}");
+    assert!(err.contains("wasi:sockets/"), "names the sockets imports: {err}");
+    assert!(!err.contains("wasi:io/streams"), "inert imports are not blamed: {err}");
+
+    let out = d.cli(&["deploy", "cmd", guest_wasm("no-handler").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("does not export `conflux:entity/handler@0.1.0`"), "{}", stderr(&out));
+    let out = d.cli(&["types"]);
+    assert!(stdout(&out).contains("no entity types"), "nothing was registered: {}", stdout(&out));
+}
+
+#[test]
+fn warm_instances_are_bounded_and_evicted_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("conflux.toml");
+    std::fs::write(
+        &cfg,
+        "[scheduler]\nmax_resident_instances = 8\nidle_timeout_ms = 300\n[runtime]\nmax_instances = 100\n",
+    )
+    .unwrap();
+    let d = Daemon::start_with(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
+    deploy(&d, "counter", &guest_wasm("counter"));
+    rt().block_on(async {
+        let mut c = d.client().await;
+        for i in 0..40 {
+            call(&mut c, "counter", &format!("lru{i}"), "add", "1").await.unwrap();
+        }
+        let s = c.status(pb::StatusRequest {}).await.unwrap().into_inner();
+        assert!(s.resident_instances <= 8, "LRU bound exceeded: {s:?}");
+        assert!(s.resident_instances >= 1, "{s:?}");
+        // Idle eviction empties the cache; poll, bounded.
+        let mut resident = s.resident_instances;
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            resident = c.status(pb::StatusRequest {}).await.unwrap().into_inner().resident_instances;
+            if resident == 0 {
+                break;
+            }
+        }
+        assert_eq!(resident, 0, "idle instances were not evicted");
+        // Evicted entities come back with their state.
+        for i in 0..40 {
+            assert_eq!(call(&mut c, "counter", &format!("lru{i}"), "add", "1").await.unwrap(), 2);
+        }
+    });
+}
+
+#[test]
+fn server_reflection_lists_the_service() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    rt().block_on(async {
+        let channel = tonic::transport::Channel::from_shared(d.url()).unwrap().connect().await.unwrap();
+        let mut client = ServerReflectionClient::new(channel);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = client.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
+        let resp = stream.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("{resp:?}") };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.contains(&"conflux.v1.Conflux".to_owned()), "{names:?}");
+    });
+}

@@ -69,7 +69,8 @@ fn build_counter() -> anyhow::Result<PathBuf> {
     Ok(target.join("wasm32-wasip2/release/counter.wasm"))
 }
 
-struct Daemon(Child, tempfile::TempDir);
+/// The child process and its data directory, removed when dropped.
+struct Daemon(Child, #[allow(dead_code)] tempfile::TempDir);
 
 impl Drop for Daemon {
     fn drop(&mut self) {

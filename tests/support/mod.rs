@@ -35,7 +35,11 @@ pub fn guest_wasm(package: &str) -> PathBuf {
         .output()
         .expect("run cargo");
     assert!(out.status.success(), "building guest {package} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let path = target.join("wasm32-wasip2/release").join(format!("{}.wasm", package.replace('-', "_")));
+    // Libraries (cdylib) get underscores, binaries keep the package's name.
+    let dir = target.join("wasm32-wasip2/release");
+    let lib = dir.join(format!("{}.wasm", package.replace('-', "_")));
+    let bin = dir.join(format!("{package}.wasm"));
+    let path = if lib.exists() { lib } else { bin };
     assert!(path.exists(), "{} missing after build", path.display());
     path
 }
