@@ -39,6 +39,10 @@ struct Args {
     /// Request budget per cell.
     #[arg(long, default_value_t = 2_000_000)]
     max_requests: u64,
+    /// Operation to drive: `add` (a durable write per call) or `get` (read-only,
+    /// commits nothing: isolates the cost of the commit path).
+    #[arg(long, default_value = "add")]
+    op: String,
     /// gRPC connections shared by the callers.
     #[arg(long, default_value_t = 8)]
     connections: usize,
@@ -112,6 +116,31 @@ fn req(id: &str, op: &str, payload: &[u8]) -> pb::InvokeRequest {
     }
 }
 
+/// Reads every counter of a run (64 readers) and returns their sum. Before a
+/// cell it doubles as the warm-up that activates every entity once, so cells
+/// measure steady state rather than first activations.
+async fn sum_counters(clients: &[ConfluxClient<Channel>], run: usize, keys: usize) -> anyhow::Result<i64> {
+    let mut gets = Vec::new();
+    for chunk in 0..64.min(keys) {
+        let mut c = clients[chunk % clients.len()].clone();
+        gets.push(tokio::spawn(async move {
+            let mut sum = 0i64;
+            let mut k = chunk;
+            while k < keys {
+                let r = c.invoke(req(&format!("r{run}-{k}"), "get", b"")).await?;
+                sum += serde_json::from_slice::<i64>(&r.into_inner().reply).unwrap_or(0);
+                k += 64;
+            }
+            Ok::<i64, tonic::Status>(sum)
+        }));
+    }
+    let mut total = 0;
+    for g in gets {
+        total += g.await??;
+    }
+    Ok(total)
+}
+
 async fn run_cell(
     clients: &[ConfluxClient<Channel>],
     run: usize,
@@ -119,6 +148,7 @@ async fn run_cell(
     concurrency: usize,
     args: &Args,
 ) -> anyhow::Result<Cell> {
+    sum_counters(clients, run, keys).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let issued = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(args.duration_secs);
@@ -128,6 +158,7 @@ async fn run_cell(
         let mut c = clients[w % clients.len()].clone();
         let (stop, issued) = (stop.clone(), issued.clone());
         let budget = args.max_requests;
+        let (op, payload): (String, &'static [u8]) = if args.op == "get" { ("get".into(), b"") } else { ("add".into(), b"1") };
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let (mut ok, mut errors) = (0u64, 0u64);
@@ -139,7 +170,7 @@ async fn run_cell(
                 let id = format!("r{run}-{}", i % keys);
                 i = i.wrapping_add(concurrency);
                 let t = Instant::now();
-                match c.invoke(req(&id, "add", b"1")).await {
+                match c.invoke(req(&id, &op, payload)).await {
                     Ok(_) => {
                         ok += 1;
                         hist.record(t.elapsed().as_micros().max(1) as u64).ok();
@@ -161,26 +192,10 @@ async fn run_cell(
     cell.secs = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     // Correctness: the counters add up to the acknowledged adds.
-    let mut total = 0i64;
-    let mut gets = Vec::new();
-    for chunk in 0..64.min(keys) {
-        let mut c = clients[chunk % clients.len()].clone();
-        gets.push(tokio::spawn(async move {
-            let mut sum = 0i64;
-            let mut k = chunk;
-            while k < keys {
-                let r = c.invoke(req(&format!("r{run}-{k}"), "get", b"")).await?;
-                sum += serde_json::from_slice::<i64>(&r.into_inner().reply).unwrap_or(0);
-                k += 64;
-            }
-            Ok::<i64, tonic::Status>(sum)
-        }));
-    }
-    for g in gets {
-        total += g.await??;
-    }
+    let total = sum_counters(clients, run, keys).await?;
+    let expected = if args.op == "get" { 0 } else { cell.ok as i64 };
     ensure!(
-        total == cell.ok as i64,
+        total == expected,
         "counters add up to {total} but {} adds were acknowledged (keys={keys}, concurrency={concurrency})",
         cell.ok
     );

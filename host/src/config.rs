@@ -95,6 +95,18 @@ pub struct SchedulerConfig {
     pub max_inflight_invocations: usize,
     /// How long a graceful shutdown waits for in-flight turns.
     pub shutdown_grace_ms: u64,
+    /// Guest turns executing at once (0 = one per CPU core).
+    pub turn_threads: usize,
+}
+
+impl SchedulerConfig {
+    /// The effective number of concurrently executing turns.
+    pub fn turn_threads(&self) -> usize {
+        match self.turn_threads {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            n => n,
+        }
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -105,6 +117,7 @@ impl Default for SchedulerConfig {
             mailbox_depth: 1024,
             max_inflight_invocations: 8192,
             shutdown_grace_ms: 10_000,
+            turn_threads: 0,
         }
     }
 }

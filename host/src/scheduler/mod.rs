@@ -117,6 +117,9 @@ struct Inner {
     turns_failed: AtomicU64,
     instantiations: AtomicU64,
     epoch: Instant,
+    /// Turns executing at once. More threads than cores only adds contention
+    /// (page faults and allocator locks of many instantiations at once).
+    turn_permits: tokio::sync::Semaphore,
 }
 
 #[derive(Clone)]
@@ -157,6 +160,7 @@ impl Scheduler {
                 turns_failed: AtomicU64::new(0),
                 instantiations: AtomicU64::new(0),
                 epoch: Instant::now(),
+                turn_permits: tokio::sync::Semaphore::new(cfg.turn_threads()),
             }),
         }
     }
@@ -297,6 +301,7 @@ impl Inner {
         };
         let this = self.clone();
         let entity = inv.entity.clone();
+        let permit = self.turn_permits.acquire().await.map_err(|e| InvokeError::Internal(e.to_string()))?;
         let (back, result) = tokio::task::spawn_blocking(move || {
             let mut r = match warm {
                 Some(r) => r,
@@ -314,6 +319,7 @@ impl Inner {
         })
         .await
         .map_err(|e| InvokeError::Internal(format!("turn thread failed: {e}")))?;
+        drop(permit);
         *resident = back;
         let output = match result {
             Ok(o) => o,
