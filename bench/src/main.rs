@@ -158,7 +158,8 @@ async fn run_cell(
         let mut c = clients[w % clients.len()].clone();
         let (stop, issued) = (stop.clone(), issued.clone());
         let budget = args.max_requests;
-        let (op, payload): (String, &'static [u8]) = if args.op == "get" { ("get".into(), b"") } else { ("add".into(), b"1") };
+        let (op, payload): (String, &'static [u8]) =
+            if args.op == "get" { ("get".into(), b"") } else { ("add".into(), b"1") };
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let (mut ok, mut errors) = (0u64, 0u64);
