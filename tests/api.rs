@@ -57,6 +57,8 @@ fn invalid_requests_get_precise_status_codes() {
     deploy(&d, "counter", &guest_wasm("counter"));
     rt().block_on(async {
         let mut c = d.client().await;
+        let bystander = Bystander::start(&d).await;
+        let before = bystander.calls();
         let cases: Vec<(pb::InvokeRequest, Code, &str)> = vec![
             (invoke_req("nosuchtype", "a", "add", "1"), Code::NotFound, "unknown entity type"),
             (invoke_req("counter", "a", "nosuchop", "1"), Code::NotFound, "nosuchop"),
@@ -81,8 +83,9 @@ fn invalid_requests_get_precise_status_codes() {
         let e = c.invoke(invoke_req("counter", "a", "add", &big)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains("payload"), "{}", e.message());
-        // None of that changed anything.
+        // None of that changed anything, and nobody else noticed.
         assert_eq!(call(&mut c, "counter", "a", "get", "").await.unwrap(), 0);
+        bystander.finish(before).await;
     });
 }
 
@@ -104,6 +107,9 @@ fn bad_uploads_are_refused_and_leave_the_active_version() {
     let text = write("text.wasm", b"this is not wasm at all");
     let truncated = write("trunc.wasm", &bytes[..bytes.len() / 2]);
     let empty = write("empty.wasm", b"");
+    let runtime = rt();
+    let bystander = runtime.block_on(Bystander::start(&d));
+    let before = bystander.calls();
     for (file, needle) in [
         (&core, "core WebAssembly module, not a component"),
         (&text, "not a WebAssembly binary"),
@@ -123,6 +129,7 @@ fn bad_uploads_are_refused_and_leave_the_active_version() {
     assert!(stdout(&out).contains("version 1 unchanged"), "{}", stdout(&out));
     let out = d.cli(&["invoke", "counter/a", "add", "2"]);
     assert_eq!(stdout(&out).trim(), "2");
+    runtime.block_on(bystander.finish(before));
 }
 
 #[test]

@@ -37,6 +37,10 @@ enum Command {
         /// Address to listen on [default: 127.0.0.1:7070].
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Override any configuration field: `--set runtime.turn_timeout_ms=250`
+        /// (repeatable; see README.md for the fields).
+        #[arg(long = "set", value_name = "SECTION.FIELD=VALUE")]
+        overrides: Vec<String>,
     },
     /// Upload a component (.wasm) as the new version of an entity type.
     Deploy { entity_type: String, file: PathBuf },
@@ -77,12 +81,17 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, data_dir, listen } => serve(config, data_dir, listen).await,
+        Command::Serve { config, data_dir, listen, overrides } => serve(config, data_dir, listen, overrides).await,
         command => client_command(&cli.addr, command).await,
     }
 }
 
-async fn serve(config: Option<PathBuf>, data_dir: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+async fn serve(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    overrides: Vec<String>,
+) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -93,7 +102,8 @@ async fn serve(config: Option<PathBuf>, data_dir: Option<PathBuf>, listen: Optio
     let mut cfg = match config {
         Some(path) => Config::from_file(&path)?,
         None => Config::default(),
-    };
+    }
+    .with_overrides(&overrides)?;
     if let Some(d) = data_dir {
         cfg.storage.data_dir = d;
     }

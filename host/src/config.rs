@@ -43,8 +43,12 @@ impl Default for StorageConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Wasm fuel (≈ instructions) one turn may burn before it is stopped.
+    /// Wasm fuel (≈ instructions) one turn may burn before it is stopped
+    /// (0 = no fuel metering; then `turn_timeout_ms` must be set).
     pub fuel_per_turn: u64,
+    /// Wall-clock budget of one turn, enforced by epoch interruption in 10 ms
+    /// ticks (0 = off; then `fuel_per_turn` must be set).
+    pub turn_timeout_ms: u64,
     /// Linear memory one instance may grow to.
     pub max_memory_bytes: u64,
     /// Table elements one instance may grow to.
@@ -68,6 +72,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
             fuel_per_turn: 2_000_000_000,
+            turn_timeout_ms: 1000,
             max_memory_bytes: 64 << 20,
             max_table_elements: 20_000,
             max_instances: 10_500,
@@ -158,13 +163,41 @@ impl Config {
         toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
     }
 
+    /// Applies `section.field=value` overrides (values in TOML syntax; a bare
+    /// word is taken as a string), e.g. `runtime.fuel_per_turn=1000000`.
+    pub fn with_overrides(self, overrides: &[String]) -> Result<Self, ConfigError> {
+        if overrides.is_empty() {
+            return Ok(self);
+        }
+        let invalid = |m: String| ConfigError::Invalid(m);
+        let mut root = toml::Value::try_from(&self).map_err(|e| invalid(e.to_string()))?;
+        for o in overrides {
+            let (path, raw) =
+                o.split_once('=').ok_or_else(|| invalid(format!("--set {o:?}: expected section.field=value")))?;
+            let (section, field) = path
+                .trim()
+                .split_once('.')
+                .ok_or_else(|| invalid(format!("--set {o:?}: expected section.field=value")))?;
+            let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+            let table = root
+                .get_mut(section)
+                .and_then(|s| s.as_table_mut())
+                .ok_or_else(|| invalid(format!("--set {o:?}: unknown section {section:?}")))?;
+            table.insert(field.to_owned(), value);
+        }
+        root.try_into().map_err(|e: toml::de::Error| invalid(format!("--set: {}", e.message())))
+    }
+
     /// Checks cross-field rules once, so modules can trust their slice.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
         let r = &self.runtime;
         let s = &self.scheduler;
-        if r.fuel_per_turn == 0 {
-            return bad("runtime.fuel_per_turn must be > 0");
+        if r.fuel_per_turn == 0 && r.turn_timeout_ms == 0 {
+            return bad("runtime.fuel_per_turn and runtime.turn_timeout_ms cannot both be 0: a turn needs a CPU limit");
         }
         if r.max_memory_bytes < (1 << 20) {
             return bad("runtime.max_memory_bytes must be at least 1 MiB");
@@ -201,6 +234,33 @@ mod tests {
         assert_eq!(c.scheduler.mailbox_depth, 7);
         assert_eq!(c.api.listen.port(), 9);
         assert_eq!(c.runtime.max_memory_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn overrides_set_fields_and_refuse_unknown_ones() {
+        let c = Config::default()
+            .with_overrides(&[
+                "runtime.fuel_per_turn=5".into(),
+                "api.listen=127.0.0.1:9".into(),
+                "storage.data_dir=/tmp/x".into(),
+            ])
+            .unwrap();
+        assert_eq!(c.runtime.fuel_per_turn, 5);
+        assert_eq!(c.api.listen.port(), 9);
+        assert_eq!(c.storage.data_dir, std::path::PathBuf::from("/tmp/x"));
+        assert!(Config::default().with_overrides(&["runtime.no_such=1".into()]).is_err());
+        assert!(Config::default().with_overrides(&["nosection.x=1".into()]).is_err());
+        assert!(Config::default().with_overrides(&["runtime.fuel_per_turn=lots".into()]).is_err());
+        assert!(Config::default().with_overrides(&["garbage".into()]).is_err());
+    }
+
+    #[test]
+    fn a_turn_always_has_a_cpu_limit() {
+        let mut c = Config::default();
+        c.runtime.fuel_per_turn = 0;
+        c.validate().unwrap();
+        c.runtime.turn_timeout_ms = 0;
+        assert!(c.validate().is_err());
     }
 
     #[test]

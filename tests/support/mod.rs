@@ -181,3 +181,65 @@ pub async fn call(
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
+
+/// A well-behaved client calling `counter/bystander add 1` in a loop, to show
+/// that other entities keep being served while something fails.
+pub struct Bystander {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<Vec<tonic::Status>>,
+}
+
+impl Bystander {
+    /// Starts the loop (the `counter` type must be deployed) and waits for its
+    /// first success.
+    pub async fn start(d: &Daemon) -> Bystander {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut c = d.client().await;
+        let task = {
+            let (stop, ok) = (stop.clone(), ok.clone());
+            tokio::spawn(async move {
+                let mut errors = Vec::new();
+                // Bounded by the stop flag and by a call budget.
+                for _ in 0..1_000_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match call(&mut c, "counter", "bystander", "add", "1").await {
+                        Ok(_) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+                errors
+            })
+        };
+        while ok.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Bystander { stop, ok, task }
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits (bounded) until the bystander made progress past `since`, stops it
+    /// and asserts it never failed.
+    pub async fn finish(self, since: u64) {
+        for _ in 0..400 {
+            if self.calls() > since + 5 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let progressed = self.calls() > since + 5;
+        let errors = self.task.await.unwrap();
+        assert!(errors.is_empty(), "bystander saw errors: {errors:?}");
+        assert!(progressed, "bystander stalled");
+    }
+}

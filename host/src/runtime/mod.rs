@@ -72,6 +72,8 @@ pub enum RuntimeError {
 pub enum TrapKind {
     /// The turn burned its fuel budget.
     OutOfFuel,
+    /// The turn ran past its wall-clock budget.
+    Timeout,
     /// The guest asked for more memory than its limit.
     OutOfMemory,
     /// The guest overflowed its wasm stack.
@@ -86,6 +88,7 @@ impl TrapKind {
     pub fn as_str(self) -> &'static str {
         match self {
             TrapKind::OutOfFuel => "out-of-fuel",
+            TrapKind::Timeout => "timeout",
             TrapKind::OutOfMemory => "out-of-memory",
             TrapKind::StackOverflow => "stack-overflow",
             TrapKind::LimitExceeded => "limit-exceeded",
@@ -176,7 +179,8 @@ impl Runtime {
             .max_tables_per_component(8);
         let mut c = Config::new();
         c.wasm_component_model(true)
-            .consume_fuel(true)
+            .consume_fuel(cfg.fuel_per_turn > 0)
+            .epoch_interruption(cfg.turn_timeout_ms > 0)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             // Guard pages stay, but reservations are sized to the memory limit so
             // ten thousand resident instances fit in the address space.
@@ -191,6 +195,9 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         Entity::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        if cfg.turn_timeout_ms > 0 {
+            spawn_epoch_ticker(&engine);
+        }
         Ok(Self { engine, linker, cfg: Arc::new(cfg.clone()) })
     }
 
@@ -229,7 +236,7 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.set_fuel(self.cfg.fuel_per_turn).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        arm_cpu_limits(&mut store, &self.cfg).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let bindings = prepared
             .pre
             .instantiate(&mut store)
@@ -264,7 +271,7 @@ impl Instance {
             data.turn =
                 Some(TurnState::new(data.entity.clone(), input.invocation_id, input.caller, input.now_ms, reader));
         }
-        if let Err(e) = self.store.set_fuel(cfg.fuel_per_turn) {
+        if let Err(e) = arm_cpu_limits(&mut self.store, &cfg) {
             self.poisoned = true;
             return Err(TurnError::Trapped { kind: TrapKind::Trap, message: format!("{e:#}") });
         }
@@ -299,20 +306,65 @@ impl Instance {
         let last_stderr = data.stderr.recent();
         let kind = match err.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::OutOfFuel) => TrapKind::OutOfFuel,
+            Some(wasmtime::Trap::Interrupt) => TrapKind::Timeout,
             Some(wasmtime::Trap::StackOverflow) => TrapKind::StackOverflow,
             _ if data.limits.breached() => TrapKind::OutOfMemory,
             _ => TrapKind::Trap,
         };
         let mut message = match kind {
-            TrapKind::OutOfFuel => "the turn used up its fuel (CPU budget)".to_owned(),
+            TrapKind::OutOfFuel => {
+                format!("the turn used up its fuel budget of {} (runtime.fuel_per_turn)", data.cfg.fuel_per_turn)
+            }
+            TrapKind::Timeout => {
+                format!("the turn ran longer than {} ms (runtime.turn_timeout_ms)", data.cfg.turn_timeout_ms)
+            }
             TrapKind::OutOfMemory => {
                 format!("the instance hit its memory limit of {} bytes", data.cfg.max_memory_bytes)
             }
-            _ => format!("{}", err.root_cause()),
+            _ => match err.downcast_ref::<wasmtime::Trap>() {
+                // Rust guests keep their stack at the bottom of linear memory,
+                // so running off its end is an out-of-bounds access, not a
+                // wasm stack overflow.
+                Some(wasmtime::Trap::MemoryOutOfBounds) => {
+                    format!("{} (a guest stack overflow ends this way)", err.root_cause())
+                }
+                _ => format!("{}", err.root_cause()),
+            },
         };
         if let Some(line) = last_stderr {
             message.push_str(&format!(" (guest stderr: {line})"));
         }
         TurnError::Trapped { kind, message }
     }
+}
+
+/// Granularity of the wall-clock turn budget.
+const EPOCH_TICK_MS: u64 = 10;
+
+/// Advances the engine's epoch every tick for as long as the engine lives.
+fn spawn_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new().name("conflux-epoch".into()).spawn(move || {
+        // Ends when the last engine handle is dropped.
+        while let Some(engine) = weak.upgrade() {
+            engine.increment_epoch();
+            drop(engine);
+            std::thread::sleep(std::time::Duration::from_millis(EPOCH_TICK_MS));
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the epoch ticker; turn timeouts will not fire: {e}");
+    }
+}
+
+/// Refills the fuel and re-arms the wall-clock deadline for the next turn.
+fn arm_cpu_limits(store: &mut Store<HostState>, cfg: &RuntimeConfig) -> wasmtime::Result<()> {
+    if cfg.fuel_per_turn > 0 {
+        store.set_fuel(cfg.fuel_per_turn)?;
+    }
+    if cfg.turn_timeout_ms > 0 {
+        store.set_epoch_deadline(cfg.turn_timeout_ms.div_ceil(EPOCH_TICK_MS) + 1);
+        store.epoch_deadline_trap();
+    }
+    Ok(())
 }

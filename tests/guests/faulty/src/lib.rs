@@ -1,5 +1,7 @@
-//! A guest for the host's tests: operations that write and then fail or trap,
-//! exercise reads-your-writes and `list` inside one turn, or burn CPU.
+//! A deliberately misbehaving guest for the host's tests: one operation per
+//! failure the sandbox must contain (endless loop, memory bomb, stack overflow,
+//! `unreachable`, panic, oversized reply, oversized write, trap after writes),
+//! plus reads-your-writes and `list` checks and a CPU burner.
 
 use conflux_sdk::prelude::*;
 
@@ -63,5 +65,51 @@ impl Faulty {
             x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
         }
         x
+    }
+
+    /// Never returns: must be stopped by the CPU budget.
+    pub fn infinite_loop(&self) -> u64 {
+        let mut x: u64 = 0;
+        loop {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+    }
+
+    /// Allocates until memory runs out.
+    pub fn memory_bomb(&self) -> usize {
+        let mut hoard: Vec<Vec<u8>> = Vec::new();
+        loop {
+            hoard.push(vec![1u8; 1 << 20]);
+            std::hint::black_box(&hoard);
+        }
+    }
+
+    /// Recurses without end.
+    pub fn stack_overflow(&self, depth: u64) -> u64 {
+        #[allow(unconditional_recursion)]
+        fn dive(n: u64) -> u64 {
+            std::hint::black_box(dive(std::hint::black_box(n + 1))) + 1
+        }
+        dive(depth)
+    }
+
+    /// Executes the wasm `unreachable` instruction after a write.
+    pub fn unreachable(&self) -> Result<(), Error> {
+        state::set("k", &"poisoned-by-unreachable".to_owned())?;
+        #[cfg(target_arch = "wasm32")]
+        core::arch::wasm32::unreachable();
+        #[cfg(not(target_arch = "wasm32"))]
+        unreachable!("native stand-in for the wasm instruction");
+    }
+
+    /// Returns a reply of `bytes` bytes.
+    pub fn huge_reply(&self, bytes: usize) -> String {
+        "x".repeat(bytes)
+    }
+
+    /// Writes one value of `bytes` bytes.
+    pub fn huge_write(&self, bytes: usize) -> Result<(), Error> {
+        state::set_raw("k", &vec![b'x'; bytes]);
+        Ok(())
     }
 }
