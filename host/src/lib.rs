@@ -11,3 +11,6 @@ pub mod registry;
 pub mod runtime;
 pub mod scheduler;
 pub mod storage;
+
+#[cfg(test)]
+mod fuzz_tests;
