@@ -267,3 +267,33 @@ fn server_reflection_lists_the_service() {
         assert!(names.contains(&"conflux.v1.Conflux".to_owned()), "{names:?}");
     });
 }
+
+#[test]
+fn list_and_component_size_limits_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(
+        dir.path(),
+        &["--set", "runtime.max_list_keys=10", "--set", "registry.max_component_bytes=100000"],
+    );
+    // The counter component is far larger than 100,000 bytes.
+    let out = d.cli(&["deploy", "counter", guest_wasm("counter").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("the limit is 100000"), "{}", stderr(&out));
+    // A bad --set is refused at start-up with a clear message.
+    let bad = std::process::Command::new(conflux_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--set", "runtime.no_such_limit=1", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("no_such_limit"), "{}", stderr(&bad));
+    drop(d);
+    let d = Daemon::start_with(&dir.path().join("second"), &["--set", "runtime.max_list_keys=10"]);
+    deploy(&d, "faulty", &guest_wasm("faulty"));
+    let out = d.cli(&["invoke", "faulty/l", "seed_many", "50"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.cli(&["invoke", "faulty/l", "count_list", "1000"]);
+    assert_eq!(stdout(&out).trim(), "10", "list is capped by runtime.max_list_keys");
+    let out = d.cli(&["invoke", "faulty/l", "count_list", "3"]);
+    assert_eq!(stdout(&out).trim(), "3");
+}

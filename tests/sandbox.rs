@@ -105,3 +105,11 @@ fn oversized_reply_is_refused() {
 fn oversized_state_write_is_refused() {
     contained(Expect { op: "huge_write", payload: "2097152", kind: "limit-exceeded", needle: "limit is 1048576" }, &[]);
 }
+
+#[test]
+fn oversized_state_key_is_refused() {
+    contained(
+        Expect { op: "huge_key", payload: "5000", kind: "limit-exceeded", needle: "state key is 5000 bytes" },
+        &[],
+    );
+}

@@ -1,7 +1,9 @@
 //! Criterion benchmarks of the runtime, in process, with no commit log:
 //! a warm counter `add` turn (one get + one set) in wasm versus the same entity
 //! code called natively through the SDK's harness, and a cold activation
-//! (instantiate from the pooling allocator + first turn).
+//! (instantiate from the pooling allocator + first turn); then the cost of the
+//! CPU limits (fuel, epoch deadline) on a warm turn and how long a runaway
+//! turn runs before it is stopped.
 //!
 //! Run: `cargo bench -p conflux-host --bench turn`
 
@@ -14,17 +16,17 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
-fn counter_wasm() -> PathBuf {
+fn guest_wasm(package: &str) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
     let target = root.join("target/guests");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(&root)
         .env("CARGO_TARGET_DIR", &target)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "counter"])
+        .args(["build", "--release", "--target", "wasm32-wasip2", "-p", package])
         .status()
         .unwrap();
     assert!(status.success());
-    target.join("wasm32-wasip2/release/counter.wasm")
+    target.join("wasm32-wasip2/release").join(format!("{package}.wasm"))
 }
 
 fn input() -> TurnInput {
@@ -41,7 +43,7 @@ fn turns(c: &mut Criterion) {
     let mut cfg = RuntimeConfig::default();
     cfg.max_instances = 1000;
     let runtime = Runtime::new(&cfg).unwrap();
-    let bytes = std::fs::read(counter_wasm()).unwrap();
+    let bytes = std::fs::read(guest_wasm("counter")).unwrap();
     let component = wasmtime::component::Component::new(runtime.engine(), &bytes).unwrap();
     let prepared = runtime.prepare(&component).unwrap();
     let entity = EntityRef::new("counter", "bench").unwrap();
@@ -82,5 +84,54 @@ fn turns(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, turns);
+fn counter_setup(cfg: &RuntimeConfig) -> (Runtime, conflux_host::runtime::Prepared) {
+    let runtime = Runtime::new(cfg).unwrap();
+    let bytes = std::fs::read(guest_wasm("counter")).unwrap();
+    let component = wasmtime::component::Component::new(runtime.engine(), &bytes).unwrap();
+    let prepared = runtime.prepare(&component).unwrap();
+    (runtime, prepared)
+}
+
+fn limits(c: &mut Criterion) {
+    let entity = EntityRef::new("counter", "bench").unwrap();
+    let store: Arc<dyn StateStore> = Arc::new(MemStore::new());
+    let mut group = c.benchmark_group("warm turn by CPU limit");
+    for (name, fuel, timeout) in [
+        ("fuel + epoch (default)", 2_000_000_000, 1000),
+        ("fuel only", 2_000_000_000, 0),
+        ("epoch only", 0, 1000),
+        ("no CPU limit", 0, 0),
+    ] {
+        let cfg =
+            RuntimeConfig { max_instances: 100, fuel_per_turn: fuel, turn_timeout_ms: timeout, ..Default::default() };
+        let (runtime, prepared) = counter_setup(&cfg);
+        let mut warm = runtime.instantiate(&prepared, &entity).unwrap();
+        group.bench_function(name, |b| b.iter(|| warm.run_turn(input(), store.clone()).unwrap()));
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("runaway turn stopped");
+    group.sample_size(10);
+    let bytes = std::fs::read(guest_wasm("faulty")).unwrap();
+    let faulty = EntityRef::new("faulty", "loop").unwrap();
+    for (name, fuel, timeout) in
+        [("default limits (fuel 2e9, timeout 1000 ms)", 2_000_000_000, 1000), ("timeout 100 ms", 0, 100)]
+    {
+        let cfg =
+            RuntimeConfig { max_instances: 100, fuel_per_turn: fuel, turn_timeout_ms: timeout, ..Default::default() };
+        let runtime = Runtime::new(&cfg).unwrap();
+        let component = wasmtime::component::Component::new(runtime.engine(), &bytes).unwrap();
+        let prepared = runtime.prepare(&component).unwrap();
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut i = runtime.instantiate(&prepared, &faulty).unwrap();
+                let inp = TurnInput { operation: "infinite_loop".into(), payload: vec![], ..input() };
+                assert!(i.run_turn(inp, store.clone()).is_err());
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, turns, limits);
 criterion_main!(benches);

@@ -112,4 +112,23 @@ impl Faulty {
         state::set_raw("k", &vec![b'x'; bytes]);
         Ok(())
     }
+
+    /// Writes one value under a key of `bytes` bytes.
+    pub fn huge_key(&self, bytes: usize) -> Result<(), Error> {
+        state::set_raw(&"k".repeat(bytes), b"v");
+        Ok(())
+    }
+
+    /// Commits `n` keys `many/0000`… for `count_list`.
+    pub fn seed_many(&self, n: u32) -> Result<(), Error> {
+        for i in 0..n {
+            state::set(&format!("many/{i:04}"), &i)?;
+        }
+        Ok(())
+    }
+
+    /// How many keys one `list` call returned when asked for `limit`.
+    pub fn count_list(&self, limit: u32) -> Result<usize, Error> {
+        Ok(state::list_raw("many/", None, limit).len())
+    }
 }
