@@ -42,8 +42,7 @@ impl StateStore for MemStore {
         limit: usize,
     ) -> Result<super::KvPairs, StorageError> {
         let full_prefix = super::physical_key(keyspace, prefix);
-        let (lower, exclusive) = scan_lower_bound(keyspace, prefix, start_after);
-        let lower = if exclusive { Bound::Excluded(lower) } else { Bound::Included(lower) };
+        let lower = scan_lower_bound(keyspace, prefix, start_after);
         let inner = self.inner.read().map_err(|_| StorageError::Poisoned)?;
         Ok(inner
             .map

@@ -66,11 +66,15 @@ pub(crate) fn physical_key(keyspace: Keyspace, key: &[u8]) -> Vec<u8> {
 /// The first physical key a scan may return: the prefix itself, or just past
 /// `start_after` when that lies at or beyond the prefix. Returned with whether
 /// the bound is exclusive.
-pub(crate) fn scan_lower_bound(keyspace: Keyspace, prefix: &[u8], start_after: Option<&[u8]>) -> (Vec<u8>, bool) {
+pub(crate) fn scan_lower_bound(
+    keyspace: Keyspace,
+    prefix: &[u8],
+    start_after: Option<&[u8]>,
+) -> std::ops::Bound<Vec<u8>> {
     match start_after {
         // A `start_after` below the prefix excludes nothing inside the prefix.
-        Some(after) if after >= prefix => (physical_key(keyspace, after), true),
-        _ => (physical_key(keyspace, prefix), false),
+        Some(after) if after >= prefix => std::ops::Bound::Excluded(physical_key(keyspace, after)),
+        _ => std::ops::Bound::Included(physical_key(keyspace, prefix)),
     }
 }
 

@@ -119,8 +119,7 @@ impl StateStore for SledStore {
         limit: usize,
     ) -> Result<super::KvPairs, StorageError> {
         let full_prefix = physical_key(keyspace, prefix);
-        let (lower, exclusive) = scan_lower_bound(keyspace, prefix, start_after);
-        let lower = if exclusive { Bound::Excluded(lower) } else { Bound::Included(lower) };
+        let lower = scan_lower_bound(keyspace, prefix, start_after);
         let mut out = Vec::new();
         for item in self.tree.range::<Vec<u8>, _>((lower, Bound::Unbounded)) {
             if out.len() >= limit {
