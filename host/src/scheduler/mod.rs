@@ -90,6 +90,15 @@ impl Drop for CountGuard<'_> {
     }
 }
 
+/// Counts one invocation as in flight until dropped.
+struct InflightGuard(Arc<Inner>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Counters for `Status` and tests.
 #[derive(Debug, Clone, Default)]
 pub struct SchedulerStats {
@@ -177,12 +186,17 @@ impl Scheduler {
         }
         inner.registry.active(&inv.entity.entity_type).map_err(InvokeError::UnknownType)?;
         let n = inner.inflight.fetch_add(1, Ordering::AcqRel);
-        let _inflight = CountGuard(&inner.inflight);
+        let inflight = InflightGuard(inner.clone());
         if n >= inner.cfg.max_inflight_invocations {
             return Err(InvokeError::Overloaded(n));
         }
+        // The guard moves into the task: a turn whose caller went away still
+        // counts as in flight until it has committed, so drain waits for it.
         let task_inner = inner.clone();
-        tokio::spawn(async move { task_inner.run(inv).await })
+        tokio::spawn(async move {
+            let _inflight = inflight;
+            task_inner.run(inv).await
+        })
             .await
             .map_err(|e| InvokeError::Internal(format!("turn task failed: {e}")))?
     }
