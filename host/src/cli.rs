@@ -1,18 +1,22 @@
 //! The `conflux` command line: `serve` runs a node; every other command is a
 //! gRPC client of one (`--addr` / `CONFLUX_ADDR`). Output for humans on stdout,
-//! one-line reasons on stderr, non-zero exit on failure.
+//! one-line reasons on stderr, non-zero exit on failure. Client commands send
+//! `--token` as a bearer token and speak TLS to `https://` addresses.
 
 use crate::api::pb::{self, conflux_client::ConfluxClient};
 use crate::api::{DEPLOY_CHUNK_BYTES, ERROR_KIND_HEADER};
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::model::EntityRef;
 use crate::node::Node;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 #[derive(Debug, Parser)]
 #[command(name = "conflux", version, about = "Conflux: durable WebAssembly entities")]
@@ -20,6 +24,13 @@ pub struct Cli {
     /// Address of the node to talk to (client commands).
     #[arg(long, global = true, env = "CONFLUX_ADDR", default_value = "http://127.0.0.1:7070")]
     addr: String,
+    /// Bearer token sent with every call (client commands).
+    #[arg(long, global = true, env = "CONFLUX_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<Secret>,
+    /// PEM CA certificate to trust for an `https://` address, e.g. a node's
+    /// self-signed certificate (client commands) [default: the webpki roots].
+    #[arg(long, global = true, env = "CONFLUX_CA_CERT", value_name = "PEM")]
+    ca_cert: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,6 +52,19 @@ enum Command {
         /// (repeatable; see README.md for the fields).
         #[arg(long = "set", value_name = "SECTION.FIELD=VALUE")]
         overrides: Vec<String>,
+        /// Require this bearer token for Deploy, GetState and Status (`api.admin_token`).
+        #[arg(long, env = "CONFLUX_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+        admin_token: Option<Secret>,
+        /// Require this bearer token (or the admin token) for Invoke and
+        /// ListTypes (`api.invoke_token`).
+        #[arg(long, env = "CONFLUX_INVOKE_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+        invoke_token: Option<Secret>,
+        /// Serve TLS with this PEM certificate chain (`api.tls_cert_path`; needs --tls-key).
+        #[arg(long, value_name = "PEM")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for --tls-cert (`api.tls_key_path`).
+        #[arg(long, value_name = "PEM")]
+        tls_key: Option<PathBuf>,
     },
     /// Upload a component (.wasm) as the new version of an entity type.
     Deploy { entity_type: String, file: PathBuf },
@@ -73,25 +97,53 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// The error and its causes on one line, skipping a cause whose text an outer
+/// message already includes (many errors embed their source in their message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out.replace('\n', " ")
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, data_dir, listen, overrides } => serve(config, data_dir, listen, overrides).await,
-        command => client_command(&cli.addr, command).await,
+        Command::Serve { config, data_dir, listen, overrides, admin_token, invoke_token, tls_cert, tls_key } => {
+            let flags = ServeFlags { data_dir, listen, admin_token, invoke_token, tls_cert, tls_key };
+            serve(config, overrides, flags).await
+        }
+        command => {
+            let opts = ClientOptions { token: cli.token, ca_cert: cli.ca_cert };
+            client_command(&cli.addr, &opts, command).await
+        }
     }
 }
 
-async fn serve(
-    config: Option<PathBuf>,
+/// `serve` flags that override configuration fields.
+struct ServeFlags {
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
-    overrides: Vec<String>,
-) -> anyhow::Result<()> {
+    admin_token: Option<Secret>,
+    invoke_token: Option<Secret>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+}
+
+async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlags) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -104,18 +156,24 @@ async fn serve(
         None => Config::default(),
     }
     .with_overrides(&overrides)?;
+    let ServeFlags { data_dir, listen, admin_token, invoke_token, tls_cert, tls_key } = flags;
     if let Some(d) = data_dir {
         cfg.storage.data_dir = d;
     }
     if let Some(l) = listen {
         cfg.api.listen = l;
     }
+    cfg.api.admin_token = admin_token.or(cfg.api.admin_token);
+    cfg.api.invoke_token = invoke_token.or(cfg.api.invoke_token);
+    cfg.api.tls_cert_path = tls_cert.or(cfg.api.tls_cert_path);
+    cfg.api.tls_key_path = tls_key.or(cfg.api.tls_key_path);
+    let tls = cfg.api.tls_cert_path.is_some();
     let data_dir = cfg.storage.data_dir.clone();
     let node = tokio::task::spawn_blocking(move || Node::open(cfg)).await??;
     node.serve(shutdown_signal(), |addr| {
         // Scripts and tests read this line to find the port.
         println!("conflux listening on {addr}");
-        tracing::info!(%addr, data_dir = %data_dir.display(), "conflux listening");
+        tracing::info!(%addr, data_dir = %data_dir.display(), tls, "conflux listening");
     })
     .await?;
     Ok(())
@@ -142,16 +200,80 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Connects to a node; accepts `host:port` as well as a URL.
-pub async fn connect(addr: &str) -> anyhow::Result<ConfluxClient<Channel>> {
+/// How a client reaches a node beyond its address.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Sent as `authorization: Bearer <token>` with every call.
+    pub token: Option<Secret>,
+    /// PEM CA certificate trusted for `https://` addresses (instead of the webpki roots).
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// Adds the bearer token (if any) to every call.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "BearerToken(<redacted>)" } else { "BearerToken(None)" })
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client whose calls carry [`ClientOptions::token`].
+pub type AuthClient = ConfluxClient<InterceptedService<Channel, BearerToken>>;
+
+/// The endpoint for `addr` (`host:port` or a URL); TLS for `https://`.
+fn endpoint(addr: &str, ca_cert: Option<&Path>) -> anyhow::Result<(String, Endpoint)> {
     let url = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    let channel = Channel::from_shared(url.clone())
-        .with_context(|| format!("bad address {addr:?}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
+    let mut ep = Endpoint::from_shared(url.clone()).with_context(|| format!("bad address {addr:?}"))?.tcp_nodelay(true);
+    if url.starts_with("https://") {
+        let tls = match ca_cert {
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).with_context(|| format!("cannot read CA certificate {}", path.display()))?;
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+            }
+            None => ClientTlsConfig::new().with_webpki_roots(),
+        };
+        ep = ep.tls_config(tls).context("TLS client configuration")?;
+    } else if ca_cert.is_some() {
+        anyhow::bail!("--ca-cert needs an https:// address, not {url}");
+    }
+    Ok((url, ep))
+}
+
+/// Connects to a node without a token, in plaintext or (for `https://`) TLS with
+/// the webpki roots; accepts `host:port` as well as a URL.
+pub async fn connect(addr: &str) -> anyhow::Result<ConfluxClient<Channel>> {
+    let (url, ep) = endpoint(addr, None)?;
+    let channel = ep.connect().await.with_context(|| format!("cannot connect to {url}"))?;
     Ok(ConfluxClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// Connects to a node with a bearer token and/or a trusted CA certificate.
+pub async fn connect_with(addr: &str, opts: &ClientOptions) -> anyhow::Result<AuthClient> {
+    let token = match &opts.token {
+        Some(t) => {
+            let mut v: MetadataValue<Ascii> = format!("Bearer {}", t.expose())
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--token must be printable ASCII"))?;
+            v.set_sensitive(true);
+            Some(v)
+        }
+        None => None,
+    };
+    let (url, ep) = endpoint(addr, opts.ca_cert.as_deref())?;
+    let channel = ep.connect().await.with_context(|| format!("cannot connect to {url}"))?;
+    Ok(ConfluxClient::with_interceptor(channel, BearerToken(token)).max_decoding_message_size(64 << 20))
 }
 
 /// Turns a gRPC status into a one-line error: `CODE (kind): message`.
@@ -160,7 +282,7 @@ fn rpc_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}{}: {}", s.code(), kind.unwrap_or_default(), s.message())
 }
 
-async fn client_command(addr: &str, command: Command) -> anyhow::Result<()> {
+async fn client_command(addr: &str, opts: &ClientOptions, command: Command) -> anyhow::Result<()> {
     // Validate local input before touching the network.
     match &command {
         Command::Invoke { entity, payload, .. } => {
@@ -174,7 +296,7 @@ async fn client_command(addr: &str, command: Command) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let mut client = connect(addr).await?;
+    let mut client = connect_with(addr, opts).await?;
     match command {
         Command::Serve { .. } => unreachable!("handled by run"),
         Command::Deploy { entity_type, file } => {
@@ -282,10 +404,33 @@ mod tests {
         // Port 9 (discard) is never a conflux node: these must fail on input first.
         let bad_json =
             Command::Invoke { entity: "counter/a".into(), operation: "add".into(), payload: Some("{".into()) };
-        let e = rt.block_on(client_command("127.0.0.1:9", bad_json)).unwrap_err();
+        let e = rt.block_on(client_command("127.0.0.1:9", &ClientOptions::default(), bad_json)).unwrap_err();
         assert!(format!("{e:#}").contains("not valid JSON"), "{e:#}");
         let bad_ref = Command::State { entity: "noslash".into() };
-        let e = rt.block_on(client_command("127.0.0.1:9", bad_ref)).unwrap_err();
+        let e = rt.block_on(client_command("127.0.0.1:9", &ClientOptions::default(), bad_ref)).unwrap_err();
         assert!(format!("{e:#}").contains("TYPE/ID"), "{e:#}");
+    }
+
+    #[test]
+    fn tokens_are_redacted_in_parsed_flags() {
+        let cli = Cli::try_parse_from(["conflux", "--token", "tok-client-xyz", "status"]).unwrap();
+        assert_eq!(cli.token.as_ref().unwrap().expose(), "tok-client-xyz");
+        let serve = Cli::try_parse_from(["conflux", "serve", "--admin-token", "tok-admin-xyz"]).unwrap();
+        let dbg = format!("{cli:?} {serve:?}");
+        assert!(!dbg.contains("tok-"), "{dbg}");
+    }
+
+    #[test]
+    fn error_chains_print_once_on_one_line() {
+        let io = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(crate::log::LogError::from(io)).context("opening\nthe log");
+        assert_eq!(one_line(&e), "opening the log: commit log I/O failed: disk on fire");
+    }
+
+    #[test]
+    fn ca_cert_needs_https() {
+        let e = endpoint("127.0.0.1:9", Some(Path::new("ca.pem"))).unwrap_err();
+        assert!(e.to_string().contains("https://"), "{e}");
+        endpoint("https://127.0.0.1:9", None).unwrap();
     }
 }

@@ -147,11 +147,57 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Largest invocation payload accepted.
     pub max_payload_bytes: usize,
+    /// Bearer token required by the admin RPCs (Deploy, GetState, Status).
+    /// Unset: they are open (unless `invoke_token` is set; see the api module).
+    pub admin_token: Option<Secret>,
+    /// Bearer token required by ListTypes and Invoke (the admin token is also
+    /// accepted). Unset: they are open.
+    pub invoke_token: Option<Secret>,
+    /// PEM certificate chain of the listener; with `tls_key_path` turns on TLS.
+    pub tls_cert_path: Option<PathBuf>,
+    /// PEM private key of the listener.
+    pub tls_key_path: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:7070".parse().expect("valid literal"), max_payload_bytes: 1 << 20 }
+        Self {
+            listen: "127.0.0.1:7070".parse().expect("valid literal"),
+            max_payload_bytes: 1 << 20,
+            admin_token: None,
+            invoke_token: None,
+            tls_cert_path: None,
+            tls_key_path: None,
+        }
+    }
+}
+
+/// A secret string (an API token). Its `Debug` is redacted, so a logged or
+/// printed configuration never shows it; only [`Secret::expose`] reveals it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for the one place that hashes or sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
     }
 }
 
@@ -214,6 +260,15 @@ impl Config {
         if self.registry.max_component_bytes < 1024 {
             return bad("registry.max_component_bytes must be at least 1 KiB");
         }
+        let a = &self.api;
+        for (name, token) in [("api.admin_token", &a.admin_token), ("api.invoke_token", &a.invoke_token)] {
+            if token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
+                return Err(ConfigError::Invalid(format!("{name} must not be empty (leave it unset to turn it off)")));
+            }
+        }
+        if a.tls_cert_path.is_some() != a.tls_key_path.is_some() {
+            return bad("api.tls_cert_path and api.tls_key_path must be set together (both or neither)");
+        }
         self.log.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }
@@ -272,5 +327,33 @@ mod tests {
         let mut c = Config::default();
         c.runtime.max_instances = 10;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn empty_tokens_and_half_tls_are_refused() {
+        let mut c = Config::default();
+        c.api.admin_token = Some(Secret::new(""));
+        assert!(c.validate().unwrap_err().to_string().contains("api.admin_token"));
+        let mut c = Config::default();
+        c.api.invoke_token = Some(Secret::new("  "));
+        assert!(c.validate().unwrap_err().to_string().contains("api.invoke_token"));
+        let mut c = Config::default();
+        c.api.tls_cert_path = Some("cert.pem".into());
+        assert!(c.validate().unwrap_err().to_string().contains("both or neither"));
+        c.api.tls_key_path = Some("key.pem".into());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn tokens_are_redacted_in_debug_and_settable() {
+        let c = Config::default()
+            .with_overrides(&["api.admin_token=hunter2-admin".into(), "api.invoke_token=hunter2-invoke".into()])
+            .unwrap();
+        assert_eq!(c.api.admin_token.as_ref().unwrap().expose(), "hunter2-admin");
+        let dbg = format!("{c:?} {:#?}", c.api);
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(dbg.contains("redacted"), "{dbg}");
+        let t: Config = toml::from_str("[api]\nadmin_token = \"abc\"\n").unwrap();
+        assert_eq!(t.api.admin_token.unwrap().expose(), "abc");
     }
 }

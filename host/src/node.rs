@@ -1,6 +1,8 @@
 //! The composition root: opens storage, the commit log, the runtime, the
 //! registry and the scheduler from one validated [`Config`], and runs the API
-//! until a shutdown signal, then drains in-flight turns and persists.
+//! until a shutdown signal, then drains in-flight turns and persists. It holds
+//! an exclusive lock on the data directory for the node's lifetime, so a second
+//! daemon on the same directory refuses to start.
 
 use crate::api::Api;
 use crate::config::Config;
@@ -9,8 +11,13 @@ use crate::registry::Registry;
 use crate::runtime::Runtime;
 use crate::scheduler::Scheduler;
 use crate::storage::{SledStore, StateStore};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
+
+/// Lock file in the data directory, held (flock) while a node has it open.
+const LOCK_FILE: &str = "conflux.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -18,6 +25,16 @@ pub enum NodeError {
     Config(#[from] crate::config::ConfigError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
+    #[error("data directory {path} is in use by another conflux process (it holds {path}/{LOCK_FILE})")]
+    InUse { path: String },
+    #[error("cannot lock data directory {path}: {source}")]
+    Lock { path: String, source: std::io::Error },
+    #[error("data directory {path}: cannot open the state store (corrupt or unreadable?): {source}")]
+    StoreOpen { path: String, source: crate::storage::StorageError },
+    #[error("data directory {path}: cannot open the commit log (corrupt or unreadable?): {source}")]
+    LogOpen { path: String, source: crate::log::LogError },
+    #[error("data directory {path}: cannot open the registry (corrupt or unreadable?): {source}")]
+    RegistryOpen { path: String, source: crate::registry::RegistryError },
     #[error("state store: {0}")]
     Storage(#[from] crate::storage::StorageError),
     #[error("commit log: {0}")]
@@ -39,6 +56,24 @@ pub struct Node {
     pub store: Arc<dyn StateStore>,
     pub log: Arc<dyn CommitLog>,
     cfg: Config,
+    /// The data directory's lock; released when the node is dropped.
+    _lock: File,
+}
+
+/// Takes the data directory's exclusive lock, or says who holds it.
+fn lock_data_dir(dir: &Path) -> Result<File, NodeError> {
+    let path = dir.display().to_string();
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(|source| NodeError::Lock { path: path.clone(), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(NodeError::InUse { path }),
+        Err(TryLockError::Error(source)) => Err(NodeError::Lock { path, source }),
+    }
 }
 
 impl Node {
@@ -48,12 +83,24 @@ impl Node {
         let dir = &cfg.storage.data_dir;
         std::fs::create_dir_all(dir)
             .map_err(|source| NodeError::DataDir { path: dir.display().to_string(), source })?;
-        let store: Arc<dyn StateStore> = Arc::new(SledStore::open(&dir.join("state"))?);
-        let log: Arc<dyn CommitLog> = Arc::new(LocalLog::open(&dir.join("wal"), store.clone(), cfg.log.clone())?);
+        let lock = lock_data_dir(dir)?;
+        let path = || dir.display().to_string();
+        let store: Arc<dyn StateStore> =
+            Arc::new(SledStore::open(&dir.join("state")).map_err(|source| match source {
+                crate::storage::StorageError::Locked { .. } => NodeError::InUse { path: path() },
+                source => NodeError::StoreOpen { path: path(), source },
+            })?);
+        let log: Arc<dyn CommitLog> = Arc::new(
+            LocalLog::open(&dir.join("wal"), store.clone(), cfg.log.clone())
+                .map_err(|source| NodeError::LogOpen { path: path(), source })?,
+        );
         let runtime = Arc::new(Runtime::new(&cfg.runtime)?);
-        let registry = Arc::new(Registry::open(&cfg.registry, dir, runtime.clone(), store.clone(), log.clone())?);
+        let registry = Arc::new(
+            Registry::open(&cfg.registry, dir, runtime.clone(), store.clone(), log.clone())
+                .map_err(|source| NodeError::RegistryOpen { path: path(), source })?,
+        );
         let scheduler = Scheduler::new(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone());
-        Ok(Self { scheduler, registry, store, log, cfg })
+        Ok(Self { scheduler, registry, store, log, cfg, _lock: lock })
     }
 
     /// Serves until `shutdown` resolves, then drains and persists. `on_bound`
@@ -63,12 +110,7 @@ impl Node {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
         on_bound: impl FnOnce(SocketAddr),
     ) -> Result<(), NodeError> {
-        let addr = self.cfg.api.listen;
-        let listener =
-            tokio::net::TcpListener::bind(addr).await.map_err(|source| NodeError::Listen { addr, source })?;
-        let bound = listener.local_addr().map_err(|source| NodeError::Listen { addr, source })?;
-        on_bound(bound);
-        let eviction = tokio::spawn(self.scheduler.clone().run_idle_eviction());
+        // Built first: it reads the TLS files, which must fail start-up, not the first call.
         let api = Api::new(
             &self.cfg.api,
             self.cfg.registry.max_component_bytes,
@@ -77,7 +119,13 @@ impl Node {
             self.registry.clone(),
             self.store.clone(),
             self.log.clone(),
-        );
+        )?;
+        let addr = self.cfg.api.listen;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| NodeError::Listen { addr, source })?;
+        let bound = listener.local_addr().map_err(|source| NodeError::Listen { addr, source })?;
+        on_bound(bound);
+        let eviction = tokio::spawn(self.scheduler.clone().run_idle_eviction());
         let scheduler = self.scheduler.clone();
         // On the signal: refuse new invocations and let running turns commit,
         // then stop the listener.

@@ -98,6 +98,13 @@ impl Daemon {
         conflux_host::cli::connect(&self.addr).await.expect("connect to daemon")
     }
 
+    /// A client sending `token` (if any) as a bearer token.
+    pub async fn client_with_token(&self, token: Option<&str>) -> conflux_host::cli::AuthClient {
+        let opts =
+            conflux_host::cli::ClientOptions { token: token.map(conflux_host::config::Secret::new), ca_cert: None };
+        conflux_host::cli::connect_with(&self.addr, &opts).await.expect("connect to daemon")
+    }
+
     /// Runs a client command of the real CLI against this daemon.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(conflux_bin()).arg("--addr").arg(self.url()).args(args).output().expect("run conflux")
@@ -142,6 +149,45 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Runs `conflux serve` on `data_dir` (plus `extra` flags) expecting it to
+/// refuse to start: waits (bounded) for it to exit, asserts the exit status is
+/// non-zero and returns its stderr.
+pub fn serve_expecting_failure(data_dir: &Path, extra: &[&str]) -> String {
+    let mut child = Command::new(conflux_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn conflux serve");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("conflux serve did not exit within 60 s; stderr:\n{}", stderr(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(!status.success(), "conflux serve should have failed; stdout:\n{}", stdout(&out));
+    assert!(!stdout(&out).contains("conflux listening"), "it listened: {}", stdout(&out));
+    stderr(&out)
+}
+
+/// The one `error: …` line of a failed command's stderr (asserting there is exactly one).
+pub fn error_line(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line in:\n{stderr}");
+    lines[0].to_owned()
 }
 
 pub fn stdout(o: &Output) -> String {

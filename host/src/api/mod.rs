@@ -1,6 +1,10 @@
 //! The gRPC API (tonic): the only module that knows protobuf. Maps requests to
 //! scheduler and registry calls and their errors to meaningful status codes.
 //! Every error carries a machine-readable `conflux-error-kind` metadata entry.
+//! Each RPC first passes [`auth`] (bearer tokens, when configured); the
+//! listener optionally speaks TLS (rustls).
+
+pub mod auth;
 
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
@@ -15,6 +19,7 @@ use crate::registry::{Registry, RegistryError};
 use crate::runtime::TurnError;
 use crate::scheduler::{Invocation, InvokeError, Scheduler};
 use crate::storage::StateStore;
+use auth::{Authenticator, Rpc};
 use futures::StreamExt;
 use pb::conflux_server::{Conflux, ConfluxServer};
 use std::sync::Arc;
@@ -37,6 +42,10 @@ pub enum ApiError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error("cannot read TLS {what} {path}: {source}")]
+    TlsFile { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
+    #[error("TLS certificate {cert} / key {key} not usable: {message}")]
+    Tls { cert: std::path::PathBuf, key: std::path::PathBuf, message: String },
 }
 
 fn status(code: Code, kind: &'static str, message: impl Into<String>) -> Status {
@@ -82,8 +91,45 @@ fn entity_ref(r: Option<pb::EntityRef>) -> Result<EntityRef, Status> {
         .map_err(|e| status(Code::InvalidArgument, "bad-entity", format!("field `entity`: {e}")))
 }
 
+/// Refuses a call to `rpc` unless its metadata carries the token it needs.
+fn authorize<T>(auth: &Authenticator, rpc: Rpc, request: &Request<T>) -> Result<(), Status> {
+    auth.check(rpc, request.metadata()).map_err(|e| status(Code::Unauthenticated, "unauthenticated", e.to_string()))
+}
+
+/// An error and its sources, joined with ": " (tonic's transport error alone says little).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    out
+}
+
+/// Reads the listener's PEM certificate and key and checks rustls accepts them.
+fn load_tls(cfg: &ApiConfig) -> Result<Option<tonic::transport::ServerTlsConfig>, ApiError> {
+    let (Some(cert), Some(key)) = (&cfg.tls_cert_path, &cfg.tls_key_path) else {
+        return Ok(None);
+    };
+    let read = |what, path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|source| ApiError::TlsFile { what, path: path.clone(), source })
+    };
+    let identity = tonic::transport::Identity::from_pem(read("certificate", cert)?, read("key", key)?);
+    let tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+    // Building a server parses the PEM now, so a bad file fails start-up, not the first call.
+    tonic::transport::Server::builder().tls_config(tls.clone()).map_err(|e| ApiError::Tls {
+        cert: cert.clone(),
+        key: key.clone(),
+        message: error_chain(&e),
+    })?;
+    Ok(Some(tls))
+}
+
 /// The gRPC service of one node.
 pub struct Api {
+    auth: Authenticator,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     scheduler: Scheduler,
     registry: Arc<Registry>,
     store: Arc<dyn StateStore>,
@@ -103,8 +149,10 @@ impl Api {
         registry: Arc<Registry>,
         store: Arc<dyn StateStore>,
         log: Arc<dyn CommitLog>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, ApiError> {
+        Ok(Self {
+            auth: Authenticator::new(cfg),
+            tls: load_tls(cfg)?,
             scheduler,
             registry,
             store,
@@ -113,7 +161,7 @@ impl Api {
             max_component_bytes,
             data_dir,
             started: Instant::now(),
-        }
+        })
     }
 
     /// Serves the API and reflection on `listener` until `shutdown` resolves.
@@ -131,7 +179,11 @@ impl Api {
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ApiError::Reflection(e.to_string()))?;
-        tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls.clone() {
+            server = server.tls_config(tls)?;
+        }
+        server
             .add_service(ConfluxServer::new(self).max_decoding_message_size(max_msg))
             .add_service(reflection)
             .serve_with_incoming_shutdown(incoming, shutdown)
@@ -146,6 +198,7 @@ impl Conflux for Api {
         &self,
         request: Request<Streaming<pb::DeployRequest>>,
     ) -> Result<Response<pb::DeployResponse>, Status> {
+        authorize(&self.auth, Rpc::Deploy, &request)?;
         let mut stream = request.into_inner();
         let header = match stream.next().await {
             Some(Ok(pb::DeployRequest { part: Some(pb::deploy_request::Part::Header(h)) })) => h,
@@ -197,6 +250,7 @@ impl Conflux for Api {
     }
 
     async fn invoke(&self, request: Request<pb::InvokeRequest>) -> Result<Response<pb::InvokeResponse>, Status> {
+        authorize(&self.auth, Rpc::Invoke, &request)?;
         let req = request.into_inner();
         let entity = entity_ref(req.entity)?;
         if req.payload.len() > self.cfg.max_payload_bytes {
@@ -211,7 +265,11 @@ impl Conflux for Api {
         Ok(Response::new(pb::InvokeResponse { reply }))
     }
 
-    async fn list_types(&self, _: Request<pb::ListTypesRequest>) -> Result<Response<pb::ListTypesResponse>, Status> {
+    async fn list_types(
+        &self,
+        request: Request<pb::ListTypesRequest>,
+    ) -> Result<Response<pb::ListTypesResponse>, Status> {
+        authorize(&self.auth, Rpc::ListTypes, &request)?;
         let types = self
             .registry
             .list()
@@ -234,7 +292,8 @@ impl Conflux for Api {
         Ok(Response::new(pb::ListTypesResponse { types }))
     }
 
-    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        authorize(&self.auth, Rpc::Status, &request)?;
         let s = self.scheduler.stats();
         let l = self.log.stats();
         Ok(Response::new(pb::StatusResponse {
@@ -254,6 +313,7 @@ impl Conflux for Api {
     }
 
     async fn get_state(&self, request: Request<pb::GetStateRequest>) -> Result<Response<pb::GetStateResponse>, Status> {
+        authorize(&self.auth, Rpc::GetState, &request)?;
         let req = request.into_inner();
         let entity = entity_ref(req.entity)?;
         self.registry.active(&entity.entity_type).map_err(registry_status)?;
