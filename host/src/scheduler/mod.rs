@@ -197,8 +197,8 @@ impl Scheduler {
             let _inflight = inflight;
             task_inner.run(inv).await
         })
-            .await
-            .map_err(|e| InvokeError::Internal(format!("turn task failed: {e}")))?
+        .await
+        .map_err(|e| InvokeError::Internal(format!("turn task failed: {e}")))?
     }
 
     pub fn stats(&self) -> SchedulerStats {
