@@ -202,6 +202,12 @@ fn components_outside_the_entity_world_are_refused_naming_why() {
     assert!(err.contains("wasi:sockets/"), "names the sockets imports: {err}");
     assert!(!err.contains("wasi:io/streams"), "inert imports are not blamed: {err}");
 
+    let out = d.cli(&["deploy", "evil", guest_wasm("unknown-imports").to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("acme:evil/thing"), "names the unknown package's import: {err}");
+    assert!(err.contains("wasi:http/outgoing-handler@1.0.0"), "names the http import: {err}");
+
     let out = d.cli(&["deploy", "cmd", guest_wasm("no-handler").to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("does not export `conflux:entity/handler@0.1.0`"), "{}", stderr(&out));
