@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe_set_protoc(&protoc);
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        .codec_path("crate::api::codec::ValidatingCodec")
         .file_descriptor_set_path(out.join("conflux_descriptor.bin"))
         .compile_protos(&["proto/conflux/v1/conflux.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

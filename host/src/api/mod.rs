@@ -6,6 +6,8 @@
 
 pub mod auth;
 
+pub mod codec;
+
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("conflux.v1");
