@@ -286,13 +286,8 @@ fn list_and_component_size_limits_apply() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("the limit is 100000"), "{}", stderr(&out));
     // A bad --set is refused at start-up with a clear message.
-    let bad = std::process::Command::new(conflux_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--set", "runtime.no_such_limit=1", "--data-dir"])
-        .arg(dir.path().join("other"))
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    assert!(stderr(&bad).contains("no_such_limit"), "{}", stderr(&bad));
+    let err = serve_expecting_failure(&dir.path().join("other"), &["--set", "runtime.no_such_limit=1"]);
+    assert!(err.contains("no_such_limit"), "{err}");
     drop(d);
     let d = Daemon::start_with(&dir.path().join("second"), &["--set", "runtime.max_list_keys=10"]);
     deploy(&d, "faulty", &guest_wasm("faulty"));

@@ -182,3 +182,16 @@ fn team_joiner_lets_exactly_one_concurrent_join_win() {
         }
     });
 }
+
+#[test]
+fn sigterm_right_after_listening_still_shuts_down_cleanly() {
+    // The signal handlers are installed before the "listening" line, so even
+    // an immediate SIGTERM takes the drain-and-persist path.
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Daemon::start(dir.path());
+        let status = d.terminate();
+        assert!(status.success(), "{status:?}\n{}", d.log());
+        assert!(d.log().contains("shut down cleanly"), "{}", d.log());
+    }
+}

@@ -169,8 +169,9 @@ async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlag
     cfg.api.tls_key_path = tls_key.or(cfg.api.tls_key_path);
     let tls = cfg.api.tls_cert_path.is_some();
     let data_dir = cfg.storage.data_dir.clone();
+    let shutdown = shutdown_signal();
     let node = tokio::task::spawn_blocking(move || Node::open(cfg)).await??;
-    node.serve(shutdown_signal(), |addr| {
+    node.serve(shutdown, |addr| {
         // Scripts and tests read this line to find the port.
         println!("conflux listening on {addr}");
         tracing::info!(%addr, data_dir = %data_dir.display(), tls, "conflux listening");
@@ -179,25 +180,33 @@ async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlag
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Installs the SIGTERM and SIGINT handlers now, before the node announces
+/// that it listens (a signal arriving earlier would otherwise kill the process
+/// without a drain), and returns a future that resolves on the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cannot watch SIGTERM: {e}");
-                let _ = ctrl_c.await;
-                return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let handlers = signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+        async move {
+            match handlers {
+                Ok((mut term, mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = int.recv() => {},
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("cannot watch SIGTERM/SIGINT: {e}");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// How a client reaches a node beyond its address.

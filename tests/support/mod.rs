@@ -44,6 +44,17 @@ pub fn guest_wasm(package: &str) -> PathBuf {
     path
 }
 
+/// `conflux serve` on a free 127.0.0.1 port with `data_dir` and `extra` flags.
+fn serve_command(data_dir: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(conflux_bin());
+    c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    c
+}
+
 /// A `conflux serve` child process. Killed when dropped.
 pub struct Daemon {
     child: Option<Child>,
@@ -60,12 +71,7 @@ impl Daemon {
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Daemon {
         std::fs::create_dir_all(data_dir).unwrap();
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("daemon.log")).unwrap();
-        let mut child = Command::new(conflux_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
+        let mut child = serve_command(data_dir, extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
             .spawn()
@@ -155,12 +161,7 @@ impl Drop for Daemon {
 /// refuse to start: waits (bounded) for it to exit, asserts the exit status is
 /// non-zero and returns its stderr.
 pub fn serve_expecting_failure(data_dir: &Path, extra: &[&str]) -> String {
-    let mut child = Command::new(conflux_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
+    let mut child = serve_command(data_dir, extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
