@@ -324,6 +324,7 @@ impl Conflux for Api {
             n => n.min(STATE_PAGE_MAX),
         } as usize;
         let prefix = entity_prefix(&entity);
+        let plen = prefix.len();
         let start = (!req.start_after.is_empty()).then(|| {
             let mut k = prefix.clone();
             k.extend_from_slice(req.start_after.as_bytes());
@@ -335,7 +336,6 @@ impl Conflux for Api {
                 .await
                 .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
                 .map_err(|e| status(Code::Internal, "storage", e.to_string()))?;
-        let plen = entity_prefix(&entity).len();
         let more = rows.len() > limit;
         let entries: Vec<pb::StateEntry> = rows
             .into_iter()

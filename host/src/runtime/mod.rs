@@ -304,7 +304,8 @@ impl Instance {
             return TurnError::Trapped { kind: TrapKind::LimitExceeded, message: msg };
         }
         let last_stderr = data.stderr.recent();
-        let kind = match err.downcast_ref::<wasmtime::Trap>() {
+        let trap = err.downcast_ref::<wasmtime::Trap>();
+        let kind = match trap {
             Some(wasmtime::Trap::OutOfFuel) => TrapKind::OutOfFuel,
             Some(wasmtime::Trap::Interrupt) => TrapKind::Timeout,
             Some(wasmtime::Trap::StackOverflow) => TrapKind::StackOverflow,
@@ -321,15 +322,13 @@ impl Instance {
             TrapKind::OutOfMemory => {
                 format!("the instance hit its memory limit of {} bytes", data.cfg.max_memory_bytes)
             }
-            _ => match err.downcast_ref::<wasmtime::Trap>() {
-                // Rust guests keep their stack at the bottom of linear memory,
-                // so running off its end is an out-of-bounds access, not a
-                // wasm stack overflow.
-                Some(wasmtime::Trap::MemoryOutOfBounds) => {
-                    format!("{} (a guest stack overflow ends this way)", err.root_cause())
-                }
-                _ => format!("{}", err.root_cause()),
-            },
+            // Rust guests keep their stack at the bottom of linear memory, so
+            // running off its end is an out-of-bounds access, not a wasm stack
+            // overflow.
+            _ if trap == Some(&wasmtime::Trap::MemoryOutOfBounds) => {
+                format!("{} (a guest stack overflow ends this way)", err.root_cause())
+            }
+            _ => format!("{}", err.root_cause()),
         };
         if let Some(line) = last_stderr {
             message.push_str(&format!(" (guest stderr: {line})"));
