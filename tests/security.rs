@@ -29,17 +29,8 @@ fn assert_unauthenticated<T: std::fmt::Debug>(r: Result<T, tonic::Status>, rpc: 
 }
 
 fn deploy_stream(entity_type: &str, bytes: &[u8]) -> impl futures::Stream<Item = pb::DeployRequest> + use<> {
-    let header = pb::DeployRequest {
-        part: Some(pb::deploy_request::Part::Header(pb::DeployHeader {
-            entity_type: entity_type.into(),
-            size_bytes: bytes.len() as u64,
-        })),
-    };
-    let chunks: Vec<pb::DeployRequest> = bytes
-        .chunks(64 << 10)
-        .map(|c| pb::DeployRequest { part: Some(pb::deploy_request::Part::Chunk(c.to_vec())) })
-        .collect();
-    futures::stream::iter(std::iter::once(header).chain(chunks))
+    let header = pb::DeployHeader { entity_type: entity_type.into(), ..Default::default() };
+    futures::stream::iter(conflux_host::api::deploy_messages(header, bytes))
 }
 
 fn state_req(id: &str) -> pb::GetStateRequest {

@@ -236,14 +236,9 @@ async fn main() -> anyhow::Result<()> {
         _ => {
             // Fall back to deploying through the API directly.
             let bytes = std::fs::read(&wasm)?;
-            let header = pb::DeployRequest {
-                part: Some(pb::deploy_request::Part::Header(pb::DeployHeader {
-                    entity_type: "counter".into(),
-                    size_bytes: bytes.len() as u64,
-                })),
-            };
-            let chunk = pb::DeployRequest { part: Some(pb::deploy_request::Part::Chunk(bytes)) };
-            clients[0].clone().deploy(futures::stream::iter([header, chunk])).await?;
+            let header = pb::DeployHeader { entity_type: "counter".into(), ..Default::default() };
+            let messages = conflux_host::api::deploy_messages(header, &bytes);
+            clients[0].clone().deploy(futures::stream::iter(messages)).await?;
         }
     }
     println!("| keys | callers | ok calls | errors | calls/s | p50 µs | p99 µs | p99.9 µs |");

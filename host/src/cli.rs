@@ -3,13 +3,14 @@
 //! one-line reasons on stderr, non-zero exit on failure. Client commands send
 //! `--token` as a bearer token and speak TLS to `https://` addresses.
 
+use crate::api::ERROR_KIND_HEADER;
 use crate::api::pb::{self, conflux_client::ConfluxClient};
-use crate::api::{DEPLOY_CHUNK_BYTES, ERROR_KIND_HEADER};
 use crate::config::{Config, Secret};
 use crate::model::EntityRef;
 use crate::node::Node;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use futures::StreamExt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -67,7 +68,26 @@ enum Command {
         tls_key: Option<PathBuf>,
     },
     /// Upload a component (.wasm) as the new version of an entity type.
-    Deploy { entity_type: String, file: PathBuf },
+    Deploy {
+        entity_type: String,
+        file: PathBuf,
+        /// Only validate, compile and run the migration against existing entities;
+        /// commit nothing and report how many migrated and failed.
+        #[arg(long)]
+        dry_run: bool,
+        /// How many existing entities a dry run tries (at most 10000).
+        #[arg(long, value_name = "N", default_value_t = 100, requires = "dry_run")]
+        sample: u32,
+        /// Activate the new version only for these entity ids until `conflux promote`.
+        #[arg(long, value_name = "ID[,ID…]", value_delimiter = ',', conflicts_with = "dry_run")]
+        canary: Vec<String>,
+    },
+    /// List the versions of an entity type: digest, size, deploy time, which is active.
+    Versions { entity_type: String },
+    /// Make an earlier version active for every entity again (ends any canary).
+    Rollback { entity_type: String, version: u32 },
+    /// Make a version (e.g. a canary) active for every entity (ends any canary).
+    Promote { entity_type: String, version: u32 },
     /// Call an operation: `conflux invoke counter/c1 add 5`.
     Invoke {
         /// TYPE/ID of the entity.
@@ -285,6 +305,102 @@ pub async fn connect_with(addr: &str, opts: &ClientOptions) -> anyhow::Result<Au
     Ok(ConfluxClient::with_interceptor(channel, BearerToken(token)).max_decoding_message_size(64 << 20))
 }
 
+/// Components at least this large get a progress bar while uploading.
+const PROGRESS_MIN_BYTES: usize = 1 << 20;
+
+/// Streams a component to Deploy, with a progress bar on a terminal for large ones.
+async fn upload(client: &mut AuthClient, header: pb::DeployHeader, bytes: &[u8]) -> anyhow::Result<pb::DeployResponse> {
+    use std::io::IsTerminal;
+    let messages = crate::api::deploy_messages(header, bytes);
+    let bar = if bytes.len() >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(bytes.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("uploading {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let ticker = bar.clone();
+    // A chunk counts as sent when tonic pulls the next one from the stream.
+    let stream = futures::stream::iter(messages).inspect(move |m| {
+        if let (Some(bar), Some(pb::deploy_request::Part::Chunk(c))) = (&ticker, &m.part) {
+            bar.inc(c.len() as u64);
+        }
+    });
+    let result = client.deploy(stream).await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(result.map_err(rpc_error)?.into_inner())
+}
+
+fn print_deploy(r: &pb::DeployResponse) {
+    if let Some(d) = &r.dry_run {
+        println!(
+            "dry run of {} as version {} (sha256:{}): compiled and validated; nothing was committed",
+            r.entity_type, r.version, r.digest
+        );
+        if !d.has_migration {
+            println!("the component exports no migration: existing entities would run it unchanged");
+        }
+        println!(
+            "sampled {} entities: {} migrated, {} failed, {} already on this version",
+            d.sampled, d.migrated, d.failed, d.up_to_date
+        );
+        for f in &d.failures {
+            println!("  {}/{} (from version {}): {}", r.entity_type, f.id, f.from_version, f.error);
+        }
+    } else if r.unchanged {
+        println!("{} version {} unchanged (digest sha256:{})", r.entity_type, r.version, r.digest);
+    } else if !r.canary_ids.is_empty() {
+        println!(
+            "deployed {} version {} (sha256:{}) as a canary for {}; version {} stays active for the rest \
+             (`conflux promote {} {}` to finish)",
+            r.entity_type,
+            r.version,
+            r.digest,
+            r.canary_ids.join(","),
+            r.previous_active_version,
+            r.entity_type,
+            r.version
+        );
+    } else if r.reused {
+        println!(
+            "{} version {} is active again (sha256:{}; identical bytes, so its number was reused; was {})",
+            r.entity_type, r.version, r.digest, r.previous_active_version
+        );
+    } else {
+        println!("deployed {} version {} (sha256:{})", r.entity_type, r.version, r.digest);
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / (1 << 10) as f64),
+        n => format!("{n} B"),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` from Unix milliseconds (civil-from-days, proleptic Gregorian).
+fn format_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 /// Turns a gRPC status into a one-line error: `CODE (kind): message`.
 fn rpc_error(s: tonic::Status) -> anyhow::Error {
     let kind = s.metadata().get(ERROR_KIND_HEADER).and_then(|v| v.to_str().ok()).map(|k| format!(" ({k})"));
@@ -308,25 +424,47 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command) -> a
     let mut client = connect_with(addr, opts).await?;
     match command {
         Command::Serve { .. } => unreachable!("handled by run"),
-        Command::Deploy { entity_type, file } => {
+        Command::Deploy { entity_type, file, dry_run, sample, canary } => {
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let header = pb::DeployRequest {
-                part: Some(pb::deploy_request::Part::Header(pb::DeployHeader {
-                    entity_type: entity_type.clone(),
-                    size_bytes: bytes.len() as u64,
-                })),
+            let header = pb::DeployHeader {
+                entity_type,
+                dry_run,
+                dry_run_sample: if dry_run { sample } else { 0 },
+                canary_ids: canary,
+                ..Default::default()
             };
-            let chunks: Vec<pb::DeployRequest> = bytes
-                .chunks(DEPLOY_CHUNK_BYTES)
-                .map(|c| pb::DeployRequest { part: Some(pb::deploy_request::Part::Chunk(c.to_vec())) })
-                .collect();
-            let stream = futures::stream::iter(std::iter::once(header).chain(chunks));
-            let r = client.deploy(stream).await.map_err(rpc_error)?.into_inner();
-            if r.unchanged {
-                println!("{} version {} unchanged (digest sha256:{})", r.entity_type, r.version, r.digest);
-            } else {
-                println!("deployed {} version {} (sha256:{})", r.entity_type, r.version, r.digest);
+            let r = upload(&mut client, header, &bytes).await?;
+            print_deploy(&r);
+        }
+        Command::Versions { entity_type } => {
+            let r = client.list_types(pb::ListTypesRequest {}).await.map_err(rpc_error)?.into_inner();
+            let t = r.types.into_iter().find(|t| t.name == entity_type).ok_or_else(|| {
+                anyhow::anyhow!("unknown entity type {entity_type:?}; deploy a component for it first")
+            })?;
+            println!("VERSION\tACTIVE\tSIZE\tDEPLOYED\tDIGEST");
+            for v in &t.versions {
+                let mark = match &t.canary {
+                    _ if v.version == t.active_version => "active".to_owned(),
+                    Some(c) if c.version == v.version => format!("canary({})", c.ids.join(",")),
+                    _ => "-".to_owned(),
+                };
+                println!(
+                    "{}\t{}\t{}\t{}\tsha256:{}",
+                    v.version,
+                    mark,
+                    human_bytes(v.size_bytes),
+                    format_utc(v.deployed_at_ms),
+                    v.digest
+                );
             }
+        }
+        Command::Rollback { entity_type, version } => {
+            let r = client.rollback(pb::ActivateRequest { entity_type, version }).await.map_err(rpc_error)?;
+            print_activate(&r.into_inner());
+        }
+        Command::Promote { entity_type, version } => {
+            let r = client.promote(pb::ActivateRequest { entity_type, version }).await.map_err(rpc_error)?;
+            print_activate(&r.into_inner());
         }
         Command::Invoke { entity, operation, payload } => {
             let e = EntityRef::parse(&entity)?;
@@ -397,6 +535,17 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command) -> a
     Ok(())
 }
 
+fn print_activate(r: &pb::ActivateResponse) {
+    if r.unchanged {
+        println!("{} version {} is already active", r.entity_type, r.active_version);
+    } else {
+        println!("{} version {} is active (was {})", r.entity_type, r.active_version, r.previous_active_version);
+    }
+    if let Some(c) = &r.ended_canary {
+        println!("ended canary of version {} for {}", c.version, c.ids.join(","));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,6 +583,27 @@ mod tests {
         let io = std::io::Error::other("disk on fire");
         let e = anyhow::Error::new(crate::log::LogError::from(io)).context("opening\nthe log");
         assert_eq!(one_line(&e), "opening the log: commit log I/O failed: disk on fire");
+    }
+
+    #[test]
+    fn dates_and_sizes_print_readably() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_utc(1_795_000_000_000), "2026-11-18 11:06:40 UTC");
+        assert_eq!(format_utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+    }
+
+    #[test]
+    fn deploy_flags_are_checked_locally() {
+        assert!(
+            Cli::try_parse_from(["conflux", "deploy", "t", "f.wasm", "--sample", "5"]).is_err(),
+            "--sample needs --dry-run"
+        );
+        assert!(Cli::try_parse_from(["conflux", "deploy", "t", "f.wasm", "--dry-run", "--canary", "a"]).is_err());
+        let cli = Cli::try_parse_from(["conflux", "deploy", "t", "f.wasm", "--canary", "a,b"]).unwrap();
+        assert!(matches!(cli.command, Command::Deploy { canary, .. } if canary == ["a", "b"]));
     }
 
     #[test]

@@ -105,10 +105,14 @@ pub enum Keyspace {
     State = 1,
     /// Component registry metadata (types, versions, active pointers).
     Registry = 2,
+    /// Host bookkeeping per entity, keyed by [`entity_prefix`]: the registry version
+    /// that last committed the entity's state (little-endian u32), so a new version
+    /// knows when to run the guest's migration. Guests cannot read or write it.
+    EntityMeta = 3,
 }
 
 impl Keyspace {
-    pub const ALL: [Keyspace; 2] = [Keyspace::State, Keyspace::Registry];
+    pub const ALL: [Keyspace; 3] = [Keyspace::State, Keyspace::Registry, Keyspace::EntityMeta];
 
     pub fn as_byte(self) -> u8 {
         self as u8
@@ -195,6 +199,33 @@ pub fn type_prefix(entity_type: &str) -> Vec<u8> {
     k
 }
 
+/// The entity id of a state key under `type_prefix(entity_type)` (whose length is
+/// `type_prefix_len`), or `None` if the key is not laid out by [`state_key`].
+pub fn id_of_state_key(key: &[u8], type_prefix_len: usize) -> Option<&str> {
+    let rest = key.get(type_prefix_len..)?;
+    let end = rest.iter().position(|b| *b == SEP)?;
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
+/// A key that sorts after every state key of `entity` and before those of any other
+/// entity of its type, for skipping to the next entity in a scan: `type \0 id \x01`.
+/// Ids are UTF-8 without control characters, so no id's keys fall between.
+pub fn after_entity(entity_type: &str, id: &str) -> Vec<u8> {
+    let mut k = type_prefix(entity_type);
+    k.extend_from_slice(id.as_bytes());
+    k.push(SEP + 1);
+    k
+}
+
+/// Encodes the version an entity's state was last committed under ([`Keyspace::EntityMeta`]).
+pub fn encode_entity_version(version: u32) -> Vec<u8> {
+    version.to_le_bytes().to_vec()
+}
+
+pub fn decode_entity_version(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.try_into().ok()?))
+}
+
 /// Storage key of one state key of one entity.
 pub fn state_key(entity: &EntityRef, key: &str) -> Vec<u8> {
     let mut k = entity_prefix(entity);
@@ -224,6 +255,21 @@ mod tests {
         assert!(validate_type_name("9lives").is_err());
         assert!(validate_type_name("").is_err());
         assert!(validate_type_name(&"a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn entity_skipping_keys_stay_between_entities() {
+        let a = EntityRef::new("t", "a").unwrap();
+        let a1 = EntityRef::new("t", "a1").unwrap();
+        let last_of_a = state_key(&a, "\u{10ffff}\u{10ffff}");
+        let skip = after_entity("t", "a");
+        assert!(last_of_a < skip, "every key of a sorts before the skip key");
+        assert!(skip < entity_prefix(&a1), "and the next entity after it");
+        let plen = type_prefix("t").len();
+        assert_eq!(id_of_state_key(&state_key(&a1, "k"), plen), Some("a1"));
+        assert_eq!(id_of_state_key(b"t\0broken", plen), None);
+        assert_eq!(decode_entity_version(&encode_entity_version(7)), Some(7));
+        assert_eq!(decode_entity_version(b"xy"), None);
     }
 
     #[test]

@@ -103,6 +103,52 @@
 //! You may keep additional data under other keys with [`state`] (e.g. large collections
 //! you page through with [`state::list`]).
 //!
+//! # Migrating state between versions
+//!
+//! Deploying a new version of an entity type switches every entity to it at its next
+//! turn. If the new code stores its state differently, mark one associated function of
+//! the `#[entity]` impl block with `#[migrate]`. It takes the registry version that last
+//! committed the entity's state (`u32`) and returns `Result<(), E>` with `E: Into<Error>`;
+//! it reads and rewrites the old layout with [`state`]:
+//!
+//! ```
+//! use conflux_sdk::prelude::*;
+//! use conflux_sdk::{SELF_KEY, testing::TestHarness};
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! pub struct Tally { count: i64 }
+//!
+//! #[entity]
+//! impl Tally {
+//!     pub fn get(&self) -> i64 { self.count }
+//!
+//!     /// Version 1 kept a bare number under the key "n".
+//!     #[migrate]
+//!     fn upgrade(from_version: u32) -> Result<(), Error> {
+//!         if let Some(n) = state::get::<i64>("n")? {
+//!             state::delete("n");
+//!             state::set(SELF_KEY, &Tally { count: n })?;
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//! let mut h = TestHarness::new("tally", "t1");
+//! h.set_raw("n", "41");
+//! h.migrate::<Tally>(1)?;
+//! assert_eq!(h.call::<Tally, _, i64>("get", &())?, 41);
+//! assert!(h.get_raw("n").is_none());
+//! # Ok::<(), conflux_sdk::Error>(())
+//! ```
+//!
+//! The migration runs inside the turn it precedes and commits with it, exactly once per
+//! entity and version change. If it returns an error or panics, nothing is committed: the
+//! caller gets a `migration failed` error, the entity keeps its old state, and the
+//! migration is tried again on the entity's next turn (after you deploy a fix or roll
+//! back). After a rollback, the older code's migration is called with the *newer*
+//! `from_version`. Without `#[migrate]` the migration does nothing. `conflux deploy
+//! --dry-run` runs a new version's migration against existing entities without
+//! committing anything.
+//!
 //! # Building
 //!
 //! ```text
@@ -137,7 +183,7 @@ mod sys;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
-pub use conflux_sdk_macros::entity;
+pub use conflux_sdk_macros::{entity, migrate};
 pub use entity_ref::EntityRef;
 pub use error::Error;
 pub use serde;
@@ -156,11 +202,20 @@ pub trait Entity: Default + serde::Serialize + serde::de::DeserializeOwned {
     /// Runs operation `op` with the JSON `payload` inside the current turn and returns
     /// the JSON reply.
     fn dispatch(op: &str, payload: &[u8]) -> Result<Vec<u8>, Error>;
+
+    /// Brings state written by registry version `from_version` up to date. The host runs
+    /// it once per entity before that entity's first turn on a new version, in the same
+    /// write set as that turn. The default does nothing; `#[migrate]` on a method of the
+    /// `#[entity]` impl block overrides it.
+    fn migrate(from_version: u32) -> Result<(), Error> {
+        let _ = from_version;
+        Ok(())
+    }
 }
 
 /// Everything an entity crate usually needs: `use conflux_sdk::prelude::*;`.
 pub mod prelude {
-    pub use crate::{EntityRef, Error, context, entity, log, state};
+    pub use crate::{EntityRef, Error, context, entity, log, migrate, state};
     pub use serde::{Deserialize, Serialize};
 }
 

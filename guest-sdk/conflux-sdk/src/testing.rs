@@ -83,6 +83,18 @@ impl TestHarness {
     /// The turn's writes are committed only if the result is `Ok`. If the operation
     /// panics, the writes are discarded and the panic is resumed.
     pub fn invoke<E: Entity>(&mut self, op: &str, payload: &[u8]) -> Result<Vec<u8>, Error> {
+        self.turn(|| E::dispatch(op, payload))
+    }
+
+    /// Runs the entity's `#[migrate]` function (a no-op without one) as one turn, as the
+    /// host does before the first turn on a new version, with the registry version that
+    /// last committed the state. Its writes are committed only if it returns `Ok`.
+    pub fn migrate<E: Entity>(&mut self, from_version: u32) -> Result<(), Error> {
+        self.turn(|| E::migrate(from_version))
+    }
+
+    /// Runs `body` as one turn with the host's commit-or-discard semantics.
+    fn turn<T>(&mut self, body: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
         self.invocations += 1;
         native::begin(Turn {
             store: std::mem::take(&mut self.store),
@@ -93,20 +105,20 @@ impl TestHarness {
             now_ms: self.now_ms,
             logs: Vec::new(),
         });
-        let outcome = catch_unwind(AssertUnwindSafe(|| E::dispatch(op, payload)));
+        let outcome = catch_unwind(AssertUnwindSafe(body));
         let turn = native::end().expect("conflux-sdk: the harness turn vanished during a call");
         self.store = turn.store;
         self.logs
             .extend(turn.logs.into_iter().map(|l| LogRecord { level: Level::from_u8(l.level), message: l.message }));
         match outcome {
-            Ok(Ok(reply)) => {
+            Ok(Ok(value)) => {
                 for (key, write) in turn.writes {
                     match write {
                         Some(value) => self.store.insert(key, value),
                         None => self.store.remove(&key),
                     };
                 }
-                Ok(reply)
+                Ok(value)
             }
             Ok(Err(e)) => Err(e),
             Err(panic) => resume_unwind(panic),

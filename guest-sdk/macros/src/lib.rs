@@ -23,6 +23,27 @@ pub fn entity(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
+/// Marks the state migration of an entity. Only valid on an associated function (no
+/// receiver) inside an `#[entity]` impl block, which consumes this attribute; see the
+/// `conflux-sdk` crate documentation.
+#[proc_macro_attribute]
+pub fn migrate(_attr: TokenStream, item: TokenStream) -> TokenStream {
+    let item: TokenStream2 = item.into();
+    let err = syn::Error::new_spanned(
+        &item,
+        "#[migrate] only works on an associated function inside an `#[entity]` impl block",
+    )
+    .to_compile_error();
+    quote!(#err #item).into()
+}
+
+/// The `#[migrate]` function of an entity.
+struct Migration {
+    method: syn::Ident,
+    returns_result: bool,
+    span: Span,
+}
+
 /// How an operation receives the entity.
 enum Receiver {
     Ref,
@@ -43,7 +64,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     if !attr.is_empty() {
         return Err(syn::Error::new_spanned(attr, "#[entity] takes no arguments"));
     }
-    let imp = match syn::parse2::<Item>(item.clone()) {
+    let mut imp = match syn::parse2::<Item>(item.clone()) {
         Ok(Item::Impl(imp)) => imp,
         Ok(other) => {
             return Err(syn::Error::new_spanned(
@@ -55,6 +76,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
         Err(e) => return Err(e),
     };
     check_impl(&imp)?;
+    let migration = take_migration(&mut imp)?;
     let mut ops = Vec::new();
     for item in &imp.items {
         if let ImplItem::Fn(f) = item
@@ -63,7 +85,47 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
             ops.push(op);
         }
     }
-    Ok(generate(&imp, &ops))
+    Ok(generate(&imp, &ops, migration.as_ref()))
+}
+
+fn is_migrate_attr(a: &syn::Attribute) -> bool {
+    a.path().is_ident("migrate") || a.path().segments.last().is_some_and(|s| s.ident == "migrate")
+}
+
+/// Finds the function marked `#[migrate]`, checks its signature and removes the attribute.
+fn take_migration(imp: &mut ItemImpl) -> syn::Result<Option<Migration>> {
+    let mut found: Option<Migration> = None;
+    for item in &mut imp.items {
+        let ImplItem::Fn(f) = item else { continue };
+        let Some(pos) = f.attrs.iter().position(is_migrate_attr) else { continue };
+        let attr = f.attrs.remove(pos);
+        if !matches!(attr.meta, syn::Meta::Path(_)) {
+            return Err(syn::Error::new_spanned(attr, "#[migrate] takes no arguments"));
+        }
+        let sig = &f.sig;
+        if found.is_some() {
+            return Err(syn::Error::new_spanned(&sig.ident, "an entity has at most one #[migrate] function"));
+        }
+        if let Some(FnArg::Receiver(r)) = sig.inputs.first() {
+            return Err(syn::Error::new_spanned(
+                r,
+                "#[migrate] goes on an associated function without `self`: the old state may not \
+                 parse as the new struct, so read it with `state::get_raw`/`state::get`",
+            ));
+        }
+        if sig.inputs.len() != 1 || !sig.generics.params.is_empty() || sig.asyncness.is_some() {
+            return Err(syn::Error::new_spanned(
+                sig,
+                "#[migrate] function must look like `fn migrate(from_version: u32) -> Result<(), Error>`",
+            ));
+        }
+        let returns_result = match &sig.output {
+            ReturnType::Default => false,
+            ReturnType::Type(_, ty) => is_result(ty),
+        };
+        found = Some(Migration { method: sig.ident.clone(), returns_result, span: sig.ident.span() });
+    }
+    Ok(found)
 }
 
 fn check_impl(imp: &ItemImpl) -> syn::Result<()> {
@@ -198,7 +260,7 @@ fn is_result(ty: &Type) -> bool {
     }
 }
 
-fn generate(imp: &ItemImpl, ops: &[Operation]) -> TokenStream2 {
+fn generate(imp: &ItemImpl, ops: &[Operation], migration: Option<&Migration>) -> TokenStream2 {
     let ty = &imp.self_ty;
     let type_name = quote!(#ty).to_string().replace(' ', "");
     let names: Vec<&str> = ops.iter().map(|o| o.name.as_str()).collect();
@@ -250,6 +312,25 @@ fn generate(imp: &ItemImpl, ops: &[Operation]) -> TokenStream2 {
             }
         }
     });
+    let migrate_fn = migration.map(|m| {
+        let method = &m.method;
+        let span = m.span;
+        let body = if m.returns_result {
+            quote_spanned! {span=>
+                Self::#method(__from_version).map_err(::core::convert::Into::<::conflux_sdk::Error>::into)
+            }
+        } else {
+            quote_spanned! {span=>
+                Self::#method(__from_version);
+                ::core::result::Result::Ok(())
+            }
+        };
+        quote! {
+            fn migrate(__from_version: u32) -> ::core::result::Result<(), ::conflux_sdk::Error> {
+                #body
+            }
+        }
+    });
     let export_struct = format_ident!("__ConfluxEntityExport");
     quote! {
         #imp
@@ -271,6 +352,8 @@ fn generate(imp: &ItemImpl, ops: &[Operation]) -> TokenStream2 {
                     )),
                 }
             }
+
+            #migrate_fn
         }
 
         #[cfg(target_arch = "wasm32")]
@@ -289,6 +372,15 @@ fn generate(imp: &ItemImpl, ops: &[Operation]) -> TokenStream2 {
                 > {
                     <#ty as ::conflux_sdk::Entity>::dispatch(&operation, &payload)
                         .map_err(::core::convert::Into::into)
+                }
+            }
+
+            impl ::conflux_sdk::bindings::exports::conflux::entity::migration::Guest for #export_struct {
+                fn migrate(
+                    from_version: u32,
+                ) -> ::core::result::Result<(), ::conflux_sdk::bindings::exports::conflux::entity::migration::CallError>
+                {
+                    <#ty as ::conflux_sdk::Entity>::migrate(from_version).map_err(::core::convert::Into::into)
                 }
             }
 
@@ -339,6 +431,38 @@ mod tests {
             Err(e) => e.to_string(),
         };
         assert!(e.contains("takes no arguments"), "{e}");
+    }
+
+    #[test]
+    fn migrate_needs_an_associated_fn_and_at_most_one() {
+        let e = error_of(quote! { impl C { #[migrate] fn m(&mut self, v: u32) {} } });
+        assert!(e.contains("without `self`"), "{e}");
+        let e = error_of(quote! { impl C { #[migrate] fn m() {} } });
+        assert!(e.contains("from_version: u32"), "{e}");
+        let e = error_of(quote! { impl C { #[migrate] fn a(v: u32) {} #[migrate] fn b(v: u32) {} } });
+        assert!(e.contains("at most one"), "{e}");
+        let e = error_of(quote! { impl C { #[migrate(x)] fn a(v: u32) {} } });
+        assert!(e.contains("takes no arguments"), "{e}");
+    }
+
+    #[test]
+    fn migrate_overrides_the_default_and_is_not_an_operation() {
+        let out = expand(
+            TokenStream2::new(),
+            quote! {
+                impl C {
+                    pub fn get(&self) -> i64 { 1 }
+                    #[migrate]
+                    pub fn upgrade(from: u32) -> Result<(), Error> { Ok(()) }
+                }
+            },
+        )
+        .unwrap()
+        .to_string();
+        assert!(out.contains(r#"& ["get"]"#), "{out}");
+        assert!(out.contains("fn migrate (__from_version : u32)"), "{out}");
+        assert!(out.contains("Self :: upgrade (__from_version)"), "{out}");
+        assert!(!out.contains("# [migrate]"), "attribute stripped: {out}");
     }
 
     #[test]

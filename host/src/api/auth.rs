@@ -12,6 +12,8 @@ use tonic::metadata::MetadataMap;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rpc {
     Deploy,
+    Rollback,
+    Promote,
     GetState,
     Status,
     ListTypes,
@@ -31,7 +33,7 @@ impl Rpc {
     /// The single method → required-token table.
     pub fn access(self) -> Access {
         match self {
-            Rpc::Deploy | Rpc::GetState | Rpc::Status => Access::Admin,
+            Rpc::Deploy | Rpc::Rollback | Rpc::Promote | Rpc::GetState | Rpc::Status => Access::Admin,
             Rpc::ListTypes | Rpc::Invoke => Access::Invoke,
         }
     }
@@ -39,6 +41,8 @@ impl Rpc {
     pub fn name(self) -> &'static str {
         match self {
             Rpc::Deploy => "Deploy",
+            Rpc::Rollback => "Rollback",
+            Rpc::Promote => "Promote",
             Rpc::GetState => "GetState",
             Rpc::Status => "Status",
             Rpc::ListTypes => "ListTypes",
@@ -141,7 +145,8 @@ mod tests {
         m
     }
 
-    const ALL: [Rpc; 5] = [Rpc::Deploy, Rpc::GetState, Rpc::Status, Rpc::ListTypes, Rpc::Invoke];
+    const ALL: [Rpc; 7] =
+        [Rpc::Deploy, Rpc::Rollback, Rpc::Promote, Rpc::GetState, Rpc::Status, Rpc::ListTypes, Rpc::Invoke];
 
     #[test]
     fn no_tokens_means_everything_is_open() {
@@ -155,7 +160,7 @@ mod tests {
     #[test]
     fn admin_token_guards_admin_rpcs_only() {
         let a = auth(Some("s3cret-admin"), None);
-        for rpc in [Rpc::Deploy, Rpc::GetState, Rpc::Status] {
+        for rpc in [Rpc::Deploy, Rpc::Rollback, Rpc::Promote, Rpc::GetState, Rpc::Status] {
             assert_eq!(a.check(rpc, &md(None)), Err(AuthError::Missing { rpc: rpc.name(), token: "admin" }));
             assert!(matches!(a.check(rpc, &md(Some("Bearer nope"))), Err(AuthError::Wrong { .. })));
             assert!(matches!(a.check(rpc, &md(Some("Basic s3cret-admin"))), Err(AuthError::Malformed { .. })));

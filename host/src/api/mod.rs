@@ -34,6 +34,9 @@ pub const ERROR_KIND_HEADER: &str = "conflux-error-kind";
 /// Largest deploy chunk a client should send; the CLI uses this.
 pub const DEPLOY_CHUNK_BYTES: usize = 64 << 10;
 
+/// Entities a dry run samples when the request does not say.
+const DRY_RUN_SAMPLE_DEFAULT: usize = 100;
+
 /// Default and maximum page size of GetState.
 const STATE_PAGE_DEFAULT: u32 = 1000;
 const STATE_PAGE_MAX: u32 = 10_000;
@@ -50,6 +53,16 @@ pub enum ApiError {
     Tls { cert: std::path::PathBuf, key: std::path::PathBuf, message: String },
 }
 
+/// The messages of one Deploy call: `header` (with `size_bytes` filled in), then
+/// `bytes` in chunks of [`DEPLOY_CHUNK_BYTES`].
+pub fn deploy_messages(mut header: pb::DeployHeader, bytes: &[u8]) -> Vec<pb::DeployRequest> {
+    header.size_bytes = bytes.len() as u64;
+    std::iter::once(pb::deploy_request::Part::Header(header))
+        .chain(bytes.chunks(DEPLOY_CHUNK_BYTES).map(|c| pb::deploy_request::Part::Chunk(c.to_vec())))
+        .map(|part| pb::DeployRequest { part: Some(part) })
+        .collect()
+}
+
 fn status(code: Code, kind: &'static str, message: impl Into<String>) -> Status {
     let mut s = Status::new(code, message);
     s.metadata_mut().insert(ERROR_KIND_HEADER, tonic::metadata::MetadataValue::from_static(kind));
@@ -64,11 +77,13 @@ fn invoke_status(e: InvokeError) -> Status {
         InvokeError::MailboxFull { .. } => status(Code::ResourceExhausted, "mailbox-full", msg),
         InvokeError::Overloaded(_) => status(Code::ResourceExhausted, "overloaded", msg),
         InvokeError::ShuttingDown => status(Code::Unavailable, "shutting-down", msg),
+        InvokeError::MigrationFailed { .. } => status(Code::FailedPrecondition, "migration-failed", msg),
         InvokeError::Turn(t) => match t {
             TurnError::BadRequest(m) => status(Code::InvalidArgument, "bad-request", m),
             TurnError::UnknownOperation(m) => status(Code::NotFound, "unknown-operation", m),
             TurnError::Failed(m) => status(Code::FailedPrecondition, "failed", m),
             TurnError::Trapped { kind, .. } => status(Code::Aborted, kind.as_str(), msg),
+            TurnError::MigrationFailed { .. } => status(Code::FailedPrecondition, "migration-failed", msg),
         },
         InvokeError::Instantiate(_) => status(Code::Unavailable, "instantiate", msg),
         InvokeError::Commit(_) => status(Code::Unavailable, "commit", msg),
@@ -83,6 +98,8 @@ fn registry_status(e: RegistryError) -> Status {
         RegistryError::BadTypeName(_) => status(Code::InvalidArgument, "bad-type-name", msg),
         RegistryError::TooLarge { .. } => status(Code::InvalidArgument, "too-large", msg),
         RegistryError::Invalid(_) => status(Code::InvalidArgument, "invalid-component", msg),
+        RegistryError::UnknownVersion { .. } => status(Code::NotFound, "unknown-version", msg),
+        RegistryError::BadCanary(_) => status(Code::InvalidArgument, "bad-canary", msg),
         _ => status(Code::Internal, "registry", msg),
     }
 }
@@ -194,6 +211,31 @@ impl Api {
     }
 }
 
+fn canary_info(c: crate::registry::CanaryRecord) -> pb::CanaryInfo {
+    pb::CanaryInfo { version: c.version, ids: c.ids }
+}
+
+impl Api {
+    /// Rollback and promote: the same registry change, named differently for the user.
+    async fn activate(&self, req: pb::ActivateRequest) -> Result<Response<pb::ActivateResponse>, Status> {
+        if req.version == 0 {
+            return Err(status(
+                Code::InvalidArgument,
+                "bad-version",
+                "field `version` is required (versions start at 1)",
+            ));
+        }
+        let o = self.registry.activate(&req.entity_type, req.version).await.map_err(registry_status)?;
+        Ok(Response::new(pb::ActivateResponse {
+            entity_type: req.entity_type,
+            active_version: o.active,
+            previous_active_version: o.previous_active,
+            unchanged: o.unchanged,
+            ended_canary: o.ended_canary.map(canary_info),
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl Conflux for Api {
     async fn deploy(
@@ -242,13 +284,63 @@ impl Conflux for Api {
                 format!("upload truncated: received {} of {} bytes", bytes.len(), header.size_bytes),
             ));
         }
-        let outcome = self.registry.deploy(&header.entity_type, bytes).await.map_err(registry_status)?;
+        if header.dry_run {
+            if !header.canary_ids.is_empty() {
+                return Err(status(Code::InvalidArgument, "bad-upload", "a dry run cannot also be a canary"));
+            }
+            let candidate =
+                self.registry.compile_candidate(&header.entity_type, bytes).await.map_err(registry_status)?;
+            let sample = match header.dry_run_sample {
+                0 => DRY_RUN_SAMPLE_DEFAULT,
+                n => n as usize,
+            };
+            let version = candidate.version;
+            let r = self.scheduler.dry_run_migration(candidate.loaded, sample).await.map_err(invoke_status)?;
+            let previous = self.registry.get(&header.entity_type).map(|t| t.active).unwrap_or(0);
+            return Ok(Response::new(pb::DeployResponse {
+                entity_type: header.entity_type,
+                version,
+                digest: candidate.digest,
+                unchanged: false,
+                reused: false,
+                previous_active_version: previous,
+                canary_ids: vec![],
+                dry_run: Some(pb::DryRunReport {
+                    sampled: r.sampled,
+                    migrated: r.migrated,
+                    failed: r.failed,
+                    up_to_date: r.up_to_date,
+                    failures: r
+                        .failures
+                        .into_iter()
+                        .map(|(id, from_version, error)| pb::DryRunFailure { id, from_version, error })
+                        .collect(),
+                    has_migration: r.has_migration,
+                }),
+            }));
+        }
+        let canary = (!header.canary_ids.is_empty()).then_some(header.canary_ids);
+        let outcome = self.registry.deploy(&header.entity_type, bytes, canary).await.map_err(registry_status)?;
         Ok(Response::new(pb::DeployResponse {
             entity_type: header.entity_type,
             version: outcome.version,
             digest: outcome.digest,
             unchanged: outcome.unchanged,
+            reused: outcome.reused,
+            previous_active_version: outcome.previous_active.unwrap_or(0),
+            canary_ids: outcome.canary.unwrap_or_default(),
+            dry_run: None,
         }))
+    }
+
+    async fn rollback(&self, request: Request<pb::ActivateRequest>) -> Result<Response<pb::ActivateResponse>, Status> {
+        authorize(&self.auth, Rpc::Rollback, &request)?;
+        self.activate(request.into_inner()).await
+    }
+
+    async fn promote(&self, request: Request<pb::ActivateRequest>) -> Result<Response<pb::ActivateResponse>, Status> {
+        authorize(&self.auth, Rpc::Promote, &request)?;
+        self.activate(request.into_inner()).await
     }
 
     async fn invoke(&self, request: Request<pb::InvokeRequest>) -> Result<Response<pb::InvokeResponse>, Status> {
@@ -277,6 +369,7 @@ impl Conflux for Api {
             .list()
             .into_iter()
             .map(|t| pb::TypeInfo {
+                canary: t.canary.map(canary_info),
                 name: t.name,
                 active_version: t.active,
                 versions: t

@@ -1,16 +1,22 @@
 //! The component registry: upload, validation against the `entity` world,
-//! content-addressed storage (sha256), numbered versions per type, the active
-//! version, and a cache of compiled artifacts so a restart does not recompile.
+//! content-addressed storage (sha256), numbered immutable versions per type, the
+//! active version, an optional canary (a version pinned for listed entity ids),
+//! rollback/promote, and a cache of compiled artifacts so a restart does not
+//! recompile. This is the hot-swap seam: the scheduler asks [`Registry::version_for`]
+//! at the start of every turn.
 //!
 //! Registry metadata is written through the commit log (keyspace `Registry`),
 //! so a deploy is durable and atomic like any turn. Component bytes are written
-//! and fsync'd to `components/` before the metadata that names them.
+//! and fsync'd to `components/` before the metadata that names them, and a
+//! version is compiled and linked before any record points at it, so a component
+//! that does not compile or validate never becomes active. What a deploy or an
+//! activation does to a [`TypeRecord`] is decided by pure functions (`plan_*`).
 
 mod validate;
 
 use crate::config::RegistryConfig;
 use crate::log::CommitLog;
-use crate::model::{Keyspace, Op, WriteSet, validate_type_name};
+use crate::model::{EntityRef, Keyspace, Op, WriteSet, validate_type_name};
 use crate::runtime::{Prepared, Runtime};
 use crate::storage::StateStore;
 use serde::{Deserialize, Serialize};
@@ -43,6 +49,21 @@ pub enum RegistryError {
     Corrupt { name: String, message: String },
     #[error("component {digest} of type {name:?} is missing from {path}")]
     MissingComponent { name: String, digest: String, path: PathBuf },
+    #[error("entity type {name:?} has no version {version}; its versions are {known}")]
+    UnknownVersion { name: String, version: u32, known: String },
+    #[error("bad canary: {0}")]
+    BadCanary(String),
+}
+
+/// Most entity ids one canary may list; a canary is a handful of test entities.
+pub const MAX_CANARY_IDS: usize = 1000;
+
+/// A version pinned for some entities of a type while the others stay on the active one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryRecord {
+    pub version: u32,
+    /// Sorted and without duplicates.
+    pub ids: Vec<String>,
 }
 
 /// One immutable version of a type, as recorded in the registry.
@@ -61,12 +82,137 @@ pub struct TypeRecord {
     pub name: String,
     pub versions: Vec<VersionRecord>,
     pub active: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryRecord>,
+}
+
+/// A record change decided by a `plan_*` function, with what to tell the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Plan<O> {
+    /// `None`: nothing changes.
+    record: Option<TypeRecord>,
+    outcome: O,
 }
 
 impl TypeRecord {
     fn version(&self, v: u32) -> Option<&VersionRecord> {
         self.versions.iter().find(|r| r.version == v)
     }
+
+    /// The version entity `id` runs: the canary's if it lists `id`, else the active one.
+    pub fn version_for(&self, id: &str) -> u32 {
+        match &self.canary {
+            Some(c) if c.ids.binary_search_by(|x| x.as_str().cmp(id)).is_ok() => c.version,
+            _ => self.active,
+        }
+    }
+
+    fn next_version(&self) -> u32 {
+        self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1
+    }
+
+    fn known_versions(&self) -> String {
+        self.versions.iter().map(|v| v.version.to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// What deploying bytes with `digest` does. Bytes equal to the active version change
+    /// nothing; bytes equal to an earlier version reuse its number (a version is its
+    /// content); other bytes become version N+1. Without a canary the version becomes
+    /// active for everyone and any canary ends; with one it is pinned for `canary` ids.
+    fn plan_deploy(
+        existing: Option<&TypeRecord>,
+        name: &str,
+        digest: &str,
+        size_bytes: u64,
+        now_ms: u64,
+        canary: Option<Vec<String>>,
+    ) -> Result<Plan<DeployOutcome>, RegistryError> {
+        let canary = canary.map(canary_ids).transpose()?;
+        let empty = TypeRecord { name: name.to_owned(), versions: vec![], active: 0, canary: None };
+        let rec = existing.unwrap_or(&empty);
+        let previous_active = existing.map(|r| r.active);
+        let same = rec.versions.iter().find(|v| v.digest == digest).map(|v| v.version);
+        let mut outcome = DeployOutcome {
+            version: same.unwrap_or_else(|| rec.next_version()),
+            digest: digest.to_owned(),
+            unchanged: false,
+            reused: same.is_some(),
+            previous_active,
+            canary: None,
+        };
+        if same.is_some() && same == previous_active {
+            outcome.unchanged = true;
+            outcome.canary = rec.canary.as_ref().map(|c| c.ids.clone());
+            return Ok(Plan { record: None, outcome });
+        }
+        let mut next = rec.clone();
+        if same.is_none() {
+            next.versions.push(VersionRecord {
+                version: outcome.version,
+                digest: digest.to_owned(),
+                size_bytes,
+                deployed_at_ms: now_ms,
+            });
+        }
+        match canary {
+            None => {
+                next.active = outcome.version;
+                next.canary = None;
+            }
+            Some(ids) => {
+                if existing.is_none() {
+                    return Err(RegistryError::BadCanary(format!(
+                        "{name} has no active version yet; deploy its first version without --canary"
+                    )));
+                }
+                outcome.canary = Some(ids.clone());
+                next.canary = Some(CanaryRecord { version: outcome.version, ids });
+            }
+        }
+        Ok(Plan { record: Some(next), outcome })
+    }
+
+    /// What making `version` active for every entity does (rollback or promote); it
+    /// ends any canary.
+    fn plan_activate(&self, version: u32) -> Result<Plan<ActivateOutcome>, RegistryError> {
+        if self.version(version).is_none() {
+            return Err(RegistryError::UnknownVersion {
+                name: self.name.clone(),
+                version,
+                known: self.known_versions(),
+            });
+        }
+        let outcome = ActivateOutcome {
+            active: version,
+            previous_active: self.active,
+            unchanged: version == self.active && self.canary.is_none(),
+            ended_canary: self.canary.clone(),
+        };
+        if outcome.unchanged {
+            return Ok(Plan { record: None, outcome });
+        }
+        let mut next = self.clone();
+        next.active = version;
+        next.canary = None;
+        Ok(Plan { record: Some(next), outcome })
+    }
+}
+
+/// Validates, sorts and de-duplicates canary ids.
+fn canary_ids(ids: Vec<String>) -> Result<Vec<String>, RegistryError> {
+    let mut ids: Vec<String> = ids.into_iter().map(|i| i.trim().to_owned()).filter(|i| !i.is_empty()).collect();
+    ids.sort();
+    ids.dedup();
+    if ids.is_empty() {
+        return Err(RegistryError::BadCanary("list at least one entity id".into()));
+    }
+    if ids.len() > MAX_CANARY_IDS {
+        return Err(RegistryError::BadCanary(format!("{} ids; the limit is {MAX_CANARY_IDS}", ids.len())));
+    }
+    for id in &ids {
+        crate::model::validate_entity_id(id).map_err(|e| RegistryError::BadCanary(format!("id {id:?}: {e}")))?;
+    }
+    Ok(ids)
 }
 
 /// A version compiled and checked against the linker, ready to instantiate.
@@ -84,11 +230,44 @@ pub struct DeployOutcome {
     pub digest: String,
     /// The bytes were identical to the active version: nothing changed.
     pub unchanged: bool,
+    /// The bytes were identical to this earlier version, which was reused.
+    pub reused: bool,
+    /// The active version before the deploy (`None` for a new type).
+    pub previous_active: Option<u32>,
+    /// The ids the version is pinned for, when deployed as a canary.
+    pub canary: Option<Vec<String>>,
+}
+
+/// What a rollback or promote did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActivateOutcome {
+    pub active: u32,
+    pub previous_active: u32,
+    /// The version was already active for everyone.
+    pub unchanged: bool,
+    /// The canary that was in place, now ended.
+    pub ended_canary: Option<CanaryRecord>,
+}
+
+/// A component compiled and checked but not stored or recorded (a dry run).
+pub struct Candidate {
+    pub digest: String,
+    /// The version number a deploy of these bytes would get.
+    pub version: u32,
+    pub loaded: Arc<LoadedVersion>,
 }
 
 struct TypeState {
     record: TypeRecord,
-    active: Arc<LoadedVersion>,
+    /// The active version and the canary's, compiled and ready.
+    loaded: HashMap<u32, Arc<LoadedVersion>>,
+}
+
+impl TypeState {
+    fn for_id(&self, id: &str) -> Arc<LoadedVersion> {
+        let v = self.record.version_for(id);
+        self.loaded.get(&v).cloned().expect("the active and canary versions are always loaded")
+    }
 }
 
 pub struct Registry {
@@ -144,18 +323,41 @@ impl Registry {
                 let name = String::from_utf8_lossy(&key[TYPE_KEY_PREFIX.len()..]).into_owned();
                 let record: TypeRecord = serde_json::from_slice(value)
                     .map_err(|e| RegistryError::Corrupt { name: name.clone(), message: e.to_string() })?;
-                let active = reg.load_version(&record, record.active)?;
-                tracing::info!(entity_type = %name, version = record.active, "loaded component");
-                reg.types.write().expect("registry lock").insert(name, TypeState { record, active });
+                let mut loaded = HashMap::new();
+                for v in std::iter::once(record.active).chain(record.canary.as_ref().map(|c| c.version)) {
+                    loaded.insert(v, reg.load_version(&record, v)?);
+                }
+                tracing::info!(entity_type = %name, version = record.active, canary = ?record.canary, "loaded component");
+                reg.types.write().expect("registry lock").insert(name, TypeState { record, loaded });
             }
         }
         Ok(reg)
     }
 
-    /// The version new turns of `type_name` run.
+    /// The version new turns of `type_name` run (ignoring any canary).
     pub fn active(&self, type_name: &str) -> Result<Arc<LoadedVersion>, RegistryError> {
         let types = self.types.read().expect("registry lock");
-        types.get(type_name).map(|t| t.active.clone()).ok_or_else(|| RegistryError::UnknownType(type_name.to_owned()))
+        let t = types.get(type_name).ok_or_else(|| RegistryError::UnknownType(type_name.to_owned()))?;
+        Ok(t.loaded.get(&t.record.active).cloned().expect("the active version is always loaded"))
+    }
+
+    /// The version the next turn of `entity` runs: the canary's if it lists the id,
+    /// else the active one.
+    pub fn version_for(&self, entity: &EntityRef) -> Result<Arc<LoadedVersion>, RegistryError> {
+        let types = self.types.read().expect("registry lock");
+        let t = types.get(&entity.entity_type).ok_or_else(|| RegistryError::UnknownType(entity.entity_type.clone()))?;
+        Ok(t.for_id(&entity.id))
+    }
+
+    /// Whether `type_name` is deployed.
+    pub fn exists(&self, type_name: &str) -> bool {
+        self.types.read().expect("registry lock").contains_key(type_name)
+    }
+
+    /// One type's record.
+    pub fn get(&self, type_name: &str) -> Result<TypeRecord, RegistryError> {
+        let types = self.types.read().expect("registry lock");
+        types.get(type_name).map(|t| t.record.clone()).ok_or_else(|| RegistryError::UnknownType(type_name.to_owned()))
     }
 
     /// All types with their versions, sorted by name.
@@ -166,47 +368,122 @@ impl Registry {
         out
     }
 
-    /// Validates, compiles and stores a component, then makes it the active
-    /// version of `type_name`. Nothing changes unless every step succeeds.
-    pub async fn deploy(self: &Arc<Self>, type_name: &str, bytes: Vec<u8>) -> Result<DeployOutcome, RegistryError> {
+    fn check_upload(&self, type_name: &str, bytes: &[u8]) -> Result<String, RegistryError> {
         validate_type_name(type_name)?;
         if bytes.len() > self.cfg.max_component_bytes {
             return Err(RegistryError::TooLarge { size: bytes.len(), limit: self.cfg.max_component_bytes });
         }
-        validate::check_header(&bytes)?;
-        let digest = hex::encode(Sha256::digest(&bytes));
+        validate::check_header(bytes)?;
+        Ok(hex::encode(Sha256::digest(bytes)))
+    }
+
+    /// Validates, compiles and stores a component, then makes it the active version
+    /// of `type_name` — or, with `canary`, the version of only those entity ids.
+    /// Nothing changes unless every step succeeds.
+    pub async fn deploy(
+        self: &Arc<Self>,
+        type_name: &str,
+        bytes: Vec<u8>,
+        canary: Option<Vec<String>>,
+    ) -> Result<DeployOutcome, RegistryError> {
+        let digest = self.check_upload(type_name, &bytes)?;
         let _guard = self.deploy_lock.lock().await;
         let existing = self.types.read().expect("registry lock").get(type_name).map(|t| t.record.clone());
-        if let Some(rec) = &existing
-            && rec.version(rec.active).is_some_and(|v| v.digest == digest)
-        {
-            return Ok(DeployOutcome { version: rec.active, digest, unchanged: true });
-        }
-        // Compile and check off the async threads: Cranelift takes tens of ms.
+        let plan =
+            TypeRecord::plan_deploy(existing.as_ref(), type_name, &digest, bytes.len() as u64, now_ms(), canary)?;
+        let Some(record) = plan.record else { return Ok(plan.outcome) };
+        let version = plan.outcome.version;
+        let loaded = if plan.outcome.reused {
+            self.loaded_or_load(&record, version).await?
+        } else {
+            // Compile and check off the async threads: Cranelift takes tens of ms.
+            let this = self.clone();
+            let d = digest.clone();
+            let prepared = tokio::task::spawn_blocking(move || this.compile_and_store(&d, &bytes))
+                .await
+                .map_err(|e| RegistryError::Io(std::io::Error::other(e.to_string())))??;
+            Arc::new(LoadedVersion { type_name: type_name.to_owned(), version, digest: digest.clone(), prepared })
+        };
+        self.commit(record, Some(loaded)).await?;
+        tracing::info!(entity_type = type_name, version, %digest, canary = ?plan.outcome.canary, "deployed component");
+        Ok(plan.outcome)
+    }
+
+    /// Makes `version` (which must exist) active for every entity of `type_name`,
+    /// ending any canary. Used by rollback and promote; the version is loaded
+    /// before the switch.
+    pub async fn activate(self: &Arc<Self>, type_name: &str, version: u32) -> Result<ActivateOutcome, RegistryError> {
+        let _guard = self.deploy_lock.lock().await;
+        let existing = self.get(type_name)?;
+        let plan = existing.plan_activate(version)?;
+        let Some(record) = plan.record else { return Ok(plan.outcome) };
+        let loaded = self.loaded_or_load(&record, version).await?;
+        self.commit(record, Some(loaded)).await?;
+        tracing::info!(entity_type = type_name, version, previous = plan.outcome.previous_active, "activated version");
+        Ok(plan.outcome)
+    }
+
+    /// Validates and compiles `bytes` as the next version of `type_name` without
+    /// storing or recording anything.
+    pub async fn compile_candidate(
+        self: &Arc<Self>,
+        type_name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Candidate, RegistryError> {
+        let digest = self.check_upload(type_name, &bytes)?;
+        let existing = self.types.read().expect("registry lock").get(type_name).map(|t| t.record.clone());
+        let version = existing
+            .as_ref()
+            .and_then(|r| r.versions.iter().find(|v| v.digest == digest).map(|v| v.version))
+            .unwrap_or_else(|| existing.as_ref().map_or(1, TypeRecord::next_version));
         let this = self.clone();
-        let digest2 = digest.clone();
-        let prepared = tokio::task::spawn_blocking(move || this.compile_and_store(&digest2, &bytes))
+        let prepared = tokio::task::spawn_blocking(move || this.compile(&bytes).map(|(_, p)| p))
             .await
             .map_err(|e| RegistryError::Io(std::io::Error::other(e.to_string())))??;
-        let size_bytes = std::fs::metadata(self.component_path(&digest))?.len();
-        let mut record =
-            existing.unwrap_or_else(|| TypeRecord { name: type_name.to_owned(), versions: vec![], active: 0 });
-        let version = record.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
-        record.versions.push(VersionRecord { version, digest: digest.clone(), size_bytes, deployed_at_ms: now_ms() });
-        record.active = version;
+        let loaded =
+            Arc::new(LoadedVersion { type_name: type_name.to_owned(), version, digest: digest.clone(), prepared });
+        Ok(Candidate { digest, version, loaded })
+    }
+
+    /// The already loaded `version`, or loads it (from the artifact cache) off the async threads.
+    async fn loaded_or_load(
+        self: &Arc<Self>,
+        record: &TypeRecord,
+        version: u32,
+    ) -> Result<Arc<LoadedVersion>, RegistryError> {
+        if let Some(l) =
+            self.types.read().expect("registry lock").get(&record.name).and_then(|t| t.loaded.get(&version))
+        {
+            return Ok(l.clone());
+        }
+        let this = self.clone();
+        let record = record.clone();
+        tokio::task::spawn_blocking(move || this.load_version(&record, version))
+            .await
+            .map_err(|e| RegistryError::Io(std::io::Error::other(e.to_string())))?
+    }
+
+    /// Makes `record` durable through the log, then visible: from here on turns
+    /// start on its versions. Keeps exactly the active and canary versions loaded.
+    async fn commit(&self, record: TypeRecord, new: Option<Arc<LoadedVersion>>) -> Result<(), RegistryError> {
         let ws = WriteSet {
             ops: vec![Op::Put {
                 keyspace: Keyspace::Registry,
-                key: type_key(type_name),
+                key: type_key(&record.name),
                 value: serde_json::to_vec(&record).expect("records serialise"),
             }],
         };
         self.log.propose(ws).await?;
-        let active =
-            Arc::new(LoadedVersion { type_name: type_name.to_owned(), version, digest: digest.clone(), prepared });
-        self.types.write().expect("registry lock").insert(type_name.to_owned(), TypeState { record, active });
-        tracing::info!(entity_type = type_name, version, %digest, "deployed component");
-        Ok(DeployOutcome { version, digest, unchanged: false })
+        let mut types = self.types.write().expect("registry lock");
+        let mut loaded = types.remove(&record.name).map(|t| t.loaded).unwrap_or_default();
+        if let Some(n) = new {
+            loaded.insert(n.version, n);
+        }
+        let keep = [Some(record.active), record.canary.as_ref().map(|c| c.version)];
+        loaded.retain(|v, _| keep.contains(&Some(*v)));
+        debug_assert!(keep.iter().flatten().all(|v| loaded.contains_key(v)));
+        types.insert(record.name.clone(), TypeState { record, loaded });
+        Ok(())
     }
 
     fn component_path(&self, digest: &str) -> PathBuf {
@@ -222,11 +499,17 @@ impl Registry {
         self.artifacts_dir.join(format!("{digest}-{compat:016x}.cwasm"))
     }
 
-    fn compile_and_store(&self, digest: &str, bytes: &[u8]) -> Result<Prepared, RegistryError> {
+    /// Compiles and checks a component against the world and the linker.
+    fn compile(&self, bytes: &[u8]) -> Result<(Component, Prepared), RegistryError> {
         let component =
             Component::new(self.runtime.engine(), bytes).map_err(|e| ValidationError::Compile(format!("{e:#}")))?;
         validate::check_world(self.runtime.engine(), &component)?;
         let prepared = self.runtime.prepare(&component).map_err(|e| ValidationError::Link(e.to_string()))?;
+        Ok((component, prepared))
+    }
+
+    fn compile_and_store(&self, digest: &str, bytes: &[u8]) -> Result<Prepared, RegistryError> {
+        let (component, prepared) = self.compile(bytes)?;
         write_durably(&self.component_path(digest), bytes)?;
         self.write_artifact(digest, &component);
         Ok(prepared)
@@ -248,7 +531,7 @@ impl Registry {
     fn load_version(&self, record: &TypeRecord, version: u32) -> Result<Arc<LoadedVersion>, RegistryError> {
         let v = record.version(version).ok_or_else(|| RegistryError::Corrupt {
             name: record.name.clone(),
-            message: format!("active version {version} is not among its versions"),
+            message: format!("version {version} is not among its versions"),
         })?;
         let artifact = self.artifact_path(&v.digest);
         let component = match load_artifact(self.runtime.engine(), &artifact) {
@@ -301,4 +584,79 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deploy(rec: Option<&TypeRecord>, digest: &str, canary: Option<&[&str]>) -> Plan<DeployOutcome> {
+        let canary = canary.map(|ids| ids.iter().map(|s| s.to_string()).collect());
+        TypeRecord::plan_deploy(rec, "counter", digest, 10, 1000, canary).unwrap()
+    }
+
+    fn record(p: Plan<DeployOutcome>) -> TypeRecord {
+        p.record.expect("the plan changes the record")
+    }
+
+    #[test]
+    fn deploys_number_versions_and_identical_bytes_change_nothing() {
+        let v1 = record(deploy(None, "aa", None));
+        assert_eq!((v1.active, v1.versions.len()), (1, 1));
+        let same = deploy(Some(&v1), "aa", None);
+        assert!(same.record.is_none() && same.outcome.unchanged && same.outcome.version == 1);
+        let v2 = deploy(Some(&v1), "bb", None);
+        assert_eq!((v2.outcome.version, v2.outcome.previous_active, v2.outcome.reused), (2, Some(1), false));
+        let v2 = record(v2);
+        assert_eq!(v2.active, 2);
+        // Bytes of an earlier version reuse its number instead of minting a new one.
+        let back = deploy(Some(&v2), "aa", None);
+        assert!(back.outcome.reused && !back.outcome.unchanged && back.outcome.version == 1);
+        let back = record(back);
+        assert_eq!((back.active, back.versions.len()), (1, 2));
+    }
+
+    #[test]
+    fn a_canary_pins_listed_ids_until_promote_or_rollback() {
+        let v1 = record(deploy(None, "aa", None));
+        let c = deploy(Some(&v1), "bb", Some(&["z", "a", "a", " "]));
+        assert_eq!(c.outcome.canary.as_deref(), Some(&["a".to_string(), "z".to_string()][..]));
+        let c = record(c);
+        assert_eq!(c.active, 1);
+        assert_eq!((c.version_for("a"), c.version_for("z"), c.version_for("b")), (2, 2, 1));
+        let promoted = c.plan_activate(2).unwrap();
+        assert_eq!(promoted.outcome.ended_canary.as_ref().map(|c| c.version), Some(2));
+        let promoted = promoted.record.unwrap();
+        assert_eq!((promoted.active, promoted.canary.is_none(), promoted.version_for("b")), (2, true, 2));
+        // Rolling back while a canary runs ends it too.
+        let rolled = c.plan_activate(1).unwrap();
+        assert!(!rolled.outcome.unchanged);
+        assert_eq!(rolled.record.unwrap().version_for("a"), 1);
+    }
+
+    #[test]
+    fn bad_canaries_and_unknown_versions_are_refused() {
+        let fresh = TypeRecord::plan_deploy(None, "counter", "aa", 1, 1, Some(vec!["a".into()]));
+        assert!(matches!(fresh, Err(RegistryError::BadCanary(m)) if m.contains("first version")));
+        let v1 = record(deploy(None, "aa", None));
+        for ids in [vec![], vec![" ".to_string()], vec!["bad\nid".to_string()]] {
+            assert!(matches!(
+                TypeRecord::plan_deploy(Some(&v1), "counter", "bb", 1, 1, Some(ids)),
+                Err(RegistryError::BadCanary(_))
+            ));
+        }
+        let too_many = (0..=MAX_CANARY_IDS).map(|i| i.to_string()).collect();
+        assert!(TypeRecord::plan_deploy(Some(&v1), "counter", "bb", 1, 1, Some(too_many)).is_err());
+        let e = v1.plan_activate(7).unwrap_err().to_string();
+        assert!(e.contains("no version 7") && e.contains("versions are 1"), "{e}");
+        assert!(v1.plan_activate(1).unwrap().outcome.unchanged);
+    }
+
+    #[test]
+    fn records_without_a_canary_field_still_load() {
+        let old = r#"{"name":"counter","versions":[{"version":1,"digest":"aa","size_bytes":1,"deployed_at_ms":2}],"active":1}"#;
+        let rec: TypeRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((rec.active, rec.canary), (1, None));
+        assert!(!serde_json::to_string(&rec).unwrap().contains("canary"));
+    }
 }

@@ -57,6 +57,12 @@ pub const ENTITY_IMPORTS: &[&str] =
 /// The export every entity must provide.
 pub const HANDLER_EXPORT: &str = "conflux:entity/handler@0.1.0";
 
+/// The optional export through which a new version migrates an entity's state.
+pub const MIGRATION_EXPORT: &str = "conflux:entity/migration@0.1.0";
+
+/// The guest's `migrate(from-version: u32) -> result<_, call-error>`.
+type MigrateFunc = wasmtime::component::TypedFunc<(u32,), (Result<(), CallError>,)>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("cannot configure the wasm engine: {0}")]
@@ -109,6 +115,10 @@ pub enum TurnError {
     /// The instance trapped and has been poisoned.
     #[error("{}: {message}", kind.as_str())]
     Trapped { kind: TrapKind, message: String },
+    /// The guest's migration from `from_version` failed (any of the above); the
+    /// turn it preceded did not run.
+    #[error("migration from version {from_version} failed: {cause}")]
+    MigrationFailed { from_version: u32, cause: Box<TurnError> },
 }
 
 /// What a turn needs to know about its invocation.
@@ -160,6 +170,15 @@ pub struct Runtime {
 #[derive(Clone)]
 pub struct Prepared {
     pre: EntityPre<HostState>,
+    /// Where the component's `migrate` function is, if it exports one.
+    migrate: Option<wasmtime::component::ComponentExportIndex>,
+}
+
+impl Prepared {
+    /// Whether the component exports a state migration.
+    pub fn has_migration(&self) -> bool {
+        self.migrate.is_some()
+    }
 }
 
 impl Runtime {
@@ -205,11 +224,29 @@ impl Runtime {
         &self.engine
     }
 
-    /// Type-checks a compiled component against the linker.
+    /// Type-checks a compiled component against the linker, including the signature
+    /// of an exported `migrate` (by instantiating it once: wasmtime checks a typed
+    /// function's signature against a live instance).
     pub fn prepare(&self, component: &Component) -> Result<Prepared, RuntimeError> {
         let pre = self.linker.instantiate_pre(component).map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
         let pre = EntityPre::new(pre).map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
-        Ok(Prepared { pre })
+        let migrate = component
+            .get_export_index(None, MIGRATION_EXPORT)
+            .map(|iface| {
+                component.get_export_index(Some(&iface), "migrate").ok_or_else(|| {
+                    RuntimeError::Link(format!("`{MIGRATION_EXPORT}` does not export a `migrate` function"))
+                })
+            })
+            .transpose()?;
+        let prepared = Prepared { pre, migrate };
+        if prepared.migrate.is_some() {
+            let probe = EntityRef::new("conflux-check", "migrate-signature").expect("valid ref");
+            self.instantiate(&prepared, &probe).map_err(|e| match e {
+                RuntimeError::Instantiate { message, .. } => RuntimeError::Link(message),
+                other => other,
+            })?;
+        }
+        Ok(prepared)
     }
 
     /// Creates a fresh instance for one entity.
@@ -237,11 +274,19 @@ impl Runtime {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         arm_cpu_limits(&mut store, &self.cfg).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-        let bindings = prepared
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| RuntimeError::Instantiate { entity: entity.to_string(), message: format!("{e:#}") })?;
-        Ok(Instance { store, bindings, poisoned: false })
+        let failed =
+            |e: wasmtime::Error| RuntimeError::Instantiate { entity: entity.to_string(), message: format!("{e:#}") };
+        let instance = prepared.pre.instance_pre().instantiate(&mut store).map_err(failed)?;
+        let bindings = Entity::new(&mut store, &instance).map_err(failed)?;
+        let migrate = match &prepared.migrate {
+            Some(index) => Some(
+                instance
+                    .get_typed_func::<(u32,), (Result<(), CallError>,)>(&mut store, index)
+                    .map_err(|e| failed(e.context(format!("`{MIGRATION_EXPORT}#migrate` has the wrong signature"))))?,
+            ),
+            None => None,
+        };
+        Ok(Instance { store, bindings, migrate, poisoned: false })
     }
 }
 
@@ -250,7 +295,16 @@ impl Runtime {
 pub struct Instance {
     store: Store<HostState>,
     bindings: Entity,
+    migrate: Option<MigrateFunc>,
     poisoned: bool,
+}
+
+fn call_error(e: CallError) -> TurnError {
+    match e {
+        CallError::BadRequest(m) => TurnError::BadRequest(m),
+        CallError::UnknownOperation(m) => TurnError::UnknownOperation(m),
+        CallError::Failed(m) => TurnError::Failed(m),
+    }
 }
 
 impl Instance {
@@ -259,21 +313,24 @@ impl Instance {
         self.poisoned
     }
 
-    /// Runs one turn. Reads go to the turn's own writes first, then `reader`.
-    pub fn run_turn(&mut self, input: TurnInput, reader: Arc<dyn StateStore>) -> Result<TurnOutput, TurnError> {
-        assert!(!self.poisoned, "a poisoned instance must be dropped, not reused");
-        let cfg = self.store.data().cfg.clone();
+    /// Runs one turn. Reads go to the turn's own writes first, then `reader`. With
+    /// `migrate_from`, the guest's migration (if it exports one) runs first, in the
+    /// same turn: its writes and the handler's form one write set.
+    pub fn run_turn(
+        &mut self,
+        input: TurnInput,
+        reader: Arc<dyn StateStore>,
+        migrate_from: Option<u32>,
+    ) -> Result<TurnOutput, TurnError> {
+        let cfg = self.begin_turn(input.invocation_id, input.caller, input.now_ms, reader)?;
+        if let Some(from_version) = migrate_from
+            && let Err(cause) = self.migrate(from_version, &cfg)
         {
-            let data = self.store.data_mut();
-            data.limit_breach = None;
-            data.limits.reset_breach();
-            data.stderr.start_turn();
-            data.turn =
-                Some(TurnState::new(data.entity.clone(), input.invocation_id, input.caller, input.now_ms, reader));
+            self.store.data_mut().turn = None;
+            return Err(TurnError::MigrationFailed { from_version, cause: Box::new(cause) });
         }
         if let Err(e) = arm_cpu_limits(&mut self.store, &cfg) {
-            self.poisoned = true;
-            return Err(TurnError::Trapped { kind: TrapKind::Trap, message: format!("{e:#}") });
+            return Err(self.fail_setup(e));
         }
         let result =
             self.bindings.conflux_entity_handler().call_handle(&mut self.store, &input.operation, &input.payload);
@@ -288,9 +345,67 @@ impl Instance {
                 }
                 Ok(TurnOutput { reply, writes: turn.into_writes() })
             }
-            Ok(Err(CallError::BadRequest(m))) => Err(TurnError::BadRequest(m)),
-            Ok(Err(CallError::UnknownOperation(m))) => Err(TurnError::UnknownOperation(m)),
-            Ok(Err(CallError::Failed(m))) => Err(TurnError::Failed(m)),
+            Ok(Err(e)) => Err(call_error(e)),
+            Err(err) => {
+                self.poisoned = true;
+                Err(self.classify_trap(err))
+            }
+        }
+    }
+
+    /// Runs only the migration from `from_version`, as a turn whose writes are
+    /// returned and never committed (a dry run). Without a migration export the
+    /// result is an empty write set.
+    pub fn run_migration(
+        &mut self,
+        from_version: u32,
+        invocation_id: String,
+        now_ms: u64,
+        reader: Arc<dyn StateStore>,
+    ) -> Result<TurnOutput, TurnError> {
+        let cfg = self.begin_turn(invocation_id, None, now_ms, reader)?;
+        let result = self.migrate(from_version, &cfg);
+        let turn = self.store.data_mut().turn.take().expect("turn state set above");
+        result.map(|()| TurnOutput { reply: Vec::new(), writes: turn.into_writes() })
+    }
+
+    /// Whether this instance's component exports a migration.
+    pub fn has_migration(&self) -> bool {
+        self.migrate.is_some()
+    }
+
+    fn begin_turn(
+        &mut self,
+        invocation_id: String,
+        caller: Option<EntityRef>,
+        now_ms: u64,
+        reader: Arc<dyn StateStore>,
+    ) -> Result<Arc<RuntimeConfig>, TurnError> {
+        assert!(!self.poisoned, "a poisoned instance must be dropped, not reused");
+        let cfg = self.store.data().cfg.clone();
+        let data = self.store.data_mut();
+        data.limit_breach = None;
+        data.limits.reset_breach();
+        data.stderr.start_turn();
+        data.turn = Some(TurnState::new(data.entity.clone(), invocation_id, caller, now_ms, reader));
+        Ok(cfg)
+    }
+
+    fn fail_setup(&mut self, e: wasmtime::Error) -> TurnError {
+        self.poisoned = true;
+        self.store.data_mut().turn = None;
+        TurnError::Trapped { kind: TrapKind::Trap, message: format!("{e:#}") }
+    }
+
+    /// Calls the guest's `migrate` inside the current turn; a no-op without one.
+    fn migrate(&mut self, from_version: u32, cfg: &RuntimeConfig) -> Result<(), TurnError> {
+        let Some(func) = self.migrate else { return Ok(()) };
+        if let Err(e) = arm_cpu_limits(&mut self.store, cfg) {
+            return Err(self.fail_setup(e));
+        }
+        match func.call(&mut self.store, (from_version,)) {
+            Ok((Ok(()),)) => Ok(()),
+            Ok((Err(e),)) => Err(call_error(e)),
             Err(err) => {
                 self.poisoned = true;
                 Err(self.classify_trap(err))

@@ -9,10 +9,20 @@
 //! applied, so the next turn always reads committed state. Every invocation
 //! runs in its own task, so a caller that goes away cannot cut a turn between
 //! its execution and its commit.
+//!
+//! Hot swap: the version a turn runs is read from the registry when the turn
+//! starts, so a turn in flight finishes on its version and a warm instance of an
+//! older version is replaced between turns. The slot remembers which version last
+//! committed the entity's state (keyspace `EntityMeta`); when that differs from the
+//! version about to run, the guest's migration runs first, in the same turn, and
+//! the new version number is committed with the turn's writes — so each entity
+//! migrates lazily and exactly once per version change.
 
 use crate::config::SchedulerConfig;
 use crate::log::{CommitLog, LogError};
-use crate::model::{EntityRef, Keyspace, Op, WriteSet, state_key};
+use crate::model::{
+    EntityRef, Keyspace, Op, WriteSet, decode_entity_version, encode_entity_version, entity_prefix, state_key,
+};
 use crate::registry::{LoadedVersion, Registry, RegistryError};
 use crate::runtime::{Instance, Runtime, RuntimeError, TurnError, TurnInput};
 use crate::storage::StateStore;
@@ -42,6 +52,11 @@ pub enum InvokeError {
     Overloaded(usize),
     #[error("the node is shutting down")]
     ShuttingDown,
+    #[error(
+        "entity {entity} could not migrate from version {from_version} to version {to_version}: {cause}; \
+         it keeps its version-{from_version} state (deploy a fix or roll back)"
+    )]
+    MigrationFailed { entity: String, from_version: u32, to_version: u32, cause: TurnError },
     #[error(transparent)]
     Turn(#[from] TurnError),
     #[error(transparent)]
@@ -53,10 +68,67 @@ pub enum InvokeError {
 }
 
 struct Slot {
-    resident: tokio::sync::Mutex<Option<Resident>>,
+    /// The mailbox: held for a whole turn, execution to commit.
+    state: tokio::sync::Mutex<SlotState>,
     waiting: AtomicUsize,
     last_used_ms: AtomicU64,
 }
+
+#[derive(Default)]
+struct SlotState {
+    resident: Option<Resident>,
+    /// Which version last committed the entity's state; `None` until read from the store.
+    stored: Option<StoredVersion>,
+}
+
+/// The version that last committed an entity's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoredVersion {
+    /// No state and no record: nothing to migrate.
+    Fresh,
+    /// State written before versions were recorded; migrates as from version 0.
+    Unrecorded,
+    At(u32),
+}
+
+impl StoredVersion {
+    /// Reads it from the store (the entity's meta record, else whether it has state).
+    fn load(store: &dyn StateStore, entity: &EntityRef) -> Result<Self, crate::storage::StorageError> {
+        let prefix = entity_prefix(entity);
+        if let Some(v) = store.get(Keyspace::EntityMeta, &prefix)?.as_deref().and_then(decode_entity_version) {
+            return Ok(StoredVersion::At(v));
+        }
+        let any = store.scan(Keyspace::State, &prefix, None, 1)?;
+        Ok(if any.is_empty() { StoredVersion::Fresh } else { StoredVersion::Unrecorded })
+    }
+
+    /// The version to migrate from before running `version`, if any.
+    fn migrate_from(self, version: u32) -> Option<u32> {
+        match self {
+            StoredVersion::Fresh => None,
+            StoredVersion::Unrecorded => Some(0),
+            StoredVersion::At(v) => (v != version).then_some(v),
+        }
+    }
+}
+
+/// What a dry run of a candidate version's migration found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DryRunReport {
+    pub sampled: u64,
+    pub migrated: u64,
+    pub failed: u64,
+    /// Entities already on the candidate's version (nothing to run).
+    pub up_to_date: u64,
+    /// The first failures: entity id, version it would migrate from, error.
+    pub failures: Vec<(String, u32, String)>,
+    pub has_migration: bool,
+}
+
+/// Failures a dry-run report lists in full; the rest are only counted.
+const DRY_RUN_FAILURES_SHOWN: usize = 10;
+/// Upper bound of a dry run's sample, so one request cannot run for hours.
+pub const DRY_RUN_MAX_SAMPLE: usize = 10_000;
 
 /// A warm instance and the version it was made from.
 struct Resident {
@@ -184,7 +256,9 @@ impl Scheduler {
         if !valid_operation(&inv.operation) {
             return Err(InvokeError::BadOperation);
         }
-        inner.registry.active(&inv.entity.entity_type).map_err(InvokeError::UnknownType)?;
+        if !inner.registry.exists(&inv.entity.entity_type) {
+            return Err(InvokeError::UnknownType(RegistryError::UnknownType(inv.entity.entity_type)));
+        }
         let n = inner.inflight.fetch_add(1, Ordering::AcqRel);
         let inflight = InflightGuard(inner.clone());
         if n >= inner.cfg.max_inflight_invocations {
@@ -228,6 +302,47 @@ impl Scheduler {
         }
     }
 
+    /// Runs `candidate`'s migration against up to `sample` existing entities of its
+    /// type, each in a fresh instance, reading committed state and committing
+    /// nothing: no other caller can observe a dry run. Entities are visited in id
+    /// order; each takes a turn permit, so foreground turns keep their share.
+    pub async fn dry_run_migration(
+        &self,
+        candidate: Arc<LoadedVersion>,
+        sample: usize,
+    ) -> Result<DryRunReport, InvokeError> {
+        let inner = self.inner.clone();
+        let sample = sample.min(DRY_RUN_MAX_SAMPLE);
+        let store = inner.store.clone();
+        let ty = candidate.type_name.clone();
+        let ids = tokio::task::spawn_blocking(move || crate::storage::entity_ids(store.as_ref(), &ty, None, sample))
+            .await
+            .map_err(|e| InvokeError::Internal(e.to_string()))?
+            .map_err(|e| InvokeError::Internal(format!("listing entities: {e}")))?;
+        let mut report = DryRunReport { has_migration: candidate.prepared.has_migration(), ..Default::default() };
+        for id in ids {
+            let entity = EntityRef { entity_type: candidate.type_name.clone(), id };
+            let permit = inner.turn_permits.acquire().await.map_err(|e| InvokeError::Internal(e.to_string()))?;
+            let (inner2, candidate2, entity2) = (inner.clone(), candidate.clone(), entity.clone());
+            let outcome = tokio::task::spawn_blocking(move || inner2.dry_run_one(&candidate2, &entity2))
+                .await
+                .map_err(|e| InvokeError::Internal(format!("dry-run thread failed: {e}")))?;
+            drop(permit);
+            report.sampled += 1;
+            match outcome {
+                Ok(None) => report.up_to_date += 1,
+                Ok(Some(_)) => report.migrated += 1,
+                Err((from, message)) => {
+                    report.failed += 1;
+                    if report.failures.len() < DRY_RUN_FAILURES_SHOWN {
+                        report.failures.push((entity.id, from, message));
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
     /// Evicts instances idle longer than the configured timeout, forever.
     pub async fn run_idle_eviction(self) {
         let timeout = self.inner.cfg.idle_timeout_ms;
@@ -257,7 +372,7 @@ impl Inner {
             return s.clone();
         }
         let s = Arc::new(Slot {
-            resident: tokio::sync::Mutex::new(None),
+            state: tokio::sync::Mutex::new(SlotState::default()),
             waiting: AtomicUsize::new(0),
             last_used_ms: AtomicU64::new(now),
         });
@@ -292,6 +407,20 @@ impl Inner {
         victims.len()
     }
 
+    /// One entity of a dry run: `Ok(None)` if nothing to migrate, `Ok(Some(from))`
+    /// if the migration succeeded, `Err((from, why))` if it failed.
+    fn dry_run_one(&self, candidate: &LoadedVersion, entity: &EntityRef) -> Result<Option<u32>, (u32, String)> {
+        let stored = StoredVersion::load(self.store.as_ref(), entity).map_err(|e| (0, format!("reading meta: {e}")))?;
+        let Some(from) = stored.migrate_from(candidate.version) else { return Ok(None) };
+        let mut instance = self.runtime.instantiate(&candidate.prepared, entity).map_err(|e| (from, e.to_string()))?;
+        let seq = self.next_invocation.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{seq:x}-dry-run", self.invocation_prefix);
+        instance
+            .run_migration(from, id, wall_ms(), self.store.clone())
+            .map(|_| Some(from))
+            .map_err(|e| (from, e.to_string()))
+    }
+
     async fn run(self: Arc<Self>, inv: Invocation) -> Result<Vec<u8>, InvokeError> {
         let slot = self.slot(&inv.entity);
         let depth = slot.waiting.fetch_add(1, Ordering::AcqRel);
@@ -299,12 +428,13 @@ impl Inner {
         if depth >= self.cfg.mailbox_depth {
             return Err(InvokeError::MailboxFull { entity: inv.entity.to_string(), depth });
         }
-        let mut resident = slot.resident.lock().await;
+        let mut slot_state = slot.state.lock().await;
         drop(waiting);
-        // The active version is read at the start of each turn: a deploy takes
-        // effect between turns, and a turn in flight finishes on its version.
-        let version = self.registry.active(&inv.entity.entity_type).map_err(InvokeError::UnknownType)?;
-        let warm = resident.take().filter(|r| Arc::ptr_eq(&r.version, &version));
+        // The version is read at the start of each turn: a deploy takes effect
+        // between turns, and a turn in flight finishes on its version.
+        let version = self.registry.version_for(&inv.entity).map_err(InvokeError::UnknownType)?;
+        let warm = slot_state.resident.take().filter(|r| Arc::ptr_eq(&r.version, &version));
+        let stored = slot_state.stored;
         let seq = self.next_invocation.fetch_add(1, Ordering::Relaxed);
         let input = TurnInput {
             operation: inv.operation,
@@ -315,35 +445,53 @@ impl Inner {
         };
         let this = self.clone();
         let entity = inv.entity.clone();
+        let to_version = version.version;
         let permit = self.turn_permits.acquire().await.map_err(|e| InvokeError::Internal(e.to_string()))?;
-        let (back, result) = tokio::task::spawn_blocking(move || {
+        let (back, stored, result) = tokio::task::spawn_blocking(move || {
+            let stored = match stored {
+                Some(s) => s,
+                None => match StoredVersion::load(this.store.as_ref(), &entity) {
+                    Ok(s) => s,
+                    Err(e) => return (warm, None, Err(InvokeError::Internal(format!("reading entity meta: {e}")))),
+                },
+            };
             let mut r = match warm {
                 Some(r) => r,
                 None => {
                     this.instantiations.fetch_add(1, Ordering::Relaxed);
                     match this.runtime.instantiate(&version.prepared, &entity) {
                         Ok(instance) => Resident { version, instance, _count: ResidentCount::new(&this.resident) },
-                        Err(e) => return (None, Err(InvokeError::Instantiate(e))),
+                        Err(e) => return (None, Some(stored), Err(InvokeError::Instantiate(e))),
                     }
                 }
             };
-            let out = r.instance.run_turn(input, this.store.clone()).map_err(InvokeError::Turn);
+            let migrate_from = stored.migrate_from(to_version);
+            let out = r.instance.run_turn(input, this.store.clone(), migrate_from).map_err(|e| match e {
+                TurnError::MigrationFailed { from_version, cause } => {
+                    InvokeError::MigrationFailed { entity: entity.to_string(), from_version, to_version, cause: *cause }
+                }
+                e => InvokeError::Turn(e),
+            });
             let back = if r.instance.is_poisoned() { None } else { Some(r) };
-            (back, out)
+            (back, Some(stored), out.map(|o| (o, migrate_from.is_some())))
         })
         .await
         .map_err(|e| InvokeError::Internal(format!("turn thread failed: {e}")))?;
         drop(permit);
-        *resident = back;
-        let output = match result {
+        slot_state.resident = back;
+        slot_state.stored = stored;
+        let (output, migrated) = match result {
             Ok(o) => o,
             Err(e) => {
                 self.turns_failed.fetch_add(1, Ordering::Relaxed);
                 return Err(e);
             }
         };
-        if !output.writes.is_empty() {
-            let ops = output
+        // The version is recorded with the first state this version commits (or
+        // with its migration), never for an entity that has no state.
+        let record_version = migrated || (!output.writes.is_empty() && stored != Some(StoredVersion::At(to_version)));
+        if !output.writes.is_empty() || record_version {
+            let mut ops: Vec<Op> = output
                 .writes
                 .into_iter()
                 .map(|(k, v)| {
@@ -354,11 +502,22 @@ impl Inner {
                     }
                 })
                 .collect();
+            if record_version {
+                ops.push(Op::Put {
+                    keyspace: Keyspace::EntityMeta,
+                    key: entity_prefix(&inv.entity),
+                    value: encode_entity_version(to_version),
+                });
+            }
             if let Err(e) = self.log.propose(WriteSet { ops }).await {
                 self.turns_failed.fetch_add(1, Ordering::Relaxed);
-                // The warm instance may hold state the store does not have.
-                *resident = None;
+                // The warm instance may hold state the store does not have, and
+                // whether the version record landed is unknown: reload both.
+                *slot_state = SlotState::default();
                 return Err(InvokeError::Commit(e));
+            }
+            if record_version {
+                slot_state.stored = Some(StoredVersion::At(to_version));
             }
         }
         self.turns_ok.fetch_add(1, Ordering::Relaxed);

@@ -208,6 +208,28 @@ pub(crate) fn apply_is_atomic(f: impl Fn() -> Fixture) {
     s.persist().unwrap();
 }
 
+pub(crate) fn entity_ids_skip_entities(f: impl Fn() -> Fixture) {
+    use crate::model::{EntityRef, state_key};
+    let fx = f();
+    let s = fx.store.as_ref();
+    let mut ops = Vec::new();
+    for id in ["a", "a1", "b", "ünï"] {
+        let e = EntityRef::new("t", id).unwrap();
+        for k in ["$self", "x", "zz"] {
+            ops.push(put(Keyspace::State, &state_key(&e, k), b"v"));
+        }
+    }
+    // Neighbouring types must not leak in.
+    ops.push(put(Keyspace::State, &state_key(&EntityRef::new("s", "q").unwrap(), "k"), b"v"));
+    ops.push(put(Keyspace::State, &state_key(&EntityRef::new("tt", "q").unwrap(), "k"), b"v"));
+    apply1(s, 1, &ws(ops));
+    assert_eq!(super::entity_ids(s, "t", None, 100).unwrap(), ["a", "a1", "b", "ünï"]);
+    assert_eq!(super::entity_ids(s, "t", None, 2).unwrap(), ["a", "a1"]);
+    assert_eq!(super::entity_ids(s, "t", Some("a1"), 100).unwrap(), ["b", "ünï"]);
+    assert_eq!(super::entity_ids(s, "t", Some("c"), 100).unwrap(), ["ünï"]);
+    assert!(super::entity_ids(s, "nope", None, 10).unwrap().is_empty());
+}
+
 macro_rules! state_store_conformance {
     ($name:ident, $factory:expr) => {
         mod $name {
@@ -231,6 +253,10 @@ macro_rules! state_store_conformance {
             #[test]
             fn apply_is_atomic() {
                 super::apply_is_atomic($factory)
+            }
+            #[test]
+            fn entity_ids_skip_entities() {
+                super::entity_ids_skip_entities($factory)
             }
         }
     };
