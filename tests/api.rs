@@ -69,7 +69,7 @@ fn invalid_requests_get_precise_status_codes() {
             (invoke_req("Counter!", "a", "add", "1"), Code::InvalidArgument, "entity type"),
             (invoke_req("counter", "a", "", "1"), Code::InvalidArgument, "operation"),
             (
-                pb::InvokeRequest { entity: None, operation: "add".into(), payload: vec![] },
+                pb::InvokeRequest { entity: None, operation: "add".into(), ..Default::default() },
                 Code::InvalidArgument,
                 "`entity`",
             ),

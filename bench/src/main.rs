@@ -113,6 +113,7 @@ fn req(id: &str, op: &str, payload: &[u8]) -> pb::InvokeRequest {
         entity: Some(pb::EntityRef { entity_type: "counter".into(), id: id.into() }),
         operation: op.into(),
         payload: payload.to_vec(),
+        ..Default::default()
     }
 }
 

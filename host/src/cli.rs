@@ -53,7 +53,7 @@ enum Command {
         /// (repeatable; see README.md for the fields).
         #[arg(long = "set", value_name = "SECTION.FIELD=VALUE")]
         overrides: Vec<String>,
-        /// Require this bearer token for Deploy, GetState and Status (`api.admin_token`).
+        /// Require this bearer token for Deploy, Rollback, Promote, GetState and Status (`api.admin_token`).
         #[arg(long, env = "CONFLUX_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
         admin_token: Option<Secret>,
         /// Require this bearer token (or the admin token) for Invoke and
@@ -95,6 +95,10 @@ enum Command {
         operation: String,
         /// JSON payload [default: null].
         payload: Option<String>,
+        /// Retrying with the same key returns the first successful reply instead
+        /// of running the operation again (for 24 h by default).
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
     },
     /// List entity types and their versions.
     Types,
@@ -466,12 +470,13 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command) -> a
             let r = client.promote(pb::ActivateRequest { entity_type, version }).await.map_err(rpc_error)?;
             print_activate(&r.into_inner());
         }
-        Command::Invoke { entity, operation, payload } => {
+        Command::Invoke { entity, operation, payload, idempotency_key } => {
             let e = EntityRef::parse(&entity)?;
             let req = pb::InvokeRequest {
                 entity: Some(pb::EntityRef { entity_type: e.entity_type, id: e.id }),
                 operation,
                 payload: payload.unwrap_or_else(|| "null".to_owned()).into_bytes(),
+                idempotency_key: idempotency_key.unwrap_or_default(),
             };
             let r = client.invoke(req).await.map_err(rpc_error)?.into_inner();
             println!("{}", String::from_utf8_lossy(&r.reply));
@@ -560,8 +565,12 @@ mod tests {
     fn bad_local_input_fails_before_connecting() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         // Port 9 (discard) is never a conflux node: these must fail on input first.
-        let bad_json =
-            Command::Invoke { entity: "counter/a".into(), operation: "add".into(), payload: Some("{".into()) };
+        let bad_json = Command::Invoke {
+            entity: "counter/a".into(),
+            operation: "add".into(),
+            payload: Some("{".into()),
+            idempotency_key: None,
+        };
         let e = rt.block_on(client_command("127.0.0.1:9", &ClientOptions::default(), bad_json)).unwrap_err();
         assert!(format!("{e:#}").contains("not valid JSON"), "{e:#}");
         let bad_ref = Command::State { entity: "noslash".into() };

@@ -210,6 +210,7 @@ pub fn invoke_req(entity_type: &str, id: &str, op: &str, payload: &str) -> pb::I
         entity: Some(pb::EntityRef { entity_type: entity_type.into(), id: id.into() }),
         operation: op.into(),
         payload: payload.as_bytes().to_vec(),
+        ..Default::default()
     }
 }
 

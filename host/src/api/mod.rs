@@ -354,7 +354,8 @@ impl Conflux for Api {
                 format!("field `payload` is {} bytes; the limit is {}", req.payload.len(), self.cfg.max_payload_bytes),
             ));
         }
-        let inv = Invocation { entity, operation: req.operation, payload: req.payload, caller: None };
+        let idempotency_key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
+        let inv = Invocation { entity, operation: req.operation, payload: req.payload, caller: None, idempotency_key };
         let reply = self.scheduler.invoke(inv).await.map_err(invoke_status)?;
         Ok(Response::new(pb::InvokeResponse { reply }))
     }

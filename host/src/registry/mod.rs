@@ -656,7 +656,7 @@ mod tests {
     fn records_without_a_canary_field_still_load() {
         let old = r#"{"name":"counter","versions":[{"version":1,"digest":"aa","size_bytes":1,"deployed_at_ms":2}],"active":1}"#;
         let rec: TypeRecord = serde_json::from_str(old).unwrap();
-        assert_eq!((rec.active, rec.canary), (1, None));
+        assert_eq!((rec.active, &rec.canary), (1, &None));
         assert!(!serde_json::to_string(&rec).unwrap().contains("canary"));
     }
 }

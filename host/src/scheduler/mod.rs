@@ -38,6 +38,9 @@ pub struct Invocation {
     pub operation: String,
     pub payload: Vec<u8>,
     pub caller: Option<EntityRef>,
+    /// A client's retry key: the first successful reply under it is stored and
+    /// returned to every retry instead of running the turn again.
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
