@@ -36,6 +36,7 @@ fn input() -> TurnInput {
         invocation_id: "bench".into(),
         caller: None,
         now_ms: 0,
+        next_seq: 0,
     }
 }
 

@@ -106,6 +106,12 @@ enum Command {
     Status,
     /// Show the committed state keys of one entity (TYPE/ID).
     State { entity: String },
+    /// List messages that could not be delivered, oldest first, with the reason.
+    DeadLetters {
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 /// Entry point of the binary.
@@ -462,6 +468,39 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command) -> a
                 );
             }
         }
+        Command::DeadLetters { limit } => {
+            let mut start_after = String::new();
+            let mut shown = 0u32;
+            while shown < limit {
+                let req =
+                    pb::ListDeadLettersRequest { start_after: start_after.clone(), limit: (limit - shown).min(1000) };
+                let r = client.list_dead_letters(req).await.map_err(rpc_error)?.into_inner();
+                for d in &r.dead_letters {
+                    shown += 1;
+                    let name = |e: &Option<pb::EntityRef>| {
+                        e.as_ref().map(|e| format!("{}/{}", e.entity_type, e.id)).unwrap_or_default()
+                    };
+                    println!(
+                        "{}\t{} #{} -> {} {}\t{} attempt(s)\t{}\tpayload {}",
+                        format_utc(d.at_ms),
+                        name(&d.sender),
+                        d.seq,
+                        name(&d.target),
+                        d.operation,
+                        d.attempts,
+                        d.reason,
+                        String::from_utf8_lossy(&d.payload)
+                    );
+                }
+                if r.next_start_after.is_empty() {
+                    break;
+                }
+                start_after = r.next_start_after;
+            }
+            if shown == 0 {
+                println!("no dead letters");
+            }
+        }
         Command::Rollback { entity_type, version } => {
             let r = client.rollback(pb::ActivateRequest { entity_type, version }).await.map_err(rpc_error)?;
             print_activate(&r.into_inner());
@@ -507,6 +546,10 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command) -> a
             println!("resident         {}", s.resident_instances);
             println!("in flight        {}", s.inflight_invocations);
             println!("turns ok/failed  {}/{}", s.turns_ok, s.turns_failed);
+            println!(
+                "outbox           {} waiting, {} delivered, {} dead letters",
+                s.outbox_messages, s.messages_delivered, s.dead_letters
+            );
             println!(
                 "log applied      {} (durable {}, {} syncs)",
                 s.applied_index, s.durable_index, s.log_sync_batches

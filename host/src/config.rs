@@ -64,8 +64,12 @@ pub struct RuntimeConfig {
     pub max_state_value_bytes: usize,
     /// Most keys one `list` call returns, whatever the guest asks for.
     pub max_list_keys: u32,
-    /// Total bytes one turn may write (keys + values).
+    /// Total bytes one turn may write (keys + values + messages it sends).
     pub max_write_set_bytes: usize,
+    /// Messages and timers one turn may send.
+    pub max_messages_per_turn: usize,
+    /// Longest delay `send-after` accepts (longer ones are clamped to it).
+    pub max_timer_delay_ms: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -81,6 +85,8 @@ impl Default for RuntimeConfig {
             max_state_value_bytes: 1 << 20,
             max_list_keys: 1000,
             max_write_set_bytes: 4 << 20,
+            max_messages_per_turn: 1000,
+            max_timer_delay_ms: 365 * 24 * 3_600_000,
         }
     }
 }
@@ -102,6 +108,26 @@ pub struct SchedulerConfig {
     pub shutdown_grace_ms: u64,
     /// Guest turns executing at once (0 = one per CPU core).
     pub turn_threads: usize,
+    /// Outbox messages the deliverer reads per round.
+    pub delivery_batch: usize,
+    /// (sender, receiver) pairs delivered concurrently; one pair is always sequential.
+    pub delivery_concurrency: usize,
+    /// Attempts at a message whose turn keeps failing transiently (trap, overload,
+    /// failed migration…) before it becomes a dead letter.
+    pub delivery_max_attempts: u32,
+    /// First retry delay of a failing pair; doubles per attempt up to `delivery_retry_max_ms`.
+    pub delivery_retry_base_ms: u64,
+    pub delivery_retry_max_ms: u64,
+    /// Messages (and fired timers) waiting in the node's outbox at most; a turn
+    /// that would exceed it fails with RESOURCE_EXHAUSTED and sends nothing.
+    pub max_outbox_messages: u64,
+    /// How long the reply of an invocation with an idempotency key is kept.
+    pub idempotency_retention_ms: u64,
+    /// Stored idempotent replies at most; beyond it the oldest are dropped early.
+    pub max_idempotency_keys: u64,
+    /// Fault injection for tests: the deliverer delivers every message twice
+    /// (the receiver's deduplication must absorb it). Never enable in production.
+    pub debug_duplicate_delivery: bool,
 }
 
 impl SchedulerConfig {
@@ -123,6 +149,15 @@ impl Default for SchedulerConfig {
             max_inflight_invocations: 8192,
             shutdown_grace_ms: 10_000,
             turn_threads: 0,
+            delivery_batch: 1024,
+            delivery_concurrency: 64,
+            delivery_max_attempts: 10,
+            delivery_retry_base_ms: 100,
+            delivery_retry_max_ms: 30_000,
+            max_outbox_messages: 1_000_000,
+            idempotency_retention_ms: 24 * 3_600_000,
+            max_idempotency_keys: 1_000_000,
+            debug_duplicate_delivery: false,
         }
     }
 }
@@ -250,6 +285,19 @@ impl Config {
         }
         if s.max_resident_instances == 0 || s.mailbox_depth == 0 || s.max_inflight_invocations == 0 {
             return bad("scheduler.max_resident_instances, mailbox_depth and max_inflight_invocations must be > 0");
+        }
+        if s.delivery_batch == 0
+            || s.delivery_concurrency == 0
+            || s.delivery_max_attempts == 0
+            || s.max_outbox_messages == 0
+            || s.max_idempotency_keys == 0
+            || s.idempotency_retention_ms == 0
+        {
+            return bad("scheduler.delivery_batch, delivery_concurrency, delivery_max_attempts, max_outbox_messages, \
+                 max_idempotency_keys and idempotency_retention_ms must be > 0");
+        }
+        if s.delivery_retry_base_ms == 0 || s.delivery_retry_max_ms < s.delivery_retry_base_ms {
+            return bad("scheduler.delivery_retry_base_ms must be > 0 and <= delivery_retry_max_ms");
         }
         if (r.max_instances as usize) < s.max_resident_instances + 64 {
             return bad("runtime.max_instances must exceed scheduler.max_resident_instances by at least 64");

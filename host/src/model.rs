@@ -33,6 +33,10 @@ pub enum ModelError {
     BadRef(String),
     #[error("corrupt write set: {0}")]
     CorruptWriteSet(String),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error("idempotency key must be 1..={MAX_IDEMPOTENCY_KEY_BYTES} bytes without control characters")]
+    BadIdempotencyKey,
 }
 
 /// Checks an entity type name: `[a-z][a-z0-9_-]*`, at most 64 bytes.
@@ -105,14 +109,34 @@ pub enum Keyspace {
     State = 1,
     /// Component registry metadata (types, versions, active pointers).
     Registry = 2,
-    /// Host bookkeeping per entity, keyed by [`entity_prefix`]: the registry version
-    /// that last committed the entity's state (little-endian u32), so a new version
-    /// knows when to run the guest's migration. Guests cannot read or write it.
+    /// Host bookkeeping per entity, keyed by [`entity_prefix`]: an [`EntityMeta`]
+    /// (the version that last committed its state, its next outbox sequence).
+    /// Guests cannot read or write it.
     EntityMeta = 3,
+    /// Committed messages waiting for delivery: [`outbox_key`] → [`Message`].
+    Outbox = 4,
+    /// Pending timers: [`timer_due_key`] → [`Message`] and [`timer_id_key`] → due time.
+    Timers = 5,
+    /// Per receiver and sender, the highest message sequence processed (u64 LE):
+    /// [`inbox_key`]. Deduplicates redelivered messages.
+    Inbox = 6,
+    /// Stored replies of idempotent invocations and their expiry index.
+    Idempotency = 7,
+    /// Messages that could not be delivered: [`dead_letter_key`] → [`DeadLetter`].
+    DeadLetters = 8,
 }
 
 impl Keyspace {
-    pub const ALL: [Keyspace; 3] = [Keyspace::State, Keyspace::Registry, Keyspace::EntityMeta];
+    pub const ALL: [Keyspace; 8] = [
+        Keyspace::State,
+        Keyspace::Registry,
+        Keyspace::EntityMeta,
+        Keyspace::Outbox,
+        Keyspace::Timers,
+        Keyspace::Inbox,
+        Keyspace::Idempotency,
+        Keyspace::DeadLetters,
+    ];
 
     pub fn as_byte(self) -> u8 {
         self as u8
@@ -217,13 +241,166 @@ pub fn after_entity(entity_type: &str, id: &str) -> Vec<u8> {
     k
 }
 
-/// Encodes the version an entity's state was last committed under ([`Keyspace::EntityMeta`]).
-pub fn encode_entity_version(version: u32) -> Vec<u8> {
-    version.to_le_bytes().to_vec()
+/// Host bookkeeping for one entity ([`Keyspace::EntityMeta`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntityMeta {
+    /// The registry version that last committed the entity's state.
+    pub version: Option<u32>,
+    /// The sequence number the entity's next outgoing message or timer gets.
+    pub next_seq: u64,
 }
 
-pub fn decode_entity_version(bytes: &[u8]) -> Option<u32> {
-    Some(u32::from_le_bytes(bytes.try_into().ok()?))
+impl EntityMeta {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("meta always serialises")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
+        postcard::from_bytes(bytes).map_err(|e| ModelError::Corrupt(format!("entity meta: {e}")))
+    }
+}
+
+/// A message between entities, as kept in an outbox, a timer or a dead letter.
+/// `(sender, seq)` is its id: unique, and increasing per sender in send order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub sender: EntityRef,
+    pub seq: u64,
+    pub target: EntityRef,
+    pub operation: String,
+    pub payload: Vec<u8>,
+}
+
+impl Message {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("messages always serialise")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
+        postcard::from_bytes(bytes).map_err(|e| ModelError::Corrupt(format!("message: {e}")))
+    }
+}
+
+/// A message given up on, with why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub message: Message,
+    pub reason: String,
+    pub attempts: u32,
+    pub at_ms: u64,
+}
+
+impl DeadLetter {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("dead letters always serialise")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
+        postcard::from_bytes(bytes).map_err(|e| ModelError::Corrupt(format!("dead letter: {e}")))
+    }
+}
+
+/// A stored reply of an idempotent invocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotentReply {
+    pub expires_at_ms: u64,
+    pub reply: Vec<u8>,
+}
+
+impl IdempotentReply {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("replies always serialise")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
+        postcard::from_bytes(bytes).map_err(|e| ModelError::Corrupt(format!("idempotent reply: {e}")))
+    }
+}
+
+/// [`Keyspace::Outbox`] key: `sender \0 id \0 seq(be)`, so one sender's messages are
+/// contiguous and in send order.
+pub fn outbox_key(sender: &EntityRef, seq: u64) -> Vec<u8> {
+    let mut k = entity_prefix(sender);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The sequence at the end of an outbox, timer-id or dead-letter key.
+pub fn seq_of_key(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(key.len().checked_sub(8)?..)?.try_into().ok()?))
+}
+
+/// [`Keyspace::Timers`] key ordered by due time: `d due(be) sender \0 id \0 seq(be)`.
+pub fn timer_due_key(due_ms: u64, sender: &EntityRef, seq: u64) -> Vec<u8> {
+    let mut k = vec![b'd'];
+    k.extend_from_slice(&due_ms.to_be_bytes());
+    k.extend_from_slice(&outbox_key(sender, seq));
+    k
+}
+
+/// [`Keyspace::Timers`] key of one timer by its id: `i sender \0 id \0 seq(be)` → due (be).
+pub fn timer_id_key(sender: &EntityRef, seq: u64) -> Vec<u8> {
+    let mut k = vec![b'i'];
+    k.extend_from_slice(&outbox_key(sender, seq));
+    k
+}
+
+/// Prefix of all [`timer_due_key`]s.
+pub const TIMER_DUE_PREFIX: &[u8] = b"d";
+
+/// The due time of a [`timer_due_key`].
+pub fn due_of_timer_key(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(1..9)?.try_into().ok()?))
+}
+
+/// [`Keyspace::Inbox`] key: `receiver \0 id \0 sender \0 id \0`.
+pub fn inbox_key(receiver: &EntityRef, sender: &EntityRef) -> Vec<u8> {
+    let mut k = entity_prefix(receiver);
+    k.extend_from_slice(&entity_prefix(sender));
+    k
+}
+
+/// [`Keyspace::Idempotency`] key of a stored reply: `k entity \0 id \0 key`.
+pub fn idempotency_key(entity: &EntityRef, key: &str) -> Vec<u8> {
+    let mut k = vec![b'k'];
+    k.extend_from_slice(&entity_prefix(entity));
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// [`Keyspace::Idempotency`] expiry index: `e expires(be) <idempotency_key>`.
+pub fn idempotency_expiry_key(expires_at_ms: u64, record_key: &[u8]) -> Vec<u8> {
+    let mut k = vec![b'e'];
+    k.extend_from_slice(&expires_at_ms.to_be_bytes());
+    k.extend_from_slice(record_key);
+    k
+}
+
+/// Prefix of all [`idempotency_expiry_key`]s.
+pub const IDEMPOTENCY_EXPIRY_PREFIX: &[u8] = b"e";
+
+/// Splits an [`idempotency_expiry_key`] into its expiry and record key.
+pub fn split_idempotency_expiry_key(key: &[u8]) -> Option<(u64, &[u8])> {
+    let expires = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
+    Some((expires, key.get(9..)?))
+}
+
+/// [`Keyspace::DeadLetters`] key: `at(be) sender \0 id \0 seq(be)`, oldest first.
+pub fn dead_letter_key(at_ms: u64, sender: &EntityRef, seq: u64) -> Vec<u8> {
+    let mut k = at_ms.to_be_bytes().to_vec();
+    k.extend_from_slice(&outbox_key(sender, seq));
+    k
+}
+
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+/// Checks a client's idempotency key: 1..=256 bytes, no control characters.
+pub fn validate_idempotency_key(key: &str) -> Result<(), ModelError> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES || key.chars().any(char::is_control) {
+        return Err(ModelError::BadIdempotencyKey);
+    }
+    Ok(())
 }
 
 /// Storage key of one state key of one entity.
@@ -268,8 +445,28 @@ mod tests {
         let plen = type_prefix("t").len();
         assert_eq!(id_of_state_key(&state_key(&a1, "k"), plen), Some("a1"));
         assert_eq!(id_of_state_key(b"t\0broken", plen), None);
-        assert_eq!(decode_entity_version(&encode_entity_version(7)), Some(7));
-        assert_eq!(decode_entity_version(b"xy"), None);
+        let meta = EntityMeta { version: Some(7), next_seq: 9 };
+        assert_eq!(EntityMeta::decode(&meta.encode()).unwrap(), meta);
+        assert!(EntityMeta::decode(b"").is_err());
+    }
+
+    #[test]
+    fn message_keys_order_as_delivery_needs() {
+        let a = EntityRef::new("t", "a").unwrap();
+        let b = EntityRef::new("t", "b").unwrap();
+        // One sender's messages are contiguous and in sequence order.
+        assert!(outbox_key(&a, 2) < outbox_key(&a, 10) && outbox_key(&a, u64::MAX) < outbox_key(&b, 0));
+        assert_eq!(seq_of_key(&outbox_key(&a, 42)), Some(42));
+        assert_eq!(seq_of_key(b"short"), None);
+        // Timers order by due time first, whoever sent them.
+        assert!(timer_due_key(5, &b, 1) < timer_due_key(6, &a, 0));
+        assert_eq!(due_of_timer_key(&timer_due_key(77, &a, 3)), Some(77));
+        assert_eq!(seq_of_key(&timer_id_key(&a, 3)), Some(3));
+        let rk = idempotency_key(&a, "k1");
+        assert_eq!(split_idempotency_expiry_key(&idempotency_expiry_key(99, &rk)), Some((99, &rk[..])));
+        assert!(validate_idempotency_key("order-17").is_ok());
+        assert!(validate_idempotency_key("").is_err() && validate_idempotency_key("a\nb").is_err());
+        assert!(validate_idempotency_key(&"x".repeat(257)).is_err());
     }
 
     #[test]

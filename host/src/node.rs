@@ -45,6 +45,8 @@ pub enum NodeError {
     Registry(#[from] crate::registry::RegistryError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("starting background work: {0}")]
+    Background(String),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
 }
@@ -125,7 +127,17 @@ impl Node {
             tokio::net::TcpListener::bind(addr).await.map_err(|source| NodeError::Listen { addr, source })?;
         let bound = listener.local_addr().map_err(|source| NodeError::Listen { addr, source })?;
         on_bound(bound);
-        let eviction = tokio::spawn(self.scheduler.clone().run_idle_eviction());
+        let sched = self.scheduler.clone();
+        tokio::task::spawn_blocking(move || sched.recover_counts())
+            .await
+            .map_err(|e| NodeError::Background(e.to_string()))?
+            .map_err(|e| NodeError::Background(format!("counting the outbox: {e}")))?;
+        let background = [
+            tokio::spawn(self.scheduler.clone().run_idle_eviction()),
+            tokio::spawn(self.scheduler.clone().run_deliverer()),
+            tokio::spawn(self.scheduler.clone().run_timers()),
+            tokio::spawn(self.scheduler.clone().run_idempotency_sweeper()),
+        ];
         let scheduler = self.scheduler.clone();
         // On the signal: refuse new invocations and let running turns commit,
         // then stop the listener.
@@ -135,7 +147,9 @@ impl Node {
             scheduler.drain().await;
         };
         let served = api.serve(listener, stop).await;
-        eviction.abort();
+        for task in background {
+            task.abort();
+        }
         self.log.shutdown().await?;
         tracing::info!("shut down cleanly");
         served.map_err(NodeError::from)

@@ -25,8 +25,12 @@ impl User {
             }
             Some(_) => Ok(team),
             None => {
-                log::info(&format!("user {} joined team {team}", context::self_ref().id));
+                let me = context::self_ref().id;
+                log::info(&format!("user {me} joined team {team}"));
                 self.team = Some(team.clone());
+                // Committed with this turn and delivered effectively once: the
+                // team's member list converges to the users' view.
+                messaging::send(&EntityRef::new("team", team.clone()), "add_member", &me)?;
                 Ok(team)
             }
         }
@@ -55,6 +59,10 @@ mod tests {
         assert_eq!(h.call::<User, _, Option<String>>("team", &()).unwrap().as_deref(), Some("red"));
         assert_eq!(h.logs().len(), 1);
         assert_eq!(h.logs()[0].message, "user sue joined team red");
+        let sent = h.sent();
+        assert_eq!(sent.len(), 1, "one message to the team");
+        assert_eq!((sent[0].target.to_string(), sent[0].operation.as_str()), ("team/red".to_string(), "add_member"));
+        assert_eq!(sent[0].arg::<String>(), "sue");
     }
 
     #[test]
@@ -64,6 +72,7 @@ mod tests {
         let before = h.get_raw("$self").unwrap().to_vec();
         assert_eq!(h.call::<User, _, String>("join", "red").unwrap(), "red");
         assert_eq!(h.get_raw("$self").unwrap(), before);
+        assert_eq!(h.sent().len(), 1, "re-joining sends nothing");
     }
 
     #[test]

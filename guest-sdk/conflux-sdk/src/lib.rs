@@ -178,6 +178,7 @@ pub mod context;
 mod entity_ref;
 mod error;
 pub mod log;
+pub mod messaging;
 pub mod state;
 mod sys;
 #[cfg(not(target_arch = "wasm32"))]
@@ -215,6 +216,7 @@ pub trait Entity: Default + serde::Serialize + serde::de::DeserializeOwned {
 
 /// Everything an entity crate usually needs: `use conflux_sdk::prelude::*;`.
 pub mod prelude {
+    pub use crate::messaging::{self, TimerId};
     pub use crate::{EntityRef, Error, context, entity, log, migrate, state};
     pub use serde::{Deserialize, Serialize};
 }

@@ -14,7 +14,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::log::Level;
-use crate::sys::native::{self, Turn};
+use crate::messaging::TimerId;
+use crate::sys::native::{self, Sent, Turn};
 use crate::{Entity, EntityRef, Error, SELF_KEY};
 
 /// One line logged by the entity during a harness call.
@@ -24,6 +25,36 @@ pub struct LogRecord {
     pub level: Level,
     /// Its text.
     pub message: String,
+}
+
+/// A message an entity sent (committed), as the harness records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentMessage {
+    /// The addressee.
+    pub target: EntityRef,
+    /// The operation to run there.
+    pub operation: String,
+    /// Its payload (JSON when sent with [`crate::messaging::send`]).
+    pub payload: Vec<u8>,
+    /// For a timer: its id and delay.
+    pub timer: Option<(TimerId, u64)>,
+}
+
+impl SentMessage {
+    /// The payload parsed as JSON `T`. Panics if it is not (this is a test helper).
+    pub fn arg<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.payload)
+            .unwrap_or_else(|e| panic!("payload of '{}' is not valid JSON for the type: {e}", self.operation))
+    }
+}
+
+fn sent_message(s: Sent) -> SentMessage {
+    SentMessage {
+        target: s.target,
+        operation: s.operation,
+        payload: s.payload,
+        timer: s.timer_id.map(|id| (TimerId(id), s.delay_ms.unwrap_or(0))),
+    }
 }
 
 /// Runs operations of one entity instance (`entity_type/id`) against an in-memory store.
@@ -47,6 +78,11 @@ pub struct TestHarness {
     store: BTreeMap<String, Vec<u8>>,
     logs: Vec<LogRecord>,
     invocations: u64,
+    /// Messages sent by committed turns, oldest first (timers included when set).
+    sent: Vec<SentMessage>,
+    /// Timers set by committed turns and not cancelled, by id.
+    timers: BTreeMap<String, Sent>,
+    next_timer: u64,
 }
 
 impl TestHarness {
@@ -60,6 +96,9 @@ impl TestHarness {
             store: BTreeMap::new(),
             logs: Vec::new(),
             invocations: 0,
+            sent: Vec::new(),
+            timers: BTreeMap::new(),
+            next_timer: 1,
         }
     }
 
@@ -104,10 +143,16 @@ impl TestHarness {
             invocation_id: format!("test-{}-{}", self.self_ref, self.invocations),
             now_ms: self.now_ms,
             logs: Vec::new(),
+            timers: std::mem::take(&mut self.timers),
+            sent: Vec::new(),
+            cancelled: Vec::new(),
+            next_timer: self.next_timer,
         });
         let outcome = catch_unwind(AssertUnwindSafe(body));
         let turn = native::end().expect("conflux-sdk: the harness turn vanished during a call");
         self.store = turn.store;
+        self.timers = turn.timers;
+        self.next_timer = turn.next_timer;
         self.logs
             .extend(turn.logs.into_iter().map(|l| LogRecord { level: Level::from_u8(l.level), message: l.message }));
         match outcome {
@@ -117,6 +162,15 @@ impl TestHarness {
                         Some(value) => self.store.insert(key, value),
                         None => self.store.remove(&key),
                     };
+                }
+                for id in turn.cancelled {
+                    self.timers.remove(&id);
+                }
+                for s in turn.sent {
+                    if let Some(id) = &s.timer_id {
+                        self.timers.insert(id.clone(), s.clone());
+                    }
+                    self.sent.push(sent_message(s));
                 }
                 Ok(value)
             }
@@ -177,6 +231,21 @@ impl TestHarness {
     /// Everything logged so far (including by calls that failed).
     pub fn logs(&self) -> &[LogRecord] {
         &self.logs
+    }
+
+    /// Messages (and timers) sent by committed turns, oldest first.
+    pub fn sent(&self) -> &[SentMessage] {
+        &self.sent
+    }
+
+    /// Returns and forgets the messages sent so far.
+    pub fn take_sent(&mut self) -> Vec<SentMessage> {
+        std::mem::take(&mut self.sent)
+    }
+
+    /// Timers set by committed turns and not cancelled, in id order.
+    pub fn timers(&self) -> Vec<SentMessage> {
+        self.timers.values().cloned().map(sent_message).collect()
     }
 
     /// Forgets the captured logs.

@@ -331,9 +331,12 @@ fn generate(imp: &ItemImpl, ops: &[Operation], migration: Option<&Migration>) ->
             }
         }
     });
+    let senders = senders(imp, ops);
     let export_struct = format_ident!("__ConfluxEntityExport");
     quote! {
         #imp
+
+        #senders
 
         impl ::conflux_sdk::Entity for #ty {
             const OPERATIONS: &'static [&'static str] = &[#(#names),*];
@@ -389,6 +392,103 @@ fn generate(imp: &ItemImpl, ops: &[Operation], migration: Option<&Migration>) ->
     }
 }
 
+/// The deployed type name assumed for an entity struct: its name in snake case
+/// (`Account` → `account`, `TeamMember` → `team_member`).
+fn default_type_name(ident: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in ident.chars().enumerate() {
+        if c.is_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Typed senders for the entity's own operations: `X::send_to(id).op(&arg)` and
+/// `X::send_after(delay, id).op(&arg)`.
+fn senders(imp: &ItemImpl, ops: &[Operation]) -> TokenStream2 {
+    let ty = &imp.self_ty;
+    let Type::Path(p) = &**ty else { return TokenStream2::new() };
+    let Some(last) = p.path.segments.last() else { return TokenStream2::new() };
+    let ident = &last.ident;
+    let type_name = default_type_name(&ident.to_string());
+    let sender = format_ident!("{}Sender", ident);
+    let timer = format_ident!("{}Timer", ident);
+    let methods = |timed: bool| {
+        ops.iter().map(move |op| {
+            let name = &op.name;
+            let method = &op.method;
+            let (param, arg) = match &op.arg {
+                Some(t) => (quote!(arg: &#t), quote!(arg)),
+                None => (quote!(), quote!(&())),
+            };
+            if timed {
+                quote! {
+                    #[doc = concat!("Sets a timer that sends `", #name, "` after the delay.")]
+                    pub fn #method(&self, #param) -> ::core::result::Result<::conflux_sdk::messaging::TimerId, ::conflux_sdk::Error> {
+                        ::conflux_sdk::messaging::send_after(self.delay, &self.target, #name, #arg)
+                    }
+                }
+            } else {
+                quote! {
+                    #[doc = concat!("Sends `", #name, "` when this turn commits.")]
+                    pub fn #method(&self, #param) -> ::core::result::Result<(), ::conflux_sdk::Error> {
+                        ::conflux_sdk::messaging::send(&self.target, #name, #arg)
+                    }
+                }
+            }
+        })
+    };
+    let send_methods = methods(false);
+    let timer_methods = methods(true);
+    let doc_to =
+        format!("Sends messages to `{type_name}/<id>` (the type name this entity is assumed to be deployed as).");
+    quote! {
+        #[doc = #doc_to]
+        #[derive(Debug, Clone)]
+        pub struct #sender {
+            target: ::conflux_sdk::EntityRef,
+        }
+
+        impl #sender {
+            #(#send_methods)*
+        }
+
+        #[doc = #doc_to]
+        #[derive(Debug, Clone)]
+        pub struct #timer {
+            target: ::conflux_sdk::EntityRef,
+            delay: ::core::time::Duration,
+        }
+
+        impl #timer {
+            #(#timer_methods)*
+        }
+
+        impl #ty {
+            /// The deployed type name the typed senders address.
+            pub const TYPE_NAME: &'static str = #type_name;
+
+            /// Messages to entity `id` of this type, sent when the current turn commits.
+            #[allow(dead_code)]
+            pub fn send_to(id: impl ::core::convert::Into<::std::string::String>) -> #sender {
+                #sender { target: ::conflux_sdk::EntityRef::new(#type_name, id) }
+            }
+
+            /// Timers that send to entity `id` of this type after `delay`.
+            #[allow(dead_code)]
+            pub fn send_after(delay: ::core::time::Duration, id: impl ::core::convert::Into<::std::string::String>) -> #timer {
+                #timer { target: ::conflux_sdk::EntityRef::new(#type_name, id), delay }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +498,13 @@ mod tests {
             Ok(_) => panic!("expected a compile error"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn type_names_default_to_snake_case() {
+        assert_eq!(default_type_name("Account"), "account");
+        assert_eq!(default_type_name("TeamMember"), "team_member");
+        assert_eq!(default_type_name("X"), "x");
     }
 
     #[test]

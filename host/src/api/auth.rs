@@ -15,6 +15,7 @@ pub enum Rpc {
     Rollback,
     Promote,
     GetState,
+    ListDeadLetters,
     Status,
     ListTypes,
     Invoke,
@@ -33,7 +34,9 @@ impl Rpc {
     /// The single method → required-token table.
     pub fn access(self) -> Access {
         match self {
-            Rpc::Deploy | Rpc::Rollback | Rpc::Promote | Rpc::GetState | Rpc::Status => Access::Admin,
+            Rpc::Deploy | Rpc::Rollback | Rpc::Promote | Rpc::GetState | Rpc::ListDeadLetters | Rpc::Status => {
+                Access::Admin
+            }
             Rpc::ListTypes | Rpc::Invoke => Access::Invoke,
         }
     }
@@ -44,6 +47,7 @@ impl Rpc {
             Rpc::Rollback => "Rollback",
             Rpc::Promote => "Promote",
             Rpc::GetState => "GetState",
+            Rpc::ListDeadLetters => "ListDeadLetters",
             Rpc::Status => "Status",
             Rpc::ListTypes => "ListTypes",
             Rpc::Invoke => "Invoke",
@@ -145,8 +149,16 @@ mod tests {
         m
     }
 
-    const ALL: [Rpc; 7] =
-        [Rpc::Deploy, Rpc::Rollback, Rpc::Promote, Rpc::GetState, Rpc::Status, Rpc::ListTypes, Rpc::Invoke];
+    const ALL: [Rpc; 8] = [
+        Rpc::Deploy,
+        Rpc::Rollback,
+        Rpc::Promote,
+        Rpc::GetState,
+        Rpc::ListDeadLetters,
+        Rpc::Status,
+        Rpc::ListTypes,
+        Rpc::Invoke,
+    ];
 
     #[test]
     fn no_tokens_means_everything_is_open() {
@@ -160,7 +172,7 @@ mod tests {
     #[test]
     fn admin_token_guards_admin_rpcs_only() {
         let a = auth(Some("s3cret-admin"), None);
-        for rpc in [Rpc::Deploy, Rpc::Rollback, Rpc::Promote, Rpc::GetState, Rpc::Status] {
+        for rpc in [Rpc::Deploy, Rpc::Rollback, Rpc::Promote, Rpc::GetState, Rpc::ListDeadLetters, Rpc::Status] {
             assert_eq!(a.check(rpc, &md(None)), Err(AuthError::Missing { rpc: rpc.name(), token: "admin" }));
             assert!(matches!(a.check(rpc, &md(Some("Bearer nope"))), Err(AuthError::Wrong { .. })));
             assert!(matches!(a.check(rpc, &md(Some("Basic s3cret-admin"))), Err(AuthError::Malformed { .. })));

@@ -78,6 +78,8 @@ fn invoke_status(e: InvokeError) -> Status {
         InvokeError::Overloaded(_) => status(Code::ResourceExhausted, "overloaded", msg),
         InvokeError::ShuttingDown => status(Code::Unavailable, "shutting-down", msg),
         InvokeError::MigrationFailed { .. } => status(Code::FailedPrecondition, "migration-failed", msg),
+        InvokeError::OutboxFull(_) => status(Code::ResourceExhausted, "outbox-full", msg),
+        InvokeError::BadIdempotencyKey(_) => status(Code::InvalidArgument, "bad-idempotency-key", msg),
         InvokeError::Turn(t) => match t {
             TurnError::BadRequest(m) => status(Code::InvalidArgument, "bad-request", m),
             TurnError::UnknownOperation(m) => status(Code::NotFound, "unknown-operation", m),
@@ -355,7 +357,14 @@ impl Conflux for Api {
             ));
         }
         let idempotency_key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
-        let inv = Invocation { entity, operation: req.operation, payload: req.payload, caller: None, idempotency_key };
+        let inv = Invocation {
+            entity,
+            operation: req.operation,
+            payload: req.payload,
+            caller: None,
+            idempotency_key,
+            message_seq: None,
+        };
         let reply = self.scheduler.invoke(inv).await.map_err(invoke_status)?;
         Ok(Response::new(pb::InvokeResponse { reply }))
     }
@@ -405,7 +414,52 @@ impl Conflux for Api {
             durable_index: self.log.last_durable_index(),
             log_sync_batches: l.sync_batches,
             data_dir: self.data_dir.clone(),
+            outbox_messages: s.outbox_messages,
+            messages_delivered: s.messages_delivered,
+            dead_letters: s.dead_letters,
         }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        authorize(&self.auth, Rpc::ListDeadLetters, &request)?;
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => 100,
+            n => n.min(1000),
+        } as usize;
+        let start = if req.start_after.is_empty() {
+            None
+        } else {
+            Some(hex::decode(&req.start_after).map_err(|_| {
+                status(Code::InvalidArgument, "bad-cursor", "field `start_after` is not a cursor from this RPC")
+            })?)
+        };
+        let scheduler = self.scheduler.clone();
+        let rows = tokio::task::spawn_blocking(move || scheduler.dead_letters(start.as_deref(), limit + 1))
+            .await
+            .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
+            .map_err(invoke_status)?;
+        let more = rows.len() > limit;
+        let next_start_after = if more { hex::encode(&rows[limit - 1].0) } else { String::new() };
+        let wire = |r: &EntityRef| pb::EntityRef { entity_type: r.entity_type.clone(), id: r.id.clone() };
+        let dead_letters = rows
+            .into_iter()
+            .take(limit)
+            .map(|(_, d)| pb::DeadLetterInfo {
+                sender: Some(wire(&d.message.sender)),
+                seq: d.message.seq,
+                target: Some(wire(&d.message.target)),
+                operation: d.message.operation,
+                payload: d.message.payload,
+                reason: d.reason,
+                attempts: d.attempts,
+                at_ms: d.at_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::ListDeadLettersResponse { dead_letters, next_start_after }))
     }
 
     async fn get_state(&self, request: Request<pb::GetStateRequest>) -> Result<Response<pb::GetStateResponse>, Status> {

@@ -1,11 +1,13 @@
-//! Host side of the `conflux:entity` imports (`state`, `context`) and the
-//! per-instance resource limiter. State writes are buffered in [`TurnState`];
-//! reads see the turn's own writes first, then the committed store.
+//! Host side of the `conflux:entity` imports (`state`, `context`, `messaging`)
+//! and the per-instance resource limiter. State writes and sent messages are
+//! buffered in [`TurnState`]; reads see the turn's own writes first, then the
+//! committed store. Nothing here commits: the scheduler turns a finished
+//! [`TurnState`] into a write set.
 
 use super::HostState;
-use super::conflux::entity::{context, state, types};
+use super::conflux::entity::{context, messaging, state, types};
 use crate::config::RuntimeConfig;
-use crate::model::{EntityRef, Keyspace, entity_prefix, state_key};
+use crate::model::{EntityRef, Keyspace, entity_prefix, state_key, timer_id_key};
 use crate::storage::StateStore;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,6 +15,25 @@ use std::sync::Arc;
 /// Longest guest log message kept; the rest is cut so a guest cannot flood the
 /// host log with one call.
 const MAX_LOG_MESSAGE_BYTES: usize = 4096;
+
+/// A message a turn sent (or a timer it set), committed with the turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    /// Its sequence in the sender's outbox: with the sender, the message's id.
+    pub seq: u64,
+    pub target: EntityRef,
+    pub operation: String,
+    pub payload: Vec<u8>,
+    /// For a timer: when it is due (Unix ms).
+    pub due_at_ms: Option<u64>,
+}
+
+/// A pending timer a turn cancelled: its sequence and due time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelledTimer {
+    pub seq: u64,
+    pub due_at_ms: u64,
+}
 
 /// Everything one turn has done so far.
 pub struct TurnState {
@@ -23,6 +44,19 @@ pub struct TurnState {
     reader: Arc<dyn StateStore>,
     writes: BTreeMap<String, Option<Vec<u8>>>,
     written_bytes: usize,
+    next_seq: u64,
+    sent: Vec<OutgoingMessage>,
+    cancelled: Vec<CancelledTimer>,
+}
+
+/// What a finished turn leaves to commit.
+#[derive(Debug, Clone, Default)]
+pub struct TurnEffects {
+    pub writes: BTreeMap<String, Option<Vec<u8>>>,
+    pub sent: Vec<OutgoingMessage>,
+    pub cancelled: Vec<CancelledTimer>,
+    /// The sender's next outbox sequence after this turn.
+    pub next_seq: u64,
 }
 
 impl TurnState {
@@ -31,13 +65,25 @@ impl TurnState {
         invocation_id: String,
         caller: Option<EntityRef>,
         now_ms: u64,
+        next_seq: u64,
         reader: Arc<dyn StateStore>,
     ) -> Self {
-        Self { entity, invocation_id, caller, now_ms, reader, writes: BTreeMap::new(), written_bytes: 0 }
+        Self {
+            entity,
+            invocation_id,
+            caller,
+            now_ms,
+            reader,
+            writes: BTreeMap::new(),
+            written_bytes: 0,
+            next_seq,
+            sent: Vec::new(),
+            cancelled: Vec::new(),
+        }
     }
 
-    pub fn into_writes(self) -> BTreeMap<String, Option<Vec<u8>>> {
-        self.writes
+    pub fn into_effects(self) -> TurnEffects {
+        TurnEffects { writes: self.writes, sent: self.sent, cancelled: self.cancelled, next_seq: self.next_seq }
     }
 }
 
@@ -70,17 +116,101 @@ impl HostState {
                 cfg.max_state_value_bytes
             )));
         }
+        self.add_written(key.len() + value_len)
+    }
+
+    /// Counts bytes toward the turn's write-set limit (state writes and messages).
+    fn add_written(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        let limit = self.cfg.max_write_set_bytes;
         let turn = self.turn()?;
-        turn.written_bytes += key.len() + value_len;
+        turn.written_bytes += bytes;
         let total = turn.written_bytes;
-        if total > cfg.max_write_set_bytes {
-            return Err(self.breach(format!("the turn wrote {total} bytes; the limit is {}", cfg.max_write_set_bytes)));
+        if total > limit {
+            return Err(self.breach(format!("the turn wrote {total} bytes; the limit is {limit}")));
         }
         Ok(())
     }
 }
 
 impl types::Host for HostState {}
+
+impl HostState {
+    /// Validates and buffers one outgoing message; traps on a malformed one.
+    fn queue_message(
+        &mut self,
+        target: types::EntityRef,
+        operation: String,
+        payload: Vec<u8>,
+        due_at_ms: Option<u64>,
+    ) -> wasmtime::Result<u64> {
+        let target = match EntityRef::new(target.entity_type, target.id) {
+            Ok(t) => t,
+            Err(e) => return Err(self.breach(format!("message target is invalid: {e}"))),
+        };
+        if operation.is_empty() || operation.len() > 128 || operation.chars().any(char::is_control) {
+            return Err(self.breach("message operation must be 1..=128 printable characters".into()));
+        }
+        let max = self.cfg.max_messages_per_turn;
+        if self.turn()?.sent.len() >= max {
+            return Err(self.breach(format!("the turn sent more than {max} messages")));
+        }
+        if payload.len() > self.cfg.max_state_value_bytes {
+            return Err(self.breach(format!(
+                "message payload is {} bytes; the limit is {}",
+                payload.len(),
+                self.cfg.max_state_value_bytes
+            )));
+        }
+        self.add_written(target.entity_type.len() + target.id.len() + operation.len() + payload.len())?;
+        let turn = self.turn()?;
+        let seq = turn.next_seq;
+        turn.next_seq += 1;
+        turn.sent.push(OutgoingMessage { seq, target, operation, payload, due_at_ms });
+        Ok(seq)
+    }
+}
+
+impl messaging::Host for HostState {
+    fn send(&mut self, target: types::EntityRef, operation: String, payload: Vec<u8>) -> wasmtime::Result<()> {
+        self.queue_message(target, operation, payload, None).map(|_| ())
+    }
+
+    fn send_after(
+        &mut self,
+        delay_ms: u64,
+        target: types::EntityRef,
+        operation: String,
+        payload: Vec<u8>,
+    ) -> wasmtime::Result<String> {
+        let delay = delay_ms.min(self.cfg.max_timer_delay_ms);
+        let due = self.turn()?.now_ms.saturating_add(delay);
+        self.queue_message(target, operation, payload, Some(due)).map(|seq| seq.to_string())
+    }
+
+    fn cancel(&mut self, timer_id: String) -> wasmtime::Result<bool> {
+        let Ok(seq) = timer_id.parse::<u64>() else { return Ok(false) };
+        let turn = self.turn()?;
+        // A timer set earlier in this same turn simply never leaves.
+        if let Some(pos) = turn.sent.iter().position(|m| m.seq == seq && m.due_at_ms.is_some()) {
+            turn.sent.remove(pos);
+            return Ok(true);
+        }
+        if turn.cancelled.iter().any(|c| c.seq == seq) {
+            return Ok(false);
+        }
+        let due = turn
+            .reader
+            .get(Keyspace::Timers, &timer_id_key(&turn.entity, seq))
+            .map_err(|e| wasmtime::format_err!("state store: {e}"))?;
+        match due.as_deref().and_then(|d| <[u8; 8]>::try_from(d).ok()) {
+            Some(d) => {
+                turn.cancelled.push(CancelledTimer { seq, due_at_ms: u64::from_be_bytes(d) });
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
 
 impl state::Host for HostState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {

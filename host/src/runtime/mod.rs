@@ -12,12 +12,11 @@ mod output;
 use crate::config::RuntimeConfig;
 use crate::model::EntityRef;
 use crate::storage::StateStore;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
-pub use host::TurnState;
+pub use host::{CancelledTimer, OutgoingMessage, TurnEffects, TurnState};
 
 wasmtime::component::bindgen!({
     world: "entity",
@@ -51,8 +50,12 @@ pub const INERT_WASI_INTERFACES: &[&str] = &[
 ];
 
 /// The `conflux:entity` imports an entity may use.
-pub const ENTITY_IMPORTS: &[&str] =
-    &["conflux:entity/types@0.1.0", "conflux:entity/state@0.1.0", "conflux:entity/context@0.1.0"];
+pub const ENTITY_IMPORTS: &[&str] = &[
+    "conflux:entity/types@0.1.0",
+    "conflux:entity/state@0.1.0",
+    "conflux:entity/context@0.1.0",
+    "conflux:entity/messaging@0.1.0",
+];
 
 /// The export every entity must provide.
 pub const HANDLER_EXPORT: &str = "conflux:entity/handler@0.1.0";
@@ -129,14 +132,15 @@ pub struct TurnInput {
     pub invocation_id: String,
     pub caller: Option<EntityRef>,
     pub now_ms: u64,
+    /// The entity's next outbox sequence (from its meta record).
+    pub next_seq: u64,
 }
 
-/// The result of a successful turn: its reply and its buffered writes
-/// (`None` = delete), keyed by the guest's state key.
+/// The result of a successful turn: its reply and everything it left to commit.
 #[derive(Debug, Clone, Default)]
 pub struct TurnOutput {
     pub reply: Vec<u8>,
-    pub writes: BTreeMap<String, Option<Vec<u8>>>,
+    pub effects: TurnEffects,
 }
 
 /// Per-store data: WASI context, resource table, limits and the current turn.
@@ -322,7 +326,7 @@ impl Instance {
         reader: Arc<dyn StateStore>,
         migrate_from: Option<u32>,
     ) -> Result<TurnOutput, TurnError> {
-        let cfg = self.begin_turn(input.invocation_id, input.caller, input.now_ms, reader)?;
+        let cfg = self.begin_turn(input.invocation_id, input.caller, input.now_ms, input.next_seq, reader)?;
         if let Some(from_version) = migrate_from
             && let Err(cause) = self.migrate(from_version, &cfg)
         {
@@ -343,7 +347,7 @@ impl Instance {
                         message: format!("reply is {} bytes; the limit is {}", reply.len(), cfg.max_reply_bytes),
                     });
                 }
-                Ok(TurnOutput { reply, writes: turn.into_writes() })
+                Ok(TurnOutput { reply, effects: turn.into_effects() })
             }
             Ok(Err(e)) => Err(call_error(e)),
             Err(err) => {
@@ -363,10 +367,10 @@ impl Instance {
         now_ms: u64,
         reader: Arc<dyn StateStore>,
     ) -> Result<TurnOutput, TurnError> {
-        let cfg = self.begin_turn(invocation_id, None, now_ms, reader)?;
+        let cfg = self.begin_turn(invocation_id, None, now_ms, 0, reader)?;
         let result = self.migrate(from_version, &cfg);
         let turn = self.store.data_mut().turn.take().expect("turn state set above");
-        result.map(|()| TurnOutput { reply: Vec::new(), writes: turn.into_writes() })
+        result.map(|()| TurnOutput { reply: Vec::new(), effects: turn.into_effects() })
     }
 
     /// Whether this instance's component exports a migration.
@@ -379,6 +383,7 @@ impl Instance {
         invocation_id: String,
         caller: Option<EntityRef>,
         now_ms: u64,
+        next_seq: u64,
         reader: Arc<dyn StateStore>,
     ) -> Result<Arc<RuntimeConfig>, TurnError> {
         assert!(!self.poisoned, "a poisoned instance must be dropped, not reused");
@@ -387,7 +392,7 @@ impl Instance {
         data.limit_breach = None;
         data.limits.reset_breach();
         data.stderr.start_turn();
-        data.turn = Some(TurnState::new(data.entity.clone(), invocation_id, caller, now_ms, reader));
+        data.turn = Some(TurnState::new(data.entity.clone(), invocation_id, caller, now_ms, next_seq, reader));
         Ok(cfg)
     }
 

@@ -18,10 +18,13 @@
 //! the new version number is committed with the turn's writes — so each entity
 //! migrates lazily and exactly once per version change.
 
+mod messaging;
+
 use crate::config::SchedulerConfig;
 use crate::log::{CommitLog, LogError};
 use crate::model::{
-    EntityRef, Keyspace, Op, WriteSet, decode_entity_version, encode_entity_version, entity_prefix, state_key,
+    EntityMeta, EntityRef, IdempotentReply, Keyspace, Message, Op, WriteSet, entity_prefix, idempotency_expiry_key,
+    idempotency_key, inbox_key, outbox_key, state_key, timer_due_key, timer_id_key,
 };
 use crate::registry::{LoadedVersion, Registry, RegistryError};
 use crate::runtime::{Instance, Runtime, RuntimeError, TurnError, TurnInput};
@@ -41,6 +44,9 @@ pub struct Invocation {
     /// A client's retry key: the first successful reply under it is stored and
     /// returned to every retry instead of running the turn again.
     pub idempotency_key: Option<String>,
+    /// Set when this invocation delivers a message from an outbox: the sender's
+    /// sequence, by which the receiver drops duplicates.
+    pub message_seq: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +61,10 @@ pub enum InvokeError {
     Overloaded(usize),
     #[error("the node is shutting down")]
     ShuttingDown,
+    #[error("the node's outbox holds {0} undelivered messages; try again later")]
+    OutboxFull(u64),
+    #[error(transparent)]
+    BadIdempotencyKey(crate::model::ModelError),
     #[error(
         "entity {entity} could not migrate from version {from_version} to version {to_version}: {cause}; \
          it keeps its version-{from_version} state (deploy a fix or roll back)"
@@ -80,8 +90,35 @@ struct Slot {
 #[derive(Default)]
 struct SlotState {
     resident: Option<Resident>,
-    /// Which version last committed the entity's state; `None` until read from the store.
-    stored: Option<StoredVersion>,
+    /// The entity's meta record; `None` until read from the store.
+    meta: Option<MetaCache>,
+}
+
+/// What the slot remembers of the entity's [`EntityMeta`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MetaCache {
+    stored: StoredVersion,
+    next_seq: u64,
+}
+
+impl MetaCache {
+    /// Reads it from the store (the meta record, else whether the entity has state).
+    fn load(store: &dyn StateStore, entity: &EntityRef) -> Result<Self, InvokeError> {
+        let internal = |e: &dyn std::fmt::Display| InvokeError::Internal(format!("reading meta of {entity}: {e}"));
+        let prefix = entity_prefix(entity);
+        let meta = match store.get(Keyspace::EntityMeta, &prefix).map_err(|e| internal(&e))? {
+            Some(bytes) => EntityMeta::decode(&bytes).map_err(|e| internal(&e))?,
+            None => EntityMeta::default(),
+        };
+        let stored = match meta.version {
+            Some(v) => StoredVersion::At(v),
+            None => {
+                let any = store.scan(Keyspace::State, &prefix, None, 1).map_err(|e| internal(&e))?;
+                if any.is_empty() { StoredVersion::Fresh } else { StoredVersion::Unrecorded }
+            }
+        };
+        Ok(MetaCache { stored, next_seq: meta.next_seq })
+    }
 }
 
 /// The version that last committed an entity's state.
@@ -95,14 +132,11 @@ enum StoredVersion {
 }
 
 impl StoredVersion {
-    /// Reads it from the store (the entity's meta record, else whether it has state).
-    fn load(store: &dyn StateStore, entity: &EntityRef) -> Result<Self, crate::storage::StorageError> {
-        let prefix = entity_prefix(entity);
-        if let Some(v) = store.get(Keyspace::EntityMeta, &prefix)?.as_deref().and_then(decode_entity_version) {
-            return Ok(StoredVersion::At(v));
+    fn version(self) -> Option<u32> {
+        match self {
+            StoredVersion::At(v) => Some(v),
+            _ => None,
         }
-        let any = store.scan(Keyspace::State, &prefix, None, 1)?;
-        Ok(if any.is_empty() { StoredVersion::Fresh } else { StoredVersion::Unrecorded })
     }
 
     /// The version to migrate from before running `version`, if any.
@@ -183,6 +217,11 @@ pub struct SchedulerStats {
     pub turns_ok: u64,
     pub turns_failed: u64,
     pub instantiations: u64,
+    /// Messages committed and not yet delivered or dead-lettered.
+    pub outbox_messages: u64,
+    pub messages_delivered: u64,
+    pub dead_letters: u64,
+    pub idempotency_keys: u64,
 }
 
 struct Inner {
@@ -204,6 +243,16 @@ struct Inner {
     /// Turns executing at once. More threads than cores only adds contention
     /// (page faults and allocator locks of many instantiations at once).
     turn_permits: tokio::sync::Semaphore,
+    /// Messages in the outbox (committed, not yet delivered or dead-lettered).
+    outbox_len: AtomicU64,
+    /// Signalled when a turn commits messages, to wake the deliverer.
+    outbox_ready: tokio::sync::Notify,
+    /// Signalled when a turn sets a timer, to wake the timer loop.
+    timers_changed: tokio::sync::Notify,
+    /// Stored idempotent replies.
+    idempotency_len: AtomicU64,
+    messages_delivered: AtomicU64,
+    dead_letters: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -245,6 +294,12 @@ impl Scheduler {
                 instantiations: AtomicU64::new(0),
                 epoch: Instant::now(),
                 turn_permits: tokio::sync::Semaphore::new(cfg.turn_threads()),
+                outbox_len: AtomicU64::new(0),
+                outbox_ready: tokio::sync::Notify::new(),
+                timers_changed: tokio::sync::Notify::new(),
+                idempotency_len: AtomicU64::new(0),
+                messages_delivered: AtomicU64::new(0),
+                dead_letters: AtomicU64::new(0),
             }),
         }
     }
@@ -258,6 +313,9 @@ impl Scheduler {
         }
         if !valid_operation(&inv.operation) {
             return Err(InvokeError::BadOperation);
+        }
+        if let Some(k) = &inv.idempotency_key {
+            crate::model::validate_idempotency_key(k).map_err(InvokeError::BadIdempotencyKey)?;
         }
         if !inner.registry.exists(&inv.entity.entity_type) {
             return Err(InvokeError::UnknownType(RegistryError::UnknownType(inv.entity.entity_type)));
@@ -287,6 +345,10 @@ impl Scheduler {
             turns_ok: i.turns_ok.load(Ordering::Relaxed),
             turns_failed: i.turns_failed.load(Ordering::Relaxed),
             instantiations: i.instantiations.load(Ordering::Relaxed),
+            outbox_messages: i.outbox_len.load(Ordering::Relaxed),
+            messages_delivered: i.messages_delivered.load(Ordering::Relaxed),
+            dead_letters: i.dead_letters.load(Ordering::Relaxed),
+            idempotency_keys: i.idempotency_len.load(Ordering::Relaxed),
         }
     }
 
@@ -413,8 +475,8 @@ impl Inner {
     /// One entity of a dry run: `Ok(None)` if nothing to migrate, `Ok(Some(from))`
     /// if the migration succeeded, `Err((from, why))` if it failed.
     fn dry_run_one(&self, candidate: &LoadedVersion, entity: &EntityRef) -> Result<Option<u32>, (u32, String)> {
-        let stored = StoredVersion::load(self.store.as_ref(), entity).map_err(|e| (0, format!("reading meta: {e}")))?;
-        let Some(from) = stored.migrate_from(candidate.version) else { return Ok(None) };
+        let meta = MetaCache::load(self.store.as_ref(), entity).map_err(|e| (0, e.to_string()))?;
+        let Some(from) = meta.stored.migrate_from(candidate.version) else { return Ok(None) };
         let mut instance = self.runtime.instantiate(&candidate.prepared, entity).map_err(|e| (from, e.to_string()))?;
         let seq = self.next_invocation.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{seq:x}-dry-run", self.invocation_prefix);
@@ -437,38 +499,50 @@ impl Inner {
         // between turns, and a turn in flight finishes on its version.
         let version = self.registry.version_for(&inv.entity).map_err(InvokeError::UnknownType)?;
         let warm = slot_state.resident.take().filter(|r| Arc::ptr_eq(&r.version, &version));
-        let stored = slot_state.stored;
+        let cached = slot_state.meta;
         let seq = self.next_invocation.fetch_add(1, Ordering::Relaxed);
+        let now_ms = wall_ms();
         let input = TurnInput {
             operation: inv.operation,
             payload: inv.payload,
             invocation_id: format!("{}-{seq:x}", self.invocation_prefix),
-            caller: inv.caller,
-            now_ms: wall_ms(),
+            caller: inv.caller.clone(),
+            now_ms,
+            next_seq: 0,
         };
+        let guard = TurnGuard { idempotency: inv.idempotency_key.as_deref(), message_seq: inv.message_seq };
+        let guard_keys = guard.keys(&inv.entity, inv.caller.as_ref());
+        let guard_check = guard_keys.clone();
         let this = self.clone();
         let entity = inv.entity.clone();
         let to_version = version.version;
         let permit = self.turn_permits.acquire().await.map_err(|e| InvokeError::Internal(e.to_string()))?;
-        let (back, stored, result) = tokio::task::spawn_blocking(move || {
-            let stored = match stored {
-                Some(s) => s,
-                None => match StoredVersion::load(this.store.as_ref(), &entity) {
-                    Ok(s) => s,
-                    Err(e) => return (warm, None, Err(InvokeError::Internal(format!("reading entity meta: {e}")))),
+        let (back, meta, result) = tokio::task::spawn_blocking(move || {
+            let meta = match cached {
+                Some(m) => m,
+                None => match MetaCache::load(this.store.as_ref(), &entity) {
+                    Ok(m) => m,
+                    Err(e) => return (warm, None, Err(e)),
                 },
             };
+            // Answered before any guest code runs: a retried key, a redelivered message.
+            match guard_check.check(this.store.as_ref(), now_ms) {
+                Ok(Some(early)) => return (warm, Some(meta), Ok(TurnResult::Early(early))),
+                Ok(None) => {}
+                Err(e) => return (warm, Some(meta), Err(e)),
+            }
             let mut r = match warm {
                 Some(r) => r,
                 None => {
                     this.instantiations.fetch_add(1, Ordering::Relaxed);
                     match this.runtime.instantiate(&version.prepared, &entity) {
                         Ok(instance) => Resident { version, instance, _count: ResidentCount::new(&this.resident) },
-                        Err(e) => return (None, Some(stored), Err(InvokeError::Instantiate(e))),
+                        Err(e) => return (None, Some(meta), Err(InvokeError::Instantiate(e))),
                     }
                 }
             };
-            let migrate_from = stored.migrate_from(to_version);
+            let migrate_from = meta.stored.migrate_from(to_version);
+            let input = TurnInput { next_seq: meta.next_seq, ..input };
             let out = r.instance.run_turn(input, this.store.clone(), migrate_from).map_err(|e| match e {
                 TurnError::MigrationFailed { from_version, cause } => {
                     InvokeError::MigrationFailed { entity: entity.to_string(), from_version, to_version, cause: *cause }
@@ -476,54 +550,198 @@ impl Inner {
                 e => InvokeError::Turn(e),
             });
             let back = if r.instance.is_poisoned() { None } else { Some(r) };
-            (back, Some(stored), out.map(|o| (o, migrate_from.is_some())))
+            (back, Some(meta), out.map(|o| TurnResult::Ran { output: o, migrated: migrate_from.is_some() }))
         })
         .await
         .map_err(|e| InvokeError::Internal(format!("turn thread failed: {e}")))?;
         drop(permit);
         slot_state.resident = back;
-        slot_state.stored = stored;
+        slot_state.meta = meta;
         let (output, migrated) = match result {
-            Ok(o) => o,
+            Ok(TurnResult::Early(reply)) => {
+                self.turns_ok.fetch_add(1, Ordering::Relaxed);
+                return Ok(reply);
+            }
+            Ok(TurnResult::Ran { output, migrated }) => (output, migrated),
             Err(e) => {
                 self.turns_failed.fetch_add(1, Ordering::Relaxed);
                 return Err(e);
             }
         };
+        let meta = meta.expect("meta is loaded whenever the turn ran");
+        let effects = output.effects;
+        let immediate = effects.sent.iter().filter(|m| m.due_at_ms.is_none()).count() as u64;
+        let timers = effects.sent.len() as u64 - immediate;
+        if immediate > 0 {
+            let queued = self.outbox_len.load(Ordering::Relaxed);
+            if queued + immediate > self.cfg.max_outbox_messages {
+                self.turns_failed.fetch_add(1, Ordering::Relaxed);
+                return Err(InvokeError::OutboxFull(queued));
+            }
+        }
         // The version is recorded with the first state this version commits (or
         // with its migration), never for an entity that has no state.
-        let record_version = migrated || (!output.writes.is_empty() && stored != Some(StoredVersion::At(to_version)));
-        if !output.writes.is_empty() || record_version {
-            let mut ops: Vec<Op> = output
-                .writes
-                .into_iter()
-                .map(|(k, v)| {
-                    let key = state_key(&inv.entity, &k);
-                    match v {
-                        Some(value) => Op::Put { keyspace: Keyspace::State, key, value },
-                        None => Op::Delete { keyspace: Keyspace::State, key },
-                    }
-                })
-                .collect();
-            if record_version {
-                ops.push(Op::Put {
-                    keyspace: Keyspace::EntityMeta,
-                    key: entity_prefix(&inv.entity),
-                    value: encode_entity_version(to_version),
-                });
+        let record_version = migrated || (!effects.writes.is_empty() && meta.stored != StoredVersion::At(to_version));
+        let new_meta = MetaCache {
+            stored: if record_version { StoredVersion::At(to_version) } else { meta.stored },
+            next_seq: effects.next_seq,
+        };
+        let mut ops: Vec<Op> = effects
+            .writes
+            .into_iter()
+            .map(|(k, v)| {
+                let key = state_key(&inv.entity, &k);
+                match v {
+                    Some(value) => Op::Put { keyspace: Keyspace::State, key, value },
+                    None => Op::Delete { keyspace: Keyspace::State, key },
+                }
+            })
+            .collect();
+        if new_meta != meta {
+            let record = EntityMeta { version: new_meta.stored.version(), next_seq: new_meta.next_seq };
+            ops.push(Op::Put {
+                keyspace: Keyspace::EntityMeta,
+                key: entity_prefix(&inv.entity),
+                value: record.encode(),
+            });
+        }
+        for m in effects.sent {
+            let message = Message {
+                sender: inv.entity.clone(),
+                seq: m.seq,
+                target: m.target,
+                operation: m.operation,
+                payload: m.payload,
+            };
+            match m.due_at_ms {
+                None => ops.push(Op::Put {
+                    keyspace: Keyspace::Outbox,
+                    key: outbox_key(&inv.entity, m.seq),
+                    value: message.encode(),
+                }),
+                Some(due) => {
+                    ops.push(Op::Put {
+                        keyspace: Keyspace::Timers,
+                        key: timer_due_key(due, &inv.entity, m.seq),
+                        value: message.encode(),
+                    });
+                    ops.push(Op::Put {
+                        keyspace: Keyspace::Timers,
+                        key: timer_id_key(&inv.entity, m.seq),
+                        value: due.to_be_bytes().to_vec(),
+                    });
+                }
             }
+        }
+        for c in effects.cancelled {
+            ops.push(Op::Delete { keyspace: Keyspace::Timers, key: timer_due_key(c.due_at_ms, &inv.entity, c.seq) });
+            ops.push(Op::Delete { keyspace: Keyspace::Timers, key: timer_id_key(&inv.entity, c.seq) });
+        }
+        let stores_reply = guard_keys.record(&mut ops, &output.reply, now_ms, self.cfg.idempotency_retention_ms);
+        if !ops.is_empty() {
             if let Err(e) = self.log.propose(WriteSet { ops }).await {
                 self.turns_failed.fetch_add(1, Ordering::Relaxed);
                 // The warm instance may hold state the store does not have, and
-                // whether the version record landed is unknown: reload both.
+                // whether the meta record landed is unknown: reload both.
                 *slot_state = SlotState::default();
                 return Err(InvokeError::Commit(e));
             }
-            if record_version {
-                slot_state.stored = Some(StoredVersion::At(to_version));
-            }
+            slot_state.meta = Some(new_meta);
+        }
+        drop(slot_state);
+        if immediate > 0 {
+            self.outbox_len.fetch_add(immediate, Ordering::Relaxed);
+            self.outbox_ready.notify_one();
+        }
+        if timers > 0 {
+            self.timers_changed.notify_one();
+        }
+        if stores_reply {
+            self.idempotency_len.fetch_add(1, Ordering::Relaxed);
         }
         self.turns_ok.fetch_add(1, Ordering::Relaxed);
         Ok(output.reply)
+    }
+}
+
+/// How a turn ended when it did not fail.
+enum TurnResult {
+    /// Answered without running: a stored idempotent reply, or an already
+    /// processed message (empty reply).
+    Early(Vec<u8>),
+    Ran {
+        output: crate::runtime::TurnOutput,
+        migrated: bool,
+    },
+}
+
+/// What makes an invocation safe to retry: a client's idempotency key, or the
+/// id of the message being delivered.
+struct TurnGuard<'a> {
+    idempotency: Option<&'a str>,
+    message_seq: Option<u64>,
+}
+
+/// [`TurnGuard`] resolved to store keys.
+#[derive(Clone)]
+struct GuardKeys {
+    idempotency: Option<Vec<u8>>,
+    /// The inbox key of (receiver, sender) and the message's sequence.
+    inbox: Option<(Vec<u8>, u64)>,
+}
+
+impl TurnGuard<'_> {
+    fn keys(&self, entity: &EntityRef, caller: Option<&EntityRef>) -> GuardKeys {
+        GuardKeys {
+            idempotency: self.idempotency.map(|k| idempotency_key(entity, k)),
+            inbox: match (self.message_seq, caller) {
+                (Some(seq), Some(sender)) => Some((inbox_key(entity, sender), seq)),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl GuardKeys {
+    /// The answer if this invocation already happened: the stored reply of its
+    /// idempotency key (unless expired), or an empty reply for a message whose
+    /// sequence the receiver has processed (one sender's messages arrive in order).
+    fn check(&self, store: &dyn StateStore, now_ms: u64) -> Result<Option<Vec<u8>>, InvokeError> {
+        let internal = |e: &dyn std::fmt::Display| InvokeError::Internal(format!("reading turn guard: {e}"));
+        if let Some(key) = &self.idempotency
+            && let Some(bytes) = store.get(Keyspace::Idempotency, key).map_err(|e| internal(&e))?
+        {
+            let stored = IdempotentReply::decode(&bytes).map_err(|e| internal(&e))?;
+            if stored.expires_at_ms > now_ms {
+                return Ok(Some(stored.reply));
+            }
+        }
+        if let Some((key, seq)) = &self.inbox
+            && let Some(bytes) = store.get(Keyspace::Inbox, key).map_err(|e| internal(&e))?
+        {
+            let last = u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| internal(&"bad inbox record"))?);
+            if *seq <= last {
+                return Ok(Some(Vec::new()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Adds the records that make a retry of this turn answer early; returns
+    /// whether it stored an idempotent reply.
+    fn record(&self, ops: &mut Vec<Op>, reply: &[u8], now_ms: u64, retention_ms: u64) -> bool {
+        if let Some((key, seq)) = &self.inbox {
+            ops.push(Op::Put { keyspace: Keyspace::Inbox, key: key.clone(), value: seq.to_le_bytes().to_vec() });
+        }
+        let Some(key) = &self.idempotency else { return false };
+        let expires_at_ms = now_ms.saturating_add(retention_ms);
+        let value = IdempotentReply { expires_at_ms, reply: reply.to_vec() }.encode();
+        ops.push(Op::Put { keyspace: Keyspace::Idempotency, key: key.clone(), value });
+        ops.push(Op::Put {
+            keyspace: Keyspace::Idempotency,
+            key: idempotency_expiry_key(expires_at_ms, key),
+            value: Vec::new(),
+        });
+        true
     }
 }

@@ -13,4 +13,7 @@ pub(crate) use wasm::*;
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) mod native;
 #[cfg(not(target_arch = "wasm32"))]
-pub(crate) use native::{caller, invocation_id, log, now_ms, self_ref, state_delete, state_get, state_list, state_set};
+pub(crate) use native::{
+    caller, cancel, invocation_id, log, now_ms, self_ref, send, send_after, state_delete, state_get, state_list,
+    state_set,
+};

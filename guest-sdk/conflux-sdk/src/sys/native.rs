@@ -20,9 +20,27 @@ pub(crate) struct LogLine {
     pub(crate) message: String,
 }
 
+/// A message a turn sent, or a timer it set (`delay_ms` is `Some`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sent {
+    pub(crate) timer_id: Option<String>,
+    pub(crate) target: EntityRef,
+    pub(crate) operation: String,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) delay_ms: Option<u64>,
+}
+
 /// Everything a running turn can see and touch.
 #[derive(Debug)]
 pub(crate) struct Turn {
+    /// Timers set by earlier, committed turns and not cancelled, by id.
+    pub(crate) timers: BTreeMap<String, Sent>,
+    /// Messages and timers this turn sent.
+    pub(crate) sent: Vec<Sent>,
+    /// Committed timers this turn cancelled.
+    pub(crate) cancelled: Vec<String>,
+    /// The id the next timer gets.
+    pub(crate) next_timer: u64,
     /// The committed state, as of the start of the turn.
     pub(crate) store: BTreeMap<String, Vec<u8>>,
     /// This turn's writes: `Some` = set, `None` = delete.
@@ -134,6 +152,47 @@ pub(crate) fn now_ms() -> u64 {
 
 pub(crate) fn log(level: u8, message: &str) {
     with(|t| t.logs.push(LogLine { level, message: message.to_owned() }))
+}
+
+pub(crate) fn send(target: &EntityRef, operation: &str, payload: &[u8]) {
+    with(|t| {
+        t.sent.push(Sent {
+            timer_id: None,
+            target: target.clone(),
+            operation: operation.to_owned(),
+            payload: payload.to_vec(),
+            delay_ms: None,
+        })
+    })
+}
+
+pub(crate) fn send_after(delay_ms: u64, target: &EntityRef, operation: &str, payload: &[u8]) -> String {
+    with(|t| {
+        let id = t.next_timer.to_string();
+        t.next_timer += 1;
+        t.sent.push(Sent {
+            timer_id: Some(id.clone()),
+            target: target.clone(),
+            operation: operation.to_owned(),
+            payload: payload.to_vec(),
+            delay_ms: Some(delay_ms),
+        });
+        id
+    })
+}
+
+pub(crate) fn cancel(timer_id: &str) -> bool {
+    with(|t| {
+        if let Some(pos) = t.sent.iter().position(|s| s.timer_id.as_deref() == Some(timer_id)) {
+            t.sent.remove(pos);
+            return true;
+        }
+        if t.timers.contains_key(timer_id) && !t.cancelled.iter().any(|c| c == timer_id) {
+            t.cancelled.push(timer_id.to_owned());
+            return true;
+        }
+        false
+    })
 }
 
 #[cfg(test)]

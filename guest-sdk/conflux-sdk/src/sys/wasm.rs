@@ -1,7 +1,7 @@
 //! `wasm32` back end of the platform layer: thin calls into the WIT imports.
 
 use crate::EntityRef;
-use crate::bindings::conflux::entity::{context, state, types};
+use crate::bindings::conflux::entity::{context, messaging, state, types};
 
 fn from_wit(r: types::EntityRef) -> EntityRef {
     EntityRef { entity_type: r.entity_type, id: r.id }
@@ -41,4 +41,20 @@ pub(crate) fn now_ms() -> u64 {
 
 pub(crate) fn log(level: u8, message: &str) {
     context::log(level, message)
+}
+
+fn to_wit(r: &EntityRef) -> types::EntityRef {
+    types::EntityRef { entity_type: r.entity_type.clone(), id: r.id.clone() }
+}
+
+pub(crate) fn send(target: &EntityRef, operation: &str, payload: &[u8]) {
+    messaging::send(&to_wit(target), operation, payload)
+}
+
+pub(crate) fn send_after(delay_ms: u64, target: &EntityRef, operation: &str, payload: &[u8]) -> String {
+    messaging::send_after(delay_ms, &to_wit(target), operation, payload)
+}
+
+pub(crate) fn cancel(timer_id: &str) -> bool {
+    messaging::cancel(timer_id)
 }
