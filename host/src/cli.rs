@@ -325,7 +325,7 @@ async fn upload(client: &mut AuthClient, header: pb::DeployHeader, bytes: &[u8])
     let bar = if bytes.len() >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(bytes.len() as u64);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("uploading {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec}")
+            indicatif::ProgressStyle::with_template("uploading {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec} {msg}")
                 .expect("valid template")
                 .progress_chars("=> "),
         );
@@ -338,6 +338,10 @@ async fn upload(client: &mut AuthClient, header: pb::DeployHeader, bytes: &[u8])
     let stream = futures::stream::iter(messages).inspect(move |m| {
         if let (Some(bar), Some(pb::deploy_request::Part::Chunk(c))) = (&ticker, &m.part) {
             bar.inc(c.len() as u64);
+            if bar.position() == bar.length().unwrap_or(0) {
+                // The server now validates and compiles before it answers.
+                bar.set_message("— validating and compiling…");
+            }
         }
     });
     let result = client.deploy(stream).await;
