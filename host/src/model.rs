@@ -241,6 +241,20 @@ pub fn after_entity(entity_type: &str, id: &str) -> Vec<u8> {
     k
 }
 
+/// A host record kept in the store, in postcard encoding.
+pub trait Record: Serialize + serde::de::DeserializeOwned {
+    /// What it is, for error messages.
+    const WHAT: &str;
+
+    fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("host records always serialise")
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
+        postcard::from_bytes(bytes).map_err(|e| ModelError::Corrupt(format!("{}: {e}", Self::WHAT)))
+    }
+}
+
 /// Host bookkeeping for one entity ([`Keyspace::EntityMeta`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntityMeta {
@@ -250,14 +264,8 @@ pub struct EntityMeta {
     pub next_seq: u64,
 }
 
-impl EntityMeta {
-    pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).expect("meta always serialises")
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
-        postcard::from_bytes(bytes).map_err(|e| ModelError::Corrupt(format!("entity meta: {e}")))
-    }
+impl Record for EntityMeta {
+    const WHAT: &str = "entity meta";
 }
 
 /// A message between entities, as kept in an outbox, a timer or a dead letter.
@@ -271,14 +279,8 @@ pub struct Message {
     pub payload: Vec<u8>,
 }
 
-impl Message {
-    pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).expect("messages always serialise")
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
-        postcard::from_bytes(bytes).map_err(|e| ModelError::Corrupt(format!("message: {e}")))
-    }
+impl Record for Message {
+    const WHAT: &str = "message";
 }
 
 /// A message given up on, with why.
@@ -290,14 +292,8 @@ pub struct DeadLetter {
     pub at_ms: u64,
 }
 
-impl DeadLetter {
-    pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).expect("dead letters always serialise")
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
-        postcard::from_bytes(bytes).map_err(|e| ModelError::Corrupt(format!("dead letter: {e}")))
-    }
+impl Record for DeadLetter {
+    const WHAT: &str = "dead letter";
 }
 
 /// A stored reply of an idempotent invocation.
@@ -307,14 +303,8 @@ pub struct IdempotentReply {
     pub reply: Vec<u8>,
 }
 
-impl IdempotentReply {
-    pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).expect("replies always serialise")
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
-        postcard::from_bytes(bytes).map_err(|e| ModelError::Corrupt(format!("idempotent reply: {e}")))
-    }
+impl Record for IdempotentReply {
+    const WHAT: &str = "idempotent reply";
 }
 
 /// [`Keyspace::Outbox`] key: `sender \0 id \0 seq(be)`, so one sender's messages are

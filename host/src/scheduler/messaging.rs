@@ -19,7 +19,7 @@
 
 use super::{Inner, Invocation, InvokeError, MetaCache, Scheduler, SlotState, wall_ms};
 use crate::model::{
-    DeadLetter, EntityMeta, EntityRef, IDEMPOTENCY_EXPIRY_PREFIX, IdempotentReply, Keyspace, Message, Op,
+    DeadLetter, EntityMeta, EntityRef, IDEMPOTENCY_EXPIRY_PREFIX, IdempotentReply, Keyspace, Message, Op, Record,
     TIMER_DUE_PREFIX, WriteSet, dead_letter_key, due_of_timer_key, entity_prefix, outbox_key,
     split_idempotency_expiry_key, timer_id_key,
 };

@@ -23,8 +23,8 @@ mod messaging;
 use crate::config::SchedulerConfig;
 use crate::log::{CommitLog, LogError};
 use crate::model::{
-    EntityMeta, EntityRef, IdempotentReply, Keyspace, Message, Op, WriteSet, entity_prefix, idempotency_expiry_key,
-    idempotency_key, inbox_key, outbox_key, state_key, timer_due_key, timer_id_key,
+    EntityMeta, EntityRef, IdempotentReply, Keyspace, Message, Op, Record, WriteSet, entity_prefix,
+    idempotency_expiry_key, idempotency_key, inbox_key, outbox_key, state_key, timer_due_key, timer_id_key,
 };
 use crate::registry::{LoadedVersion, Registry, RegistryError};
 use crate::runtime::{Instance, Runtime, RuntimeError, TurnError, TurnInput};
