@@ -355,3 +355,24 @@ fn a_lease_expires_by_timer_across_a_crash_and_release_cancels_it() {
         assert_eq!(call(&mut c, "lock", "l", "check", "3").await.unwrap(), json!(true));
     });
 }
+
+#[test]
+fn a_full_outbox_refuses_the_sending_turn_and_commits_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(dir.path(), &["--set", "scheduler.max_outbox_messages=5"]);
+    deploy(&d, "relay", &guest_wasm("relay"));
+    deploy(&d, "counter", &guest_wasm("counter"));
+    rt().block_on(async {
+        let mut c = d.client().await;
+        let fanout = |n: u32| {
+            json!({"target_type": "counter", "target_id": "o", "operation": "add", "payload": 1, "count": n})
+                .to_string()
+        };
+        let e = call(&mut c, "relay", "a", "fanout", &fanout(6)).await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("outbox"), "{}", e.message());
+        call(&mut c, "relay", "a", "fanout", &fanout(5)).await.unwrap();
+        eventually(30, "delivery", async || outbox_empty(&mut c).await.then_some(())).await;
+        assert_eq!(call(&mut c, "counter", "o", "get", "").await.unwrap(), json!(5), "the refused turn sent nothing");
+    });
+}

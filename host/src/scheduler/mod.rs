@@ -576,6 +576,8 @@ impl Inner {
             let queued = self.outbox_len.load(Ordering::Relaxed);
             if queued + immediate > self.cfg.max_outbox_messages {
                 self.turns_failed.fetch_add(1, Ordering::Relaxed);
+                // Discarded after it ran: the instance may remember what was not committed.
+                slot_state.resident = None;
                 return Err(InvokeError::OutboxFull(queued));
             }
         }
