@@ -12,5 +12,8 @@ CARGO_TARGET_DIR=target/guests cargo build --release --target wasm32-wasip2 \
     -p counter-v2 -p tally-v1 -p tally-v2 -p relay -p team -p bank -p lock
 echo "==> building benchmarks (not run: they are not tests)"
 cargo build --benches -p conflux-host
+# The side-by-side suite (`cargo xtask bench-peers`) needs PostgreSQL, Node.js
+# and minutes of quiet machine: CI only makes sure it builds.
+cargo build -p conflux-bench -p xtask
 echo "==> tests"
 cargo test --workspace "$@"

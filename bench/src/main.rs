@@ -1,23 +1,45 @@
-//! `conflux-bench`: a bounded load harness for the counter workload. It starts
-//! its own `conflux serve` (or uses `--addr`), deploys the counter, runs every
-//! (keys × concurrency) cell for a fixed time and request budget, checks that
-//! the counters add up to the acknowledged calls, and prints a Markdown table.
+//! `conflux-bench`: bounded load harness.
+//!
+//! Without a subcommand it drives the counter on Conflux alone (it starts its
+//! own `conflux serve`, or uses `--addr`), runs every (keys × concurrency) cell
+//! for a fixed time and request budget, checks that the counters add up to the
+//! acknowledged calls, and prints a Markdown table.
+//!
+//! `conflux-bench peers` runs the same workloads side by side against Conflux,
+//! Restate, a stateless service over PostgreSQL and native Rust (see
+//! `conflux_bench::peers`); `cargo xtask bench-peers` installs the peers,
+//! builds everything, runs it and writes the table into docs/BENCHMARKS.md.
 
-use anyhow::{Context, bail, ensure};
-use clap::Parser;
-use conflux_host::api::pb::{self, conflux_client::ConfluxClient};
-use hdrhistogram::Histogram;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
-use tonic::transport::Channel;
+use anyhow::{Context, ensure};
+use clap::{Args, Parser, Subcommand};
+use conflux_bench::conflux::ConfluxTarget;
+use conflux_bench::load::LoadSpec;
+use conflux_bench::peers::{self, PeersOpts, SYSTEMS};
+use conflux_bench::procs::spawn_announcing;
+use conflux_bench::workload::{CounterOp, counter_cell};
+use rustix::process::Signal;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(about = "Counter load harness for Conflux")]
-struct Args {
+#[command(about = "Load harness for Conflux and its peers", args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    counter: CounterArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the workloads side by side against Conflux, Restate, PostgreSQL and native Rust.
+    Peers(PeersArgs),
+}
+
+/// The counter on Conflux alone.
+#[derive(Debug, Args)]
+struct CounterArgs {
     /// Use a running node instead of starting one.
     #[arg(long)]
     addr: Option<String>,
@@ -32,7 +54,7 @@ struct Args {
     concurrency: Vec<usize>,
     /// Comma-separated key counts.
     #[arg(long, default_value = "1,10000", value_delimiter = ',')]
-    keys: Vec<usize>,
+    keys: Vec<u64>,
     /// Seconds per cell.
     #[arg(long, default_value_t = 5)]
     duration_secs: u64,
@@ -48,219 +70,247 @@ struct Args {
     connections: usize,
 }
 
-struct Cell {
-    keys: usize,
-    concurrency: usize,
-    ok: u64,
-    errors: u64,
-    secs: f64,
-    hist: Histogram<u64>,
+#[derive(Debug, Args)]
+struct PeersArgs {
+    /// Comma-separated systems to run [default: all, in this order:
+    /// conflux, restate, postgres-naive, postgres-locked, native-memory, native-fsync, native-group-commit].
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
+    /// Short cells for validating the setup: keys 1,1000; callers 1,64; 1 s per
+    /// cell (unless --duration-secs); 200 team-joiner users.
+    #[arg(long)]
+    quick: bool,
+    /// Comma-separated counter key counts.
+    #[arg(long, value_delimiter = ',')]
+    keys: Vec<u64>,
+    /// Comma-separated caller counts (fixed concurrency) for the counter cells.
+    #[arg(long, value_delimiter = ',')]
+    callers: Vec<usize>,
+    /// Seconds per counter cell [default: 5; 1 with --quick].
+    #[arg(long)]
+    duration_secs: Option<f64>,
+    /// Request budget per cell.
+    #[arg(long, default_value_t = 2_000_000)]
+    max_requests: u64,
+    /// Team-joiner users [default: 1000; 200 with --quick].
+    #[arg(long)]
+    team_users: Option<u64>,
+    /// Concurrent joins per user, each naming a different team.
+    #[arg(long, default_value_t = 4)]
+    team_teams: u64,
+    /// Callers of the team-joiner cell.
+    #[arg(long, default_value_t = 64)]
+    team_callers: usize,
+    /// Time bound of the team-joiner cell (seconds).
+    #[arg(long, default_value_t = 60.0)]
+    team_max_secs: f64,
+    /// The conflux binary [default: next to this executable].
+    #[arg(long)]
+    conflux_bin: Option<PathBuf>,
+    /// The counter component [default: built from examples/counter].
+    #[arg(long)]
+    counter_wasm: Option<PathBuf>,
+    /// The team-joiner component [default: built from examples/team-joiner].
+    #[arg(long)]
+    team_wasm: Option<PathBuf>,
+    /// The PostgreSQL service [default: conflux-bench-pg-service next to this executable].
+    #[arg(long)]
+    pg_service_bin: Option<PathBuf>,
+    /// Directory with PostgreSQL's initdb and postgres [default: the newest /usr/lib/postgresql/*/bin].
+    #[arg(long)]
+    pg_bin_dir: Option<PathBuf>,
+    /// Pooled PostgreSQL connections of the service.
+    #[arg(long, default_value_t = 32)]
+    pg_pool: usize,
+    /// The Restate peer's npm project (after `npm ci`) [default: bench/peers/restate].
+    #[arg(long)]
+    restate_dir: Option<PathBuf>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
-fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("bench/ has a parent").to_owned()
-}
-
-fn build_counter() -> anyhow::Result<PathBuf> {
-    let root = workspace_root();
-    let target = root.join("target/guests");
+/// Builds guest components into `$CARGO_TARGET_DIR/guests` (or `target/guests`).
+fn build_guest(package: &str, file: &str) -> anyhow::Result<PathBuf> {
+    let root = conflux_bench::workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = target.join("guests");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(&root)
         .env("CARGO_TARGET_DIR", &target)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "counter"])
+        .args(["build", "--release", "--target", "wasm32-wasip2", "-p", package])
         .status()?;
-    ensure!(status.success(), "building the counter guest failed");
-    Ok(target.join("wasm32-wasip2/release/counter.wasm"))
+    ensure!(status.success(), "building the {package} guest failed");
+    Ok(target.join("wasm32-wasip2/release").join(file))
 }
 
-/// The child process and its data directory, removed when dropped.
-struct Daemon(Child, #[allow(dead_code)] tempfile::TempDir);
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    Ok(std::env::current_exe()?.with_file_name(name))
+}
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// The newest `/usr/lib/postgresql/<version>/bin` that has `pg_ctl`.
+fn find_pg_bin_dir() -> anyhow::Result<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL is not installed (/usr/lib/postgresql is missing): apt-get install postgresql")?
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("pg_ctl").exists().then_some((v, bin))
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop().map(|(_, d)| d).context("no /usr/lib/postgresql/*/bin/pg_ctl: apt-get install postgresql")
+}
+
+async fn peers_command(a: PeersArgs) -> anyhow::Result<()> {
+    let systems = if a.systems.is_empty() { SYSTEMS.iter().map(|s| s.to_string()).collect() } else { a.systems };
+    for s in &systems {
+        ensure!(SYSTEMS.contains(&s.as_str()), "unknown system {s:?}; known: {}", SYSTEMS.join(", "));
     }
-}
-
-fn start_daemon(bin: &PathBuf) -> anyhow::Result<(Daemon, String)> {
-    let dir = tempfile::tempdir()?;
-    let mut child = Command::new(bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        match lines.next() {
-            Some(Ok(l)) => {
-                if let Some(a) = l.strip_prefix("conflux listening on ") {
-                    break a.trim().to_owned();
-                }
-            }
-            _ => bail!("conflux exited before listening"),
-        }
+    let or = |v: Vec<u64>, d: &[u64]| if v.is_empty() { d.to_vec() } else { v };
+    let (keys, callers, secs, users) = if a.quick {
+        (or(a.keys, &[1, 1000]), if a.callers.is_empty() { vec![1, 64] } else { a.callers }, 1.0, 200)
+    } else {
+        (or(a.keys, &[1, 10_000]), if a.callers.is_empty() { vec![1, 16, 64] } else { a.callers }, 5.0, 1000)
     };
-    Ok((Daemon(child, dir), addr))
+    let opts = PeersOpts {
+        systems,
+        keys,
+        callers,
+        duration: Duration::from_secs_f64(a.duration_secs.unwrap_or(secs)),
+        max_requests: a.max_requests,
+        team_users: a.team_users.unwrap_or(users),
+        team_teams: a.team_teams.max(1),
+        team_callers: a.team_callers,
+        team_max_duration: Duration::from_secs_f64(a.team_max_secs),
+        conflux_bin: match a.conflux_bin {
+            Some(b) => b,
+            None => sibling("conflux")?,
+        },
+        counter_wasm: match a.counter_wasm {
+            Some(w) => w,
+            None => build_guest("counter", "counter.wasm")?,
+        },
+        team_wasm: match a.team_wasm {
+            Some(w) => w,
+            None => build_guest("team-joiner", "team_joiner.wasm")?,
+        },
+        pg_service_bin: match a.pg_service_bin {
+            Some(b) => b,
+            None => sibling("conflux-bench-pg-service")?,
+        },
+        pg_bin_dir: match a.pg_bin_dir {
+            Some(d) => d,
+            None => find_pg_bin_dir()?,
+        },
+        pg_pool: a.pg_pool,
+        restate_dir: a.restate_dir.unwrap_or_else(|| conflux_bench::workspace_root().join("bench/peers/restate")),
+    };
+    let report = peers::run(&opts).await;
+    if let Some(path) = a.json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let failed: Vec<&str> = report.systems.iter().filter(|s| s.error.is_some()).map(|s| s.name.as_str()).collect();
+    ensure!(failed.is_empty(), "these systems did not complete: {}", failed.join(", "));
+    Ok(())
 }
 
-fn req(id: &str, op: &str, payload: &[u8]) -> pb::InvokeRequest {
-    pb::InvokeRequest {
-        entity: Some(pb::EntityRef { entity_type: "counter".into(), id: id.into() }),
-        operation: op.into(),
-        payload: payload.to_vec(),
-        ..Default::default()
-    }
-}
-
-/// Reads every counter of a run (64 readers) and returns their sum. Before a
-/// cell it doubles as the warm-up that activates every entity once, so cells
-/// measure steady state rather than first activations.
-async fn sum_counters(clients: &[ConfluxClient<Channel>], run: usize, keys: usize) -> anyhow::Result<i64> {
-    let mut gets = Vec::new();
-    for chunk in 0..64.min(keys) {
-        let mut c = clients[chunk % clients.len()].clone();
-        gets.push(tokio::spawn(async move {
-            let mut sum = 0i64;
-            let mut k = chunk;
-            while k < keys {
-                let r = c.invoke(req(&format!("r{run}-{k}"), "get", b"")).await?;
-                sum += serde_json::from_slice::<i64>(&r.into_inner().reply).unwrap_or(0);
-                k += 64;
-            }
-            Ok::<i64, tonic::Status>(sum)
-        }));
-    }
-    let mut total = 0;
-    for g in gets {
-        total += g.await??;
-    }
-    Ok(total)
-}
-
-async fn run_cell(
-    clients: &[ConfluxClient<Channel>],
-    run: usize,
-    keys: usize,
-    concurrency: usize,
-    args: &Args,
-) -> anyhow::Result<Cell> {
-    sum_counters(clients, run, keys).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let issued = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(args.duration_secs);
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..concurrency {
-        let mut c = clients[w % clients.len()].clone();
-        let (stop, issued) = (stop.clone(), issued.clone());
-        let budget = args.max_requests;
-        let (op, payload): (String, &'static [u8]) =
-            if args.op == "get" { ("get".into(), b"") } else { ("add".into(), b"1") };
-        tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-            let (mut ok, mut errors) = (0u64, 0u64);
-            let mut i = w;
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                if issued.fetch_add(1, Ordering::Relaxed) >= budget {
-                    break;
-                }
-                let id = format!("r{run}-{}", i % keys);
-                i = i.wrapping_add(concurrency);
-                let t = Instant::now();
-                match c.invoke(req(&id, &op, payload)).await {
-                    Ok(_) => {
-                        ok += 1;
-                        hist.record(t.elapsed().as_micros().max(1) as u64).ok();
-                    }
-                    Err(_) => errors += 1,
-                }
-            }
-            (ok, errors, hist)
-        }));
-    }
-    let mut cell =
-        Cell { keys, concurrency, ok: 0, errors: 0, secs: 0.0, hist: Histogram::new_with_bounds(1, 60_000_000, 3)? };
-    for t in tasks {
-        let (ok, errors, hist) = t.await?;
-        cell.ok += ok;
-        cell.errors += errors;
-        cell.hist.add(hist)?;
-    }
-    cell.secs = start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    // Correctness: the counters add up to the acknowledged adds.
-    let total = sum_counters(clients, run, keys).await?;
-    let expected = if args.op == "get" { 0 } else { cell.ok as i64 };
-    ensure!(
-        total == expected,
-        "counters add up to {total} but {} adds were acknowledged (keys={keys}, concurrency={concurrency})",
-        cell.ok
-    );
-    Ok(cell)
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn counter_command(args: CounterArgs) -> anyhow::Result<()> {
     let mut _daemon = None;
     let addr = match &args.addr {
         Some(a) => a.clone(),
         None => {
             let bin = match &args.conflux_bin {
                 Some(b) => b.clone(),
-                None => std::env::current_exe()?.with_file_name("conflux"),
+                None => sibling("conflux")?,
             };
-            let (d, addr) = start_daemon(&bin)?;
-            _daemon = Some(d);
+            let dir = tempfile::tempdir()?;
+            let mut cmd = Command::new(&bin);
+            cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(dir.path().join("data"))
+                .env("RUST_LOG", "warn");
+            let (proc, addr) = spawn_announcing(
+                "conflux",
+                cmd,
+                &dir.path().join("conflux.log"),
+                "conflux listening on ",
+                Duration::from_secs(60),
+                Signal::TERM,
+                Duration::from_secs(10),
+            )?;
+            _daemon = Some((proc, dir));
             addr
         }
     };
     let wasm = match &args.wasm {
         Some(w) => w.clone(),
-        None => build_counter()?,
+        None => build_guest("counter", "counter.wasm")?,
     };
-    let deploy = Command::new(std::env::current_exe()?.with_file_name("conflux"))
-        .args(["--addr", &addr, "deploy", "counter"])
-        .arg(&wasm)
-        .output();
-    let mut clients = Vec::new();
-    for _ in 0..args.connections.max(1) {
-        clients.push(conflux_host::cli::connect(&addr).await?);
-    }
-    match deploy {
-        Ok(o) if o.status.success() => {}
-        _ => {
-            // Fall back to deploying through the API directly.
-            let bytes = std::fs::read(&wasm)?;
-            let header = pb::DeployHeader { entity_type: "counter".into(), ..Default::default() };
-            let messages = conflux_host::api::deploy_messages(header, &bytes);
-            clients[0].clone().deploy(futures::stream::iter(messages)).await?;
-        }
-    }
+    let target = ConfluxTarget::connect(&addr, args.connections).await?;
+    target.deploy("counter", Path::new(&wasm)).await.context("deploying the counter")?;
+    let op = match args.op.as_str() {
+        "add" => CounterOp::Add,
+        "get" => CounterOp::Get,
+        other => anyhow::bail!("--op must be add or get, not {other:?}"),
+    };
     println!("| keys | callers | ok calls | errors | calls/s | p50 µs | p99 µs | p99.9 µs |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut run = 0;
     for &keys in &args.keys {
         for &concurrency in &args.concurrency {
             run += 1;
-            let c = run_cell(&clients, run, keys, concurrency, &args).await?;
+            let spec = LoadSpec {
+                concurrency,
+                duration: Duration::from_secs(args.duration_secs),
+                max_requests: args.max_requests,
+            };
+            let (m, check) = counter_cell(&target, &format!("r{run}"), keys, op, spec).await?;
             println!(
-                "| {} | {} | {} | {} | {:.0} | {} | {} | {} |",
-                c.keys,
-                c.concurrency,
-                c.ok,
-                c.errors,
-                c.ok as f64 / c.secs,
-                c.hist.value_at_quantile(0.5),
-                c.hist.value_at_quantile(0.99),
-                c.hist.value_at_quantile(0.999),
+                "| {keys} | {concurrency} | {} | {} | {:.0} | {} | {} | {} |",
+                m.ok,
+                m.errors,
+                m.ok as f64 / m.secs,
+                m.quantile_us(0.5),
+                m.quantile_us(0.99),
+                m.quantile_us(0.999),
             );
+            ensure!(check.correct, "{} (keys={keys}, concurrency={concurrency})", check.detail);
         }
     }
     Ok(())
+}
+
+/// Completes when the process is asked to stop (Ctrl-C or SIGTERM).
+async fn stop_requested() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let work = async {
+        match cli.command {
+            Some(Cmd::Peers(a)) => peers_command(a).await,
+            None => counter_command(cli.counter).await,
+        }
+    };
+    // Dropping `work` on a stop request drops every started process's guard,
+    // which stops the process, then removes its temporary directory.
+    tokio::select! {
+        r = work => r,
+        _ = stop_requested() => anyhow::bail!("interrupted: stopped everything this run started"),
+    }
 }
