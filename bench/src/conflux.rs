@@ -39,6 +39,13 @@ impl ConfluxTarget {
         Ok(())
     }
 
+    /// Makes `version` of `entity_type` active again.
+    pub async fn rollback(&self, entity_type: &str, version: u32) -> anyhow::Result<()> {
+        let req = pb::ActivateRequest { entity_type: entity_type.into(), version };
+        self.client().rollback(req).await?;
+        Ok(())
+    }
+
     /// One invocation; FAILED_PRECONDITION (the entity refused) is [`CallError::Refused`].
     pub async fn invoke(&self, ty: &str, id: &str, op: &str, payload: Vec<u8>) -> Result<Vec<u8>, CallError> {
         let req = pb::InvokeRequest {

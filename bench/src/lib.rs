@@ -11,6 +11,7 @@
 //! - [`procs`]: starting and stopping the systems (each a guarded child process
 //!   in a temporary directory on 127.0.0.1) and sampling their memory.
 //! - [`peers`]: the side-by-side run that `cargo xtask bench-peers` drives.
+//! - [`scenarios`]: Conflux-only measurements: hot swap under load, messaging.
 
 pub mod conflux;
 pub mod http;
@@ -18,6 +19,7 @@ pub mod load;
 pub mod native;
 pub mod peers;
 pub mod procs;
+pub mod scenarios;
 pub mod systems;
 pub mod target;
 pub mod workload;

@@ -35,6 +35,21 @@ struct Cli {
 enum Cmd {
     /// Run the workloads side by side against Conflux, Restate, PostgreSQL and native Rust.
     Peers(PeersArgs),
+    /// Deploy and roll back the counter under load: swap latency and p99 vs steady state.
+    Swap(NodeArgs),
+    /// Messages per second between entities, and bank transfer latency.
+    Messaging(NodeArgs),
+}
+
+/// A fresh Conflux node for a scenario.
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// The conflux binary to start [default: next to this executable].
+    #[arg(long)]
+    conflux_bin: Option<PathBuf>,
+    /// Repetitions (swap: deploy + rollback rounds; messaging: sequential transfers ÷ 100).
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
 }
 
 /// The counter on Conflux alone.
@@ -217,30 +232,50 @@ async fn peers_command(a: PeersArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A `conflux serve` on a fresh temporary data directory; stopped when dropped.
+fn start_node(bin: Option<&PathBuf>) -> anyhow::Result<((conflux_bench::procs::Proc, tempfile::TempDir), String)> {
+    let bin = match bin {
+        Some(b) => b.clone(),
+        None => sibling("conflux")?,
+    };
+    let dir = tempfile::tempdir()?;
+    let mut cmd = Command::new(&bin);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path().join("data")).env("RUST_LOG", "warn");
+    let (proc, addr) = spawn_announcing(
+        "conflux",
+        cmd,
+        &dir.path().join("conflux.log"),
+        "conflux listening on ",
+        Duration::from_secs(60),
+        Signal::TERM,
+        Duration::from_secs(10),
+    )?;
+    Ok(((proc, dir), addr))
+}
+
+async fn swap_command(a: NodeArgs) -> anyhow::Result<()> {
+    let (_node, addr) = start_node(a.conflux_bin.as_ref())?;
+    let target = ConfluxTarget::connect(&addr, 8).await?;
+    let v1 = build_guest("counter", "counter.wasm")?;
+    let v2 = build_guest("counter-v2", "counter_v2.wasm")?;
+    conflux_bench::scenarios::swap(&target, &v1, &v2, a.rounds).await
+}
+
+async fn messaging_command(a: NodeArgs) -> anyhow::Result<()> {
+    let (_node, addr) = start_node(a.conflux_bin.as_ref())?;
+    let target = ConfluxTarget::connect(&addr, 8).await?;
+    let relay = build_guest("relay", "relay.wasm")?;
+    let bank = build_guest("bank", "bank.wasm")?;
+    conflux_bench::scenarios::messaging(&target, &relay, &bank, a.rounds * 100).await
+}
+
 async fn counter_command(args: CounterArgs) -> anyhow::Result<()> {
     let mut _daemon = None;
     let addr = match &args.addr {
         Some(a) => a.clone(),
         None => {
-            let bin = match &args.conflux_bin {
-                Some(b) => b.clone(),
-                None => sibling("conflux")?,
-            };
-            let dir = tempfile::tempdir()?;
-            let mut cmd = Command::new(&bin);
-            cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-                .arg(dir.path().join("data"))
-                .env("RUST_LOG", "warn");
-            let (proc, addr) = spawn_announcing(
-                "conflux",
-                cmd,
-                &dir.path().join("conflux.log"),
-                "conflux listening on ",
-                Duration::from_secs(60),
-                Signal::TERM,
-                Duration::from_secs(10),
-            )?;
-            _daemon = Some((proc, dir));
+            let (node, addr) = start_node(args.conflux_bin.as_ref())?;
+            _daemon = Some(node);
             addr
         }
     };
@@ -304,6 +339,8 @@ async fn main() -> anyhow::Result<()> {
     let work = async {
         match cli.command {
             Some(Cmd::Peers(a)) => peers_command(a).await,
+            Some(Cmd::Swap(a)) => swap_command(a).await,
+            Some(Cmd::Messaging(a)) => messaging_command(a).await,
             None => counter_command(cli.counter).await,
         }
     };

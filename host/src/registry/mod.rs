@@ -399,9 +399,7 @@ impl Registry {
             // Compile and check off the async threads: Cranelift takes tens of ms.
             let this = self.clone();
             let d = digest.clone();
-            let prepared = tokio::task::spawn_blocking(move || this.compile_and_store(&d, &bytes))
-                .await
-                .map_err(|e| RegistryError::Io(std::io::Error::other(e.to_string())))??;
+            let prepared = background_compile(move || this.compile_and_store(&d, &bytes)).await?;
             Arc::new(LoadedVersion { type_name: type_name.to_owned(), version, digest: digest.clone(), prepared })
         };
         self.commit(record, Some(loaded)).await?;
@@ -437,9 +435,7 @@ impl Registry {
             .and_then(|r| r.versions.iter().find(|v| v.digest == digest).map(|v| v.version))
             .unwrap_or_else(|| existing.as_ref().map_or(1, TypeRecord::next_version));
         let this = self.clone();
-        let prepared = tokio::task::spawn_blocking(move || this.compile(&bytes).map(|(_, p)| p))
-            .await
-            .map_err(|e| RegistryError::Io(std::io::Error::other(e.to_string())))??;
+        let prepared = background_compile(move || this.compile(&bytes).map(|(_, p)| p)).await?;
         let loaded =
             Arc::new(LoadedVersion { type_name: type_name.to_owned(), version, digest: digest.clone(), prepared });
         Ok(Candidate { digest, version, loaded })
@@ -552,6 +548,22 @@ impl Registry {
         let prepared = self.runtime.prepare(&component).map_err(|e| ValidationError::Link(e.to_string()))?;
         Ok(Arc::new(LoadedVersion { type_name: record.name.clone(), version, digest: v.digest.clone(), prepared }))
     }
+}
+
+/// Runs a compilation on its own low-priority thread (nice 10): Cranelift then
+/// only takes CPU that running turns leave idle, so a deploy does not spike the
+/// latency of calls in flight. The thread ends with the compilation, so the
+/// lowered priority never leaks into the turn threads.
+async fn background_compile<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, RegistryError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("conflux-compile".into()).spawn(move || {
+        // On Linux this applies to the calling thread only; failing to lower it is harmless.
+        let _ = rustix::process::setpriority_process(None, 10);
+        let _ = tx.send(work());
+    })?;
+    rx.await.map_err(|_| RegistryError::Io(std::io::Error::other("the compile thread panicked")))?
 }
 
 #[allow(unsafe_code)]

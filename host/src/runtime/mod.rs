@@ -209,7 +209,10 @@ impl Runtime {
             // ten thousand resident instances fit in the address space.
             .memory_reservation(cfg.max_memory_bytes.next_power_of_two().max(1 << 30))
             .memory_guard_size(32 << 20)
-            .max_wasm_stack(512 << 10);
+            .max_wasm_stack(512 << 10)
+            // A deploy compiles on one thread, so running turns keep the other
+            // cores: a hot swap must not spike foreground latency.
+            .parallel_compilation(false);
         let engine = Engine::new(&c).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         // All of WASI p2 is linked, but only the inert interfaces are reachable:
