@@ -39,8 +39,8 @@ struct BenchPeers {
     /// Seconds per counter cell [default: 5; 1 with --quick].
     #[arg(long)]
     duration_secs: Option<f64>,
-    /// Short run with fewer cells, to validate the setup (still writes the doc
-    /// unless --no-doc).
+    /// Short run with fewer cells, to validate the setup; prints the section
+    /// instead of writing docs/BENCHMARKS.md.
     #[arg(long)]
     quick: bool,
     /// Comma-separated subset of systems (see `conflux-bench peers --help`).
@@ -358,7 +358,10 @@ fn render(report: &Value, cx: &RunInfo) -> String {
         (!mine.is_empty()).then(|| mine.iter().map(|r| r["check"]["violations"].as_u64().unwrap_or(0)).sum())
     };
     if let (Some(r), Some(c)) = (violations("restate"), violations("conflux")) {
-        line(&format!("| invariant violations + lost updates (all cells) | {r} | {c} | | 0 for Conflux | {} |", verdict(c == 0)));
+        line(&format!(
+            "| invariant violations + lost updates (all cells) | {r} | {c} | | 0 for Conflux | {} |",
+            verdict(c == 0)
+        ));
     }
     line("");
     line(END);
@@ -463,7 +466,7 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
         run_secs,
     };
     let section = render(&report, &cx);
-    if a.no_doc {
+    if a.no_doc || a.quick {
         println!("{section}");
     } else {
         let path = root.join("docs/BENCHMARKS.md");
