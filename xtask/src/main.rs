@@ -52,6 +52,10 @@ struct BenchPeers {
     /// Leave docs/BENCHMARKS.md alone (print the section instead).
     #[arg(long)]
     no_doc: bool,
+    /// A sentence about the conditions of this run, printed in the section
+    /// (e.g. that something else was running).
+    #[arg(long)]
+    note: Option<String>,
 }
 
 const BEGIN: &str = "<!-- bench-peers:begin -->";
@@ -189,6 +193,7 @@ fn cpu_model() -> String {
 /// Everything about the run that is not in the report.
 struct RunInfo {
     command: String,
+    note: Option<String>,
     date: String,
     machine: String,
     rustc: String,
@@ -248,6 +253,10 @@ fn render(report: &Value, cx: &RunInfo) -> String {
         cx.command, cx.date, cx.commit, cx.machine, cx.rustc, cx.install_secs, cx.build_secs, cx.run_secs
     ));
     line("");
+    if let Some(note) = &cx.note {
+        line(&format!("**Conditions of this run:** {note}"));
+        line("");
+    }
     let keys: Vec<String> = report["keys"].as_array().into_iter().flatten().map(|k| k.to_string()).collect();
     let callers: Vec<String> = report["callers"].as_array().into_iter().flatten().map(|k| k.to_string()).collect();
     line(&format!(
@@ -389,6 +398,9 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
     if let Some(s) = &a.systems {
         command.push_str(&format!(" --systems {s}"));
     }
+    if let Some(n) = &a.note {
+        command.push_str(&format!(" --note {n:?}"));
+    }
 
     let t = Instant::now();
     let pg_bin = install_postgres(!a.no_install)?;
@@ -457,6 +469,7 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
     let kernel = capture(Command::new("uname").args(["-sr"])).unwrap_or_default();
     let cx = RunInfo {
         command,
+        note: a.note.clone(),
         date: capture(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])).unwrap_or_default(),
         machine: format!("{cores} cores ({}), {} RAM, {kernel}", cpu_model(), meminfo_gib()),
         rustc: capture(Command::new("rustc").arg("--version")).unwrap_or_default(),
