@@ -257,6 +257,7 @@ pub async fn run(opts: &PeersOpts) -> Report {
                 (String::new(), String::new(), 0.0, Some(format!("{e:#}")))
             }
         };
+        eprintln!("conflux-bench: {name} took {:.0} s", start.elapsed().as_secs_f64());
         report.systems.push(SystemReport {
             name: name.clone(),
             version,

@@ -128,8 +128,8 @@ pub async fn start_postgres(bin_dir: &Path) -> anyhow::Result<Postgres> {
     }
     let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
     let durability = format!(
-        "Debian defaults: {}; every transaction's commit waits for its WAL flush (PostgreSQL's own group commit \
-         applies); default isolation READ COMMITTED",
+        "PostgreSQL defaults (initdb; only addresses and max_connections=200 set): {}; every commit waits for \
+         its WAL flush (PostgreSQL's own group commit applies); isolation READ COMMITTED",
         settings.join(", ")
     );
     let pids = vec![proc.pid()];
@@ -259,10 +259,9 @@ fn restate_durability(config: &str) -> String {
         }
     };
     format!(
-        "defaults (single node, all roles): invocations and state changes go through Bifrost, the durable log \
-         (provider {}, replication {}), stored by the log-server in RocksDB with its WAL fsync'd \
-         (rocksdb-disable-wal-fsync = {}) before an append is acknowledged; partition state in RocksDB \
-         ({} partitions); telemetry off",
+        "defaults (single node, all roles): every invocation step and state change is appended to Bifrost, \
+         its durable log (provider {}, replication {}), which the log-server keeps in RocksDB with WAL fsync on \
+         (log-server.rocksdb-disable-wal-fsync = {}); partition state in RocksDB ({} partitions); telemetry off",
         get(&["bifrost", "default-provider"]),
         get(&["default-replication"]),
         get(&["log-server", "rocksdb-disable-wal-fsync"]),

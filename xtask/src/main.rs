@@ -39,8 +39,8 @@ struct BenchPeers {
     /// Seconds per counter cell [default: 5; 1 with --quick].
     #[arg(long)]
     duration_secs: Option<f64>,
-    /// Short run with fewer cells, to validate the setup (still writes the doc
-    /// unless --no-doc).
+    /// Short run with fewer cells, to validate the setup; prints the section
+    /// instead of writing docs/BENCHMARKS.md.
     #[arg(long)]
     quick: bool,
     /// Comma-separated subset of systems (see `conflux-bench peers --help`).
@@ -52,6 +52,10 @@ struct BenchPeers {
     /// Leave docs/BENCHMARKS.md alone (print the section instead).
     #[arg(long)]
     no_doc: bool,
+    /// A sentence about the conditions of this run, printed in the section
+    /// (e.g. that something else was running).
+    #[arg(long)]
+    note: Option<String>,
 }
 
 const BEGIN: &str = "<!-- bench-peers:begin -->";
@@ -189,6 +193,7 @@ fn cpu_model() -> String {
 /// Everything about the run that is not in the report.
 struct RunInfo {
     command: String,
+    note: Option<String>,
     date: String,
     machine: String,
     rustc: String,
@@ -248,6 +253,10 @@ fn render(report: &Value, cx: &RunInfo) -> String {
         cx.command, cx.date, cx.commit, cx.machine, cx.rustc, cx.install_secs, cx.build_secs, cx.run_secs
     ));
     line("");
+    if let Some(note) = &cx.note {
+        line(&format!("**Conditions of this run:** {note}"));
+        line("");
+    }
     let keys: Vec<String> = report["keys"].as_array().into_iter().flatten().map(|k| k.to_string()).collect();
     let callers: Vec<String> = report["callers"].as_array().into_iter().flatten().map(|k| k.to_string()).collect();
     line(&format!(
@@ -267,7 +276,7 @@ fn render(report: &Value, cx: &RunInfo) -> String {
         report["team_callers"],
     ));
     line("");
-    line("| system | version | durability | peak RSS MB |");
+    line("| system | version | durability | peak RSS MB (PSS) |");
     line("|---|---|---|---:|");
     for sys in &systems {
         let error = sys["error"].as_str().map(|e| format!(" **did not complete: {e}**")).unwrap_or_default();
@@ -282,7 +291,7 @@ fn render(report: &Value, cx: &RunInfo) -> String {
     }
     line("");
     line(
-        "| system | workload | keys | callers | ok | refused | errors | calls/s | p50 ms | p99 ms | p99.9 ms | RSS MB | correctness |",
+        "| system | workload | keys | callers | ok | refused | errors | calls/s | p50 ms | p99 ms | p99.9 ms | RSS MB (PSS) | correctness |",
     );
     line("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in &rows {
@@ -311,7 +320,7 @@ fn render(report: &Value, cx: &RunInfo) -> String {
     let top = report["callers"].as_array().into_iter().flatten().filter_map(Value::as_u64).max().unwrap_or(0) as usize;
     line(&format!("### Against DESIGN.md §7 (Conflux ÷ Restate, {top} callers, this run)"));
     line("");
-    line("| aim | Restate | Conflux | Conflux vs Restate | target | verdict |");
+    line("| measure | Restate | Conflux | Conflux ÷ Restate | aim | verdict |");
     line("|---|---:|---:|---:|---:|---|");
     let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
     for (keys, aim) in [(max_keys, 50.0), (1, 20.0)] {
@@ -335,22 +344,22 @@ fn render(report: &Value, cx: &RunInfo) -> String {
             (cell(&rows, "restate", "counter", Some(keys), top), cell(&rows, "conflux", "counter", Some(keys), top));
         if let (Some(r), Some(c)) = (r, c) {
             let (rp, cp) = (r["p99_us"].as_f64().unwrap_or(0.0), c["p99_us"].as_f64().unwrap_or(0.0));
-            let x = rp / cp.max(1.0);
+            let x = cp / rp.max(1.0);
             line(&format!(
-                "| p99, counter, {keys} key{} | {} ms | {} ms | 1/{x:.1} | ≤ 1/20 | {} |",
+                "| p99, counter, {keys} key{} | {} ms | {} ms | {x:.2}× | ≤ 0.05× (1/20) | {} |",
                 if keys == 1 { "" } else { "s" },
                 ms(&r["p99_us"]),
                 ms(&c["p99_us"]),
-                verdict(x >= 20.0)
+                verdict(x <= 0.05)
             ));
         }
     }
     let peak = |name: &str| systems.iter().find(|s| s["name"] == name).and_then(|s| s["peak_rss_mb"].as_f64());
     if let (Some(r), Some(c)) = (peak("restate"), peak("conflux")) {
-        let x = r / c.max(1e-9);
+        let x = c / r.max(1e-9);
         line(&format!(
-            "| peak memory (RSS, whole run) | {r:.0} MB | {c:.0} MB | 1/{x:.1} | ≤ 1/5 | {} |",
-            verdict(x >= 5.0)
+            "| peak memory (PSS, whole run) | {r:.0} MB | {c:.0} MB | {x:.2}× | ≤ 0.2× (1/5) | {} |",
+            verdict(x <= 0.2)
         ));
     }
     let violations = |name: &str| -> Option<u64> {
@@ -358,7 +367,10 @@ fn render(report: &Value, cx: &RunInfo) -> String {
         (!mine.is_empty()).then(|| mine.iter().map(|r| r["check"]["violations"].as_u64().unwrap_or(0)).sum())
     };
     if let (Some(r), Some(c)) = (violations("restate"), violations("conflux")) {
-        line(&format!("| invariant violations + lost updates (all cells) | {r} | {c} | | 0 | {} |", verdict(c == 0)));
+        line(&format!(
+            "| invariant violations + lost updates (all cells) | {r} | {c} | | 0 for Conflux | {} |",
+            verdict(c == 0)
+        ));
     }
     line("");
     line(END);
@@ -385,6 +397,9 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
     }
     if let Some(s) = &a.systems {
         command.push_str(&format!(" --systems {s}"));
+    }
+    if let Some(n) = &a.note {
+        command.push_str(&format!(" --note {n:?}"));
     }
 
     let t = Instant::now();
@@ -454,6 +469,7 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
     let kernel = capture(Command::new("uname").args(["-sr"])).unwrap_or_default();
     let cx = RunInfo {
         command,
+        note: a.note.clone(),
         date: capture(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])).unwrap_or_default(),
         machine: format!("{cores} cores ({}), {} RAM, {kernel}", cpu_model(), meminfo_gib()),
         rustc: capture(Command::new("rustc").arg("--version")).unwrap_or_default(),
@@ -463,7 +479,7 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
         run_secs,
     };
     let section = render(&report, &cx);
-    if a.no_doc {
+    if a.no_doc || a.quick {
         println!("{section}");
     } else {
         let path = root.join("docs/BENCHMARKS.md");
