@@ -7,10 +7,6 @@ use conflux_host::api::pb;
 use support::*;
 use tonic::Code;
 
-fn kind(s: &tonic::Status) -> String {
-    s.metadata().get("conflux-error-kind").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
-}
-
 #[test]
 fn guest_errors_and_traps_after_writes_commit_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -12,10 +12,6 @@ use std::time::{Duration, Instant};
 use support::*;
 use tonic::Code;
 
-fn kind(s: &tonic::Status) -> String {
-    s.metadata().get(conflux_host::api::ERROR_KIND_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
-}
-
 fn versions(d: &Daemon, entity_type: &str) -> String {
     let out = d.cli(&["versions", entity_type]);
     assert!(out.status.success(), "versions failed: {}", stderr(&out));

@@ -13,10 +13,6 @@ use tonic::Code;
 const ADMIN: &str = "adm-7f3c9e1b2d4a";
 const INVOKE: &str = "inv-5a8d2c6e0f1b";
 
-fn kind(s: &tonic::Status) -> String {
-    s.metadata().get("conflux-error-kind").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
-}
-
 fn assert_unauthenticated<T: std::fmt::Debug>(r: Result<T, tonic::Status>, rpc: &str, token: &str) {
     let e = r.expect_err("call should be refused");
     assert_eq!(e.code(), Code::Unauthenticated, "{rpc}: {e:?}");

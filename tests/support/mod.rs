@@ -184,6 +184,11 @@ pub fn serve_expecting_failure(data_dir: &Path, extra: &[&str]) -> String {
     stderr(&out)
 }
 
+/// The `conflux-error-kind` of a failed call ("" if absent).
+pub fn kind(s: &tonic::Status) -> String {
+    s.metadata().get(conflux_host::api::ERROR_KIND_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+}
+
 /// The one `error: …` line of a failed command's stderr (asserting there is exactly one).
 pub fn error_line(stderr: &str) -> String {
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
