@@ -10,10 +10,11 @@ echo "==> building guest components (wasm32-wasip2)"
 CARGO_TARGET_DIR=target/guests cargo build --release --target wasm32-wasip2 \
     -p counter -p team-joiner -p faulty -p forbidden -p no-handler -p unknown-imports \
     -p counter-v2 -p tally-v1 -p tally-v2 -p relay -p team -p bank -p lock
-echo "==> building benchmarks (not run: they are not tests)"
-cargo build --benches -p conflux-host
-# The side-by-side suite (`cargo xtask bench-peers`) needs PostgreSQL, Node.js
-# and minutes of quiet machine: CI only makes sure it builds.
-cargo build -p conflux-bench -p xtask
+echo "==> building everything, benchmarks and bench tools included (built, not run: they are not tests)"
+# One package selection for every host build: cargo unifies features per
+# selection, so `-p` subsets would each compile their own wasmtime. The
+# side-by-side suite (`cargo xtask bench-peers`) needs PostgreSQL, Node.js and
+# minutes of quiet machine: CI only makes sure it builds.
+cargo build --workspace --all-targets
 echo "==> tests"
 cargo test --workspace "$@"
