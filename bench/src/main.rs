@@ -15,9 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use conflux_bench::conflux::ConfluxTarget;
 use conflux_bench::load::LoadSpec;
 use conflux_bench::peers::{self, PeersOpts, SYSTEMS};
-use conflux_bench::procs::spawn_announcing;
 use conflux_bench::workload::{CounterOp, counter_cell};
-use rustix::process::Signal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -238,18 +236,7 @@ fn start_node(bin: Option<&PathBuf>) -> anyhow::Result<((conflux_bench::procs::P
         Some(b) => b.clone(),
         None => sibling("conflux")?,
     };
-    let dir = tempfile::tempdir()?;
-    let mut cmd = Command::new(&bin);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path().join("data")).env("RUST_LOG", "warn");
-    let (proc, addr) = spawn_announcing(
-        "conflux",
-        cmd,
-        &dir.path().join("conflux.log"),
-        "conflux listening on ",
-        Duration::from_secs(60),
-        Signal::TERM,
-        Duration::from_secs(10),
-    )?;
+    let (proc, addr, dir) = conflux_bench::systems::spawn_conflux(&bin)?;
     Ok(((proc, dir), addr))
 }
 

@@ -28,9 +28,9 @@ fn log_path(dir: &TempDir, name: &str) -> PathBuf {
     dir.path().join(format!("{name}.log"))
 }
 
-/// `conflux serve` on a fresh data directory, with the counter (type `counter`)
-/// and team-joiner (type `user`) components deployed.
-pub async fn start_conflux(bin: &Path, counter: &Path, team: &Path) -> anyhow::Result<(Running, ConfluxTarget)> {
+/// `conflux serve` on 127.0.0.1 with a fresh temporary data directory: the
+/// process (stopped on drop), its address, and the directory (drop it after the process).
+pub fn spawn_conflux(bin: &Path) -> anyhow::Result<(Proc, String, TempDir)> {
     let dir = tempfile::Builder::new().prefix("bench-conflux-").tempdir()?;
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path().join("data")).env("RUST_LOG", "warn");
@@ -43,6 +43,13 @@ pub async fn start_conflux(bin: &Path, counter: &Path, team: &Path) -> anyhow::R
         Signal::TERM,
         Duration::from_secs(10),
     )?;
+    Ok((proc, addr, dir))
+}
+
+/// `conflux serve` on a fresh data directory, with the counter (type `counter`)
+/// and team-joiner (type `user`) components deployed.
+pub async fn start_conflux(bin: &Path, counter: &Path, team: &Path) -> anyhow::Result<(Running, ConfluxTarget)> {
+    let (proc, addr, dir) = spawn_conflux(bin)?;
     let version = output(Command::new(bin).arg("--version")).unwrap_or_else(|e| format!("unknown ({e})"));
     let target = ConfluxTarget::connect(&addr, 8).await?;
     target.deploy("counter", counter).await.context("deploying the counter")?;
