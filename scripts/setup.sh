@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine needs to build Conflux: the pinned toolchain and
 # its wasm32-wasip2 target (rust-toolchain.toml). protoc is vendored by the
-# build (protoc-bin-vendored), so there is no system package to install.
+# build (protoc-bin-vendored). Debian's chromium and chromium-driver are installed
+# for the dashboard's browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null; then
@@ -12,3 +13,12 @@ fi
 # components and the wasm32-wasip2 target on first use; make that explicit.
 rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
 rustup target add wasm32-wasip2 >/dev/null
+# The dashboard's end-to-end test renders it in headless Chromium over
+# WebDriver: Debian's chromium and chromium-driver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    echo "==> installing chromium and chromium-driver (for the dashboard's browser test)"
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi

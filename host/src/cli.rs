@@ -1,7 +1,11 @@
-//! The `conflux` command line: `serve` runs a node; every other command is a
-//! gRPC client of one (`--addr` / `CONFLUX_ADDR`). Output for humans on stdout,
-//! one-line reasons on stderr, non-zero exit on failure. Client commands send
+//! The `conflux` command line: `serve` runs a node, `new` scaffolds an entity
+//! crate; every other command is a gRPC client of a node (`--addr` /
+//! `CONFLUX_ADDR`). Output for humans on stdout (or, with `--json`, JSON:
+//! one document per command, one object per line for streams), one-line
+//! reasons on stderr, non-zero exit on failure. Client commands send
 //! `--token` as a bearer token and speak TLS to `https://` addresses.
+
+pub mod scaffold;
 
 use crate::api::ERROR_KIND_HEADER;
 use crate::api::pb::{self, conflux_client::ConfluxClient};
@@ -32,6 +36,9 @@ pub struct Cli {
     /// self-signed certificate (client commands) [default: the webpki roots].
     #[arg(long, global = true, env = "CONFLUX_CA_CERT", value_name = "PEM")]
     ca_cert: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text (errors stay on stderr).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -112,6 +119,41 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// List the ids of the entities of a type that have state (without activating them).
+    Entities {
+        entity_type: String,
+        /// Only ids starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// Start after this id (the last id of a previous listing).
+        #[arg(long, value_name = "ID")]
+        start_after: Option<String>,
+    },
+    /// Show what entities printed: `conflux logs counter` or `conflux logs counter/c1 --follow`.
+    Logs {
+        /// TYPE or TYPE/ID [default: every entity].
+        entity: Option<String>,
+        /// Keep streaming new lines until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// How many recent lines to show first.
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+    },
+    /// Create a new entity crate: `conflux new my-entity`.
+    New {
+        /// Crate name (letters, digits, `-`, `_`); the entity type is its snake_case form.
+        name: String,
+        /// Directory to create [default: ./NAME].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The conflux-sdk crate to build against [default: the SDK this conflux was built with].
+        #[arg(long, env = "CONFLUX_SDK_PATH", value_name = "DIR")]
+        sdk_path: Option<PathBuf>,
+    },
 }
 
 /// Entry point of the binary.
@@ -154,11 +196,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config, data_dir, listen, overrides, admin_token, invoke_token, tls_cert, tls_key } => {
             let flags = ServeFlags { data_dir, listen, admin_token, invoke_token, tls_cert, tls_key };
-            serve(config, overrides, flags).await
+            serve(config, overrides, flags, cli.json).await
         }
+        Command::New { name, dir, sdk_path } => new_crate(&name, dir, sdk_path, cli.json),
         command => {
             let opts = ClientOptions { token: cli.token, ca_cert: cli.ca_cert };
-            client_command(&cli.addr, &opts, command).await
+            let out = Output { json: cli.json };
+            client_command(&cli.addr, &opts, command, out).await
         }
     }
 }
@@ -173,14 +217,7 @@ struct ServeFlags {
     tls_key: Option<PathBuf>,
 }
 
-async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlags) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlags, json: bool) -> anyhow::Result<()> {
     let mut cfg = match config {
         Some(path) => Config::from_file(&path)?,
         None => Config::default(),
@@ -197,13 +234,20 @@ async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlag
     cfg.api.invoke_token = invoke_token.or(cfg.api.invoke_token);
     cfg.api.tls_cert_path = tls_cert.or(cfg.api.tls_cert_path);
     cfg.api.tls_key_path = tls_key.or(cfg.api.tls_key_path);
+    cfg.validate()?;
+    // Held until the node has stopped: dropping it flushes the spans not yet exported.
+    let _tracing = crate::telemetry::init_tracing(&cfg.telemetry)?;
     let tls = cfg.api.tls_cert_path.is_some();
     let data_dir = cfg.storage.data_dir.clone();
     let shutdown = shutdown_signal();
     let node = tokio::task::spawn_blocking(move || Node::open(cfg)).await??;
     node.serve(shutdown, |addr| {
         // Scripts and tests read this line to find the port.
-        println!("conflux listening on {addr}");
+        if json {
+            println!("{}", serde_json::json!({ "listening": addr.to_string() }));
+        } else {
+            println!("conflux listening on {addr}");
+        }
         tracing::info!(%addr, data_dir = %data_dir.display(), tls, "conflux listening");
     })
     .await?;
@@ -318,29 +362,42 @@ pub async fn connect_with(addr: &str, opts: &ClientOptions) -> anyhow::Result<Au
 /// Components at least this large get a progress bar while uploading.
 const PROGRESS_MIN_BYTES: usize = 1 << 20;
 
-/// Streams a component to Deploy, with a progress bar on a terminal for large ones.
+/// Streams a component to Deploy. On a terminal, large uploads get a progress
+/// bar, and the wait for the server (compiling; for a dry run, also migrating
+/// the sample) a spinner saying what it is doing.
 async fn upload(client: &mut AuthClient, header: pb::DeployHeader, bytes: &[u8]) -> anyhow::Result<pb::DeployResponse> {
     use std::io::IsTerminal;
+    let waiting_for = if header.dry_run {
+        format!("dry run: compiling and migrating up to {} sampled entities…", header.dry_run_sample)
+    } else {
+        "validating and compiling…".to_owned()
+    };
     let messages = crate::api::deploy_messages(header, bytes);
-    let bar = if bytes.len() >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new(bytes.len() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("uploading {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec} {msg}")
+    let bar = std::io::stderr().is_terminal().then(|| {
+        if bytes.len() >= PROGRESS_MIN_BYTES {
+            let bar = indicatif::ProgressBar::new(bytes.len() as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "uploading {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec} {msg}",
+                )
                 .expect("valid template")
                 .progress_chars("=> "),
-        );
-        Some(bar)
-    } else {
-        None
-    };
-    let ticker = bar.clone();
+            );
+            bar
+        } else {
+            let spinner = indicatif::ProgressBar::new_spinner().with_message(waiting_for.clone());
+            spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+            spinner
+        }
+    });
+    let ticker = bar.clone().filter(|b| b.length().is_some());
     // A chunk counts as sent when tonic pulls the next one from the stream.
     let stream = futures::stream::iter(messages).inspect(move |m| {
         if let (Some(bar), Some(pb::deploy_request::Part::Chunk(c))) = (&ticker, &m.part) {
             bar.inc(c.len() as u64);
             if bar.position() == bar.length().unwrap_or(0) {
                 // The server now validates and compiles before it answers.
-                bar.set_message("— validating and compiling…");
+                bar.set_message(format!("— {waiting_for}"));
             }
         }
     });
@@ -421,7 +478,65 @@ fn rpc_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}{}: {}", s.code(), kind.unwrap_or_default(), s.message())
 }
 
-async fn client_command(addr: &str, opts: &ClientOptions, command: Command) -> anyhow::Result<()> {
+/// How a client command prints its result.
+#[derive(Debug, Clone, Copy, Default)]
+struct Output {
+    json: bool,
+}
+
+impl Output {
+    /// Prints `value` as JSON if asked to, else runs `human`.
+    fn print<T: serde::Serialize>(self, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        } else {
+            human(value);
+        }
+        Ok(())
+    }
+}
+
+fn entity_name(e: &Option<pb::EntityRef>) -> String {
+    e.as_ref().map(|e| format!("{}/{}", e.entity_type, e.id)).unwrap_or_default()
+}
+
+/// `conflux new`: writes the scaffold and says what to do next.
+fn new_crate(name: &str, dir: Option<PathBuf>, sdk_path: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let dir = dir.unwrap_or_else(|| PathBuf::from(name));
+    let sdk = match sdk_path {
+        Some(p) => p,
+        None => {
+            let built_with = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk/conflux-sdk");
+            anyhow::ensure!(
+                built_with.join("Cargo.toml").is_file(),
+                "cannot find the conflux-sdk sources this conflux was built with ({}); pass --sdk-path DIR",
+                built_with.display()
+            );
+            built_with
+        }
+    };
+    let sdk_path = sdk.canonicalize().with_context(|| format!("--sdk-path {}", sdk.display()))?;
+    let scaffold =
+        scaffold::Scaffold { name: name.to_owned(), sdk_path, sdk_version: env!("CARGO_PKG_VERSION").to_owned() };
+    let files = scaffold.write(&dir)?;
+    if json {
+        let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        println!("{}", serde_json::json!({ "created": dir.display().to_string(), "files": files }));
+    } else {
+        let wasm = name.replace('-', "_");
+        let ty = scaffold.entity_type();
+        println!("created {} ({} files)", dir.display(), files.len());
+        println!("next:");
+        println!("  cd {}", dir.display());
+        println!("  cargo test");
+        println!("  cargo build --release --target wasm32-wasip2");
+        println!("  conflux deploy {ty} target/wasm32-wasip2/release/{wasm}.wasm");
+        println!("  conflux invoke {ty}/first add 5");
+    }
+    Ok(())
+}
+
+async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out: Output) -> anyhow::Result<()> {
     // Validate local input before touching the network.
     match &command {
         Command::Invoke { entity, payload, .. } => {
@@ -433,11 +548,14 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command) -> a
         Command::State { entity } => {
             EntityRef::parse(entity)?;
         }
+        Command::Logs { entity: Some(e), .. } if e.contains('/') => {
+            EntityRef::parse(e)?;
+        }
         _ => {}
     }
     let mut client = connect_with(addr, opts).await?;
     match command {
-        Command::Serve { .. } => unreachable!("handled by run"),
+        Command::Serve { .. } | Command::New { .. } => unreachable!("handled by run"),
         Command::Deploy { entity_type, file, dry_run, sample, canary } => {
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let header = pb::DeployHeader {
@@ -448,70 +566,73 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command) -> a
                 ..Default::default()
             };
             let r = upload(&mut client, header, &bytes).await?;
-            print_deploy(&r);
+            out.print(&r, print_deploy)?;
         }
         Command::Versions { entity_type } => {
             let r = client.list_types(pb::ListTypesRequest {}).await.map_err(rpc_error)?.into_inner();
             let t = r.types.into_iter().find(|t| t.name == entity_type).ok_or_else(|| {
                 anyhow::anyhow!("unknown entity type {entity_type:?}; deploy a component for it first")
             })?;
-            println!("VERSION\tACTIVE\tSIZE\tDEPLOYED\tDIGEST");
-            for v in &t.versions {
-                let mark = match &t.canary {
-                    _ if v.version == t.active_version => "active".to_owned(),
-                    Some(c) if c.version == v.version => format!("canary({})", c.ids.join(",")),
-                    _ => "-".to_owned(),
-                };
-                println!(
-                    "{}\t{}\t{}\t{}\tsha256:{}",
-                    v.version,
-                    mark,
-                    human_bytes(v.size_bytes),
-                    format_utc(v.deployed_at_ms),
-                    v.digest
-                );
-            }
+            out.print(&t, |t| {
+                println!("VERSION\tACTIVE\tSIZE\tDEPLOYED\tDIGEST");
+                for v in &t.versions {
+                    let mark = match &t.canary {
+                        _ if v.version == t.active_version => "active".to_owned(),
+                        Some(c) if c.version == v.version => format!("canary({})", c.ids.join(",")),
+                        _ => "-".to_owned(),
+                    };
+                    println!(
+                        "{}\t{}\t{}\t{}\tsha256:{}",
+                        v.version,
+                        mark,
+                        human_bytes(v.size_bytes),
+                        format_utc(v.deployed_at_ms),
+                        v.digest
+                    );
+                }
+            })?;
         }
         Command::DeadLetters { limit } => {
             let mut start_after = String::new();
-            let mut shown = 0u32;
-            while shown < limit {
+            let mut all = pb::ListDeadLettersResponse::default();
+            while (all.dead_letters.len() as u32) < limit {
+                let shown = all.dead_letters.len() as u32;
                 let req =
                     pb::ListDeadLettersRequest { start_after: start_after.clone(), limit: (limit - shown).min(1000) };
                 let r = client.list_dead_letters(req).await.map_err(rpc_error)?.into_inner();
-                for d in &r.dead_letters {
-                    shown += 1;
-                    let name = |e: &Option<pb::EntityRef>| {
-                        e.as_ref().map(|e| format!("{}/{}", e.entity_type, e.id)).unwrap_or_default()
-                    };
+                all.dead_letters.extend(r.dead_letters);
+                all.next_start_after = r.next_start_after.clone();
+                if r.next_start_after.is_empty() {
+                    break;
+                }
+                start_after = r.next_start_after;
+            }
+            out.print(&all, |all| {
+                for d in &all.dead_letters {
                     println!(
                         "{}\t{} #{} -> {} {}\t{} attempt(s)\t{}\tpayload {}",
                         format_utc(d.at_ms),
-                        name(&d.sender),
+                        entity_name(&d.sender),
                         d.seq,
-                        name(&d.target),
+                        entity_name(&d.target),
                         d.operation,
                         d.attempts,
                         d.reason,
                         String::from_utf8_lossy(&d.payload)
                     );
                 }
-                if r.next_start_after.is_empty() {
-                    break;
+                if all.dead_letters.is_empty() {
+                    println!("no dead letters");
                 }
-                start_after = r.next_start_after;
-            }
-            if shown == 0 {
-                println!("no dead letters");
-            }
+            })?;
         }
         Command::Rollback { entity_type, version } => {
             let r = client.rollback(pb::ActivateRequest { entity_type, version }).await.map_err(rpc_error)?;
-            print_activate(&r.into_inner());
+            out.print(&r.into_inner(), print_activate)?;
         }
         Command::Promote { entity_type, version } => {
             let r = client.promote(pb::ActivateRequest { entity_type, version }).await.map_err(rpc_error)?;
-            print_activate(&r.into_inner());
+            out.print(&r.into_inner(), print_activate)?;
         }
         Command::Invoke { entity, operation, payload, idempotency_key } => {
             let e = EntityRef::parse(&entity)?;
@@ -522,47 +643,34 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command) -> a
                 idempotency_key: idempotency_key.unwrap_or_default(),
             };
             let r = client.invoke(req).await.map_err(rpc_error)?.into_inner();
-            println!("{}", String::from_utf8_lossy(&r.reply));
+            out.print(&r, |r| println!("{}", String::from_utf8_lossy(&r.reply)))?;
         }
         Command::Types => {
             let r = client.list_types(pb::ListTypesRequest {}).await.map_err(rpc_error)?.into_inner();
-            if r.types.is_empty() {
-                println!("no entity types deployed");
-            }
-            for t in r.types {
-                let active = t.versions.iter().find(|v| v.version == t.active_version);
-                println!(
-                    "{}\tversion {}\t{} versions\tsha256:{}",
-                    t.name,
-                    t.active_version,
-                    t.versions.len(),
-                    active.map(|v| v.digest.as_str()).unwrap_or("?")
-                );
-            }
+            out.print(&r, |r| {
+                if r.types.is_empty() {
+                    println!("no entity types deployed");
+                }
+                for t in &r.types {
+                    let active = t.versions.iter().find(|v| v.version == t.active_version);
+                    println!(
+                        "{}\tversion {}\t{} versions\tsha256:{}",
+                        t.name,
+                        t.active_version,
+                        t.versions.len(),
+                        active.map(|v| v.digest.as_str()).unwrap_or("?")
+                    );
+                }
+            })?;
         }
         Command::Status => {
             let s = client.status(pb::StatusRequest {}).await.map_err(rpc_error)?.into_inner();
-            println!("conflux {}", s.version);
-            println!("uptime           {:.1}s", s.uptime_ms as f64 / 1000.0);
-            println!("data dir         {}", s.data_dir);
-            println!("entity types     {}", s.entity_types);
-            println!("active entities  {}", s.active_entities);
-            println!("resident         {}", s.resident_instances);
-            println!("in flight        {}", s.inflight_invocations);
-            println!("turns ok/failed  {}/{}", s.turns_ok, s.turns_failed);
-            println!(
-                "outbox           {} waiting, {} delivered, {} dead letters",
-                s.outbox_messages, s.messages_delivered, s.dead_letters
-            );
-            println!(
-                "log applied      {} (durable {}, {} syncs)",
-                s.applied_index, s.durable_index, s.log_sync_batches
-            );
+            out.print(&s, print_status)?;
         }
         Command::State { entity } => {
             let e = EntityRef::parse(&entity)?;
             let mut start_after = String::new();
-            let mut any = false;
+            let mut all = pb::GetStateResponse::default();
             loop {
                 let req = pb::GetStateRequest {
                     entity: Some(pb::EntityRef { entity_type: e.entity_type.clone(), id: e.id.clone() }),
@@ -570,21 +678,106 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command) -> a
                     limit: 0,
                 };
                 let r = client.get_state(req).await.map_err(rpc_error)?.into_inner();
-                for entry in &r.entries {
-                    any = true;
-                    println!("{}\t{}", entry.key, String::from_utf8_lossy(&entry.value));
-                }
+                all.entries.extend(r.entries);
                 if r.next_start_after.is_empty() {
                     break;
                 }
                 start_after = r.next_start_after;
             }
-            if !any {
-                println!("(no state)");
+            out.print(&all, |all| {
+                for entry in &all.entries {
+                    println!("{}\t{}", entry.key, String::from_utf8_lossy(&entry.value));
+                }
+                if all.entries.is_empty() {
+                    println!("(no state)");
+                }
+            })?;
+        }
+        Command::Entities { entity_type, prefix, limit, start_after } => {
+            let mut all = pb::ListEntitiesResponse::default();
+            let mut cursor = start_after.unwrap_or_default();
+            while (all.ids.len() as u32) < limit {
+                let req = pb::ListEntitiesRequest {
+                    entity_type: entity_type.clone(),
+                    prefix: prefix.clone(),
+                    start_after: cursor.clone(),
+                    limit: (limit - all.ids.len() as u32).min(10_000),
+                };
+                let r = client.list_entities(req).await.map_err(rpc_error)?.into_inner();
+                all.ids.extend(r.ids);
+                all.next_start_after = r.next_start_after.clone();
+                if r.next_start_after.is_empty() {
+                    break;
+                }
+                cursor = r.next_start_after;
+            }
+            out.print(&all, |all| {
+                for id in &all.ids {
+                    println!("{id}");
+                }
+                if !all.next_start_after.is_empty() {
+                    eprintln!("(more: --start-after {})", all.next_start_after);
+                } else if all.ids.is_empty() {
+                    eprintln!("(no entities of type {entity_type} have state)");
+                }
+            })?;
+        }
+        Command::Logs { entity, follow, tail } => {
+            let (entity_type, id) = match &entity {
+                None => (String::new(), String::new()),
+                Some(e) => match e.split_once('/') {
+                    Some((t, i)) => (t.to_owned(), i.to_owned()),
+                    None => (e.clone(), String::new()),
+                },
+            };
+            let req = pb::StreamLogsRequest { entity_type, id, follow, tail };
+            let mut lines = client.stream_logs(req).await.map_err(rpc_error)?.into_inner();
+            while let Some(line) = lines.next().await {
+                let l = line.map_err(rpc_error)?;
+                if out.json {
+                    println!("{}", serde_json::to_string(&l)?);
+                } else {
+                    if l.dropped > 0 {
+                        println!("… {} line(s) dropped: this follower fell behind", l.dropped);
+                    }
+                    println!(
+                        "{} {} [{}] {}: {}",
+                        format_utc(l.at_ms),
+                        entity_name(&l.entity),
+                        l.invocation_id,
+                        l.stream,
+                        l.line
+                    );
+                }
             }
         }
     }
     Ok(())
+}
+
+fn print_status(s: &pb::StatusResponse) {
+    println!("conflux {}", s.version);
+    println!("node             {}", s.node_id);
+    println!("uptime           {:.1}s", s.uptime_ms as f64 / 1000.0);
+    println!("data dir         {}", s.data_dir);
+    println!("entity types     {}", s.entity_types);
+    println!("active entities  {}", s.active_entities);
+    println!("resident         {}", s.resident_instances);
+    println!("in flight        {}", s.inflight_invocations);
+    println!("turns ok/failed  {}/{}", s.turns_ok, s.turns_failed);
+    println!(
+        "outbox           {} waiting, {} delivered, {} dead letters",
+        s.outbox_messages, s.messages_delivered, s.dead_letters
+    );
+    println!("log applied      {} (durable {}, {} syncs)", s.applied_index, s.durable_index, s.log_sync_batches);
+    println!("NODE\tADDRESS\tSTATE\tLEADS\tREPLICAS");
+    for n in &s.nodes {
+        println!("{}\t{}\t{}\t{}\t{}", n.node_id, n.address, n.state, n.shards_led, n.replicas);
+    }
+    println!("SHARD\tLEADER\tREPLICAS\tLAG");
+    for sh in &s.shards {
+        println!("{}\t{}\t{}\t{}", sh.shard_id, sh.leader, sh.replicas.join(","), sh.replication_lag);
+    }
 }
 
 fn print_activate(r: &pb::ActivateResponse) {
@@ -618,10 +811,14 @@ mod tests {
             payload: Some("{".into()),
             idempotency_key: None,
         };
-        let e = rt.block_on(client_command("127.0.0.1:9", &ClientOptions::default(), bad_json)).unwrap_err();
+        let e = rt
+            .block_on(client_command("127.0.0.1:9", &ClientOptions::default(), bad_json, Output::default()))
+            .unwrap_err();
         assert!(format!("{e:#}").contains("not valid JSON"), "{e:#}");
         let bad_ref = Command::State { entity: "noslash".into() };
-        let e = rt.block_on(client_command("127.0.0.1:9", &ClientOptions::default(), bad_ref)).unwrap_err();
+        let e = rt
+            .block_on(client_command("127.0.0.1:9", &ClientOptions::default(), bad_ref, Output::default()))
+            .unwrap_err();
         assert!(format!("{e:#}").contains("TYPE/ID"), "{e:#}");
     }
 

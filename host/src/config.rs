@@ -25,6 +25,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub registry: RegistryConfig,
     pub api: ApiConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,6 +71,9 @@ pub struct RuntimeConfig {
     pub max_messages_per_turn: usize,
     /// Longest delay `send-after` accepts (longer ones are clamped to it).
     pub max_timer_delay_ms: u64,
+    /// Lines of guest output the node keeps for `conflux logs` (newer ones
+    /// push out older ones; `--follow` sees every new line).
+    pub guest_log_lines: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -87,6 +91,7 @@ impl Default for RuntimeConfig {
             max_write_set_bytes: 4 << 20,
             max_messages_per_turn: 1000,
             max_timer_delay_ms: 365 * 24 * 3_600_000,
+            guest_log_lines: 1000,
         }
     }
 }
@@ -207,6 +212,25 @@ impl Default for ApiConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Which log lines reach stderr, in `tracing` filter syntax (e.g.
+    /// `info,conflux::guest=warn`). The `RUST_LOG` variable overrides it.
+    pub log_filter: String,
+    /// Export one span per invocation (and its children) over OTLP/gRPC to
+    /// this collector, e.g. `http://127.0.0.1:4317`. Unset: no export.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { log_filter: "info".to_owned(), otlp_endpoint: None, service_name: "conflux".to_owned() }
+    }
+}
+
 /// A secret string (an API token). Its `Debug` is redacted, so a logged or
 /// printed configuration never shows it; only [`Secret::expose`] reveals it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,6 +342,20 @@ impl Config {
             return bad("api.tls_cert_path and api.tls_key_path must be set together (both or neither)");
         }
         self.log.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let t = &self.telemetry;
+        if let Some(ep) = &t.otlp_endpoint
+            && !(ep.starts_with("http://") || ep.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "telemetry.otlp_endpoint must be an http:// or https:// URL, not {ep:?}"
+            )));
+        }
+        if r.guest_log_lines == 0 || r.guest_log_lines > 100_000 {
+            return bad("runtime.guest_log_lines must be between 1 and 100000");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&t.log_filter).is_err() {
+            return Err(ConfigError::Invalid(format!("telemetry.log_filter {:?} is not a valid filter", t.log_filter)));
+        }
         Ok(())
     }
 }

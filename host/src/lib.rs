@@ -11,6 +11,7 @@ pub mod registry;
 pub mod runtime;
 pub mod scheduler;
 pub mod storage;
+pub mod telemetry;
 
 #[cfg(test)]
 mod fuzz_tests;

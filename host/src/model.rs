@@ -216,6 +216,11 @@ pub fn entity_prefix(entity: &EntityRef) -> Vec<u8> {
     k
 }
 
+/// Wall-clock time in Unix milliseconds (0 if the clock is before 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// Prefix under which all entities of one type live.
 pub fn type_prefix(entity_type: &str) -> Vec<u8> {
     let mut k = entity_type.as_bytes().to_vec();

@@ -121,6 +121,7 @@ impl Node {
             self.registry.clone(),
             self.store.clone(),
             self.log.clone(),
+            self.scheduler.guest_logs().clone(),
         )?;
         let addr = self.cfg.api.listen;
         let listener =

@@ -19,6 +19,10 @@ pub enum Rpc {
     Status,
     ListTypes,
     Invoke,
+    ListEntities,
+    StreamLogs,
+    /// `/metrics` and the dashboard's data (HTTP only).
+    Metrics,
 }
 
 /// Which token an RPC requires (when that token is configured).
@@ -34,9 +38,15 @@ impl Rpc {
     /// The single method → required-token table.
     pub fn access(self) -> Access {
         match self {
-            Rpc::Deploy | Rpc::Rollback | Rpc::Promote | Rpc::GetState | Rpc::ListDeadLetters | Rpc::Status => {
-                Access::Admin
-            }
+            Rpc::Deploy
+            | Rpc::Rollback
+            | Rpc::Promote
+            | Rpc::GetState
+            | Rpc::ListDeadLetters
+            | Rpc::Status
+            | Rpc::ListEntities
+            | Rpc::StreamLogs
+            | Rpc::Metrics => Access::Admin,
             Rpc::ListTypes | Rpc::Invoke => Access::Invoke,
         }
     }
@@ -51,6 +61,9 @@ impl Rpc {
             Rpc::Status => "Status",
             Rpc::ListTypes => "ListTypes",
             Rpc::Invoke => "Invoke",
+            Rpc::ListEntities => "ListEntities",
+            Rpc::StreamLogs => "StreamLogs",
+            Rpc::Metrics => "Metrics",
         }
     }
 }
@@ -149,7 +162,7 @@ mod tests {
         m
     }
 
-    const ALL: [Rpc; 8] = [
+    const ALL: [Rpc; 11] = [
         Rpc::Deploy,
         Rpc::Rollback,
         Rpc::Promote,
@@ -158,6 +171,9 @@ mod tests {
         Rpc::Status,
         Rpc::ListTypes,
         Rpc::Invoke,
+        Rpc::ListEntities,
+        Rpc::StreamLogs,
+        Rpc::Metrics,
     ];
 
     #[test]
@@ -172,7 +188,7 @@ mod tests {
     #[test]
     fn admin_token_guards_admin_rpcs_only() {
         let a = auth(Some("s3cret-admin"), None);
-        for rpc in [Rpc::Deploy, Rpc::Rollback, Rpc::Promote, Rpc::GetState, Rpc::ListDeadLetters, Rpc::Status] {
+        for rpc in ALL.into_iter().filter(|r| r.access() == Access::Admin) {
             assert_eq!(a.check(rpc, &md(None)), Err(AuthError::Missing { rpc: rpc.name(), token: "admin" }));
             assert!(matches!(a.check(rpc, &md(Some("Bearer nope"))), Err(AuthError::Wrong { .. })));
             assert!(matches!(a.check(rpc, &md(Some("Basic s3cret-admin"))), Err(AuthError::Malformed { .. })));

@@ -1,12 +1,15 @@
-//! The gRPC API (tonic): the only module that knows protobuf. Maps requests to
-//! scheduler and registry calls and their errors to meaningful status codes.
-//! Every error carries a machine-readable `conflux-error-kind` metadata entry.
-//! Each RPC first passes [`auth`] (bearer tokens, when configured); the
-//! listener optionally speaks TLS (rustls).
+//! The client API: gRPC (tonic) and, on the same port, the HTTP/JSON gateway,
+//! `/metrics` and the dashboard ([`http`]). The only module that knows
+//! protobuf. Maps requests to scheduler and registry calls and their errors to
+//! meaningful status codes. Every error carries a machine-readable
+//! `conflux-error-kind`. Each call first passes [`auth`] (bearer tokens, when
+//! configured); the listener optionally speaks TLS (rustls).
 
 pub mod auth;
 
 pub mod codec;
+pub mod http;
+pub mod json;
 
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
@@ -18,12 +21,14 @@ use crate::config::ApiConfig;
 use crate::log::CommitLog;
 use crate::model::{EntityRef, Keyspace, entity_prefix};
 use crate::registry::{Registry, RegistryError};
-use crate::runtime::TurnError;
+use crate::runtime::{GuestLogLine, GuestLogs, TurnError};
 use crate::scheduler::{Invocation, InvokeError, Scheduler};
 use crate::storage::StateStore;
 use auth::{Authenticator, Rpc};
 use futures::StreamExt;
 use pb::conflux_server::{Conflux, ConfluxServer};
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -40,6 +45,14 @@ const DRY_RUN_SAMPLE_DEFAULT: usize = 100;
 /// Default and maximum page size of GetState.
 const STATE_PAGE_DEFAULT: u32 = 1000;
 const STATE_PAGE_MAX: u32 = 10_000;
+
+/// Default and maximum page size of ListEntities.
+const ENTITY_PAGE_DEFAULT: u32 = 100;
+const ENTITY_PAGE_MAX: u32 = 10_000;
+
+/// Default and maximum number of recent lines StreamLogs sends first.
+const LOG_TAIL_DEFAULT: u32 = 100;
+const LOG_TAIL_MAX: u32 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -70,27 +83,29 @@ fn status(code: Code, kind: &'static str, message: impl Into<String>) -> Status 
 }
 
 fn invoke_status(e: InvokeError) -> Status {
-    let msg = e.to_string();
-    match e {
-        InvokeError::UnknownType(_) => status(Code::NotFound, "unknown-type", msg),
-        InvokeError::BadOperation => status(Code::InvalidArgument, "bad-operation", msg),
-        InvokeError::MailboxFull { .. } => status(Code::ResourceExhausted, "mailbox-full", msg),
-        InvokeError::Overloaded(_) => status(Code::ResourceExhausted, "overloaded", msg),
-        InvokeError::ShuttingDown => status(Code::Unavailable, "shutting-down", msg),
-        InvokeError::MigrationFailed { .. } => status(Code::FailedPrecondition, "migration-failed", msg),
-        InvokeError::OutboxFull(_) => status(Code::ResourceExhausted, "outbox-full", msg),
-        InvokeError::BadIdempotencyKey(_) => status(Code::InvalidArgument, "bad-idempotency-key", msg),
+    let kind = e.kind();
+    let code = match &e {
+        InvokeError::UnknownType(_) => Code::NotFound,
+        InvokeError::BadOperation | InvokeError::BadIdempotencyKey(_) => Code::InvalidArgument,
+        InvokeError::MailboxFull { .. } | InvokeError::Overloaded(_) | InvokeError::OutboxFull(_) => {
+            Code::ResourceExhausted
+        }
+        InvokeError::ShuttingDown | InvokeError::Instantiate(_) | InvokeError::Commit(_) => Code::Unavailable,
+        InvokeError::MigrationFailed { .. } => Code::FailedPrecondition,
         InvokeError::Turn(t) => match t {
-            TurnError::BadRequest(m) => status(Code::InvalidArgument, "bad-request", m),
-            TurnError::UnknownOperation(m) => status(Code::NotFound, "unknown-operation", m),
-            TurnError::Failed(m) => status(Code::FailedPrecondition, "failed", m),
-            TurnError::Trapped { kind, .. } => status(Code::Aborted, kind.as_str(), msg),
-            TurnError::MigrationFailed { .. } => status(Code::FailedPrecondition, "migration-failed", msg),
+            TurnError::BadRequest(_) => Code::InvalidArgument,
+            TurnError::UnknownOperation(_) => Code::NotFound,
+            TurnError::Failed(_) | TurnError::MigrationFailed { .. } => Code::FailedPrecondition,
+            TurnError::Trapped { .. } => Code::Aborted,
         },
-        InvokeError::Instantiate(_) => status(Code::Unavailable, "instantiate", msg),
-        InvokeError::Commit(_) => status(Code::Unavailable, "commit", msg),
-        InvokeError::Internal(_) => status(Code::Internal, "internal", msg),
-    }
+        InvokeError::Internal(_) => Code::Internal,
+    };
+    // The entity's own words, without the host's framing.
+    let message = match e {
+        InvokeError::Turn(TurnError::BadRequest(m) | TurnError::UnknownOperation(m) | TurnError::Failed(m)) => m,
+        e => e.to_string(),
+    };
+    status(code, kind, message)
 }
 
 fn registry_status(e: RegistryError) -> Status {
@@ -159,6 +174,12 @@ pub struct Api {
     max_component_bytes: usize,
     data_dir: String,
     started: Instant,
+    guest_logs: Arc<GuestLogs>,
+    /// The address the listener bound (known once serving).
+    bound: Option<SocketAddr>,
+    /// Becomes true when the node shuts down: ends `StreamLogs --follow`
+    /// streams, which would otherwise hold the graceful shutdown open.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Api {
@@ -170,6 +191,7 @@ impl Api {
         registry: Arc<Registry>,
         store: Arc<dyn StateStore>,
         log: Arc<dyn CommitLog>,
+        guest_logs: Arc<GuestLogs>,
     ) -> Result<Self, ApiError> {
         Ok(Self {
             auth: Authenticator::new(cfg),
@@ -182,15 +204,24 @@ impl Api {
             max_component_bytes,
             data_dir,
             started: Instant::now(),
+            guest_logs,
+            bound: None,
+            stopping: tokio::sync::watch::channel(false).0,
         })
     }
 
-    /// Serves the API and reflection on `listener` until `shutdown` resolves.
+    /// This node's id: its address until nodes have cluster identities.
+    fn node_id(&self) -> String {
+        self.bound.unwrap_or(self.cfg.listen).to_string()
+    }
+
+    /// Serves gRPC (with reflection) and HTTP on `listener` until `shutdown` resolves.
     pub async fn serve(
-        self,
+        mut self,
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), ApiError> {
+        self.bound = listener.local_addr().ok();
         // Nagle's algorithm adds ~45% latency to small unary calls (DESIGN.md §5a).
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         // Generous decode limit, so a payload somewhat over the limit reaches our own
@@ -200,16 +231,37 @@ impl Api {
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ApiError::Reflection(e.to_string()))?;
-        let mut server = tonic::transport::Server::builder();
+        let mut server = tonic::transport::Server::builder().accept_http1(true);
         if let Some(tls) = self.tls.clone() {
             server = server.tls_config(tls)?;
         }
+        let api = Arc::new(self);
+        let grpc = tonic::service::Routes::new(ConfluxServer::from_arc(api.clone()).max_decoding_message_size(max_msg))
+            .add_service(reflection);
+        let routes = http::router(api.clone(), grpc.into_axum_router(), max_msg);
+        let stopping = api.stopping.clone();
+        let shutdown = async move {
+            shutdown.await;
+            stopping.send_replace(true);
+        };
         server
-            .add_service(ConfluxServer::new(self).max_decoding_message_size(max_msg))
-            .add_service(reflection)
+            .add_routes(tonic::service::Routes::from(routes))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         Ok(())
+    }
+}
+
+/// One guest line on the wire.
+fn log_line(l: &GuestLogLine, dropped: u64) -> pb::LogLine {
+    let (entity_type, id) = l.entity.split_once('/').unwrap_or((&l.entity, ""));
+    pb::LogLine {
+        at_ms: l.at_ms,
+        entity: Some(pb::EntityRef { entity_type: entity_type.to_owned(), id: id.to_owned() }),
+        invocation_id: l.invocation_id.to_string(),
+        stream: l.stream.to_owned(),
+        line: l.line.clone(),
+        dropped,
     }
 }
 
@@ -240,6 +292,85 @@ impl Api {
 
 #[tonic::async_trait]
 impl Conflux for Api {
+    type StreamLogsStream = Pin<Box<dyn futures::Stream<Item = Result<pb::LogLine, Status>> + Send>>;
+
+    async fn list_entities(
+        &self,
+        request: Request<pb::ListEntitiesRequest>,
+    ) -> Result<Response<pb::ListEntitiesResponse>, Status> {
+        authorize(&self.auth, Rpc::ListEntities, &request)?;
+        let req = request.into_inner();
+        self.registry.active(&req.entity_type).map_err(registry_status)?;
+        let limit = match req.limit {
+            0 => ENTITY_PAGE_DEFAULT,
+            n => n.min(ENTITY_PAGE_MAX),
+        } as usize;
+        let store = self.store.clone();
+        let start_after = (!req.start_after.is_empty()).then_some(req.start_after);
+        let mut ids = tokio::task::spawn_blocking(move || {
+            crate::storage::entity_ids(store.as_ref(), &req.entity_type, &req.prefix, start_after.as_deref(), limit + 1)
+        })
+        .await
+        .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
+        .map_err(|e| status(Code::Internal, "storage", e.to_string()))?;
+        let next_start_after = if ids.len() > limit {
+            ids.truncate(limit);
+            ids.last().cloned().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListEntitiesResponse { ids, next_start_after }))
+    }
+
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        authorize(&self.auth, Rpc::StreamLogs, &request)?;
+        let req = request.into_inner();
+        if !req.id.is_empty() && req.entity_type.is_empty() {
+            return Err(status(Code::InvalidArgument, "bad-entity", "field `id` needs field `entity_type`"));
+        }
+        let wanted: Arc<str> = match (req.entity_type.is_empty(), req.id.is_empty()) {
+            (true, _) => "".into(),
+            (false, true) => format!("{}/", req.entity_type).into(),
+            (false, false) => format!("{}/{}", req.entity_type, req.id).into(),
+        };
+        let whole_entity = !req.id.is_empty();
+        let keep = move |l: &GuestLogLine| {
+            if whole_entity { *l.entity == *wanted } else { l.entity.starts_with(&*wanted) }
+        };
+        let tail = match req.tail {
+            0 => LOG_TAIL_DEFAULT,
+            n => n.min(LOG_TAIL_MAX),
+        } as usize;
+        let (recent, live) = self.guest_logs.tail_and_follow(tail, &keep);
+        let head = futures::stream::iter(recent.into_iter().map(|l| Ok(log_line(&l, 0))).collect::<Vec<_>>());
+        if !req.follow {
+            return Ok(Response::new(Box::pin(head)));
+        }
+        let stopping = self.stopping.subscribe();
+        let follow = futures::stream::unfold((live, stopping, 0u64), move |(mut live, mut stopping, mut dropped)| {
+            let keep = keep.clone();
+            async move {
+                loop {
+                    use tokio::sync::broadcast::error::RecvError;
+                    let next = tokio::select! {
+                        next = live.recv() => next,
+                        _ = stopping.wait_for(|s| *s) => return None,
+                    };
+                    match next {
+                        Ok(l) if keep(&l) => return Some((Ok(log_line(&l, dropped)), (live, stopping, 0))),
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(n)) => dropped += n,
+                        Err(RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(head.chain(follow))))
+    }
+
     async fn deploy(
         &self,
         request: Request<Streaming<pb::DeployRequest>>,
@@ -417,6 +548,21 @@ impl Conflux for Api {
             outbox_messages: s.outbox_messages,
             messages_delivered: s.messages_delivered,
             dead_letters: s.dead_letters,
+            // A single node is the one-replica case: it holds and leads the one shard.
+            nodes: vec![pb::NodeInfo {
+                node_id: self.node_id(),
+                address: self.node_id(),
+                state: "up".to_owned(),
+                shards_led: 1,
+                replicas: 1,
+            }],
+            shards: vec![pb::ShardInfo {
+                shard_id: 0,
+                replicas: vec![self.node_id()],
+                leader: self.node_id(),
+                replication_lag: 0,
+            }],
+            node_id: self.node_id(),
         }))
     }
 

@@ -92,6 +92,8 @@ struct Batch {
     entries: Vec<(LogIndex, WriteSet, Reply)>,
     /// Fires once raft-log's flush worker has synced (or failed to sync) the batch.
     synced: std_mpsc::Receiver<io::Result<()>>,
+    /// When the batch was handed to the WAL, for the sync latency metric.
+    appended_at: std::time::Instant,
 }
 
 /// State shared between the handle and the threads.
@@ -321,6 +323,7 @@ impl Writer {
     ) {
         let n = batch.len() as u64;
         let (sync_tx, sync_rx) = std_mpsc::sync_channel(1);
+        let appended_at = std::time::Instant::now();
         let res = self.wal.append(payloads.drain(..)).and_then(|_| self.wal.flush(true, Some(sync_tx)));
         if let Err(e) = res {
             // raft-log's in-memory state may now disagree with the disk; stop.
@@ -339,7 +342,8 @@ impl Writer {
         self.shared.bytes_written.fetch_add(bytes as u64, Ordering::Relaxed);
         // Blocks when the applier is APPLIER_QUEUE_BATCHES behind (backpressure).
         // If the applier is gone the replies are dropped and proposers see Aborted.
-        let _ = self.batch_tx.send(Batch { entries: batch, synced: sync_rx });
+        crate::telemetry::metrics().commit_batch_writes.observe(n as f64);
+        let _ = self.batch_tx.send(Batch { entries: batch, synced: sync_rx, appended_at });
     }
 
     /// Purges up to the last index the applier persisted. The purge record is
@@ -394,6 +398,7 @@ impl Applier {
             .synced
             .recv()
             .unwrap_or_else(|_| Err(io::Error::other("WAL flush worker stopped without reporting the sync")));
+        crate::telemetry::metrics().fsync_seconds.observe(batch.appended_at.elapsed().as_secs_f64());
         if self.shared.poisoned.load(Ordering::Acquire) {
             // An earlier batch failed; this one may have reached the disk, but
             // the node must stop, so nothing more is applied or acknowledged.

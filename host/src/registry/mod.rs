@@ -287,9 +287,7 @@ fn type_key(name: &str) -> Vec<u8> {
     format!("{TYPE_KEY_PREFIX}{name}").into_bytes()
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use crate::model::unix_ms as now_ms;
 
 impl Registry {
     /// Opens the registry under `data_dir` and loads the active version of

@@ -17,6 +17,7 @@ use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
 pub use host::{CancelledTimer, OutgoingMessage, TurnEffects, TurnState};
+pub use output::{GuestLogLine, GuestLogs};
 
 wasmtime::component::bindgen!({
     world: "entity",
@@ -154,6 +155,7 @@ pub struct HostState {
     /// the trap can be classified.
     limit_breach: Option<String>,
     cfg: Arc<RuntimeConfig>,
+    stdout: output::GuestOutput,
     stderr: output::GuestOutput,
 }
 
@@ -168,6 +170,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     cfg: Arc<RuntimeConfig>,
+    guest_logs: Arc<GuestLogs>,
 }
 
 /// A component checked against the world and ready to instantiate quickly.
@@ -224,11 +227,17 @@ impl Runtime {
         if cfg.turn_timeout_ms > 0 {
             spawn_epoch_ticker(&engine);
         }
-        Ok(Self { engine, linker, cfg: Arc::new(cfg.clone()) })
+        let guest_logs = Arc::new(GuestLogs::new(cfg.guest_log_lines));
+        Ok(Self { engine, linker, cfg: Arc::new(cfg.clone()), guest_logs })
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// What guests printed: the recent lines and a feed of new ones.
+    pub fn guest_logs(&self) -> &Arc<GuestLogs> {
+        &self.guest_logs
     }
 
     /// Type-checks a compiled component against the linker, including the signature
@@ -259,10 +268,10 @@ impl Runtime {
     /// Creates a fresh instance for one entity.
     pub fn instantiate(&self, prepared: &Prepared, entity: &EntityRef) -> Result<Instance, RuntimeError> {
         let tag: Arc<str> = entity.to_string().into();
-        let stdout = output::GuestOutput::new(tag.clone(), "stdout");
-        let stderr = output::GuestOutput::new(tag, "stderr");
+        let stdout = output::GuestOutput::new(tag.clone(), "stdout", self.guest_logs.clone());
+        let stderr = output::GuestOutput::new(tag, "stderr", self.guest_logs.clone());
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
-            .stdout(stdout)
+            .stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
@@ -276,6 +285,7 @@ impl Runtime {
             turn: None,
             limit_breach: None,
             cfg: self.cfg.clone(),
+            stdout,
             stderr,
         };
         let mut store = Store::new(&self.engine, state);
@@ -394,7 +404,8 @@ impl Instance {
         let data = self.store.data_mut();
         data.limit_breach = None;
         data.limits.reset_breach();
-        data.stderr.start_turn();
+        data.stdout.start_turn(&invocation_id);
+        data.stderr.start_turn(&invocation_id);
         data.turn = Some(TurnState::new(data.entity.clone(), invocation_id, caller, now_ms, next_seq, reader));
         Ok(cfg)
     }

@@ -1,6 +1,7 @@
 //! Guest stdout/stderr: routed to the host log line by line, tagged with the
-//! entity ref. The last few stderr lines of the current turn are kept so a trap
-//! (e.g. a Rust panic, which prints its message before it aborts) can be
+//! entity ref and the invocation id, and published to [`GuestLogs`] for
+//! `conflux logs`. The last few stderr lines of the current turn are kept so a
+//! trap (e.g. a Rust panic, which prints its message before it aborts) can be
 //! reported with its message.
 
 use bytes::Bytes;
@@ -16,17 +17,76 @@ const MAX_LINE_BYTES: usize = 8192;
 /// Lines of the current turn kept for error reports.
 const RECENT_LINES: usize = 4;
 
+/// Followers of `conflux logs --follow` that fall this many lines behind lose
+/// the oldest (and are told how many).
+const FOLLOW_BUFFER_LINES: usize = 4096;
+
+/// One line a guest wrote.
+#[derive(Debug, Clone)]
+pub struct GuestLogLine {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// `type/id` of the entity.
+    pub entity: Arc<str>,
+    pub invocation_id: Arc<str>,
+    /// `stdout`, `stderr`, or the level of a `context.log` call (`info`, `warn`…).
+    pub stream: &'static str,
+    pub line: String,
+}
+
+/// The node's recent guest output (a bounded ring) and its live followers.
+pub struct GuestLogs {
+    recent: Mutex<std::collections::VecDeque<Arc<GuestLogLine>>>,
+    capacity: usize,
+    live: tokio::sync::broadcast::Sender<Arc<GuestLogLine>>,
+}
+
+impl GuestLogs {
+    pub fn new(capacity: usize) -> Self {
+        let (live, _) = tokio::sync::broadcast::channel(FOLLOW_BUFFER_LINES);
+        Self { recent: Mutex::new(Default::default()), capacity: capacity.max(1), live }
+    }
+
+    pub(crate) fn publish(&self, line: GuestLogLine) {
+        let line = Arc::new(line);
+        // Under the ring's lock, so `tail_and_follow` sees each line exactly once.
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == self.capacity {
+            recent.pop_front();
+        }
+        recent.push_back(line.clone());
+        // No receiver is not an error: nobody follows.
+        let _ = self.live.send(line);
+    }
+
+    /// The last `n` retained lines that pass `keep`, oldest first, and a
+    /// receiver of every line published after them.
+    pub fn tail_and_follow(
+        &self,
+        n: usize,
+        keep: impl Fn(&GuestLogLine) -> bool,
+    ) -> (Vec<Arc<GuestLogLine>>, tokio::sync::broadcast::Receiver<Arc<GuestLogLine>>) {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tail: Vec<_> = recent.iter().rev().filter(|l| keep(l)).take(n).cloned().collect();
+        tail.reverse();
+        (tail, self.live.subscribe())
+    }
+}
+
 #[derive(Clone)]
 pub struct GuestOutput {
     tag: Arc<str>,
     stream: &'static str,
     inner: Arc<Mutex<Lines>>,
+    logs: Arc<GuestLogs>,
 }
 
 #[derive(Default)]
 struct Lines {
     partial: Vec<u8>,
     recent: std::collections::VecDeque<String>,
+    /// The invocation whose turn is running (or ran last).
+    invocation: Option<Arc<str>>,
 }
 
 impl Lines {
@@ -43,13 +103,20 @@ impl Lines {
 }
 
 impl GuestOutput {
-    pub fn new(tag: Arc<str>, stream: &'static str) -> Self {
-        Self { tag, stream, inner: Arc::new(Mutex::new(Lines::default())) }
+    pub fn new(tag: Arc<str>, stream: &'static str, logs: Arc<GuestLogs>) -> Self {
+        Self { tag, stream, inner: Arc::new(Mutex::new(Lines::default())), logs }
     }
 
-    /// Forgets the lines of earlier turns.
-    pub fn start_turn(&self) {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).recent.clear();
+    /// Where this output's lines are published.
+    pub fn logs(&self) -> &Arc<GuestLogs> {
+        &self.logs
+    }
+
+    /// Forgets the lines of earlier turns; what follows belongs to `invocation_id`.
+    pub fn start_turn(&self, invocation_id: &str) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.recent.clear();
+        g.invocation = Some(invocation_id.into());
     }
 
     /// The last lines written during this turn (a trailing partial line
@@ -59,15 +126,23 @@ impl GuestOutput {
         if !g.partial.is_empty() {
             let line = String::from_utf8_lossy(&g.partial).into_owned();
             g.partial.clear();
-            self.emit(&line);
+            self.emit(g.invocation.clone(), &line);
             g.remember(line);
         }
         let lines: Vec<String> = g.recent.drain(..).collect();
         (!lines.is_empty()).then(|| lines.join(" / "))
     }
 
-    fn emit(&self, line: &str) {
-        tracing::info!(target: "conflux::guest", entity = %self.tag, stream = self.stream, "{line}");
+    fn emit(&self, invocation: Option<Arc<str>>, line: &str) {
+        let invocation = invocation.unwrap_or_else(|| "-".into());
+        tracing::info!(target: "conflux::guest", entity = %self.tag, invocation = %invocation, stream = self.stream, "{line}");
+        self.logs.publish(GuestLogLine {
+            at_ms: crate::model::unix_ms(),
+            entity: self.tag.clone(),
+            invocation_id: invocation,
+            stream: self.stream,
+            line: line.to_owned(),
+        });
     }
 
     fn write_bytes(&self, bytes: &[u8]) {
@@ -79,7 +154,7 @@ impl GuestOutput {
                 if b != b'\n' {
                     g.partial.push(b);
                 }
-                self.emit(&line);
+                self.emit(g.invocation.clone(), &line);
                 g.remember(line);
             } else {
                 g.partial.push(b);

@@ -245,6 +245,9 @@ impl Scheduler {
                 inner.outbox_len.fetch_sub(removed.min(inner.outbox_len.load(Ordering::Relaxed)), Ordering::Relaxed);
                 inner.messages_delivered.fetch_add(delivered, Ordering::Relaxed);
                 inner.dead_letters.fetch_add(dead, Ordering::Relaxed);
+                let m = crate::telemetry::metrics();
+                m.messages_delivered.inc_by(delivered);
+                m.dead_letters.inc_by(dead);
             }
             backoff.retain(|_, until| *until > Instant::now());
             if delivered + dead == 0 {

@@ -33,6 +33,7 @@ use lru::LruCache;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// One call of one operation on one entity.
 #[derive(Debug, Clone)]
@@ -78,6 +79,48 @@ pub enum InvokeError {
     Commit(#[from] LogError),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl InvokeError {
+    /// A stable, machine-readable name of the failure: the API's
+    /// `conflux-error-kind`, the label of the error metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InvokeError::UnknownType(_) => "unknown-type",
+            InvokeError::BadOperation => "bad-operation",
+            InvokeError::MailboxFull { .. } => "mailbox-full",
+            InvokeError::Overloaded(_) => "overloaded",
+            InvokeError::ShuttingDown => "shutting-down",
+            InvokeError::MigrationFailed { .. } => "migration-failed",
+            InvokeError::OutboxFull(_) => "outbox-full",
+            InvokeError::BadIdempotencyKey(_) => "bad-idempotency-key",
+            InvokeError::Turn(t) => match t {
+                TurnError::BadRequest(_) => "bad-request",
+                TurnError::UnknownOperation(_) => "unknown-operation",
+                TurnError::Failed(_) => "failed",
+                TurnError::Trapped { kind, .. } => kind.as_str(),
+                TurnError::MigrationFailed { .. } => "migration-failed",
+            },
+            InvokeError::Instantiate(_) => "instantiate",
+            InvokeError::Commit(_) => "commit",
+            InvokeError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Failed invocations the node remembers for its dashboard.
+const RECENT_ERRORS: usize = 64;
+
+/// One failed invocation.
+#[derive(Debug, Clone)]
+pub struct RecentError {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    pub entity: String,
+    pub operation: String,
+    pub invocation_id: String,
+    pub kind: &'static str,
+    pub message: String,
 }
 
 struct Slot {
@@ -253,6 +296,8 @@ struct Inner {
     idempotency_len: AtomicU64,
     messages_delivered: AtomicU64,
     dead_letters: AtomicU64,
+    /// The last [`RECENT_ERRORS`] failed invocations, oldest first.
+    recent_errors: Mutex<std::collections::VecDeque<RecentError>>,
 }
 
 #[derive(Clone)]
@@ -260,9 +305,7 @@ pub struct Scheduler {
     inner: Arc<Inner>,
 }
 
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use crate::model::unix_ms as wall_ms;
 
 fn valid_operation(op: &str) -> bool {
     !op.is_empty() && op.len() <= 128 && !op.chars().any(char::is_control)
@@ -300,6 +343,7 @@ impl Scheduler {
                 idempotency_len: AtomicU64::new(0),
                 messages_delivered: AtomicU64::new(0),
                 dead_letters: AtomicU64::new(0),
+                recent_errors: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_ERRORS)),
             }),
         }
     }
@@ -307,6 +351,42 @@ impl Scheduler {
     /// Runs one invocation as a turn and returns its reply once the turn's
     /// writes are durable.
     pub async fn invoke(&self, inv: Invocation) -> Result<Vec<u8>, InvokeError> {
+        let seq = self.inner.next_invocation.fetch_add(1, Ordering::Relaxed);
+        let invocation_id = format!("{}-{seq:x}", self.inner.invocation_prefix);
+        let span = tracing::info_span!(
+            "invoke",
+            entity = %inv.entity,
+            operation = %inv.operation,
+            invocation_id = %invocation_id,
+        );
+        let started = Instant::now();
+        let (entity, operation) = (inv.entity.to_string(), inv.operation.clone());
+        let result = self.invoke_as(inv, invocation_id.clone()).instrument(span).await;
+        let m = crate::telemetry::metrics();
+        m.invocation_seconds.observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            let kind = e.kind();
+            m.errors.with_label_values(&[kind]).inc();
+            if let InvokeError::Turn(TurnError::Trapped { kind, .. }) = e {
+                m.traps.with_label_values(&[kind.as_str()]).inc();
+            }
+            let mut recent = self.inner.recent_errors.lock().expect("recent errors lock");
+            if recent.len() == RECENT_ERRORS {
+                recent.pop_front();
+            }
+            recent.push_back(RecentError {
+                at_ms: wall_ms(),
+                entity,
+                operation,
+                invocation_id,
+                kind,
+                message: e.to_string(),
+            });
+        }
+        result
+    }
+
+    async fn invoke_as(&self, inv: Invocation, invocation_id: String) -> Result<Vec<u8>, InvokeError> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::Acquire) {
             return Err(InvokeError::ShuttingDown);
@@ -328,12 +408,25 @@ impl Scheduler {
         // The guard moves into the task: a turn whose caller went away still
         // counts as in flight until it has committed, so drain waits for it.
         let task_inner = inner.clone();
-        tokio::spawn(async move {
-            let _inflight = inflight;
-            task_inner.run(inv).await
-        })
+        tokio::spawn(
+            async move {
+                let _inflight = inflight;
+                task_inner.run(inv, invocation_id).await
+            }
+            .in_current_span(),
+        )
         .await
         .map_err(|e| InvokeError::Internal(format!("turn task failed: {e}")))?
+    }
+
+    /// What the guests of this node printed.
+    pub fn guest_logs(&self) -> &Arc<crate::runtime::GuestLogs> {
+        self.inner.runtime.guest_logs()
+    }
+
+    /// The last failed invocations, newest first.
+    pub fn recent_errors(&self) -> Vec<RecentError> {
+        self.inner.recent_errors.lock().expect("recent errors lock").iter().rev().cloned().collect()
     }
 
     pub fn stats(&self) -> SchedulerStats {
@@ -380,10 +473,11 @@ impl Scheduler {
         let sample = sample.min(DRY_RUN_MAX_SAMPLE);
         let store = inner.store.clone();
         let ty = candidate.type_name.clone();
-        let ids = tokio::task::spawn_blocking(move || crate::storage::entity_ids(store.as_ref(), &ty, None, sample))
-            .await
-            .map_err(|e| InvokeError::Internal(e.to_string()))?
-            .map_err(|e| InvokeError::Internal(format!("listing entities: {e}")))?;
+        let ids =
+            tokio::task::spawn_blocking(move || crate::storage::entity_ids(store.as_ref(), &ty, "", None, sample))
+                .await
+                .map_err(|e| InvokeError::Internal(e.to_string()))?
+                .map_err(|e| InvokeError::Internal(format!("listing entities: {e}")))?;
         let mut report = DryRunReport { has_migration: candidate.prepared.has_migration(), ..Default::default() };
         for id in ids {
             let entity = EntityRef { entity_type: candidate.type_name.clone(), id };
@@ -423,6 +517,13 @@ impl Scheduler {
 }
 
 impl Inner {
+    /// Counts a turn that ran (or was answered early) for Status and `/metrics`.
+    fn count_turn(&self, ok: bool) {
+        let (counter, outcome) = if ok { (&self.turns_ok, "ok") } else { (&self.turns_failed, "failed") };
+        counter.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::metrics().turns.with_label_values(&[outcome]).inc();
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -450,6 +551,8 @@ impl Inner {
             let Some((k, v)) = slots.pop_lru() else { break };
             if Arc::strong_count(&v) > 1 {
                 slots.put(k, v);
+            } else {
+                crate::telemetry::metrics().evictions.inc();
             }
         }
         s
@@ -469,6 +572,7 @@ impl Inner {
         for k in &victims {
             slots.pop(k);
         }
+        crate::telemetry::metrics().evictions.inc_by(victims.len() as u64);
         victims.len()
     }
 
@@ -486,9 +590,10 @@ impl Inner {
             .map_err(|e| (from, e.to_string()))
     }
 
-    async fn run(self: Arc<Self>, inv: Invocation) -> Result<Vec<u8>, InvokeError> {
+    async fn run(self: Arc<Self>, inv: Invocation, invocation_id: String) -> Result<Vec<u8>, InvokeError> {
         let slot = self.slot(&inv.entity);
         let depth = slot.waiting.fetch_add(1, Ordering::AcqRel);
+        crate::telemetry::metrics().mailbox_depth.observe(depth as f64);
         let waiting = CountGuard(&slot.waiting);
         if depth >= self.cfg.mailbox_depth {
             return Err(InvokeError::MailboxFull { entity: inv.entity.to_string(), depth });
@@ -500,12 +605,11 @@ impl Inner {
         let version = self.registry.version_for(&inv.entity).map_err(InvokeError::UnknownType)?;
         let warm = slot_state.resident.take().filter(|r| Arc::ptr_eq(&r.version, &version));
         let cached = slot_state.meta;
-        let seq = self.next_invocation.fetch_add(1, Ordering::Relaxed);
         let now_ms = wall_ms();
         let input = TurnInput {
             operation: inv.operation,
             payload: inv.payload,
-            invocation_id: format!("{}-{seq:x}", self.invocation_prefix),
+            invocation_id,
             caller: inv.caller.clone(),
             now_ms,
             next_seq: 0,
@@ -517,7 +621,9 @@ impl Inner {
         let entity = inv.entity.clone();
         let to_version = version.version;
         let permit = self.turn_permits.acquire().await.map_err(|e| InvokeError::Internal(e.to_string()))?;
+        let span = tracing::Span::current();
         let (back, meta, result) = tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
             let meta = match cached {
                 Some(m) => m,
                 None => match MetaCache::load(this.store.as_ref(), &entity) {
@@ -535,6 +641,7 @@ impl Inner {
                 Some(r) => r,
                 None => {
                     this.instantiations.fetch_add(1, Ordering::Relaxed);
+                    crate::telemetry::metrics().activations.inc();
                     match this.runtime.instantiate(&version.prepared, &entity) {
                         Ok(instance) => Resident { version, instance, _count: ResidentCount::new(&this.resident) },
                         Err(e) => return (None, Some(meta), Err(InvokeError::Instantiate(e))),
@@ -543,7 +650,10 @@ impl Inner {
             };
             let migrate_from = meta.stored.migrate_from(to_version);
             let input = TurnInput { next_seq: meta.next_seq, ..input };
-            let out = r.instance.run_turn(input, this.store.clone(), migrate_from).map_err(|e| match e {
+            let turn_started = Instant::now();
+            let out = r.instance.run_turn(input, this.store.clone(), migrate_from);
+            crate::telemetry::metrics().turn_seconds.observe(turn_started.elapsed().as_secs_f64());
+            let out = out.map_err(|e| match e {
                 TurnError::MigrationFailed { from_version, cause } => {
                     InvokeError::MigrationFailed { entity: entity.to_string(), from_version, to_version, cause: *cause }
                 }
@@ -559,12 +669,12 @@ impl Inner {
         slot_state.meta = meta;
         let (output, migrated) = match result {
             Ok(TurnResult::Early(reply)) => {
-                self.turns_ok.fetch_add(1, Ordering::Relaxed);
+                self.count_turn(true);
                 return Ok(reply);
             }
             Ok(TurnResult::Ran { output, migrated }) => (output, migrated),
             Err(e) => {
-                self.turns_failed.fetch_add(1, Ordering::Relaxed);
+                self.count_turn(false);
                 return Err(e);
             }
         };
@@ -575,7 +685,7 @@ impl Inner {
         if immediate > 0 {
             let queued = self.outbox_len.load(Ordering::Relaxed);
             if queued + immediate > self.cfg.max_outbox_messages {
-                self.turns_failed.fetch_add(1, Ordering::Relaxed);
+                self.count_turn(false);
                 // Discarded after it ran: the instance may remember what was not committed.
                 slot_state.resident = None;
                 return Err(InvokeError::OutboxFull(queued));
@@ -642,7 +752,7 @@ impl Inner {
         let stores_reply = guard_keys.record(&mut ops, &output.reply, now_ms, self.cfg.idempotency_retention_ms);
         if !ops.is_empty() {
             if let Err(e) = self.log.propose(WriteSet { ops }).await {
-                self.turns_failed.fetch_add(1, Ordering::Relaxed);
+                self.count_turn(false);
                 // The warm instance may hold state the store does not have, and
                 // whether the meta record landed is unknown: reload both.
                 *slot_state = SlotState::default();
@@ -661,7 +771,7 @@ impl Inner {
         if stores_reply {
             self.idempotency_len.fetch_add(1, Ordering::Relaxed);
         }
-        self.turns_ok.fetch_add(1, Ordering::Relaxed);
+        self.count_turn(true);
         Ok(output.reply)
     }
 }

@@ -223,11 +223,18 @@ pub(crate) fn entity_ids_skip_entities(f: impl Fn() -> Fixture) {
     ops.push(put(Keyspace::State, &state_key(&EntityRef::new("s", "q").unwrap(), "k"), b"v"));
     ops.push(put(Keyspace::State, &state_key(&EntityRef::new("tt", "q").unwrap(), "k"), b"v"));
     apply1(s, 1, &ws(ops));
-    assert_eq!(super::entity_ids(s, "t", None, 100).unwrap(), ["a", "a1", "b", "ünï"]);
-    assert_eq!(super::entity_ids(s, "t", None, 2).unwrap(), ["a", "a1"]);
-    assert_eq!(super::entity_ids(s, "t", Some("a1"), 100).unwrap(), ["b", "ünï"]);
-    assert_eq!(super::entity_ids(s, "t", Some("c"), 100).unwrap(), ["ünï"]);
-    assert!(super::entity_ids(s, "nope", None, 10).unwrap().is_empty());
+    assert_eq!(super::entity_ids(s, "t", "", None, 100).unwrap(), ["a", "a1", "b", "ünï"]);
+    assert_eq!(super::entity_ids(s, "t", "", None, 2).unwrap(), ["a", "a1"]);
+    assert_eq!(super::entity_ids(s, "t", "", Some("a1"), 100).unwrap(), ["b", "ünï"]);
+    assert_eq!(super::entity_ids(s, "t", "", Some("c"), 100).unwrap(), ["ünï"]);
+    assert!(super::entity_ids(s, "nope", "", None, 10).unwrap().is_empty());
+    // A prefix selects ids, not keys: "a" matches "a" and "a1", never "b".
+    assert_eq!(super::entity_ids(s, "t", "a", None, 100).unwrap(), ["a", "a1"]);
+    assert_eq!(super::entity_ids(s, "t", "a", Some("a"), 100).unwrap(), ["a1"]);
+    assert_eq!(super::entity_ids(s, "t", "a1", None, 100).unwrap(), ["a1"]);
+    assert!(super::entity_ids(s, "t", "ab", None, 100).unwrap().is_empty());
+    // A cursor before the prefix excludes nothing in it.
+    assert_eq!(super::entity_ids(s, "t", "b", Some("a"), 100).unwrap(), ["b"]);
 }
 
 macro_rules! state_store_conformance {

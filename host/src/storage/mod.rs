@@ -54,24 +54,29 @@ pub trait StateStore: Send + Sync + 'static {
     fn persist(&self) -> Result<(), StorageError>;
 }
 
-/// Ids of the entities of `entity_type` that have state, in byte order, strictly
-/// after `start_after`, at most `limit`. One bounded scan per id: each skips past
-/// the previous entity's keys, so an entity with many keys costs no more than one
-/// with a single key.
+/// Ids of the entities of `entity_type` that have state and start with
+/// `id_prefix`, in byte order, strictly after `start_after`, at most `limit`.
+/// One bounded scan per id: each skips past the previous entity's keys, so an
+/// entity with many keys costs no more than one with a single key.
 pub fn entity_ids(
     store: &dyn StateStore,
     entity_type: &str,
+    id_prefix: &str,
     start_after: Option<&str>,
     limit: usize,
 ) -> Result<Vec<String>, StorageError> {
-    let prefix = crate::model::type_prefix(entity_type);
+    let type_len = crate::model::type_prefix(entity_type).len();
+    // Ids hold no separator byte, so the keys of the ids starting with
+    // `id_prefix` are exactly the keys starting with `type \0 id_prefix`.
+    let mut prefix = crate::model::type_prefix(entity_type);
+    prefix.extend_from_slice(id_prefix.as_bytes());
     let mut after = start_after.map(|id| crate::model::after_entity(entity_type, id));
     let mut ids = Vec::new();
     while ids.len() < limit {
         let Some((key, _)) = store.scan(Keyspace::State, &prefix, after.as_deref(), 1)?.into_iter().next() else {
             break;
         };
-        let id = crate::model::id_of_state_key(&key, prefix.len())
+        let id = crate::model::id_of_state_key(&key, type_len)
             .ok_or_else(|| StorageError::Corrupt(format!("state key {key:?} has no entity id")))?
             .to_owned();
         after = Some(crate::model::after_entity(entity_type, &id));

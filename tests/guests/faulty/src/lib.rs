@@ -15,6 +15,14 @@ impl Faulty {
         state::set("k", &value)
     }
 
+    /// Prints `line` to stdout, then prefixed with `err: ` to stderr, then
+    /// prefixed with `logged: ` to the host log at warn level (guest logs).
+    pub fn say(&self, line: String) {
+        println!("{line}");
+        eprintln!("err: {line}");
+        conflux_sdk::log::warn(&format!("logged: {line}"));
+    }
+
     /// The value under key `k`, if any.
     pub fn get(&self) -> Result<Option<String>, Error> {
         state::get("k")

@@ -1,0 +1,168 @@
+//! End to end in a real browser: a node serves its dashboard at `/`; headless
+//! Chromium (driven over WebDriver by chromedriver) renders it; the numbers
+//! on the page must equal the API's, and a screenshot is saved to
+//! `target/dashboard.png`. Needs Debian's `chromium` and `chromium-driver`
+//! (scripts/setup.sh installs them; override with CHROMIUM / CHROMEDRIVER).
+
+mod support;
+
+use conflux_host::api::pb;
+use fantoccini::{ClientBuilder, Locator};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+fn tool(var: &str, default: &str) -> String {
+    let path = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} not found: run scripts/setup.sh (installs chromium and chromium-driver) or set {var}"
+    );
+    path
+}
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn dashboard_shows_the_apis_numbers_in_chromium() {
+    let chromium = tool("CHROMIUM", "/usr/bin/chromium");
+    let chromedriver = tool("CHROMEDRIVER", "/usr/bin/chromedriver");
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    deploy(&d, "counter", &guest_wasm("counter"));
+    deploy(&d, "faulty", &guest_wasm("faulty"));
+    deploy(&d, "counter", &guest_wasm("counter-v2"));
+    rt().block_on(async {
+        let mut c = d.client().await;
+        for i in 0..7 {
+            call(&mut c, "counter", &format!("d{}", i % 3), "add", "2").await.unwrap();
+        }
+        call(&mut c, "faulty", "f", "set_then_fail", "").await.unwrap_err();
+    });
+
+    let port = free_port();
+    let driver = Driver(
+        Command::new(&chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let caps = serde_json::json!({
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": chromium,
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1000", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-quic",
+                format!("--user-data-dir={}", profile.path().display()),
+            ],
+        },
+    });
+    let caps = caps.as_object().unwrap().clone().into_iter().collect();
+    rt().block_on(async {
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let browser = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("WebDriver session");
+        browser.goto(&format!("{}/?refresh_ms=250", d.url())).await.unwrap();
+        // Two polls: the second one has throughput (it needs a delta).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let polls = browser.execute("return Number(document.body.dataset.polls || 0)", vec![]).await.unwrap();
+            if polls.as_u64().unwrap_or(0) >= 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the dashboard never finished two polls");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let text = |id: &'static str| {
+            let browser = browser.clone();
+            async move { browser.find(Locator::Id(id)).await.unwrap().text().await.unwrap() }
+        };
+        let s = d.client().await.status(pb::StatusRequest {}).await.unwrap().into_inner();
+        assert_eq!(s.turns_ok, 7);
+        for (id, want) in [
+            ("turns-ok", s.turns_ok),
+            ("turns-failed", s.turns_failed),
+            ("active-entities", s.active_entities),
+            ("resident-instances", s.resident_instances),
+            ("entity-types", u64::from(s.entity_types)),
+            ("dead-letters", s.dead_letters),
+        ] {
+            assert_eq!(text(id).await, want.to_string(), "#{id}");
+        }
+        let active = browser.find(Locator::Css(r#"tr[data-type="counter"] .active-version"#)).await.unwrap();
+        assert_eq!(active.text().await.unwrap(), "2", "counter is on version 2");
+        let nodes = browser.find_all(Locator::Css("#nodes-table tbody tr")).await.unwrap();
+        assert_eq!(nodes.len(), s.nodes.len());
+        let errors = text("errors-list").await;
+        assert!(errors.contains("faulty/f") && errors.contains("refusing after a write"), "{errors}");
+        // Under load the live charts show throughput and latency.
+        let load = {
+            let mut c = d.client().await;
+            tokio::spawn(async move {
+                let until = Instant::now() + Duration::from_secs(3);
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    call(&mut c, "counter", &format!("load{}", n % 8), "add", "1").await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (throughput, p99) = loop {
+            let t = text("throughput").await.parse::<f64>().unwrap_or(0.0);
+            let p99 = text("latency-p99").await.parse::<f64>();
+            if t > 0.0
+                && let Ok(p99) = p99
+            {
+                break (t, p99);
+            }
+            assert!(Instant::now() < deadline, "the charts never showed the load");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(p99 > 0.0, "throughput {throughput}/s, p99 {p99} ms");
+        let calls = load.await.unwrap();
+        // Once the load stops, the next poll shows the API's final count.
+        let want = s.turns_ok + calls;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while text("turns-ok").await != want.to_string() {
+            assert!(Instant::now() < deadline, "turns-ok never reached {want}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let s = d.client().await.status(pb::StatusRequest {}).await.unwrap().into_inner();
+        assert_eq!(s.turns_ok, want);
+        assert_eq!(text("active-entities").await, s.active_entities.to_string());
+
+        let png = browser.screenshot().await.unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+        let shot = workspace_root().join("target").join("dashboard.png");
+        std::fs::write(&shot, png).unwrap();
+        browser.close().await.unwrap();
+    });
+    drop(driver);
+}
