@@ -36,9 +36,13 @@ set -x
 "$BIN" invoke user/sue join '"red"'
 "$BIN" invoke user/sue join '"blue"' || true
 "$BIN" state counter/demo
+"$BIN" entities counter
 "$BIN" types
 "$BIN" status
+if command -v curl >/dev/null; then
+    curl -sS -X POST "http://$ADDR/v1/entities/counter/demo/add" -d 1; echo
+fi
 set +x
 if [ -n "${KEEP_RUNNING:-}" ]; then
-    echo "==> node running (pid $PID) on $ADDR; logs in /tmp/conflux-demo.log; stop with: kill $PID"
+    echo "==> node running (pid $PID) on $ADDR; dashboard at http://$ADDR/; logs in /tmp/conflux-demo.log; stop with: kill $PID"
 fi

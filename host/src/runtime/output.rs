@@ -214,3 +214,54 @@ impl tokio::io::AsyncWrite for GuestOutput {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(entity: &str, text: &str) -> GuestLogLine {
+        GuestLogLine { at_ms: 0, entity: entity.into(), invocation_id: "i".into(), stream: "stdout", line: text.into() }
+    }
+
+    #[test]
+    fn the_ring_is_bounded_and_the_tail_is_filtered_oldest_first() {
+        let logs = GuestLogs::new(3);
+        for (e, t) in [("a/1", "one"), ("b/1", "two"), ("a/1", "three"), ("a/2", "four")] {
+            logs.publish(line(e, t));
+        }
+        let (tail, _) = logs.tail_and_follow(10, |_| true);
+        let texts: Vec<&str> = tail.iter().map(|l| l.line.as_str()).collect();
+        assert_eq!(texts, ["two", "three", "four"], "the oldest line was pushed out");
+        let (tail, _) = logs.tail_and_follow(1, |l| l.entity.starts_with("a/"));
+        assert_eq!(tail.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(), ["four"]);
+    }
+
+    #[test]
+    fn followers_see_each_later_line_once_and_learn_what_they_missed() {
+        let logs = GuestLogs::new(10);
+        logs.publish(line("a/1", "before"));
+        let (tail, mut live) = logs.tail_and_follow(10, |_| true);
+        assert_eq!(tail.len(), 1);
+        logs.publish(line("a/1", "after"));
+        assert_eq!(live.try_recv().unwrap().line, "after");
+        assert!(live.try_recv().is_err(), "nothing twice");
+        for i in 0..FOLLOW_BUFFER_LINES + 5 {
+            logs.publish(line("a/1", &i.to_string()));
+        }
+        assert!(matches!(live.try_recv(), Err(tokio::sync::broadcast::error::TryRecvError::Lagged(5))));
+    }
+
+    #[test]
+    fn output_splits_lines_and_tags_them_with_the_invocation() {
+        let logs = Arc::new(GuestLogs::new(10));
+        let out = GuestOutput::new("t/1".into(), "stderr", logs.clone());
+        out.start_turn("inv-1");
+        out.write_bytes(b"first\nsec");
+        out.write_bytes(b"ond\npartial");
+        assert_eq!(out.recent().as_deref(), Some("first / second / partial"));
+        let (tail, _) = logs.tail_and_follow(10, |_| true);
+        let got: Vec<(&str, &str, &str)> =
+            tail.iter().map(|l| (&*l.entity, &*l.invocation_id, l.line.as_str())).collect();
+        assert_eq!(got, [("t/1", "inv-1", "first"), ("t/1", "inv-1", "second"), ("t/1", "inv-1", "partial")]);
+    }
+}
