@@ -10,6 +10,7 @@ echo "==> building conflux and the example entities (first build takes a few min
 cargo build --release -p conflux-host --bin conflux
 (cd examples/counter && cargo build --release --target wasm32-wasip2)
 (cd examples/team-joiner && cargo build --release --target wasm32-wasip2)
+(cd examples/team-joiner/team && cargo build --release --target wasm32-wasip2)
 BIN=target/release/conflux
 WASM=target/wasm32-wasip2/release
 DATA=${CONFLUX_DATA_DIR:-./conflux-data}
@@ -30,11 +31,14 @@ done
 set -x
 "$BIN" deploy counter "$WASM/counter.wasm"
 "$BIN" deploy user "$WASM/team_joiner.wasm"
+"$BIN" deploy team "$WASM/team.wasm"
 "$BIN" invoke counter/demo add 5
 "$BIN" invoke counter/demo add 37
 "$BIN" invoke counter/demo get
 "$BIN" invoke user/sue join '"red"'
 "$BIN" invoke user/sue join '"blue"' || true
+sleep 0.5   # the join's message to team/red is delivered after the turn commits
+"$BIN" invoke team/red members
 "$BIN" state counter/demo
 "$BIN" entities counter
 "$BIN" types
