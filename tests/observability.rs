@@ -146,10 +146,13 @@ fn metrics_are_prometheus_text_with_the_expected_series() {
     assert!(histogram.is_some(), "HELP text present");
 }
 
+/// A received span: its name and its attributes as text.
+type ReceivedSpan = (String, Vec<(String, String)>);
+
 /// A collector that keeps the name and attributes of every span it receives.
 #[derive(Default, Clone)]
 struct Collector {
-    spans: Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
 }
 
 #[tonic::async_trait]

@@ -41,8 +41,7 @@ fn input() -> TurnInput {
 }
 
 fn turns(c: &mut Criterion) {
-    let mut cfg = RuntimeConfig::default();
-    cfg.max_instances = 1000;
+    let cfg = RuntimeConfig { max_instances: 1000, ..Default::default() };
     let runtime = Runtime::new(&cfg).unwrap();
     let bytes = std::fs::read(guest_wasm("counter")).unwrap();
     let component = wasmtime::component::Component::new(runtime.engine(), &bytes).unwrap();

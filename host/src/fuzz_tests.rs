@@ -71,11 +71,11 @@ proptest! {
 
     #[test]
     fn invoke_requests_from_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-        if let Ok(req) = pb::InvokeRequest::decode(bytes.as_slice()) {
-            if let Some(e) = req.entity {
-                let valid = EntityRef::new(e.entity_type.clone(), e.id.clone()).is_ok();
-                prop_assert_eq!(valid, validate_type_name(&e.entity_type).is_ok() && validate_entity_id(&e.id).is_ok());
-            }
+        if let Ok(req) = pb::InvokeRequest::decode(bytes.as_slice())
+            && let Some(e) = req.entity
+        {
+            let valid = EntityRef::new(e.entity_type.clone(), e.id.clone()).is_ok();
+            prop_assert_eq!(valid, validate_type_name(&e.entity_type).is_ok() && validate_entity_id(&e.id).is_ok());
         }
     }
 

@@ -121,7 +121,6 @@ impl Node {
             self.registry.clone(),
             self.store.clone(),
             self.log.clone(),
-            self.scheduler.guest_logs().clone(),
         )?;
         let addr = self.cfg.api.listen;
         let listener =

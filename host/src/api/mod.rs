@@ -191,9 +191,9 @@ impl Api {
         registry: Arc<Registry>,
         store: Arc<dyn StateStore>,
         log: Arc<dyn CommitLog>,
-        guest_logs: Arc<GuestLogs>,
     ) -> Result<Self, ApiError> {
         Ok(Self {
+            guest_logs: scheduler.guest_logs().clone(),
             auth: Authenticator::new(cfg),
             tls: load_tls(cfg)?,
             scheduler,
@@ -204,7 +204,6 @@ impl Api {
             max_component_bytes,
             data_dir,
             started: Instant::now(),
-            guest_logs,
             bound: None,
             stopping: tokio::sync::watch::channel(false).0,
         })
