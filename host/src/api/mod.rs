@@ -108,6 +108,12 @@ fn invoke_status(e: InvokeError) -> Status {
     status(code, kind, message)
 }
 
+/// A requested page size: 0 asks for `default`; more than `max` gets `max`.
+fn page_size(requested: u32, default: u32, max: u32) -> usize {
+    let n = if requested == 0 { default } else { requested.min(max) };
+    n as usize
+}
+
 fn registry_status(e: RegistryError) -> Status {
     let msg = e.to_string();
     match e {
@@ -300,10 +306,7 @@ impl Conflux for Api {
         authorize(&self.auth, Rpc::ListEntities, &request)?;
         let req = request.into_inner();
         self.registry.active(&req.entity_type).map_err(registry_status)?;
-        let limit = match req.limit {
-            0 => ENTITY_PAGE_DEFAULT,
-            n => n.min(ENTITY_PAGE_MAX),
-        } as usize;
+        let limit = page_size(req.limit, ENTITY_PAGE_DEFAULT, ENTITY_PAGE_MAX);
         let store = self.store.clone();
         let start_after = (!req.start_after.is_empty()).then_some(req.start_after);
         let mut ids = tokio::task::spawn_blocking(move || {
@@ -339,10 +342,7 @@ impl Conflux for Api {
         let keep = move |l: &GuestLogLine| {
             if whole_entity { *l.entity == *wanted } else { l.entity.starts_with(&*wanted) }
         };
-        let tail = match req.tail {
-            0 => LOG_TAIL_DEFAULT,
-            n => n.min(LOG_TAIL_MAX),
-        } as usize;
+        let tail = page_size(req.tail, LOG_TAIL_DEFAULT, LOG_TAIL_MAX);
         let (recent, live) = self.guest_logs.tail_and_follow(tail, &keep);
         let head = futures::stream::iter(recent.into_iter().map(|l| Ok(log_line(&l, 0))).collect::<Vec<_>>());
         if !req.follow {
@@ -531,6 +531,7 @@ impl Conflux for Api {
         authorize(&self.auth, Rpc::Status, &request)?;
         let s = self.scheduler.stats();
         let l = self.log.stats();
+        let me = self.node_id();
         Ok(Response::new(pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
@@ -549,19 +550,19 @@ impl Conflux for Api {
             dead_letters: s.dead_letters,
             // A single node is the one-replica case: it holds and leads the one shard.
             nodes: vec![pb::NodeInfo {
-                node_id: self.node_id(),
-                address: self.node_id(),
+                node_id: me.clone(),
+                address: me.clone(),
                 state: "up".to_owned(),
                 shards_led: 1,
                 replicas: 1,
             }],
             shards: vec![pb::ShardInfo {
                 shard_id: 0,
-                replicas: vec![self.node_id()],
-                leader: self.node_id(),
+                replicas: vec![me.clone()],
+                leader: me.clone(),
                 replication_lag: 0,
             }],
-            node_id: self.node_id(),
+            node_id: me,
         }))
     }
 
@@ -571,10 +572,7 @@ impl Conflux for Api {
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         authorize(&self.auth, Rpc::ListDeadLetters, &request)?;
         let req = request.into_inner();
-        let limit = match req.limit {
-            0 => 100,
-            n => n.min(1000),
-        } as usize;
+        let limit = page_size(req.limit, 100, 1000);
         let start = if req.start_after.is_empty() {
             None
         } else {
@@ -612,10 +610,7 @@ impl Conflux for Api {
         let req = request.into_inner();
         let entity = entity_ref(req.entity)?;
         self.registry.active(&entity.entity_type).map_err(registry_status)?;
-        let limit = match req.limit {
-            0 => STATE_PAGE_DEFAULT,
-            n => n.min(STATE_PAGE_MAX),
-        } as usize;
+        let limit = page_size(req.limit, STATE_PAGE_DEFAULT, STATE_PAGE_MAX);
         let prefix = entity_prefix(&entity);
         let plen = prefix.len();
         let start = (!req.start_after.is_empty()).then(|| {

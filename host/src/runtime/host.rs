@@ -300,37 +300,7 @@ impl context::Host for HostState {
             message.truncate(cut);
             message.push('…');
         }
-        let entity = &self.entity;
-        let invocation = self.turn.as_ref().map(|t| t.invocation_id.as_str()).unwrap_or("");
-        let level = match level {
-            0 => {
-                tracing::trace!(target: "conflux::guest", %entity, invocation, "{message}");
-                "trace"
-            }
-            1 => {
-                tracing::debug!(target: "conflux::guest", %entity, invocation, "{message}");
-                "debug"
-            }
-            2 => {
-                tracing::info!(target: "conflux::guest", %entity, invocation, "{message}");
-                "info"
-            }
-            3 => {
-                tracing::warn!(target: "conflux::guest", %entity, invocation, "{message}");
-                "warn"
-            }
-            _ => {
-                tracing::error!(target: "conflux::guest", %entity, invocation, "{message}");
-                "error"
-            }
-        };
-        self.stdout.logs().publish(super::GuestLogLine {
-            at_ms: crate::model::unix_ms(),
-            entity: entity.to_string().into(),
-            invocation_id: invocation.into(),
-            stream: level,
-            line: message,
-        });
+        self.stdout.log_call(level, &message);
         Ok(())
     }
 }

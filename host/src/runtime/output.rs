@@ -47,7 +47,7 @@ impl GuestLogs {
         Self { recent: Mutex::new(Default::default()), capacity: capacity.max(1), live }
     }
 
-    pub(crate) fn publish(&self, line: GuestLogLine) {
+    fn publish(&self, line: GuestLogLine) {
         let line = Arc::new(line);
         // Under the ring's lock, so `tail_and_follow` sees each line exactly once.
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -107,11 +107,6 @@ impl GuestOutput {
         Self { tag, stream, inner: Arc::new(Mutex::new(Lines::default())), logs }
     }
 
-    /// Where this output's lines are published.
-    pub fn logs(&self) -> &Arc<GuestLogs> {
-        &self.logs
-    }
-
     /// Forgets the lines of earlier turns; what follows belongs to `invocation_id`.
     pub fn start_turn(&self, invocation_id: &str) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -126,21 +121,42 @@ impl GuestOutput {
         if !g.partial.is_empty() {
             let line = String::from_utf8_lossy(&g.partial).into_owned();
             g.partial.clear();
-            self.emit(g.invocation.clone(), &line);
+            self.emit(g.invocation.clone(), self.stream, &line);
             g.remember(line);
         }
         let lines: Vec<String> = g.recent.drain(..).collect();
         (!lines.is_empty()).then(|| lines.join(" / "))
     }
 
-    fn emit(&self, invocation: Option<Arc<str>>, line: &str) {
+    /// A `context.log` call of the current turn (levels 0 trace … 4 error):
+    /// to the host log at that level and to the guest logs, tagged like a line
+    /// of output but with the level as its stream.
+    pub fn log_call(&self, level: u8, message: &str) {
+        const LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
+        let invocation = self.inner.lock().unwrap_or_else(|p| p.into_inner()).invocation.clone();
+        self.emit(invocation, LEVELS[usize::from(level.min(4))], message);
+    }
+
+    fn emit(&self, invocation: Option<Arc<str>>, stream: &'static str, line: &str) {
         let invocation = invocation.unwrap_or_else(|| "-".into());
-        tracing::info!(target: "conflux::guest", entity = %self.tag, invocation = %invocation, stream = self.stream, "{line}");
+        // `tracing` levels are constants per call site: one site per level.
+        macro_rules! event {
+            ($level:expr) => {
+                tracing::event!(target: "conflux::guest", $level, entity = %self.tag, invocation = %invocation, stream, "{line}")
+            };
+        }
+        match stream {
+            "trace" => event!(tracing::Level::TRACE),
+            "debug" => event!(tracing::Level::DEBUG),
+            "warn" => event!(tracing::Level::WARN),
+            "error" => event!(tracing::Level::ERROR),
+            _ => event!(tracing::Level::INFO),
+        }
         self.logs.publish(GuestLogLine {
             at_ms: crate::model::unix_ms(),
             entity: self.tag.clone(),
             invocation_id: invocation,
-            stream: self.stream,
+            stream,
             line: line.to_owned(),
         });
     }
@@ -154,7 +170,7 @@ impl GuestOutput {
                 if b != b'\n' {
                     g.partial.push(b);
                 }
-                self.emit(g.invocation.clone(), &line);
+                self.emit(g.invocation.clone(), self.stream, &line);
                 g.remember(line);
             } else {
                 g.partial.push(b);
