@@ -7,7 +7,7 @@
 mod support;
 
 use conflux_host::api::pb;
-use fantoccini::{ClientBuilder, Locator};
+use fantoccini::ClientBuilder;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -98,10 +98,17 @@ fn dashboard_shows_the_apis_numbers_in_chromium() {
             assert!(Instant::now() < deadline, "the dashboard never finished two polls");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let text = |id: &'static str| {
+        // Read in one script call: the page re-renders every poll, so an
+        // element found by one WebDriver call may be stale by the next.
+        let css = |selector: String| {
             let browser = browser.clone();
-            async move { browser.find(Locator::Id(id)).await.unwrap().text().await.unwrap() }
+            async move {
+                let script = "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;";
+                let v = browser.execute(script, vec![selector.clone().into()]).await.unwrap();
+                v.as_str().unwrap_or_else(|| panic!("no element {selector}")).to_owned()
+            }
         };
+        let text = |id: &'static str| css(format!("#{id}"));
         let s = d.client().await.status(pb::StatusRequest {}).await.unwrap().into_inner();
         assert_eq!(s.turns_ok, 7);
         for (id, want) in [
@@ -114,10 +121,11 @@ fn dashboard_shows_the_apis_numbers_in_chromium() {
         ] {
             assert_eq!(text(id).await, want.to_string(), "#{id}");
         }
-        let active = browser.find(Locator::Css(r#"tr[data-type="counter"] .active-version"#)).await.unwrap();
-        assert_eq!(active.text().await.unwrap(), "2", "counter is on version 2");
-        let nodes = browser.find_all(Locator::Css("#nodes-table tbody tr")).await.unwrap();
-        assert_eq!(nodes.len(), s.nodes.len());
+        let active = css(r#"tr[data-type="counter"] .active-version"#.to_owned()).await;
+        assert_eq!(active, "2", "counter is on version 2");
+        let script = "return document.querySelectorAll('#nodes-table tbody tr').length";
+        let nodes = browser.execute(script, vec![]).await.unwrap();
+        assert_eq!(nodes.as_u64(), Some(s.nodes.len() as u64));
         let errors = text("errors-list").await;
         assert!(errors.contains("faulty/f") && errors.contains("refusing after a write"), "{errors}");
         // Under load the live charts show throughput and latency.
