@@ -1,6 +1,13 @@
-//! The cluster layer: membership, shard placement, rebalancing and request
-//! forwarding. So far it holds the placement decisions ([`placement`]), pure
-//! functions the clustered node will feed to its Raft groups; a node still
-//! runs as the single replica of a single shard.
+//! The cluster layer: membership, shard placement, shard Raft groups and the
+//! transport between nodes. [`placement`] holds the pure placement decisions;
+//! [`raft`] the openraft pieces of one shard group; [`harness`] an in-process
+//! multi-node transport that drops, delays, duplicates and partitions
+//! messages on command, for tests and simulations. A node still runs as the
+//! single replica of a single shard until the clustered node is wired in.
 
+pub mod harness;
 pub mod placement;
+pub mod raft;
+
+#[cfg(test)]
+mod tests;

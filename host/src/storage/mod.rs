@@ -11,7 +11,7 @@ mod sled_store;
 pub(crate) mod conformance;
 
 pub use mem_store::MemStore;
-pub use sled_store::SledStore;
+pub use sled_store::{Export, SledStore};
 
 use crate::model::{Keyspace, LogIndex, Op, WriteSet};
 use std::path::PathBuf;
@@ -29,6 +29,8 @@ pub enum StorageError {
     Corrupt(String),
     #[error("apply called with log indexes out of order: {next} after {prev}")]
     OutOfOrder { prev: LogIndex, next: LogIndex },
+    #[error("{0:?} is not a host meta key (meta keys start with byte 0)")]
+    NotMetaKey(Vec<u8>),
     #[error("store lock poisoned by a panic in another thread")]
     Poisoned,
 }

@@ -32,8 +32,9 @@ pub struct SledStore {
     applied: Mutex<LogIndex>,
     /// Held for the store's lifetime: a second opener fails fast with
     /// `StorageError::Locked` instead of sled's opaque I/O error (sled also
-    /// flocks its own db file, but reports it as a generic error).
-    _lock: File,
+    /// flocks its own db file, but reports it as a generic error). `None` for
+    /// a tree in a database someone else opened and locked.
+    _lock: Option<File>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -68,10 +69,132 @@ impl SledStore {
 
         let sled_dir = dir.join(SLED_SUBDIR);
         let db = sled::Config::new().path(&sled_dir).open()?;
-        let tree = db.open_tree(TREE_NAME)?;
-        let applied = decode_index(tree.get(APPLIED_INDEX_KEY)?.as_deref())?;
-        Ok(SledStore { tree, db, sled_dir, applied: Mutex::new(applied), _lock: lock })
+        let mut store = Self::in_db(&db, TREE_NAME, &sled_dir)?;
+        store._lock = Some(lock);
+        Ok(store)
     }
+
+    /// A store on tree `tree_name` of an already open database in `sled_dir`
+    /// (many shard replicas share one database: one sled flusher per node,
+    /// not per shard). The caller owns the directory's lock.
+    pub fn in_db(db: &sled::Db, tree_name: &str, sled_dir: &Path) -> Result<SledStore, StorageError> {
+        let tree = db.open_tree(tree_name)?;
+        let applied = decode_index(tree.get(APPLIED_INDEX_KEY)?.as_deref())?;
+        Ok(SledStore {
+            tree,
+            db: db.clone(),
+            sled_dir: sled_dir.to_path_buf(),
+            applied: Mutex::new(applied),
+            _lock: None,
+        })
+    }
+
+    /// Like `apply`, and in the same atomic batch sets the host meta keys
+    /// `meta` (each must start with byte 0, below every keyspace). Raft keeps
+    /// its last applied log id and membership here, so they can never
+    /// disagree with the data.
+    pub fn apply_with_meta(
+        &self,
+        entries: &[(LogIndex, &WriteSet)],
+        meta: &[(&[u8], Vec<u8>)],
+    ) -> Result<(), StorageError> {
+        let mut applied = self.applied.lock().map_err(|_| StorageError::Poisoned)?;
+        let mut batch = sled::Batch::default();
+        let mut last = None;
+        for (index, ws) in unapplied(entries, *applied)? {
+            // sled's Batch keeps the last write per key, which is exactly
+            // "later ops win" within and across entries.
+            for op in &ws.ops {
+                match op_write(op) {
+                    (k, Some(v)) => batch.insert(k, v),
+                    (k, None) => batch.remove(k),
+                }
+            }
+            last = Some(*index);
+        }
+        let Some(last) = last else { return Ok(()) };
+        // Recording the index in the same batch is what makes replay exact:
+        // sled either has the entries and the index, or neither.
+        batch.insert(APPLIED_INDEX_KEY, &last.to_be_bytes()[..]);
+        for (key, value) in meta {
+            check_meta_key(key)?;
+            batch.insert(*key, value.as_slice());
+        }
+        self.tree.apply_batch(batch)?;
+        *applied = last;
+        Ok(())
+    }
+
+    /// A host meta key's value (see `apply_with_meta`).
+    pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        check_meta_key(key)?;
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Every keyspace entry as (physical key, value), for a snapshot, with
+    /// the values of `meta_keys`. Taken under the apply lock, so data and
+    /// meta are the state at exactly the returned applied index.
+    pub fn export(&self, meta_keys: &[&[u8]]) -> Result<Export, StorageError> {
+        let applied = self.applied.lock().map_err(|_| StorageError::Poisoned)?;
+        let mut meta = Vec::with_capacity(meta_keys.len());
+        for key in meta_keys {
+            meta.push(self.get_meta(key)?);
+        }
+        let mut pairs = Vec::new();
+        // Physical keys from byte 1 on are keyspace data; byte 0 is meta.
+        for item in self.tree.range::<&[u8], _>(&[1u8][..]..) {
+            let (k, v) = item?;
+            pairs.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(Export { applied_index: *applied, meta, pairs })
+    }
+
+    /// Replaces all keyspace data with `pairs` (physical keys, as `export`
+    /// returns them) and sets the applied index and `meta`, atomically: a
+    /// crash leaves either the old state or the new one.
+    pub fn replace_all(
+        &self,
+        pairs: &[(Vec<u8>, Vec<u8>)],
+        applied_index: LogIndex,
+        meta: &[(&[u8], Vec<u8>)],
+    ) -> Result<(), StorageError> {
+        let mut applied = self.applied.lock().map_err(|_| StorageError::Poisoned)?;
+        let mut batch = sled::Batch::default();
+        for item in self.tree.range::<&[u8], _>(&[1u8][..]..) {
+            batch.remove(item?.0);
+        }
+        for (k, v) in pairs {
+            if k.first().is_none_or(|b| *b == 0) {
+                return Err(StorageError::Corrupt(format!("snapshot key {k:?} is not a keyspace key")));
+            }
+            batch.insert(k.as_slice(), v.as_slice());
+        }
+        batch.insert(APPLIED_INDEX_KEY, &applied_index.to_be_bytes()[..]);
+        for (key, value) in meta {
+            check_meta_key(key)?;
+            batch.insert(*key, value.as_slice());
+        }
+        self.tree.apply_batch(batch)?;
+        *applied = applied_index;
+        Ok(())
+    }
+}
+
+/// A consistent copy of a store (see `SledStore::export`).
+#[derive(Debug)]
+pub struct Export {
+    pub applied_index: LogIndex,
+    /// Values of the requested meta keys, in request order.
+    pub meta: Vec<Option<Vec<u8>>>,
+    /// Keyspace data as (physical key, value), ascending.
+    pub pairs: super::KvPairs,
+}
+
+fn check_meta_key(key: &[u8]) -> Result<(), StorageError> {
+    if key.first() != Some(&0) || key == APPLIED_INDEX_KEY {
+        return Err(StorageError::NotMetaKey(key.to_vec()));
+    }
+    Ok(())
 }
 
 fn decode_index(raw: Option<&[u8]>) -> Result<LogIndex, StorageError> {
@@ -135,27 +258,7 @@ impl StateStore for SledStore {
     }
 
     fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError> {
-        let mut applied = self.applied.lock().map_err(|_| StorageError::Poisoned)?;
-        let mut batch = sled::Batch::default();
-        let mut last = None;
-        for (index, ws) in unapplied(entries, *applied)? {
-            // sled's Batch keeps the last write per key, which is exactly
-            // "later ops win" within and across entries.
-            for op in &ws.ops {
-                match op_write(op) {
-                    (k, Some(v)) => batch.insert(k, v),
-                    (k, None) => batch.remove(k),
-                }
-            }
-            last = Some(*index);
-        }
-        let Some(last) = last else { return Ok(()) };
-        // Recording the index in the same batch is what makes replay exact:
-        // sled either has the entries and the index, or neither.
-        batch.insert(APPLIED_INDEX_KEY, &last.to_be_bytes()[..]);
-        self.tree.apply_batch(batch)?;
-        *applied = last;
-        Ok(())
+        self.apply_with_meta(entries, &[])
     }
 
     fn applied_index(&self) -> Result<LogIndex, StorageError> {
@@ -186,5 +289,42 @@ mod tests {
         }
         let err = SledStore::open(dir.path()).unwrap_err();
         assert!(matches!(err, StorageError::Corrupt(_)), "{err}");
+    }
+
+    fn put(key: &[u8], value: &[u8]) -> WriteSet {
+        WriteSet {
+            ops: vec![crate::model::Op::Put { keyspace: Keyspace::State, key: key.to_vec(), value: value.to_vec() }],
+        }
+    }
+
+    #[test]
+    fn meta_rides_in_the_apply_batch_and_export_and_replace_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let a = SledStore::in_db(&db, "a", dir.path()).unwrap();
+        let b = SledStore::in_db(&db, "b", dir.path()).unwrap();
+        a.apply_with_meta(&[(1, &put(b"x", b"1")), (2, &put(b"y", b"2"))], &[(b"\0m", b"meta".to_vec())]).unwrap();
+        assert_eq!(a.get_meta(b"\0m").unwrap().as_deref(), Some(&b"meta"[..]));
+        // Trees of one database are separate stores.
+        assert_eq!(b.get(Keyspace::State, b"x").unwrap(), None);
+        b.apply(&[(1, &put(b"stale", b"s"))]).unwrap();
+
+        let export = a.export(&[b"\0m", b"\0missing"]).unwrap();
+        assert_eq!(export.applied_index, 2);
+        assert_eq!(export.meta, vec![Some(b"meta".to_vec()), None]);
+        assert_eq!(export.pairs.len(), 2, "meta keys are not data");
+
+        b.replace_all(&export.pairs, 2, &[(b"\0m", b"copied".to_vec())]).unwrap();
+        assert_eq!(b.get(Keyspace::State, b"stale").unwrap(), None);
+        assert_eq!(b.get(Keyspace::State, b"y").unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(b.applied_index().unwrap(), 2);
+        assert_eq!(b.get_meta(b"\0m").unwrap().as_deref(), Some(&b"copied"[..]));
+
+        // Keys that are not meta keys are refused, including the applied index itself.
+        for bad in [&b"m"[..], APPLIED_INDEX_KEY] {
+            assert!(matches!(a.get_meta(bad), Err(StorageError::NotMetaKey(_))));
+            assert!(a.apply_with_meta(&[(3, &put(b"z", b"3"))], &[(bad, vec![])]).is_err());
+        }
+        assert!(b.replace_all(&[(b"\0m".to_vec(), vec![])], 3, &[]).is_err(), "snapshot data may not hold meta keys");
     }
 }

@@ -1,0 +1,151 @@
+//! One shard = one openraft group. This module owns the group's type
+//! configuration and the pieces openraft asks the application for: the log
+//! storage on a raft-log WAL ([`log_store`]), the state machine on a sled tree
+//! ([`state_machine`]), and the network adapter that carries a shard id on
+//! every message over any [`Transport`] ([`network`]). The leader replicates
+//! each turn's write set, never the operation: followers only apply bytes.
+
+// openraft's `StorageError` (224 bytes) is the error type its storage traits
+// require; helpers that produce it return it as is.
+#![allow(clippy::result_large_err)]
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+pub use log_store::WalLogStore;
+pub use network::{RaftReply, RaftRpc, ShardNetworkFactory, Transport, TransportError};
+pub use state_machine::ShardStateMachine;
+
+use crate::model::WriteSet;
+use std::io::Cursor;
+
+/// A node's id in the cluster (and in every shard group it belongs to).
+pub type NodeId = u64;
+
+/// Index of a shard: `0..shard_count`, fixed at cluster creation.
+pub type ShardId = u32;
+
+openraft::declare_raft_types!(
+    /// The openraft configuration of a shard group: entries carry write sets;
+    /// applying one answers nothing but its log id, which openraft returns anyway.
+    pub ShardTypes:
+        D = WriteSet,
+        R = (),
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+pub type Raft = openraft::Raft<ShardTypes>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Vote = openraft::Vote<NodeId>;
+pub type Entry = openraft::Entry<ShardTypes>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
+pub type StorageError = openraft::StorageError<NodeId>;
+
+/// Raft timing of a shard group. Elections fire after 300–600 ms of leader
+/// silence and heartbeats go every 100 ms, so a dead leader is replaced well
+/// inside the 2 s failover budget while a busy 2-core machine does not
+/// trigger spurious elections.
+pub fn raft_config(cluster_name: &str) -> Result<std::sync::Arc<openraft::Config>, openraft::ConfigError> {
+    let config = openraft::Config {
+        cluster_name: cluster_name.to_owned(),
+        heartbeat_interval: 100,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
+        // Compact the log every 10 000 applied entries; keep 1000 so a follower
+        // that is briefly behind catches up from the log, not a snapshot.
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    };
+    Ok(std::sync::Arc::new(config.validate()?))
+}
+
+/// Converts any error into openraft's storage error for the given verb.
+pub(crate) fn storage_err(
+    subject: openraft::ErrorSubject<NodeId>,
+    verb: openraft::ErrorVerb,
+    e: impl std::fmt::Display,
+) -> StorageError {
+    openraft::StorageIOError::new(subject, verb, openraft::AnyError::error(e.to_string())).into()
+}
+
+/// Everything a node holds for one replica of one shard.
+#[derive(Clone)]
+pub struct Replica {
+    pub shard: ShardId,
+    pub raft: Raft,
+    pub state: ShardStateMachine,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica").field("shard", &self.shard).finish_non_exhaustive()
+    }
+}
+
+/// Where a replica of `shard` keeps its WAL and snapshot under a node's
+/// data directory.
+pub fn replica_dir(data_dir: &std::path::Path, shard: ShardId) -> std::path::PathBuf {
+    data_dir.join("shards").join(shard.to_string())
+}
+
+/// What a node shares among all its shard replicas: its id, its data
+/// directory and sled database (one per node, a tree per shard, so a node
+/// runs one sled flusher rather than one per shard), the Raft timing and the
+/// transport to the other nodes.
+#[derive(Clone)]
+pub struct ReplicaHost {
+    pub node: NodeId,
+    pub data_dir: std::path::PathBuf,
+    pub db: sled::Db,
+    pub sled_dir: std::path::PathBuf,
+    pub config: std::sync::Arc<openraft::Config>,
+    pub transport: std::sync::Arc<dyn Transport>,
+    /// How long a shard's WAL waits to merge syncs (group commit).
+    pub wal_flush_wait: std::time::Duration,
+}
+
+impl std::fmt::Debug for ReplicaHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaHost")
+            .field("node", &self.node)
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicaHost {
+    /// Opens (or creates) this node's replica of `shard`: the WAL and
+    /// snapshot in `replica_dir`, the data in tree `shard-N` of the node's
+    /// database. The group starts as a non-member until `initialize` or a
+    /// leader adds it.
+    pub async fn open(&self, shard: ShardId) -> Result<Replica, ReplicaError> {
+        let dir = replica_dir(&self.data_dir, shard);
+        let log = WalLogStore::open(&dir.join("wal"), self.wal_flush_wait).map_err(ReplicaError::Wal)?;
+        let store =
+            std::sync::Arc::new(crate::storage::SledStore::in_db(&self.db, &format!("shard-{shard}"), &self.sled_dir)?);
+        let state = ShardStateMachine::open(store, &dir)?;
+        let network = ShardNetworkFactory::new(shard, self.transport.clone());
+        let raft = Raft::new(self.node, self.config.clone(), network, log, state.clone()).await?;
+        Ok(Replica { shard, raft, state })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("shard WAL: {0}")]
+    Wal(#[source] std::io::Error),
+    #[error("shard store: {0}")]
+    Store(#[from] crate::storage::StorageError),
+    #[error("shard state machine: {0}")]
+    StateMachine(#[from] StorageError),
+    #[error("raft: {0}")]
+    Raft(#[from] openraft::error::Fatal<NodeId>),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,267 @@
+//! Shard groups of three replicas on the in-process `LocalNet`: replication,
+//! leader crash and restart (catching up by snapshot), partitions and lossy,
+//! duplicating, slow networks. Each test checks that no acknowledged write is
+//! lost and that every replica ends with identical data.
+
+use crate::cluster::harness::{Faults, LocalNet};
+use crate::cluster::raft::{self, NodeId, Replica};
+use crate::model::{Keyspace, Op, WriteSet};
+use openraft::BasicNode;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SHARD: raft::ShardId = 7;
+
+struct TestNode {
+    id: NodeId,
+    dir: tempfile::TempDir,
+    replica: Option<Replica>,
+}
+
+fn config(snapshot_every: u64) -> Arc<openraft::Config> {
+    let config = openraft::Config {
+        heartbeat_interval: 100,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+        // Purge everything a snapshot covers, so a node that was away must
+        // catch up from the snapshot, not the log.
+        max_in_snapshot_log_to_keep: 0,
+        ..Default::default()
+    };
+    Arc::new(config.validate().unwrap())
+}
+
+impl TestNode {
+    async fn start(id: NodeId, dir: tempfile::TempDir, net: &LocalNet, config: Arc<openraft::Config>) -> Self {
+        let sled_dir = dir.path().join("sled");
+        let db = sled::Config::new().path(&sled_dir).open().unwrap();
+        let host = raft::ReplicaHost {
+            node: id,
+            data_dir: dir.path().to_path_buf(),
+            db,
+            sled_dir,
+            config,
+            transport: net.transport(id),
+            wal_flush_wait: Duration::from_micros(100),
+        };
+        let replica = host.open(SHARD).await.unwrap();
+        net.register(id, SHARD, replica.raft.clone());
+        Self { id, dir, replica: Some(replica) }
+    }
+
+    fn replica(&self) -> &Replica {
+        self.replica.as_ref().expect("node is running")
+    }
+
+    /// kill -9 as far as the network and the disk can tell: off the network,
+    /// Raft stopped, files closed. What was synced stays.
+    async fn crash(&mut self, net: &LocalNet) -> tempfile::TempDir {
+        net.remove_node(self.id);
+        let replica = self.replica.take().expect("node is running");
+        replica.raft.shutdown().await.unwrap();
+        drop(replica);
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    fn data(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.replica().state.store().export(&[]).unwrap().pairs
+    }
+}
+
+async fn start_cluster(net: &LocalNet, config: Arc<openraft::Config>) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(TestNode::start(id, tempfile::tempdir().unwrap(), net, config.clone()).await);
+    }
+    let members: BTreeMap<NodeId, BasicNode> = (1..=3).map(|id| (id, BasicNode::new(format!("node-{id}")))).collect();
+    nodes[0].replica().raft.initialize(members).await.unwrap();
+    nodes
+}
+
+fn put(key: &str, value: &str) -> WriteSet {
+    WriteSet {
+        ops: vec![Op::Put {
+            keyspace: Keyspace::State,
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+        }],
+    }
+}
+
+/// The leader as the running nodes see it, once all that see one agree.
+async fn leader(nodes: &[TestNode], within: Duration) -> NodeId {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen: BTreeSet<Option<NodeId>> =
+            nodes.iter().filter_map(|n| n.replica.as_ref()).map(|r| r.raft.metrics().borrow().current_leader).collect();
+        if let [Some(l)] = seen.iter().copied().collect::<Vec<_>>()[..]
+            && nodes.iter().any(|n| n.id == l && n.replica.is_some())
+        {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "no agreed leader within {within:?}: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes through whoever leads, retrying leader changes and lost messages
+/// (the write is an idempotent put) until `within` runs out.
+async fn write(nodes: &[TestNode], ws: WriteSet, within: Duration) -> openraft::LogId<NodeId> {
+    let deadline = Instant::now() + within;
+    loop {
+        let l = leader(nodes, deadline.saturating_duration_since(Instant::now())).await;
+        let raft = nodes.iter().find(|n| n.id == l).unwrap().replica().raft.clone();
+        match tokio::time::timeout(Duration::from_secs(1), raft.client_write(ws.clone())).await {
+            Ok(Ok(resp)) => return resp.log_id,
+            Ok(Err(_)) | Err(_) => {
+                assert!(Instant::now() < deadline, "write not acknowledged within {within:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Waits until every running replica has applied `index`.
+async fn applied_everywhere(nodes: &[TestNode], index: u64, within: Duration) {
+    for n in nodes.iter().filter(|n| n.replica.is_some()) {
+        n.replica()
+            .raft
+            .wait(Some(within))
+            .applied_index_at_least(Some(index), "replica catches up")
+            .await
+            .unwrap_or_else(|e| panic!("node {} did not apply {index}: {e}", n.id));
+    }
+}
+
+fn assert_identical(nodes: &[TestNode], acked: &[String]) {
+    let first = nodes[0].data();
+    for n in &nodes[1..] {
+        assert!(n.data() == first, "node {} differs from node {}", n.id, nodes[0].id);
+    }
+    let keys: BTreeSet<Vec<u8>> = first.iter().map(|(k, _)| k[1..].to_vec()).collect();
+    for key in acked {
+        assert!(keys.contains(key.as_bytes()), "acknowledged write {key} lost");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_leader_is_replaced_and_catches_up_by_snapshot_on_restart() {
+    let net = LocalNet::new(1);
+    let config = config(20);
+    let mut nodes = start_cluster(&net, config.clone()).await;
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        write(&nodes, put(&format!("a{i}"), "1"), Duration::from_secs(10)).await;
+        acked.push(format!("a{i}"));
+    }
+    let old = leader(&nodes, Duration::from_secs(5)).await;
+    let pos = nodes.iter().position(|n| n.id == old).unwrap();
+    let dir = nodes[pos].crash(&net).await;
+
+    // The survivors elect a leader and commit again; the gap is what a
+    // caller would wait.
+    let crashed_at = Instant::now();
+    write(&nodes, put("after-crash", "1"), Duration::from_secs(10)).await;
+    let gap = crashed_at.elapsed();
+    assert!(leader(&nodes, Duration::from_secs(5)).await != old);
+    acked.push("after-crash".into());
+    let mut last = openraft::LogId::default();
+    for i in 0..40 {
+        last = write(&nodes, put(&format!("b{i}"), "2"), Duration::from_secs(10)).await;
+        acked.push(format!("b{i}"));
+    }
+
+    // Back from the dead with its old disk: the log it missed has been
+    // compacted away, so it must install a snapshot.
+    nodes[pos] = TestNode::start(old, dir, &net, config).await;
+    applied_everywhere(&nodes, last.index, Duration::from_secs(10)).await;
+    assert_identical(&nodes, &acked);
+    let restarted = nodes[pos].replica().raft.metrics().borrow().clone();
+    assert!(restarted.snapshot.is_some(), "restarted node caught up without a snapshot: {restarted:?}");
+    eprintln!("failover gap (crash to next acknowledged write): {gap:?}");
+    for n in &mut nodes {
+        n.replica().raft.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_cannot_commit_and_the_majority_keeps_serving() {
+    let net = LocalNet::new(2);
+    let mut nodes = start_cluster(&net, config(1000)).await;
+    write(&nodes, put("before", "1"), Duration::from_secs(10)).await;
+    let old = leader(&nodes, Duration::from_secs(5)).await;
+    let old_raft = nodes.iter().find(|n| n.id == old).unwrap().replica().raft.clone();
+    net.isolate(old);
+
+    // The minority side cannot get a majority: its write is never acknowledged.
+    let minority = tokio::spawn(async move { old_raft.client_write(put("minority", "x")).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let new_leader = loop {
+        let seen: BTreeSet<NodeId> = nodes
+            .iter()
+            .filter(|n| n.id != old)
+            .filter_map(|n| n.replica().raft.metrics().borrow().current_leader)
+            .filter(|l| *l != old)
+            .collect();
+        if seen.len() == 1 {
+            break *seen.iter().next().unwrap();
+        }
+        assert!(Instant::now() < deadline, "majority elected no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let new_raft = nodes.iter().find(|n| n.id == new_leader).unwrap().replica().raft.clone();
+    for i in 0..10 {
+        new_raft.client_write(put(&format!("majority{i}"), "1")).await.unwrap();
+    }
+    assert!(!minority.is_finished(), "the isolated leader acknowledged a write");
+
+    net.heal();
+    // The old leader learns of the new term; its uncommitted entry is
+    // replaced, and its caller is told it did not lead.
+    let res = tokio::time::timeout(Duration::from_secs(10), minority).await.unwrap().unwrap();
+    assert!(res.is_err(), "minority write must fail, got {res:?}");
+    let last = new_raft.client_write(put("after-heal", "1")).await.unwrap().log_id;
+    applied_everywhere(&nodes, last.index, Duration::from_secs(10)).await;
+    let mut acked: Vec<String> = (0..10).map(|i| format!("majority{i}")).collect();
+    acked.extend(["before".to_string(), "after-heal".to_string()]);
+    assert_identical(&nodes, &acked);
+    let data = nodes[0].data();
+    assert!(!data.iter().any(|(k, _)| &k[1..] == b"minority"), "an unacknowledged minority write was applied");
+    for n in &mut nodes {
+        n.replica().raft.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_survive_a_lossy_duplicating_slow_network() {
+    let net = LocalNet::new(3);
+    let mut nodes = start_cluster(&net, config(25)).await;
+    net.set_faults(Faults {
+        drop_rate: 0.1,
+        duplicate_rate: 0.1,
+        delay: Some((Duration::ZERO, Duration::from_millis(20))),
+    });
+    let mut acked = Vec::new();
+    let mut last = openraft::LogId::default();
+    for i in 0..60 {
+        last = write(&nodes, put(&format!("k{i}"), &i.to_string()), Duration::from_secs(20)).await;
+        acked.push(format!("k{i}"));
+    }
+    net.set_faults(Faults::default());
+    applied_everywhere(&nodes, last.index, Duration::from_secs(10)).await;
+    assert_identical(&nodes, &acked);
+    let stats = net.stats();
+    assert!(stats.dropped.load(std::sync::atomic::Ordering::Relaxed) > 0, "no message was dropped");
+    assert!(stats.duplicated.load(std::sync::atomic::Ordering::Relaxed) > 0, "no message was duplicated");
+    // Every write set is a put with its own value: the stored value proves
+    // which write it came from.
+    for (k, v) in nodes[0].data() {
+        let i: usize = std::str::from_utf8(&k[2..]).unwrap().parse().unwrap();
+        assert_eq!(v, i.to_string().into_bytes());
+    }
+    for n in &mut nodes {
+        n.replica().raft.shutdown().await.unwrap();
+    }
+}
