@@ -18,6 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     build
         .file_descriptor_set_path(out.join("conflux_descriptor.bin"))
         .compile_protos(&["proto/conflux/v1/conflux.proto"], &["proto"])?;
+    // Node-to-node messages are opaque bytes checked by their decoder, so the
+    // cluster service uses tonic's plain prost codec.
+    tonic_prost_build::configure().compile_protos(&["proto/conflux/cluster/v1/cluster.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

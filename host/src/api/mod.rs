@@ -6,6 +6,7 @@
 //! configured); the listener optionally speaks TLS (rustls).
 
 pub mod auth;
+pub mod cluster;
 
 pub mod codec;
 pub mod http;

@@ -7,7 +7,7 @@
 //! A node registers its replicas with `register`; `transport(node)` gives the
 //! `Transport` that node's shard groups send through.
 
-use crate::cluster::raft::{NodeId, Raft, RaftReply, RaftRpc, ShardId, Transport, TransportError, network};
+use crate::cluster::raft::{NodeId, Raft, RaftReply, RaftRpc, ReplicaTable, ShardId, Transport, TransportError};
 use futures::future::BoxFuture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -50,10 +50,8 @@ impl NetStats {
     }
 }
 
-type Replicas = Arc<Mutex<HashMap<ShardId, Raft>>>;
-
 struct State {
-    nodes: HashMap<NodeId, Replicas>,
+    nodes: HashMap<NodeId, ReplicaTable>,
     /// Pairs (a, b) with a < b that cannot talk.
     cut: BTreeSet<(NodeId, NodeId)>,
     faults: Faults,
@@ -76,7 +74,7 @@ impl std::fmt::Debug for LocalNet {
 /// What the network decided to do with one message.
 enum Fate {
     Blocked,
-    Deliver { delay: Duration, drop_request: bool, drop_reply: bool, duplicate: bool, to: Replicas },
+    Deliver { delay: Duration, drop_request: bool, drop_reply: bool, duplicate: bool, to: ReplicaTable },
 }
 
 impl LocalNet {
@@ -109,7 +107,7 @@ impl LocalNet {
     /// Registers `node`'s replica of `shard`, adding the node if needed.
     pub fn register(&self, node: NodeId, shard: ShardId, raft: Raft) {
         let replicas = self.lock().nodes.entry(node).or_default().clone();
-        replicas.lock().unwrap_or_else(|e| e.into_inner()).insert(shard, raft);
+        replicas.insert(shard, raft);
     }
 
     /// Takes `node` off the network (a crash): messages to and from it fail
@@ -185,11 +183,8 @@ struct LocalTransport {
     from: NodeId,
 }
 
-async fn deliver(replicas: &Replicas, to: NodeId, shard: ShardId, bytes: &[u8]) -> Result<Vec<u8>, TransportError> {
-    let raft = replicas.lock().unwrap_or_else(|e| e.into_inner()).get(&shard).cloned();
-    let Some(raft) = raft else { return Err(TransportError::NoSuchShard { node: to, shard }) };
-    let rpc = RaftRpc::decode(bytes).map_err(|e| TransportError::Network { node: to, reason: e.to_string() })?;
-    network::handle(&raft, rpc).await.encode().map_err(|e| TransportError::Network { node: to, reason: e.to_string() })
+async fn deliver(replicas: &ReplicaTable, to: NodeId, shard: ShardId, bytes: &[u8]) -> Result<Vec<u8>, TransportError> {
+    replicas.dispatch(to, shard, bytes).await.map_err(|e| e.into_transport(to))
 }
 
 impl Transport for LocalTransport {

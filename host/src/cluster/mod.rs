@@ -10,4 +10,4 @@ pub mod placement;
 pub mod raft;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

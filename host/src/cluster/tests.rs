@@ -11,15 +11,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const SHARD: raft::ShardId = 7;
+pub(crate) const SHARD: raft::ShardId = 7;
 
-struct TestNode {
-    id: NodeId,
+/// One node holding one replica of `SHARD`, for tests of any transport.
+pub(crate) struct TestNode {
+    pub id: NodeId,
     dir: tempfile::TempDir,
-    replica: Option<Replica>,
+    pub replica: Option<Replica>,
 }
 
-fn config(snapshot_every: u64) -> Arc<openraft::Config> {
+pub(crate) fn config(snapshot_every: u64) -> Arc<openraft::Config> {
     let config = openraft::Config {
         heartbeat_interval: 100,
         election_timeout_min: 300,
@@ -35,6 +36,18 @@ fn config(snapshot_every: u64) -> Arc<openraft::Config> {
 
 impl TestNode {
     async fn start(id: NodeId, dir: tempfile::TempDir, net: &LocalNet, config: Arc<openraft::Config>) -> Self {
+        let node = Self::open(id, dir, net.transport(id), config).await;
+        net.register(id, SHARD, node.replica().raft.clone());
+        node
+    }
+
+    /// Opens the replica; the caller makes it reachable over its transport.
+    pub(crate) async fn open(
+        id: NodeId,
+        dir: tempfile::TempDir,
+        transport: Arc<dyn raft::Transport>,
+        config: Arc<openraft::Config>,
+    ) -> Self {
         let sled_dir = dir.path().join("sled");
         let db = sled::Config::new().path(&sled_dir).open().unwrap();
         let host = raft::ReplicaHost {
@@ -43,15 +56,14 @@ impl TestNode {
             db,
             sled_dir,
             config,
-            transport: net.transport(id),
+            transport,
             wal_flush_wait: Duration::from_micros(100),
         };
         let replica = host.open(SHARD).await.unwrap();
-        net.register(id, SHARD, replica.raft.clone());
         Self { id, dir, replica: Some(replica) }
     }
 
-    fn replica(&self) -> &Replica {
+    pub(crate) fn replica(&self) -> &Replica {
         self.replica.as_ref().expect("node is running")
     }
 
@@ -65,7 +77,7 @@ impl TestNode {
         std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
-    fn data(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub(crate) fn data(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.replica().state.store().export(&[]).unwrap().pairs
     }
 }
@@ -75,12 +87,18 @@ async fn start_cluster(net: &LocalNet, config: Arc<openraft::Config>) -> Vec<Tes
     for id in 1..=3 {
         nodes.push(TestNode::start(id, tempfile::tempdir().unwrap(), net, config.clone()).await);
     }
-    let members: BTreeMap<NodeId, BasicNode> = (1..=3).map(|id| (id, BasicNode::new(format!("node-{id}")))).collect();
-    nodes[0].replica().raft.initialize(members).await.unwrap();
+    initialize(&nodes).await;
     nodes
 }
 
-fn put(key: &str, value: &str) -> WriteSet {
+/// Makes the nodes the group's voters (from the first node).
+pub(crate) async fn initialize(nodes: &[TestNode]) {
+    let members: BTreeMap<NodeId, BasicNode> =
+        nodes.iter().map(|n| (n.id, BasicNode::new(format!("node-{}", n.id)))).collect();
+    nodes[0].replica().raft.initialize(members).await.unwrap();
+}
+
+pub(crate) fn put(key: &str, value: &str) -> WriteSet {
     WriteSet {
         ops: vec![Op::Put {
             keyspace: Keyspace::State,
@@ -91,7 +109,7 @@ fn put(key: &str, value: &str) -> WriteSet {
 }
 
 /// The leader as the running nodes see it, once all that see one agree.
-async fn leader(nodes: &[TestNode], within: Duration) -> NodeId {
+pub(crate) async fn leader(nodes: &[TestNode], within: Duration) -> NodeId {
     let deadline = Instant::now() + within;
     loop {
         let seen: BTreeSet<Option<NodeId>> =
@@ -108,7 +126,7 @@ async fn leader(nodes: &[TestNode], within: Duration) -> NodeId {
 
 /// Writes through whoever leads, retrying leader changes and lost messages
 /// (the write is an idempotent put) until `within` runs out.
-async fn write(nodes: &[TestNode], ws: WriteSet, within: Duration) -> openraft::LogId<NodeId> {
+pub(crate) async fn write(nodes: &[TestNode], ws: WriteSet, within: Duration) -> openraft::LogId<NodeId> {
     let deadline = Instant::now() + within;
     loop {
         let l = leader(nodes, deadline.saturating_duration_since(Instant::now())).await;
@@ -124,7 +142,7 @@ async fn write(nodes: &[TestNode], ws: WriteSet, within: Duration) -> openraft::
 }
 
 /// Waits until every running replica has applied `index`.
-async fn applied_everywhere(nodes: &[TestNode], index: u64, within: Duration) {
+pub(crate) async fn applied_everywhere(nodes: &[TestNode], index: u64, within: Duration) {
     for n in nodes.iter().filter(|n| n.replica.is_some()) {
         n.replica()
             .raft
@@ -135,7 +153,7 @@ async fn applied_everywhere(nodes: &[TestNode], index: u64, within: Duration) {
     }
 }
 
-fn assert_identical(nodes: &[TestNode], acked: &[String]) {
+pub(crate) fn assert_identical(nodes: &[TestNode], acked: &[String]) {
     let first = nodes[0].data();
     for n in &nodes[1..] {
         assert!(n.data() == first, "node {} differs from node {}", n.id, nodes[0].id);

@@ -14,7 +14,7 @@ pub mod network;
 pub mod state_machine;
 
 pub use log_store::WalLogStore;
-pub use network::{RaftReply, RaftRpc, ShardNetworkFactory, Transport, TransportError};
+pub use network::{DispatchError, RaftReply, RaftRpc, ReplicaTable, ShardNetworkFactory, Transport, TransportError};
 pub use state_machine::ShardStateMachine;
 
 use crate::model::WriteSet;

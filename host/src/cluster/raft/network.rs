@@ -81,6 +81,66 @@ pub trait Transport: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<RaftReply, TransportError>>;
 }
 
+/// This node's replicas by shard, where incoming messages find them.
+#[derive(Clone, Default)]
+pub struct ReplicaTable(Arc<std::sync::RwLock<std::collections::HashMap<ShardId, Raft>>>);
+
+impl std::fmt::Debug for ReplicaTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shards: Vec<ShardId> = self.read().keys().copied().collect();
+        f.debug_tuple("ReplicaTable").field(&shards).finish()
+    }
+}
+
+impl ReplicaTable {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, std::collections::HashMap<ShardId, Raft>> {
+        // The map is only ever inserted into or removed from; a panic elsewhere
+        // cannot leave it half-changed.
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn insert(&self, shard: ShardId, raft: Raft) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).insert(shard, raft);
+    }
+
+    pub fn remove(&self, shard: ShardId) -> Option<Raft> {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).remove(&shard)
+    }
+
+    pub fn get(&self, shard: ShardId) -> Option<Raft> {
+        self.read().get(&shard).cloned()
+    }
+
+    /// Decodes a message for `shard`, runs it on the local replica (`node`
+    /// is this node, for errors) and encodes the reply.
+    pub async fn dispatch(&self, node: NodeId, shard: ShardId, rpc: &[u8]) -> Result<Vec<u8>, DispatchError> {
+        let raft = self.get(shard).ok_or(DispatchError::NoSuchShard { node, shard })?;
+        let rpc = RaftRpc::decode(rpc).map_err(DispatchError::Decode)?;
+        handle(&raft, rpc).await.encode().map_err(DispatchError::Encode)
+    }
+}
+
+/// Why an incoming message could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("node {node} has no replica of shard {shard}")]
+    NoSuchShard { node: NodeId, shard: ShardId },
+    #[error("undecodable raft message: {0}")]
+    Decode(#[source] postcard::Error),
+    #[error("cannot encode raft reply: {0}")]
+    Encode(#[source] postcard::Error),
+}
+
+impl DispatchError {
+    /// As the sender's transport reports it.
+    pub fn into_transport(self, node: NodeId) -> TransportError {
+        match self {
+            DispatchError::NoSuchShard { node, shard } => TransportError::NoSuchShard { node, shard },
+            e => TransportError::Network { node, reason: e.to_string() },
+        }
+    }
+}
+
 /// Runs a message that arrived for one of this node's replicas.
 pub async fn handle(raft: &Raft, rpc: RaftRpc) -> RaftReply {
     match rpc {

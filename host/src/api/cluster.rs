@@ -1,0 +1,299 @@
+//! Node-to-node gRPC: the `Cluster` service that receives Raft messages for
+//! this node's shard replicas, and `GrpcTransport`, the cluster layer's
+//! `Transport` over pooled tonic channels. Both sides authenticate with the
+//! cluster's shared secret: a process without it can neither send Raft
+//! traffic to a node nor get answers from one.
+
+use crate::cluster::raft::{
+    DispatchError, NodeId, RaftReply, RaftRpc, ReplicaTable, ShardId, Transport, TransportError,
+};
+use futures::future::BoxFuture;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+pub mod pb {
+    tonic::include_proto!("conflux.cluster.v1");
+}
+
+use pb::cluster_client::ClusterClient;
+use pb::cluster_server::{Cluster, ClusterServer};
+
+/// Metadata entry that carries the cluster secret on every node-to-node call.
+pub const SECRET_HEADER: &str = "conflux-cluster-secret";
+/// Shortest accepted secret: a guessable secret would let anyone join.
+pub const MIN_SECRET_BYTES: usize = 16;
+/// Largest Raft message a node accepts (a snapshot chunk or a batch of
+/// entries; openraft chunks snapshots well below this).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// How long connecting to a peer may take before the message fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterApiError {
+    #[error("the cluster secret must be at least {MIN_SECRET_BYTES} bytes")]
+    SecretTooShort,
+    #[error("the cluster secret must be visible ASCII (it travels as gRPC metadata)")]
+    SecretNotAscii,
+    #[error("invalid address {addr:?} for node {node}: {reason}")]
+    BadAddress { node: NodeId, addr: String, reason: String },
+}
+
+/// The shared secret, kept as a digest so comparing takes constant time.
+#[derive(Clone)]
+pub struct ClusterSecret {
+    raw: tonic::metadata::AsciiMetadataValue,
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(..)")
+    }
+}
+
+impl ClusterSecret {
+    pub fn new(secret: &str) -> Result<Self, ClusterApiError> {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(ClusterApiError::SecretTooShort);
+        }
+        if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ClusterApiError::SecretNotAscii);
+        }
+        let raw = secret.parse().map_err(|_| ClusterApiError::SecretNotAscii)?;
+        Ok(Self { raw, digest: Sha256::digest(secret.as_bytes()).into() })
+    }
+
+    fn admits<T>(&self, req: &Request<T>) -> bool {
+        let Some(presented) = req.metadata().get(SECRET_HEADER).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        bool::from(presented.ct_eq(&self.digest))
+    }
+}
+
+/// The receiving side: runs Raft messages on this node's replicas.
+#[derive(Debug, Clone)]
+pub struct ClusterService {
+    node: NodeId,
+    secret: ClusterSecret,
+    replicas: ReplicaTable,
+}
+
+impl ClusterService {
+    pub fn new(node: NodeId, secret: ClusterSecret, replicas: ReplicaTable) -> Self {
+        Self { node, secret, replicas }
+    }
+
+    /// The tonic service, to add to a server's routes.
+    pub fn into_server(self) -> ClusterServer<Self> {
+        ClusterServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn raft(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessageReply>, Status> {
+        if !self.secret.admits(&req) {
+            return Err(Status::unauthenticated("missing or wrong cluster secret"));
+        }
+        let msg = req.into_inner();
+        match self.replicas.dispatch(self.node, msg.shard, &msg.rpc).await {
+            Ok(reply) => Ok(Response::new(pb::RaftMessageReply { reply })),
+            Err(e @ DispatchError::NoSuchShard { .. }) => Err(Status::not_found(e.to_string())),
+            Err(e @ DispatchError::Decode(_)) => Err(Status::invalid_argument(e.to_string())),
+            Err(e @ DispatchError::Encode(_)) => Err(Status::internal(e.to_string())),
+        }
+    }
+}
+
+/// The sending side: one lazily connected, multiplexed HTTP/2 channel per
+/// peer, shared by every shard group on this node.
+pub struct GrpcTransport {
+    secret: ClusterSecret,
+    /// Bounded by the cluster's membership: one entry per known peer.
+    peers: Mutex<HashMap<NodeId, ClusterClient<Channel>>>,
+}
+
+impl std::fmt::Debug for GrpcTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcTransport").finish_non_exhaustive()
+    }
+}
+
+impl GrpcTransport {
+    pub fn new(secret: ClusterSecret) -> Self {
+        Self { secret, peers: Mutex::new(HashMap::new()) }
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, ClusterClient<Channel>>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where `node` listens (`host:port`). Replaces an earlier address.
+    pub fn set_peer(&self, node: NodeId, addr: &str) -> Result<(), ClusterApiError> {
+        let bad = |reason: String| ClusterApiError::BadAddress { node, addr: addr.to_owned(), reason };
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            // Keep-alives notice a dead peer's connection between messages.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let client = ClusterClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        self.peers().insert(node, client);
+        Ok(())
+    }
+
+    pub fn remove_peer(&self, node: NodeId) {
+        self.peers().remove(&node);
+    }
+}
+
+fn transport_error(node: NodeId, shard: ShardId, status: &Status) -> TransportError {
+    match status.code() {
+        Code::NotFound => TransportError::NoSuchShard { node, shard },
+        // Refused or not connected: nothing was delivered.
+        Code::Unauthenticated | Code::Unavailable => {
+            TransportError::Unreachable { node, reason: format!("{}: {}", status.code(), status.message()) }
+        }
+        _ => TransportError::Network { node, reason: format!("{}: {}", status.code(), status.message()) },
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(
+        &self,
+        target: NodeId,
+        shard: ShardId,
+        rpc: RaftRpc,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<RaftReply, TransportError>> {
+        let client = self.peers().get(&target).cloned();
+        let secret = self.secret.raw.clone();
+        Box::pin(async move {
+            let Some(mut client) = client else {
+                return Err(TransportError::Unreachable { node: target, reason: "address unknown".into() });
+            };
+            let bytes = rpc.encode().map_err(|e| TransportError::Network { node: target, reason: e.to_string() })?;
+            let mut req = Request::new(pb::RaftMessage { shard, rpc: bytes });
+            req.metadata_mut().insert(SECRET_HEADER, secret);
+            req.set_timeout(timeout);
+            let reply = tokio::time::timeout(timeout, client.raft(req))
+                .await
+                .map_err(|_| TransportError::Network { node: target, reason: format!("no reply within {timeout:?}") })?
+                .map_err(|s| transport_error(target, shard, &s))?;
+            RaftReply::decode(&reply.into_inner().reply)
+                .map_err(|e| TransportError::Network { node: target, reason: e.to_string() })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::tests::{
+        TestNode, applied_everywhere, assert_identical, config, initialize, leader, put, write,
+    };
+    use std::sync::Arc;
+
+    const SECRET: &str = "correct-horse-battery-staple";
+
+    /// Serves `replicas` on 127.0.0.1 and returns the address.
+    async fn serve(node: NodeId, secret: &str, replicas: ReplicaTable) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = ClusterService::new(node, ClusterSecret::new(secret).unwrap(), replicas).into_server();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        addr
+    }
+
+    #[test]
+    fn short_or_non_ascii_secrets_are_refused() {
+        assert!(matches!(ClusterSecret::new("short"), Err(ClusterApiError::SecretTooShort)));
+        assert!(matches!(ClusterSecret::new("sixteen bytes with spaces"), Err(ClusterApiError::SecretNotAscii)));
+        assert!(ClusterSecret::new(SECRET).is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shard_group_replicates_over_grpc_and_refuses_strangers() {
+        let transports: Vec<Arc<GrpcTransport>> =
+            (0..3).map(|_| Arc::new(GrpcTransport::new(ClusterSecret::new(SECRET).unwrap()))).collect();
+        let mut nodes = Vec::new();
+        let mut addrs = Vec::new();
+        for (i, transport) in transports.iter().enumerate() {
+            let id = i as NodeId + 1;
+            let node = TestNode::open(id, tempfile::tempdir().unwrap(), transport.clone(), config(1000)).await;
+            let table = ReplicaTable::default();
+            table.insert(crate::cluster::tests::SHARD, node.replica().raft.clone());
+            addrs.push(serve(id, SECRET, table).await);
+            nodes.push(node);
+        }
+        for transport in &transports {
+            for (i, addr) in addrs.iter().enumerate() {
+                transport.set_peer(i as NodeId + 1, &addr.to_string()).unwrap();
+            }
+        }
+        initialize(&nodes).await;
+        let mut acked = Vec::new();
+        let mut last = openraft::LogId::default();
+        for i in 0..20 {
+            last = write(&nodes, put(&format!("g{i}"), "1"), Duration::from_secs(10)).await;
+            acked.push(format!("g{i}"));
+        }
+        applied_everywhere(&nodes, last.index, Duration::from_secs(10)).await;
+        assert_identical(&nodes, &acked);
+
+        // A process with the wrong secret asks for votes at a far higher
+        // term. Were it heard, the leader would have to step down.
+        let l = leader(&nodes, Duration::from_secs(5)).await;
+        let term_before = nodes.iter().find(|n| n.id == l).unwrap().replica().raft.metrics().borrow().current_term;
+        let stranger = GrpcTransport::new(ClusterSecret::new("not-the-cluster-secret").unwrap());
+        for (i, addr) in addrs.iter().enumerate() {
+            let target = i as NodeId + 1;
+            stranger.set_peer(target, &addr.to_string()).unwrap();
+            let vote = openraft::raft::VoteRequest {
+                vote: openraft::Vote::new(term_before + 100, 99),
+                last_log_id: Some(last),
+            };
+            let err = stranger
+                .send(target, crate::cluster::tests::SHARD, RaftRpc::Vote(vote), Duration::from_secs(2))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, TransportError::Unreachable { reason, .. } if reason.contains("cluster secret")),
+                "{err}"
+            );
+        }
+        // A right secret but no such shard is told so.
+        let err = transports[0]
+            .send(
+                2,
+                999,
+                RaftRpc::Vote(openraft::raft::VoteRequest { vote: openraft::Vote::new(1, 1), last_log_id: None }),
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::NoSuchShard { node: 2, shard: 999 }), "{err}");
+        assert_eq!(leader(&nodes, Duration::from_secs(5)).await, l);
+        let term_after = nodes.iter().find(|n| n.id == l).unwrap().replica().raft.metrics().borrow().current_term;
+        assert_eq!(term_before, term_after, "a stranger's vote request changed the term");
+        for n in &mut nodes {
+            n.replica().raft.shutdown().await.unwrap();
+        }
+    }
+}
