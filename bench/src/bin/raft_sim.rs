@@ -1,0 +1,163 @@
+//! `conflux-raft-sim`: network cost of replication as the cluster grows. For
+//! each node count it builds the shard groups of a cluster of that size on the
+//! in-process `LocalNet` (real openraft groups, real WALs and sled stores in a
+//! temporary directory; replicas placed by `placement::initial_placement`),
+//! writes `--writes` write sets spread over the shards through their leaders
+//! with `--concurrency` writers, and reports the Raft messages and bytes per
+//! write, plus the idle heartbeat rate. Per-write cost must not grow with the
+//! node count: a write only ever involves its shard's replicas.
+
+use anyhow::{Context, ensure};
+use clap::Parser;
+use conflux_host::cluster::harness::LocalNet;
+use conflux_host::cluster::placement::{initial_placement, shard_of};
+use conflux_host::cluster::raft::{self, NodeId, Raft, ReplicaHost};
+use conflux_host::model::{Keyspace, Op, WriteSet};
+use openraft::BasicNode;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(about = "Raft messages and bytes per write at several cluster sizes (in-process network)")]
+struct Opts {
+    /// Cluster sizes to simulate.
+    #[arg(long, value_delimiter = ',', default_value = "3,9,27")]
+    nodes: Vec<u64>,
+    /// Shards in every cluster (fixed at creation, as in a real cluster).
+    #[arg(long, default_value_t = 27)]
+    shards: u32,
+    #[arg(long, default_value_t = 3)]
+    replication_factor: usize,
+    /// Write sets per cluster size.
+    #[arg(long, default_value_t = 3000)]
+    writes: u64,
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 32)]
+    concurrency: u64,
+    /// Idle time over which heartbeat traffic is measured.
+    #[arg(long, default_value_t = 2)]
+    idle_secs: u64,
+}
+
+struct Cluster {
+    /// Per shard, one replica's Raft per node holding it.
+    shards: Vec<Vec<Raft>>,
+    net: LocalNet,
+    _dir: tempfile::TempDir,
+}
+
+async fn build(nodes: u64, opts: &Opts) -> anyhow::Result<Cluster> {
+    let dir = tempfile::tempdir()?;
+    let net = LocalNet::new(nodes);
+    let ids: Vec<NodeId> = (1..=nodes).collect();
+    let placement = initial_placement(&ids, opts.shards, opts.replication_factor)?;
+    let config = raft::raft_config("sim")?;
+    let mut hosts = BTreeMap::new();
+    for &id in &ids {
+        let data_dir = dir.path().join(format!("node-{id}"));
+        let sled_dir = data_dir.join("sled");
+        let db = sled::Config::new().path(&sled_dir).open()?;
+        let host = ReplicaHost {
+            node: id,
+            data_dir,
+            db,
+            sled_dir,
+            config: config.clone(),
+            transport: net.transport(id),
+            wal_flush_wait: Duration::from_micros(100),
+        };
+        net.add_node(id);
+        hosts.insert(id, host);
+    }
+    let mut shards = Vec::new();
+    for (shard, replicas) in placement.shards.iter().enumerate() {
+        let shard = shard as raft::ShardId;
+        let mut rafts = Vec::new();
+        for node in replicas {
+            let replica = hosts[node].open(shard).await?;
+            net.register(*node, shard, replica.raft.clone());
+            rafts.push(replica.raft);
+        }
+        let members: BTreeMap<NodeId, BasicNode> =
+            replicas.iter().map(|n| (*n, BasicNode::new(n.to_string()))).collect();
+        rafts[0].initialize(members).await?;
+        shards.push(rafts);
+    }
+    for rafts in &shards {
+        rafts[0].wait(Some(Duration::from_secs(30))).metrics(|m| m.current_leader.is_some(), "leader").await?;
+    }
+    Ok(Cluster { shards, net, _dir: dir })
+}
+
+/// Writes through the shard's leader, following leader changes.
+async fn write(rafts: &[Raft], ws: WriteSet) -> anyhow::Result<()> {
+    for _ in 0..50 {
+        let leader = rafts[0].metrics().borrow().current_leader;
+        let raft = rafts.iter().find(|r| Some(r.metrics().borrow().id) == leader).unwrap_or(&rafts[0]);
+        if raft.client_write(ws.clone()).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::bail!("write not acknowledged after 50 attempts")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let opts = Opts::parse();
+    ensure!(opts.concurrency > 0 && opts.writes > 0, "--writes and --concurrency must be positive");
+    println!(
+        "| nodes | shards × RF | writes | writes/s | msgs/write | bytes/write | idle msgs/s |\n|---|---|---|---|---|---|---|"
+    );
+    for &n in &opts.nodes {
+        let cluster = Arc::new(build(n, &opts).await.with_context(|| format!("building {n} nodes"))?);
+        // Idle first: heartbeats only.
+        let m0 = cluster.net.stats().messages();
+        tokio::time::sleep(Duration::from_secs(opts.idle_secs)).await;
+        let idle_rate = (cluster.net.stats().messages() - m0) as f64 / opts.idle_secs as f64;
+
+        let (m0, b0) = (cluster.net.stats().messages(), cluster.net.stats().bytes());
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..opts.concurrency {
+            let cluster = cluster.clone();
+            let (writes, concurrency, shards) = (opts.writes, opts.concurrency, opts.shards);
+            tasks.push(tokio::spawn(async move {
+                let mut i = w;
+                while i < writes {
+                    let key = format!("key-{i}");
+                    let shard = shard_of("bench", &key, shards) as usize;
+                    let ws = WriteSet {
+                        ops: vec![Op::Put { keyspace: Keyspace::State, key: key.into_bytes(), value: vec![0; 64] }],
+                    };
+                    write(&cluster.shards[shard], ws).await?;
+                    i += concurrency;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let elapsed = started.elapsed();
+        let msgs = cluster.net.stats().messages() - m0;
+        let bytes = cluster.net.stats().bytes() - b0;
+        println!(
+            "| {n} | {} × {} | {} | {:.0} | {:.2} | {:.0} | {:.0} |",
+            opts.shards,
+            opts.replication_factor.min(n as usize),
+            opts.writes,
+            opts.writes as f64 / elapsed.as_secs_f64(),
+            msgs as f64 / opts.writes as f64,
+            bytes as f64 / opts.writes as f64,
+            idle_rate
+        );
+        for rafts in &cluster.shards {
+            for r in rafts {
+                r.shutdown().await?;
+            }
+        }
+    }
+    Ok(())
+}
