@@ -11,9 +11,9 @@ use anyhow::{Context, ensure};
 use clap::Parser;
 use conflux_host::cluster::harness::LocalNet;
 use conflux_host::cluster::placement::{initial_placement, shard_of};
-use conflux_host::cluster::raft::{self, NodeId, Raft, ReplicaHost};
+use conflux_host::cluster::raft::{self, NodeId, Raft, ReplicaHost, ReplicaTable, ShardId};
+use conflux_host::cluster::shards::ShardSet;
 use conflux_host::model::{Keyspace, Op, WriteSet};
-use openraft::BasicNode;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,8 +41,9 @@ struct Opts {
 }
 
 struct Cluster {
-    /// Per shard, one replica's Raft per node holding it.
+    /// Per shard, its replicas' Rafts.
     shards: Vec<Vec<Raft>>,
+    sets: Vec<ShardSet>,
     net: LocalNet,
     _dir: tempfile::TempDir,
 }
@@ -52,8 +53,9 @@ async fn build(nodes: u64, opts: &Opts) -> anyhow::Result<Cluster> {
     let net = LocalNet::new(nodes);
     let ids: Vec<NodeId> = (1..=nodes).collect();
     let placement = initial_placement(&ids, opts.shards, opts.replication_factor)?;
+    let addrs: BTreeMap<NodeId, String> = ids.iter().map(|id| (*id, id.to_string())).collect();
     let config = raft::raft_config("sim")?;
-    let mut hosts = BTreeMap::new();
+    let mut sets = Vec::new();
     for &id in &ids {
         let data_dir = dir.path().join(format!("node-{id}"));
         let sled_dir = data_dir.join("sled");
@@ -67,27 +69,21 @@ async fn build(nodes: u64, opts: &Opts) -> anyhow::Result<Cluster> {
             transport: net.transport(id),
             wal_flush_wait: Duration::from_micros(100),
         };
-        net.add_node(id);
-        hosts.insert(id, host);
+        let table = ReplicaTable::default();
+        net.attach(id, table.clone());
+        sets.push(ShardSet::open(host, &placement, table).await?);
+    }
+    for set in &sets {
+        set.bootstrap(&placement, &addrs).await?;
     }
     let mut shards = Vec::new();
-    for (shard, replicas) in placement.shards.iter().enumerate() {
-        let shard = shard as raft::ShardId;
-        let mut rafts = Vec::new();
-        for node in replicas {
-            let replica = hosts[node].open(shard).await?;
-            net.register(*node, shard, replica.raft.clone());
-            rafts.push(replica.raft);
-        }
-        let members: BTreeMap<NodeId, BasicNode> =
-            replicas.iter().map(|n| (*n, BasicNode::new(n.to_string()))).collect();
-        rafts[0].initialize(members).await?;
+    for (shard, nodes) in placement.shards.iter().enumerate() {
+        let rafts: Vec<Raft> =
+            nodes.iter().filter_map(|n| sets[(*n - 1) as usize].replica(shard as ShardId)).map(|r| r.raft).collect();
+        rafts[0].wait(Some(Duration::from_secs(30))).metrics(|m| m.current_leader.is_some(), "leader").await?;
         shards.push(rafts);
     }
-    for rafts in &shards {
-        rafts[0].wait(Some(Duration::from_secs(30))).metrics(|m| m.current_leader.is_some(), "leader").await?;
-    }
-    Ok(Cluster { shards, net, _dir: dir })
+    Ok(Cluster { shards, sets, net, _dir: dir })
 }
 
 /// Writes through the shard's leader, following leader changes.
@@ -153,10 +149,8 @@ async fn main() -> anyhow::Result<()> {
             bytes as f64 / opts.writes as f64,
             idle_rate
         );
-        for rafts in &cluster.shards {
-            for r in rafts {
-                r.shutdown().await?;
-            }
+        for set in &cluster.sets {
+            set.shutdown().await;
         }
     }
     Ok(())

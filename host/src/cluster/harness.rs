@@ -104,6 +104,12 @@ impl LocalNet {
         self.lock().nodes.entry(node).or_default();
     }
 
+    /// Makes `node` reachable with `table` as its replicas (a `ShardSet`
+    /// keeps it up to date).
+    pub fn attach(&self, node: NodeId, table: ReplicaTable) {
+        self.lock().nodes.insert(node, table);
+    }
+
     /// Registers `node`'s replica of `shard`, adding the node if needed.
     pub fn register(&self, node: NodeId, shard: ShardId, raft: Raft) {
         let replicas = self.lock().nodes.entry(node).or_default().clone();

@@ -2,12 +2,14 @@
 //! transport between nodes. [`placement`] holds the pure placement decisions;
 //! [`raft`] the openraft pieces of one shard group; [`harness`] an in-process
 //! multi-node transport that drops, delays, duplicates and partitions
-//! messages on command, for tests and simulations. A node still runs as the
-//! single replica of a single shard until the clustered node is wired in.
+//! messages on command, for tests and simulations; [`shards`] the replicas
+//! one node holds and their status. A node still runs as the single replica
+//! of a single shard until the clustered node is wired in.
 
 pub mod harness;
 pub mod placement;
 pub mod raft;
+pub mod shards;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -283,3 +283,103 @@ async fn writes_survive_a_lossy_duplicating_slow_network() {
         n.replica().raft.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_sets_form_every_group_on_its_placement_and_fail_over_a_lost_node() {
+    use crate::cluster::placement::initial_placement;
+    use crate::cluster::raft::ReplicaTable;
+    use crate::cluster::shards::ShardSet;
+    let net = LocalNet::new(4);
+    let ids: Vec<NodeId> = (1..=5).collect();
+    let placement = initial_placement(&ids, 10, 3).unwrap();
+    let addrs: BTreeMap<NodeId, String> = ids.iter().map(|id| (*id, format!("node-{id}"))).collect();
+    let mut dirs = Vec::new();
+    let mut sets = BTreeMap::new();
+    for &id in &ids {
+        let dir = tempfile::tempdir().unwrap();
+        let sled_dir = dir.path().join("sled");
+        let host = raft::ReplicaHost {
+            node: id,
+            data_dir: dir.path().to_path_buf(),
+            db: sled::Config::new().path(&sled_dir).open().unwrap(),
+            sled_dir,
+            config: config(1000),
+            transport: net.transport(id),
+            wal_flush_wait: Duration::from_micros(100),
+        };
+        let table = ReplicaTable::default();
+        net.attach(id, table.clone());
+        sets.insert(id, ShardSet::open(host, &placement, table).await.unwrap());
+        dirs.push(dir);
+    }
+    for set in sets.values() {
+        set.bootstrap(&placement, &addrs).await.unwrap();
+        // A second bootstrap (a restart) changes nothing.
+        set.bootstrap(&placement, &addrs).await.unwrap();
+    }
+
+    // Every shard: one leader, agreed by all its replicas, among them.
+    let leaders = |exclude: Option<NodeId>| {
+        let mut out = BTreeMap::new();
+        for (shard, nodes) in placement.shards.iter().enumerate() {
+            let seen: BTreeSet<Option<NodeId>> =
+                nodes.iter().filter(|n| Some(**n) != exclude).map(|n| sets[n].leader(shard as raft::ShardId)).collect();
+            if let [Some(l)] = seen.into_iter().collect::<Vec<_>>()[..]
+                && nodes.contains(&l)
+                && Some(l) != exclude
+            {
+                out.insert(shard, l);
+            }
+        }
+        out
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leaders(None).len() < placement.shards.len() {
+        assert!(Instant::now() < deadline, "not every shard elected a leader: {:?}", leaders(None));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Writes on every shard reach every follower: the leaders report no lag.
+    for (shard, leader) in leaders(None) {
+        let raft = sets[&leader].replica(shard as raft::ShardId).unwrap().raft;
+        for i in 0..5 {
+            raft.client_write(put(&format!("s{shard}-{i}"), "1")).await.unwrap();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let statuses: Vec<_> = sets.values().flat_map(|s| s.status()).collect();
+        let led: Vec<_> = statuses.iter().filter(|s| s.leader == Some(s.node)).collect();
+        let caught_up = led.len() == placement.shards.len()
+            && led.iter().all(|s| s.lag.len() == 2 && s.lag.values().all(|l| *l == 0));
+        if caught_up {
+            for s in &statuses {
+                let mut expected = placement.shards[s.shard as usize].clone();
+                expected.sort_unstable();
+                assert_eq!(s.replicas, expected, "shard {} members follow the placement", s.shard);
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "followers did not catch up: {led:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Lose the leader of shard 0: every shard it led is led elsewhere soon.
+    let lost = leaders(None)[&0];
+    let led_by_lost: Vec<usize> = leaders(None).into_iter().filter(|(_, l)| *l == lost).map(|(s, _)| s).collect();
+    net.remove_node(lost);
+    let started = Instant::now();
+    loop {
+        let now = leaders(Some(lost));
+        if led_by_lost.iter().all(|s| now.contains_key(s)) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "shards {led_by_lost:?} found no new leader: {now:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("{} shards re-elected {:?} after losing node {lost}", led_by_lost.len(), started.elapsed());
+    for set in sets.values() {
+        set.shutdown().await;
+        assert!(set.shards().is_empty());
+    }
+}

@@ -1,0 +1,155 @@
+//! `ShardSet`: the shard replicas one node holds. It opens them from a
+//! placement (a pure decision of `placement`), makes them reachable through
+//! the node's `ReplicaTable`, forms each new group from its first replica,
+//! and reports per shard who leads, the term, what is applied and how far
+//! each follower lags. The scheduler and the API build on it.
+
+use super::placement::Placement;
+use super::raft::{NodeId, Replica, ReplicaError, ReplicaHost, ReplicaTable, ShardId};
+use openraft::BasicNode;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardSetError {
+    #[error("shard {shard}: {source}")]
+    Replica { shard: ShardId, source: Box<ReplicaError> },
+    #[error("shard {shard}: cannot form the group: {message}")]
+    Initialize { shard: ShardId, message: String },
+    #[error("node {node} has no address")]
+    NoAddress { node: NodeId },
+}
+
+/// One shard as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardStatus {
+    pub shard: ShardId,
+    /// The node reporting.
+    pub node: NodeId,
+    /// Voting members of the group.
+    pub replicas: Vec<NodeId>,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    /// Raft index of the last entry applied here.
+    pub applied_index: Option<u64>,
+    /// On the leader only: entries each follower is behind the leader's log.
+    pub lag: BTreeMap<NodeId, u64>,
+}
+
+/// The replicas of one node, by shard. Bounded by the cluster's shard count.
+pub struct ShardSet {
+    host: ReplicaHost,
+    table: ReplicaTable,
+    replicas: Mutex<BTreeMap<ShardId, Replica>>,
+}
+
+impl std::fmt::Debug for ShardSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardSet").field("node", &self.host.node).finish_non_exhaustive()
+    }
+}
+
+impl ShardSet {
+    /// Opens this node's replicas under `placement` and registers them in
+    /// `table`, where the node's cluster service finds them.
+    pub async fn open(host: ReplicaHost, placement: &Placement, table: ReplicaTable) -> Result<Self, ShardSetError> {
+        let mut replicas = BTreeMap::new();
+        for (shard, nodes) in placement.shards.iter().enumerate() {
+            let shard = shard as ShardId;
+            if nodes.contains(&host.node) {
+                let replica = host
+                    .open(shard)
+                    .await
+                    .map_err(|source| ShardSetError::Replica { shard, source: Box::new(source) })?;
+                table.insert(shard, replica.raft.clone());
+                replicas.insert(shard, replica);
+            }
+        }
+        Ok(Self { host, table, replicas: Mutex::new(replicas) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, Replica>> {
+        self.replicas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.host.node
+    }
+
+    pub fn replica(&self, shard: ShardId) -> Option<Replica> {
+        self.lock().get(&shard).cloned()
+    }
+
+    pub fn shards(&self) -> Vec<ShardId> {
+        self.lock().keys().copied().collect()
+    }
+
+    /// Forms the groups this node is the first replica of, once: a group that
+    /// already has state (a restart) is left alone. `addrs` names every node.
+    pub async fn bootstrap(
+        &self,
+        placement: &Placement,
+        addrs: &BTreeMap<NodeId, String>,
+    ) -> Result<(), ShardSetError> {
+        for (shard, nodes) in placement.shards.iter().enumerate() {
+            let shard = shard as ShardId;
+            if nodes.first() != Some(&self.host.node) {
+                continue;
+            }
+            let Some(replica) = self.replica(shard) else { continue };
+            let init = |message: String| ShardSetError::Initialize { shard, message };
+            if replica.raft.is_initialized().await.map_err(|e| init(e.to_string()))? {
+                continue;
+            }
+            let mut members = BTreeMap::new();
+            for node in nodes {
+                let addr = addrs.get(node).ok_or(ShardSetError::NoAddress { node: *node })?;
+                members.insert(*node, BasicNode::new(addr));
+            }
+            replica.raft.initialize(members).await.map_err(|e| init(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Who leads `shard`, as this node's replica believes.
+    pub fn leader(&self, shard: ShardId) -> Option<NodeId> {
+        self.replica(shard).and_then(|r| r.raft.metrics().borrow().current_leader)
+    }
+
+    pub fn status(&self) -> Vec<ShardStatus> {
+        self.lock()
+            .values()
+            .map(|r| {
+                let m = r.raft.metrics().borrow().clone();
+                let last = m.last_log_index.unwrap_or(0);
+                let lag = m
+                    .replication
+                    .iter()
+                    .flatten()
+                    .filter(|(node, _)| **node != m.id)
+                    .map(|(node, matched)| (*node, last.saturating_sub(matched.map_or(0, |id| id.index))))
+                    .collect();
+                ShardStatus {
+                    shard: r.shard,
+                    node: m.id,
+                    replicas: m.membership_config.membership().voter_ids().collect(),
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    applied_index: m.last_applied.map(|id| id.index),
+                    lag,
+                }
+            })
+            .collect()
+    }
+
+    /// Stops every replica and unregisters it. In-flight writes fail.
+    pub async fn shutdown(&self) {
+        let replicas: Vec<Replica> = std::mem::take(&mut *self.lock()).into_values().collect();
+        for r in replicas {
+            self.table.remove(r.shard);
+            if let Err(e) = r.raft.shutdown().await {
+                tracing::warn!(shard = r.shard, "stopping shard replica: {e}");
+            }
+        }
+    }
+}
