@@ -383,3 +383,59 @@ async fn shard_sets_form_every_group_on_its_placement_and_fail_over_a_lost_node(
         assert!(set.shards().is_empty());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_log_commits_write_sets_like_the_local_log_and_only_on_the_leader() {
+    use crate::log::{CommitLog, LogError};
+    use crate::storage::StateStore;
+    let net = LocalNet::new(5);
+    let nodes = start_cluster(&net, config(50)).await;
+    let l = leader(&nodes, Duration::from_secs(10)).await;
+    let logs: BTreeMap<NodeId, Arc<raft::ShardLog>> =
+        nodes.iter().map(|n| (n.id, Arc::new(raft::ShardLog::new(n.replica().clone())))).collect();
+    let log = logs[&l].clone();
+
+    // Concurrent proposers: every proposal resolves with a distinct index,
+    // and resolving means applied here.
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let log = log.clone();
+        let store = nodes.iter().find(|n| n.id == l).unwrap().replica().state.store().clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..25u64 {
+                let key = format!("t{t}-{i}");
+                let index = log.propose(put(&key, "1")).await.unwrap();
+                assert!(log.applied_index() >= index);
+                assert!(store.get(Keyspace::State, key.as_bytes()).unwrap().is_some(), "{key} resolved before applied");
+                got.push(index);
+            }
+            got
+        }));
+    }
+    let mut indexes = Vec::new();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "one proposer sees increasing indexes");
+        indexes.extend(got);
+    }
+    let distinct: BTreeSet<u64> = indexes.iter().copied().collect();
+    assert_eq!(distinct.len(), 200);
+    assert_eq!(log.stats().proposals, 200);
+
+    // Followers refuse and name the leader.
+    for (id, follower) in logs.iter().filter(|(id, _)| **id != l) {
+        match follower.propose(put("on-follower", "x")).await {
+            Err(LogError::NotLeader { leader: Some(named) }) => assert_eq!(named, l, "node {id} names the leader"),
+            other => panic!("node {id}: expected NotLeader, got {other:?}"),
+        }
+    }
+    let acked: Vec<String> = (0..8).flat_map(|t| (0..25).map(move |i| format!("t{t}-{i}"))).collect();
+    applied_everywhere(&nodes, *distinct.last().unwrap() - 1, Duration::from_secs(10)).await;
+    assert_identical(&nodes, &acked);
+
+    for log in logs.values() {
+        log.shutdown().await.unwrap();
+    }
+    assert!(matches!(log.propose(put("after", "x")).await, Err(LogError::ShutDown)));
+}

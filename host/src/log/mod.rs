@@ -42,6 +42,9 @@ pub enum LogError {
     StoreAheadOfLog { applied: LogIndex, last: LogIndex },
     #[error("invalid log config: {0}")]
     Config(String),
+    /// A replicated log only accepts proposals on the leader of its group.
+    #[error("this replica does not lead its shard (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
+    NotLeader { leader: Option<u64> },
 }
 
 impl From<std::io::Error> for LogError {

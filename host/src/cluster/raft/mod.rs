@@ -11,10 +11,12 @@
 
 pub mod log_store;
 pub mod network;
+pub mod shard_log;
 pub mod state_machine;
 
 pub use log_store::WalLogStore;
 pub use network::{DispatchError, RaftReply, RaftRpc, ReplicaTable, ShardNetworkFactory, Transport, TransportError};
+pub use shard_log::ShardLog;
 pub use state_machine::ShardStateMachine;
 
 use crate::model::WriteSet;
@@ -44,6 +46,7 @@ pub type Entry = openraft::Entry<ShardTypes>;
 pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 pub type StorageError = openraft::StorageError<NodeId>;
+pub type ClientWriteError = openraft::error::ClientWriteError<NodeId, openraft::BasicNode>;
 
 /// Raft timing of a shard group. Elections fire after 300–600 ms of leader
 /// silence and heartbeats go every 100 ms, so a dead leader is replaced well
