@@ -38,6 +38,11 @@ struct Opts {
     /// Idle time over which heartbeat traffic is measured.
     #[arg(long, default_value_t = 2)]
     idle_secs: u64,
+    /// Failover trials on a 3-node cluster: under write load, the node leading
+    /// shard 0 drops off the network; the gap is the time from then to the next
+    /// acknowledged write to that shard.
+    #[arg(long, default_value_t = 10)]
+    failover_trials: u32,
 }
 
 struct Cluster {
@@ -99,6 +104,66 @@ async fn write(rafts: &[Raft], ws: WriteSet) -> anyhow::Result<()> {
     anyhow::bail!("write not acknowledged after 50 attempts")
 }
 
+/// One failover trial; returns the gap.
+async fn failover_trial(opts: &Opts, trial: u32) -> anyhow::Result<Duration> {
+    let cluster = Arc::new(build(3, opts).await?);
+    let rafts = cluster.shards[0].clone();
+    let old = rafts[0].metrics().borrow().current_leader.context("shard 0 has a leader")?;
+    let killed_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let first_after = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let (rafts, killed_at, first_after, stop) =
+            (rafts.clone(), killed_at.clone(), first_after.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let ws = WriteSet {
+                    ops: vec![Op::Put {
+                        keyspace: Keyspace::State,
+                        key: format!("w{w}-{i}").into_bytes(),
+                        value: vec![1],
+                    }],
+                };
+                // Ask the replicas that are still up who leads.
+                let leader = rafts.iter().filter_map(|r| r.metrics().borrow().current_leader).max();
+                let Some(raft) = rafts.iter().find(|r| Some(r.metrics().borrow().id) == leader) else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                let sent = Instant::now();
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), raft.client_write(ws)).await {
+                    let killed = *killed_at.lock().unwrap();
+                    if killed.is_some_and(|k| sent >= k) {
+                        first_after.lock().unwrap().get_or_insert(Instant::now());
+                    }
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    *killed_at.lock().unwrap() = Some(Instant::now());
+    cluster.net.remove_node(old);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while first_after.lock().unwrap().is_none() {
+        ensure!(Instant::now() < deadline, "trial {trial}: no write acknowledged within 20 s of losing the leader");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await?;
+    }
+    let gap = first_after.lock().unwrap().unwrap() - killed_at.lock().unwrap().unwrap();
+    for set in &cluster.sets {
+        set.shutdown().await;
+    }
+    Ok(gap)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let opts = Opts::parse();
@@ -152,6 +217,21 @@ async fn main() -> anyhow::Result<()> {
         for set in &cluster.sets {
             set.shutdown().await;
         }
+    }
+    if opts.failover_trials > 0 {
+        let mut gaps = Vec::new();
+        for trial in 0..opts.failover_trials {
+            gaps.push(failover_trial(&opts, trial).await?);
+        }
+        gaps.sort_unstable();
+        let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "\nfailover gap over {} trials (3 nodes, leader of shard 0 lost under write load): min {:.0} ms, median {:.0} ms, max {:.0} ms",
+            gaps.len(),
+            ms(&gaps[0]),
+            ms(&gaps[gaps.len() / 2]),
+            ms(&gaps[gaps.len() - 1])
+        );
     }
     Ok(())
 }

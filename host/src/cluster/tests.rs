@@ -22,14 +22,12 @@ pub(crate) struct TestNode {
 
 pub(crate) fn config(snapshot_every: u64) -> Arc<openraft::Config> {
     let config = openraft::Config {
-        heartbeat_interval: 100,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         // Purge everything a snapshot covers, so a node that was away must
         // catch up from the snapshot, not the log.
         max_in_snapshot_log_to_keep: 0,
-        ..Default::default()
+        // The product's timing.
+        ..(*raft::raft_config("test").unwrap()).clone()
     };
     Arc::new(config.validate().unwrap())
 }

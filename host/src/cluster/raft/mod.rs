@@ -48,16 +48,19 @@ pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 pub type StorageError = openraft::StorageError<NodeId>;
 pub type ClientWriteError = openraft::error::ClientWriteError<NodeId, openraft::BasicNode>;
 
-/// Raft timing of a shard group. Elections fire after 300–600 ms of leader
-/// silence and heartbeats go every 100 ms, so a dead leader is replaced well
-/// inside the 2 s failover budget while a busy 2-core machine does not
-/// trigger spurious elections.
+/// Raft timing of a shard group. openraft starts an election only after the
+/// leader's lease (= `election_timeout_max`) plus a random election timeout,
+/// and a replica with a shorter log waits `2 × election_timeout_max` more; at
+/// 200–400 ms that is 0.6–0.8 s after the last heartbeat, 1.6 s at worst,
+/// inside the 2 s failover budget. Heartbeats every 50 ms miss four beats
+/// before the shortest timeout, so a busy 2-core machine does not depose
+/// healthy leaders.
 pub fn raft_config(cluster_name: &str) -> Result<std::sync::Arc<openraft::Config>, openraft::ConfigError> {
     let config = openraft::Config {
         cluster_name: cluster_name.to_owned(),
-        heartbeat_interval: 100,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
+        heartbeat_interval: 50,
+        election_timeout_min: 200,
+        election_timeout_max: 400,
         // Compact the log every 10 000 applied entries; keep 1000 so a follower
         // that is briefly behind catches up from the log, not a snapshot.
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
