@@ -38,6 +38,9 @@ struct Opts {
     /// Idle time over which heartbeat traffic is measured.
     #[arg(long, default_value_t = 2)]
     idle_secs: u64,
+    /// Proposals per commit-log row (`ShardLog` at 1 and 3 replicas).
+    #[arg(long, default_value_t = 20_000)]
+    commit_log_proposals: u64,
     /// Failover trials on a 3-node cluster: under write load, the node leading
     /// shard 0 drops off the network; the gap is the time from then to the next
     /// acknowledged write to that shard.
@@ -53,11 +56,11 @@ struct Cluster {
     _dir: tempfile::TempDir,
 }
 
-async fn build(nodes: u64, opts: &Opts) -> anyhow::Result<Cluster> {
+async fn build(nodes: u64, shard_count: u32, replication_factor: usize) -> anyhow::Result<Cluster> {
     let dir = tempfile::tempdir()?;
     let net = LocalNet::new(nodes);
     let ids: Vec<NodeId> = (1..=nodes).collect();
-    let placement = initial_placement(&ids, opts.shards, opts.replication_factor)?;
+    let placement = initial_placement(&ids, shard_count, replication_factor)?;
     let addrs: BTreeMap<NodeId, String> = ids.iter().map(|id| (*id, id.to_string())).collect();
     let config = raft::raft_config("sim")?;
     let mut sets = Vec::new();
@@ -104,9 +107,56 @@ async fn write(rafts: &[Raft], ws: WriteSet) -> anyhow::Result<()> {
     anyhow::bail!("write not acknowledged after 50 attempts")
 }
 
+/// Throughput of `ShardLog` (the `CommitLog` the scheduler will use) on one
+/// shard with `replicas` replicas: 64 concurrent proposers, then 200
+/// sequential proposals for latency.
+async fn commit_log_row(replicas: u64, proposals: u64) -> anyhow::Result<(f64, Duration, u64)> {
+    use conflux_host::log::{CommitLog, LogConfig};
+    let cluster = build(replicas, 1, replicas as usize).await?;
+    let leader = cluster.shards[0][0].metrics().borrow().current_leader.context("a leader")?;
+    let set = &cluster.sets[(leader - 1) as usize];
+    let log = Arc::new(raft::ShardLog::new(set.replica(0).context("leader's replica")?, &LogConfig::default()));
+    let per_task = proposals / 64;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..64u64 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_task {
+                let ws = WriteSet {
+                    ops: vec![Op::Put {
+                        keyspace: Keyspace::State,
+                        key: format!("{t}-{i}").into_bytes(),
+                        value: vec![0; 64],
+                    }],
+                };
+                log.propose(ws).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let rate = (per_task * 64) as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for i in 0..200 {
+        let ws = WriteSet {
+            ops: vec![Op::Put { keyspace: Keyspace::State, key: format!("seq-{i}").into_bytes(), value: vec![0; 64] }],
+        };
+        log.propose(ws).await?;
+    }
+    let latency = started.elapsed() / 200;
+    let largest = log.stats().largest_batch;
+    for set in &cluster.sets {
+        set.shutdown().await;
+    }
+    Ok((rate, latency, largest))
+}
+
 /// One failover trial; returns the gap.
 async fn failover_trial(opts: &Opts, trial: u32) -> anyhow::Result<Duration> {
-    let cluster = Arc::new(build(3, opts).await?);
+    let cluster = Arc::new(build(3, opts.shards, opts.replication_factor).await?);
     let rafts = cluster.shards[0].clone();
     let old = rafts[0].metrics().borrow().current_leader.context("shard 0 has a leader")?;
     let killed_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
@@ -172,7 +222,9 @@ async fn main() -> anyhow::Result<()> {
         "| nodes | shards × RF | writes | writes/s | msgs/write | bytes/write | idle msgs/s |\n|---|---|---|---|---|---|---|"
     );
     for &n in &opts.nodes {
-        let cluster = Arc::new(build(n, &opts).await.with_context(|| format!("building {n} nodes"))?);
+        let cluster = Arc::new(
+            build(n, opts.shards, opts.replication_factor).await.with_context(|| format!("building {n} nodes"))?,
+        );
         // Idle first: heartbeats only.
         let m0 = cluster.net.stats().messages();
         tokio::time::sleep(Duration::from_secs(opts.idle_secs)).await;
@@ -216,6 +268,15 @@ async fn main() -> anyhow::Result<()> {
         );
         for set in &cluster.sets {
             set.shutdown().await;
+        }
+    }
+    if opts.commit_log_proposals > 0 {
+        println!(
+            "\n| ShardLog, 1 shard | proposals/s (64 proposers) | sequential latency | largest batch |\n|---|---|---|---|"
+        );
+        for replicas in [1, 3] {
+            let (rate, latency, largest) = commit_log_row(replicas, opts.commit_log_proposals).await?;
+            println!("| {replicas} replica(s) | {rate:.0} | {:.2} ms | {largest} |", latency.as_secs_f64() * 1000.0);
         }
     }
     if opts.failover_trials > 0 {

@@ -389,12 +389,14 @@ async fn a_shard_log_commits_write_sets_like_the_local_log_and_only_on_the_leade
     let net = LocalNet::new(5);
     let nodes = start_cluster(&net, config(50)).await;
     let l = leader(&nodes, Duration::from_secs(10)).await;
-    let logs: BTreeMap<NodeId, Arc<raft::ShardLog>> =
-        nodes.iter().map(|n| (n.id, Arc::new(raft::ShardLog::new(n.replica().clone())))).collect();
+    let logs: BTreeMap<NodeId, Arc<raft::ShardLog>> = nodes
+        .iter()
+        .map(|n| (n.id, Arc::new(raft::ShardLog::new(n.replica().clone(), &crate::log::LogConfig::default()))))
+        .collect();
     let log = logs[&l].clone();
 
-    // Concurrent proposers: every proposal resolves with a distinct index,
-    // and resolving means applied here.
+    // Concurrent proposers: every proposal resolves, and resolving means
+    // applied here. Proposals that waited together share a batch's index.
     let mut tasks = Vec::new();
     for t in 0..8u64 {
         let log = log.clone();
@@ -418,8 +420,10 @@ async fn a_shard_log_commits_write_sets_like_the_local_log_and_only_on_the_leade
         indexes.extend(got);
     }
     let distinct: BTreeSet<u64> = indexes.iter().copied().collect();
-    assert_eq!(distinct.len(), 200);
-    assert_eq!(log.stats().proposals, 200);
+    let stats = log.stats();
+    assert_eq!(stats.proposals, 200);
+    assert_eq!(stats.sync_batches as usize, distinct.len(), "one Raft entry per batch");
+    assert!(stats.largest_batch > 1, "concurrent proposals were never batched: {stats:?}");
 
     // Followers refuse and name the leader.
     for (id, follower) in logs.iter().filter(|(id, _)| **id != l) {

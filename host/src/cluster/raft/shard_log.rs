@@ -1,24 +1,45 @@
 //! `ShardLog`: the `CommitLog` of one shard replica, so the scheduler commits
 //! a turn's write set through Raft exactly as it does through `LocalLog`. A
-//! proposal resolves once the entry is committed by a majority and applied
-//! to this replica's store; only the leader accepts proposals.
+//! proposal resolves once its entry is committed by a majority and applied to
+//! this replica's store; only the leader accepts proposals.
 //!
-//! Indexes are the store's: raft index + 1 (see `state_machine`). Unlike
-//! `LocalLog`, they are not contiguous per proposal: leader changes and
-//! membership changes add entries of their own.
+//! Group commit: openraft 0.9 appends (and syncs) once per client write, so
+//! proposals that wait together are concatenated into one write set and one
+//! Raft entry (applying `a ++ b` is applying `a` then `b`: later ops win).
+//! Up to `MAX_INFLIGHT_BATCHES` entries are in flight at once. Every proposal
+//! of a batch gets the batch's index and its outcome.
+//!
+//! Indexes are the store's: raft index + 1 (see `state_machine`). They grow
+//! but are not contiguous: leader and membership changes add entries.
 
-use super::{ClientWriteError, Replica};
-use crate::log::{CommitLog, LogError, LogStats};
+use super::{ClientWriteError, Raft, Replica};
+use crate::log::{CommitLog, LogConfig, LogError, LogStats};
 use crate::model::{LogIndex, WriteSet};
 use crate::storage::StateStore;
 use futures::future::BoxFuture;
 use openraft::error::RaftError;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+/// Batches handed to Raft and not yet answered. More overlap hides the
+/// round trip to the followers; the WAL merges the syncs.
+const MAX_INFLIGHT_BATCHES: usize = 4;
+
+type Reply = oneshot::Sender<Result<LogIndex, LogError>>;
+
+#[derive(Default)]
+struct Counters {
+    proposals: AtomicU64,
+    batches: AtomicU64,
+    largest_batch: AtomicU64,
+    bytes: AtomicU64,
+}
 
 pub struct ShardLog {
     replica: Replica,
-    proposals: Arc<AtomicU64>,
+    tx: mpsc::Sender<(WriteSet, Reply)>,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for ShardLog {
@@ -28,12 +49,17 @@ impl std::fmt::Debug for ShardLog {
 }
 
 impl ShardLog {
-    pub fn new(replica: Replica) -> Self {
-        Self { replica, proposals: Arc::new(AtomicU64::new(0)) }
+    /// Starts the batching task; must be called inside a tokio runtime.
+    /// `config` bounds the queue and the batches as for `LocalLog`.
+    pub fn new(replica: Replica, config: &LogConfig) -> Self {
+        let (tx, rx) = mpsc::channel(config.queue_depth);
+        let counters = Arc::new(Counters::default());
+        tokio::spawn(batcher(replica.raft.clone(), rx, counters.clone(), config.clone()));
+        Self { replica, tx, counters }
     }
 }
 
-fn log_error(e: RaftError<super::NodeId, ClientWriteError>) -> LogError {
+fn log_error(e: &RaftError<super::NodeId, ClientWriteError>) -> LogError {
     if let Some(f) = e.forward_to_leader::<openraft::BasicNode>() {
         return LogError::NotLeader { leader: f.leader_id };
     }
@@ -43,15 +69,58 @@ fn log_error(e: RaftError<super::NodeId, ClientWriteError>) -> LogError {
     }
 }
 
+async fn batcher(raft: Raft, mut rx: mpsc::Receiver<(WriteSet, Reply)>, counters: Arc<Counters>, config: LogConfig) {
+    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.0.approx_bytes();
+        let mut batch = vec![first];
+        while batch.len() < config.max_batch_entries && bytes < config.max_batch_bytes {
+            let Ok(next) = rx.try_recv() else { break };
+            bytes += next.0.approx_bytes();
+            batch.push(next);
+        }
+        let Ok(permit) = inflight.clone().acquire_owned().await else { break };
+        let mut ws = WriteSet::default();
+        let mut replies = Vec::with_capacity(batch.len());
+        for (w, reply) in batch {
+            ws.ops.extend(w.ops);
+            replies.push(reply);
+        }
+        crate::telemetry::metrics().commit_batch_writes.observe(replies.len() as f64);
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        counters.largest_batch.fetch_max(replies.len() as u64, Ordering::Relaxed);
+        counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        let raft = raft.clone();
+        let counters = counters.clone();
+        // client_write queues the entry when first polled; polling it here
+        // before taking the next batch keeps batches in submission order.
+        let mut write = Box::pin(async move { raft.client_write(ws).await });
+        let first_poll = futures::poll!(&mut write);
+        tokio::spawn(async move {
+            let res = match first_poll {
+                std::task::Poll::Ready(res) => res,
+                std::task::Poll::Pending => write.await,
+            };
+            let outcome = res.map(|r| r.log_id.index + 1).map_err(|e| log_error(&e));
+            if outcome.is_ok() {
+                counters.proposals.fetch_add(replies.len() as u64, Ordering::Relaxed);
+            }
+            for reply in replies {
+                // A proposer that stopped waiting no longer needs the answer.
+                let _ = reply.send(outcome.clone());
+            }
+            drop(permit);
+        });
+    }
+}
+
 impl CommitLog for ShardLog {
     fn propose(&self, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
-        let raft = self.replica.raft.clone();
-        let proposals = self.proposals.clone();
+        let tx = self.tx.clone();
         Box::pin(async move {
-            let resp = raft.client_write(ws).await.map_err(log_error)?;
-            proposals.fetch_add(1, Ordering::Relaxed);
-            // client_write answers after this replica applied the entry.
-            Ok(resp.log_id.index + 1)
+            let (reply, rx) = oneshot::channel();
+            tx.send((ws, reply)).await.map_err(|_| LogError::ShutDown)?;
+            rx.await.map_err(|_| LogError::ShutDown)?
         })
     }
 
@@ -66,7 +135,14 @@ impl CommitLog for ShardLog {
     }
 
     fn stats(&self) -> LogStats {
-        LogStats { proposals: self.proposals.load(Ordering::Relaxed), ..LogStats::default() }
+        let c = &self.counters;
+        LogStats {
+            proposals: c.proposals.load(Ordering::Relaxed),
+            sync_batches: c.batches.load(Ordering::Relaxed),
+            largest_batch: c.largest_batch.load(Ordering::Relaxed),
+            bytes_written: c.bytes.load(Ordering::Relaxed),
+            ..LogStats::default()
+        }
     }
 
     fn shutdown(&self) -> BoxFuture<'static, Result<(), LogError>> {
