@@ -240,7 +240,7 @@ async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlag
     let tls = cfg.api.tls_cert_path.is_some();
     let data_dir = cfg.storage.data_dir.clone();
     let shutdown = shutdown_signal();
-    let node = tokio::task::spawn_blocking(move || Node::open(cfg)).await??;
+    let node = Node::open(cfg).await?;
     node.serve(shutdown, |addr| {
         // Scripts and tests read this line to find the port.
         if json {

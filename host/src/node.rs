@@ -3,14 +3,20 @@
 //! until a shutdown signal, then drains in-flight turns and persists. It holds
 //! an exclusive lock on the data directory for the node's lifetime, so a second
 //! daemon on the same directory refuses to start.
+//!
+//! A single node is the one-replica case of the cluster's code path: its data
+//! is shard 0, an openraft group whose only voter is this node, with the
+//! shard's WAL in `shards/0/wal` and its sled tree in `state/`. Turns commit
+//! through `ShardLog` exactly as they will on a leader with followers.
 
 use crate::api::Api;
+use crate::cluster::raft::{NoPeers, ReplicaHost, ShardLog};
 use crate::config::Config;
-use crate::log::{CommitLog, LocalLog};
+use crate::log::CommitLog;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
 use crate::scheduler::Scheduler;
-use crate::storage::{SledStore, StateStore};
+use crate::storage::StateStore;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,6 +24,10 @@ use std::sync::Arc;
 
 /// Lock file in the data directory, held (flock) while a node has it open.
 const LOCK_FILE: &str = "conflux.lock";
+/// The node id of a single node (the only voter of its shard group).
+const SINGLE_NODE_ID: u64 = 1;
+/// How long start-up may take to elect itself and apply its log.
+const CATCH_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -32,7 +42,9 @@ pub enum NodeError {
     #[error("data directory {path}: cannot open the state store (corrupt or unreadable?): {source}")]
     StoreOpen { path: String, source: crate::storage::StorageError },
     #[error("data directory {path}: cannot open the commit log (corrupt or unreadable?): {source}")]
-    LogOpen { path: String, source: crate::log::LogError },
+    LogOpen { path: String, source: crate::cluster::raft::ReplicaError },
+    #[error("data directory {path}: the commit log did not come up: {message}")]
+    CatchUp { path: String, message: String },
     #[error("data directory {path}: cannot open the registry (corrupt or unreadable?): {source}")]
     RegistryOpen { path: String, source: crate::registry::RegistryError },
     #[error("state store: {0}")]
@@ -80,22 +92,55 @@ fn lock_data_dir(dir: &Path) -> Result<File, NodeError> {
 
 impl Node {
     /// Opens every layer; the log replays into the store before anything runs.
-    pub fn open(cfg: Config) -> Result<Self, NodeError> {
+    pub async fn open(cfg: Config) -> Result<Self, NodeError> {
         cfg.validate()?;
         let dir = &cfg.storage.data_dir;
         std::fs::create_dir_all(dir)
             .map_err(|source| NodeError::DataDir { path: dir.display().to_string(), source })?;
         let lock = lock_data_dir(dir)?;
         let path = || dir.display().to_string();
-        let store: Arc<dyn StateStore> =
-            Arc::new(SledStore::open(&dir.join("state")).map_err(|source| match source {
-                crate::storage::StorageError::Locked { .. } => NodeError::InUse { path: path() },
-                source => NodeError::StoreOpen { path: path(), source },
-            })?);
-        let log: Arc<dyn CommitLog> = Arc::new(
-            LocalLog::open(&dir.join("wal"), store.clone(), cfg.log.clone())
-                .map_err(|source| NodeError::LogOpen { path: path(), source })?,
-        );
+        let sled_dir = dir.join("state");
+        let db = sled::Config::new()
+            .path(&sled_dir)
+            .open()
+            .map_err(|e| NodeError::StoreOpen { path: path(), source: crate::storage::StorageError::Sled(e) })?;
+        let raft_config = crate::cluster::raft::raft_config("conflux", cfg.log.compact_every_entries)
+            .map_err(|e| NodeError::CatchUp { path: path(), message: e.to_string() })?;
+        let host = ReplicaHost {
+            node: SINGLE_NODE_ID,
+            data_dir: dir.clone(),
+            db,
+            sled_dir,
+            config: raft_config,
+            transport: Arc::new(NoPeers),
+            wal_flush_wait: std::time::Duration::from_micros(cfg.log.wal_flush_wait_micros),
+        };
+        let replica = host.open(0).await.map_err(|source| match source {
+            crate::cluster::raft::ReplicaError::Store(source) => NodeError::StoreOpen { path: path(), source },
+            source => NodeError::LogOpen { path: path(), source },
+        })?;
+        let catch_up = |e: &dyn std::fmt::Display| NodeError::CatchUp { path: path(), message: e.to_string() };
+        if !replica.raft.is_initialized().await.map_err(|e| catch_up(&e))? {
+            let me = openraft::BasicNode::new(cfg.api.listen.to_string());
+            replica
+                .raft
+                .initialize(std::collections::BTreeMap::from([(SINGLE_NODE_ID, me)]))
+                .await
+                .map_err(|e| catch_up(&e))?;
+        }
+        // The only voter elects itself at once; nothing may read the store
+        // before it has applied every entry the log holds.
+        replica
+            .raft
+            .wait(Some(CATCH_UP_TIMEOUT))
+            .metrics(
+                |m| m.current_leader == Some(SINGLE_NODE_ID) && m.last_applied.map(|id| id.index) >= m.last_log_index,
+                "single node leads and has applied its log",
+            )
+            .await
+            .map_err(|e| catch_up(&e))?;
+        let store: Arc<dyn StateStore> = replica.state.store().clone();
+        let log: Arc<dyn CommitLog> = Arc::new(ShardLog::new(replica, &cfg.log));
         let runtime = Arc::new(Runtime::new(&cfg.runtime)?);
         let registry = Arc::new(
             Registry::open(&cfg.registry, dir, runtime.clone(), store.clone(), log.clone())

@@ -62,7 +62,7 @@ async fn build(nodes: u64, shard_count: u32, replication_factor: usize) -> anyho
     let ids: Vec<NodeId> = (1..=nodes).collect();
     let placement = initial_placement(&ids, shard_count, replication_factor)?;
     let addrs: BTreeMap<NodeId, String> = ids.iter().map(|id| (*id, id.to_string())).collect();
-    let config = raft::raft_config("sim")?;
+    let config = raft::raft_config("sim", 10_000)?;
     let mut sets = Vec::new();
     for &id in &ids {
         let data_dir = dir.path().join(format!("node-{id}"));

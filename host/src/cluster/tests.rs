@@ -27,7 +27,7 @@ pub(crate) fn config(snapshot_every: u64) -> Arc<openraft::Config> {
         // catch up from the snapshot, not the log.
         max_in_snapshot_log_to_keep: 0,
         // The product's timing.
-        ..(*raft::raft_config("test").unwrap()).clone()
+        ..(*raft::raft_config("test", 10_000).unwrap()).clone()
     };
     Arc::new(config.validate().unwrap())
 }

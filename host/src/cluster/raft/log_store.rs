@@ -56,8 +56,9 @@ impl raft_log::Types for ShardWalTypes {
 
 /// Who is told when a flush has reached the disk.
 pub enum Flushed {
-    /// openraft's append callback.
-    Raft(LogFlushed<ShardTypes>),
+    /// openraft's append callback, and when the append asked for the sync
+    /// (for the fsync latency metric).
+    Raft(LogFlushed<ShardTypes>, std::time::Instant),
     /// A caller awaiting its own write (vote, truncate).
     Wait(tokio::sync::oneshot::Sender<io::Result<()>>),
 }
@@ -65,7 +66,10 @@ pub enum Flushed {
 impl raft_log::Callback for Flushed {
     fn send(self, res: io::Result<()>) {
         match self {
-            Flushed::Raft(cb) => cb.log_io_completed(res),
+            Flushed::Raft(cb, asked_at) => {
+                crate::telemetry::metrics().fsync_seconds.observe(asked_at.elapsed().as_secs_f64());
+                cb.log_io_completed(res)
+            }
             Flushed::Wait(tx) => {
                 // The waiter may have been cancelled; then nobody needs to know.
                 let _ = tx.send(res);
@@ -214,7 +218,8 @@ impl RaftLogStorage<ShardTypes> for WalLogStore {
         let mut wal = self.lock()?;
         wal.append(records).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         // raft-log's flush worker fdatasyncs, then calls openraft back.
-        wal.flush(true, Some(Flushed::Raft(callback))).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))
+        wal.flush(true, Some(Flushed::Raft(callback, std::time::Instant::now())))
+            .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

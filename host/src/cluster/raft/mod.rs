@@ -15,7 +15,9 @@ pub mod shard_log;
 pub mod state_machine;
 
 pub use log_store::WalLogStore;
-pub use network::{DispatchError, RaftReply, RaftRpc, ReplicaTable, ShardNetworkFactory, Transport, TransportError};
+pub use network::{
+    DispatchError, NoPeers, RaftReply, RaftRpc, ReplicaTable, ShardNetworkFactory, Transport, TransportError,
+};
 pub use shard_log::ShardLog;
 pub use state_machine::ShardStateMachine;
 
@@ -55,15 +57,20 @@ pub type ClientWriteError = openraft::error::ClientWriteError<NodeId, openraft::
 /// inside the 2 s failover budget. Heartbeats every 50 ms miss four beats
 /// before the shortest timeout, so a busy 2-core machine does not depose
 /// healthy leaders.
-pub fn raft_config(cluster_name: &str) -> Result<std::sync::Arc<openraft::Config>, openraft::ConfigError> {
+/// A snapshot is taken (and the log behind it purged) every
+/// `snapshot_every_entries` applied entries.
+pub fn raft_config(
+    cluster_name: &str,
+    snapshot_every_entries: u64,
+) -> Result<std::sync::Arc<openraft::Config>, openraft::ConfigError> {
     let config = openraft::Config {
         cluster_name: cluster_name.to_owned(),
         heartbeat_interval: 50,
         election_timeout_min: 200,
         election_timeout_max: 400,
-        // Compact the log every 10 000 applied entries; keep 1000 so a follower
-        // that is briefly behind catches up from the log, not a snapshot.
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every_entries),
+        // Keep 1000 entries behind a snapshot, so a follower that is briefly
+        // behind catches up from the log, not a snapshot.
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()
     };

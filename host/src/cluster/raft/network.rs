@@ -141,6 +141,25 @@ impl DispatchError {
     }
 }
 
+/// The transport of a node without peers (single-node mode): a group whose
+/// only voter is this node never sends, and anything it tries is refused.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPeers;
+
+impl Transport for NoPeers {
+    fn send(
+        &self,
+        target: NodeId,
+        _shard: ShardId,
+        _rpc: RaftRpc,
+        _timeout: Duration,
+    ) -> BoxFuture<'static, Result<RaftReply, TransportError>> {
+        Box::pin(async move {
+            Err(TransportError::Unreachable { node: target, reason: "single-node mode has no peers".into() })
+        })
+    }
+}
+
 /// Runs a message that arrived for one of this node's replicas.
 pub async fn handle(raft: &Raft, rpc: RaftRpc) -> RaftReply {
     match rpc {
