@@ -42,7 +42,7 @@ pub enum NodeError {
     #[error("data directory {path}: cannot open the state store (corrupt or unreadable?): {source}")]
     StoreOpen { path: String, source: crate::storage::StorageError },
     #[error("data directory {path}: cannot open the commit log (corrupt or unreadable?): {source}")]
-    LogOpen { path: String, source: crate::cluster::raft::ReplicaError },
+    LogOpen { path: String, source: Box<crate::cluster::raft::ReplicaError> },
     #[error("data directory {path}: the commit log did not come up: {message}")]
     CatchUp { path: String, message: String },
     #[error("data directory {path}: cannot open the registry (corrupt or unreadable?): {source}")]
@@ -117,7 +117,7 @@ impl Node {
         };
         let replica = host.open(0).await.map_err(|source| match source {
             crate::cluster::raft::ReplicaError::Store(source) => NodeError::StoreOpen { path: path(), source },
-            source => NodeError::LogOpen { path: path(), source },
+            source => NodeError::LogOpen { path: path(), source: Box::new(source) },
         })?;
         let catch_up = |e: &dyn std::fmt::Display| NodeError::CatchUp { path: path(), message: e.to_string() };
         if !replica.raft.is_initialized().await.map_err(|e| catch_up(&e))? {

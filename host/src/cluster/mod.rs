@@ -3,8 +3,8 @@
 //! [`raft`] the openraft pieces of one shard group; [`harness`] an in-process
 //! multi-node transport that drops, delays, duplicates and partitions
 //! messages on command, for tests and simulations; [`shards`] the replicas
-//! one node holds and their status. A node still runs as the single replica
-//! of a single shard until the clustered node is wired in.
+//! one node holds and their status. `conflux serve` runs its data as shard 0
+//! with itself as the only voter; multi-node serving is not wired in yet.
 
 pub mod harness;
 pub mod placement;

@@ -1,6 +1,8 @@
 //! The durable commit log: the `CommitLog` trait, its errors, statistics and
-//! configuration, and `LocalLog`, the single-node implementation on a
-//! raft-log WAL with group commit. The log is the durability boundary: a
+//! configuration, and `LocalLog`, the pre-Raft single-node implementation on
+//! a raft-log WAL with group commit (the node now commits through
+//! `cluster::raft::ShardLog`; `LocalLog` remains the conformance suite's
+//! reference provider). The log is the durability boundary: a
 //! proposal is acknowledged only once its entry is fdatasync'd and applied to
 //! the `StateStore`; on start-up the store is caught up by replaying the log.
 
