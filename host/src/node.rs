@@ -100,10 +100,14 @@ impl Node {
         let lock = lock_data_dir(dir)?;
         let path = || dir.display().to_string();
         let sled_dir = dir.join("state");
-        let db = sled::Config::new()
-            .path(&sled_dir)
-            .open()
-            .map_err(|e| NodeError::StoreOpen { path: path(), source: crate::storage::StorageError::Sled(e) })?;
+        // sled recovers its files on open: blocking work, kept off the runtime.
+        let db = {
+            let sled_dir = sled_dir.clone();
+            tokio::task::spawn_blocking(move || sled::Config::new().path(&sled_dir).open())
+                .await
+                .map_err(|e| NodeError::Background(e.to_string()))?
+                .map_err(|e| NodeError::StoreOpen { path: path(), source: crate::storage::StorageError::Sled(e) })?
+        };
         let raft_config = crate::cluster::raft::raft_config("conflux", cfg.log.compact_every_entries)
             .map_err(|e| NodeError::CatchUp { path: path(), message: e.to_string() })?;
         let host = ReplicaHost {
@@ -141,11 +145,19 @@ impl Node {
             .map_err(|e| catch_up(&e))?;
         let store: Arc<dyn StateStore> = replica.state.store().clone();
         let log: Arc<dyn CommitLog> = Arc::new(ShardLog::new(replica, &cfg.log));
-        let runtime = Arc::new(Runtime::new(&cfg.runtime)?);
-        let registry = Arc::new(
-            Registry::open(&cfg.registry, dir, runtime.clone(), store.clone(), log.clone())
-                .map_err(|source| NodeError::RegistryOpen { path: path(), source })?,
-        );
+        // Building the engine and loading (maybe compiling) every active
+        // component is blocking work, kept off the runtime.
+        let (runtime, registry) = {
+            let (cfg, dir, store, log) = (cfg.clone(), dir.clone(), store.clone(), log.clone());
+            tokio::task::spawn_blocking(move || {
+                let runtime = Arc::new(Runtime::new(&cfg.runtime)?);
+                let registry = Registry::open(&cfg.registry, &dir, runtime.clone(), store, log)
+                    .map_err(|source| NodeError::RegistryOpen { path: dir.display().to_string(), source })?;
+                Ok::<_, NodeError>((runtime, Arc::new(registry)))
+            })
+            .await
+            .map_err(|e| NodeError::Background(e.to_string()))??
+        };
         let scheduler = Scheduler::new(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone());
         Ok(Self { scheduler, registry, store, log, cfg, _lock: lock })
     }

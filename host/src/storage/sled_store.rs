@@ -113,15 +113,26 @@ impl SledStore {
             last = Some(*index);
         }
         let Some(last) = last else { return Ok(()) };
-        // Recording the index in the same batch is what makes replay exact:
-        // sled either has the entries and the index, or neither.
-        batch.insert(APPLIED_INDEX_KEY, &last.to_be_bytes()[..]);
+        self.commit_batch(batch, &mut applied, last, meta)
+    }
+
+    /// Adds the applied index and `meta` to `batch` and applies it as one
+    /// atomic write. Recording the index in the same batch is what makes
+    /// replay exact: sled either has the entries and the index, or neither.
+    fn commit_batch(
+        &self,
+        mut batch: sled::Batch,
+        applied: &mut LogIndex,
+        applied_index: LogIndex,
+        meta: &[(&[u8], Vec<u8>)],
+    ) -> Result<(), StorageError> {
+        batch.insert(APPLIED_INDEX_KEY, &applied_index.to_be_bytes()[..]);
         for (key, value) in meta {
             check_meta_key(key)?;
             batch.insert(*key, value.as_slice());
         }
         self.tree.apply_batch(batch)?;
-        *applied = last;
+        *applied = applied_index;
         Ok(())
     }
 
@@ -169,14 +180,7 @@ impl SledStore {
             }
             batch.insert(k.as_slice(), v.as_slice());
         }
-        batch.insert(APPLIED_INDEX_KEY, &applied_index.to_be_bytes()[..]);
-        for (key, value) in meta {
-            check_meta_key(key)?;
-            batch.insert(*key, value.as_slice());
-        }
-        self.tree.apply_batch(batch)?;
-        *applied = applied_index;
-        Ok(())
+        self.commit_batch(batch, &mut applied, applied_index, meta)
     }
 }
 
