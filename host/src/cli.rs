@@ -73,6 +73,16 @@ enum Command {
         /// PEM private key for --tls-cert (`api.tls_key_path`).
         #[arg(long, value_name = "PEM")]
         tls_key: Option<PathBuf>,
+        /// This node's id in its cluster (`cluster.node_id`; needs --peer).
+        #[arg(long, value_name = "ID")]
+        node_id: Option<u64>,
+        /// A member of the cluster, this node included, as ID=HOST:PORT
+        /// (repeatable or comma-separated; `cluster.nodes`).
+        #[arg(long = "peer", value_name = "ID=HOST:PORT", value_delimiter = ',')]
+        peers: Vec<String>,
+        /// The secret all members of the cluster share (`cluster.secret`).
+        #[arg(long, env = "CONFLUX_CLUSTER_SECRET", hide_env_values = true, value_name = "SECRET")]
+        cluster_secret: Option<Secret>,
     },
     /// Upload a component (.wasm) as the new version of an entity type.
     Deploy {
@@ -194,8 +204,30 @@ fn one_line(e: &anyhow::Error) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, data_dir, listen, overrides, admin_token, invoke_token, tls_cert, tls_key } => {
-            let flags = ServeFlags { data_dir, listen, admin_token, invoke_token, tls_cert, tls_key };
+        Command::Serve {
+            config,
+            data_dir,
+            listen,
+            overrides,
+            admin_token,
+            invoke_token,
+            tls_cert,
+            tls_key,
+            node_id,
+            peers,
+            cluster_secret,
+        } => {
+            let flags = ServeFlags {
+                data_dir,
+                listen,
+                admin_token,
+                invoke_token,
+                tls_cert,
+                tls_key,
+                node_id,
+                peers,
+                cluster_secret,
+            };
             serve(config, overrides, flags, cli.json).await
         }
         Command::New { name, dir, sdk_path } => new_crate(&name, dir, sdk_path, cli.json),
@@ -215,6 +247,16 @@ struct ServeFlags {
     invoke_token: Option<Secret>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    node_id: Option<u64>,
+    peers: Vec<String>,
+    cluster_secret: Option<Secret>,
+}
+
+/// Parses `--peer ID=HOST:PORT`.
+fn parse_peer(raw: &str) -> anyhow::Result<crate::config::ClusterMember> {
+    let (id, addr) = raw.split_once('=').ok_or_else(|| anyhow::anyhow!("--peer {raw:?}: expected ID=HOST:PORT"))?;
+    let id = id.trim().parse().map_err(|_| anyhow::anyhow!("--peer {raw:?}: the id must be a number"))?;
+    Ok(crate::config::ClusterMember { id, addr: addr.trim().to_owned() })
 }
 
 async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlags, json: bool) -> anyhow::Result<()> {
@@ -223,7 +265,15 @@ async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlag
         None => Config::default(),
     }
     .with_overrides(&overrides)?;
-    let ServeFlags { data_dir, listen, admin_token, invoke_token, tls_cert, tls_key } = flags;
+    let ServeFlags { data_dir, listen, admin_token, invoke_token, tls_cert, tls_key, node_id, peers, cluster_secret } =
+        flags;
+    if !peers.is_empty() {
+        cfg.cluster.nodes = peers.iter().map(|p| parse_peer(p)).collect::<anyhow::Result<_>>()?;
+    }
+    if let Some(id) = node_id {
+        cfg.cluster.node_id = id;
+    }
+    cfg.cluster.secret = cluster_secret.or(cfg.cluster.secret);
     if let Some(d) = data_dir {
         cfg.storage.data_dir = d;
     }

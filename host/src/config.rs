@@ -26,6 +26,7 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub api: ApiConfig,
     pub telemetry: TelemetryConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -212,6 +213,99 @@ impl Default for ApiConfig {
     }
 }
 
+/// Running as one member of a cluster. With no `nodes` listed the daemon is a
+/// single node (its data is one shard with one replica).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id: one of `nodes`.
+    pub node_id: u64,
+    /// Every member of the cluster, the same list on each node.
+    pub nodes: Vec<ClusterMember>,
+    /// Shared by all members; every node-to-node call carries it. At least
+    /// 16 visible ASCII characters.
+    pub secret: Option<Secret>,
+    /// Shards the keyspace is split into; fixed when the cluster is created.
+    pub shard_count: u32,
+    /// Replicas per shard (fewer when the cluster has fewer nodes).
+    pub replication_factor: usize,
+    /// How long an invocation may keep looking for its shard's leader (through
+    /// elections and unreachable nodes) before it fails.
+    pub forward_timeout_ms: u64,
+}
+
+/// One member: its id and the address (`host:port`) its API port is reached
+/// at by the other nodes; node-to-node traffic shares that port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMember {
+    pub id: u64,
+    pub addr: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            node_id: 0,
+            nodes: Vec::new(),
+            secret: None,
+            shard_count: 64,
+            replication_factor: 3,
+            forward_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.nodes.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !self.enabled() {
+            if self.node_id != 0 || self.secret.is_some() {
+                return bad("cluster.node_id and cluster.secret need cluster.nodes (the members of the cluster)".into());
+            }
+            return Ok(());
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for m in &self.nodes {
+            if m.id == 0 {
+                return bad("cluster.nodes: node ids start at 1".into());
+            }
+            if !ids.insert(m.id) {
+                return bad(format!("cluster.nodes: node id {} is listed twice", m.id));
+            }
+            let port_ok =
+                m.addr.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                return bad(format!("cluster.nodes: node {} has address {:?}; expected host:port", m.id, m.addr));
+            }
+        }
+        if !ids.contains(&self.node_id) {
+            return bad(format!("cluster.node_id {} is not among cluster.nodes {ids:?}", self.node_id));
+        }
+        match &self.secret {
+            None => return bad("cluster.secret is required for a cluster (or set CONFLUX_CLUSTER_SECRET)".into()),
+            Some(s) if s.expose().len() < 16 || !s.expose().bytes().all(|b| b.is_ascii_graphic()) => {
+                return bad("cluster.secret must be at least 16 visible ASCII characters".into());
+            }
+            Some(_) => {}
+        }
+        if !(1..=4096).contains(&self.shard_count) {
+            return bad(format!("cluster.shard_count must be 1..=4096, not {}", self.shard_count));
+        }
+        if !(1..=7).contains(&self.replication_factor) {
+            return bad(format!("cluster.replication_factor must be 1..=7, not {}", self.replication_factor));
+        }
+        if self.forward_timeout_ms == 0 {
+            return bad("cluster.forward_timeout_ms must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
@@ -227,7 +321,7 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { log_filter: "info".to_owned(), otlp_endpoint: None, service_name: "conflux".to_owned() }
+        Self { log_filter: "info,openraft=warn".to_owned(), otlp_endpoint: None, service_name: "conflux".to_owned() }
     }
 }
 
@@ -356,7 +450,12 @@ impl Config {
         if tracing_subscriber::EnvFilter::try_new(&t.log_filter).is_err() {
             return Err(ConfigError::Invalid(format!("telemetry.log_filter {:?} is not a valid filter", t.log_filter)));
         }
-        Ok(())
+        if self.cluster.enabled() && a.tls_cert_path.is_some() {
+            return bad(
+                "api.tls_* with a cluster is not supported yet: nodes talk plain HTTP/2 to each other's API port",
+            );
+        }
+        self.cluster.validate()
     }
 }
 
@@ -367,6 +466,28 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_cluster_needs_its_members_a_known_id_and_a_strong_secret() {
+        let base = "[cluster]\nnode_id = 2\nsecret = \"0123456789abcdef\"\n\
+                    nodes = [{ id = 1, addr = \"127.0.0.1:7001\" }, { id = 2, addr = \"127.0.0.1:7002\" }]\n";
+        let c: Config = toml::from_str(base).unwrap();
+        c.validate().unwrap();
+        assert!(c.cluster.enabled());
+        assert_eq!((c.cluster.shard_count, c.cluster.replication_factor), (64, 3));
+        let invalid = |edit: &dyn Fn(&mut Config)| {
+            let mut c: Config = toml::from_str(base).unwrap();
+            edit(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(invalid(&|c| c.cluster.node_id = 3).contains("not among"));
+        assert!(invalid(&|c| c.cluster.secret = Some(Secret::new("short"))).contains("16"));
+        assert!(invalid(&|c| c.cluster.secret = None).contains("required"));
+        assert!(invalid(&|c| c.cluster.nodes[1].id = 1).contains("twice"));
+        assert!(invalid(&|c| c.cluster.nodes[0].addr = "nowhere".into()).contains("host:port"));
+        assert!(invalid(&|c| c.cluster.shard_count = 0).contains("shard_count"));
+        assert!(invalid(&|c| c.cluster.nodes.clear()).contains("need cluster.nodes"));
     }
 
     #[test]

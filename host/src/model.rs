@@ -216,6 +216,34 @@ pub fn entity_prefix(entity: &EntityRef) -> Vec<u8> {
     k
 }
 
+/// The entity a store key belongs to, as `(type, id)`: every key but the
+/// registry's embeds one entity prefix, at an offset fixed by its keyspace and
+/// leading tag. The cluster places keys on shards by it. `None` for registry
+/// keys and for keys (or scan prefixes) too short to name a whole entity.
+pub fn entity_of_key(keyspace: Keyspace, key: &[u8]) -> Option<(&str, &str)> {
+    let offset = match keyspace {
+        Keyspace::Registry => return None,
+        Keyspace::State | Keyspace::EntityMeta | Keyspace::Outbox | Keyspace::Inbox => 0,
+        Keyspace::DeadLetters => 8,
+        Keyspace::Timers => match key.first()? {
+            b'd' => 9,
+            b'i' => 1,
+            _ => return None,
+        },
+        Keyspace::Idempotency => match key.first()? {
+            b'k' => 1,
+            b'e' => 10,
+            _ => return None,
+        },
+    };
+    let rest = key.get(offset..)?;
+    let type_end = rest.iter().position(|b| *b == SEP)?;
+    let id_len = rest[type_end + 1..].iter().position(|b| *b == SEP)?;
+    let ty = std::str::from_utf8(&rest[..type_end]).ok()?;
+    let id = std::str::from_utf8(&rest[type_end + 1..type_end + 1 + id_len]).ok()?;
+    Some((ty, id))
+}
+
 /// Wall-clock time in Unix milliseconds (0 if the clock is before 1970).
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -407,6 +435,31 @@ pub fn state_key(entity: &EntityRef, key: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_entity_key_names_its_entity() {
+        let e = EntityRef::new("account", "alice").unwrap();
+        let peer = EntityRef::new("ledger", "main").unwrap();
+        let want = Some(("account", "alice"));
+        let keys = [
+            (Keyspace::State, state_key(&e, "balance")),
+            (Keyspace::EntityMeta, entity_prefix(&e)),
+            (Keyspace::Outbox, outbox_key(&e, 7)),
+            (Keyspace::Inbox, inbox_key(&e, &peer)),
+            (Keyspace::Timers, timer_due_key(1234, &e, 7)),
+            (Keyspace::Timers, timer_id_key(&e, 7)),
+            (Keyspace::Idempotency, idempotency_key(&e, "retry-1")),
+            (Keyspace::Idempotency, idempotency_expiry_key(99, &idempotency_key(&e, "retry-1"))),
+            (Keyspace::DeadLetters, dead_letter_key(5, &e, 7)),
+        ];
+        for (keyspace, key) in &keys {
+            assert_eq!(entity_of_key(*keyspace, key), want, "{keyspace:?} {key:?}");
+        }
+        assert_eq!(entity_of_key(Keyspace::Registry, b"type/account"), None);
+        // A prefix that stops inside the entity names none.
+        assert_eq!(entity_of_key(Keyspace::State, &type_prefix("account")), None);
+        assert_eq!(entity_of_key(Keyspace::Timers, b"d"), None);
+    }
+
     use super::*;
 
     #[test]

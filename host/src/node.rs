@@ -7,16 +7,27 @@
 //! A single node is the one-replica case of the cluster's code path: its data
 //! is shard 0, an openraft group whose only voter is this node, with the
 //! shard's WAL in `shards/0/wal` and its sled tree in `state/`. Turns commit
-//! through `ShardLog` exactly as they will on a leader with followers.
+//! through `ShardLog` exactly as they do on a leader with followers.
+//!
+//! A clustered node (`[cluster]` lists the members) opens its replicas of the
+//! data shards under the initial placement and its replica of the metadata
+//! group, which holds the registry. Its scheduler sees the replicas as one
+//! store and log (`LocalShards`) and routes each invocation to the leader of
+//! the entity's shard; the `Cluster` service shares the API port.
 
 use crate::api::Api;
-use crate::cluster::raft::{NoPeers, ReplicaHost, ShardLog};
+use crate::api::cluster::{ClusterSecret, ClusterService, GrpcTransport};
+use crate::cluster::meta::{META_SHARD, MetaLog};
+use crate::cluster::raft::{NoPeers, ReplicaHost, ReplicaTable, ShardId, ShardLog};
+use crate::cluster::sharded::{ClusterRouter, LocalShard, LocalShards};
+use crate::cluster::shards::ShardSet;
 use crate::config::Config;
 use crate::log::CommitLog;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
 use crate::scheduler::Scheduler;
 use crate::storage::StateStore;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -61,6 +72,8 @@ pub enum NodeError {
     Background(String),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// One running single-node Conflux.
@@ -70,8 +83,20 @@ pub struct Node {
     pub store: Arc<dyn StateStore>,
     pub log: Arc<dyn CommitLog>,
     cfg: Config,
+    cluster: Option<ClusterParts>,
     /// The data directory's lock; released when the node is dropped.
     _lock: File,
+}
+
+/// What a clustered node holds beyond a single node.
+struct ClusterParts {
+    node: u64,
+    secret: ClusterSecret,
+    table: ReplicaTable,
+    shards: Arc<ShardSet>,
+    meta: LocalShard,
+    /// Every group this node has a replica of, for proposals from peers.
+    logs: HashMap<ShardId, Arc<dyn CommitLog>>,
 }
 
 /// Takes the data directory's exclusive lock, or says who holds it.
@@ -108,6 +133,9 @@ impl Node {
                 .map_err(|e| NodeError::Background(e.to_string()))?
                 .map_err(|e| NodeError::StoreOpen { path: path(), source: crate::storage::StorageError::Sled(e) })?
         };
+        if cfg.cluster.enabled() {
+            return Self::open_clustered(cfg, lock, db, sled_dir).await;
+        }
         let raft_config = crate::cluster::raft::raft_config("conflux", cfg.log.compact_every_entries)
             .map_err(|e| NodeError::CatchUp { path: path(), message: e.to_string() })?;
         let host = ReplicaHost {
@@ -159,7 +187,95 @@ impl Node {
             .map_err(|e| NodeError::Background(e.to_string()))??
         };
         let scheduler = Scheduler::new(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone());
-        Ok(Self { scheduler, registry, store, log, cfg, _lock: lock })
+        Ok(Self { scheduler, registry, store, log, cfg, cluster: None, _lock: lock })
+    }
+
+    /// Opens a member of a cluster: its data-shard replicas under the initial
+    /// placement, its metadata replica, and the groups it is first replica of
+    /// are formed (once; a restart finds them formed).
+    async fn open_clustered(
+        cfg: Config,
+        lock: File,
+        db: sled::Db,
+        sled_dir: std::path::PathBuf,
+    ) -> Result<Self, NodeError> {
+        let dir = cfg.storage.data_dir.clone();
+        let c = &cfg.cluster;
+        let err = |e: &dyn std::fmt::Display| NodeError::Cluster(e.to_string());
+        let secret = ClusterSecret::new(c.secret.as_ref().map_or("", |s| s.expose())).map_err(|e| err(&e))?;
+        let transport = Arc::new(GrpcTransport::new(secret.clone()));
+        let mut addrs = BTreeMap::new();
+        for m in &c.nodes {
+            transport.set_peer(m.id, &m.addr).map_err(|e| err(&e))?;
+            addrs.insert(m.id, m.addr.clone());
+        }
+        let members: Vec<u64> = addrs.keys().copied().collect();
+        let placement = crate::cluster::placement::initial_placement(&members, c.shard_count, c.replication_factor)
+            .map_err(|e| err(&e))?;
+        let raft_config =
+            crate::cluster::raft::raft_config("conflux", cfg.log.compact_every_entries).map_err(|e| err(&e))?;
+        let host = ReplicaHost {
+            node: c.node_id,
+            data_dir: dir.clone(),
+            db,
+            sled_dir,
+            config: raft_config,
+            transport: transport.clone(),
+            wal_flush_wait: std::time::Duration::from_micros(cfg.log.wal_flush_wait_micros),
+        };
+        let table = ReplicaTable::default();
+        let opened = |e: &dyn std::fmt::Display| {
+            NodeError::Cluster(format!("data directory {}: cannot open a shard replica: {e}", dir.display()))
+        };
+        let meta_replica = host.open(META_SHARD).await.map_err(|e| opened(&e))?;
+        table.insert(META_SHARD, meta_replica.raft.clone());
+        // The lowest id forms the metadata group with every member as a voter.
+        if members.first() == Some(&c.node_id) && !meta_replica.raft.is_initialized().await.map_err(|e| err(&e))? {
+            let voters = addrs.iter().map(|(id, a)| (*id, openraft::BasicNode::new(a))).collect::<BTreeMap<_, _>>();
+            meta_replica.raft.initialize(voters).await.map_err(|e| err(&e))?;
+        }
+        let shards = Arc::new(ShardSet::open(host, &placement, table.clone()).await.map_err(|e| opened(&e))?);
+        shards.bootstrap(&placement, &addrs).await.map_err(|e| err(&e))?;
+        let mut logs: HashMap<ShardId, Arc<dyn CommitLog>> = HashMap::new();
+        let mut local = BTreeMap::new();
+        for shard in shards.shards() {
+            let replica = shards.replica(shard).expect("listed by the set");
+            let store = replica.state.store().clone();
+            let raft = replica.raft.clone();
+            let log = Arc::new(ShardLog::new(replica, &cfg.log));
+            logs.insert(shard, log.clone());
+            local.insert(shard, LocalShard { raft, store, log });
+        }
+        let meta = LocalShard {
+            raft: meta_replica.raft.clone(),
+            store: meta_replica.state.store().clone(),
+            log: Arc::new(ShardLog::new(meta_replica, &cfg.log)),
+        };
+        logs.insert(META_SHARD, meta.log.clone());
+        let timeout = std::time::Duration::from_millis(c.forward_timeout_ms);
+        let meta_log: Arc<dyn CommitLog> =
+            Arc::new(MetaLog::new(c.node_id, meta.clone(), members.clone(), transport.clone(), timeout));
+        let local = Arc::new(LocalShards::new(c.node_id, placement, local));
+        let store: Arc<dyn StateStore> = local.clone();
+        let log: Arc<dyn CommitLog> = local.clone();
+        let (runtime, registry) = {
+            let (cfg, dir, meta_store) = (cfg.clone(), dir.clone(), meta.store.clone());
+            tokio::task::spawn_blocking(move || {
+                let runtime = Arc::new(Runtime::new(&cfg.runtime)?);
+                let registry = Registry::open(&cfg.registry, &dir, runtime.clone(), meta_store, meta_log)
+                    .map_err(|source| NodeError::RegistryOpen { path: dir.display().to_string(), source })?;
+                Ok::<_, NodeError>((runtime, Arc::new(registry)))
+            })
+            .await
+            .map_err(|e| NodeError::Background(e.to_string()))??
+        };
+        let router = Arc::new(ClusterRouter::new(local.clone(), transport, timeout));
+        let scheduler =
+            Scheduler::with_router(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone(), Some(router));
+        let node = c.node_id;
+        let cluster = ClusterParts { node, secret, table, shards, meta, logs };
+        tracing::info!(node, shards = cluster.shards.shards().len(), "cluster member opened");
+        Ok(Self { scheduler, registry, store, log, cfg, cluster: Some(cluster), _lock: lock })
     }
 
     /// Serves until `shutdown` resolves, then drains and persists. `on_bound`
@@ -179,6 +295,16 @@ impl Node {
             self.store.clone(),
             self.log.clone(),
         )?;
+        let mut watchers = Vec::new();
+        let api = match &self.cluster {
+            None => api,
+            Some(c) => {
+                watchers.push(tokio::spawn(follow_registry(c.meta.clone(), self.registry.clone())));
+                let service = ClusterService::new(c.node, c.secret.clone(), c.table.clone())
+                    .with_scheduler(self.scheduler.clone(), c.logs.clone());
+                api.with_cluster(service)
+            }
+        };
         let addr = self.cfg.api.listen;
         let listener =
             tokio::net::TcpListener::bind(addr).await.map_err(|source| NodeError::Listen { addr, source })?;
@@ -204,11 +330,39 @@ impl Node {
             scheduler.drain().await;
         };
         let served = api.serve(listener, stop).await;
-        for task in background {
+        for task in background.into_iter().chain(watchers) {
             task.abort();
         }
         self.log.shutdown().await?;
+        if let Some(c) = &self.cluster {
+            // The data shards stopped with `self.log`; the metadata group last.
+            c.meta.log.shutdown().await?;
+        }
         tracing::info!("shut down cleanly");
         served.map_err(NodeError::from)
+    }
+}
+
+/// Keeps the registry in step with the metadata group: whenever this replica
+/// applies something, the registry re-reads its records and compiles what
+/// changed before switching to it.
+async fn follow_registry(meta: LocalShard, registry: Arc<Registry>) {
+    let mut metrics = meta.raft.metrics();
+    let mut seen = None;
+    loop {
+        let applied = metrics.borrow_and_update().last_applied.map(|id| id.index);
+        if applied != seen {
+            seen = applied;
+            let registry = registry.clone();
+            match tokio::task::spawn_blocking(move || registry.refresh()).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(types = n, "registry caught up with the metadata group"),
+                Ok(Err(e)) => tracing::error!("registry refresh failed: {e}"),
+                Err(e) => tracing::error!("registry refresh panicked: {e}"),
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }

@@ -1,15 +1,21 @@
 //! Node-to-node gRPC: the `Cluster` service that receives Raft messages for
-//! this node's shard replicas, and `GrpcTransport`, the cluster layer's
-//! `Transport` over pooled tonic channels. Both sides authenticate with the
+//! this node's shard replicas, invocations forwarded to the shard leaders here
+//! and proposals for the groups this node leads; and `GrpcTransport`, the
+//! cluster layer's `Transport` and `Peers` over pooled tonic channels. Both sides authenticate with the
 //! cluster's shared secret: a process without it can neither send Raft
 //! traffic to a node nor get answers from one.
 
 use crate::cluster::raft::{
     DispatchError, NodeId, RaftReply, RaftRpc, ReplicaTable, ShardId, Transport, TransportError,
 };
+use crate::cluster::sharded::Peers;
+use crate::log::{CommitLog, LogError};
+use crate::model::{EntityRef, LogIndex, WriteSet};
+use crate::scheduler::{ERROR_KINDS, Invocation, InvokeError, Scheduler};
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
@@ -32,6 +38,9 @@ pub const MIN_SECRET_BYTES: usize = 16;
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// How long connecting to a peer may take before the message fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a forwarded invocation or proposal may take on the leader
+/// (queueing, the turn, the commit) before the caller gives up on it.
+const FORWARD_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterApiError {
@@ -77,17 +86,34 @@ impl ClusterSecret {
     }
 }
 
-/// The receiving side: runs Raft messages on this node's replicas.
-#[derive(Debug, Clone)]
+/// The receiving side: runs Raft messages on this node's replicas, and
+/// forwarded invocations and proposals when it leads their shard.
+#[derive(Clone)]
 pub struct ClusterService {
     node: NodeId,
     secret: ClusterSecret,
     replicas: ReplicaTable,
+    scheduler: Option<Scheduler>,
+    /// The commit log of each group this node holds a replica of.
+    logs: Arc<HashMap<ShardId, Arc<dyn CommitLog>>>,
+}
+
+impl std::fmt::Debug for ClusterService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterService").field("node", &self.node).finish_non_exhaustive()
+    }
 }
 
 impl ClusterService {
     pub fn new(node: NodeId, secret: ClusterSecret, replicas: ReplicaTable) -> Self {
-        Self { node, secret, replicas }
+        Self { node, secret, replicas, scheduler: None, logs: Arc::default() }
+    }
+
+    /// Serves forwarded invocations with `scheduler` and proposals with `logs`.
+    pub fn with_scheduler(mut self, scheduler: Scheduler, logs: HashMap<ShardId, Arc<dyn CommitLog>>) -> Self {
+        self.scheduler = Some(scheduler);
+        self.logs = Arc::new(logs);
+        self
     }
 
     /// The tonic service, to add to a server's routes.
@@ -111,6 +137,120 @@ impl Cluster for ClusterService {
             Err(e @ DispatchError::Decode(_)) => Err(Status::invalid_argument(e.to_string())),
             Err(e @ DispatchError::Encode(_)) => Err(Status::internal(e.to_string())),
         }
+    }
+
+    async fn invoke(&self, req: Request<pb::ForwardedInvocation>) -> Result<Response<pb::ForwardedReply>, Status> {
+        if !self.secret.admits(&req) {
+            return Err(Status::unauthenticated("missing or wrong cluster secret"));
+        }
+        let Some(scheduler) = &self.scheduler else {
+            return Err(Status::unavailable("this node is not serving invocations yet"));
+        };
+        let inv = invocation_from_pb(req.into_inner())?;
+        let outcome = match scheduler.invoke_here(inv).await {
+            Ok(reply) => pb::forwarded_reply::Outcome::Reply(reply),
+            Err(e) => pb::forwarded_reply::Outcome::Failure(failure_of(e)),
+        };
+        Ok(Response::new(pb::ForwardedReply { outcome: Some(outcome) }))
+    }
+
+    async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
+        if !self.secret.admits(&req) {
+            return Err(Status::unauthenticated("missing or wrong cluster secret"));
+        }
+        let req = req.into_inner();
+        let Some(log) = self.logs.get(&req.shard) else {
+            return Err(Status::not_found(format!("node {} has no replica of shard {}", self.node, req.shard)));
+        };
+        let ws: WriteSet =
+            postcard::from_bytes(&req.write_set).map_err(|e| Status::invalid_argument(format!("write set: {e}")))?;
+        let outcome = match log.propose(ws).await {
+            Ok(index) => pb::propose_reply::Outcome::Index(index),
+            Err(LogError::NotLeader { leader }) => pb::propose_reply::Outcome::Failure(pb::Failure {
+                kind: "not-leader".into(),
+                code: Code::Unavailable as i32,
+                message: format!("node {} does not lead shard {}", self.node, req.shard),
+                leader,
+            }),
+            Err(e) => pb::propose_reply::Outcome::Failure(pb::Failure {
+                kind: "commit".into(),
+                code: Code::Unavailable as i32,
+                message: e.to_string(),
+                leader: None,
+            }),
+        };
+        Ok(Response::new(pb::ProposeReply { outcome: Some(outcome) }))
+    }
+}
+
+fn entity(ty: String, id: String) -> Result<EntityRef, Status> {
+    EntityRef::new(ty, id).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn invocation_from_pb(p: pb::ForwardedInvocation) -> Result<Invocation, Status> {
+    let caller = match (p.caller_type, p.caller_id) {
+        (Some(ty), Some(id)) => Some(entity(ty, id)?),
+        (None, None) => None,
+        _ => return Err(Status::invalid_argument("a caller needs both a type and an id")),
+    };
+    Ok(Invocation {
+        entity: entity(p.entity_type, p.id)?,
+        operation: p.operation,
+        payload: p.payload,
+        caller,
+        idempotency_key: p.idempotency_key,
+        message_seq: p.message_seq,
+    })
+}
+
+fn invocation_to_pb(inv: Invocation) -> pb::ForwardedInvocation {
+    let (caller_type, caller_id) = match inv.caller {
+        Some(c) => (Some(c.entity_type), Some(c.id)),
+        None => (None, None),
+    };
+    pb::ForwardedInvocation {
+        entity_type: inv.entity.entity_type,
+        id: inv.entity.id,
+        operation: inv.operation,
+        payload: inv.payload,
+        caller_type,
+        caller_id,
+        idempotency_key: inv.idempotency_key,
+        message_seq: inv.message_seq,
+    }
+}
+
+fn failure_of(e: InvokeError) -> pb::Failure {
+    let leader = match &e {
+        InvokeError::NotHere { leader } => *leader,
+        _ => None,
+    };
+    let (kind, code) = (e.kind(), super::invoke_code(&e));
+    pb::Failure { kind: kind.to_owned(), code: code as i32, message: super::invoke_message(e), leader }
+}
+
+fn invoke_error_of(node: NodeId, f: pb::Failure) -> InvokeError {
+    if f.kind == "not-leader" {
+        return InvokeError::NotHere { leader: f.leader };
+    }
+    let kind = ERROR_KINDS.iter().copied().find(|k| *k == f.kind).unwrap_or("internal");
+    let message = if kind == "internal" && f.kind != "internal" {
+        format!("node {node} failed with an unknown kind {:?}: {}", f.kind, f.message)
+    } else {
+        f.message
+    };
+    InvokeError::Remote { kind, code: f.code, message }
+}
+
+/// Whether a failed call certainly never reached the peer's handler.
+fn never_sent(status: &Status) -> bool {
+    match status.code() {
+        Code::Unauthenticated => true,
+        Code::Unavailable => {
+            let m = status.message().to_ascii_lowercase();
+            m.contains("connect") || m.contains("refused") || m.contains("dns")
+        }
+        _ => false,
     }
 }
 
@@ -156,6 +296,68 @@ impl GrpcTransport {
 
     pub fn remove_peer(&self, node: NodeId) {
         self.peers().remove(&node);
+    }
+
+    fn client(&self, node: NodeId) -> Option<ClusterClient<Channel>> {
+        self.peers().get(&node).cloned()
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.metadata_mut().insert(SECRET_HEADER, self.secret.raw.clone());
+        req.set_timeout(FORWARD_CALL_TIMEOUT);
+        req
+    }
+}
+
+impl Peers for GrpcTransport {
+    fn invoke(&self, node: NodeId, inv: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>> {
+        let client = self.client(node);
+        let req = self.request(invocation_to_pb(inv));
+        Box::pin(async move {
+            let Some(mut client) = client else {
+                return Err(InvokeError::Unreachable { node, message: "address unknown".into() });
+            };
+            let reply = match client.invoke(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if never_sent(&s) => {
+                    return Err(InvokeError::Unreachable { node, message: format!("{}: {}", s.code(), s.message()) });
+                }
+                Err(s) => return Err(InvokeError::Lost { node, message: format!("{}: {}", s.code(), s.message()) }),
+            };
+            match reply.outcome {
+                Some(pb::forwarded_reply::Outcome::Reply(bytes)) => Ok(bytes),
+                Some(pb::forwarded_reply::Outcome::Failure(f)) => Err(invoke_error_of(node, f)),
+                None => Err(InvokeError::Internal(format!("node {node} sent an empty reply"))),
+            }
+        })
+    }
+
+    fn propose(&self, node: NodeId, shard: ShardId, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
+        let client = self.client(node);
+        let bytes = postcard::to_allocvec(&ws);
+        let make = |write_set| self.request(pb::ProposeRequest { shard, write_set });
+        let req = bytes.map(make);
+        Box::pin(async move {
+            let req = req.map_err(|e| LogError::Aborted(format!("encoding a write set: {e}")))?;
+            let Some(mut client) = client else {
+                return Err(LogError::NotLeader { leader: None });
+            };
+            let reply = match client.propose(req).await {
+                Ok(r) => r.into_inner(),
+                // Nothing reached the node: look for the leader elsewhere.
+                Err(s) if never_sent(&s) => return Err(LogError::NotLeader { leader: None }),
+                Err(s) => return Err(LogError::Aborted(format!("node {node}: {}: {}", s.code(), s.message()))),
+            };
+            match reply.outcome {
+                Some(pb::propose_reply::Outcome::Index(i)) => Ok(i),
+                Some(pb::propose_reply::Outcome::Failure(f)) if f.kind == "not-leader" => {
+                    Err(LogError::NotLeader { leader: f.leader })
+                }
+                Some(pb::propose_reply::Outcome::Failure(f)) => Err(LogError::Aborted(f.message)),
+                None => Err(LogError::Aborted(format!("node {node} sent an empty reply"))),
+            }
+        })
     }
 }
 

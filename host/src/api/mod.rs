@@ -83,15 +83,21 @@ fn status(code: Code, kind: &'static str, message: impl Into<String>) -> Status 
     s
 }
 
-fn invoke_status(e: InvokeError) -> Status {
-    let kind = e.kind();
-    let code = match &e {
+/// The status code the public API answers a failed invocation with.
+pub(crate) fn invoke_code(e: &InvokeError) -> Code {
+    match e {
         InvokeError::UnknownType(_) => Code::NotFound,
         InvokeError::BadOperation | InvokeError::BadIdempotencyKey(_) => Code::InvalidArgument,
         InvokeError::MailboxFull { .. } | InvokeError::Overloaded(_) | InvokeError::OutboxFull(_) => {
             Code::ResourceExhausted
         }
-        InvokeError::ShuttingDown | InvokeError::Instantiate(_) | InvokeError::Commit(_) => Code::Unavailable,
+        InvokeError::ShuttingDown
+        | InvokeError::Instantiate(_)
+        | InvokeError::Commit(_)
+        | InvokeError::NotHere { .. }
+        | InvokeError::NoLeader(_)
+        | InvokeError::Unreachable { .. }
+        | InvokeError::Lost { .. } => Code::Unavailable,
         InvokeError::MigrationFailed { .. } => Code::FailedPrecondition,
         InvokeError::Turn(t) => match t {
             TurnError::BadRequest(_) => Code::InvalidArgument,
@@ -100,13 +106,22 @@ fn invoke_status(e: InvokeError) -> Status {
             TurnError::Trapped { .. } => Code::Aborted,
         },
         InvokeError::Internal(_) => Code::Internal,
-    };
-    // The entity's own words, without the host's framing.
-    let message = match e {
+        InvokeError::Remote { code, .. } => Code::from(*code),
+    }
+}
+
+/// The message the public API gives for a failed invocation: an entity's own
+/// words without the host's framing.
+pub(crate) fn invoke_message(e: InvokeError) -> String {
+    match e {
         InvokeError::Turn(TurnError::BadRequest(m) | TurnError::UnknownOperation(m) | TurnError::Failed(m)) => m,
         e => e.to_string(),
-    };
-    status(code, kind, message)
+    }
+}
+
+fn invoke_status(e: InvokeError) -> Status {
+    let (kind, code) = (e.kind(), invoke_code(&e));
+    status(code, kind, invoke_message(e))
 }
 
 /// A requested page size: 0 asks for `default`; more than `max` gets `max`.
@@ -187,6 +202,8 @@ pub struct Api {
     /// Becomes true when the node shuts down: ends `StreamLogs --follow`
     /// streams, which would otherwise hold the graceful shutdown open.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Node-to-node traffic of a clustered node, served on the same port.
+    cluster: Option<cluster::ClusterService>,
 }
 
 impl Api {
@@ -213,7 +230,14 @@ impl Api {
             started: Instant::now(),
             bound: None,
             stopping: tokio::sync::watch::channel(false).0,
+            cluster: None,
         })
+    }
+
+    /// Also serves the node-to-node `Cluster` service.
+    pub fn with_cluster(mut self, service: cluster::ClusterService) -> Self {
+        self.cluster = Some(service);
+        self
     }
 
     /// This node's id: its address until nodes have cluster identities.
@@ -241,9 +265,14 @@ impl Api {
         if let Some(tls) = self.tls.clone() {
             server = server.tls_config(tls)?;
         }
+        let cluster = self.cluster.take();
         let api = Arc::new(self);
-        let grpc = tonic::service::Routes::new(ConfluxServer::from_arc(api.clone()).max_decoding_message_size(max_msg))
-            .add_service(reflection);
+        let mut grpc =
+            tonic::service::Routes::new(ConfluxServer::from_arc(api.clone()).max_decoding_message_size(max_msg))
+                .add_service(reflection);
+        if let Some(c) = cluster {
+            grpc = grpc.add_service(c.into_server());
+        }
         let routes = http::router(api.clone(), grpc.into_axum_router(), max_msg);
         let stopping = api.stopping.clone();
         let shutdown = async move {

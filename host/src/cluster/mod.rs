@@ -7,8 +7,10 @@
 //! with itself as the only voter; multi-node serving is not wired in yet.
 
 pub mod harness;
+pub mod meta;
 pub mod placement;
 pub mod raft;
+pub mod sharded;
 pub mod shards;
 
 #[cfg(test)]

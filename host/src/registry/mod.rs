@@ -272,6 +272,7 @@ impl TypeState {
 
 pub struct Registry {
     runtime: Arc<Runtime>,
+    store: Arc<dyn StateStore>,
     log: Arc<dyn CommitLog>,
     cfg: RegistryConfig,
     components_dir: PathBuf,
@@ -282,6 +283,13 @@ pub struct Registry {
 }
 
 const TYPE_KEY_PREFIX: &str = "type/";
+/// Component bytes by digest, written with the record of the version that
+/// first uses them: on a cluster this is how every node gets them.
+const COMPONENT_KEY_PREFIX: &str = "component/";
+
+fn component_key(digest: &str) -> Vec<u8> {
+    format!("{COMPONENT_KEY_PREFIX}{digest}").into_bytes()
+}
 
 fn type_key(name: &str) -> Vec<u8> {
     format!("{TYPE_KEY_PREFIX}{name}").into_bytes()
@@ -305,6 +313,7 @@ impl Registry {
         std::fs::create_dir_all(&artifacts_dir)?;
         let reg = Self {
             runtime,
+            store: store.clone(),
             log,
             cfg: cfg.clone(),
             components_dir,
@@ -312,24 +321,63 @@ impl Registry {
             types: RwLock::new(HashMap::new()),
             deploy_lock: tokio::sync::Mutex::new(()),
         };
+        for record in reg.stored_records()? {
+            let mut loaded = HashMap::new();
+            for v in std::iter::once(record.active).chain(record.canary.as_ref().map(|c| c.version)) {
+                loaded.insert(v, reg.load_version(&record, v)?);
+            }
+            tracing::info!(entity_type = %record.name, version = record.active, canary = ?record.canary, "loaded component");
+            reg.types.write().expect("registry lock").insert(record.name.clone(), TypeState { record, loaded });
+        }
+        Ok(reg)
+    }
+
+    /// Every type record in the store.
+    fn stored_records(&self) -> Result<Vec<TypeRecord>, RegistryError> {
+        let mut records = Vec::new();
         let mut start_after: Option<Vec<u8>> = None;
         loop {
-            let page = store.scan(Keyspace::Registry, TYPE_KEY_PREFIX.as_bytes(), start_after.as_deref(), 256)?;
+            let page = self.store.scan(Keyspace::Registry, TYPE_KEY_PREFIX.as_bytes(), start_after.as_deref(), 256)?;
             let Some((last, _)) = page.last() else { break };
             start_after = Some(last.clone());
             for (key, value) in &page {
                 let name = String::from_utf8_lossy(&key[TYPE_KEY_PREFIX.len()..]).into_owned();
                 let record: TypeRecord = serde_json::from_slice(value)
                     .map_err(|e| RegistryError::Corrupt { name: name.clone(), message: e.to_string() })?;
-                let mut loaded = HashMap::new();
-                for v in std::iter::once(record.active).chain(record.canary.as_ref().map(|c| c.version)) {
-                    loaded.insert(v, reg.load_version(&record, v)?);
-                }
-                tracing::info!(entity_type = %name, version = record.active, canary = ?record.canary, "loaded component");
-                reg.types.write().expect("registry lock").insert(name, TypeState { record, loaded });
+                records.push(record);
             }
         }
-        Ok(reg)
+        Ok(records)
+    }
+
+    /// Catches up with records another node committed (a clustered node calls
+    /// it when its metadata replica applies something): each changed type's
+    /// active and canary versions are compiled (or loaded from the artifact
+    /// cache) first, then switched to, so turns never wait on a compile.
+    /// Returns how many types changed. Blocking: compiles.
+    pub fn refresh(&self) -> Result<usize, RegistryError> {
+        // Serialised with deploys here, so an older record read before a
+        // local deploy committed never replaces the deploy's.
+        let _guard = self.deploy_lock.blocking_lock();
+        let mut changed = 0;
+        for record in self.stored_records()? {
+            let mut loaded = match self.types.read().expect("registry lock").get(&record.name) {
+                Some(t) if t.record == record => continue,
+                Some(t) => t.loaded.clone(),
+                None => HashMap::new(),
+            };
+            let keep = [Some(record.active), record.canary.as_ref().map(|c| c.version)];
+            loaded.retain(|v, _| keep.contains(&Some(*v)));
+            for v in keep.into_iter().flatten() {
+                if !loaded.contains_key(&v) {
+                    loaded.insert(v, self.load_version(&record, v)?);
+                }
+            }
+            tracing::info!(entity_type = %record.name, version = record.active, canary = ?record.canary, "switched to a version deployed through another node");
+            self.types.write().expect("registry lock").insert(record.name.clone(), TypeState { record, loaded });
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     /// The version new turns of `type_name` run (ignoring any canary).
@@ -391,16 +439,19 @@ impl Registry {
             TypeRecord::plan_deploy(existing.as_ref(), type_name, &digest, bytes.len() as u64, now_ms(), canary)?;
         let Some(record) = plan.record else { return Ok(plan.outcome) };
         let version = plan.outcome.version;
-        let loaded = if plan.outcome.reused {
-            self.loaded_or_load(&record, version).await?
+        let (loaded, component) = if plan.outcome.reused {
+            (self.loaded_or_load(&record, version).await?, None)
         } else {
             // Compile and check off the async threads: Cranelift takes tens of ms.
             let this = self.clone();
             let d = digest.clone();
-            let prepared = background_compile(move || this.compile_and_store(&d, &bytes)).await?;
-            Arc::new(LoadedVersion { type_name: type_name.to_owned(), version, digest: digest.clone(), prepared })
+            let (prepared, bytes) =
+                background_compile(move || Ok((this.compile_and_store(&d, &bytes)?, bytes))).await?;
+            let loaded =
+                Arc::new(LoadedVersion { type_name: type_name.to_owned(), version, digest: digest.clone(), prepared });
+            (loaded, Some((digest.clone(), bytes)))
         };
-        self.commit(record, Some(loaded)).await?;
+        self.commit(record, Some(loaded), component).await?;
         tracing::info!(entity_type = type_name, version, %digest, canary = ?plan.outcome.canary, "deployed component");
         Ok(plan.outcome)
     }
@@ -414,7 +465,7 @@ impl Registry {
         let plan = existing.plan_activate(version)?;
         let Some(record) = plan.record else { return Ok(plan.outcome) };
         let loaded = self.loaded_or_load(&record, version).await?;
-        self.commit(record, Some(loaded)).await?;
+        self.commit(record, Some(loaded), None).await?;
         tracing::info!(entity_type = type_name, version, previous = plan.outcome.previous_active, "activated version");
         Ok(plan.outcome)
     }
@@ -459,14 +510,22 @@ impl Registry {
 
     /// Makes `record` durable through the log, then visible: from here on turns
     /// start on its versions. Keeps exactly the active and canary versions loaded.
-    async fn commit(&self, record: TypeRecord, new: Option<Arc<LoadedVersion>>) -> Result<(), RegistryError> {
-        let ws = WriteSet {
-            ops: vec![Op::Put {
-                keyspace: Keyspace::Registry,
-                key: type_key(&record.name),
-                value: serde_json::to_vec(&record).expect("records serialise"),
-            }],
-        };
+    /// `component` (digest, bytes) is stored with the record that first uses it.
+    async fn commit(
+        &self,
+        record: TypeRecord,
+        new: Option<Arc<LoadedVersion>>,
+        component: Option<(String, Vec<u8>)>,
+    ) -> Result<(), RegistryError> {
+        let mut ws = WriteSet::default();
+        if let Some((digest, bytes)) = component {
+            ws.ops.push(Op::Put { keyspace: Keyspace::Registry, key: component_key(&digest), value: bytes });
+        }
+        ws.ops.push(Op::Put {
+            keyspace: Keyspace::Registry,
+            key: type_key(&record.name),
+            value: serde_json::to_vec(&record).expect("records serialise"),
+        });
         self.log.propose(ws).await?;
         let mut types = self.types.write().expect("registry lock");
         let mut loaded = types.remove(&record.name).map(|t| t.loaded).unwrap_or_default();
@@ -532,11 +591,22 @@ impl Registry {
             Some(c) => c,
             None => {
                 let path = self.component_path(&v.digest);
-                let bytes = std::fs::read(&path).map_err(|_| RegistryError::MissingComponent {
-                    name: record.name.clone(),
-                    digest: v.digest.clone(),
-                    path: path.clone(),
-                })?;
+                let bytes = match std::fs::read(&path) {
+                    Ok(b) => b,
+                    // Deployed through another node: the bytes came with the record.
+                    Err(_) => {
+                        let stored =
+                            self.store.get(Keyspace::Registry, &component_key(&v.digest))?.ok_or_else(|| {
+                                RegistryError::MissingComponent {
+                                    name: record.name.clone(),
+                                    digest: v.digest.clone(),
+                                    path: path.clone(),
+                                }
+                            })?;
+                        write_durably(&path, &stored)?;
+                        stored
+                    }
+                };
                 let c = Component::new(self.runtime.engine(), &bytes)
                     .map_err(|e| ValidationError::Compile(format!("{e:#}")))?;
                 self.write_artifact(&v.digest, &c);

@@ -23,7 +23,6 @@ use crate::model::{
     TIMER_DUE_PREFIX, WriteSet, dead_letter_key, due_of_timer_key, entity_prefix, outbox_key,
     split_idempotency_expiry_key, timer_id_key,
 };
-use crate::runtime::TurnError;
 use crate::storage::StorageError;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,17 +51,9 @@ enum Disposition {
 }
 
 fn disposition(e: &InvokeError) -> Disposition {
-    match e {
-        InvokeError::UnknownType(_) | InvokeError::BadOperation | InvokeError::BadIdempotencyKey(_) => {
-            Disposition::Permanent(e.to_string())
-        }
-        InvokeError::Turn(TurnError::BadRequest(_) | TurnError::UnknownOperation(_) | TurnError::Failed(_)) => {
-            Disposition::Permanent(e.to_string())
-        }
-        // A trap may be load (a timeout) and a failed migration may be fixed by a
-        // deploy or rollback: both get the retries.
-        _ => Disposition::Transient(e.to_string()),
-    }
+    // A trap may be load (a timeout) and a failed migration may be fixed by a
+    // deploy or rollback: both get the retries.
+    if e.is_permanent() { Disposition::Permanent(e.to_string()) } else { Disposition::Transient(e.to_string()) }
 }
 
 /// One outbox entry.
@@ -489,6 +480,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::TurnError;
 
     #[test]
     fn guest_errors_are_permanent_and_load_is_transient() {

@@ -79,7 +79,56 @@ pub enum InvokeError {
     Commit(#[from] LogError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// This node does not lead the entity's shard (or has not caught up as its
+    /// leader yet); nothing ran. The router retries on `leader`.
+    #[error("this node does not lead the entity's shard (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
+    NotHere { leader: Option<u64> },
+    /// The shard has no reachable leader within the forwarding deadline.
+    #[error("no leader of the entity's shard could be reached: {0}")]
+    NoLeader(String),
+    /// A forwarded invocation could not reach `node`; nothing ran there.
+    #[error("node {node} is unreachable: {message}")]
+    Unreachable { node: u64, message: String },
+    /// The connection to `node` failed after the invocation was sent: it may
+    /// or may not have run.
+    #[error("lost the connection to node {node} during the call (the outcome is unknown): {message}")]
+    Lost { node: u64, message: String },
+    /// The shard's leader ran the invocation and it failed there; `kind` and
+    /// `code` are the leader's.
+    #[error("{message}")]
+    Remote { kind: &'static str, code: i32, message: String },
 }
+
+/// Every [`InvokeError::kind`], so a kind received from another node maps back
+/// to its static name.
+pub const ERROR_KINDS: &[&str] = &[
+    "unknown-type",
+    "bad-operation",
+    "mailbox-full",
+    "overloaded",
+    "shutting-down",
+    "migration-failed",
+    "outbox-full",
+    "bad-idempotency-key",
+    "bad-request",
+    "unknown-operation",
+    "failed",
+    "out-of-fuel",
+    "timeout",
+    "out-of-memory",
+    "stack-overflow",
+    "limit-exceeded",
+    "trap",
+    "instantiate",
+    "commit",
+    "internal",
+    "not-leader",
+    "unavailable",
+];
+
+/// Kinds of failure that retrying cannot fix.
+const PERMANENT_KINDS: &[&str] =
+    &["unknown-type", "bad-operation", "bad-idempotency-key", "bad-request", "unknown-operation", "failed"];
 
 impl InvokeError {
     /// A stable, machine-readable name of the failure: the API's
@@ -104,9 +153,61 @@ impl InvokeError {
             InvokeError::Instantiate(_) => "instantiate",
             InvokeError::Commit(_) => "commit",
             InvokeError::Internal(_) => "internal",
+            InvokeError::NotHere { .. } => "not-leader",
+            InvokeError::NoLeader(_) | InvokeError::Unreachable { .. } | InvokeError::Lost { .. } => "unavailable",
+            InvokeError::Remote { kind, .. } => kind,
+        }
+    }
+
+    /// Retrying the invocation cannot succeed (a bad request, an entity's own
+    /// refusal, an unknown type).
+    pub fn is_permanent(&self) -> bool {
+        PERMANENT_KINDS.contains(&self.kind())
+    }
+
+    /// Whether running the invocation again is safe and may succeed: nothing
+    /// ran, or whatever ran is deduplicated (`guarded`: the invocation carries
+    /// an idempotency key or a message sequence).
+    fn is_retryable(&self, guarded: bool) -> bool {
+        match self {
+            InvokeError::NotHere { .. } | InvokeError::NoLeader(_) | InvokeError::Unreachable { .. } => true,
+            // A commit that failed as leadership moved may still be applied by
+            // the next leader.
+            InvokeError::Commit(_) | InvokeError::Lost { .. } => guarded,
+            InvokeError::Remote { kind: "commit" | "shutting-down", .. } => guarded,
+            _ => false,
         }
     }
 }
+
+/// Where the turns of an entity run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// On this node, which leads the entity's shard and has applied its log.
+    /// `epoch` is the leadership term: what a slot cached under another term
+    /// may be stale.
+    Here { epoch: u64 },
+    /// On another node, the shard's leader as far as this node knows.
+    There { node: u64 },
+    /// No leader is known (an election is under way).
+    Unknown,
+}
+
+/// How a clustered node finds the leader of an entity's shard and hands it an
+/// invocation. A single node has none: everything runs here.
+pub trait Router: Send + Sync + 'static {
+    fn route(&self, entity: &EntityRef) -> Route;
+    /// Runs `inv` on `node` (which runs it only if it leads the shard).
+    fn forward(&self, node: u64, inv: Invocation) -> futures::future::BoxFuture<'static, Result<Vec<u8>, InvokeError>>;
+    /// Learns who leads the entity's shard from a node that refused it.
+    fn hint(&self, entity: &EntityRef, leader: Option<u64>);
+    /// How long one invocation may look for its leader.
+    fn forward_timeout(&self) -> Duration;
+}
+
+/// First and largest pause between attempts to find a shard's leader.
+const ROUTE_RETRY_MIN: Duration = Duration::from_millis(20);
+const ROUTE_RETRY_MAX: Duration = Duration::from_millis(500);
 
 /// Failed invocations the node remembers for its dashboard.
 const RECENT_ERRORS: usize = 64;
@@ -132,6 +233,8 @@ struct Slot {
 
 #[derive(Default)]
 struct SlotState {
+    /// The leadership term the cached instance and meta were read under.
+    epoch: u64,
     resident: Option<Resident>,
     /// The entity's meta record; `None` until read from the store.
     meta: Option<MetaCache>,
@@ -272,6 +375,7 @@ struct Inner {
     registry: Arc<Registry>,
     store: Arc<dyn StateStore>,
     log: Arc<dyn CommitLog>,
+    router: Option<Arc<dyn Router>>,
     cfg: SchedulerConfig,
     slots: Mutex<LruCache<EntityRef, Arc<Slot>>>,
     inflight: AtomicUsize,
@@ -319,12 +423,26 @@ impl Scheduler {
         store: Arc<dyn StateStore>,
         log: Arc<dyn CommitLog>,
     ) -> Self {
+        Self::with_router(cfg, runtime, registry, store, log, None)
+    }
+
+    /// A scheduler of a clustered node: `router` says which entities run here
+    /// and forwards the others.
+    pub fn with_router(
+        cfg: &SchedulerConfig,
+        runtime: Arc<Runtime>,
+        registry: Arc<Registry>,
+        store: Arc<dyn StateStore>,
+        log: Arc<dyn CommitLog>,
+        router: Option<Arc<dyn Router>>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 runtime,
                 registry,
                 store,
                 log,
+                router,
                 cfg: cfg.clone(),
                 slots: Mutex::new(LruCache::unbounded()),
                 inflight: AtomicUsize::new(0),
@@ -349,8 +467,53 @@ impl Scheduler {
     }
 
     /// Runs one invocation as a turn and returns its reply once the turn's
-    /// writes are durable.
+    /// writes are durable. On a cluster the turn runs on the leader of the
+    /// entity's shard: this node, or the one it is forwarded to.
     pub async fn invoke(&self, inv: Invocation) -> Result<Vec<u8>, InvokeError> {
+        let Some(router) = self.inner.router.clone() else { return self.invoke_here_as(inv, 0).await };
+        let deadline = Instant::now() + router.forward_timeout();
+        let guarded = inv.idempotency_key.is_some() || inv.message_seq.is_some();
+        let mut pause = ROUTE_RETRY_MIN;
+        loop {
+            let result = match router.route(&inv.entity) {
+                Route::Here { epoch } => self.invoke_here_as(inv.clone(), epoch).await,
+                Route::There { node } => router.forward(node, inv.clone()).await,
+                Route::Unknown => Err(InvokeError::NoLeader("an election is under way".into())),
+            };
+            match result {
+                Err(e) if e.is_retryable(guarded) && Instant::now() + pause < deadline => {
+                    tracing::debug!(entity = %inv.entity, "looking for the shard's leader: {e}");
+                    match e {
+                        InvokeError::NotHere { leader } => router.hint(&inv.entity, leader),
+                        InvokeError::Unreachable { .. } | InvokeError::Lost { .. } => router.hint(&inv.entity, None),
+                        _ => {}
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(ROUTE_RETRY_MAX);
+                }
+                Err(InvokeError::NotHere { leader }) => {
+                    return Err(InvokeError::NoLeader(format!(
+                        "gave up after {:?}; last known leader: {leader:?}",
+                        router.forward_timeout()
+                    )));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Runs an invocation forwarded by another node, only if this node leads
+    /// the entity's shard: it is never forwarded again.
+    pub async fn invoke_here(&self, inv: Invocation) -> Result<Vec<u8>, InvokeError> {
+        let route = self.inner.router.as_ref().map_or(Route::Here { epoch: 0 }, |r| r.route(&inv.entity));
+        match route {
+            Route::Here { epoch } => self.invoke_here_as(inv, epoch).await,
+            Route::There { node } => Err(InvokeError::NotHere { leader: Some(node) }),
+            Route::Unknown => Err(InvokeError::NotHere { leader: None }),
+        }
+    }
+
+    async fn invoke_here_as(&self, inv: Invocation, epoch: u64) -> Result<Vec<u8>, InvokeError> {
         let seq = self.inner.next_invocation.fetch_add(1, Ordering::Relaxed);
         let invocation_id = format!("{}-{seq:x}", self.inner.invocation_prefix);
         let span = tracing::info_span!(
@@ -361,7 +524,7 @@ impl Scheduler {
         );
         let started = Instant::now();
         let (entity, operation) = (inv.entity.to_string(), inv.operation.clone());
-        let result = self.invoke_as(inv, invocation_id.clone()).instrument(span).await;
+        let result = self.invoke_as(inv, invocation_id.clone(), epoch).instrument(span).await;
         let m = crate::telemetry::metrics();
         m.invocation_seconds.observe(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
@@ -386,7 +549,7 @@ impl Scheduler {
         result
     }
 
-    async fn invoke_as(&self, inv: Invocation, invocation_id: String) -> Result<Vec<u8>, InvokeError> {
+    async fn invoke_as(&self, inv: Invocation, invocation_id: String, epoch: u64) -> Result<Vec<u8>, InvokeError> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::Acquire) {
             return Err(InvokeError::ShuttingDown);
@@ -411,7 +574,7 @@ impl Scheduler {
         tokio::spawn(
             async move {
                 let _inflight = inflight;
-                task_inner.run(inv, invocation_id).await
+                task_inner.run(inv, invocation_id, epoch).await
             }
             .in_current_span(),
         )
@@ -591,7 +754,7 @@ impl Inner {
             .map_err(|e| (from, e.to_string()))
     }
 
-    async fn run(self: Arc<Self>, inv: Invocation, invocation_id: String) -> Result<Vec<u8>, InvokeError> {
+    async fn run(self: Arc<Self>, inv: Invocation, invocation_id: String, epoch: u64) -> Result<Vec<u8>, InvokeError> {
         let slot = self.slot(&inv.entity);
         let depth = slot.waiting.fetch_add(1, Ordering::AcqRel);
         crate::telemetry::metrics().mailbox_depth.observe(depth as f64);
@@ -601,6 +764,11 @@ impl Inner {
         }
         let mut slot_state = slot.state.lock().await;
         drop(waiting);
+        // Another leader may have run turns of this entity since the slot was
+        // filled: under a new term, start from the store.
+        if slot_state.epoch != epoch {
+            *slot_state = SlotState { epoch, ..SlotState::default() };
+        }
         // The version is read at the start of each turn: a deploy takes effect
         // between turns, and a turn in flight finishes on its version.
         let version = self.registry.version_for(&inv.entity).map_err(InvokeError::UnknownType)?;
@@ -756,7 +924,7 @@ impl Inner {
                 self.count_turn(false);
                 // The warm instance may hold state the store does not have, and
                 // whether the meta record landed is unknown: reload both.
-                *slot_state = SlotState::default();
+                *slot_state = SlotState { epoch, ..SlotState::default() };
                 return Err(InvokeError::Commit(e));
             }
             slot_state.meta = Some(new_meta);

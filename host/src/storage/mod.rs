@@ -33,6 +33,10 @@ pub enum StorageError {
     NotMetaKey(Vec<u8>),
     #[error("store lock poisoned by a panic in another thread")]
     Poisoned,
+    #[error("shard {shard} has no replica on this node; ask a node that holds it")]
+    NotLocal { shard: u32 },
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// Key/value pairs returned by `scan`, in ascending key order.

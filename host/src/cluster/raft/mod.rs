@@ -103,6 +103,9 @@ impl std::fmt::Debug for Replica {
 /// Where a replica of `shard` keeps its WAL and snapshot under a node's
 /// data directory.
 pub fn replica_dir(data_dir: &std::path::Path, shard: ShardId) -> std::path::PathBuf {
+    if shard == crate::cluster::meta::META_SHARD {
+        return data_dir.join("shards").join("meta");
+    }
     data_dir.join("shards").join(shard.to_string())
 }
 

@@ -1,0 +1,109 @@
+//! The metadata group: one Raft group, apart from the data shards, with a
+//! replica on every member. It holds the component registry (type records
+//! and component bytes), so a deploy is one metadata write that every node
+//! applies, then compiles before serving it. `MetaLog` lets a node that does
+//! not lead the group commit through the one that does.
+
+use super::raft::{NodeId, ShardId};
+use super::sharded::{LocalShard, Peers};
+use crate::log::{CommitLog, LogError, LogStats};
+use crate::model::{LogIndex, WriteSet};
+use futures::future::BoxFuture;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The metadata group's id on the wire; data shards are numbered from 0.
+pub const META_SHARD: ShardId = u32::MAX;
+
+/// Pause between attempts while the group elects or its leader is unreachable.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// The metadata group's commit log on one member. Metadata writes are
+/// whole-record puts, so a write retried after an unknown outcome does no harm.
+pub struct MetaLog {
+    node: NodeId,
+    local: LocalShard,
+    members: Vec<NodeId>,
+    peers: Arc<dyn Peers>,
+    timeout: Duration,
+}
+
+impl MetaLog {
+    pub fn new(
+        node: NodeId,
+        local: LocalShard,
+        members: Vec<NodeId>,
+        peers: Arc<dyn Peers>,
+        timeout: Duration,
+    ) -> Self {
+        Self { node, local, members, peers, timeout }
+    }
+}
+
+impl CommitLog for MetaLog {
+    /// Commits through the group's leader, then waits until this replica has
+    /// applied the write, so what the caller reads next includes it.
+    fn propose(&self, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
+        let (me, local, members, peers, timeout) =
+            (self.node, self.local.clone(), self.members.clone(), self.peers.clone(), self.timeout);
+        Box::pin(async move {
+            let deadline = Instant::now() + timeout;
+            let mut next_guess = 0usize;
+            loop {
+                let leader = local.raft.metrics().borrow().current_leader;
+                let attempt = match leader {
+                    Some(l) if l == me => local.log.propose(ws.clone()).await,
+                    Some(l) => peers.propose(l, META_SHARD, ws.clone()).await,
+                    None => {
+                        next_guess += 1;
+                        let guess = members[next_guess % members.len()];
+                        if guess == me {
+                            Err(LogError::NotLeader { leader: None })
+                        } else {
+                            peers.propose(guess, META_SHARD, ws.clone()).await
+                        }
+                    }
+                };
+                match attempt {
+                    Ok(index) => {
+                        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+                        local
+                            .raft
+                            .wait(Some(left))
+                            .applied_index_at_least(Some(index - 1), "metadata write applied here")
+                            .await
+                            .map_err(|e| {
+                                LogError::Aborted(format!("the metadata write committed but did not apply here: {e}"))
+                            })?;
+                        return Ok(index);
+                    }
+                    Err(e @ (LogError::NotLeader { .. } | LogError::Aborted(_))) => {
+                        if Instant::now() + RETRY_PAUSE >= deadline {
+                            return Err(LogError::Aborted(format!(
+                                "no metadata leader accepted the write within {timeout:?} (is a majority of nodes up?): {e}"
+                            )));
+                        }
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    }
+
+    fn last_durable_index(&self) -> LogIndex {
+        self.local.log.last_durable_index()
+    }
+
+    fn applied_index(&self) -> LogIndex {
+        self.local.log.applied_index()
+    }
+
+    fn stats(&self) -> LogStats {
+        self.local.log.stats()
+    }
+
+    fn shutdown(&self) -> BoxFuture<'static, Result<(), LogError>> {
+        self.local.log.shutdown()
+    }
+}

@@ -1,0 +1,277 @@
+//! A clustered node's view of its shard replicas as one store and one commit
+//! log, and its router. Every store key names its entity
+//! ([`crate::model::entity_of_key`]), so `LocalShards` sends a read or a write
+//! to the replica of that entity's shard; the scheduler above it does not know
+//! there are shards. Scans that span entities (the outbox, due timers, expired
+//! idempotency records, entity listings) merge the shards this node leads and
+//! has caught up on, so background work runs exactly where the turns run.
+//! `ClusterRouter` tells the scheduler where each entity's turns run and
+//! forwards the rest through [`Peers`].
+
+use super::placement::{Placement, shard_of};
+use super::raft::{NodeId, Raft, ShardId, ShardLog};
+use crate::log::{CommitLog, LogError, LogStats};
+use crate::model::{EntityRef, Keyspace, LogIndex, WriteSet, entity_of_key};
+use crate::scheduler::{Invocation, InvokeError, Route, Router};
+use crate::storage::{KvPairs, SledStore, StateStore, StorageError};
+use futures::future::BoxFuture;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What a node asks of its peers beyond Raft messages.
+pub trait Peers: Send + Sync + 'static {
+    /// Runs `inv` on `node` if it leads the entity's shard.
+    fn invoke(&self, node: NodeId, inv: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>>;
+    /// Commits `ws` in `shard` through `node`, its leader; returns the log index
+    /// (raft index + 1, as `ShardLog` does).
+    fn propose(&self, node: NodeId, shard: ShardId, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>>;
+}
+
+/// One replica this node holds.
+#[derive(Clone)]
+pub struct LocalShard {
+    pub raft: Raft,
+    pub store: Arc<SledStore>,
+    pub log: Arc<ShardLog>,
+}
+
+impl LocalShard {
+    /// The term this node leads the shard in, once it has applied an entry of
+    /// that term (so everything committed before it too); `None` otherwise.
+    pub fn ready_term(&self, me: NodeId) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let caught_up = m.last_applied.is_some_and(|id| id.leader_id.term == m.current_term);
+        (m.current_leader == Some(me) && caught_up).then_some(m.current_term)
+    }
+
+    fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+}
+
+/// This node's data shards, addressed by entity.
+pub struct LocalShards {
+    node: NodeId,
+    shard_count: u32,
+    placement: Placement,
+    /// Fixed at start-up: one entry per replica placed on this node.
+    shards: BTreeMap<ShardId, LocalShard>,
+}
+
+impl LocalShards {
+    pub fn new(node: NodeId, placement: Placement, shards: BTreeMap<ShardId, LocalShard>) -> Self {
+        Self { node, shard_count: placement.shards.len() as u32, placement, shards }
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn shard_of(&self, entity: &EntityRef) -> ShardId {
+        shard_of(&entity.entity_type, &entity.id, self.shard_count)
+    }
+
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    pub fn get(&self, shard: ShardId) -> Option<&LocalShard> {
+        self.shards.get(&shard)
+    }
+
+    fn shard_of_key(&self, keyspace: Keyspace, key: &[u8]) -> Option<ShardId> {
+        entity_of_key(keyspace, key).map(|(ty, id)| shard_of(ty, id, self.shard_count))
+    }
+
+    fn local(&self, shard: ShardId) -> Result<&LocalShard, StorageError> {
+        self.shards.get(&shard).ok_or(StorageError::NotLocal { shard })
+    }
+
+    /// The shards whose background work (delivery, timers, sweeps) runs here.
+    fn led(&self) -> impl Iterator<Item = &LocalShard> {
+        self.shards.values().filter(|s| s.ready_term(self.node).is_some())
+    }
+}
+
+impl StateStore for LocalShards {
+    fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let shard = self
+            .shard_of_key(keyspace, key)
+            .ok_or(StorageError::Unsupported("this key belongs to no entity, so to no shard"))?;
+        self.local(shard)?.store.get(keyspace, key)
+    }
+
+    fn scan(
+        &self,
+        keyspace: Keyspace,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<KvPairs, StorageError> {
+        if let Some(shard) = self.shard_of_key(keyspace, prefix) {
+            return self.local(shard)?.store.scan(keyspace, prefix, start_after, limit);
+        }
+        // Each shard's first `limit` keys hold the merged first `limit`.
+        let mut all = Vec::new();
+        for s in self.led() {
+            all.extend(s.store.scan(keyspace, prefix, start_after, limit)?);
+        }
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    fn apply(&self, _entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError> {
+        Err(StorageError::Unsupported("shard replicas apply only what their Raft group commits"))
+    }
+
+    /// Shards apply independently; there is no node-wide index.
+    fn applied_index(&self) -> Result<LogIndex, StorageError> {
+        Ok(self.shards.values().map(|s| s.store.applied_index().unwrap_or(0)).sum())
+    }
+
+    fn persist(&self) -> Result<(), StorageError> {
+        self.shards.values().try_for_each(|s| s.store.persist())
+    }
+}
+
+impl CommitLog for LocalShards {
+    /// A turn's write set names one entity, so one shard, and commits
+    /// atomically there. Background deletes that span entities are split by
+    /// shard; each part commits on its own.
+    fn propose(&self, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
+        let mut parts: BTreeMap<ShardId, WriteSet> = BTreeMap::new();
+        for op in ws.ops {
+            let Some(shard) = self.shard_of_key(op.keyspace(), op.key()) else {
+                return Box::pin(async { Err(LogError::Aborted("a write names no entity, so no shard".into())) });
+            };
+            parts.entry(shard).or_default().ops.push(op);
+        }
+        let mut proposals = Vec::with_capacity(parts.len());
+        for (shard, part) in parts {
+            match self.shards.get(&shard) {
+                Some(s) => proposals.push(s.log.propose(part)),
+                None => {
+                    let leader = self.placement.shards.get(shard as usize).and_then(|r| r.first().copied());
+                    return Box::pin(async move { Err(LogError::NotLeader { leader }) });
+                }
+            }
+        }
+        Box::pin(async move {
+            let mut last = 0;
+            for p in futures::future::join_all(proposals).await {
+                last = last.max(p?);
+            }
+            Ok(last)
+        })
+    }
+
+    fn last_durable_index(&self) -> LogIndex {
+        StateStore::applied_index(self).unwrap_or(0)
+    }
+
+    fn applied_index(&self) -> LogIndex {
+        StateStore::applied_index(self).unwrap_or(0)
+    }
+
+    fn stats(&self) -> LogStats {
+        let mut total = LogStats::default();
+        for s in self.shards.values() {
+            let one = s.log.stats();
+            total.proposals += one.proposals;
+            total.sync_batches += one.sync_batches;
+            total.largest_batch = total.largest_batch.max(one.largest_batch);
+            total.bytes_written += one.bytes_written;
+        }
+        total
+    }
+
+    fn shutdown(&self) -> BoxFuture<'static, Result<(), LogError>> {
+        let logs: Vec<Arc<ShardLog>> = self.shards.values().map(|s| s.log.clone()).collect();
+        Box::pin(async move {
+            for r in futures::future::join_all(logs.iter().map(|l| l.shutdown())).await {
+                r?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Where an entity's turns run on a cluster, and the hop to get there.
+pub struct ClusterRouter {
+    shards: Arc<LocalShards>,
+    peers: Arc<dyn Peers>,
+    forward_timeout: Duration,
+    /// Leaders learned from refusals, for shards this node holds no replica
+    /// of. Bounded by the shard count.
+    hints: Mutex<HashMap<ShardId, NodeId>>,
+}
+
+impl ClusterRouter {
+    pub fn new(shards: Arc<LocalShards>, peers: Arc<dyn Peers>, forward_timeout: Duration) -> Self {
+        Self { shards, peers, forward_timeout, hints: Mutex::new(HashMap::new()) }
+    }
+
+    fn hints(&self) -> std::sync::MutexGuard<'_, HashMap<ShardId, NodeId>> {
+        self.hints.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Router for ClusterRouter {
+    fn route(&self, entity: &EntityRef) -> Route {
+        let me = self.shards.node;
+        let shard = self.shards.shard_of(entity);
+        if let Some(local) = self.shards.get(shard) {
+            if let Some(epoch) = local.ready_term(me) {
+                return Route::Here { epoch };
+            }
+            return match local.leader() {
+                // Elected, not yet caught up: the caller waits and retries.
+                Some(l) if l == me => Route::Unknown,
+                Some(node) => Route::There { node },
+                None => Route::Unknown,
+            };
+        }
+        if let Some(node) = self.hints().get(&shard) {
+            return Route::There { node: *node };
+        }
+        // No replica here: ask one that has; it names the leader if it is not.
+        match self.shards.placement.shards.get(shard as usize).and_then(|r| r.first()) {
+            Some(node) => Route::There { node: *node },
+            None => Route::Unknown,
+        }
+    }
+
+    fn forward(&self, node: NodeId, inv: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>> {
+        self.peers.invoke(node, inv)
+    }
+
+    fn hint(&self, entity: &EntityRef, leader: Option<NodeId>) {
+        let shard = self.shards.shard_of(entity);
+        if self.shards.get(shard).is_some() {
+            return; // the local replica's metrics know better
+        }
+        let mut hints = self.hints();
+        match leader {
+            Some(l) => {
+                hints.insert(shard, l);
+            }
+            None => {
+                // No leader named, or the node asked is unreachable: ask the
+                // shard's next replica.
+                let replicas = self.shards.placement.shards.get(shard as usize).cloned().unwrap_or_default();
+                let current = hints.get(&shard).copied().or(replicas.first().copied());
+                let pos = current.and_then(|c| replicas.iter().position(|r| *r == c)).unwrap_or(0);
+                if let Some(next) = replicas.get((pos + 1) % replicas.len().max(1)) {
+                    hints.insert(shard, *next);
+                }
+            }
+        }
+    }
+
+    fn forward_timeout(&self) -> Duration {
+        self.forward_timeout
+    }
+}
