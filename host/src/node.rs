@@ -16,7 +16,7 @@
 //! the entity's shard; the `Cluster` service shares the API port.
 
 use crate::api::Api;
-use crate::api::cluster::{ClusterSecret, ClusterService, GrpcTransport};
+use crate::api::cluster::{ClusterSecret, ClusterService, GrpcTransport, MemberRegistries};
 use crate::cluster::meta::{META_SHARD, MetaLog};
 use crate::cluster::raft::{NoPeers, ReplicaHost, ReplicaTable, ShardId, ShardLog};
 use crate::cluster::sharded::{ClusterRouter, LocalShard, LocalShards};
@@ -269,6 +269,8 @@ impl Node {
             .await
             .map_err(|e| NodeError::Background(e.to_string()))??
         };
+        let others = members.iter().copied().filter(|m| *m != c.node_id).collect();
+        registry.set_propagation(Arc::new(MemberRegistries::new(transport.clone(), others)));
         let router = Arc::new(ClusterRouter::new(local.clone(), transport, timeout));
         let scheduler =
             Scheduler::with_router(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone(), Some(router));
@@ -300,8 +302,11 @@ impl Node {
             None => api,
             Some(c) => {
                 watchers.push(tokio::spawn(follow_registry(c.meta.clone(), self.registry.clone())));
-                let service = ClusterService::new(c.node, c.secret.clone(), c.table.clone())
-                    .with_scheduler(self.scheduler.clone(), c.logs.clone());
+                let service = ClusterService::new(c.node, c.secret.clone(), c.table.clone()).with_node(
+                    self.scheduler.clone(),
+                    self.registry.clone(),
+                    c.logs.clone(),
+                );
                 api.with_cluster(service)
             }
         };

@@ -46,8 +46,12 @@ pub fn guest_wasm(package: &str) -> PathBuf {
 
 /// `conflux serve` on a free 127.0.0.1 port with `data_dir` and `extra` flags.
 fn serve_command(data_dir: &Path, extra: &[&str]) -> Command {
+    serve_command_at(data_dir, "127.0.0.1:0", extra)
+}
+
+fn serve_command_at(data_dir: &Path, listen: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(conflux_bin());
-    c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+    c.args(["serve", "--listen", listen, "--data-dir"])
         .arg(data_dir)
         .args(extra)
         .env("RUST_LOG", "info")
@@ -69,9 +73,14 @@ impl Daemon {
     }
 
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Daemon {
+        Self::start_at(data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// Starts a daemon listening on `listen` (a cluster member's fixed address).
+    pub fn start_at(data_dir: &Path, listen: &str, extra: &[&str]) -> Daemon {
         std::fs::create_dir_all(data_dir).unwrap();
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("daemon.log")).unwrap();
-        let mut child = serve_command(data_dir, extra)
+        let mut child = serve_command_at(data_dir, listen, extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
             .spawn()

@@ -94,6 +94,7 @@ pub struct ClusterService {
     secret: ClusterSecret,
     replicas: ReplicaTable,
     scheduler: Option<Scheduler>,
+    registry: Option<Arc<crate::registry::Registry>>,
     /// The commit log of each group this node holds a replica of.
     logs: Arc<HashMap<ShardId, Arc<dyn CommitLog>>>,
 }
@@ -106,12 +107,19 @@ impl std::fmt::Debug for ClusterService {
 
 impl ClusterService {
     pub fn new(node: NodeId, secret: ClusterSecret, replicas: ReplicaTable) -> Self {
-        Self { node, secret, replicas, scheduler: None, logs: Arc::default() }
+        Self { node, secret, replicas, scheduler: None, registry: None, logs: Arc::default() }
     }
 
-    /// Serves forwarded invocations with `scheduler` and proposals with `logs`.
-    pub fn with_scheduler(mut self, scheduler: Scheduler, logs: HashMap<ShardId, Arc<dyn CommitLog>>) -> Self {
+    /// Serves forwarded invocations with `scheduler`, proposals with `logs` and
+    /// what this node serves of each type from `registry`.
+    pub fn with_node(
+        mut self,
+        scheduler: Scheduler,
+        registry: Arc<crate::registry::Registry>,
+        logs: HashMap<ShardId, Arc<dyn CommitLog>>,
+    ) -> Self {
         self.scheduler = Some(scheduler);
+        self.registry = Some(registry);
         self.logs = Arc::new(logs);
         self
     }
@@ -180,6 +188,87 @@ impl Cluster for ClusterService {
             }),
         };
         Ok(Response::new(pb::ProposeReply { outcome: Some(outcome) }))
+    }
+
+    async fn loaded_type(&self, req: Request<pb::LoadedTypeRequest>) -> Result<Response<pb::LoadedTypeReply>, Status> {
+        if !self.secret.admits(&req) {
+            return Err(Status::unauthenticated("missing or wrong cluster secret"));
+        }
+        let Some(registry) = &self.registry else {
+            return Err(Status::unavailable("this node is not serving yet"));
+        };
+        let record_json = match registry.get(&req.into_inner().type_name) {
+            Ok(record) => serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?,
+            Err(_) => Vec::new(),
+        };
+        Ok(Response::new(pb::LoadedTypeReply { record_json }))
+    }
+}
+
+/// How long a deploy waits for the other members to serve it.
+const PROPAGATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a deploy asks a member whether it serves the new record yet.
+const PROPAGATION_POLL: Duration = Duration::from_millis(50);
+
+/// The other members of a cluster, asked whether they serve a record.
+pub struct MemberRegistries {
+    transport: Arc<GrpcTransport>,
+    others: Vec<NodeId>,
+}
+
+impl MemberRegistries {
+    pub fn new(transport: Arc<GrpcTransport>, others: Vec<NodeId>) -> Self {
+        Self { transport, others }
+    }
+}
+
+impl crate::registry::Propagation for MemberRegistries {
+    fn await_members(&self, record: &crate::registry::TypeRecord) -> BoxFuture<'static, Result<(), String>> {
+        let waits: Vec<_> = self
+            .others
+            .iter()
+            .map(|node| {
+                let (node, client) = (*node, self.transport.client(*node));
+                let req = self.transport.request(pb::LoadedTypeRequest { type_name: record.name.clone() });
+                let want = record.clone();
+                async move {
+                    let Some(mut client) = client else { return Ok(()) };
+                    let deadline = tokio::time::Instant::now() + PROPAGATION_TIMEOUT;
+                    loop {
+                        let mut r = Request::new(req.get_ref().clone());
+                        *r.metadata_mut() = req.metadata().clone();
+                        r.set_timeout(Duration::from_secs(5));
+                        match client.loaded_type(r).await {
+                            Ok(reply) => {
+                                let served = serde_json::from_slice::<crate::registry::TypeRecord>(
+                                    &reply.into_inner().record_json,
+                                )
+                                .ok();
+                                if served.as_ref() == Some(&want) {
+                                    return Ok(());
+                                }
+                            }
+                            // Down: it loads the record when it starts.
+                            Err(s) if never_sent(&s) => return Ok(()),
+                            Err(_) => {}
+                        }
+                        if tokio::time::Instant::now() >= deadline {
+                            return Err(node);
+                        }
+                        tokio::time::sleep(PROPAGATION_POLL).await;
+                    }
+                }
+            })
+            .collect();
+        Box::pin(async move {
+            let late: Vec<NodeId> =
+                futures::future::join_all(waits).await.into_iter().filter_map(Result::err).collect();
+            if late.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("nodes {late:?} did not load it within {PROPAGATION_TIMEOUT:?}"))
+            }
+        })
     }
 }
 

@@ -139,6 +139,7 @@ fn registry_status(e: RegistryError) -> Status {
         RegistryError::Invalid(_) => status(Code::InvalidArgument, "invalid-component", msg),
         RegistryError::UnknownVersion { .. } => status(Code::NotFound, "unknown-version", msg),
         RegistryError::BadCanary(_) => status(Code::InvalidArgument, "bad-canary", msg),
+        RegistryError::NotPropagated(_) => status(Code::Unavailable, "not-propagated", msg),
         _ => status(Code::Internal, "registry", msg),
     }
 }

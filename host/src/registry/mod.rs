@@ -53,6 +53,8 @@ pub enum RegistryError {
     UnknownVersion { name: String, version: u32, known: String },
     #[error("bad canary: {0}")]
     BadCanary(String),
+    #[error("committed, but not every member serves it yet: {0}")]
+    NotPropagated(String),
 }
 
 /// Most entity ids one canary may list; a canary is a handful of test entities.
@@ -270,8 +272,17 @@ impl TypeState {
     }
 }
 
+/// How a clustered registry learns that the other members serve a record
+/// (a single node has no others).
+pub trait Propagation: Send + Sync + 'static {
+    /// Resolves once every member that is up serves `record`; the error names
+    /// the members that did not in time.
+    fn await_members(&self, record: &TypeRecord) -> futures::future::BoxFuture<'static, Result<(), String>>;
+}
+
 pub struct Registry {
     runtime: Arc<Runtime>,
+    propagation: std::sync::OnceLock<Arc<dyn Propagation>>,
     store: Arc<dyn StateStore>,
     log: Arc<dyn CommitLog>,
     cfg: RegistryConfig,
@@ -313,6 +324,7 @@ impl Registry {
         std::fs::create_dir_all(&artifacts_dir)?;
         let reg = Self {
             runtime,
+            propagation: std::sync::OnceLock::new(),
             store: store.clone(),
             log,
             cfg: cfg.clone(),
@@ -330,6 +342,11 @@ impl Registry {
             reg.types.write().expect("registry lock").insert(record.name.clone(), TypeState { record, loaded });
         }
         Ok(reg)
+    }
+
+    /// Makes deploys, rollbacks and promotes wait until every member serves them.
+    pub fn set_propagation(&self, p: Arc<dyn Propagation>) {
+        let _ = self.propagation.set(p);
     }
 
     /// Every type record in the store.
@@ -433,7 +450,7 @@ impl Registry {
         canary: Option<Vec<String>>,
     ) -> Result<DeployOutcome, RegistryError> {
         let digest = self.check_upload(type_name, &bytes)?;
-        let _guard = self.deploy_lock.lock().await;
+        let guard = self.deploy_lock.lock().await;
         let existing = self.types.read().expect("registry lock").get(type_name).map(|t| t.record.clone());
         let plan =
             TypeRecord::plan_deploy(existing.as_ref(), type_name, &digest, bytes.len() as u64, now_ms(), canary)?;
@@ -451,7 +468,9 @@ impl Registry {
                 Arc::new(LoadedVersion { type_name: type_name.to_owned(), version, digest: digest.clone(), prepared });
             (loaded, Some((digest.clone(), bytes)))
         };
-        self.commit(record, Some(loaded), component).await?;
+        let propagated = self.commit(record, Some(loaded), component).await?;
+        drop(guard);
+        propagated.wait().await?;
         tracing::info!(entity_type = type_name, version, %digest, canary = ?plan.outcome.canary, "deployed component");
         Ok(plan.outcome)
     }
@@ -460,12 +479,14 @@ impl Registry {
     /// ending any canary. Used by rollback and promote; the version is loaded
     /// before the switch.
     pub async fn activate(self: &Arc<Self>, type_name: &str, version: u32) -> Result<ActivateOutcome, RegistryError> {
-        let _guard = self.deploy_lock.lock().await;
+        let guard = self.deploy_lock.lock().await;
         let existing = self.get(type_name)?;
         let plan = existing.plan_activate(version)?;
         let Some(record) = plan.record else { return Ok(plan.outcome) };
         let loaded = self.loaded_or_load(&record, version).await?;
-        self.commit(record, Some(loaded), None).await?;
+        let propagated = self.commit(record, Some(loaded), None).await?;
+        drop(guard);
+        propagated.wait().await?;
         tracing::info!(entity_type = type_name, version, previous = plan.outcome.previous_active, "activated version");
         Ok(plan.outcome)
     }
@@ -516,7 +537,7 @@ impl Registry {
         record: TypeRecord,
         new: Option<Arc<LoadedVersion>>,
         component: Option<(String, Vec<u8>)>,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<Propagated, RegistryError> {
         let mut ws = WriteSet::default();
         if let Some((digest, bytes)) = component {
             ws.ops.push(Op::Put { keyspace: Keyspace::Registry, key: component_key(&digest), value: bytes });
@@ -527,16 +548,20 @@ impl Registry {
             value: serde_json::to_vec(&record).expect("records serialise"),
         });
         self.log.propose(ws).await?;
-        let mut types = self.types.write().expect("registry lock");
-        let mut loaded = types.remove(&record.name).map(|t| t.loaded).unwrap_or_default();
-        if let Some(n) = new {
-            loaded.insert(n.version, n);
-        }
-        let keep = [Some(record.active), record.canary.as_ref().map(|c| c.version)];
-        loaded.retain(|v, _| keep.contains(&Some(*v)));
-        debug_assert!(keep.iter().flatten().all(|v| loaded.contains_key(v)));
-        types.insert(record.name.clone(), TypeState { record, loaded });
-        Ok(())
+        let wait = {
+            let mut types = self.types.write().expect("registry lock");
+            let mut loaded = types.remove(&record.name).map(|t| t.loaded).unwrap_or_default();
+            if let Some(n) = new {
+                loaded.insert(n.version, n);
+            }
+            let keep = [Some(record.active), record.canary.as_ref().map(|c| c.version)];
+            loaded.retain(|v, _| keep.contains(&Some(*v)));
+            debug_assert!(keep.iter().flatten().all(|v| loaded.contains_key(v)));
+            let wait = self.propagation.get().map(|p| p.await_members(&record));
+            types.insert(record.name.clone(), TypeState { record, loaded });
+            wait
+        };
+        Ok(Propagated(wait))
     }
 
     fn component_path(&self, digest: &str) -> PathBuf {
@@ -615,6 +640,21 @@ impl Registry {
         };
         let prepared = self.runtime.prepare(&component).map_err(|e| ValidationError::Link(e.to_string()))?;
         Ok(Arc::new(LoadedVersion { type_name: record.name.clone(), version, digest: v.digest.clone(), prepared }))
+    }
+}
+
+/// The other members' switch to a committed record, awaited after the
+/// deploy lock is released (so members' own deploys and refreshes proceed).
+struct Propagated(Option<futures::future::BoxFuture<'static, Result<(), String>>>);
+
+impl Propagated {
+    /// Hot swap is cluster-wide: once this resolves, a call through any
+    /// member runs the new version.
+    async fn wait(self) -> Result<(), RegistryError> {
+        match self.0 {
+            Some(wait) => wait.await.map_err(RegistryError::NotPropagated),
+            None => Ok(()),
+        }
     }
 }
 

@@ -1,0 +1,278 @@
+//! End-to-end tests of a cluster of real `conflux` processes on 127.0.0.1:
+//! deploy through one node, invoke through every node, hot swap under load,
+//! and `kill -9` of a member (a shard leader) under load with bank transfers.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use support::*;
+use tonic::Code;
+
+const SECRET: &str = "cluster-test-secret-0123456789";
+/// Fewer shards than the default keeps start-up quick; the code path is the same.
+const SHARDS: &str = "cluster.shard_count=8";
+
+/// Three members with fixed ports, each on its own data directory.
+struct Cluster {
+    dirs: Vec<PathBuf>,
+    addrs: Vec<String>,
+    nodes: Vec<Option<Daemon>>,
+}
+
+impl Cluster {
+    fn start(root: &Path, size: usize) -> Cluster {
+        // Free ports now; the members bind them a moment later.
+        let addrs: Vec<String> = (0..size)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string())
+            .collect();
+        let dirs = (0..size).map(|i| root.join(format!("n{}", i + 1))).collect();
+        let mut c = Cluster { dirs, addrs, nodes: (0..size).map(|_| None).collect() };
+        for i in 0..size {
+            c.restart(i);
+        }
+        c
+    }
+
+    fn restart(&mut self, i: usize) {
+        let peers: Vec<String> = self.addrs.iter().enumerate().map(|(k, a)| format!("{}={a}", k + 1)).collect();
+        let id = (i + 1).to_string();
+        let peers = peers.join(",");
+        let args = ["--node-id", &id, "--peer", &peers, "--cluster-secret", SECRET, "--set", SHARDS];
+        self.nodes[i] = Some(Daemon::start_at(&self.dirs[i], &self.addrs[i], &args));
+    }
+
+    fn node(&self, i: usize) -> &Daemon {
+        self.nodes[i].as_ref().expect("running")
+    }
+
+    fn kill9(&mut self, i: usize) {
+        self.nodes[i].take().expect("running").kill9();
+    }
+}
+
+impl Drop for Cluster {
+    /// A failed test shows what the members logged.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for dir in &self.dirs {
+                let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().filter(|l| !l.contains("openraft")).collect();
+                eprintln!("--- {} (last 60 lines) ---", dir.display());
+                for l in &lines[lines.len().saturating_sub(60)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// Retries `probe` until it returns `Some`, for at most `secs`.
+async fn eventually<T>(secs: u64, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const COUNTERS: usize = 20;
+
+#[test]
+fn three_processes_serve_every_entity_from_every_node_through_a_hot_swap() {
+    let root = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(root.path(), 3);
+    deploy(cluster.node(0), "counter", &guest_wasm("counter"));
+    let v2 = guest_wasm("counter-v2");
+    rt().block_on(async {
+        // A deploy returns once every member serves it: any node runs it now.
+        for i in 0..3 {
+            let mut c = cluster.node(i).client().await;
+            call(&mut c, "counter", &format!("probe{i}"), "get", "").await.unwrap();
+        }
+        // Three callers per node, each adding 1 to every counter in turn.
+        let mut tasks = Vec::new();
+        for i in 0..3 {
+            for caller in 0..3 {
+                let mut c = cluster.node(i).client().await;
+                tasks.push(tokio::spawn(async move {
+                    let mut failures = Vec::new();
+                    for k in 0..COUNTERS * 4 {
+                        let id = format!("c{}", (k + caller) % COUNTERS);
+                        if let Err(e) = call(&mut c, "counter", &id, "add", "1").await {
+                            failures.push(format!(
+                                "node {} {:?} {id}: {:?} {}",
+                                i + 1,
+                                std::time::SystemTime::now(),
+                                e.code(),
+                                e.message()
+                            ));
+                        }
+                    }
+                    failures
+                }));
+            }
+        }
+        // Hot swap through another node while the calls run.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let out = cluster.node(1).cli(&["deploy", "counter", v2.to_str().unwrap()]);
+        assert!(out.status.success(), "deploy of v2 failed: {}", stderr(&out));
+        let mut failures = Vec::new();
+        for t in tasks {
+            failures.extend(t.await.unwrap());
+        }
+        assert!(failures.is_empty(), "{} calls failed, e.g. {:?}", failures.len(), &failures[..failures.len().min(5)]);
+        // 9 callers × 4 adds per counter, read through every node.
+        for i in 0..3 {
+            let mut c = cluster.node(i).client().await;
+            for k in 0..COUNTERS {
+                let total = call(&mut c, "counter", &format!("c{k}"), "get", "").await.unwrap();
+                assert_eq!(total, json!(36), "counter c{k} read through node {}", i + 1);
+            }
+            // The swap returned, so v2 answers through every node.
+            for k in 0..COUNTERS {
+                let v = call(&mut c, "counter", &format!("c{k}"), "version", "").await.unwrap();
+                assert_eq!(v, json!(2), "c{k} through node {}", i + 1);
+            }
+        }
+    });
+}
+
+/// A small deterministic PRNG (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+const ACCOUNTS: u64 = 12;
+const OPENING_BALANCE: i64 = 1000;
+
+/// Calls with an idempotency key, retrying (same key) until an answer that is
+/// not "unavailable", for at most 20 s. Returns the answer and whether it
+/// took a retry.
+async fn call_keyed(
+    c: &mut conflux_host::api::pb::conflux_client::ConfluxClient<tonic::transport::Channel>,
+    id: &str,
+    op: &str,
+    payload: &str,
+    key: &str,
+) -> (Result<Value, tonic::Status>, bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut retried = false;
+    loop {
+        let mut req = invoke_req("account", id, op, payload);
+        req.idempotency_key = key.to_owned();
+        let r = c.invoke(req).await.map(|r| serde_json::from_slice(&r.into_inner().reply).expect("JSON reply"));
+        match r {
+            Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                retried = true;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => return (r, retried),
+        }
+    }
+}
+
+#[test]
+fn killing_a_member_under_load_loses_and_duplicates_nothing_and_it_catches_up() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path(), 3);
+    deploy(cluster.node(0), "account", &guest_wasm("bank"));
+    let runtime = rt();
+    runtime.block_on(async {
+        let mut c = cluster.node(2).client().await;
+        for a in 0..ACCOUNTS {
+            let (r, _) =
+                call_keyed(&mut c, &format!("a{a}"), "deposit", &OPENING_BALANCE.to_string(), &format!("open-{a}"))
+                    .await;
+            r.unwrap();
+        }
+        // A closed account: transfers to it are refunded (the compensation).
+        call_keyed(&mut c, "a11", "close", "", "close").await.0.unwrap();
+    });
+    // Transfers through nodes 2 and 3 while node 1, which formed the groups
+    // it is first replica of (so leads some), is killed.
+    let acknowledged = runtime.block_on(async {
+        let stop_at = Instant::now() + Duration::from_secs(4);
+        let mut tasks = Vec::new();
+        for client in 0..6u64 {
+            let mut c = cluster.node(1 + client as usize % 2).client().await;
+            tasks.push(tokio::spawn(async move {
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (client + 1));
+                let mut acks = Vec::new();
+                let mut n = 0;
+                while Instant::now() < stop_at {
+                    n += 1;
+                    let from = format!("a{}", rng.below(ACCOUNTS - 1));
+                    let to = format!("a{}", rng.below(ACCOUNTS));
+                    let t = json!({"to": to, "amount": 1 + rng.below(50)}).to_string();
+                    match call_keyed(&mut c, &from, "transfer", &t, &format!("t-{client}-{n}")).await.0 {
+                        Ok(id) => acks.push((from, to, id.as_str().unwrap().to_owned())),
+                        Err(e) if e.code() == Code::FailedPrecondition || e.code() == Code::InvalidArgument => {}
+                        Err(e) => panic!("transfer failed for good: {e:?}"),
+                    }
+                }
+                acks
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        cluster.kill9(0);
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    assert!(acknowledged.len() > 50, "only {} transfers acknowledged", acknowledged.len());
+    cluster.restart(0);
+    runtime.block_on(async {
+        // Read through the restarted node: it forwards to the leaders or,
+        // where it leads again, serves from its caught-up replicas.
+        let mut c = cluster.node(0).client().await;
+        let statements = eventually(60, "the sagas to settle", async || {
+            let mut statements = BTreeMap::new();
+            for a in 0..ACCOUNTS {
+                let id = format!("a{a}");
+                let s = call(&mut c, "account", &id, "statement", "").await.ok()?;
+                statements.insert(id, s);
+            }
+            let pending = statements.values().any(|s| {
+                s["outgoing"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .any(|o| o["status"] != "completed" && o["status"] != "refunded")
+            });
+            (!pending).then_some(statements)
+        })
+        .await;
+        let total: i64 = statements.values().map(|s| s["balance"].as_i64().unwrap()).sum();
+        assert_eq!(total, ACCOUNTS as i64 * OPENING_BALANCE, "money is conserved");
+        let mut credited_anywhere = BTreeSet::new();
+        for s in statements.values() {
+            for id in s["credited"].as_array().unwrap() {
+                assert!(credited_anywhere.insert(id.as_str().unwrap().to_owned()), "credited twice: {id}");
+            }
+        }
+        for (from, to, id) in &acknowledged {
+            let out = &statements[from]["outgoing"][id];
+            let credited = statements[to]["credited"].as_array().unwrap().contains(&json!(id));
+            match out["status"].as_str() {
+                Some("completed") => assert!(credited, "{id} completed but {to} has no credit"),
+                Some("refunded") => assert!(!credited && to == "a11", "{id} refunded: {out}"),
+                other => panic!("acknowledged transfer {id} is {other:?} after quiescence"),
+            }
+        }
+    });
+}
