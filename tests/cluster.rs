@@ -4,6 +4,7 @@
 
 mod support;
 
+use conflux_host::api::pb;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -143,6 +144,10 @@ fn three_processes_serve_every_entity_from_every_node_through_a_hot_swap() {
     });
 }
 
+async fn cluster_status(d: &Daemon) -> pb::StatusResponse {
+    d.client().await.status(pb::StatusRequest {}).await.unwrap().into_inner()
+}
+
 /// A small deterministic PRNG (xorshift).
 struct Rng(u64);
 
@@ -201,13 +206,21 @@ fn killing_a_member_under_load_loses_and_duplicates_nothing_and_it_catches_up() 
         // A closed account: transfers to it are refunded (the compensation).
         call_keyed(&mut c, "a11", "close", "", "close").await.0.unwrap();
     });
-    // Transfers through nodes 2 and 3 while node 1, which formed the groups
-    // it is first replica of (so leads some), is killed.
+    // The member leading the most shards is killed while transfers run
+    // through the other two.
+    let victim = runtime.block_on(async {
+        let status = cluster_status(cluster.node(0)).await;
+        let leads = |n: &pb::NodeInfo| n.shards_led;
+        let top = status.nodes.iter().max_by_key(|n| leads(n)).unwrap();
+        assert!(top.shards_led >= 1, "nobody leads a shard: {status:?}");
+        top.node_id.parse::<usize>().unwrap() - 1
+    });
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
     let acknowledged = runtime.block_on(async {
         let stop_at = Instant::now() + Duration::from_secs(4);
         let mut tasks = Vec::new();
         for client in 0..6u64 {
-            let mut c = cluster.node(1 + client as usize % 2).client().await;
+            let mut c = cluster.node(survivors[client as usize % 2]).client().await;
             tasks.push(tokio::spawn(async move {
                 let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (client + 1));
                 let mut acks = Vec::new();
@@ -227,7 +240,7 @@ fn killing_a_member_under_load_loses_and_duplicates_nothing_and_it_catches_up() 
             }));
         }
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        cluster.kill9(0);
+        cluster.kill9(victim);
         let mut all = Vec::new();
         for t in tasks {
             all.extend(t.await.unwrap());
@@ -235,11 +248,20 @@ fn killing_a_member_under_load_loses_and_duplicates_nothing_and_it_catches_up() 
         all
     });
     assert!(acknowledged.len() > 50, "only {} transfers acknowledged", acknowledged.len());
-    cluster.restart(0);
+    cluster.restart(victim);
     runtime.block_on(async {
+        // The restarted member catches up: every shard has a leader again and
+        // no replica lags.
+        eventually(60, "every replica to catch up", async || {
+            let s = cluster_status(cluster.node(victim)).await;
+            let caught_up = s.nodes.iter().all(|n| n.state == "up")
+                && s.shards.iter().all(|sh| !sh.leader.is_empty() && sh.replication_lag == 0);
+            caught_up.then_some(())
+        })
+        .await;
         // Read through the restarted node: it forwards to the leaders or,
         // where it leads again, serves from its caught-up replicas.
-        let mut c = cluster.node(0).client().await;
+        let mut c = cluster.node(victim).client().await;
         let statements = eventually(60, "the sagas to settle", async || {
             let mut statements = BTreeMap::new();
             for a in 0..ACCOUNTS {

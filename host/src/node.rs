@@ -16,7 +16,7 @@
 //! the entity's shard; the `Cluster` service shares the API port.
 
 use crate::api::Api;
-use crate::api::cluster::{ClusterSecret, ClusterService, GrpcTransport, MemberRegistries};
+use crate::api::cluster::{ClusterSecret, ClusterService, ClusterView, GrpcTransport, MemberRegistries};
 use crate::cluster::meta::{META_SHARD, MetaLog};
 use crate::cluster::raft::{NoPeers, ReplicaHost, ReplicaTable, ShardId, ShardLog};
 use crate::cluster::sharded::{ClusterRouter, LocalShard, LocalShards};
@@ -91,6 +91,8 @@ pub struct Node {
 /// What a clustered node holds beyond a single node.
 struct ClusterParts {
     node: u64,
+    members: BTreeMap<u64, String>,
+    transport: Arc<GrpcTransport>,
     secret: ClusterSecret,
     table: ReplicaTable,
     shards: Arc<ShardSet>,
@@ -271,11 +273,11 @@ impl Node {
         };
         let others = members.iter().copied().filter(|m| *m != c.node_id).collect();
         registry.set_propagation(Arc::new(MemberRegistries::new(transport.clone(), others)));
-        let router = Arc::new(ClusterRouter::new(local.clone(), transport, timeout));
+        let router = Arc::new(ClusterRouter::new(local.clone(), transport.clone(), timeout));
         let scheduler =
             Scheduler::with_router(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone(), Some(router));
         let node = c.node_id;
-        let cluster = ClusterParts { node, secret, table, shards, meta, logs };
+        let cluster = ClusterParts { node, members: addrs, transport, secret, table, shards, meta, logs };
         tracing::info!(node, shards = cluster.shards.shards().len(), "cluster member opened");
         Ok(Self { scheduler, registry, store, log, cfg, cluster: Some(cluster), _lock: lock })
     }
@@ -305,9 +307,11 @@ impl Node {
                 let service = ClusterService::new(c.node, c.secret.clone(), c.table.clone()).with_node(
                     self.scheduler.clone(),
                     self.registry.clone(),
+                    c.shards.clone(),
                     c.logs.clone(),
                 );
-                api.with_cluster(service)
+                let view = ClusterView::new(c.node, c.members.clone(), c.shards.clone(), c.transport.clone());
+                api.with_cluster(service, view)
             }
         };
         let addr = self.cfg.api.listen;

@@ -9,6 +9,7 @@ use crate::cluster::raft::{
     DispatchError, NodeId, RaftReply, RaftRpc, ReplicaTable, ShardId, Transport, TransportError,
 };
 use crate::cluster::sharded::Peers;
+use crate::cluster::shards::{ShardSet, ShardStatus, merge_status};
 use crate::log::{CommitLog, LogError};
 use crate::model::{EntityRef, LogIndex, WriteSet};
 use crate::scheduler::{ERROR_KINDS, Invocation, InvokeError, Scheduler};
@@ -95,6 +96,7 @@ pub struct ClusterService {
     replicas: ReplicaTable,
     scheduler: Option<Scheduler>,
     registry: Option<Arc<crate::registry::Registry>>,
+    shards: Option<Arc<ShardSet>>,
     /// The commit log of each group this node holds a replica of.
     logs: Arc<HashMap<ShardId, Arc<dyn CommitLog>>>,
 }
@@ -107,7 +109,7 @@ impl std::fmt::Debug for ClusterService {
 
 impl ClusterService {
     pub fn new(node: NodeId, secret: ClusterSecret, replicas: ReplicaTable) -> Self {
-        Self { node, secret, replicas, scheduler: None, registry: None, logs: Arc::default() }
+        Self { node, secret, replicas, scheduler: None, registry: None, shards: None, logs: Arc::default() }
     }
 
     /// Serves forwarded invocations with `scheduler`, proposals with `logs` and
@@ -116,10 +118,12 @@ impl ClusterService {
         mut self,
         scheduler: Scheduler,
         registry: Arc<crate::registry::Registry>,
+        shards: Arc<ShardSet>,
         logs: HashMap<ShardId, Arc<dyn CommitLog>>,
     ) -> Self {
         self.scheduler = Some(scheduler);
         self.registry = Some(registry);
+        self.shards = Some(shards);
         self.logs = Arc::new(logs);
         self
     }
@@ -190,6 +194,14 @@ impl Cluster for ClusterService {
         Ok(Response::new(pb::ProposeReply { outcome: Some(outcome) }))
     }
 
+    async fn shards(&self, req: Request<pb::ShardsRequest>) -> Result<Response<pb::ShardsReply>, Status> {
+        if !self.secret.admits(&req) {
+            return Err(Status::unauthenticated("missing or wrong cluster secret"));
+        }
+        let shards = self.shards.as_ref().map(|s| s.status()).unwrap_or_default();
+        Ok(Response::new(pb::ShardsReply { shards: shards.into_iter().map(report_to_pb).collect() }))
+    }
+
     async fn loaded_type(&self, req: Request<pb::LoadedTypeRequest>) -> Result<Response<pb::LoadedTypeReply>, Status> {
         if !self.secret.admits(&req) {
             return Err(Status::unauthenticated("missing or wrong cluster secret"));
@@ -202,6 +214,100 @@ impl Cluster for ClusterService {
             Err(_) => Vec::new(),
         };
         Ok(Response::new(pb::LoadedTypeReply { record_json }))
+    }
+}
+
+fn report_to_pb(s: ShardStatus) -> pb::ShardReport {
+    pb::ShardReport {
+        shard: s.shard,
+        replicas: s.replicas,
+        leader: s.leader,
+        term: s.term,
+        applied_index: s.applied_index,
+        lag: s.lag.into_iter().collect(),
+    }
+}
+
+fn report_from_pb(node: NodeId, r: pb::ShardReport) -> ShardStatus {
+    ShardStatus {
+        shard: r.shard,
+        node,
+        replicas: r.replicas,
+        leader: r.leader,
+        term: r.term,
+        applied_index: r.applied_index,
+        lag: r.lag.into_iter().collect(),
+    }
+}
+
+/// How long `conflux status` waits for each member's report.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The cluster as `conflux status` shows it, gathered from every member.
+pub struct ClusterView {
+    node: NodeId,
+    members: std::collections::BTreeMap<NodeId, String>,
+    shards: Arc<ShardSet>,
+    transport: Arc<GrpcTransport>,
+}
+
+impl ClusterView {
+    pub fn new(
+        node: NodeId,
+        members: std::collections::BTreeMap<NodeId, String>,
+        shards: Arc<ShardSet>,
+        transport: Arc<GrpcTransport>,
+    ) -> Self {
+        Self { node, members, shards, transport }
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Every member's nodes and shards, as the public API reports them.
+    pub async fn gather(&self) -> (Vec<super::pb::NodeInfo>, Vec<super::pb::ShardInfo>) {
+        let asks = self.members.keys().map(|node| {
+            let node = *node;
+            let local = (node == self.node).then(|| self.shards.status());
+            let client = self.transport.client(node);
+            let mut req = self.transport.request(pb::ShardsRequest {});
+            req.set_timeout(STATUS_TIMEOUT);
+            async move {
+                if let Some(local) = local {
+                    return (node, Some(local));
+                }
+                let Some(mut client) = client else { return (node, None) };
+                let report = match tokio::time::timeout(STATUS_TIMEOUT, client.shards(req)).await {
+                    Ok(Ok(r)) => Some(r.into_inner().shards.into_iter().map(|r| report_from_pb(node, r)).collect()),
+                    _ => None,
+                };
+                (node, report)
+            }
+        });
+        let reports = futures::future::join_all(asks).await.into_iter().collect();
+        let (nodes, shards) = merge_status(&reports);
+        let name = |n: NodeId| n.to_string();
+        let nodes = nodes
+            .into_iter()
+            .map(|n| super::pb::NodeInfo {
+                node_id: name(n.node),
+                address: self.members.get(&n.node).cloned().unwrap_or_default(),
+                state: if n.up { "up" } else { "unreachable" }.to_owned(),
+                shards_led: n.leads,
+                replicas: n.replicas,
+            })
+            .collect();
+        let shards = shards
+            .into_iter()
+            .map(|s| super::pb::ShardInfo {
+                shard_id: s.shard,
+                replicas: s.replicas.into_iter().map(name).collect(),
+                leader: s.leader.map(name).unwrap_or_default(),
+                replication_lag: s.lag,
+            })
+            .collect();
+        (nodes, shards)
     }
 }
 

@@ -205,6 +205,8 @@ pub struct Api {
     stopping: tokio::sync::watch::Sender<bool>,
     /// Node-to-node traffic of a clustered node, served on the same port.
     cluster: Option<cluster::ClusterService>,
+    /// A clustered node's view of every member, for Status.
+    cluster_view: Option<Arc<cluster::ClusterView>>,
 }
 
 impl Api {
@@ -232,17 +234,22 @@ impl Api {
             bound: None,
             stopping: tokio::sync::watch::channel(false).0,
             cluster: None,
+            cluster_view: None,
         })
     }
 
     /// Also serves the node-to-node `Cluster` service.
-    pub fn with_cluster(mut self, service: cluster::ClusterService) -> Self {
+    pub fn with_cluster(mut self, service: cluster::ClusterService, view: cluster::ClusterView) -> Self {
         self.cluster = Some(service);
+        self.cluster_view = Some(Arc::new(view));
         self
     }
 
     /// This node's id: its address until nodes have cluster identities.
     fn node_id(&self) -> String {
+        if let Some(view) = &self.cluster_view {
+            return view.node().to_string();
+        }
         self.bound.unwrap_or(self.cfg.listen).to_string()
     }
 
@@ -563,6 +570,20 @@ impl Conflux for Api {
         let s = self.scheduler.stats();
         let l = self.log.stats();
         let me = self.node_id();
+        // A single node is the one-replica case: it holds and leads the one shard.
+        let (nodes, shards) = match &self.cluster_view {
+            Some(view) => view.gather().await,
+            None => (
+                vec![pb::NodeInfo {
+                    node_id: me.clone(),
+                    address: me.clone(),
+                    state: "up".to_owned(),
+                    shards_led: 1,
+                    replicas: 1,
+                }],
+                vec![pb::ShardInfo { shard_id: 0, replicas: vec![me.clone()], leader: me.clone(), replication_lag: 0 }],
+            ),
+        };
         Ok(Response::new(pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
@@ -579,20 +600,8 @@ impl Conflux for Api {
             outbox_messages: s.outbox_messages,
             messages_delivered: s.messages_delivered,
             dead_letters: s.dead_letters,
-            // A single node is the one-replica case: it holds and leads the one shard.
-            nodes: vec![pb::NodeInfo {
-                node_id: me.clone(),
-                address: me.clone(),
-                state: "up".to_owned(),
-                shards_led: 1,
-                replicas: 1,
-            }],
-            shards: vec![pb::ShardInfo {
-                shard_id: 0,
-                replicas: vec![me.clone()],
-                leader: me.clone(),
-                replication_lag: 0,
-            }],
+            nodes,
+            shards,
             node_id: me,
         }))
     }

@@ -36,6 +36,67 @@ pub struct ShardStatus {
     pub lag: BTreeMap<NodeId, u64>,
 }
 
+/// One node in a cluster-wide status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSummary {
+    pub node: NodeId,
+    /// It answered the status request.
+    pub up: bool,
+    pub leads: u32,
+    pub replicas: u32,
+}
+
+/// One shard in a cluster-wide status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSummary {
+    pub shard: ShardId,
+    pub replicas: Vec<NodeId>,
+    pub leader: Option<NodeId>,
+    /// Entries the furthest-behind replica lacks (a replica on a node that did
+    /// not answer counts as behind by everything its leader reports).
+    pub lag: u64,
+}
+
+/// Merges what each member reported of its replicas (`None`: it did not
+/// answer) into one view: the leader's report wins for its shard, since only
+/// the leader knows each follower's lag.
+pub fn merge_status(reports: &BTreeMap<NodeId, Option<Vec<ShardStatus>>>) -> (Vec<NodeSummary>, Vec<ShardSummary>) {
+    let mut by_shard: BTreeMap<ShardId, Vec<&ShardStatus>> = BTreeMap::new();
+    for r in reports.values().flatten().flatten() {
+        by_shard.entry(r.shard).or_default().push(r);
+    }
+    let shards: Vec<ShardSummary> = by_shard
+        .into_iter()
+        .map(|(shard, views)| {
+            let leading = views.iter().find(|v| v.leader == Some(v.node));
+            match leading {
+                Some(l) => ShardSummary {
+                    shard,
+                    replicas: l.replicas.clone(),
+                    leader: Some(l.node),
+                    lag: l.lag.values().copied().max().unwrap_or(0),
+                },
+                // No leader answered: compare what the replicas applied.
+                None => {
+                    let applied = views.iter().map(|v| v.applied_index.unwrap_or(0));
+                    let lag = applied.clone().max().unwrap_or(0) - applied.min().unwrap_or(0);
+                    ShardSummary { shard, replicas: views[0].replicas.clone(), leader: None, lag }
+                }
+            }
+        })
+        .collect();
+    let nodes = reports
+        .iter()
+        .map(|(node, report)| NodeSummary {
+            node: *node,
+            up: report.is_some(),
+            leads: shards.iter().filter(|s| s.leader == Some(*node)).count() as u32,
+            replicas: shards.iter().filter(|s| s.replicas.contains(node)).count() as u32,
+        })
+        .collect();
+    (nodes, shards)
+}
+
 /// The replicas of one node, by shard. Bounded by the cluster's shard count.
 pub struct ShardSet {
     host: ReplicaHost,
@@ -151,5 +212,36 @@ impl ShardSet {
                 tracing::warn!(shard = r.shard, "stopping shard replica: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(node: NodeId, shard: ShardId, leader: Option<NodeId>, applied: u64, lag: &[(NodeId, u64)]) -> ShardStatus {
+        ShardStatus {
+            shard,
+            node,
+            replicas: vec![1, 2, 3],
+            leader,
+            term: 1,
+            applied_index: Some(applied),
+            lag: lag.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn the_leaders_report_wins_and_silent_nodes_are_down() {
+        let reports = BTreeMap::from([
+            (1, Some(vec![view(1, 0, Some(1), 10, &[(2, 0), (3, 7)]), view(1, 1, None, 4, &[])])),
+            (2, Some(vec![view(2, 0, Some(1), 10, &[]), view(2, 1, None, 9, &[])])),
+            (3, None),
+        ]);
+        let (nodes, shards) = merge_status(&reports);
+        assert_eq!(shards[0], ShardSummary { shard: 0, replicas: vec![1, 2, 3], leader: Some(1), lag: 7 });
+        assert_eq!(shards[1], ShardSummary { shard: 1, replicas: vec![1, 2, 3], leader: None, lag: 5 });
+        assert_eq!(nodes[0], NodeSummary { node: 1, up: true, leads: 1, replicas: 2 });
+        assert_eq!(nodes[2], NodeSummary { node: 3, up: false, leads: 0, replicas: 2 });
     }
 }
