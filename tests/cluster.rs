@@ -8,6 +8,8 @@ use conflux_host::api::pb;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::*;
 use tonic::Code;
@@ -16,21 +18,37 @@ const SECRET: &str = "cluster-test-secret-0123456789";
 /// Fewer shards than the default keeps start-up quick; the code path is the same.
 const SHARDS: &str = "cluster.shard_count=8";
 
-/// Three members with fixed ports, each on its own data directory.
+/// Members with fixed ports, each on its own data directory.
 struct Cluster {
     dirs: Vec<PathBuf>,
     addrs: Vec<String>,
+    /// Each member's `--peer` list: how it reaches the others.
+    views: Vec<String>,
+    extra: Vec<String>,
     nodes: Vec<Option<Daemon>>,
+}
+
+/// `size` free 127.0.0.1 addresses; the members bind them a moment later.
+fn free_addrs(size: usize) -> Vec<String> {
+    (0..size).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect()
+}
+
+fn peer_list(addrs: &[String]) -> String {
+    addrs.iter().enumerate().map(|(k, a)| format!("{}={a}", k + 1)).collect::<Vec<_>>().join(",")
 }
 
 impl Cluster {
     fn start(root: &Path, size: usize) -> Cluster {
-        // Free ports now; the members bind them a moment later.
-        let addrs: Vec<String> = (0..size)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string())
-            .collect();
+        let addrs = free_addrs(size);
+        let views = vec![peer_list(&addrs); size];
+        Self::start_with(root, addrs, views, &[])
+    }
+
+    fn start_with(root: &Path, addrs: Vec<String>, views: Vec<String>, extra: &[&str]) -> Cluster {
+        let size = addrs.len();
         let dirs = (0..size).map(|i| root.join(format!("n{}", i + 1))).collect();
-        let mut c = Cluster { dirs, addrs, nodes: (0..size).map(|_| None).collect() };
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut c = Cluster { dirs, addrs, views, extra, nodes: (0..size).map(|_| None).collect() };
         for i in 0..size {
             c.restart(i);
         }
@@ -38,10 +56,9 @@ impl Cluster {
     }
 
     fn restart(&mut self, i: usize) {
-        let peers: Vec<String> = self.addrs.iter().enumerate().map(|(k, a)| format!("{}={a}", k + 1)).collect();
         let id = (i + 1).to_string();
-        let peers = peers.join(",");
-        let args = ["--node-id", &id, "--peer", &peers, "--cluster-secret", SECRET, "--set", SHARDS];
+        let mut args = vec!["--node-id", &id, "--peer", &self.views[i], "--cluster-secret", SECRET, "--set", SHARDS];
+        args.extend(self.extra.iter().map(String::as_str));
         self.nodes[i] = Some(Daemon::start_at(&self.dirs[i], &self.addrs[i], &args));
     }
 
@@ -168,6 +185,7 @@ const OPENING_BALANCE: i64 = 1000;
 /// took a retry.
 async fn call_keyed(
     c: &mut conflux_host::api::pb::conflux_client::ConfluxClient<tonic::transport::Channel>,
+    entity_type: &str,
     id: &str,
     op: &str,
     payload: &str,
@@ -176,7 +194,7 @@ async fn call_keyed(
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut retried = false;
     loop {
-        let mut req = invoke_req("account", id, op, payload);
+        let mut req = invoke_req(entity_type, id, op, payload);
         req.idempotency_key = key.to_owned();
         let r = c.invoke(req).await.map(|r| serde_json::from_slice(&r.into_inner().reply).expect("JSON reply"));
         match r {
@@ -198,13 +216,19 @@ fn killing_a_member_under_load_loses_and_duplicates_nothing_and_it_catches_up() 
     runtime.block_on(async {
         let mut c = cluster.node(2).client().await;
         for a in 0..ACCOUNTS {
-            let (r, _) =
-                call_keyed(&mut c, &format!("a{a}"), "deposit", &OPENING_BALANCE.to_string(), &format!("open-{a}"))
-                    .await;
+            let (r, _) = call_keyed(
+                &mut c,
+                "account",
+                &format!("a{a}"),
+                "deposit",
+                &OPENING_BALANCE.to_string(),
+                &format!("open-{a}"),
+            )
+            .await;
             r.unwrap();
         }
         // A closed account: transfers to it are refunded (the compensation).
-        call_keyed(&mut c, "a11", "close", "", "close").await.0.unwrap();
+        call_keyed(&mut c, "account", "a11", "close", "", "close").await.0.unwrap();
     });
     // The member leading the most shards is killed while transfers run
     // through the other two.
@@ -230,7 +254,7 @@ fn killing_a_member_under_load_loses_and_duplicates_nothing_and_it_catches_up() 
                     let from = format!("a{}", rng.below(ACCOUNTS - 1));
                     let to = format!("a{}", rng.below(ACCOUNTS));
                     let t = json!({"to": to, "amount": 1 + rng.below(50)}).to_string();
-                    match call_keyed(&mut c, &from, "transfer", &t, &format!("t-{client}-{n}")).await.0 {
+                    match call_keyed(&mut c, "account", &from, "transfer", &t, &format!("t-{client}-{n}")).await.0 {
                         Ok(id) => acks.push((from, to, id.as_str().unwrap().to_owned())),
                         Err(e) if e.code() == Code::FailedPrecondition || e.code() == Code::InvalidArgument => {}
                         Err(e) => panic!("transfer failed for good: {e:?}"),
@@ -295,6 +319,120 @@ fn killing_a_member_under_load_loses_and_duplicates_nothing_and_it_catches_up() 
                 Some("refunded") => assert!(!credited && to == "a11", "{id} refunded: {out}"),
                 other => panic!("acknowledged transfer {id} is {other:?} after quiescence"),
             }
+        }
+    });
+}
+
+/// A TCP proxy in front of one member, for the traffic of some of its peers:
+/// blocking it cuts every connection through it and refuses new ones.
+struct FaultProxy {
+    addr: String,
+    blocked: Arc<AtomicBool>,
+    /// The connections through it, aborted when it blocks. Bounded by the
+    /// few channels a member keeps to a peer.
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl FaultProxy {
+    async fn start(upstream: String) -> FaultProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let blocked = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (b, c) = (blocked.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if b.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection closes at once
+                }
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                let mut conns = c.lock().unwrap();
+                conns.retain(|t| !t.is_finished());
+                conns.push(task);
+            }
+        });
+        FaultProxy { addr, blocked, conns }
+    }
+
+    fn block(&self) {
+        self.blocked.store(true, Ordering::SeqCst);
+        for t in self.conns.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.blocked.store(false, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_partitioned_member_refuses_writes_while_the_majority_serves_and_healing_converges() {
+    let root = tempfile::tempdir().unwrap();
+    let runtime = rt();
+    let addrs = free_addrs(3);
+    // Node 3 reaches 1 and 2 through proxies, and they reach it through one.
+    let (to1, to2, to3) = runtime.block_on(async {
+        (
+            FaultProxy::start(addrs[0].clone()).await,
+            FaultProxy::start(addrs[1].clone()).await,
+            FaultProxy::start(addrs[2].clone()).await,
+        )
+    });
+    let majority_view = peer_list(&[addrs[0].clone(), addrs[1].clone(), to3.addr.clone()]);
+    let minority_view = peer_list(&[to1.addr.clone(), to2.addr.clone(), addrs[2].clone()]);
+    let views = vec![majority_view.clone(), majority_view, minority_view];
+    // Short bounds so a refused call comes back quickly.
+    let extra = ["--set", "cluster.forward_timeout_ms=2000", "--set", "log.commit_timeout_ms=2000"];
+    let cluster = Cluster::start_with(root.path(), addrs, views, &extra);
+    deploy(cluster.node(0), "counter", &guest_wasm("counter"));
+    runtime.block_on(async {
+        let mut c1 = cluster.node(0).client().await;
+        for k in 0..COUNTERS {
+            call_keyed(&mut c1, "counter", &format!("c{k}"), "add", "1", &format!("before-{k}")).await.0.unwrap();
+        }
+        for p in [&to1, &to2, &to3] {
+            p.block();
+        }
+        // The majority elects new leaders for node 3's shards and serves
+        // every counter.
+        for k in 0..COUNTERS {
+            let (r, _) = call_keyed(&mut c1, "counter", &format!("c{k}"), "add", "1", &format!("during-{k}")).await;
+            assert_eq!(r.unwrap(), json!(2), "c{k} through the majority");
+        }
+        // The minority acknowledges nothing.
+        let mut c3 = cluster.node(2).client().await;
+        let attempts = (0..5).map(|k| {
+            let mut c = c3.clone();
+            async move { call(&mut c, "counter", &format!("c{k}"), "add", "100").await }
+        });
+        for (k, r) in futures::future::join_all(attempts).await.into_iter().enumerate() {
+            let e = r.expect_err("the minority acknowledged a write");
+            assert_eq!(e.code(), Code::Unavailable, "c{k}: {e:?}");
+        }
+        for p in [&to1, &to2, &to3] {
+            p.heal();
+        }
+        // Healed: the minority's replicas converge, and nothing it refused
+        // appears anywhere.
+        eventually(60, "the cluster to converge", async || {
+            let s = cluster_status(cluster.node(2)).await;
+            let ok = s.nodes.iter().all(|n| n.state == "up")
+                && s.shards.iter().all(|sh| !sh.leader.is_empty() && sh.replication_lag == 0);
+            ok.then_some(())
+        })
+        .await;
+        for k in 0..COUNTERS {
+            let total = eventually(30, "a read through the healed node", async || {
+                call(&mut c3, "counter", &format!("c{k}"), "get", "").await.ok()
+            })
+            .await;
+            assert_eq!(total, json!(2), "c{k} read through the healed node");
         }
     });
 }

@@ -98,6 +98,10 @@ pub struct LogConfig {
     /// How long raft-log's flush worker waits for more flush requests to
     /// share one fdatasync. Adds at most this much latency to a lone proposal.
     pub wal_flush_wait_micros: u64,
+    /// How long a proposal may wait to be committed and applied. A shard
+    /// leader cut off from its majority can never commit: its callers get an
+    /// error (outcome unknown) instead of waiting forever.
+    pub commit_timeout_ms: u64,
 }
 
 impl Default for LogConfig {
@@ -108,6 +112,7 @@ impl Default for LogConfig {
             queue_depth: 8192,
             compact_every_entries: 100_000,
             wal_flush_wait_micros: 100,
+            commit_timeout_ms: 10_000,
         }
     }
 }
@@ -119,6 +124,7 @@ impl LogConfig {
             ("max_batch_bytes", self.max_batch_bytes as u64),
             ("queue_depth", self.queue_depth as u64),
             ("compact_every_entries", self.compact_every_entries),
+            ("commit_timeout_ms", self.commit_timeout_ms),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -40,6 +40,7 @@ pub struct ShardLog {
     replica: Replica,
     tx: mpsc::Sender<(WriteSet, Reply)>,
     counters: Arc<Counters>,
+    commit_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for ShardLog {
@@ -55,7 +56,8 @@ impl ShardLog {
         let (tx, rx) = mpsc::channel(config.queue_depth);
         let counters = Arc::new(Counters::default());
         tokio::spawn(batcher(replica.raft.clone(), rx, counters.clone(), config.clone()));
-        Self { replica, tx, counters }
+        let commit_timeout = std::time::Duration::from_millis(config.commit_timeout_ms);
+        Self { replica, tx, counters, commit_timeout }
     }
 }
 
@@ -116,11 +118,17 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<(WriteSet, Reply)>, counters
 
 impl CommitLog for ShardLog {
     fn propose(&self, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
-        let tx = self.tx.clone();
+        let (tx, timeout) = (self.tx.clone(), self.commit_timeout);
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             tx.send((ws, reply)).await.map_err(|_| LogError::ShutDown)?;
-            rx.await.map_err(|_| LogError::ShutDown)?
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(reply) => reply.map_err(|_| LogError::ShutDown)?,
+                Err(_) => Err(LogError::Aborted(format!(
+                    "not committed within {timeout:?}: the shard may have lost its majority (the write may still \
+                     commit later)"
+                ))),
+            }
         })
     }
 
