@@ -77,7 +77,7 @@ impl LocalShards {
         &self.placement
     }
 
-    pub fn get(&self, shard: ShardId) -> Option<&LocalShard> {
+    pub fn replica(&self, shard: ShardId) -> Option<&LocalShard> {
         self.shards.get(&shard)
     }
 
@@ -223,7 +223,7 @@ impl Router for ClusterRouter {
     fn route(&self, entity: &EntityRef) -> Route {
         let me = self.shards.node;
         let shard = self.shards.shard_of(entity);
-        if let Some(local) = self.shards.get(shard) {
+        if let Some(local) = self.shards.replica(shard) {
             if let Some(epoch) = local.ready_term(me) {
                 return Route::Here { epoch };
             }
@@ -250,7 +250,7 @@ impl Router for ClusterRouter {
 
     fn hint(&self, entity: &EntityRef, leader: Option<NodeId>) {
         let shard = self.shards.shard_of(entity);
-        if self.shards.get(shard).is_some() {
+        if self.shards.replica(shard).is_some() {
             return; // the local replica's metrics know better
         }
         let mut hints = self.hints();
@@ -273,5 +273,113 @@ impl Router for ClusterRouter {
 
     fn forward_timeout(&self) -> Duration {
         self.forward_timeout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::raft::{NoPeers, ReplicaHost};
+    use crate::model::{Op, state_key};
+
+    /// Peers that are never reached: these tests stay on one node.
+    struct Unreachable;
+
+    impl Peers for Unreachable {
+        fn invoke(&self, node: NodeId, _: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>> {
+            Box::pin(async move { Err(InvokeError::Unreachable { node, message: "test".into() }) })
+        }
+        fn propose(&self, _: NodeId, _: ShardId, _: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
+            Box::pin(async { Err(LogError::NotLeader { leader: None }) })
+        }
+    }
+
+    /// An entity of `shard` among `count` shards.
+    fn entity_in(shard: ShardId, count: u32) -> EntityRef {
+        let id = (0..).map(|k| format!("e{k}")).find(|id| shard_of("t", id, count) == shard).unwrap();
+        EntityRef::new("t", id).unwrap()
+    }
+
+    fn put(e: &EntityRef) -> Op {
+        Op::Put { keyspace: Keyspace::State, key: state_key(e, "k"), value: e.id.as_bytes().to_vec() }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keys_go_to_their_shard_and_scans_merge_the_shards_led_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled_dir = dir.path().join("state");
+        let host = ReplicaHost {
+            node: 1,
+            data_dir: dir.path().to_owned(),
+            db: sled::Config::new().path(&sled_dir).open().unwrap(),
+            sled_dir,
+            config: crate::cluster::raft::raft_config("test", 10_000).unwrap(),
+            transport: Arc::new(NoPeers),
+            wal_flush_wait: Duration::from_micros(100),
+        };
+        // Node 1 holds shards 0..3 alone; shard 3 lives on nodes 2 and 3.
+        let placement = Placement { shards: vec![vec![1], vec![1], vec![1], vec![2, 3]] };
+        let mut shards = BTreeMap::new();
+        for shard in 0..3 {
+            let replica = host.open(shard).await.unwrap();
+            let me = BTreeMap::from([(1, openraft::BasicNode::new("127.0.0.1:1"))]);
+            replica.raft.initialize(me).await.unwrap();
+            let (raft, store) = (replica.raft.clone(), replica.state.store().clone());
+            let log = Arc::new(ShardLog::new(replica, &crate::log::LogConfig::default()));
+            shards.insert(shard, LocalShard { raft, store, log });
+        }
+        let local = Arc::new(LocalShards::new(1, placement, shards));
+        let router = ClusterRouter::new(local.clone(), Arc::new(Unreachable), Duration::from_secs(1));
+        let entities: Vec<EntityRef> = (0..4).map(|s| entity_in(s, 4)).collect();
+        // Each local shard leads once it has applied its first entry.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (0..3).any(|s| !matches!(router.route(&entities[s]), Route::Here { .. })) {
+            assert!(std::time::Instant::now() < deadline, "the local shards never became ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // One write set naming three entities commits in each one's shard.
+        let ws = WriteSet { ops: entities[..3].iter().map(put).collect() };
+        local.propose(ws).await.unwrap();
+        for (s, e) in entities[..3].iter().enumerate() {
+            let store = &local.replica(s as ShardId).unwrap().store;
+            assert_eq!(store.get(Keyspace::State, &state_key(e, "k")).unwrap(), Some(e.id.as_bytes().to_vec()));
+            assert_eq!(local.get(Keyspace::State, &state_key(e, "k")).unwrap(), Some(e.id.as_bytes().to_vec()));
+        }
+        // A cross-entity scan merges the shards in key order, up to the limit.
+        let mut keys: Vec<Vec<u8>> = entities[..3].iter().map(|e| state_key(e, "k")).collect();
+        keys.sort();
+        let all: Vec<Vec<u8>> =
+            local.scan(Keyspace::State, b"", None, 10).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(all, keys);
+        let first_two: Vec<Vec<u8>> =
+            local.scan(Keyspace::State, b"", None, 2).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(first_two, keys[..2]);
+        let after: Vec<Vec<u8>> =
+            local.scan(Keyspace::State, b"", Some(&keys[0]), 10).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(after, keys[1..]);
+
+        // Shard 3 is elsewhere: reads say so, writes name a replica to ask.
+        let remote = &entities[3];
+        assert!(matches!(
+            local.get(Keyspace::State, &state_key(remote, "k")),
+            Err(StorageError::NotLocal { shard: 3 })
+        ));
+        let err = local.propose(WriteSet { ops: vec![put(remote)] }).await.unwrap_err();
+        assert!(matches!(err, LogError::NotLeader { leader: Some(2) }), "{err}");
+        assert_eq!(router.route(remote), Route::There { node: 2 });
+        // A refusal naming the leader is followed; one naming none, or an
+        // unreachable node, moves on to the shard's next replica.
+        router.hint(remote, Some(3));
+        assert_eq!(router.route(remote), Route::There { node: 3 });
+        router.hint(remote, None);
+        assert_eq!(router.route(remote), Route::There { node: 2 });
+        router.hint(remote, None);
+        assert_eq!(router.route(remote), Route::There { node: 3 });
+        // Hints never override what a local replica knows.
+        router.hint(&entities[0], Some(9));
+        assert!(matches!(router.route(&entities[0]), Route::Here { .. }));
+
+        local.shutdown().await.unwrap();
     }
 }

@@ -386,8 +386,8 @@ impl Registry {
             let keep = [Some(record.active), record.canary.as_ref().map(|c| c.version)];
             loaded.retain(|v, _| keep.contains(&Some(*v)));
             for v in keep.into_iter().flatten() {
-                if !loaded.contains_key(&v) {
-                    loaded.insert(v, self.load_version(&record, v)?);
+                if let std::collections::hash_map::Entry::Vacant(slot) = loaded.entry(v) {
+                    slot.insert(self.load_version(&record, v)?);
                 }
             }
             tracing::info!(entity_type = %record.name, version = record.active, canary = ?record.canary, "switched to a version deployed through another node");

@@ -152,6 +152,9 @@ impl Scheduler {
                 }
             };
             if batch.is_empty() && corrupt.is_empty() {
+                // Nothing waits here. On a cluster the running count drifts as
+                // shard leaderships move between nodes; this resets it.
+                inner.outbox_len.store(0, Ordering::Relaxed);
                 let _ = tokio::time::timeout(IDLE_POLL, inner.outbox_ready.notified()).await;
                 continue;
             }
@@ -439,12 +442,13 @@ impl Inner {
         let this = self.clone();
         let now = wall_ms();
         let over = self.idempotency_len.load(Ordering::Relaxed).saturating_sub(self.cfg.max_idempotency_keys);
-        let ops = tokio::task::spawn_blocking(move || {
+        let (ops, seen) = tokio::task::spawn_blocking(move || {
             let internal = |e: &dyn std::fmt::Display| InvokeError::Internal(e.to_string());
             let page = this
                 .store
                 .scan(Keyspace::Idempotency, IDEMPOTENCY_EXPIRY_PREFIX, None, SWEEP_BATCH)
                 .map_err(|e| internal(&e))?;
+            let seen = page.len();
             let mut ops = Vec::new();
             let mut over = over;
             for (index_key, _) in page {
@@ -463,7 +467,7 @@ impl Inner {
                 }
                 ops.push(Op::Delete { keyspace: Keyspace::Idempotency, key: index_key });
             }
-            Ok::<_, InvokeError>(ops)
+            Ok::<_, InvokeError>((ops, seen))
         })
         .await
         .map_err(|e| InvokeError::Internal(e.to_string()))??;
@@ -472,6 +476,11 @@ impl Inner {
             self.log.propose(WriteSet { ops }).await?;
             let len = self.idempotency_len.load(Ordering::Relaxed);
             self.idempotency_len.store(len.saturating_sub(handled as u64), Ordering::Relaxed);
+        }
+        // A short page is the whole index: the exact count. On a cluster the
+        // running count drifts as shard leaderships move between nodes.
+        if seen < SWEEP_BATCH {
+            self.idempotency_len.store((seen - handled) as u64, Ordering::Relaxed);
         }
         Ok(handled)
     }

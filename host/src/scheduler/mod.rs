@@ -205,9 +205,11 @@ pub trait Router: Send + Sync + 'static {
     fn forward_timeout(&self) -> Duration;
 }
 
-/// First and largest pause between attempts to find a shard's leader.
+/// First and largest pause between attempts to find a shard's leader. An
+/// attempt is cheap (a metrics read, or a call refused at once), and the
+/// largest pause adds directly to the failover gap callers see.
 const ROUTE_RETRY_MIN: Duration = Duration::from_millis(20);
-const ROUTE_RETRY_MAX: Duration = Duration::from_millis(500);
+const ROUTE_RETRY_MAX: Duration = Duration::from_millis(100);
 
 /// Failed invocations the node remembers for its dashboard.
 const RECENT_ERRORS: usize = 64;
