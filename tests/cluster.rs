@@ -436,3 +436,34 @@ fn a_partitioned_member_refuses_writes_while_the_majority_serves_and_healing_con
         }
     });
 }
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn a_data_directory_refuses_settings_it_was_not_created_with() {
+    let root = tempfile::tempdir().unwrap();
+    let single = root.path().join("single");
+    let member = root.path().join("member");
+    let peers = peer_list(&free_addrs(3));
+    let as_member = |extra: &[&str]| {
+        let mut args = vec!["--node-id", "1", "--peer", &peers, "--cluster-secret", SECRET];
+        args.extend_from_slice(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+
+    Daemon::start(&single).terminate();
+    let err = serve_expecting_failure(&single, &args(&as_member(&[])));
+    assert!(error_line(&err).contains("a single node's data"), "{err}");
+
+    // A member starts alone (its groups wait for a majority), then stops.
+    let ok = as_member(&[]);
+    Daemon::start_with(&member, &args(&ok)).terminate();
+    let err = serve_expecting_failure(&member, &args(&as_member(&["--set", "cluster.shard_count=16"])));
+    assert!(error_line(&err).contains("not supported"), "{err}");
+    let err = serve_expecting_failure(&member, &[]);
+    assert!(error_line(&err).contains("cluster member 1"), "{err}");
+    // Under its own settings it starts again.
+    Daemon::start_with(&member, &args(&ok)).terminate();
+}

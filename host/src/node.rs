@@ -37,6 +37,65 @@ use std::sync::Arc;
 const LOCK_FILE: &str = "conflux.lock";
 /// The node id of a single node (the only voter of its shard group).
 const SINGLE_NODE_ID: u64 = 1;
+/// Written when a cluster member first opens its data directory: what must
+/// not change for the life of the cluster.
+const CLUSTER_FILE: &str = "cluster.json";
+
+/// The settings a member's data is laid out by (ids, not addresses: a member
+/// may move).
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ClusterIdentity {
+    node_id: u64,
+    members: Vec<u64>,
+    shard_count: u32,
+    replication_factor: usize,
+}
+
+impl ClusterIdentity {
+    fn of(c: &crate::config::ClusterConfig) -> Self {
+        let mut members: Vec<u64> = c.nodes.iter().map(|m| m.id).collect();
+        members.sort_unstable();
+        Self { node_id: c.node_id, members, shard_count: c.shard_count, replication_factor: c.replication_factor }
+    }
+}
+
+/// Refuses to open a data directory under settings it was not created with:
+/// a single node's data as a member, a member's as a single node, or a
+/// member's under another id, member list, shard count or replication factor.
+fn check_cluster_identity(dir: &Path, cluster: &crate::config::ClusterConfig) -> Result<(), NodeError> {
+    let file = dir.join(CLUSTER_FILE);
+    let bad = |m: String| Err(NodeError::Cluster(format!("data directory {}: {m}", dir.display())));
+    let stored = match std::fs::read(&file) {
+        Ok(bytes) => Some(
+            serde_json::from_slice::<ClusterIdentity>(&bytes)
+                .map_err(|e| NodeError::Cluster(format!("{} is corrupt: {e}", file.display())))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(NodeError::DataDir { path: file.display().to_string(), source }),
+    };
+    match (stored, cluster.enabled()) {
+        (None, false) => Ok(()),
+        (Some(s), false) => bad(format!(
+            "it holds the data of cluster member {} (see {CLUSTER_FILE}); start it with that member's [cluster] settings",
+            s.node_id
+        )),
+        (None, true) if dir.join("shards").join("0").exists() => {
+            bad("it holds a single node's data; a new cluster member needs an empty data directory".into())
+        }
+        (None, true) => {
+            let json = serde_json::to_vec_pretty(&ClusterIdentity::of(cluster)).expect("serialisable");
+            std::fs::write(&file, json)
+                .map_err(|source| NodeError::DataDir { path: file.display().to_string(), source })
+        }
+        (Some(s), true) if s != ClusterIdentity::of(cluster) => bad(format!(
+            "it was created as {s:?}, but the configuration says {:?}; changing a cluster's members, shard count or \
+             replication factor is not supported",
+            ClusterIdentity::of(cluster)
+        )),
+        (Some(_), true) => Ok(()),
+    }
+}
+
 /// How long start-up may take to elect itself and apply its log.
 const CATCH_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -125,6 +184,7 @@ impl Node {
         std::fs::create_dir_all(dir)
             .map_err(|source| NodeError::DataDir { path: dir.display().to_string(), source })?;
         let lock = lock_data_dir(dir)?;
+        check_cluster_identity(dir, &cfg.cluster)?;
         let path = || dir.display().to_string();
         let sled_dir = dir.join("state");
         // sled recovers its files on open: blocking work, kept off the runtime.

@@ -124,6 +124,16 @@ fn invoke_status(e: InvokeError) -> Status {
     status(code, kind, invoke_message(e))
 }
 
+fn storage_status(e: crate::storage::StorageError) -> Status {
+    match e {
+        // A cluster member holds only some shards.
+        e @ crate::storage::StorageError::NotLocal { .. } => {
+            status(Code::FailedPrecondition, "not-here", e.to_string())
+        }
+        e => status(Code::Internal, "storage", e.to_string()),
+    }
+}
+
 /// A requested page size: 0 asks for `default`; more than `max` gets `max`.
 fn page_size(requested: u32, default: u32, max: u32) -> usize {
     let n = if requested == 0 { default } else { requested.min(max) };
@@ -352,7 +362,7 @@ impl Conflux for Api {
         })
         .await
         .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
-        .map_err(|e| status(Code::Internal, "storage", e.to_string()))?;
+        .map_err(storage_status)?;
         let next_start_after = if ids.len() > limit {
             ids.truncate(limit);
             ids.last().cloned().unwrap_or_default()
@@ -663,7 +673,7 @@ impl Conflux for Api {
             tokio::task::spawn_blocking(move || store.scan(Keyspace::State, &prefix, start.as_deref(), limit + 1))
                 .await
                 .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
-                .map_err(|e| status(Code::Internal, "storage", e.to_string()))?;
+                .map_err(storage_status)?;
         let more = rows.len() > limit;
         let entries: Vec<pb::StateEntry> = rows
             .into_iter()
