@@ -171,10 +171,12 @@ impl InvokeError {
     fn is_retryable(&self, guarded: bool) -> bool {
         match self {
             InvokeError::NotHere { .. } | InvokeError::NoLeader(_) | InvokeError::Unreachable { .. } => true,
+            // A leader that is shutting down refuses before running anything.
+            InvokeError::Remote { kind: "shutting-down", .. } => true,
             // A commit that failed as leadership moved may still be applied by
             // the next leader.
             InvokeError::Commit(_) | InvokeError::Lost { .. } => guarded,
-            InvokeError::Remote { kind: "commit" | "shutting-down", .. } => guarded,
+            InvokeError::Remote { kind: "commit", .. } => guarded,
             _ => false,
         }
     }
@@ -1026,5 +1028,39 @@ impl GuardKeys {
             value: Vec::new(),
         });
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_calls_that_did_not_run_or_are_deduplicated_are_retried() {
+        let remote = |kind| InvokeError::Remote { kind, code: 14, message: String::new() };
+        let never_ran = [
+            InvokeError::NotHere { leader: Some(2) },
+            InvokeError::NoLeader("election".into()),
+            InvokeError::Unreachable { node: 2, message: "refused".into() },
+            remote("shutting-down"),
+        ];
+        for e in &never_ran {
+            assert!(e.is_retryable(false) && e.is_retryable(true), "{e:?}");
+        }
+        let unknown_outcome = [
+            InvokeError::Commit(LogError::NotLeader { leader: None }),
+            InvokeError::Lost { node: 2, message: "reset".into() },
+            remote("commit"),
+        ];
+        for e in &unknown_outcome {
+            assert!(!e.is_retryable(false) && e.is_retryable(true), "{e:?}");
+        }
+        let answered = [remote("failed"), InvokeError::Turn(TurnError::Failed("no".into())), InvokeError::BadOperation];
+        for e in &answered {
+            assert!(!e.is_retryable(true), "{e:?}");
+        }
+        // A kind received from another node keeps its meaning.
+        assert!(remote("failed").is_permanent() && !remote("timeout").is_permanent());
+        assert!(ERROR_KINDS.contains(&InvokeError::NotHere { leader: None }.kind()));
     }
 }
