@@ -6,7 +6,7 @@ mod support;
 
 use conflux_host::api::pb;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -303,23 +303,7 @@ fn killing_a_member_under_load_loses_and_duplicates_nothing_and_it_catches_up() 
             (!pending).then_some(statements)
         })
         .await;
-        let total: i64 = statements.values().map(|s| s["balance"].as_i64().unwrap()).sum();
-        assert_eq!(total, ACCOUNTS as i64 * OPENING_BALANCE, "money is conserved");
-        let mut credited_anywhere = BTreeSet::new();
-        for s in statements.values() {
-            for id in s["credited"].as_array().unwrap() {
-                assert!(credited_anywhere.insert(id.as_str().unwrap().to_owned()), "credited twice: {id}");
-            }
-        }
-        for (from, to, id) in &acknowledged {
-            let out = &statements[from]["outgoing"][id];
-            let credited = statements[to]["credited"].as_array().unwrap().contains(&json!(id));
-            match out["status"].as_str() {
-                Some("completed") => assert!(credited, "{id} completed but {to} has no credit"),
-                Some("refunded") => assert!(!credited && to == "a11", "{id} refunded: {out}"),
-                other => panic!("acknowledged transfer {id} is {other:?} after quiescence"),
-            }
-        }
+        assert_bank_settled(&statements, &acknowledged, ACCOUNTS as i64 * OPENING_BALANCE, "a11");
     });
 }
 

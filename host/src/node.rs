@@ -235,19 +235,7 @@ impl Node {
             .map_err(|e| catch_up(&e))?;
         let store: Arc<dyn StateStore> = replica.state.store().clone();
         let log: Arc<dyn CommitLog> = Arc::new(ShardLog::new(replica, &cfg.log));
-        // Building the engine and loading (maybe compiling) every active
-        // component is blocking work, kept off the runtime.
-        let (runtime, registry) = {
-            let (cfg, dir, store, log) = (cfg.clone(), dir.clone(), store.clone(), log.clone());
-            tokio::task::spawn_blocking(move || {
-                let runtime = Arc::new(Runtime::new(&cfg.runtime)?);
-                let registry = Registry::open(&cfg.registry, &dir, runtime.clone(), store, log)
-                    .map_err(|source| NodeError::RegistryOpen { path: dir.display().to_string(), source })?;
-                Ok::<_, NodeError>((runtime, Arc::new(registry)))
-            })
-            .await
-            .map_err(|e| NodeError::Background(e.to_string()))??
-        };
+        let (runtime, registry) = open_runtime_and_registry(&cfg, store.clone(), log.clone()).await?;
         let scheduler = Scheduler::new(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone());
         Ok(Self { scheduler, registry, store, log, cfg, cluster: None, _lock: lock })
     }
@@ -320,17 +308,7 @@ impl Node {
         let local = Arc::new(LocalShards::new(c.node_id, placement, local));
         let store: Arc<dyn StateStore> = local.clone();
         let log: Arc<dyn CommitLog> = local.clone();
-        let (runtime, registry) = {
-            let (cfg, dir, meta_store) = (cfg.clone(), dir.clone(), meta.store.clone());
-            tokio::task::spawn_blocking(move || {
-                let runtime = Arc::new(Runtime::new(&cfg.runtime)?);
-                let registry = Registry::open(&cfg.registry, &dir, runtime.clone(), meta_store, meta_log)
-                    .map_err(|source| NodeError::RegistryOpen { path: dir.display().to_string(), source })?;
-                Ok::<_, NodeError>((runtime, Arc::new(registry)))
-            })
-            .await
-            .map_err(|e| NodeError::Background(e.to_string()))??
-        };
+        let (runtime, registry) = open_runtime_and_registry(&cfg, meta.store.clone(), meta_log).await?;
         let others = members.iter().copied().filter(|m| *m != c.node_id).collect();
         registry.set_propagation(Arc::new(MemberRegistries::new(transport.clone(), others)));
         let router = Arc::new(ClusterRouter::new(local.clone(), transport.clone(), timeout));
@@ -410,6 +388,25 @@ impl Node {
         tracing::info!("shut down cleanly");
         served.map_err(NodeError::from)
     }
+}
+
+/// Builds the engine and opens the registry over `store` and `log`, loading
+/// (maybe compiling) every active component: blocking work, kept off the
+/// runtime.
+async fn open_runtime_and_registry(
+    cfg: &Config,
+    store: Arc<dyn StateStore>,
+    log: Arc<dyn CommitLog>,
+) -> Result<(Arc<Runtime>, Arc<Registry>), NodeError> {
+    let (runtime_cfg, registry_cfg, dir) = (cfg.runtime.clone(), cfg.registry.clone(), cfg.storage.data_dir.clone());
+    tokio::task::spawn_blocking(move || {
+        let runtime = Arc::new(Runtime::new(&runtime_cfg)?);
+        let registry = Registry::open(&registry_cfg, &dir, runtime.clone(), store, log)
+            .map_err(|source| NodeError::RegistryOpen { path: dir.display().to_string(), source })?;
+        Ok::<_, NodeError>((runtime, Arc::new(registry)))
+    })
+    .await
+    .map_err(|e| NodeError::Background(e.to_string()))?
 }
 
 /// Keeps the registry in step with the metadata group: whenever this replica

@@ -305,3 +305,32 @@ impl Bystander {
         assert!(progressed, "bystander stalled");
     }
 }
+
+/// The bank's books after every saga settled (`statements`: account id →
+/// its `statement`): money is conserved, no transfer is credited twice, and
+/// every acknowledged `(from, to, transfer id)` either completed (credited to
+/// `to`) or was refunded because `to` is the `closed` account.
+pub fn assert_bank_settled(
+    statements: &std::collections::BTreeMap<String, serde_json::Value>,
+    acknowledged: &[(String, String, String)],
+    expected_total: i64,
+    closed: &str,
+) {
+    let total: i64 = statements.values().map(|s| s["balance"].as_i64().unwrap()).sum();
+    assert_eq!(total, expected_total, "money is conserved");
+    let mut credited_anywhere = std::collections::BTreeSet::new();
+    for s in statements.values() {
+        for id in s["credited"].as_array().unwrap() {
+            assert!(credited_anywhere.insert(id.as_str().unwrap().to_owned()), "credited twice: {id}");
+        }
+    }
+    for (from, to, id) in acknowledged {
+        let out = &statements[from]["outgoing"][id];
+        let credited = statements[to]["credited"].as_array().unwrap().contains(&serde_json::json!(id));
+        match out["status"].as_str() {
+            Some("completed") => assert!(credited, "{id} completed but {to} has no credit"),
+            Some("refunded") => assert!(!credited && to == closed, "{id} refunded: {out}"),
+            other => panic!("acknowledged transfer {id} is {other:?} after quiescence"),
+        }
+    }
+}
