@@ -87,18 +87,6 @@ impl Drop for Cluster {
     }
 }
 
-/// Retries `probe` until it returns `Some`, for at most `secs`.
-async fn eventually<T>(secs: u64, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 const COUNTERS: usize = 20;
 
 #[test]
@@ -165,16 +153,10 @@ async fn cluster_status(d: &Daemon) -> pb::StatusResponse {
     d.client().await.status(pb::StatusRequest {}).await.unwrap().into_inner()
 }
 
-/// A small deterministic PRNG (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
+/// Every member answers, every shard has a leader, and no replica lags.
+fn caught_up(s: &pb::StatusResponse) -> bool {
+    s.nodes.iter().all(|n| n.state == "up")
+        && s.shards.iter().all(|sh| !sh.leader.is_empty() && sh.replication_lag == 0)
 }
 
 const ACCOUNTS: u64 = 12;
@@ -277,10 +259,7 @@ fn killing_a_member_under_load_loses_and_duplicates_nothing_and_it_catches_up() 
         // The restarted member catches up: every shard has a leader again and
         // no replica lags.
         eventually(60, "every replica to catch up", async || {
-            let s = cluster_status(cluster.node(victim)).await;
-            let caught_up = s.nodes.iter().all(|n| n.state == "up")
-                && s.shards.iter().all(|sh| !sh.leader.is_empty() && sh.replication_lag == 0);
-            caught_up.then_some(())
+            caught_up(&cluster_status(cluster.node(victim)).await).then_some(())
         })
         .await;
         // Read through the restarted node: it forwards to the leaders or,
@@ -405,10 +384,7 @@ fn a_partitioned_member_refuses_writes_while_the_majority_serves_and_healing_con
         // Healed: the minority's replicas converge, and nothing it refused
         // appears anywhere.
         eventually(60, "the cluster to converge", async || {
-            let s = cluster_status(cluster.node(2)).await;
-            let ok = s.nodes.iter().all(|n| n.state == "up")
-                && s.shards.iter().all(|sh| !sh.leader.is_empty() && sh.replication_lag == 0);
-            ok.then_some(())
+            caught_up(&cluster_status(cluster.node(2)).await).then_some(())
         })
         .await;
         for k in 0..COUNTERS {

@@ -7,23 +7,11 @@ mod support;
 use conflux_host::api::pb;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::*;
 use tonic::Code;
 
 type Client = pb::conflux_client::ConfluxClient<tonic::transport::Channel>;
-
-/// Polls `probe` until it returns `Some` or `secs` pass (then panics with `what`).
-async fn eventually<T>(secs: u64, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn outbox_empty(c: &mut Client) -> bool {
     c.status(pb::StatusRequest {}).await.unwrap().into_inner().outbox_messages == 0
@@ -185,18 +173,6 @@ fn an_idempotency_key_retried_100_times_concurrently_runs_the_turn_once() {
     let d = Daemon::start(dir.path());
     assert_eq!(add(&d, "k2").trim(), "6");
     assert_eq!(stdout(&d.cli(&["invoke", "counter/i", "get"])).trim(), "6");
-}
-
-/// A small deterministic PRNG (xorshift), so the bank test needs no extra crate.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 const ACCOUNTS: u64 = 10;

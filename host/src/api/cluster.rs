@@ -78,6 +78,11 @@ impl ClusterSecret {
         Ok(Self { raw, digest: Sha256::digest(secret.as_bytes()).into() })
     }
 
+    /// Lets a call through only if it carries the secret.
+    fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if self.admits(req) { Ok(()) } else { Err(Status::unauthenticated("missing or wrong cluster secret")) }
+    }
+
     fn admits<T>(&self, req: &Request<T>) -> bool {
         let Some(presented) = req.metadata().get(SECRET_HEADER).and_then(|v| v.to_str().ok()) else {
             return false;
@@ -139,9 +144,7 @@ impl ClusterService {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn raft(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessageReply>, Status> {
-        if !self.secret.admits(&req) {
-            return Err(Status::unauthenticated("missing or wrong cluster secret"));
-        }
+        self.secret.admit(&req)?;
         let msg = req.into_inner();
         match self.replicas.dispatch(self.node, msg.shard, &msg.rpc).await {
             Ok(reply) => Ok(Response::new(pb::RaftMessageReply { reply })),
@@ -152,9 +155,7 @@ impl Cluster for ClusterService {
     }
 
     async fn invoke(&self, req: Request<pb::ForwardedInvocation>) -> Result<Response<pb::ForwardedReply>, Status> {
-        if !self.secret.admits(&req) {
-            return Err(Status::unauthenticated("missing or wrong cluster secret"));
-        }
+        self.secret.admit(&req)?;
         let Some(scheduler) = &self.scheduler else {
             return Err(Status::unavailable("this node is not serving invocations yet"));
         };
@@ -167,9 +168,7 @@ impl Cluster for ClusterService {
     }
 
     async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
-        if !self.secret.admits(&req) {
-            return Err(Status::unauthenticated("missing or wrong cluster secret"));
-        }
+        self.secret.admit(&req)?;
         let req = req.into_inner();
         let Some(log) = self.logs.get(&req.shard) else {
             return Err(Status::not_found(format!("node {} has no replica of shard {}", self.node, req.shard)));
@@ -195,17 +194,13 @@ impl Cluster for ClusterService {
     }
 
     async fn shards(&self, req: Request<pb::ShardsRequest>) -> Result<Response<pb::ShardsReply>, Status> {
-        if !self.secret.admits(&req) {
-            return Err(Status::unauthenticated("missing or wrong cluster secret"));
-        }
+        self.secret.admit(&req)?;
         let shards = self.shards.as_ref().map(|s| s.status()).unwrap_or_default();
         Ok(Response::new(pb::ShardsReply { shards: shards.into_iter().map(report_to_pb).collect() }))
     }
 
     async fn loaded_type(&self, req: Request<pb::LoadedTypeRequest>) -> Result<Response<pb::LoadedTypeReply>, Status> {
-        if !self.secret.admits(&req) {
-            return Err(Status::unauthenticated("missing or wrong cluster secret"));
-        }
+        self.secret.admit(&req)?;
         let Some(registry) = &self.registry else {
             return Err(Status::unavailable("this node is not serving yet"));
         };
@@ -334,15 +329,13 @@ impl crate::registry::Propagation for MemberRegistries {
             .others
             .iter()
             .map(|node| {
-                let (node, client) = (*node, self.transport.client(*node));
-                let req = self.transport.request(pb::LoadedTypeRequest { type_name: record.name.clone() });
+                let (node, client, transport) = (*node, self.transport.client(*node), self.transport.clone());
                 let want = record.clone();
                 async move {
                     let Some(mut client) = client else { return Ok(()) };
                     let deadline = tokio::time::Instant::now() + PROPAGATION_TIMEOUT;
                     loop {
-                        let mut r = Request::new(req.get_ref().clone());
-                        *r.metadata_mut() = req.metadata().clone();
+                        let mut r = transport.request(pb::LoadedTypeRequest { type_name: want.name.clone() });
                         r.set_timeout(Duration::from_secs(5));
                         match client.loaded_type(r).await {
                             Ok(reply) => {
@@ -531,8 +524,7 @@ impl Peers for GrpcTransport {
     fn propose(&self, node: NodeId, shard: ShardId, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
         let client = self.client(node);
         let bytes = postcard::to_allocvec(&ws);
-        let make = |write_set| self.request(pb::ProposeRequest { shard, write_set });
-        let req = bytes.map(make);
+        let req = bytes.map(|write_set| self.request(pb::ProposeRequest { shard, write_set }));
         Box::pin(async move {
             let req = req.map_err(|e| LogError::Aborted(format!("encoding a write set: {e}")))?;
             let Some(mut client) = client else {
