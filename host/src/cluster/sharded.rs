@@ -65,16 +65,8 @@ impl LocalShards {
         Self { node, shard_count: placement.shards.len() as u32, placement, shards }
     }
 
-    pub fn node(&self) -> NodeId {
-        self.node
-    }
-
     pub fn shard_of(&self, entity: &EntityRef) -> ShardId {
         shard_of(&entity.entity_type, &entity.id, self.shard_count)
-    }
-
-    pub fn placement(&self) -> &Placement {
-        &self.placement
     }
 
     pub fn replica(&self, shard: ShardId) -> Option<&LocalShard> {

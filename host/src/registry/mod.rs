@@ -333,14 +333,7 @@ impl Registry {
             types: RwLock::new(HashMap::new()),
             deploy_lock: tokio::sync::Mutex::new(()),
         };
-        for record in reg.stored_records()? {
-            let mut loaded = HashMap::new();
-            for v in std::iter::once(record.active).chain(record.canary.as_ref().map(|c| c.version)) {
-                loaded.insert(v, reg.load_version(&record, v)?);
-            }
-            tracing::info!(entity_type = %record.name, version = record.active, canary = ?record.canary, "loaded component");
-            reg.types.write().expect("registry lock").insert(record.name.clone(), TypeState { record, loaded });
-        }
+        reg.refresh()?;
         Ok(reg)
     }
 
@@ -367,8 +360,9 @@ impl Registry {
         Ok(records)
     }
 
-    /// Catches up with records another node committed (a clustered node calls
-    /// it when its metadata replica applies something): each changed type's
+    /// Loads what the store records that is not loaded yet: every type at
+    /// open, and on a cluster the records another node committed (called
+    /// when the metadata replica applies something). Each changed type's
     /// active and canary versions are compiled (or loaded from the artifact
     /// cache) first, then switched to, so turns never wait on a compile.
     /// Returns how many types changed. Blocking: compiles.
@@ -390,7 +384,7 @@ impl Registry {
                     slot.insert(self.load_version(&record, v)?);
                 }
             }
-            tracing::info!(entity_type = %record.name, version = record.active, canary = ?record.canary, "switched to a version deployed through another node");
+            tracing::info!(entity_type = %record.name, version = record.active, canary = ?record.canary, "loaded component");
             self.types.write().expect("registry lock").insert(record.name.clone(), TypeState { record, loaded });
             changed += 1;
         }
