@@ -37,6 +37,7 @@ const JSON_MESSAGES: &[&str] = &[
     "TypeInfo",
     "ListTypesResponse",
     "StatusResponse",
+    "DrainResponse",
     "NodeInfo",
     "ShardInfo",
     "DeadLetterInfo",

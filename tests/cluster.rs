@@ -1,6 +1,8 @@
 //! End-to-end tests of a cluster of real `conflux` processes on 127.0.0.1:
 //! deploy through one node, invoke through every node, hot swap under load,
-//! and `kill -9` of a member (a shard leader) under load with bank transfers.
+//! `kill -9` of a member (a shard leader) under load with bank transfers, a
+//! partition, and the cluster changing shape under load: growing by joins,
+//! draining a member, and re-replicating a member that stays down.
 
 mod support;
 
@@ -22,9 +24,8 @@ const SHARDS: &str = "cluster.shard_count=8";
 struct Cluster {
     dirs: Vec<PathBuf>,
     addrs: Vec<String>,
-    /// Each member's `--peer` list: how it reaches the others.
-    views: Vec<String>,
-    extra: Vec<String>,
+    /// Each member's `serve` flags beyond its address and directory.
+    args: Vec<Vec<String>>,
     nodes: Vec<Option<Daemon>>,
 }
 
@@ -39,26 +40,52 @@ fn peer_list(addrs: &[String]) -> String {
 
 impl Cluster {
     fn start(root: &Path, size: usize) -> Cluster {
-        let addrs = free_addrs(size);
-        let views = vec![peer_list(&addrs); size];
-        Self::start_with(root, addrs, views, &[])
+        Self::start_extra(root, size, &[])
     }
 
+    fn start_extra(root: &Path, size: usize, extra: &[&str]) -> Cluster {
+        let addrs = free_addrs(size);
+        let views = vec![peer_list(&addrs); size];
+        Self::start_with(root, addrs, views, extra)
+    }
+
+    /// Founding members; member `i` reaches the others through `views[i]`.
     fn start_with(root: &Path, addrs: Vec<String>, views: Vec<String>, extra: &[&str]) -> Cluster {
         let size = addrs.len();
-        let dirs = (0..size).map(|i| root.join(format!("n{}", i + 1))).collect();
-        let extra = extra.iter().map(|s| s.to_string()).collect();
-        let mut c = Cluster { dirs, addrs, views, extra, nodes: (0..size).map(|_| None).collect() };
+        let mut c = Cluster { dirs: Vec::new(), addrs: Vec::new(), args: Vec::new(), nodes: Vec::new() };
+        for (i, (addr, view)) in addrs.into_iter().zip(views).enumerate() {
+            let id = (i + 1).to_string();
+            let mut args = vec!["--node-id", &id, "--peer", &view, "--cluster-secret", SECRET, "--set", SHARDS];
+            args.extend_from_slice(extra);
+            c.add(root, addr, &args);
+        }
         for i in 0..size {
             c.restart(i);
         }
         c
     }
 
-    fn restart(&mut self, i: usize) {
+    fn add(&mut self, root: &Path, addr: String, args: &[&str]) {
+        self.dirs.push(root.join(format!("n{}", self.dirs.len() + 1)));
+        self.addrs.push(addr);
+        self.args.push(args.iter().map(|s| s.to_string()).collect());
+        self.nodes.push(None);
+    }
+
+    /// Starts a new member that joins through member `via`; returns its index.
+    fn join(&mut self, root: &Path, via: usize, extra: &[&str]) -> usize {
+        let i = self.dirs.len();
         let id = (i + 1).to_string();
-        let mut args = vec!["--node-id", &id, "--peer", &self.views[i], "--cluster-secret", SECRET, "--set", SHARDS];
-        args.extend(self.extra.iter().map(String::as_str));
+        let mut args = vec!["--node-id", &id, "--join", &self.addrs[via], "--cluster-secret", SECRET];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        self.add(root, free_addrs(1).remove(0), &args.iter().map(String::as_str).collect::<Vec<_>>());
+        self.restart(i);
+        i
+    }
+
+    fn restart(&mut self, i: usize) {
+        let args: Vec<&str> = self.args[i].iter().map(String::as_str).collect();
         self.nodes[i] = Some(Daemon::start_at(&self.dirs[i], &self.addrs[i], &args));
     }
 
@@ -426,4 +453,172 @@ fn a_data_directory_refuses_settings_it_was_not_created_with() {
     assert!(error_line(&err).contains("cluster member 1"), "{err}");
     // Under its own settings it starts again.
     Daemon::start_with(&member, &args(&ok)).terminate();
+}
+
+/// Faster placement rounds than the default, so reshaping tests finish sooner.
+const QUICK_PLACEMENT: [&str; 2] = ["--set", "cluster.placement_interval_ms=200"];
+
+/// What one caller of a [`Load`] saw.
+#[derive(Default)]
+struct Seen {
+    /// Acknowledged adds per counter.
+    adds: BTreeMap<String, i64>,
+    /// Acknowledged transfers: (from, to, transfer id).
+    transfers: Vec<(String, String, String)>,
+    /// Calls that took a retry (leader changes), and calls that failed.
+    retried: u64,
+    failed: Vec<String>,
+}
+
+/// Callers adding to counters and moving money between accounts, every call
+/// with an idempotency key (retried with it through leader changes), until
+/// stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Seen>>,
+}
+
+impl Load {
+    /// Two callers through each of `nodes`: one on counters, one on the bank.
+    async fn start(cluster: &Cluster, nodes: &[usize]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for (k, i) in nodes.iter().enumerate() {
+            for bank in [false, true] {
+                let mut c = cluster.node(*i).client().await;
+                let stop = stop.clone();
+                let caller = k as u64 * 2 + u64::from(bank);
+                tasks.push(tokio::spawn(async move {
+                    let mut rng = Rng(0x2545_F491_4F6C_DD1D ^ (caller + 1));
+                    let mut seen = Seen::default();
+                    let mut n = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        n += 1;
+                        let key = format!("load-{caller}-{n}");
+                        if bank {
+                            let from = format!("a{}", rng.below(ACCOUNTS - 1));
+                            let to = format!("a{}", rng.below(ACCOUNTS));
+                            let t = json!({"to": to, "amount": 1 + rng.below(50)}).to_string();
+                            let (r, retried) = call_keyed(&mut c, "account", &from, "transfer", &t, &key).await;
+                            seen.retried += u64::from(retried);
+                            match r {
+                                Ok(id) => seen.transfers.push((from, to, id.as_str().unwrap().to_owned())),
+                                // Not enough money, or a transfer to itself: the entity said no.
+                                Err(e) if e.code() == Code::FailedPrecondition || e.code() == Code::InvalidArgument => {
+                                }
+                                Err(e) => seen.failed.push(format!("transfer {key}: {e:?}")),
+                            }
+                        } else {
+                            let id = format!("c{}", rng.below(COUNTERS as u64));
+                            let (r, retried) = call_keyed(&mut c, "counter", &id, "add", "1", &key).await;
+                            seen.retried += u64::from(retried);
+                            match r {
+                                Ok(_) => *seen.adds.entry(id).or_default() += 1,
+                                Err(e) => seen.failed.push(format!("add {key}: {e:?}")),
+                            }
+                        }
+                    }
+                    seen
+                }));
+            }
+        }
+        Load { stop, tasks }
+    }
+
+    async fn finish(self) -> Seen {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut all = Seen::default();
+        for t in self.tasks {
+            let s = t.await.unwrap();
+            for (id, n) in s.adds {
+                *all.adds.entry(id).or_default() += n;
+            }
+            all.transfers.extend(s.transfers);
+            all.retried += s.retried;
+            all.failed.extend(s.failed);
+        }
+        all
+    }
+}
+
+/// Deploys the counter and the bank and opens the accounts.
+async fn prepare_load(cluster: &Cluster) {
+    deploy(cluster.node(0), "counter", &guest_wasm("counter"));
+    deploy(cluster.node(0), "account", &guest_wasm("bank"));
+    let mut c = cluster.node(0).client().await;
+    for a in 0..ACCOUNTS {
+        let id = format!("a{a}");
+        call_keyed(&mut c, "account", &id, "deposit", &OPENING_BALANCE.to_string(), &format!("open-{a}"))
+            .await
+            .0
+            .unwrap();
+    }
+    call_keyed(&mut c, "account", "a11", "close", "", "close").await.0.unwrap();
+}
+
+/// After the load: nothing failed, every counter holds exactly the adds
+/// acknowledged, and the bank's books settle with money conserved.
+async fn assert_load_exact(d: &Daemon, seen: &Seen) {
+    assert!(
+        seen.failed.is_empty(),
+        "{} calls failed, e.g. {:?}",
+        seen.failed.len(),
+        &seen.failed[..seen.failed.len().min(5)]
+    );
+    assert!(seen.transfers.len() > 20 && seen.adds.values().sum::<i64>() > 50, "too little load ran");
+    let mut c = d.client().await;
+    for k in 0..COUNTERS {
+        let id = format!("c{k}");
+        let total = call(&mut c, "counter", &id, "get", "").await.unwrap();
+        assert_eq!(total, json!(seen.adds.get(&id).copied().unwrap_or(0)), "counter {id}");
+    }
+    let statements = eventually(60, "the sagas to settle", async || {
+        let mut statements = BTreeMap::new();
+        for a in 0..ACCOUNTS {
+            let id = format!("a{a}");
+            statements.insert(id.clone(), call(&mut c, "account", &id, "statement", "").await.ok()?);
+        }
+        let pending = statements.values().any(|s| {
+            s["outgoing"].as_object().unwrap().values().any(|o| o["status"] != "completed" && o["status"] != "refunded")
+        });
+        (!pending).then_some(statements)
+    })
+    .await;
+    assert_bank_settled(&statements, &seen.transfers, ACCOUNTS as i64 * OPENING_BALANCE, "a11");
+}
+
+/// Replicas per member, once every member is up, no move runs and every
+/// shard is led and caught up; `None` until then.
+fn settled_replicas(s: &pb::StatusResponse) -> Option<BTreeMap<String, (u32, u32)>> {
+    (caught_up(s) && s.moves.is_empty())
+        .then(|| s.nodes.iter().map(|n| (n.node_id.clone(), (n.replicas, n.shards_led))).collect())
+}
+
+#[test]
+fn growing_from_three_to_five_members_under_load_spreads_replicas_and_loses_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_extra(root.path(), 3, &QUICK_PLACEMENT);
+    let runtime = rt();
+    runtime.block_on(prepare_load(&cluster));
+    let load = runtime.block_on(Load::start(&cluster, &[0, 1, 2]));
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let four = cluster.join(root.path(), 0, &QUICK_PLACEMENT);
+    let five = cluster.join(root.path(), 2, &QUICK_PLACEMENT);
+    runtime.block_on(async {
+        // 8 shards × 3 replicas over 5 members: 4 or 5 each.
+        let spread = eventually(120, "the replicas to spread over five members", async || {
+            let s = cluster_status(cluster.node(four)).await;
+            let r = settled_replicas(&s).filter(|r| r.len() == 5)?;
+            r.values().all(|(replicas, _)| (4..=5).contains(replicas)).then_some(r)
+        })
+        .await;
+        eprintln!("spread after {:?}: {spread:?}", started.elapsed());
+        let seen = load.finish().await;
+        eprintln!("{} calls retried through leader changes", seen.retried);
+        // The new members serve calls too.
+        let mut c5 = cluster.node(five).client().await;
+        call(&mut c5, "counter", "c0", "get", "").await.unwrap();
+        assert_load_exact(cluster.node(five), &seen).await;
+    });
 }

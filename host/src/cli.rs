@@ -73,9 +73,13 @@ enum Command {
         /// PEM private key for --tls-cert (`api.tls_key_path`).
         #[arg(long, value_name = "PEM")]
         tls_key: Option<PathBuf>,
-        /// This node's id in its cluster (`cluster.node_id`; needs --peer).
+        /// This node's id in its cluster (`cluster.node_id`; needs --peer or --join).
         #[arg(long, value_name = "ID")]
         node_id: Option<u64>,
+        /// Join the existing cluster that the member at HOST:PORT belongs to
+        /// (`cluster.join`; first start only, later starts find it joined).
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "peers")]
+        join: Option<String>,
         /// A member of the cluster, this node included, as ID=HOST:PORT
         /// (repeatable or comma-separated; `cluster.nodes`).
         #[arg(long = "peer", value_name = "ID=HOST:PORT", value_delimiter = ',')]
@@ -121,6 +125,17 @@ enum Command {
     Types,
     /// Show node status.
     Status,
+    /// Move every replica off a cluster member, then report it safe to stop.
+    Drain {
+        /// The member's node id.
+        node_id: u64,
+        /// Return once the drain is recorded instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        timeout_secs: u64,
+    },
     /// Show the committed state keys of one entity (TYPE/ID).
     State { entity: String },
     /// List messages that could not be delivered, oldest first, with the reason.
@@ -214,6 +229,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             node_id,
+            join,
             peers,
             cluster_secret,
         } => {
@@ -225,6 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tls_cert,
                 tls_key,
                 node_id,
+                join,
                 peers,
                 cluster_secret,
             };
@@ -248,6 +265,7 @@ struct ServeFlags {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     node_id: Option<u64>,
+    join: Option<String>,
     peers: Vec<String>,
     cluster_secret: Option<Secret>,
 }
@@ -265,8 +283,19 @@ async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlag
         None => Config::default(),
     }
     .with_overrides(&overrides)?;
-    let ServeFlags { data_dir, listen, admin_token, invoke_token, tls_cert, tls_key, node_id, peers, cluster_secret } =
-        flags;
+    let ServeFlags {
+        data_dir,
+        listen,
+        admin_token,
+        invoke_token,
+        tls_cert,
+        tls_key,
+        node_id,
+        join,
+        peers,
+        cluster_secret,
+    } = flags;
+    cfg.cluster.join = join.or(cfg.cluster.join);
     if !peers.is_empty() {
         cfg.cluster.nodes = peers.iter().map(|p| parse_peer(p)).collect::<anyhow::Result<_>>()?;
     }
@@ -717,6 +746,31 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
             let s = client.status(pb::StatusRequest {}).await.map_err(rpc_error)?.into_inner();
             out.print(&s, print_status)?;
         }
+        Command::Drain { node_id, no_wait, timeout_secs } => {
+            let node = node_id.to_string();
+            let r = client.drain(pb::DrainRequest { node_id: node.clone() }).await.map_err(rpc_error)?.into_inner();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_secs);
+            let mut left = r.replicas;
+            while !no_wait && left > 0 {
+                if std::time::Instant::now() >= deadline {
+                    anyhow::bail!("node {node} still holds {left} replicas after {timeout_secs} s; the drain goes on");
+                }
+                if !out.json {
+                    eprintln!("node {node}: {left} replicas to move");
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let s = client.status(pb::StatusRequest {}).await.map_err(rpc_error)?.into_inner();
+                left = s.nodes.iter().find(|n| n.node_id == node).map_or(0, |n| n.replicas);
+            }
+            let done = pb::DrainResponse { replicas: left };
+            out.print(&done, |d| {
+                if d.replicas == 0 {
+                    println!("node {node} holds no replicas: it is safe to stop");
+                } else {
+                    println!("node {node} is draining: {} replicas to move", d.replicas);
+                }
+            })?;
+        }
         Command::State { entity } => {
             let e = EntityRef::parse(&entity)?;
             let mut start_after = String::new();
@@ -827,6 +881,12 @@ fn print_status(s: &pb::StatusResponse) {
     println!("SHARD\tLEADER\tREPLICAS\tLAG");
     for sh in &s.shards {
         println!("{}\t{}\t{}\t{}", sh.shard_id, sh.leader, sh.replicas.join(","), sh.replication_lag);
+    }
+    if !s.moves.is_empty() {
+        println!("MOVES IN PROGRESS");
+        for m in &s.moves {
+            println!("{m}");
+        }
     }
 }
 

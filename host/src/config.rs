@@ -218,10 +218,15 @@ impl Default for ApiConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// This node's id: one of `nodes`.
+    /// This node's id: one of `nodes`, or a new id when joining.
     pub node_id: u64,
-    /// Every member of the cluster, the same list on each node.
+    /// The founding members of the cluster, the same list on each of them.
+    /// Empty on a node that joins an existing cluster.
     pub nodes: Vec<ClusterMember>,
+    /// `host:port` of any member of an existing cluster: this node joins it
+    /// (on first start; later starts find it joined). Other members reach
+    /// this node at its `api.listen` address.
+    pub join: Option<String>,
     /// Shared by all members; every node-to-node call carries it. At least
     /// 16 visible ASCII characters.
     pub secret: Option<Secret>,
@@ -232,6 +237,20 @@ pub struct ClusterConfig {
     /// How long an invocation may keep looking for its shard's leader (through
     /// elections and unreachable nodes) before it fails.
     pub forward_timeout_ms: u64,
+    /// Replica moves (grow, drain, repair) running at once, cluster-wide: the
+    /// bound on how much catch-up traffic competes with foreground calls.
+    pub max_concurrent_moves: usize,
+    /// How often the metadata leader checks members and plans moves.
+    pub placement_interval_ms: u64,
+    /// A member that has not answered for this long is suspect: it keeps its
+    /// replicas but receives no new ones.
+    pub suspect_after_ms: u64,
+    /// A member that has not answered for this long (the grace period) is
+    /// down: its replicas are re-created on other members.
+    pub down_after_ms: u64,
+    /// The longest one replica move may take, catching up included; a move
+    /// that takes longer fails and is planned again.
+    pub move_timeout_ms: u64,
 }
 
 /// One member: its id and the address (`host:port`) its API port is reached
@@ -248,26 +267,51 @@ impl Default for ClusterConfig {
         Self {
             node_id: 0,
             nodes: Vec::new(),
+            join: None,
             secret: None,
             shard_count: 64,
             replication_factor: 3,
             forward_timeout_ms: 10_000,
+            max_concurrent_moves: 2,
+            placement_interval_ms: 1_000,
+            suspect_after_ms: 3_000,
+            down_after_ms: 60_000,
+            move_timeout_ms: 60_000,
         }
     }
 }
 
 impl ClusterConfig {
     pub fn enabled(&self) -> bool {
-        !self.nodes.is_empty()
+        !self.nodes.is_empty() || self.join.is_some()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if !self.enabled() {
             if self.node_id != 0 || self.secret.is_some() {
-                return bad("cluster.node_id and cluster.secret need cluster.nodes (the members of the cluster)".into());
+                return bad(
+                    "cluster.node_id and cluster.secret need cluster.nodes (the founding members) or cluster.join"
+                        .into(),
+                );
             }
             return Ok(());
+        }
+        let addr_ok =
+            |a: &str| a.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if let Some(join) = &self.join {
+            if !self.nodes.is_empty() {
+                return bad(
+                    "cluster.join and cluster.nodes exclude each other: founders list the members, a new node joins"
+                        .into(),
+                );
+            }
+            if self.node_id == 0 {
+                return bad("cluster.join needs cluster.node_id (a new id, 1 or more)".into());
+            }
+            if !addr_ok(join) {
+                return bad(format!("cluster.join is {join:?}; expected host:port of a member"));
+            }
         }
         let mut ids = std::collections::BTreeSet::new();
         for m in &self.nodes {
@@ -277,13 +321,11 @@ impl ClusterConfig {
             if !ids.insert(m.id) {
                 return bad(format!("cluster.nodes: node id {} is listed twice", m.id));
             }
-            let port_ok =
-                m.addr.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !port_ok {
+            if !addr_ok(&m.addr) {
                 return bad(format!("cluster.nodes: node {} has address {:?}; expected host:port", m.id, m.addr));
             }
         }
-        if !ids.contains(&self.node_id) {
+        if self.join.is_none() && !ids.contains(&self.node_id) {
             return bad(format!("cluster.node_id {} is not among cluster.nodes {ids:?}", self.node_id));
         }
         match &self.secret {
@@ -301,6 +343,21 @@ impl ClusterConfig {
         }
         if self.forward_timeout_ms == 0 {
             return bad("cluster.forward_timeout_ms must be > 0".into());
+        }
+        if !(1..=64).contains(&self.max_concurrent_moves) {
+            return bad(format!("cluster.max_concurrent_moves must be 1..=64, not {}", self.max_concurrent_moves));
+        }
+        if self.move_timeout_ms == 0 {
+            return bad("cluster.move_timeout_ms must be > 0".into());
+        }
+        if self.placement_interval_ms == 0 {
+            return bad("cluster.placement_interval_ms must be > 0".into());
+        }
+        if self.suspect_after_ms == 0 || self.down_after_ms <= self.suspect_after_ms {
+            return bad(format!(
+                "cluster.down_after_ms ({}) must exceed cluster.suspect_after_ms ({}), which must be > 0",
+                self.down_after_ms, self.suspect_after_ms
+            ));
         }
         Ok(())
     }
@@ -488,6 +545,20 @@ mod tests {
         assert!(invalid(&|c| c.cluster.nodes[0].addr = "nowhere".into()).contains("host:port"));
         assert!(invalid(&|c| c.cluster.shard_count = 0).contains("shard_count"));
         assert!(invalid(&|c| c.cluster.nodes.clear()).contains("need cluster.nodes"));
+        assert!(invalid(&|c| c.cluster.join = Some("127.0.0.1:7001".into())).contains("exclude each other"));
+        assert!(invalid(&|c| c.cluster.down_after_ms = c.cluster.suspect_after_ms).contains("must exceed"));
+        assert!(invalid(&|c| c.cluster.max_concurrent_moves = 0).contains("max_concurrent_moves"));
+        let joining = |edit: &dyn Fn(&mut Config)| {
+            let mut c: Config = toml::from_str(base).unwrap();
+            c.cluster.nodes.clear();
+            c.cluster.node_id = 9;
+            c.cluster.join = Some("127.0.0.1:7001".into());
+            edit(&mut c);
+            c.validate().map_err(|e| e.to_string())
+        };
+        joining(&|_| {}).unwrap();
+        assert!(joining(&|c| c.cluster.node_id = 0).unwrap_err().contains("needs cluster.node_id"));
+        assert!(joining(&|c| c.cluster.join = Some("nowhere".into())).unwrap_err().contains("host:port"));
     }
 
     #[test]

@@ -15,19 +15,23 @@
 //! store and log (`LocalShards`) and routes each invocation to the leader of
 //! the entity's shard; the `Cluster` service shares the API port.
 
-use crate::api::Api;
-use crate::api::cluster::{ClusterSecret, ClusterService, ClusterView, GrpcTransport, MemberRegistries};
+use crate::api::cluster::{ClusterSecret, ClusterService, ClusterView, GrpcTransport, Member, MemberRegistries};
+use crate::api::{self, Api};
+use crate::cluster::driver::{DriverConfig, PlacementDriver};
 use crate::cluster::meta::{META_SHARD, MetaLog};
+use crate::cluster::placement::Placement;
 use crate::cluster::raft::{NoPeers, ReplicaHost, ReplicaTable, ShardId, ShardLog};
+use crate::cluster::shape::{ClusterShape, DRAINING_KEY_PREFIX, LAYOUT_KEY, Layout, Shape, draining_node};
 use crate::cluster::sharded::{ClusterRouter, LocalShard, LocalShards};
 use crate::cluster::shards::ShardSet;
 use crate::config::Config;
 use crate::log::CommitLog;
+use crate::model::Keyspace;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
 use crate::scheduler::Scheduler;
 use crate::storage::StateStore;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -42,10 +46,11 @@ const SINGLE_NODE_ID: u64 = 1;
 const CLUSTER_FILE: &str = "cluster.json";
 
 /// The settings a member's data is laid out by (ids, not addresses: a member
-/// may move).
-#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// may move). Written once the member's replicas exist.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct ClusterIdentity {
     node_id: u64,
+    /// The founding members; empty on a member that joined later.
     members: Vec<u64>,
     shard_count: u32,
     replication_factor: usize,
@@ -57,12 +62,23 @@ impl ClusterIdentity {
         members.sort_unstable();
         Self { node_id: c.node_id, members, shard_count: c.shard_count, replication_factor: c.replication_factor }
     }
+
+    fn write(&self, dir: &Path) -> Result<(), NodeError> {
+        let file = dir.join(CLUSTER_FILE);
+        let json = serde_json::to_vec_pretty(self).expect("serialisable");
+        std::fs::write(&file, json).map_err(|source| NodeError::DataDir { path: file.display().to_string(), source })
+    }
 }
 
-/// Refuses to open a data directory under settings it was not created with:
-/// a single node's data as a member, a member's as a single node, or a
-/// member's under another id, member list, shard count or replication factor.
-fn check_cluster_identity(dir: &Path, cluster: &crate::config::ClusterConfig) -> Result<(), NodeError> {
+/// What the data directory says this node is (`None`: a new directory), after
+/// refusing settings it was not created with: a single node's data as a
+/// member, a member's as a single node, or a member's under another id; a
+/// founder's under another member list, shard count or replication factor; a
+/// joined member's as a founder.
+fn check_cluster_identity(
+    dir: &Path,
+    cluster: &crate::config::ClusterConfig,
+) -> Result<Option<ClusterIdentity>, NodeError> {
     let file = dir.join(CLUSTER_FILE);
     let bad = |m: String| Err(NodeError::Cluster(format!("data directory {}: {m}", dir.display())));
     let stored = match std::fs::read(&file) {
@@ -73,27 +89,51 @@ fn check_cluster_identity(dir: &Path, cluster: &crate::config::ClusterConfig) ->
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(source) => return Err(NodeError::DataDir { path: file.display().to_string(), source }),
     };
+    // A single node never has a metadata replica; a member interrupted
+    // before writing its identity does.
+    let single_data = dir.join("shards").join("0").exists() && !dir.join("shards").join("meta").exists();
     match (stored, cluster.enabled()) {
-        (None, false) => Ok(()),
+        (None, false) => Ok(None),
         (Some(s), false) => bad(format!(
             "it holds the data of cluster member {} (see {CLUSTER_FILE}); start it with that member's [cluster] settings",
             s.node_id
         )),
-        (None, true) if dir.join("shards").join("0").exists() => {
+        (None, true) if single_data => {
             bad("it holds a single node's data; a new cluster member needs an empty data directory".into())
         }
-        (None, true) => {
-            let json = serde_json::to_vec_pretty(&ClusterIdentity::of(cluster)).expect("serialisable");
-            std::fs::write(&file, json)
-                .map_err(|source| NodeError::DataDir { path: file.display().to_string(), source })
+        (None, true) => Ok(None),
+        (Some(s), true) if s.node_id != cluster.node_id => {
+            bad(format!("it holds the data of member {}, not {}", s.node_id, cluster.node_id))
         }
-        (Some(s), true) if s != ClusterIdentity::of(cluster) => bad(format!(
-            "it was created as {s:?}, but the configuration says {:?}; changing a cluster's members, shard count or \
-             replication factor is not supported",
+        (Some(s), true) if cluster.join.is_none() && s.members.is_empty() => {
+            bad(format!("member {} joined an existing cluster; restart it with --join, not --peer", s.node_id))
+        }
+        (Some(s), true) if cluster.join.is_none() && s != ClusterIdentity::of(cluster) => bad(format!(
+            "it was created as {s:?}, but the configuration says {:?}; changing a cluster's founding members, shard \
+             count or replication factor is not supported",
             ClusterIdentity::of(cluster)
         )),
-        (Some(_), true) => Ok(()),
+        (Some(s), true) => Ok(Some(s)),
     }
+}
+
+/// The data shards this node has a replica of on disk (`shards/<n>`).
+fn shards_on_disk(dir: &Path) -> Result<Vec<ShardId>, NodeError> {
+    let shards = dir.join("shards");
+    let entries = match std::fs::read_dir(&shards) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(NodeError::DataDir { path: shards.display().to_string(), source }),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| NodeError::DataDir { path: shards.display().to_string(), source })?;
+        if let Some(shard) = entry.file_name().to_str().and_then(|n| n.parse::<ShardId>().ok()) {
+            found.push(shard);
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
 }
 
 /// How long start-up may take to elect itself and apply its log.
@@ -149,15 +189,12 @@ pub struct Node {
 
 /// What a clustered node holds beyond a single node.
 struct ClusterParts {
-    node: u64,
-    members: BTreeMap<u64, String>,
-    transport: Arc<GrpcTransport>,
     secret: ClusterSecret,
     table: ReplicaTable,
-    shards: Arc<ShardSet>,
-    meta: LocalShard,
-    /// Every group this node has a replica of, for proposals from peers.
-    logs: HashMap<ShardId, Arc<dyn CommitLog>>,
+    member: Member,
+    /// Where the layout falls back to before the metadata group records one.
+    initial: Layout,
+    driver: DriverConfig,
 }
 
 /// Takes the data directory's exclusive lock, or says who holds it.
@@ -184,7 +221,7 @@ impl Node {
         std::fs::create_dir_all(dir)
             .map_err(|source| NodeError::DataDir { path: dir.display().to_string(), source })?;
         let lock = lock_data_dir(dir)?;
-        check_cluster_identity(dir, &cfg.cluster)?;
+        let identity = check_cluster_identity(dir, &cfg.cluster)?;
         let path = || dir.display().to_string();
         let sled_dir = dir.join("state");
         // sled recovers its files on open: blocking work, kept off the runtime.
@@ -196,7 +233,7 @@ impl Node {
                 .map_err(|e| NodeError::StoreOpen { path: path(), source: crate::storage::StorageError::Sled(e) })?
         };
         if cfg.cluster.enabled() {
-            return Self::open_clustered(cfg, lock, db, sled_dir).await;
+            return Self::open_clustered(cfg, lock, db, sled_dir, identity).await;
         }
         let raft_config = crate::cluster::raft::raft_config("conflux", cfg.log.compact_every_entries)
             .map_err(|e| NodeError::CatchUp { path: path(), message: e.to_string() })?;
@@ -240,28 +277,56 @@ impl Node {
         Ok(Self { scheduler, registry, store, log, cfg, cluster: None, _lock: lock })
     }
 
-    /// Opens a member of a cluster: its data-shard replicas under the initial
-    /// placement, its metadata replica, and the groups it is first replica of
-    /// are formed (once; a restart finds them formed).
+    /// Opens a member of a cluster. A founder's first start forms the groups
+    /// of the initial placement it is first replica of (the lowest id also
+    /// the metadata group); a new node with `join` first asks the cluster to
+    /// let it in. Later starts reopen the replicas the data directory holds.
     async fn open_clustered(
         cfg: Config,
         lock: File,
         db: sled::Db,
         sled_dir: std::path::PathBuf,
+        stored: Option<ClusterIdentity>,
     ) -> Result<Self, NodeError> {
         let dir = cfg.storage.data_dir.clone();
         let c = &cfg.cluster;
         let err = |e: &dyn std::fmt::Display| NodeError::Cluster(e.to_string());
         let secret = ClusterSecret::new(c.secret.as_ref().map_or("", |s| s.expose())).map_err(|e| err(&e))?;
+        let fresh = stored.is_none();
+        let identity = match (stored, &c.join) {
+            (Some(s), _) => s,
+            (None, Some(join)) => {
+                if cfg.api.listen.ip().is_unspecified() {
+                    return Err(NodeError::Cluster(format!(
+                        "a joining node is reached at its api.listen address, and {} names no host",
+                        cfg.api.listen
+                    )));
+                }
+                let (shard_count, replication_factor) =
+                    api::cluster::join(join, &secret, c.node_id, &cfg.api.listen.to_string())
+                        .await
+                        .map_err(NodeError::Cluster)?;
+                ClusterIdentity { node_id: c.node_id, members: Vec::new(), shard_count, replication_factor }
+            }
+            (None, None) => ClusterIdentity::of(c),
+        };
+        let founder = !identity.members.is_empty();
         let transport = Arc::new(GrpcTransport::new(secret.clone()));
         let mut addrs = BTreeMap::new();
         for m in &c.nodes {
             transport.set_peer(m.id, &m.addr).map_err(|e| err(&e))?;
             addrs.insert(m.id, m.addr.clone());
         }
-        let members: Vec<u64> = addrs.keys().copied().collect();
-        let placement = crate::cluster::placement::initial_placement(&members, c.shard_count, c.replication_factor)
-            .map_err(|e| err(&e))?;
+        let initial = if founder {
+            crate::cluster::placement::initial_placement(
+                &identity.members,
+                identity.shard_count,
+                identity.replication_factor,
+            )
+            .map_err(|e| err(&e))?
+        } else {
+            Placement::default()
+        };
         let raft_config =
             crate::cluster::raft::raft_config("conflux", cfg.log.compact_every_entries).map_err(|e| err(&e))?;
         let host = ReplicaHost {
@@ -279,21 +344,28 @@ impl Node {
         };
         let meta_replica = host.open(META_SHARD).await.map_err(|e| opened(&e))?;
         table.insert(META_SHARD, meta_replica.raft.clone());
-        // The lowest id forms the metadata group with every member as a voter.
-        if members.first() == Some(&c.node_id) && !meta_replica.raft.is_initialized().await.map_err(|e| err(&e))? {
+        // The lowest founding id forms the metadata group with every founder as a voter.
+        let forms_meta = founder && identity.members.first() == Some(&c.node_id);
+        if forms_meta && !meta_replica.raft.is_initialized().await.map_err(|e| err(&e))? {
             let voters = addrs.iter().map(|(id, a)| (*id, openraft::BasicNode::new(a))).collect::<BTreeMap<_, _>>();
             meta_replica.raft.initialize(voters).await.map_err(|e| err(&e))?;
         }
-        let shards = Arc::new(ShardSet::open(host, &placement, table.clone()).await.map_err(|e| opened(&e))?);
-        shards.bootstrap(&placement, &addrs).await.map_err(|e| err(&e))?;
-        let mut logs: HashMap<ShardId, Arc<dyn CommitLog>> = HashMap::new();
+        // Only a founder's first start forms data groups: later, replicas
+        // may have moved, and forming one again would fork the shard.
+        let forming = if fresh && founder { initial.clone() } else { Placement::default() };
+        let shards = Arc::new(ShardSet::open(host, &forming, table.clone()).await.map_err(|e| opened(&e))?);
+        for shard in shards_on_disk(&dir)? {
+            shards.open_replica(shard).await.map_err(|e| opened(&e))?;
+        }
+        if fresh {
+            shards.bootstrap(&forming, &addrs).await.map_err(|e| err(&e))?;
+            identity.write(&dir)?;
+        }
         let mut local = BTreeMap::new();
         for shard in shards.shards() {
             let replica = shards.replica(shard).expect("listed by the set");
-            let store = replica.state.store().clone();
-            let raft = replica.raft.clone();
+            let (raft, store) = (replica.raft.clone(), replica.state.store().clone());
             let log = Arc::new(ShardLog::new(replica, &cfg.log));
-            logs.insert(shard, log.clone());
             local.insert(shard, LocalShard { raft, store, log });
         }
         let meta = LocalShard {
@@ -301,22 +373,47 @@ impl Node {
             store: meta_replica.state.store().clone(),
             log: Arc::new(ShardLog::new(meta_replica, &cfg.log)),
         };
-        logs.insert(META_SHARD, meta.log.clone());
+        let initial = Layout { placement: initial.shards, ..Layout::default() };
+        let shape = Arc::new(ClusterShape::new(read_shape(&meta, &addrs, &initial)));
         let timeout = std::time::Duration::from_millis(c.forward_timeout_ms);
         let meta_log: Arc<dyn CommitLog> =
-            Arc::new(MetaLog::new(c.node_id, meta.clone(), members.clone(), transport.clone(), timeout));
-        let local = Arc::new(LocalShards::new(c.node_id, placement, local));
+            Arc::new(MetaLog::new(c.node_id, meta.clone(), shape.clone(), transport.clone(), timeout));
+        let local = Arc::new(
+            LocalShards::new(c.node_id, identity.shard_count, shape.clone(), local)
+                .with_set(shards.clone(), cfg.log.clone()),
+        );
         let store: Arc<dyn StateStore> = local.clone();
         let log: Arc<dyn CommitLog> = local.clone();
-        let (runtime, registry) = open_runtime_and_registry(&cfg, meta.store.clone(), meta_log).await?;
-        let others = members.iter().copied().filter(|m| *m != c.node_id).collect();
-        registry.set_propagation(Arc::new(MemberRegistries::new(transport.clone(), others)));
+        let (runtime, registry) = open_runtime_and_registry(&cfg, meta.store.clone(), meta_log.clone()).await?;
+        registry.set_propagation(Arc::new(MemberRegistries::new(c.node_id, transport.clone(), shape.clone())));
         let router = Arc::new(ClusterRouter::new(local.clone(), transport.clone(), timeout));
         let scheduler =
             Scheduler::with_router(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone(), Some(router));
-        let node = c.node_id;
-        let cluster = ClusterParts { node, members: addrs, transport, secret, table, shards, meta, logs };
-        tracing::info!(node, shards = cluster.shards.shards().len(), "cluster member opened");
+        let move_timeout = std::time::Duration::from_millis(c.move_timeout_ms);
+        let member = Member {
+            node: c.node_id,
+            transport,
+            shape,
+            shards,
+            local,
+            meta,
+            meta_log,
+            shard_count: identity.shard_count,
+            replication_factor: identity.replication_factor,
+            catch_up: move_timeout,
+            ready: Arc::default(),
+        };
+        let driver = DriverConfig {
+            shard_count: identity.shard_count,
+            replication_factor: identity.replication_factor,
+            max_concurrent_moves: c.max_concurrent_moves,
+            interval: std::time::Duration::from_millis(c.placement_interval_ms),
+            suspect_after: std::time::Duration::from_millis(c.suspect_after_ms),
+            down_after: std::time::Duration::from_millis(c.down_after_ms),
+            move_timeout,
+        };
+        tracing::info!(node = c.node_id, shards = member.shards.shards().len(), "cluster member opened");
+        let cluster = ClusterParts { secret, table, member, initial, driver };
         Ok(Self { scheduler, registry, store, log, cfg, cluster: Some(cluster), _lock: lock })
     }
 
@@ -341,15 +438,23 @@ impl Node {
         let api = match &self.cluster {
             None => api,
             Some(c) => {
-                watchers.push(tokio::spawn(follow_registry(c.meta.clone(), self.registry.clone())));
-                let service = ClusterService::new(c.node, c.secret.clone(), c.table.clone()).with_node(
+                let m = &c.member;
+                watchers.push(tokio::spawn(follow_meta(m.clone(), c.initial.clone(), self.registry.clone())));
+                let driver = PlacementDriver::new(
+                    m.node,
+                    m.meta.clone(),
+                    m.meta_log.clone(),
+                    m.shape.clone(),
+                    Arc::new(m.clone()),
+                    c.driver.clone(),
+                );
+                watchers.push(tokio::spawn(driver.run()));
+                let service = ClusterService::new(m.node, c.secret.clone(), c.table.clone()).with_node(
                     self.scheduler.clone(),
                     self.registry.clone(),
-                    c.shards.clone(),
-                    c.logs.clone(),
+                    m.clone(),
                 );
-                let view = ClusterView::new(c.node, c.members.clone(), c.shards.clone(), c.transport.clone());
-                api.with_cluster(service, view)
+                api.with_cluster(service, ClusterView::new(m.clone()))
             }
         };
         let addr = self.cfg.api.listen;
@@ -383,7 +488,7 @@ impl Node {
         self.log.shutdown().await?;
         if let Some(c) = &self.cluster {
             // The data shards stopped with `self.log`; the metadata group last.
-            c.meta.log.shutdown().await?;
+            c.member.meta.log.shutdown().await?;
         }
         tracing::info!("shut down cleanly");
         served.map_err(NodeError::from)
@@ -409,22 +514,95 @@ async fn open_runtime_and_registry(
     .map_err(|e| NodeError::Background(e.to_string()))?
 }
 
-/// Keeps the registry in step with the metadata group: whenever this replica
-/// applies something, the registry re-reads its records and compiles what
-/// changed before switching to it.
-async fn follow_registry(meta: LocalShard, registry: Arc<Registry>) {
-    let mut metrics = meta.raft.metrics();
-    let mut seen = None;
+/// The cluster's shape as this node's metadata replica holds it: members
+/// from the group's membership (`founders` until it has one), the layout
+/// (`initial` until the driver records one) and the drains.
+fn read_shape(meta: &LocalShard, founders: &BTreeMap<u64, String>, initial: &Layout) -> Shape {
+    let m = meta.raft.metrics().borrow().clone();
+    let mut members: BTreeMap<u64, String> =
+        m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+    if members.is_empty() {
+        members = founders.clone();
+    }
+    let layout = match meta.store.get(Keyspace::Registry, LAYOUT_KEY.as_bytes()) {
+        Ok(Some(bytes)) => Layout::decode(&bytes).unwrap_or_else(|e| {
+            tracing::error!("the recorded cluster layout is unreadable: {e}");
+            initial.clone()
+        }),
+        Ok(None) => initial.clone(),
+        Err(e) => {
+            tracing::error!("reading the cluster layout: {e}");
+            initial.clone()
+        }
+    };
+    // Bounded: one record per member being drained.
+    let draining = match meta.store.scan(Keyspace::Registry, DRAINING_KEY_PREFIX.as_bytes(), None, 4096) {
+        Ok(rows) => rows.iter().filter_map(|(k, _)| draining_node(k)).collect(),
+        Err(e) => {
+            tracing::error!("reading the drained members: {e}");
+            Default::default()
+        }
+    };
+    Shape { members, draining, layout }
+}
+
+/// Keeps this node in step with the metadata group: whenever its replica
+/// applies something, the cluster's shape is re-read (and new members'
+/// addresses handed to the transport), and the registry re-reads its records
+/// and compiles what changed before switching to it.
+async fn follow_meta(member: Member, initial: Layout, registry: Arc<Registry>) {
+    let mut metrics = member.meta.raft.metrics();
+    let mut seen = (None, None);
+    let founders = member.shape.get().members;
+    // The addresses handed to the transport: replacing one drops its pooled
+    // connection, so only a new or moved member's is set.
+    let mut dialled = founders.clone();
     loop {
-        let applied = metrics.borrow_and_update().last_applied.map(|id| id.index);
-        if applied != seen {
-            seen = applied;
+        let (applied, membership) = {
+            let m = metrics.borrow_and_update();
+            (m.last_applied.map(|id| id.index), m.membership_config.log_id().map(|id| id.index))
+        };
+        if (applied, membership) != seen {
+            seen = (applied, membership);
+            let shape = read_shape(&member.meta, &founders, &initial);
+            for (node, addr) in &shape.members {
+                if dialled.get(node) != Some(addr) && *node != member.node {
+                    match member.transport.set_peer(*node, addr) {
+                        Ok(()) => {
+                            dialled.insert(*node, addr.clone());
+                        }
+                        Err(e) => tracing::error!(node, "a member's address is unusable: {e}"),
+                    }
+                }
+            }
+            member.shape.set(shape);
+            let votes = member
+                .meta
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == member.node);
             let registry = registry.clone();
-            match tokio::task::spawn_blocking(move || registry.refresh()).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::info!(types = n, "registry caught up with the metadata group"),
-                Ok(Err(e)) => tracing::error!("registry refresh failed: {e}"),
-                Err(e) => tracing::error!("registry refresh panicked: {e}"),
+            let refreshed = match tokio::task::spawn_blocking(move || registry.refresh()).await {
+                Ok(Ok(0)) => true,
+                Ok(Ok(n)) => {
+                    tracing::info!(types = n, "registry caught up with the metadata group");
+                    true
+                }
+                Ok(Err(e)) => {
+                    tracing::error!("registry refresh failed: {e}");
+                    false
+                }
+                Err(e) => {
+                    tracing::error!("registry refresh panicked: {e}");
+                    false
+                }
+            };
+            if votes && refreshed && !member.ready.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                tracing::info!("caught up with the metadata group: ready for replicas");
             }
         }
         if metrics.changed().await.is_err() {

@@ -21,6 +21,7 @@ pub enum Rpc {
     Invoke,
     ListEntities,
     StreamLogs,
+    Drain,
     /// `/metrics` and the dashboard's data (HTTP only).
     Metrics,
 }
@@ -46,6 +47,7 @@ impl Rpc {
             | Rpc::Status
             | Rpc::ListEntities
             | Rpc::StreamLogs
+            | Rpc::Drain
             | Rpc::Metrics => Access::Admin,
             Rpc::ListTypes | Rpc::Invoke => Access::Invoke,
         }
@@ -63,6 +65,7 @@ impl Rpc {
             Rpc::Invoke => "Invoke",
             Rpc::ListEntities => "ListEntities",
             Rpc::StreamLogs => "StreamLogs",
+            Rpc::Drain => "Drain",
             Rpc::Metrics => "Metrics",
         }
     }
@@ -162,7 +165,7 @@ mod tests {
         m
     }
 
-    const ALL: [Rpc; 11] = [
+    const ALL: [Rpc; 12] = [
         Rpc::Deploy,
         Rpc::Rollback,
         Rpc::Promote,
@@ -173,6 +176,7 @@ mod tests {
         Rpc::Invoke,
         Rpc::ListEntities,
         Rpc::StreamLogs,
+        Rpc::Drain,
         Rpc::Metrics,
     ];
 

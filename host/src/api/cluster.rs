@@ -5,17 +5,20 @@
 //! cluster's shared secret: a process without it can neither send Raft
 //! traffic to a node nor get answers from one.
 
+use crate::cluster::driver::{Mover, change_replicas};
+use crate::cluster::meta::META_SHARD;
 use crate::cluster::raft::{
     DispatchError, NodeId, RaftReply, RaftRpc, ReplicaTable, ShardId, Transport, TransportError,
 };
-use crate::cluster::sharded::Peers;
+use crate::cluster::shape::{ClusterShape, Health};
+use crate::cluster::sharded::{LocalShard, LocalShards, Peers};
 use crate::cluster::shards::{ShardSet, ShardStatus, merge_status};
 use crate::log::{CommitLog, LogError};
 use crate::model::{EntityRef, LogIndex, WriteSet};
 use crate::scheduler::{ERROR_KINDS, Invocation, InvokeError, Scheduler};
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -92,8 +95,160 @@ impl ClusterSecret {
     }
 }
 
+/// What a clustered node's cluster-facing parts share: its replicas, its
+/// copy of the cluster's shape, the metadata group and the transport.
+#[derive(Clone)]
+pub struct Member {
+    pub node: NodeId,
+    pub transport: Arc<GrpcTransport>,
+    pub shape: Arc<ClusterShape>,
+    pub shards: Arc<ShardSet>,
+    pub local: Arc<LocalShards>,
+    /// This node's replica of the metadata group.
+    pub meta: LocalShard,
+    /// Commits metadata writes through the group's leader, from any member.
+    pub meta_log: Arc<dyn CommitLog>,
+    pub shard_count: u32,
+    pub replication_factor: usize,
+    /// How long a new replica may take to catch up before its move fails.
+    pub catch_up: Duration,
+    /// Set once this node votes in the metadata group and its registry has
+    /// loaded what the group holds: only then may it take replicas (and so
+    /// lead shards and run their turns).
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Member {
+    /// Each node's report of its replicas (this node's without a call);
+    /// `None` for a node that did not answer within [`STATUS_TIMEOUT`].
+    pub fn reports(&self, nodes: Vec<NodeId>) -> BoxFuture<'static, BTreeMap<NodeId, Option<Vec<ShardStatus>>>> {
+        let asks: Vec<_> = nodes
+            .into_iter()
+            .map(|node| {
+                let local = (node == self.node).then(|| self.shards.status());
+                let client = self.transport.client(node);
+                let mut req = self.transport.request(pb::ShardsRequest {});
+                req.set_timeout(STATUS_TIMEOUT);
+                async move {
+                    if let Some(local) = local {
+                        return (node, Some(local));
+                    }
+                    let Some(mut client) = client else { return (node, None) };
+                    let report = match tokio::time::timeout(STATUS_TIMEOUT, client.shards(req)).await {
+                        Ok(Ok(r)) => Some(r.into_inner().shards.into_iter().map(|r| report_from_pb(node, r)).collect()),
+                        _ => None,
+                    };
+                    (node, report)
+                }
+            })
+            .collect();
+        Box::pin(async move { futures::future::join_all(asks).await.into_iter().collect() })
+    }
+
+    /// Runs `local` here, or `remote` on `node` through its client.
+    fn on<F, R>(&self, node: NodeId, local: F, remote: R) -> BoxFuture<'static, Result<(), String>>
+    where
+        F: std::future::Future<Output = Result<(), String>> + Send + 'static,
+        R: FnOnce(ClusterClient<Channel>) -> BoxFuture<'static, Result<(), Status>>,
+    {
+        if node == self.node {
+            return Box::pin(local);
+        }
+        let Some(client) = self.transport.client(node) else {
+            return Box::pin(async move { Err(format!("node {node} has no known address")) });
+        };
+        let call = remote(client);
+        Box::pin(async move { call.await.map_err(|s| format!("node {node}: {}: {}", s.code(), s.message())) })
+    }
+}
+
+impl Mover for Member {
+    fn reports(&self, nodes: Vec<NodeId>) -> BoxFuture<'static, BTreeMap<NodeId, Option<Vec<ShardStatus>>>> {
+        Member::reports(self, nodes)
+    }
+
+    fn add_replica(&self, node: NodeId, shard: ShardId) -> BoxFuture<'static, Result<(), String>> {
+        let here = self.clone();
+        let req = self.transport.request(pb::ReplicaRequest { shard });
+        self.on(node, async move { here.add_here(shard).await }, |mut c| {
+            Box::pin(async move { c.add_replica(req).await.map(drop) })
+        })
+    }
+
+    fn change_replicas(
+        &self,
+        leader: NodeId,
+        shard: ShardId,
+        add: Option<NodeId>,
+        remove: Option<NodeId>,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let here = self.clone();
+        let mut req = self.transport.request(pb::ChangeReplicasRequest { shard, add, remove });
+        req.set_timeout(self.catch_up + FORWARD_CALL_TIMEOUT);
+        self.on(leader, async move { here.change_here(shard, add, remove).await }, |mut c| {
+            Box::pin(async move { c.change_replicas(req).await.map(drop) })
+        })
+    }
+
+    fn drop_replica(&self, node: NodeId, shard: ShardId) -> BoxFuture<'static, Result<(), String>> {
+        let local = self.local.clone();
+        let req = self.transport.request(pb::ReplicaRequest { shard });
+        self.on(node, async move { local.drop_replica(shard).await.map_err(|e| e.to_string()) }, |mut c| {
+            Box::pin(async move { c.drop_replica(req).await.map(drop) })
+        })
+    }
+}
+
+impl Member {
+    async fn add_here(&self, shard: ShardId) -> Result<(), String> {
+        if !self.ready.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(format!("node {} has not caught up with the metadata group yet", self.node));
+        }
+        self.local.add_replica(shard).await.map_err(|e| e.to_string())
+    }
+
+    async fn change_here(&self, shard: ShardId, add: Option<NodeId>, remove: Option<NodeId>) -> Result<(), String> {
+        let replica =
+            self.local.replica(shard).ok_or_else(|| format!("node {} has no replica of shard {shard}", self.node))?;
+        change_replicas(&replica.raft, &self.shape.get().members, add, remove, self.catch_up).await
+    }
+}
+
+/// How long a joining node keeps asking to be let in.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Asks the member at `join_addr` to add this node (`node`, reached at
+/// `addr`) to the cluster; returns the cluster's shard count and replication
+/// factor. Retried while the cluster elects or the member is not up yet.
+pub async fn join(join_addr: &str, secret: &ClusterSecret, node: NodeId, addr: &str) -> Result<(u32, usize), String> {
+    let transport = GrpcTransport::new(secret.clone());
+    // The member's id is unknown; 0 names no member.
+    transport.set_peer(0, join_addr).map_err(|e| e.to_string())?;
+    let mut client = transport.client(0).expect("just set");
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    loop {
+        let req = transport.request(pb::JoinRequest { node, addr: addr.to_owned() });
+        let outcome = client.join(req).await;
+        match outcome {
+            Ok(r) => {
+                let r = r.into_inner();
+                return Ok((r.shard_count, r.replication_factor as usize));
+            }
+            Err(s)
+                if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::info!("joining through {join_addr}: {}; retrying", s.message());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(s) => return Err(format!("joining through {join_addr}: {}: {}", s.code(), s.message())),
+        }
+    }
+}
+
 /// The receiving side: runs Raft messages on this node's replicas, and
-/// forwarded invocations and proposals when it leads their shard.
+/// forwarded invocations, proposals and replica moves when it leads their
+/// shard.
 #[derive(Clone)]
 pub struct ClusterService {
     node: NodeId,
@@ -101,9 +256,7 @@ pub struct ClusterService {
     replicas: ReplicaTable,
     scheduler: Option<Scheduler>,
     registry: Option<Arc<crate::registry::Registry>>,
-    shards: Option<Arc<ShardSet>>,
-    /// The commit log of each group this node holds a replica of.
-    logs: Arc<HashMap<ShardId, Arc<dyn CommitLog>>>,
+    member: Option<Member>,
 }
 
 impl std::fmt::Debug for ClusterService {
@@ -114,22 +267,15 @@ impl std::fmt::Debug for ClusterService {
 
 impl ClusterService {
     pub fn new(node: NodeId, secret: ClusterSecret, replicas: ReplicaTable) -> Self {
-        Self { node, secret, replicas, scheduler: None, registry: None, shards: None, logs: Arc::default() }
+        Self { node, secret, replicas, scheduler: None, registry: None, member: None }
     }
 
-    /// Serves forwarded invocations with `scheduler`, proposals with `logs` and
-    /// what this node serves of each type from `registry`.
-    pub fn with_node(
-        mut self,
-        scheduler: Scheduler,
-        registry: Arc<crate::registry::Registry>,
-        shards: Arc<ShardSet>,
-        logs: HashMap<ShardId, Arc<dyn CommitLog>>,
-    ) -> Self {
+    /// Serves forwarded invocations with `scheduler`, what this node serves
+    /// of each type from `registry`, and the rest from `member`.
+    pub fn with_node(mut self, scheduler: Scheduler, registry: Arc<crate::registry::Registry>, member: Member) -> Self {
         self.scheduler = Some(scheduler);
         self.registry = Some(registry);
-        self.shards = Some(shards);
-        self.logs = Arc::new(logs);
+        self.member = Some(member);
         self
     }
 
@@ -139,6 +285,14 @@ impl ClusterService {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
+
+    fn member(&self) -> Result<&Member, Status> {
+        self.member.as_ref().ok_or_else(|| Status::unavailable("this node is not serving yet"))
+    }
+}
+
+fn refused(e: impl std::fmt::Display) -> Status {
+    Status::failed_precondition(e.to_string())
 }
 
 #[tonic::async_trait]
@@ -170,7 +324,13 @@ impl Cluster for ClusterService {
     async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
         self.secret.admit(&req)?;
         let req = req.into_inner();
-        let Some(log) = self.logs.get(&req.shard) else {
+        let member = self.member()?;
+        let log: Option<Arc<dyn CommitLog>> = if req.shard == META_SHARD {
+            Some(member.meta.log.clone())
+        } else {
+            member.local.replica(req.shard).map(|r| r.log as Arc<dyn CommitLog>)
+        };
+        let Some(log) = log else {
             return Err(Status::not_found(format!("node {} has no replica of shard {}", self.node, req.shard)));
         };
         let ws: WriteSet =
@@ -195,8 +355,70 @@ impl Cluster for ClusterService {
 
     async fn shards(&self, req: Request<pb::ShardsRequest>) -> Result<Response<pb::ShardsReply>, Status> {
         self.secret.admit(&req)?;
-        let shards = self.shards.as_ref().map(|s| s.status()).unwrap_or_default();
+        let shards = self.member.as_ref().map(|m| m.shards.status()).unwrap_or_default();
         Ok(Response::new(pb::ShardsReply { shards: shards.into_iter().map(report_to_pb).collect() }))
+    }
+
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        self.secret.admit(&req)?;
+        let member = self.member()?;
+        let req = req.into_inner();
+        if req.node == 0 {
+            return Err(Status::invalid_argument("node ids start at 1"));
+        }
+        let reply =
+            pb::JoinReply { shard_count: member.shard_count, replication_factor: member.replication_factor as u32 };
+        if let Some(addr) = member.shape.get().members.get(&req.node) {
+            if *addr == req.addr {
+                return Ok(Response::new(reply)); // joined before; the reply was lost
+            }
+            return Err(refused(format!("node id {} is taken by the member at {addr}", req.node)));
+        }
+        let leader = crate::cluster::raft::leader_of(&member.meta.raft.metrics().borrow());
+        match leader {
+            Some(l) if l == self.node => {
+                member.transport.set_peer(req.node, &req.addr).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                member
+                    .meta
+                    .raft
+                    .add_learner(req.node, openraft::BasicNode::new(&req.addr), false)
+                    .await
+                    .map_err(|e| Status::unavailable(format!("adding node {} to the metadata group: {e}", req.node)))?;
+                tracing::info!(node = req.node, addr = %req.addr, "a node joined the cluster");
+                Ok(Response::new(reply))
+            }
+            Some(l) => {
+                let Some(mut client) = member.transport.client(l) else {
+                    return Err(Status::unavailable(format!("the metadata leader {l} has no known address")));
+                };
+                client.join(member.transport.request(req)).await
+            }
+            None => Err(Status::unavailable("the metadata group has no leader; retry")),
+        }
+    }
+
+    async fn add_replica(&self, req: Request<pb::ReplicaRequest>) -> Result<Response<pb::ReplicaReply>, Status> {
+        self.secret.admit(&req)?;
+        let shard = req.into_inner().shard;
+        self.member()?.add_here(shard).await.map_err(Status::unavailable)?;
+        Ok(Response::new(pb::ReplicaReply {}))
+    }
+
+    async fn change_replicas(
+        &self,
+        req: Request<pb::ChangeReplicasRequest>,
+    ) -> Result<Response<pb::ReplicaReply>, Status> {
+        self.secret.admit(&req)?;
+        let r = req.into_inner();
+        self.member()?.change_here(r.shard, r.add, r.remove).await.map_err(refused)?;
+        Ok(Response::new(pb::ReplicaReply {}))
+    }
+
+    async fn drop_replica(&self, req: Request<pb::ReplicaRequest>) -> Result<Response<pb::ReplicaReply>, Status> {
+        self.secret.admit(&req)?;
+        let shard = req.into_inner().shard;
+        self.member()?.local.drop_replica(shard).await.map_err(refused)?;
+        Ok(Response::new(pb::ReplicaReply {}))
     }
 
     async fn loaded_type(&self, req: Request<pb::LoadedTypeRequest>) -> Result<Response<pb::LoadedTypeReply>, Status> {
@@ -220,6 +442,7 @@ fn report_to_pb(s: ShardStatus) -> pb::ShardReport {
         term: s.term,
         applied_index: s.applied_index,
         lag: s.lag.into_iter().collect(),
+        learners: s.learners,
     }
 }
 
@@ -232,6 +455,7 @@ fn report_from_pb(node: NodeId, r: pb::ShardReport) -> ShardStatus {
         term: r.term,
         applied_index: r.applied_index,
         lag: r.lag.into_iter().collect(),
+        learners: r.learners,
     }
 }
 
@@ -240,57 +464,55 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The cluster as `conflux status` shows it, gathered from every member.
 pub struct ClusterView {
-    node: NodeId,
-    members: std::collections::BTreeMap<NodeId, String>,
-    shards: Arc<ShardSet>,
-    transport: Arc<GrpcTransport>,
+    member: Member,
+}
+
+/// What `conflux status` shows of a cluster.
+pub struct Gathered {
+    pub nodes: Vec<super::pb::NodeInfo>,
+    pub shards: Vec<super::pb::ShardInfo>,
+    pub moves: Vec<String>,
 }
 
 impl ClusterView {
-    pub fn new(
-        node: NodeId,
-        members: std::collections::BTreeMap<NodeId, String>,
-        shards: Arc<ShardSet>,
-        transport: Arc<GrpcTransport>,
-    ) -> Self {
-        Self { node, members, shards, transport }
+    pub fn new(member: Member) -> Self {
+        Self { member }
     }
 
     pub fn node(&self) -> NodeId {
-        self.node
+        self.member.node
+    }
+
+    /// The member's shape, with the replicas of `node`, for a drain.
+    pub fn member(&self) -> &Member {
+        &self.member
     }
 
     /// Every member's nodes and shards, as the public API reports them.
-    pub async fn gather(&self) -> (Vec<super::pb::NodeInfo>, Vec<super::pb::ShardInfo>) {
-        let asks = self.members.keys().map(|node| {
-            let node = *node;
-            let local = (node == self.node).then(|| self.shards.status());
-            let client = self.transport.client(node);
-            let mut req = self.transport.request(pb::ShardsRequest {});
-            req.set_timeout(STATUS_TIMEOUT);
-            async move {
-                if let Some(local) = local {
-                    return (node, Some(local));
-                }
-                let Some(mut client) = client else { return (node, None) };
-                let report = match tokio::time::timeout(STATUS_TIMEOUT, client.shards(req)).await {
-                    Ok(Ok(r)) => Some(r.into_inner().shards.into_iter().map(|r| report_from_pb(node, r)).collect()),
-                    _ => None,
-                };
-                (node, report)
-            }
-        });
-        let reports = futures::future::join_all(asks).await.into_iter().collect();
+    pub async fn gather(&self) -> Gathered {
+        let shape = self.member.shape.get();
+        let reports = self.member.reports(shape.members.keys().copied().collect()).await;
         let (nodes, shards) = merge_status(&reports);
         let name = |n: NodeId| n.to_string();
         let nodes = nodes
             .into_iter()
-            .map(|n| super::pb::NodeInfo {
-                node_id: name(n.node),
-                address: self.members.get(&n.node).cloned().unwrap_or_default(),
-                state: if n.up { "up" } else { "unreachable" }.to_owned(),
-                shards_led: n.leads,
-                replicas: n.replicas,
+            .map(|n| {
+                let state = match (shape.state(n.node), n.up) {
+                    (crate::cluster::placement::NodeState::Draining, _) => "draining",
+                    (_, true) => "up",
+                    (_, false) => match shape.layout.health.get(&n.node) {
+                        Some(Health::Suspect) => "suspect",
+                        Some(Health::Down) => "down",
+                        _ => "unreachable",
+                    },
+                };
+                super::pb::NodeInfo {
+                    node_id: name(n.node),
+                    address: shape.members.get(&n.node).cloned().unwrap_or_default(),
+                    state: state.to_owned(),
+                    shards_led: n.leads,
+                    replicas: n.replicas,
+                }
             })
             .collect();
         let shards = shards
@@ -302,7 +524,7 @@ impl ClusterView {
                 replication_lag: s.lag,
             })
             .collect();
-        (nodes, shards)
+        Gathered { nodes, shards, moves: shape.layout.moves.iter().map(ToString::to_string).collect() }
     }
 }
 
@@ -313,20 +535,21 @@ const PROPAGATION_POLL: Duration = Duration::from_millis(50);
 
 /// The other members of a cluster, asked whether they serve a record.
 pub struct MemberRegistries {
+    node: NodeId,
     transport: Arc<GrpcTransport>,
-    others: Vec<NodeId>,
+    shape: Arc<ClusterShape>,
 }
 
 impl MemberRegistries {
-    pub fn new(transport: Arc<GrpcTransport>, others: Vec<NodeId>) -> Self {
-        Self { transport, others }
+    pub fn new(node: NodeId, transport: Arc<GrpcTransport>, shape: Arc<ClusterShape>) -> Self {
+        Self { node, transport, shape }
     }
 }
 
 impl crate::registry::Propagation for MemberRegistries {
     fn await_members(&self, record: &crate::registry::TypeRecord) -> BoxFuture<'static, Result<(), String>> {
-        let waits: Vec<_> = self
-            .others
+        let others: Vec<NodeId> = self.shape.members().into_iter().filter(|n| *n != self.node).collect();
+        let waits: Vec<_> = others
             .iter()
             .map(|node| {
                 let (node, client, transport) = (*node, self.transport.client(*node), self.transport.clone());

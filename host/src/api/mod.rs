@@ -581,8 +581,11 @@ impl Conflux for Api {
         let l = self.log.stats();
         let me = self.node_id();
         // A single node is the one-replica case: it holds and leads the one shard.
-        let (nodes, shards) = match &self.cluster_view {
-            Some(view) => view.gather().await,
+        let (nodes, shards, moves) = match &self.cluster_view {
+            Some(view) => {
+                let g = view.gather().await;
+                (g.nodes, g.shards, g.moves)
+            }
             None => (
                 vec![pb::NodeInfo {
                     node_id: me.clone(),
@@ -592,6 +595,7 @@ impl Conflux for Api {
                     replicas: 1,
                 }],
                 vec![pb::ShardInfo { shard_id: 0, replicas: vec![me.clone()], leader: me.clone(), replication_lag: 0 }],
+                Vec::new(),
             ),
         };
         Ok(Response::new(pb::StatusResponse {
@@ -613,7 +617,43 @@ impl Conflux for Api {
             nodes,
             shards,
             node_id: me,
+            moves,
         }))
+    }
+
+    async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        authorize(&self.auth, Rpc::Drain, &request)?;
+        let Some(view) = &self.cluster_view else {
+            return Err(status(Code::FailedPrecondition, "not-clustered", "a single node has nothing to drain to"));
+        };
+        let raw = request.into_inner().node_id;
+        let node: u64 = raw.parse().map_err(|_| {
+            status(Code::InvalidArgument, "bad-node", format!("field `node_id` {raw:?} is not a node id"))
+        })?;
+        let member = view.member();
+        let shape = member.shape.get();
+        if !shape.members.contains_key(&node) {
+            let members: Vec<u64> = shape.members.keys().copied().collect();
+            return Err(status(
+                Code::NotFound,
+                "no-such-node",
+                format!("node {node} is not a member of the cluster (members: {members:?})"),
+            ));
+        }
+        if !shape.draining.contains(&node) {
+            let others = shape.members.keys().filter(|n| **n != node && !shape.draining.contains(n)).count();
+            if others == 0 {
+                return Err(status(Code::FailedPrecondition, "last-node", "the last member cannot be drained"));
+            }
+            member
+                .meta_log
+                .propose(crate::cluster::shape::draining_write(node, true))
+                .await
+                .map_err(|e| status(Code::Unavailable, "not-committed", format!("recording the drain: {e}")))?;
+            tracing::info!(node, "draining");
+        }
+        let replicas = shape.layout.placement.iter().filter(|r| r.contains(&node)).count() as u32;
+        Ok(Response::new(pb::DrainResponse { replicas }))
     }
 
     async fn list_dead_letters(

@@ -5,6 +5,7 @@
 //! not lead the group commit through the one that does.
 
 use super::raft::{NodeId, ShardId};
+use super::shape::ClusterShape;
 use super::sharded::{LocalShard, Peers};
 use crate::log::{CommitLog, LogError, LogStats};
 use crate::model::{LogIndex, WriteSet};
@@ -23,7 +24,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 pub struct MetaLog {
     node: NodeId,
     local: LocalShard,
-    members: Vec<NodeId>,
+    /// Whom to ask while no leader is known.
+    shape: Arc<ClusterShape>,
     peers: Arc<dyn Peers>,
     timeout: Duration,
 }
@@ -32,11 +34,11 @@ impl MetaLog {
     pub fn new(
         node: NodeId,
         local: LocalShard,
-        members: Vec<NodeId>,
+        shape: Arc<ClusterShape>,
         peers: Arc<dyn Peers>,
         timeout: Duration,
     ) -> Self {
-        Self { node, local, members, peers, timeout }
+        Self { node, local, shape, peers, timeout }
     }
 }
 
@@ -44,19 +46,20 @@ impl CommitLog for MetaLog {
     /// Commits through the group's leader, then waits until this replica has
     /// applied the write, so what the caller reads next includes it.
     fn propose(&self, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
-        let (me, local, members, peers, timeout) =
-            (self.node, self.local.clone(), self.members.clone(), self.peers.clone(), self.timeout);
+        let (me, local, shape, peers, timeout) =
+            (self.node, self.local.clone(), self.shape.clone(), self.peers.clone(), self.timeout);
         Box::pin(async move {
             let deadline = Instant::now() + timeout;
             let mut next_guess = 0usize;
             loop {
-                let leader = local.raft.metrics().borrow().current_leader;
+                let leader = super::raft::leader_of(&local.raft.metrics().borrow());
                 let attempt = match leader {
                     Some(l) if l == me => local.log.propose(ws.clone()).await,
                     Some(l) => peers.propose(l, META_SHARD, ws.clone()).await,
                     None => {
                         next_guess += 1;
-                        let guess = members[next_guess % members.len()];
+                        let members = shape.members();
+                        let guess = members.get(next_guess % members.len().max(1)).copied().unwrap_or(me);
                         if guess == me {
                             Err(LogError::NotLeader { leader: None })
                         } else {

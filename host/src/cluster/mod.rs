@@ -3,13 +3,17 @@
 //! [`raft`] the openraft pieces of one shard group; [`harness`] an in-process
 //! multi-node transport that drops, delays, duplicates and partitions
 //! messages on command, for tests and simulations; [`shards`] the replicas
-//! one node holds and their status. `conflux serve` runs its data as shard 0
-//! with itself as the only voter; multi-node serving is not wired in yet.
+//! one node holds and their status; [`sharded`] those replicas as one store,
+//! log and router; [`meta`] the metadata group; [`shape`] the cluster's
+//! membership and layout as that group records them; [`driver`] the replica
+//! moves that grow, drain and heal a cluster.
 
+pub mod driver;
 pub mod harness;
 pub mod meta;
 pub mod placement;
 pub mod raft;
+pub mod shape;
 pub mod sharded;
 pub mod shards;
 

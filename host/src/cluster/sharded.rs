@@ -8,15 +8,17 @@
 //! `ClusterRouter` tells the scheduler where each entity's turns run and
 //! forwards the rest through [`Peers`].
 
-use super::placement::{Placement, shard_of};
+use super::placement::shard_of;
 use super::raft::{NodeId, Raft, ShardId, ShardLog};
-use crate::log::{CommitLog, LogError, LogStats};
+use super::shape::ClusterShape;
+use super::shards::{ShardSet, ShardSetError};
+use crate::log::{CommitLog, LogConfig, LogError, LogStats};
 use crate::model::{EntityRef, Keyspace, LogIndex, WriteSet, entity_of_key};
 use crate::scheduler::{Invocation, InvokeError, Route, Router};
 use crate::storage::{KvPairs, SledStore, StateStore, StorageError};
 use futures::future::BoxFuture;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// What a node asks of its peers beyond Raft messages.
@@ -43,47 +45,114 @@ impl LocalShard {
         let m = self.raft.metrics();
         let m = m.borrow();
         let caught_up = m.last_applied.is_some_and(|id| id.leader_id.term == m.current_term);
-        (m.current_leader == Some(me) && caught_up).then_some(m.current_term)
+        (super::raft::leader_of(&m) == Some(me) && caught_up).then_some(m.current_term)
     }
 
     fn leader(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow().current_leader
+        super::raft::leader_of(&self.raft.metrics().borrow())
     }
 }
 
-/// This node's data shards, addressed by entity.
+/// This node's data shards, addressed by entity. Replicas come and go as the
+/// placement driver moves them (`add_replica`, `drop_replica`).
 pub struct LocalShards {
     node: NodeId,
     shard_count: u32,
-    placement: Placement,
-    /// Fixed at start-up: one entry per replica placed on this node.
-    shards: BTreeMap<ShardId, LocalShard>,
+    /// The recorded placement, for shards held elsewhere.
+    shape: Arc<ClusterShape>,
+    shards: RwLock<BTreeMap<ShardId, LocalShard>>,
+    /// Opens and deletes replicas; `None` in tests that fix the replicas.
+    set: Option<Arc<ShardSet>>,
+    log_config: LogConfig,
+    /// One replica added or dropped at a time.
+    changes: tokio::sync::Mutex<()>,
 }
 
 impl LocalShards {
-    pub fn new(node: NodeId, placement: Placement, shards: BTreeMap<ShardId, LocalShard>) -> Self {
-        Self { node, shard_count: placement.shards.len() as u32, placement, shards }
+    pub fn new(
+        node: NodeId,
+        shard_count: u32,
+        shape: Arc<ClusterShape>,
+        shards: BTreeMap<ShardId, LocalShard>,
+    ) -> Self {
+        Self {
+            node,
+            shard_count,
+            shape,
+            shards: RwLock::new(shards),
+            set: None,
+            log_config: LogConfig::default(),
+            changes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Lets replicas be added and dropped through `set`, their logs built
+    /// with `log_config`.
+    pub fn with_set(mut self, set: Arc<ShardSet>, log_config: LogConfig) -> Self {
+        self.set = Some(set);
+        self.log_config = log_config;
+        self
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
     }
 
     pub fn shard_of(&self, entity: &EntityRef) -> ShardId {
         shard_of(&entity.entity_type, &entity.id, self.shard_count)
     }
 
-    pub fn replica(&self, shard: ShardId) -> Option<&LocalShard> {
-        self.shards.get(&shard)
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<ShardId, LocalShard>> {
+        self.shards.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn replica(&self, shard: ShardId) -> Option<LocalShard> {
+        self.read().get(&shard).cloned()
+    }
+
+    /// Opens a replica of `shard` here (empty, until its leader adds it).
+    pub async fn add_replica(&self, shard: ShardId) -> Result<(), ShardSetError> {
+        let set = self.set.as_ref().ok_or(ShardSetError::Fixed)?;
+        let _one = self.changes.lock().await;
+        if self.replica(shard).is_some() {
+            return Ok(());
+        }
+        let replica = set.open_replica(shard).await?;
+        let (raft, store) = (replica.raft.clone(), replica.state.store().clone());
+        let log = Arc::new(ShardLog::new(replica, &self.log_config));
+        self.shards.write().unwrap_or_else(|e| e.into_inner()).insert(shard, LocalShard { raft, store, log });
+        tracing::info!(shard, "opened a replica");
+        Ok(())
+    }
+
+    /// Stops this node's replica of `shard` and deletes its data.
+    pub async fn drop_replica(&self, shard: ShardId) -> Result<(), ShardSetError> {
+        let set = self.set.as_ref().ok_or(ShardSetError::Fixed)?;
+        let _one = self.changes.lock().await;
+        if self.replica(shard).is_some_and(|r| r.leader() == Some(self.node)) {
+            return Err(ShardSetError::StillLeading { shard });
+        }
+        self.shards.write().unwrap_or_else(|e| e.into_inner()).remove(&shard);
+        set.close_replica(shard).await?;
+        tracing::info!(shard, "dropped a replica");
+        Ok(())
     }
 
     fn shard_of_key(&self, keyspace: Keyspace, key: &[u8]) -> Option<ShardId> {
         entity_of_key(keyspace, key).map(|(ty, id)| shard_of(ty, id, self.shard_count))
     }
 
-    fn local(&self, shard: ShardId) -> Result<&LocalShard, StorageError> {
-        self.shards.get(&shard).ok_or(StorageError::NotLocal { shard })
+    fn local(&self, shard: ShardId) -> Result<LocalShard, StorageError> {
+        self.replica(shard).ok_or(StorageError::NotLocal { shard })
     }
 
     /// The shards whose background work (delivery, timers, sweeps) runs here.
-    fn led(&self) -> impl Iterator<Item = &LocalShard> {
-        self.shards.values().filter(|s| s.ready_term(self.node).is_some())
+    fn led(&self) -> Vec<LocalShard> {
+        self.read().values().filter(|s| s.ready_term(self.node).is_some()).cloned().collect()
+    }
+
+    fn all(&self) -> Vec<LocalShard> {
+        self.read().values().cloned().collect()
     }
 }
 
@@ -121,11 +190,11 @@ impl StateStore for LocalShards {
 
     /// Shards apply independently; there is no node-wide index.
     fn applied_index(&self) -> Result<LogIndex, StorageError> {
-        Ok(self.shards.values().map(|s| s.store.applied_index().unwrap_or(0)).sum())
+        Ok(self.all().iter().map(|s| s.store.applied_index().unwrap_or(0)).sum())
     }
 
     fn persist(&self) -> Result<(), StorageError> {
-        self.shards.values().try_for_each(|s| s.store.persist())
+        self.all().iter().try_for_each(|s| s.store.persist())
     }
 }
 
@@ -143,10 +212,10 @@ impl CommitLog for LocalShards {
         }
         let mut proposals = Vec::with_capacity(parts.len());
         for (shard, part) in parts {
-            match self.shards.get(&shard) {
+            match self.replica(shard) {
                 Some(s) => proposals.push(s.log.propose(part)),
                 None => {
-                    let leader = self.placement.shards.get(shard as usize).and_then(|r| r.first().copied());
+                    let leader = self.shape.replicas(shard).first().copied();
                     return Box::pin(async move { Err(LogError::NotLeader { leader }) });
                 }
             }
@@ -170,7 +239,7 @@ impl CommitLog for LocalShards {
 
     fn stats(&self) -> LogStats {
         let mut total = LogStats::default();
-        for s in self.shards.values() {
+        for s in self.all() {
             let one = s.log.stats();
             total.proposals += one.proposals;
             total.sync_batches += one.sync_batches;
@@ -181,7 +250,7 @@ impl CommitLog for LocalShards {
     }
 
     fn shutdown(&self) -> BoxFuture<'static, Result<(), LogError>> {
-        let logs: Vec<Arc<ShardLog>> = self.shards.values().map(|s| s.log.clone()).collect();
+        let logs: Vec<Arc<ShardLog>> = self.all().into_iter().map(|s| s.log).collect();
         Box::pin(async move {
             for r in futures::future::join_all(logs.iter().map(|l| l.shutdown())).await {
                 r?;
@@ -215,22 +284,26 @@ impl Router for ClusterRouter {
     fn route(&self, entity: &EntityRef) -> Route {
         let me = self.shards.node;
         let shard = self.shards.shard_of(entity);
-        if let Some(local) = self.shards.replica(shard) {
+        let local = self.shards.replica(shard);
+        let local_leader = local.as_ref().and_then(|l| l.leader());
+        if let Some(local) = &local {
             if let Some(epoch) = local.ready_term(me) {
                 return Route::Here { epoch };
             }
-            return match local.leader() {
-                // Elected, not yet caught up: the caller waits and retries.
-                Some(l) if l == me => Route::Unknown,
-                Some(node) => Route::There { node },
-                None => Route::Unknown,
-            };
+            if local_leader == Some(me) {
+                return Route::Unknown; // elected, not yet caught up: wait
+            }
         }
+        // A refusal's hint is fresher than a follower's view, which may be a
+        // replica's that was removed from the group and never heard of it.
         if let Some(node) = self.hints().get(&shard) {
             return Route::There { node: *node };
         }
-        // No replica here: ask one that has; it names the leader if it is not.
-        match self.shards.placement.shards.get(shard as usize).and_then(|r| r.first()) {
+        if let Some(node) = local_leader {
+            return Route::There { node };
+        }
+        // Ask a replica; it names the leader if it is not.
+        match self.shards.shape.replicas(shard).first() {
             Some(node) => Route::There { node: *node },
             None => Route::Unknown,
         }
@@ -242,18 +315,16 @@ impl Router for ClusterRouter {
 
     fn hint(&self, entity: &EntityRef, leader: Option<NodeId>) {
         let shard = self.shards.shard_of(entity);
-        if self.shards.replica(shard).is_some() {
-            return; // the local replica's metrics know better
-        }
         let mut hints = self.hints();
-        match leader {
+        // A replica that still believes this node leads is behind.
+        match leader.filter(|l| *l != self.shards.node) {
             Some(l) => {
                 hints.insert(shard, l);
             }
             None => {
                 // No leader named, or the node asked is unreachable: ask the
                 // shard's next replica.
-                let replicas = self.shards.placement.shards.get(shard as usize).cloned().unwrap_or_default();
+                let replicas = self.shards.shape.replicas(shard);
                 let current = hints.get(&shard).copied().or(replicas.first().copied());
                 let pos = current.and_then(|c| replicas.iter().position(|r| *r == c)).unwrap_or(0);
                 if let Some(next) = replicas.get((pos + 1) % replicas.len().max(1)) {
@@ -310,7 +381,9 @@ mod tests {
             wal_flush_wait: Duration::from_micros(100),
         };
         // Node 1 holds shards 0..3 alone; shard 3 lives on nodes 2 and 3.
-        let placement = Placement { shards: vec![vec![1], vec![1], vec![1], vec![2, 3]] };
+        let mut shape = crate::cluster::shape::Shape::default();
+        shape.layout.placement = vec![vec![1], vec![1], vec![1], vec![2, 3]];
+        let shape = Arc::new(ClusterShape::new(shape));
         let mut shards = BTreeMap::new();
         for shard in 0..3 {
             let replica = host.open(shard).await.unwrap();
@@ -320,7 +393,12 @@ mod tests {
             let log = Arc::new(ShardLog::new(replica, &crate::log::LogConfig::default()));
             shards.insert(shard, LocalShard { raft, store, log });
         }
-        let local = Arc::new(LocalShards::new(1, placement, shards));
+        let set = Arc::new(
+            ShardSet::open(host.clone(), &crate::cluster::placement::Placement::default(), Default::default())
+                .await
+                .unwrap(),
+        );
+        let local = Arc::new(LocalShards::new(1, 4, shape, shards).with_set(set, crate::log::LogConfig::default()));
         let router = ClusterRouter::new(local.clone(), Arc::new(Unreachable), Duration::from_secs(1));
         let entities: Vec<EntityRef> = (0..4).map(|s| entity_in(s, 4)).collect();
         // Each local shard leads once it has applied its first entry.
@@ -371,6 +449,19 @@ mod tests {
         // Hints never override what a local replica knows.
         router.hint(&entities[0], Some(9));
         assert!(matches!(router.route(&entities[0]), Route::Here { .. }));
+
+        // A replica of shard 3 is added here (empty until its leader adds it
+        // to the group), then dropped with its data.
+        local.add_replica(3).await.unwrap();
+        local.add_replica(3).await.unwrap();
+        assert!(local.replica(3).is_some());
+        let shard_dir = crate::cluster::raft::replica_dir(dir.path(), 3);
+        assert!(shard_dir.exists());
+        local.drop_replica(3).await.unwrap();
+        assert!(local.replica(3).is_none() && !shard_dir.exists());
+        // A leader is still a member: it keeps its replica.
+        assert!(matches!(local.drop_replica(0).await, Err(ShardSetError::StillLeading { shard: 0 })));
+        assert!(local.replica(0).is_some());
 
         local.shutdown().await.unwrap();
     }

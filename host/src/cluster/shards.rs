@@ -18,6 +18,12 @@ pub enum ShardSetError {
     Initialize { shard: ShardId, message: String },
     #[error("node {node} has no address")]
     NoAddress { node: NodeId },
+    #[error("this node's replicas are fixed")]
+    Fixed,
+    #[error("shard {shard}: this node leads it, so it is still a member")]
+    StillLeading { shard: ShardId },
+    #[error("shard {shard}: cannot delete the replica's data: {message}")]
+    Delete { shard: ShardId, message: String },
 }
 
 /// One shard as this node sees it.
@@ -28,6 +34,8 @@ pub struct ShardStatus {
     pub node: NodeId,
     /// Voting members of the group.
     pub replicas: Vec<NodeId>,
+    /// Members that receive the log without voting (replicas being added).
+    pub learners: Vec<NodeId>,
     pub leader: Option<NodeId>,
     pub term: u64,
     /// Raft index of the last entry applied here.
@@ -145,6 +153,43 @@ impl ShardSet {
         self.lock().keys().copied().collect()
     }
 
+    /// Opens this node's replica of `shard` (an empty one if it never had
+    /// one: a leader adds it as a learner and sends it a snapshot and the log)
+    /// and makes it reachable. Opening one that is open returns it.
+    pub async fn open_replica(&self, shard: ShardId) -> Result<Replica, ShardSetError> {
+        if let Some(r) = self.replica(shard) {
+            return Ok(r);
+        }
+        let replica =
+            self.host.open(shard).await.map_err(|source| ShardSetError::Replica { shard, source: Box::new(source) })?;
+        self.table.insert(shard, replica.raft.clone());
+        self.lock().insert(shard, replica.clone());
+        Ok(replica)
+    }
+
+    /// Stops this node's replica of `shard` and deletes its data (WAL,
+    /// snapshot and sled tree): its group no longer counts this node. Refused
+    /// while this node leads the group.
+    pub async fn close_replica(&self, shard: ShardId) -> Result<(), ShardSetError> {
+        let Some(replica) = self.replica(shard) else { return Ok(()) };
+        if super::raft::leader_of(&replica.raft.metrics().borrow()) == Some(self.host.node) {
+            return Err(ShardSetError::StillLeading { shard });
+        }
+        self.lock().remove(&shard);
+        self.table.remove(shard);
+        if let Err(e) = replica.raft.shutdown().await {
+            tracing::warn!(shard, "stopping shard replica: {e}");
+        }
+        let delete = |message: String| ShardSetError::Delete { shard, message };
+        self.host.db.drop_tree(format!("shard-{shard}")).map_err(|e| delete(e.to_string()))?;
+        let dir = super::raft::replica_dir(&self.host.data_dir, shard);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(delete(format!("{}: {e}", dir.display()))),
+        }
+    }
+
     /// Forms the groups this node is the first replica of, once: a group that
     /// already has state (a restart) is left alone. `addrs` names every node.
     pub async fn bootstrap(
@@ -174,7 +219,7 @@ impl ShardSet {
 
     /// Who leads `shard`, as this node's replica believes.
     pub fn leader(&self, shard: ShardId) -> Option<NodeId> {
-        self.replica(shard).and_then(|r| r.raft.metrics().borrow().current_leader)
+        self.replica(shard).and_then(|r| super::raft::leader_of(&r.raft.metrics().borrow()))
     }
 
     pub fn status(&self) -> Vec<ShardStatus> {
@@ -194,7 +239,8 @@ impl ShardSet {
                     shard: r.shard,
                     node: m.id,
                     replicas: m.membership_config.membership().voter_ids().collect(),
-                    leader: m.current_leader,
+                    learners: m.membership_config.membership().learner_ids().collect(),
+                    leader: super::raft::leader_of(&m),
                     term: m.current_term,
                     applied_index: m.last_applied.map(|id| id.index),
                     lag,
@@ -224,6 +270,7 @@ mod tests {
             shard,
             node,
             replicas: vec![1, 2, 3],
+            learners: vec![],
             leader,
             term: 1,
             applied_index: Some(applied),

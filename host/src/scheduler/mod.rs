@@ -528,7 +528,18 @@ impl Scheduler {
         );
         let started = Instant::now();
         let (entity, operation) = (inv.entity.to_string(), inv.operation.clone());
+        let entity_ref = inv.entity.clone();
         let result = self.invoke_as(inv, invocation_id.clone(), epoch).instrument(span).await;
+        // A turn whose shard replica moved away while it ran fails reading
+        // the store, before its commit: nothing ran, so it is a refusal the
+        // caller's node retries on the shard's new leader.
+        let result = match (result, &self.inner.router) {
+            (Err(InvokeError::Internal(m)), Some(router)) if router.route(&entity_ref) != (Route::Here { epoch }) => {
+                tracing::debug!(entity = %entity_ref, "the shard moved during the turn: {m}");
+                Err(InvokeError::NotHere { leader: None })
+            }
+            (result, _) => result,
+        };
         let m = crate::telemetry::metrics();
         m.invocation_seconds.observe(started.elapsed().as_secs_f64());
         if let Err(e) = &result {

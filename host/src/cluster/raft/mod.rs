@@ -77,6 +77,17 @@ pub fn raft_config(
     Ok(std::sync::Arc::new(config.validate()?))
 }
 
+/// Who leads the group, as this replica's metrics say. openraft keeps naming
+/// a leader that stepped down because a membership change removed it (its
+/// vote stays committed), so a replica that names itself while not in the
+/// leader state knows no leader.
+pub fn leader_of(m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>) -> Option<NodeId> {
+    match m.current_leader {
+        Some(l) if l == m.id && m.state != openraft::ServerState::Leader => None,
+        l => l,
+    }
+}
+
 /// Converts any error into openraft's storage error for the given verb.
 pub(crate) fn storage_err(
     subject: openraft::ErrorSubject<NodeId>,
