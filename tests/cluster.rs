@@ -622,3 +622,76 @@ fn growing_from_three_to_five_members_under_load_spreads_replicas_and_loses_noth
         assert_load_exact(cluster.node(five), &seen).await;
     });
 }
+
+#[test]
+fn draining_a_member_under_load_moves_everything_off_it_and_it_stops_without_a_failed_call() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_extra(root.path(), 4, &QUICK_PLACEMENT);
+    let runtime = rt();
+    runtime.block_on(prepare_load(&cluster));
+    // Node 1 formed the metadata group, so it likely leads it too: its
+    // driver moves its own replicas away, then lets it leave.
+    let load = runtime.block_on(Load::start(&cluster, &[1, 2, 3]));
+    std::thread::sleep(Duration::from_millis(500));
+    let out = cluster.node(1).cli(&["drain", "1"]);
+    assert!(out.status.success(), "drain failed: {}", stderr(&out));
+    assert!(stdout(&out).contains("safe to stop"), "{}", stdout(&out));
+    cluster.nodes[0].take().expect("running").terminate();
+    std::thread::sleep(Duration::from_millis(1000));
+    runtime.block_on(async {
+        let seen = load.finish().await;
+        let s = eventually(60, "the drained member to leave", async || {
+            let s = cluster_status(cluster.node(1)).await;
+            (s.nodes.len() == 3 && caught_up(&s)).then_some(s)
+        })
+        .await;
+        for sh in &s.shards {
+            assert_eq!(sh.replicas.len(), 3, "shard {} replicas {:?}", sh.shard_id, sh.replicas);
+            assert!(!sh.replicas.contains(&"1".to_owned()), "shard {} is still on node 1", sh.shard_id);
+        }
+        assert_load_exact(cluster.node(2), &seen).await;
+    });
+}
+
+#[test]
+fn a_member_down_past_the_grace_period_is_replaced_and_rejoins_without_divergence() {
+    let root = tempfile::tempdir().unwrap();
+    let extra = [
+        QUICK_PLACEMENT[0],
+        QUICK_PLACEMENT[1],
+        "--set",
+        "cluster.suspect_after_ms=1000",
+        "--set",
+        "cluster.down_after_ms=3000",
+        "--set",
+        "cluster.move_timeout_ms=5000",
+    ];
+    let mut cluster = Cluster::start_extra(root.path(), 4, &extra);
+    let runtime = rt();
+    runtime.block_on(prepare_load(&cluster));
+    let load = runtime.block_on(Load::start(&cluster, &[0, 1, 2]));
+    cluster.kill9(3);
+    runtime.block_on(async {
+        // 8 shards × 3 replicas on the 3 members left: every shard on each.
+        let s = eventually(90, "the replication factor to be restored", async || {
+            let s = cluster_status(cluster.node(0)).await;
+            let four = s.nodes.iter().find(|n| n.node_id == "4")?;
+            let full = s.shards.iter().all(|sh| sh.replicas.len() == 3 && !sh.replicas.contains(&"4".to_owned()));
+            (four.state == "down" && full && s.moves.is_empty()).then_some(s)
+        })
+        .await;
+        assert!(s.shards.iter().all(|sh| !sh.leader.is_empty()), "{s:?}");
+    });
+    cluster.restart(3);
+    runtime.block_on(async {
+        // Back: its stale replicas are dropped and replicas move back to it.
+        eventually(90, "the member to be caught up and given replicas again", async || {
+            let s = cluster_status(cluster.node(3)).await;
+            let r = settled_replicas(&s).filter(|r| r.len() == 4)?;
+            r.values().all(|(replicas, _)| *replicas == 6).then_some(())
+        })
+        .await;
+        let seen = load.finish().await;
+        assert_load_exact(cluster.node(3), &seen).await;
+    });
+}
