@@ -555,7 +555,9 @@ async fn follow_meta(member: Member, initial: Layout, registry: Arc<Registry>) {
     let mut seen = (None, None);
     let founders = member.shape.get().members;
     // The addresses handed to the transport: replacing one drops its pooled
-    // connection, so only a new or moved member's is set.
+    // connection, so only a new or moved member's is set. The `--peer` list
+    // says how this node reaches each founder (through a proxy, say), so it
+    // wins over the address the metadata group recorded.
     let mut dialled = founders.clone();
     loop {
         let (applied, membership) = {
@@ -566,7 +568,7 @@ async fn follow_meta(member: Member, initial: Layout, registry: Arc<Registry>) {
             seen = (applied, membership);
             let shape = read_shape(&member.meta, &founders, &initial);
             for (node, addr) in &shape.members {
-                if dialled.get(node) != Some(addr) && *node != member.node {
+                if dialled.get(node) != Some(addr) && *node != member.node && !founders.contains_key(node) {
                     match member.transport.set_peer(*node, addr) {
                         Ok(()) => {
                             dialled.insert(*node, addr.clone());

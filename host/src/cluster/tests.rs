@@ -441,3 +441,86 @@ async fn a_shard_log_commits_write_sets_like_the_local_log_and_only_on_the_leade
     }
     assert!(matches!(log.propose(put("after", "x")).await, Err(LogError::ShutDown)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_move_to_a_new_node_under_writes_and_off_the_leader_itself() {
+    let net = LocalNet::new(5);
+    // Snapshots every 20 entries with nothing kept behind them: the new
+    // replica must catch up from a snapshot.
+    let config = config(20);
+    let mut nodes = start_cluster(&net, config.clone()).await;
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        write(&nodes, put(&format!("a{i}"), "1"), Duration::from_secs(10)).await;
+        acked.push(format!("a{i}"));
+    }
+    nodes.push(TestNode::start(4, tempfile::tempdir().unwrap(), &net, config.clone()).await);
+    let addrs: BTreeMap<NodeId, String> = (1..=5).map(|n| (n, format!("node-{n}"))).collect();
+    let voters = |nodes: &[TestNode], l: NodeId| -> BTreeSet<NodeId> {
+        let raft = &nodes.iter().find(|n| n.id == l).unwrap().replica().raft;
+        raft.metrics().borrow().membership_config.membership().voter_ids().collect()
+    };
+
+    // 1. Node 4 replaces a follower while writes go on.
+    let l = leader(&nodes[..3], Duration::from_secs(5)).await;
+    let follower = (1..=3).find(|n| *n != l).unwrap();
+    let raft = nodes.iter().find(|n| n.id == l).unwrap().replica().raft.clone();
+    let writes = async {
+        let mut keys = Vec::new();
+        for i in 0..30 {
+            // Through the founders: node 4 knows no leader until it is added.
+            write(&nodes[..3], put(&format!("b{i}"), "2"), Duration::from_secs(10)).await;
+            keys.push(format!("b{i}"));
+        }
+        keys
+    };
+    let (moved, keys) = futures::join!(
+        crate::cluster::driver::change_replicas(&raft, &addrs, Some(4), Some(follower), Duration::from_secs(30)),
+        writes
+    );
+    moved.unwrap();
+    acked.extend(keys);
+    let expected: BTreeSet<NodeId> = (1..=4).filter(|n| *n != follower).collect();
+    assert_eq!(voters(&nodes, l), expected);
+    let pos = nodes.iter().position(|n| n.id == follower).unwrap();
+    nodes.remove(pos).crash(&net).await;
+
+    // 2. The leader moves its own replica to node 5: it steps down and the
+    // others elect a new leader that keeps committing.
+    nodes.push(TestNode::start(5, tempfile::tempdir().unwrap(), &net, config).await);
+    change_replicas_on(&nodes, l, &addrs, Some(5), Some(l)).await;
+    let pos = nodes.iter().position(|n| n.id == l).unwrap();
+    nodes.remove(pos).crash(&net).await;
+    let mut last = openraft::LogId::default();
+    for i in 0..30 {
+        last = write(&nodes, put(&format!("c{i}"), "3"), Duration::from_secs(10)).await;
+        acked.push(format!("c{i}"));
+    }
+    let new_leader = leader(&nodes, Duration::from_secs(5)).await;
+    let expected: BTreeSet<NodeId> = nodes.iter().map(|n| n.id).collect();
+    assert_eq!(voters(&nodes, new_leader), expected);
+    assert!(!expected.contains(&l) && expected.contains(&4) && expected.contains(&5));
+    applied_everywhere(&nodes, last.index, Duration::from_secs(10)).await;
+    assert_identical(&nodes, &acked);
+    let four = nodes.iter().find(|n| n.id == 4).unwrap().replica().raft.metrics().borrow().clone();
+    assert!(four.snapshot.is_some(), "the new replica caught up without a snapshot: {four:?}");
+    // Only the leader changes its group.
+    let follower = nodes.iter().find(|n| n.id != new_leader).unwrap().replica().raft.clone();
+    let refused =
+        crate::cluster::driver::change_replicas(&follower, &addrs, Some(1), None, Duration::from_secs(1)).await;
+    assert!(refused.unwrap_err().contains("does not lead"));
+    for n in &mut nodes {
+        n.replica().raft.shutdown().await.unwrap();
+    }
+}
+
+async fn change_replicas_on(
+    nodes: &[TestNode],
+    leader: NodeId,
+    addrs: &BTreeMap<NodeId, String>,
+    add: Option<NodeId>,
+    remove: Option<NodeId>,
+) {
+    let raft = nodes.iter().find(|n| n.id == leader).unwrap().replica().raft.clone();
+    crate::cluster::driver::change_replicas(&raft, addrs, add, remove, Duration::from_secs(30)).await.unwrap();
+}
