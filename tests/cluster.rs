@@ -17,6 +17,14 @@ use support::*;
 use tonic::Code;
 
 const SECRET: &str = "cluster-test-secret-0123456789";
+
+/// One cluster at a time: each runs three to five members and their load on
+/// the machine's cores, and two at once starve each other's elections.
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_cluster_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
 /// Fewer shards than the default keeps start-up quick; the code path is the same.
 const SHARDS: &str = "cluster.shard_count=8";
 
@@ -118,6 +126,7 @@ const COUNTERS: usize = 20;
 
 #[test]
 fn three_processes_serve_every_entity_from_every_node_through_a_hot_swap() {
+    let _one = one_cluster_at_a_time();
     let root = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(root.path(), 3);
     deploy(cluster.node(0), "counter", &guest_wasm("counter"));
@@ -218,6 +227,7 @@ async fn call_keyed(
 
 #[test]
 fn killing_a_member_under_load_loses_and_duplicates_nothing_and_it_catches_up() {
+    let _one = one_cluster_at_a_time();
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path(), 3);
     deploy(cluster.node(0), "account", &guest_wasm("bank"));
@@ -363,6 +373,7 @@ impl FaultProxy {
 
 #[test]
 fn a_partitioned_member_refuses_writes_while_the_majority_serves_and_healing_converges() {
+    let _one = one_cluster_at_a_time();
     let root = tempfile::tempdir().unwrap();
     let runtime = rt();
     let addrs = free_addrs(3);
@@ -430,6 +441,7 @@ fn args(v: &[String]) -> Vec<&str> {
 
 #[test]
 fn a_data_directory_refuses_settings_it_was_not_created_with() {
+    let _one = one_cluster_at_a_time();
     let root = tempfile::tempdir().unwrap();
     let single = root.path().join("single");
     let member = root.path().join("member");
@@ -596,6 +608,7 @@ fn settled_replicas(s: &pb::StatusResponse) -> Option<BTreeMap<String, (u32, u32
 
 #[test]
 fn growing_from_three_to_five_members_under_load_spreads_replicas_and_loses_nothing() {
+    let _one = one_cluster_at_a_time();
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start_extra(root.path(), 3, &QUICK_PLACEMENT);
     let runtime = rt();
@@ -625,6 +638,7 @@ fn growing_from_three_to_five_members_under_load_spreads_replicas_and_loses_noth
 
 #[test]
 fn draining_a_member_under_load_moves_everything_off_it_and_it_stops_without_a_failed_call() {
+    let _one = one_cluster_at_a_time();
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start_extra(root.path(), 4, &QUICK_PLACEMENT);
     let runtime = rt();
@@ -655,6 +669,7 @@ fn draining_a_member_under_load_moves_everything_off_it_and_it_stops_without_a_f
 
 #[test]
 fn a_member_down_past_the_grace_period_is_replaced_and_rejoins_without_divergence() {
+    let _one = one_cluster_at_a_time();
     let root = tempfile::tempdir().unwrap();
     let extra = [
         QUICK_PLACEMENT[0],

@@ -296,9 +296,9 @@ impl Node {
         let identity = match (stored, &c.join) {
             (Some(s), _) => s,
             (None, Some(join)) => {
-                if cfg.api.listen.ip().is_unspecified() {
+                if cfg.api.listen.ip().is_unspecified() || cfg.api.listen.port() == 0 {
                     return Err(NodeError::Cluster(format!(
-                        "a joining node is reached at its api.listen address, and {} names no host",
+                        "a joining node is reached at its api.listen address, and {} names no host or port",
                         cfg.api.listen
                     )));
                 }

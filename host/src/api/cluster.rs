@@ -483,7 +483,7 @@ impl ClusterView {
         self.member.node
     }
 
-    /// The member's shape, with the replicas of `node`, for a drain.
+    /// What this node's cluster parts share (a drain records through it).
     pub fn member(&self) -> &Member {
         &self.member
     }

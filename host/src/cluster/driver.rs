@@ -254,7 +254,11 @@ impl PlacementDriver {
             self.meta.raft.metrics().borrow().membership_config.membership().learner_ids().collect();
         let adds_up = |m: &Move| m.add.is_none_or(|a| states.get(&a) == Some(&NodeState::Up) && !learning.contains(&a));
         for m in planned.into_iter().filter(|m| settled.contains(&m.shard) && adds_up(m)).take(room) {
-            self.start(m, led[&m.shard].leader);
+            // A member that does not answer cannot drop its replica now; it is
+            // dropped as stale when the member is back.
+            let reachable =
+                m.remove.is_some_and(|r| matches!(states.get(&r), Some(NodeState::Up | NodeState::Draining)));
+            self.start(m, led[&m.shard].leader, reachable);
         }
         Ok(())
     }
@@ -305,9 +309,11 @@ impl PlacementDriver {
             let matched = m.replication.as_ref().and_then(|r| r.get(&learner).cloned().flatten());
             if matched.is_some_and(|id| id.index + PROMOTE_WITHIN_ENTRIES >= last) {
                 let change = ChangeMembers::AddVoterIds(BTreeSet::from([learner]));
-                match self.meta.raft.change_membership(change, false).await {
-                    Ok(_) => tracing::info!(node = learner, "a joined member now votes in the metadata group"),
-                    Err(e) => tracing::warn!(node = learner, "promoting a joined member: {e}"),
+                match tokio::time::timeout(self.cfg.move_timeout, self.meta.raft.change_membership(change, false)).await
+                {
+                    Ok(Ok(_)) => tracing::info!(node = learner, "a joined member now votes in the metadata group"),
+                    Ok(Err(e)) => tracing::warn!(node = learner, "promoting a joined member: {e}"),
+                    Err(_) => tracing::warn!(node = learner, "promoting a joined member timed out"),
                 }
             }
         }
@@ -315,23 +321,32 @@ impl PlacementDriver {
             let holds = placement.iter().any(|r| r.contains(node));
             let moving = running.values().any(|m| m.add == Some(*node) || m.remove == Some(*node));
             let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            if !membership.nodes().any(|(n, _)| n == node) {
+                // Left earlier, and clearing its record failed then.
+                if let Err(e) = self.meta_log.propose(draining_write(*node, false)).await {
+                    tracing::warn!(node, "clearing the drain record: {e}");
+                }
+                continue;
+            }
             if holds || moving || !voters.contains(node) || voters.len() == 1 {
                 continue;
             }
             let change = ChangeMembers::RemoveVoters(BTreeSet::from([*node]));
-            match self.meta.raft.change_membership(change, false).await {
-                Ok(_) => {
+            let left = tokio::time::timeout(self.cfg.move_timeout, self.meta.raft.change_membership(change, false));
+            match left.await {
+                Ok(Ok(_)) => {
                     tracing::info!(node, "a drained member left the cluster");
                     if let Err(e) = self.meta_log.propose(draining_write(*node, false)).await {
                         tracing::warn!(node, "clearing the drain record: {e}");
                     }
                 }
-                Err(e) => tracing::warn!(node, "letting a drained member leave: {e}"),
+                Ok(Err(e)) => tracing::warn!(node, "letting a drained member leave: {e}"),
+                Err(_) => tracing::warn!(node, "letting a drained member leave timed out"),
             }
         }
     }
 
-    fn start(&self, m: Move, leader: NodeId) {
+    fn start(&self, m: Move, leader: NodeId, drop_removed: bool) {
         tracing::info!(shard = m.shard, add = ?m.add, remove = ?m.remove, "moving a replica");
         self.moves().running.insert(m.shard, m.into());
         let (mover, moves, ended, timeout) =
@@ -343,7 +358,7 @@ impl PlacementDriver {
                     mover.add_replica(a, m.shard).await?;
                 }
                 mover.change_replicas(leader, m.shard, m.add, m.remove).await?;
-                if let Some(r) = m.remove {
+                if let Some(r) = m.remove.filter(|_| drop_removed) {
                     // A removed leader steps down once it has applied the
                     // change; until then it refuses to drop its replica.
                     for attempt in 1..=DROP_ATTEMPTS {
