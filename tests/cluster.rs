@@ -647,6 +647,8 @@ fn draining_a_member_under_load_moves_everything_off_it_and_it_stops_without_a_f
     // driver moves its own replicas away, then lets it leave.
     let load = runtime.block_on(Load::start(&cluster, &[1, 2, 3]));
     std::thread::sleep(Duration::from_millis(500));
+    let unknown = cluster.node(1).cli(&["drain", "9"]);
+    assert!(!unknown.status.success() && stderr(&unknown).contains("not a member"), "{}", stderr(&unknown));
     let out = cluster.node(1).cli(&["drain", "1"]);
     assert!(out.status.success(), "drain failed: {}", stderr(&out));
     assert!(stdout(&out).contains("safe to stop"), "{}", stdout(&out));
