@@ -27,6 +27,12 @@ const WAL_CHUNK_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// per shard serves them without disk reads.
 const WAL_CACHE_MAX_ITEMS: usize = 1024;
 const WAL_CACHE_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// Payload bytes one AppendEntries carries (at least one entry, whatever
+/// its size). openraft gives each AppendEntries `heartbeat_interval` (50 ms)
+/// to be sent, written and fsynced; unbounded, a replica catching up from a
+/// log of large entries was sent hundreds of them at once, timed out, and
+/// was sent them all again.
+pub const MAX_APPEND_BYTES: usize = 256 * 1024;
 
 /// raft-log type parameters of a shard log.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -176,6 +182,22 @@ impl RaftLogReader<ShardTypes> for WalLogStore {
                 decode_entry(&id, &payload)
             })
             .collect()
+    }
+
+    /// The entries from `start`, up to `end` or [`MAX_APPEND_BYTES`] of
+    /// payload, whichever comes first (never none).
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        let wal = self.lock()?;
+        let (mut entries, mut bytes) = (Vec::new(), 0usize);
+        for item in wal.read(start, end) {
+            let (id, payload) = item.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            bytes += payload.len();
+            if !entries.is_empty() && bytes > MAX_APPEND_BYTES {
+                break;
+            }
+            entries.push(decode_entry(&id, &payload)?);
+        }
+        Ok(entries)
     }
 }
 

@@ -134,3 +134,22 @@ async fn installing_a_snapshot_replaces_the_data() {
     assert_eq!(store.applied_index().unwrap(), 3);
     assert_eq!(follower.applied_state().await.unwrap().0.unwrap().index, 2);
 }
+
+/// Replication reads a bounded batch: a follower catching up from large
+/// entries gets them a few at a time, and one entry larger than the bound
+/// still goes alone.
+#[tokio::test]
+async fn replication_reads_at_most_max_append_bytes_but_never_nothing() {
+    let (_g, mut log, _) = TempStores.build().await.unwrap();
+    let big = "x".repeat(100 * 1024);
+    let huge = "y".repeat(super::log_store::MAX_APPEND_BYTES * 2);
+    let mut entries: Vec<Entry> = (1..=6).map(|i| entry(1, i, put(&format!("k{i}"), &big))).collect();
+    entries.push(entry(1, 7, put("huge", &huge)));
+    openraft::storage::RaftLogStorageExt::blocking_append(&mut log, entries).await.unwrap();
+    let indexes = |es: Vec<Entry>| es.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+    // 100 KiB entries: two fit in 256 KiB, a third does not.
+    assert_eq!(indexes(log.limited_get_log_entries(1, 8).await.unwrap()), [1, 2]);
+    assert_eq!(indexes(log.limited_get_log_entries(5, 8).await.unwrap()), [5, 6]);
+    assert_eq!(indexes(log.limited_get_log_entries(7, 8).await.unwrap()), [7]);
+    assert_eq!(indexes(log.try_get_log_entries(1..8).await.unwrap()).len(), 7, "the unlimited read is whole");
+}
