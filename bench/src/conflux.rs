@@ -80,3 +80,33 @@ impl Target for ConfluxTarget {
         parse_teams(&self.invoke("user", user, "team", Vec::new()).await?)
     }
 }
+
+/// Adds 1 to counter `id` under idempotency key `key`, retrying (with the
+/// same key) while the cluster answers UNAVAILABLE and `stop` is not set, as
+/// a client riding out leader changes would. False if the call failed for
+/// good (printed).
+pub async fn add_keyed(
+    c: &mut ConfluxClient<Channel>,
+    id: &str,
+    key: String,
+    stop: &std::sync::atomic::AtomicBool,
+) -> bool {
+    loop {
+        let req = pb::InvokeRequest {
+            entity: Some(pb::EntityRef { entity_type: "counter".into(), id: id.into() }),
+            operation: "add".into(),
+            payload: b"1".to_vec(),
+            idempotency_key: key.clone(),
+        };
+        match c.invoke(req).await {
+            Ok(_) => return true,
+            Err(e) if e.code() == tonic::Code::Unavailable && !stop.load(Ordering::Relaxed) => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(e) => {
+                eprintln!("add {id}: {e:?}");
+                return false;
+            }
+        }
+    }
+}

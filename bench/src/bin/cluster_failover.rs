@@ -17,9 +17,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
-
-type Client = pb::conflux_client::ConfluxClient<Channel>;
 
 const SECRET: &str = "failover-bench-secret-0123456789";
 
@@ -83,28 +80,6 @@ impl Member {
 async fn status(addr: &str) -> anyhow::Result<pb::StatusResponse> {
     let mut c = conflux_host::cli::connect(addr).await?;
     Ok(c.status(pb::StatusRequest {}).await?.into_inner())
-}
-
-/// Adds 1 to `id` under `key`, retrying while the cluster is unavailable.
-async fn add(c: &mut Client, id: &str, key: String, stop: &AtomicBool) -> bool {
-    loop {
-        let req = pb::InvokeRequest {
-            entity: Some(pb::EntityRef { entity_type: "counter".into(), id: id.into() }),
-            operation: "add".into(),
-            payload: b"1".to_vec(),
-            idempotency_key: key.clone(),
-        };
-        match c.invoke(req).await {
-            Ok(_) => return true,
-            Err(e) if e.code() == tonic::Code::Unavailable && !stop.load(Ordering::Relaxed) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(e) => {
-                eprintln!("add {id}: {e:?}");
-                return false;
-            }
-        }
-    }
 }
 
 #[tokio::main]
@@ -176,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     let id = format!("c{}", (n * 7919 + caller as u64) % keys);
-                    if add(&mut c, &id, format!("t{trial}-{caller}-{n}"), &stop).await {
+                    if conflux_bench::conflux::add_keyed(&mut c, &id, format!("t{trial}-{caller}-{n}"), &stop).await {
                         acked.fetch_add(1, Ordering::Relaxed);
                     }
                 }

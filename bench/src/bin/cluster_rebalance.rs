@@ -292,28 +292,6 @@ async fn call(c: &mut Client, ty: &str, id: &str, op: &str, payload: Vec<u8>) ->
     Ok(reply.into_inner().reply)
 }
 
-/// Adds 1 to `id` under `key`, retrying while the cluster is unavailable.
-async fn add(c: &mut Client, id: &str, key: String, stop: &AtomicBool) -> bool {
-    loop {
-        let req = pb::InvokeRequest {
-            entity: Some(pb::EntityRef { entity_type: "counter".into(), id: id.into() }),
-            operation: "add".into(),
-            payload: b"1".to_vec(),
-            idempotency_key: key.clone(),
-        };
-        match c.invoke(req).await {
-            Ok(_) => return true,
-            Err(e) if e.code() == tonic::Code::Unavailable && !stop.load(Ordering::Relaxed) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(e) => {
-                eprintln!("add {id}: {e:?}");
-                return false;
-            }
-        }
-    }
-}
-
 /// `len` pseudo-random lowercase letters: a valid JSON string body that no
 /// layer can compress much, so the shard really holds that many bytes.
 fn filler(len: usize, seed: u64) -> String {
@@ -359,7 +337,7 @@ impl Load {
                     let id = format!("c{}", (n * 7919 + caller as u64) % keys);
                     let w = window.load(Ordering::Relaxed);
                     let started = Instant::now();
-                    if add(&mut c, &id, format!("{caller}-{n}"), &stop).await {
+                    if conflux_bench::conflux::add_keyed(&mut c, &id, format!("{caller}-{n}"), &stop).await {
                         hists[w].saturating_record(started.elapsed().as_micros() as u64);
                     } else {
                         failed.fetch_add(1, Ordering::Relaxed);
