@@ -230,9 +230,9 @@ impl PlacementDriver {
                 .collect();
             (moves.running.clone(), settled)
         };
-        // Only a driver that has led longer than any earlier driver's move can
-        // take cleans up: until then a replica it does not know may be one
-        // such a move is adding.
+        // Clean-up waits until this driver has led longer than a move can
+        // take: until then, a replica it does not know may be one that an
+        // earlier driver's move is adding.
         if now - since > self.cfg.move_timeout + self.cfg.interval {
             self.clean_up(&reports, &led, &settled);
         }
@@ -373,20 +373,31 @@ impl PlacementDriver {
                 }
                 Ok::<_, String>(())
             };
-            match tokio::time::timeout(timeout, steps).await {
+            let moved = match tokio::time::timeout(timeout, steps).await {
                 Ok(Ok(())) => {
-                    tracing::info!(shard = m.shard, ms = started.elapsed().as_millis() as u64, "moved a replica")
+                    tracing::info!(shard = m.shard, ms = started.elapsed().as_millis() as u64, "moved a replica");
+                    true
                 }
-                Ok(Err(e)) => tracing::warn!(shard = m.shard, "replica move failed (retried later): {e}"),
-                Err(_) => tracing::warn!(shard = m.shard, "replica move timed out after {timeout:?} (retried later)"),
-            }
+                Ok(Err(e)) => {
+                    tracing::warn!(shard = m.shard, "replica move failed (retried later): {e}");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(shard = m.shard, "replica move timed out after {timeout:?} (retried later)");
+                    false
+                }
+            };
             let mut moves = moves.lock().unwrap_or_else(|e| e.into_inner());
             moves.running.remove(&m.shard);
             moves.generation += 1;
             let g = moves.generation;
             moves.ended.insert(m.shard, g);
             drop(moves);
-            ended.notify_one();
+            // The next move starts at once; a failed one waits for the next
+            // round, so a member that refuses does not draw a storm of retries.
+            if moved {
+                ended.notify_one();
+            }
         });
     }
 }
