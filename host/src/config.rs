@@ -378,7 +378,11 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { log_filter: "info,openraft=warn".to_owned(), otlp_endpoint: None, service_name: "conflux".to_owned() }
+        Self {
+            log_filter: "info,openraft=warn,raft_log=warn".to_owned(),
+            otlp_endpoint: None,
+            service_name: "conflux".to_owned(),
+        }
     }
 }
 
