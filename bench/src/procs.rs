@@ -97,6 +97,30 @@ impl Drop for Proc {
     }
 }
 
+/// Starts `conflux serve` (`cmd` is the binary, with any environment set)
+/// listening on `addr` with data in `dir` and the further `args`; waits until
+/// it listens. Its output goes to `dir` + `.log`, which is returned. Stopped
+/// with SIGTERM (then SIGKILL) when the `Proc` drops.
+pub fn spawn_conflux_serve(
+    mut cmd: Command,
+    addr: &str,
+    dir: &Path,
+    args: &[String],
+) -> anyhow::Result<(Proc, PathBuf)> {
+    cmd.arg("serve").arg("--listen").arg(addr).arg("--data-dir").arg(dir).args(args);
+    let log = dir.with_extension("log");
+    let (proc, _) = spawn_announcing(
+        "conflux",
+        cmd,
+        &log,
+        "conflux listening on ",
+        Duration::from_secs(60),
+        Signal::TERM,
+        Duration::from_secs(10),
+    )?;
+    Ok((proc, log))
+}
+
 /// Spawns `cmd` with a piped stdout and waits until it prints a line starting
 /// with `prefix`; returns the rest of that line. Later stdout lines are
 /// appended to `log`; stderr goes to `log` directly.

@@ -9,7 +9,7 @@
 
 use anyhow::{Context, ensure};
 use clap::Parser;
-use conflux_bench::procs::{Proc, free_port, spawn_announcing};
+use conflux_bench::procs::{Proc, free_port, spawn_conflux_serve};
 use conflux_host::api::pb;
 use conflux_host::cluster::placement::shard_of;
 use rustix::process::Signal;
@@ -52,19 +52,8 @@ struct Member {
 
 impl Member {
     fn start(&mut self, bin: &std::path::Path) -> anyhow::Result<()> {
-        let mut cmd = std::process::Command::new(bin);
-        cmd.arg("serve").arg("--listen").arg(&self.addr).arg("--data-dir").arg(&self.dir).args(&self.args);
-        let log = self.dir.with_extension("log");
-        let (p, _) = spawn_announcing(
-            "conflux",
-            cmd,
-            &log,
-            "conflux listening on ",
-            Duration::from_secs(60),
-            Signal::TERM,
-            Duration::from_secs(10),
-        )?;
-        self.proc = Some(p);
+        let cmd = std::process::Command::new(bin);
+        self.proc = Some(spawn_conflux_serve(cmd, &self.addr, &self.dir, &self.args)?.0);
         Ok(())
     }
 

@@ -29,11 +29,10 @@
 
 use anyhow::{Context, ensure};
 use clap::Parser;
-use conflux_bench::procs::{Proc, free_port, spawn_announcing};
+use conflux_bench::procs::{Proc, free_port, spawn_conflux_serve};
 use conflux_host::api::pb;
 use conflux_host::cluster::placement::shard_of;
 use hdrhistogram::Histogram;
-use rustix::process::Signal;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -124,19 +123,9 @@ struct Member {
 impl Member {
     fn start(bin: &Path, addr: &str, dir: &Path, args: &[String]) -> anyhow::Result<Self> {
         let mut cmd = std::process::Command::new(bin);
-        cmd.arg("serve").arg("--listen").arg(addr).arg("--data-dir").arg(dir).args(args);
         // The move durations are read from the default `info` log lines.
         cmd.env_remove("RUST_LOG");
-        let log = dir.with_extension("log");
-        let (proc, _) = spawn_announcing(
-            "conflux",
-            cmd,
-            &log,
-            "conflux listening on ",
-            Duration::from_secs(60),
-            Signal::TERM,
-            Duration::from_secs(10),
-        )?;
+        let (proc, log) = spawn_conflux_serve(cmd, addr, dir, args)?;
         Ok(Self { log, proc })
     }
 }

@@ -94,10 +94,6 @@ impl LocalShards {
         self
     }
 
-    pub fn node(&self) -> NodeId {
-        self.node
-    }
-
     pub fn shard_of(&self, entity: &EntityRef) -> ShardId {
         shard_of(&entity.entity_type, &entity.id, self.shard_count)
     }
