@@ -16,6 +16,7 @@
 //! the entity's shard; the `Cluster` service shares the API port.
 
 use crate::api::cluster::{ClusterSecret, ClusterService, ClusterView, GrpcTransport, Member, MemberRegistries};
+use crate::api::net::SharedNetwork;
 use crate::api::{self, Api};
 use crate::cluster::driver::{DriverConfig, PlacementDriver};
 use crate::cluster::meta::{META_SHARD, MetaLog};
@@ -183,6 +184,8 @@ pub struct Node {
     pub log: Arc<dyn CommitLog>,
     cfg: Config,
     cluster: Option<ClusterParts>,
+    /// Where the API listens and peers are dialled; `None`: the OS's TCP.
+    network: Option<SharedNetwork>,
     /// The data directory's lock; released when the node is dropped.
     _lock: File,
 }
@@ -194,6 +197,9 @@ struct ClusterParts {
     member: Member,
     /// Where the layout falls back to before the metadata group records one.
     initial: Layout,
+    /// The `--peer` addresses (founders'); every other member's comes from
+    /// the metadata group.
+    peers: BTreeMap<u64, String>,
     driver: DriverConfig,
 }
 
@@ -216,6 +222,11 @@ fn lock_data_dir(dir: &Path) -> Result<File, NodeError> {
 impl Node {
     /// Opens every layer; the log replays into the store before anything runs.
     pub async fn open(cfg: Config) -> Result<Self, NodeError> {
+        Self::open_on(cfg, None).await
+    }
+
+    /// [`Node::open`] on a network other than the OS's TCP (the simulation's).
+    pub async fn open_on(cfg: Config, network: Option<SharedNetwork>) -> Result<Self, NodeError> {
         cfg.validate()?;
         let dir = &cfg.storage.data_dir;
         std::fs::create_dir_all(dir)
@@ -233,7 +244,7 @@ impl Node {
                 .map_err(|e| NodeError::StoreOpen { path: path(), source: crate::storage::StorageError::Sled(e) })?
         };
         if cfg.cluster.enabled() {
-            return Self::open_clustered(cfg, lock, db, sled_dir, identity).await;
+            return Self::open_clustered(cfg, network, lock, db, sled_dir, identity).await;
         }
         let raft_config = crate::cluster::raft::raft_config("conflux", cfg.log.compact_every_entries)
             .map_err(|e| NodeError::CatchUp { path: path(), message: e.to_string() })?;
@@ -274,7 +285,7 @@ impl Node {
         let log: Arc<dyn CommitLog> = Arc::new(ShardLog::new(replica, &cfg.log));
         let (runtime, registry) = open_runtime_and_registry(&cfg, store.clone(), log.clone()).await?;
         let scheduler = Scheduler::new(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone());
-        Ok(Self { scheduler, registry, store, log, cfg, cluster: None, _lock: lock })
+        Ok(Self { scheduler, registry, store, log, cfg, cluster: None, network, _lock: lock })
     }
 
     /// Opens a member of a cluster. A founder's first start forms the groups
@@ -283,6 +294,7 @@ impl Node {
     /// let it in. Later starts reopen the replicas the data directory holds.
     async fn open_clustered(
         cfg: Config,
+        network: Option<SharedNetwork>,
         lock: File,
         db: sled::Db,
         sled_dir: std::path::PathBuf,
@@ -303,7 +315,7 @@ impl Node {
                     )));
                 }
                 let (shard_count, replication_factor) =
-                    api::cluster::join(join, &secret, c.node_id, &cfg.api.listen.to_string())
+                    api::cluster::join(join, &secret, network.clone(), c.node_id, &cfg.api.listen.to_string())
                         .await
                         .map_err(NodeError::Cluster)?;
                 ClusterIdentity { node_id: c.node_id, members: Vec::new(), shard_count, replication_factor }
@@ -311,7 +323,7 @@ impl Node {
             (None, None) => ClusterIdentity::of(c),
         };
         let founder = !identity.members.is_empty();
-        let transport = Arc::new(GrpcTransport::new(secret.clone()));
+        let transport = Arc::new(GrpcTransport::new(secret.clone()).with_network(network.clone()));
         let mut addrs = BTreeMap::new();
         for m in &c.nodes {
             transport.set_peer(m.id, &m.addr).map_err(|e| err(&e))?;
@@ -413,8 +425,8 @@ impl Node {
             move_timeout,
         };
         tracing::info!(node = c.node_id, shards = member.shards.shards().len(), "cluster member opened");
-        let cluster = ClusterParts { secret, table, member, initial, driver };
-        Ok(Self { scheduler, registry, store, log, cfg, cluster: Some(cluster), _lock: lock })
+        let cluster = ClusterParts { secret, table, member, initial, peers: addrs, driver };
+        Ok(Self { scheduler, registry, store, log, cfg, cluster: Some(cluster), network, _lock: lock })
     }
 
     /// Serves until `shutdown` resolves, then drains and persists. `on_bound`
@@ -439,7 +451,12 @@ impl Node {
             None => api,
             Some(c) => {
                 let m = &c.member;
-                watchers.push(tokio::spawn(follow_meta(m.clone(), c.initial.clone(), self.registry.clone())));
+                watchers.push(tokio::spawn(follow_meta(
+                    m.clone(),
+                    c.initial.clone(),
+                    c.peers.clone(),
+                    self.registry.clone(),
+                )));
                 let driver = PlacementDriver::new(
                     m.node,
                     m.meta.clone(),
@@ -458,10 +475,20 @@ impl Node {
             }
         };
         let addr = self.cfg.api.listen;
-        let listener =
-            tokio::net::TcpListener::bind(addr).await.map_err(|source| NodeError::Listen { addr, source })?;
-        let bound = listener.local_addr().map_err(|source| NodeError::Listen { addr, source })?;
-        on_bound(bound);
+        let listen_err = |source| NodeError::Listen { addr, source };
+        let listener = match &self.network {
+            None => {
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(listen_err)?;
+                let bound = listener.local_addr().map_err(listen_err)?;
+                on_bound(bound);
+                api::Listener::Tcp(listener)
+            }
+            Some(network) => {
+                let (bound, incoming) = network.listen(addr).await.map_err(listen_err)?;
+                on_bound(bound);
+                api::Listener::Custom(bound, incoming)
+            }
+        };
         let sched = self.scheduler.clone();
         tokio::task::spawn_blocking(move || sched.recover_counts())
             .await
@@ -550,14 +577,15 @@ fn read_shape(meta: &LocalShard, founders: &BTreeMap<u64, String>, initial: &Lay
 /// applies something, the cluster's shape is re-read (and new members'
 /// addresses handed to the transport), and the registry re-reads its records
 /// and compiles what changed before switching to it.
-async fn follow_meta(member: Member, initial: Layout, registry: Arc<Registry>) {
+async fn follow_meta(member: Member, initial: Layout, founders: BTreeMap<u64, String>, registry: Arc<Registry>) {
     let mut metrics = member.meta.raft.metrics();
     let mut seen = (None, None);
-    let founders = member.shape.get().members;
     // The addresses handed to the transport: replacing one drops its pooled
     // connection, so only a new or moved member's is set. The `--peer` list
     // says how this node reaches each founder (through a proxy, say), so it
-    // wins over the address the metadata group recorded.
+    // wins over the address the metadata group recorded. Only that list: a
+    // founder restarting after others joined must still dial them (the
+    // simulation found a restarted founder that never could).
     let mut dialled = founders.clone();
     loop {
         let (applied, membership) = {
@@ -587,8 +615,7 @@ async fn follow_meta(member: Member, initial: Layout, registry: Arc<Registry>) {
                 .membership()
                 .voter_ids()
                 .any(|v| v == member.node);
-            let registry = registry.clone();
-            let refreshed = match tokio::task::spawn_blocking(move || registry.refresh()).await {
+            let refreshed = match registry.refresh_in_background().await {
                 Ok(Ok(0)) => true,
                 Ok(Ok(n)) => {
                     tracing::info!(types = n, "registry caught up with the metadata group");

@@ -220,8 +220,14 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Asks the member at `join_addr` to add this node (`node`, reached at
 /// `addr`) to the cluster; returns the cluster's shard count and replication
 /// factor. Retried while the cluster elects or the member is not up yet.
-pub async fn join(join_addr: &str, secret: &ClusterSecret, node: NodeId, addr: &str) -> Result<(u32, usize), String> {
-    let transport = GrpcTransport::new(secret.clone());
+pub async fn join(
+    join_addr: &str,
+    secret: &ClusterSecret,
+    network: Option<super::net::SharedNetwork>,
+    node: NodeId,
+    addr: &str,
+) -> Result<(u32, usize), String> {
+    let transport = GrpcTransport::new(secret.clone()).with_network(network);
     // The member's id is unknown; 0 names no member.
     transport.set_peer(0, join_addr).map_err(|e| e.to_string())?;
     let mut client = transport.client(0).expect("just set");
@@ -669,6 +675,8 @@ fn never_sent(status: &Status) -> bool {
 /// peer, shared by every shard group on this node.
 pub struct GrpcTransport {
     secret: ClusterSecret,
+    /// `None`: the OS's TCP.
+    network: Option<super::net::SharedNetwork>,
     /// Bounded by the cluster's membership: one entry per known peer.
     peers: Mutex<HashMap<NodeId, ClusterClient<Channel>>>,
 }
@@ -681,7 +689,13 @@ impl std::fmt::Debug for GrpcTransport {
 
 impl GrpcTransport {
     pub fn new(secret: ClusterSecret) -> Self {
-        Self { secret, peers: Mutex::new(HashMap::new()) }
+        Self { secret, network: None, peers: Mutex::new(HashMap::new()) }
+    }
+
+    /// Dials peers through `network` instead of TCP (the simulation).
+    pub fn with_network(mut self, network: Option<super::net::SharedNetwork>) -> Self {
+        self.network = network;
+        self
     }
 
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, ClusterClient<Channel>>> {
@@ -698,7 +712,11 @@ impl GrpcTransport {
             // Keep-alives notice a dead peer's connection between messages.
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        let client = ClusterClient::new(endpoint.connect_lazy())
+        let channel = match &self.network {
+            None => endpoint.connect_lazy(),
+            Some(network) => endpoint.connect_with_connector_lazy(super::net::connector(network.clone())),
+        };
+        let client = ClusterClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         self.peers().insert(node, client);

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod codec;
 pub mod http;
 pub mod json;
+pub mod net;
 
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
@@ -266,12 +267,14 @@ impl Api {
     /// Serves gRPC (with reflection) and HTTP on `listener` until `shutdown` resolves.
     pub async fn serve(
         mut self,
-        listener: tokio::net::TcpListener,
+        listener: impl Into<Listener>,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), ApiError> {
-        self.bound = listener.local_addr().ok();
-        // Nagle's algorithm adds ~45% latency to small unary calls (DESIGN.md §5a).
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let listener = listener.into();
+        self.bound = match &listener {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Custom(bound, _) => Some(*bound),
+        };
         // Generous decode limit, so a payload somewhat over the limit reaches our own
         // check and gets INVALID_ARGUMENT naming the field; beyond this tonic refuses.
         let max_msg = (self.cfg.max_payload_bytes * 4).max(4 << 20) + (64 << 10);
@@ -297,11 +300,29 @@ impl Api {
             shutdown.await;
             stopping.send_replace(true);
         };
-        server
-            .add_routes(tonic::service::Routes::from(routes))
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?;
+        let router = server.add_routes(tonic::service::Routes::from(routes));
+        match listener {
+            Listener::Tcp(listener) => {
+                // Nagle's algorithm adds ~45% latency to small unary calls (DESIGN.md §5a).
+                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, shutdown).await?
+            }
+            Listener::Custom(_, incoming) => router.serve_with_incoming_shutdown(incoming, shutdown).await?,
+        }
         Ok(())
+    }
+}
+
+/// Where the API accepts connections.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    /// A custom network's connections, and the address they arrive at.
+    Custom(std::net::SocketAddr, net::Incoming),
+}
+
+impl From<tokio::net::TcpListener> for Listener {
+    fn from(l: tokio::net::TcpListener) -> Self {
+        Self::Tcp(l)
     }
 }
 

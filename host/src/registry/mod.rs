@@ -290,7 +290,7 @@ pub struct Registry {
     artifacts_dir: PathBuf,
     types: RwLock<HashMap<String, TypeState>>,
     /// Deploys are serialised so version numbers are assigned without races.
-    deploy_lock: tokio::sync::Mutex<()>,
+    deploy_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 const TYPE_KEY_PREFIX: &str = "type/";
@@ -331,7 +331,7 @@ impl Registry {
             components_dir,
             artifacts_dir,
             types: RwLock::new(HashMap::new()),
-            deploy_lock: tokio::sync::Mutex::new(()),
+            deploy_lock: Arc::new(tokio::sync::Mutex::new(())),
         };
         reg.refresh()?;
         Ok(reg)
@@ -370,6 +370,25 @@ impl Registry {
         // Serialised with deploys here, so an older record read before a
         // local deploy committed never replaces the deploy's.
         let _guard = self.deploy_lock.blocking_lock();
+        self.refresh_locked()
+    }
+
+    /// [`Registry::refresh`] from async code: the deploy lock is awaited, not
+    /// blocked on, so no blocking thread sits waiting for a deploy that
+    /// itself waits on the network; then the loading runs on the blocking pool.
+    pub async fn refresh_in_background(
+        self: &Arc<Self>,
+    ) -> Result<Result<usize, RegistryError>, tokio::task::JoinError> {
+        let guard = self.deploy_lock.clone().lock_owned().await;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            this.refresh_locked()
+        })
+        .await
+    }
+
+    fn refresh_locked(&self) -> Result<usize, RegistryError> {
         let mut changed = 0;
         for record in self.stored_records()? {
             let mut loaded = match self.types.read().expect("registry lock").get(&record.name) {

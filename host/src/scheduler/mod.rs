@@ -235,6 +235,14 @@ struct Slot {
     last_used_ms: AtomicU64,
 }
 
+impl Slot {
+    /// Idle (no turn holds it) and not in doubt: a slot in doubt must be
+    /// kept until a turn resolves the doubt.
+    fn evictable(&self) -> bool {
+        self.state.try_lock().is_ok_and(|s| !s.in_doubt)
+    }
+}
+
 #[derive(Default)]
 struct SlotState {
     /// The leadership term the cached instance and meta were read under.
@@ -242,6 +250,11 @@ struct SlotState {
     resident: Option<Resident>,
     /// The entity's meta record; `None` until read from the store.
     meta: Option<MetaCache>,
+    /// A turn's write set failed to commit with an unknown outcome (a commit
+    /// timeout): it may still commit. Until a later proposal commits behind
+    /// it, the store may lack it, and a turn reading the store would write
+    /// over it — a lost update (found by the cluster simulation).
+    in_doubt: bool,
 }
 
 /// What the slot remembers of the entity's [`EntityMeta`].
@@ -728,7 +741,7 @@ impl Inner {
         while slots.len() > self.cfg.max_resident_instances && attempts < 16 {
             attempts += 1;
             let Some((k, v)) = slots.pop_lru() else { break };
-            if Arc::strong_count(&v) > 1 {
+            if Arc::strong_count(&v) > 1 || !v.evictable() {
                 slots.put(k, v);
             } else {
                 crate::telemetry::metrics().evictions.inc();
@@ -745,7 +758,7 @@ impl Inner {
             .rev()
             .take(4096)
             .take_while(|(_, s)| now.saturating_sub(s.last_used_ms.load(Ordering::Relaxed)) >= idle_ms)
-            .filter(|(_, s)| Arc::strong_count(s) == 1)
+            .filter(|(_, s)| Arc::strong_count(s) == 1 && s.evictable())
             .map(|(k, _)| k.clone())
             .collect();
         for k in &victims {
@@ -782,7 +795,18 @@ impl Inner {
         // Another leader may have run turns of this entity since the slot was
         // filled: under a new term, start from the store.
         if slot_state.epoch != epoch {
-            *slot_state = SlotState { epoch, ..SlotState::default() };
+            *slot_state = SlotState { epoch, in_doubt: slot_state.in_doubt, ..SlotState::default() };
+        }
+        if slot_state.in_doubt {
+            // The log is ordered: once an empty proposal made after the
+            // doubtful one has committed and applied, the doubtful one has
+            // either applied before it or will never commit.
+            // The barrier deletes a key no turn writes (an idempotency record
+            // under the empty key, which no caller may use) in the entity's
+            // shard.
+            let barrier = Op::Delete { keyspace: Keyspace::Idempotency, key: idempotency_key(&inv.entity, "") };
+            self.log.propose(WriteSet { ops: vec![barrier] }).await.map_err(InvokeError::Commit)?;
+            slot_state.in_doubt = false;
         }
         // The version is read at the start of each turn: a deploy takes effect
         // between turns, and a turn in flight finishes on its version.
@@ -938,8 +962,9 @@ impl Inner {
             if let Err(e) = self.log.propose(WriteSet { ops }).await {
                 self.count_turn(false);
                 // The warm instance may hold state the store does not have, and
-                // whether the meta record landed is unknown: reload both.
-                *slot_state = SlotState { epoch, ..SlotState::default() };
+                // whether the write set lands is unknown: reload both, after
+                // the outcome is known.
+                *slot_state = SlotState { epoch, in_doubt: true, ..SlotState::default() };
                 return Err(InvokeError::Commit(e));
             }
             slot_state.meta = Some(new_meta);

@@ -1,0 +1,613 @@
+//! The deterministic simulation of a Conflux cluster, on turmoil.
+//!
+//! Every node is the real `conflux_host::node::Node` — API, scheduler, wasm
+//! runtime, registry, the Raft shard groups and metadata group, placement
+//! driver, forwarding and outbox delivery — with its data directory on disk,
+//! but its network and clock are turmoil's: one thread steps every node in
+//! 1 ms ticks of simulated time, and messages take a simulated latency drawn
+//! from the seed. A seeded chaos schedule crashes nodes (short outages and
+//! outages past the grace period, so replicas are re-created elsewhere),
+//! restarts them, partitions them, adds a node (`join`) and drains one
+//! (`Drain`, then stops it), while callers add to counters and move money
+//! with idempotency keys, retrying through whichever node answers. After the
+//! faults heal, every counter must hold exactly its acknowledged adds (no
+//! acknowledged write lost, none applied twice) read through every node, and
+//! the bank's books must settle with money conserved.
+//!
+//! The seed fixes the chaos schedule, the workload and turmoil's network;
+//! a failing seed is printed with the command that replays it. What the seed
+//! does not fix: the disk sync threads of the write-ahead log and openraft's
+//! own election jitter run outside the simulation, so a replay re-runs the
+//! same faults at the same simulated times, not necessarily the same
+//! interleaving (docs/BENCHMARKS.md, "Simulation").
+//!
+//! `CONFLUX_SIM_SEEDS=N` runs seeds 1..=N (CI: the default, 2);
+//! `CONFLUX_SIM_SEED=S` replays one; `CONFLUX_SIM_LOG=debug` shows the nodes'
+//! logs, each line tagged with its node.
+
+mod support;
+
+use conflux_host::api::net::{Conn, Incoming, Network, SharedNetwork, connector};
+use conflux_host::api::pb::{self, conflux_client::ConfluxClient};
+use conflux_host::config::{ClusterMember, Config, Secret};
+use conflux_host::node::Node;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+use support::{assert_bank_settled, guest_wasm, invoke_req};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+const SECRET: &str = "simulation-secret-0123456789";
+const PORT: u16 = 7171;
+const SHARDS: u32 = 8;
+const COUNTERS: u64 = 12;
+const ACCOUNTS: u64 = 8;
+const OPENING_BALANCE: i64 = 1000;
+/// The account closed before the load: transfers to it are refunded.
+const CLOSED: &str = "a7";
+/// Simulated time the chaos runs for, once the cluster serves.
+const CHAOS: Duration = Duration::from_secs(40);
+/// A node down longer than this is down for good: its replicas move.
+const DOWN_AFTER: Duration = Duration::from_secs(4);
+/// How long one call may keep retrying (simulated) before it counts as failed.
+const CALL_DEADLINE: Duration = Duration::from_secs(120);
+
+/// turmoil's network as the node's [`Network`].
+struct SimNet;
+
+impl Network for SimNet {
+    fn listen(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<(SocketAddr, Incoming)>> {
+        Box::pin(async move {
+            // turmoil binds a host's own address as the unspecified one.
+            let listener = turmoil::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, addr.port())).await?;
+            let bound = addr;
+            let incoming: Incoming = futures::stream::unfold(listener, |l| async move {
+                let accepted = l.accept().await.map(|(s, _)| Conn::new(s));
+                Some((accepted, l))
+            })
+            .boxed();
+            Ok((bound, incoming))
+        })
+    }
+
+    fn dial(&self, addr: String) -> BoxFuture<'static, std::io::Result<Conn>> {
+        Box::pin(async move { Ok(Conn::new(turmoil::net::TcpStream::connect(addr).await?)) })
+    }
+}
+
+fn network() -> SharedNetwork {
+    Arc::new(SimNet)
+}
+
+fn node_ip(n: u64) -> IpAddr {
+    Ipv4Addr::new(192, 168, 0, n as u8).into()
+}
+
+fn node_addr(n: u64) -> String {
+    format!("{}:{PORT}", node_ip(n))
+}
+
+const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1));
+const DRAINER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 168, 1, 2));
+
+/// Node `n`'s configuration: a founder of `founders`, or joining through `join`.
+fn node_config(root: &Path, n: u64, founders: u64, join: Option<u64>) -> Config {
+    let mut c = Config::default();
+    c.storage.data_dir = root.join(format!("n{n}"));
+    c.api.listen = SocketAddr::new(node_ip(n), PORT);
+    c.cluster.node_id = n;
+    match join {
+        Some(via) => c.cluster.join = Some(node_addr(via)),
+        None => {
+            c.cluster.nodes = (1..=founders).map(|k| ClusterMember { id: k, addr: node_addr(k) }).collect();
+        }
+    }
+    c.cluster.secret = Some(Secret::new(SECRET));
+    c.cluster.shard_count = SHARDS;
+    c.cluster.replication_factor = 3;
+    c.cluster.placement_interval_ms = 200;
+    c.cluster.suspect_after_ms = 1000;
+    c.cluster.down_after_ms = DOWN_AFTER.as_millis() as u64;
+    c.cluster.move_timeout_ms = 20_000;
+    // Snapshots every few hundred entries: restarted and new replicas catch
+    // up by snapshot as well as by log.
+    c.log.compact_every_entries = 200;
+    c
+}
+
+fn add_node(sim: &mut turmoil::Sim<'_>, cfg: Config) {
+    let ip = cfg.api.listen.ip();
+    sim.host(ip, move || {
+        let cfg = cfg.clone();
+        async move {
+            let node = Node::open_on(cfg, Some(network())).await?;
+            node.serve(std::future::pending(), |_| {}).await?;
+            Ok(())
+        }
+    });
+}
+
+fn client_of(n: u64) -> ConfluxClient<Channel> {
+    let channel = Endpoint::from_shared(format!("http://{}", node_addr(n)))
+        .expect("a valid address")
+        .connect_timeout(Duration::from_secs(1))
+        .connect_with_connector_lazy(connector(network()));
+    ConfluxClient::new(channel).max_decoding_message_size(64 << 20)
+}
+
+/// What the chaos schedule and the callers share (one thread: the simulation's).
+#[derive(Default)]
+struct Shared {
+    /// Members a caller may call through (a drained member leaves it).
+    entry: Vec<u64>,
+    /// Set by the client when the cluster serves and the accounts are open.
+    ready: bool,
+    /// Set by the schedule once the faults healed: callers finish.
+    stop: bool,
+    /// A drain to run (by the drainer client) and its outcome.
+    drained: Option<u64>,
+    log: Vec<String>,
+}
+
+type SharedRef = Rc<RefCell<Shared>>;
+
+/// An invocation with an idempotency key, retried with the same key through
+/// the members in turn until it has an answer that is not a lost connection,
+/// a timeout or an election: what a careful caller of a cluster does.
+async fn call_keyed(
+    shared: &SharedRef,
+    start: usize,
+    (entity_type, id, op, payload): (&str, &str, &str, &str),
+    key: &str,
+) -> (Result<Value, tonic::Status>, u64) {
+    let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
+    let mut attempt = start;
+    let mut retries = 0;
+    loop {
+        let via = {
+            let s = shared.borrow();
+            s.entry[attempt % s.entry.len()]
+        };
+        let mut req = tonic::Request::new(pb::InvokeRequest {
+            idempotency_key: key.to_owned(),
+            ..invoke_req(entity_type, id, op, payload)
+        });
+        req.set_timeout(Duration::from_secs(5));
+        let r = client_of(via).invoke(req).await;
+        match r {
+            Ok(r) => return (Ok(serde_json::from_slice(&r.into_inner().reply).expect("JSON reply")), retries),
+            Err(e) if retryable(&e) && tokio::time::Instant::now() < deadline => {
+                retries += 1;
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return (Err(e), retries),
+        }
+    }
+}
+
+/// A read through member `via` only, retried while it cannot answer.
+async fn call_through(via: u64, call: (&str, &str, &str, &str)) -> Result<Value, tonic::Status> {
+    let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
+    loop {
+        let mut req = tonic::Request::new(invoke_req(call.0, call.1, call.2, call.3));
+        req.set_timeout(Duration::from_secs(5));
+        match client_of(via).invoke(req).await {
+            Ok(r) => return Ok(serde_json::from_slice(&r.into_inner().reply).expect("JSON reply")),
+            Err(e) if retryable(&e) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The cluster as member `via` reports it, for a failure's message.
+async fn status_text(via: u64) -> String {
+    let mut req = tonic::Request::new(pb::StatusRequest::default());
+    req.set_timeout(Duration::from_secs(5));
+    match client_of(via).status(req).await {
+        Ok(s) => {
+            let s = s.into_inner();
+            let nodes: Vec<String> = s
+                .nodes
+                .iter()
+                .map(|n| format!("{}:{} ({} replicas, {} led)", n.node_id, n.state, n.replicas, n.shards_led))
+                .collect();
+            let shards: Vec<String> = s
+                .shards
+                .iter()
+                .map(|sh| {
+                    format!(
+                        "shard {} on {:?} led by {:?} lag {}",
+                        sh.shard_id, sh.replicas, sh.leader, sh.replication_lag
+                    )
+                })
+                .collect();
+            format!("status through node {via}: nodes {nodes:?}\n  {}", shards.join("\n  "))
+        }
+        Err(e) => format!("status through node {via}: {e:?}"),
+    }
+}
+
+/// Lost connections, timeouts and elections: the outcome is unknown, and the
+/// idempotency key makes the retry safe.
+fn retryable(e: &tonic::Status) -> bool {
+    matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
+}
+
+/// What the callers saw.
+#[derive(Default)]
+struct Seen {
+    adds: BTreeMap<String, i64>,
+    transfers: Vec<(String, String, String)>,
+    retries: u64,
+    failed: Vec<String>,
+}
+
+/// The client: deploys, opens the accounts, runs the callers until the
+/// schedule says stop, then checks the invariants.
+async fn workload(shared: SharedRef, seed: u64) -> turmoil::Result {
+    let counter = std::fs::read(guest_wasm("counter"))?;
+    let bank = std::fs::read(guest_wasm("bank"))?;
+    for (ty, wasm) in [("counter", &counter), ("account", &bank)] {
+        let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
+        loop {
+            let header = pb::DeployHeader { entity_type: ty.into(), ..Default::default() };
+            let msgs = conflux_host::api::deploy_messages(header, wasm);
+            match client_of(1).deploy(futures::stream::iter(msgs)).await {
+                Ok(_) => break,
+                Err(e) if retryable(&e) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => return Err(format!("deploying {ty}: {e:?}").into()),
+            }
+        }
+    }
+    for a in 0..ACCOUNTS {
+        let (id, key) = (format!("a{a}"), format!("open-{a}"));
+        call_keyed(&shared, 0, ("account", &id, "deposit", &OPENING_BALANCE.to_string()), &key)
+            .await
+            .0
+            .map_err(|e| format!("opening {id}: {e:?}"))?;
+    }
+    call_keyed(&shared, 0, ("account", CLOSED, "close", ""), "close").await.0.map_err(|e| format!("closing: {e:?}"))?;
+    shared.borrow_mut().ready = true;
+
+    let callers: Vec<_> = (0..4u64)
+        .map(|caller| {
+            let shared = shared.clone();
+            tokio::task::spawn_local(async move {
+                let mut rng = StdRng::seed_from_u64(seed ^ (caller + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let mut seen = Seen::default();
+                let bank = caller % 2 == 1;
+                let mut n = 0;
+                while !shared.borrow().stop {
+                    n += 1;
+                    let key = format!("c{caller}-{n}");
+                    if bank {
+                        let from = format!("a{}", rng.random_range(0..ACCOUNTS - 1));
+                        let to = format!("a{}", rng.random_range(0..ACCOUNTS));
+                        let t = json!({"to": to, "amount": rng.random_range(1..50)}).to_string();
+                        let (r, retries) =
+                            call_keyed(&shared, caller as usize, ("account", &from, "transfer", &t), &key).await;
+                        seen.retries += retries;
+                        match r {
+                            Ok(id) => seen.transfers.push((from, to, id.as_str().unwrap_or_default().to_owned())),
+                            Err(e) if matches!(e.code(), Code::FailedPrecondition | Code::InvalidArgument) => {}
+                            Err(e) => seen.failed.push(format!("transfer {key}: {e:?}")),
+                        }
+                    } else {
+                        let id = format!("c{}", rng.random_range(0..COUNTERS));
+                        let (r, retries) =
+                            call_keyed(&shared, caller as usize, ("counter", &id, "add", "1"), &key).await;
+                        seen.retries += retries;
+                        match r {
+                            Ok(_) => *seen.adds.entry(id).or_default() += 1,
+                            Err(e) => seen.failed.push(format!("add {key}: {e:?}")),
+                        }
+                    }
+                    // Callers pace themselves a little, so a run is thousands
+                    // of calls, not hundreds of thousands.
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all = Seen::default();
+    for c in callers {
+        let s = c.await?;
+        for (id, n) in s.adds {
+            *all.adds.entry(id).or_default() += n;
+        }
+        all.transfers.extend(s.transfers);
+        all.retries += s.retries;
+        all.failed.extend(s.failed);
+    }
+    if !all.failed.is_empty() {
+        return Err(
+            format!("{} calls failed, e.g. {:?}", all.failed.len(), &all.failed[..all.failed.len().min(3)]).into()
+        );
+    }
+    let adds: i64 = all.adds.values().sum();
+    if adds < 100 || all.transfers.len() < 50 {
+        return Err(format!("too little load ran: {adds} adds, {} transfers", all.transfers.len()).into());
+    }
+    // Read through every member: each must see exactly the acknowledged adds.
+    let entry = shared.borrow().entry.clone();
+    for via in entry {
+        for c in 0..COUNTERS {
+            let id = format!("c{c}");
+            let total = call_through(via, ("counter", &id, "get", "")).await;
+            let total = match total {
+                Ok(t) => t,
+                Err(e) => {
+                    return Err(format!("reading {id} through node {via}: {e:?}\n{}", status_text(via).await).into());
+                }
+            };
+            let want = json!(all.adds.get(&id).copied().unwrap_or(0));
+            if total != want {
+                return Err(format!(
+                    "counter {id} read through node {via} is {total}, but {want} adds were acknowledged"
+                )
+                .into());
+            }
+        }
+    }
+    // The sagas settle (credits delivered through the outboxes), then the books must balance.
+    let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
+    let statements = loop {
+        let mut statements = BTreeMap::new();
+        for a in 0..ACCOUNTS {
+            let id = format!("a{a}");
+            let statement = call_keyed(&shared, a as usize, ("account", &id, "statement", ""), "")
+                .await
+                .0
+                .map_err(|e| format!("reading {id}'s statement: {e:?}"))?;
+            statements.insert(id.clone(), statement);
+        }
+        let pending = statements.values().any(|s| {
+            s["outgoing"]
+                .as_object()
+                .is_some_and(|o| o.values().any(|o| o["status"] != "completed" && o["status"] != "refunded"))
+        });
+        if !pending {
+            break statements;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err("the transfers did not settle".into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_bank_settled(&statements, &all.transfers, ACCOUNTS as i64 * OPENING_BALANCE, CLOSED);
+    shared.borrow_mut().log.push(format!(
+        "checked: {adds} adds, {} transfers, {} retries",
+        all.transfers.len(),
+        all.retries
+    ));
+    Ok(())
+}
+
+/// A fault the schedule injects.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Crash and restart after the duration.
+    Crash(u64, Duration),
+    /// Cut off from every other node (and the callers) for the duration.
+    Partition(u64, Duration),
+    /// A new member joins through a live one.
+    Join(u64),
+    /// A member's replicas are drained, then it is stopped.
+    Drain(u64),
+}
+
+/// Runs one seeded simulation; returns what it did, and why it failed if it did.
+fn simulate(seed: u64) -> (Vec<String>, Result<(), String>) {
+    let root = tempfile::tempdir().expect("a temporary directory");
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .simulation_duration(Duration::from_secs(600))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(5))
+        .build();
+    let shared: SharedRef = Rc::new(RefCell::new(Shared { entry: vec![1, 2, 3], ..Default::default() }));
+    for n in 1..=3 {
+        add_node(&mut sim, node_config(root.path(), n, 3, None));
+    }
+    let client_shared = shared.clone();
+    sim.client(CLIENT_IP, async move { workload(client_shared, seed).await });
+
+    let real = std::time::Instant::now();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut members: Vec<u64> = vec![1, 2, 3];
+    let mut next_id = 4;
+    // At most one fault at a time, so a majority of every group stays up;
+    // `until` is when it heals.
+    let mut current: Option<(Fault, Duration)> = None;
+    let mut started: Option<Duration> = None;
+    let mut next_at = Duration::ZERO;
+    let (mut joined, mut drained) = (false, false);
+    let mut log = Vec::new();
+    let mut note = |sim: &turmoil::Sim<'_>, s: String| {
+        log.push(format!("{:>8.3}s {s}", sim.elapsed().as_secs_f64()));
+    };
+    let outcome = loop {
+        match sim.step() {
+            Ok(true) => break Ok(()),
+            Ok(false) => {}
+            Err(e) => break Err(e.to_string()),
+        }
+        let now = sim.elapsed();
+        if now.as_millis() % 10_000 == 0 {
+            eprintln!("seed {seed}: {}s simulated, {:.0}s real", now.as_secs(), real.elapsed().as_secs_f64());
+        }
+        if started.is_none() && shared.borrow().ready {
+            started = Some(now);
+            next_at = now + Duration::from_millis(500);
+            note(&sim, "cluster serves; chaos starts".into());
+        }
+        let Some(t0) = started else { continue };
+        // Heal the current fault when its time is up.
+        if let Some((fault, until)) = current {
+            if now >= until {
+                match fault {
+                    Fault::Crash(n, _) => {
+                        sim.bounce(node_ip(n));
+                        note(&sim, format!("node {n} restarts"));
+                    }
+                    Fault::Partition(n, _) => {
+                        heal(&sim, n, &members);
+                        note(&sim, format!("node {n} reconnected"));
+                    }
+                    Fault::Join(_) | Fault::Drain(_) => {}
+                }
+                current = None;
+                next_at = now + Duration::from_millis(rng.random_range(500..2000));
+            } else if let Fault::Drain(n) = fault {
+                if shared.borrow().drained == Some(0) {
+                    sim.crash(node_ip(n));
+                    members.retain(|m| *m != n);
+                    note(&sim, format!("node {n} drained and stopped"));
+                    current = None;
+                    next_at = now + Duration::from_millis(rng.random_range(500..2000));
+                }
+            }
+            continue;
+        }
+        if now >= t0 + CHAOS {
+            if !shared.borrow().stop {
+                shared.borrow_mut().stop = true;
+                note(&sim, "chaos over; callers finish, then the checks run".into());
+            }
+            continue;
+        }
+        if now < next_at {
+            continue;
+        }
+        let victim = members[rng.random_range(0..members.len())];
+        let fault = match rng.random_range(0..10) {
+            0..=3 => Fault::Crash(victim, Duration::from_millis(rng.random_range(300..3000))),
+            4 => Fault::Crash(victim, DOWN_AFTER + Duration::from_millis(rng.random_range(2000..5000))),
+            5..=7 => Fault::Partition(victim, Duration::from_millis(rng.random_range(300..4000))),
+            8 if !joined => Fault::Join(next_id),
+            9 if !drained && joined && members.len() > 3 => Fault::Drain(victim),
+            _ => {
+                next_at = now + Duration::from_millis(500);
+                continue;
+            }
+        };
+        match fault {
+            Fault::Crash(n, d) => {
+                sim.crash(node_ip(n));
+                note(&sim, format!("node {n} crashes for {:.1}s", d.as_secs_f64()));
+                current = Some((fault, now + d));
+            }
+            Fault::Partition(n, d) => {
+                for m in members.iter().filter(|m| **m != n) {
+                    sim.partition(node_ip(n), node_ip(*m));
+                }
+                sim.partition(node_ip(n), CLIENT_IP);
+                note(&sim, format!("node {n} partitioned for {:.1}s", d.as_secs_f64()));
+                current = Some((fault, now + d));
+            }
+            Fault::Join(n) => {
+                let via = members[rng.random_range(0..members.len())];
+                add_node(&mut sim, node_config(root.path(), n, 3, Some(via)));
+                members.push(n);
+                shared.borrow_mut().entry.push(n);
+                joined = true;
+                next_id += 1;
+                note(&sim, format!("node {n} joins through node {via}"));
+                // A join is not a fault: the next one may follow.
+                next_at = now + Duration::from_millis(rng.random_range(500..2000));
+            }
+            Fault::Drain(n) => {
+                drained = true;
+                shared.borrow_mut().entry.retain(|m| *m != n);
+                let (via, drain_shared) = (members.iter().copied().find(|m| *m != n).expect("others"), shared.clone());
+                sim.client(DRAINER_IP, async move { drain(drain_shared, via, n).await });
+                note(&sim, format!("node {n} is drained (through node {via})"));
+                // Nothing else fails while the drain runs (it ends in the stop).
+                current = Some((fault, Duration::MAX));
+            }
+        }
+    };
+    let mut out = log;
+    out.extend(shared.borrow().log.iter().cloned());
+    (out, outcome)
+}
+
+fn heal(sim: &turmoil::Sim<'_>, n: u64, members: &[u64]) {
+    for m in members.iter().filter(|m| **m != n) {
+        sim.repair(node_ip(n), node_ip(*m));
+    }
+    sim.repair(node_ip(n), CLIENT_IP);
+}
+
+/// The drainer: asks for the drain until the member holds no replica.
+async fn drain(shared: SharedRef, via: u64, node: u64) -> turmoil::Result {
+    let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
+    loop {
+        let r = client_of(via).drain(pb::DrainRequest { node_id: node.to_string() }).await;
+        match r {
+            Ok(r) if r.get_ref().replicas == 0 => {
+                shared.borrow_mut().drained = Some(0);
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) if retryable(&e) => {}
+            Err(e) => return Err(format!("draining node {node}: {e:?}").into()),
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("node {node} still holds replicas after {CALL_DEADLINE:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn seeds() -> Vec<u64> {
+    if let Ok(s) = std::env::var("CONFLUX_SIM_SEED") {
+        return vec![s.parse().expect("CONFLUX_SIM_SEED is a number")];
+    }
+    let n: u64 = std::env::var("CONFLUX_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    (1..=n).collect()
+}
+
+#[test]
+fn seeded_crashes_partitions_joins_and_drains_lose_and_duplicate_nothing() {
+    let filter = std::env::var("CONFLUX_SIM_LOG").unwrap_or_else(|_| "error,openraft=off".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    // The components are built before the simulation's clock starts.
+    guest_wasm("counter");
+    guest_wasm("bank");
+    for seed in seeds() {
+        let started = std::time::Instant::now();
+        let (log, outcome) = simulate(seed);
+        eprintln!(
+            "seed {seed}: {} in {:.1}s",
+            if outcome.is_ok() { "passed" } else { "FAILED" },
+            started.elapsed().as_secs_f64()
+        );
+        for line in log {
+            eprintln!("  {line}");
+        }
+        match outcome {
+            Ok(()) => {}
+            Err(e) => panic!(
+                "seed {seed} failed: {e}\nreplay: CONFLUX_SIM_SEED={seed} cargo test -p conflux-host --test simulation"
+            ),
+        }
+    }
+}
