@@ -169,7 +169,7 @@ impl Mover for Member {
 
     fn add_replica(&self, node: NodeId, shard: ShardId) -> BoxFuture<'static, Result<(), String>> {
         let here = self.clone();
-        let req = self.transport.request(pb::ReplicaRequest { shard });
+        let req = self.transport.request(pb::ReplicaRequest { shard, removed_as_of: None });
         self.on(node, async move { here.add_here(shard).await }, |mut c| {
             Box::pin(async move { c.add_replica(req).await.map(drop) })
         })
@@ -190,12 +190,19 @@ impl Mover for Member {
         })
     }
 
-    fn drop_replica(&self, node: NodeId, shard: ShardId) -> BoxFuture<'static, Result<(), String>> {
+    fn drop_replica(
+        &self,
+        node: NodeId,
+        shard: ShardId,
+        removed_as_of: Option<u64>,
+    ) -> BoxFuture<'static, Result<(), String>> {
         let local = self.local.clone();
-        let req = self.transport.request(pb::ReplicaRequest { shard });
-        self.on(node, async move { local.drop_replica(shard).await.map_err(|e| e.to_string()) }, |mut c| {
-            Box::pin(async move { c.drop_replica(req).await.map(drop) })
-        })
+        let req = self.transport.request(pb::ReplicaRequest { shard, removed_as_of });
+        self.on(
+            node,
+            async move { local.drop_replica(shard, removed_as_of).await.map_err(|e| e.to_string()) },
+            |mut c| Box::pin(async move { c.drop_replica(req).await.map(drop) }),
+        )
     }
 }
 
@@ -240,8 +247,10 @@ pub async fn join(
                 let r = r.into_inner();
                 return Ok((r.shard_count, r.replication_factor as usize));
             }
+            // Unknown and Cancelled are what a connection lost mid-call gives
+            // (the member asked was stopped): another try may reach it.
             Err(s)
-                if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded)
+                if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled)
                     && tokio::time::Instant::now() < deadline =>
             {
                 tracing::info!("joining through {join_addr}: {}; retrying", s.message());
@@ -422,8 +431,8 @@ impl Cluster for ClusterService {
 
     async fn drop_replica(&self, req: Request<pb::ReplicaRequest>) -> Result<Response<pb::ReplicaReply>, Status> {
         self.secret.admit(&req)?;
-        let shard = req.into_inner().shard;
-        self.member()?.local.drop_replica(shard).await.map_err(refused)?;
+        let req = req.into_inner();
+        self.member()?.local.drop_replica(req.shard, req.removed_as_of).await.map_err(refused)?;
         Ok(Response::new(pb::ReplicaReply {}))
     }
 
@@ -449,6 +458,7 @@ fn report_to_pb(s: ShardStatus) -> pb::ShardReport {
         applied_index: s.applied_index,
         lag: s.lag.into_iter().collect(),
         learners: s.learners,
+        membership_index: s.membership_index,
     }
 }
 
@@ -462,6 +472,7 @@ fn report_from_pb(node: NodeId, r: pb::ShardReport) -> ShardStatus {
         applied_index: r.applied_index,
         lag: r.lag.into_iter().collect(),
         learners: r.learners,
+        membership_index: r.membership_index,
     }
 }
 

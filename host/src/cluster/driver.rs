@@ -39,7 +39,14 @@ pub trait Mover: Send + Sync + 'static {
         remove: Option<NodeId>,
     ) -> BoxFuture<'static, Result<(), String>>;
     /// Stops `node`'s replica of `shard` and deletes its data.
-    fn drop_replica(&self, node: NodeId, shard: ShardId) -> BoxFuture<'static, Result<(), String>>;
+    /// Drops `node`'s replica of `shard`; `removed_as_of` is the log index of
+    /// a membership that leaves the node out (see `LocalShards::drop_replica`).
+    fn drop_replica(
+        &self,
+        node: NodeId,
+        shard: ShardId,
+        removed_as_of: Option<u64>,
+    ) -> BoxFuture<'static, Result<(), String>>;
 }
 
 /// Tries at dropping a moved replica, `DROP_PAUSE` apart.
@@ -141,6 +148,8 @@ struct Led {
     term: u64,
     voters: Vec<NodeId>,
     learners: Vec<NodeId>,
+    /// The log index of the membership the leader reported.
+    membership_index: Option<u64>,
 }
 
 impl PlacementDriver {
@@ -214,7 +223,10 @@ impl PlacementDriver {
                 let newer = led.get(&s.shard).is_none_or(|l| l.term < s.term);
                 if s.leader == Some(*node) && (s.shard as usize) < placement.len() && newer {
                     let (voters, learners) = (s.replicas.clone(), s.learners.clone());
-                    led.insert(s.shard, Led { leader: *node, term: s.term, voters, learners });
+                    led.insert(
+                        s.shard,
+                        Led { leader: *node, term: s.term, voters, learners, membership_index: s.membership_index },
+                    );
                 }
             }
         }
@@ -277,9 +289,9 @@ impl PlacementDriver {
                 let Some(l) = led.get(&s.shard).filter(|_| settled.contains(&s.shard)) else { continue };
                 if !l.voters.contains(node) && !l.learners.contains(node) {
                     tracing::info!(node, shard = s.shard, "dropping a stale replica");
-                    let (mover, node, shard) = (self.mover.clone(), *node, s.shard);
+                    let (mover, node, shard, removed_as_of) = (self.mover.clone(), *node, s.shard, l.membership_index);
                     tokio::spawn(async move {
-                        if let Err(e) = mover.drop_replica(node, shard).await {
+                        if let Err(e) = mover.drop_replica(node, shard, removed_as_of).await {
                             tracing::warn!(node, shard, "dropping a stale replica: {e}");
                         }
                     });
@@ -362,7 +374,9 @@ impl PlacementDriver {
                     // A removed leader steps down once it has applied the
                     // change; until then it refuses to drop its replica.
                     for attempt in 1..=DROP_ATTEMPTS {
-                        match mover.drop_replica(r, m.shard).await {
+                        // No fence: the shard's next move (the only way back
+                        // in) waits for this one to end.
+                        match mover.drop_replica(r, m.shard, None).await {
                             Ok(()) => break,
                             Err(e) if attempt == DROP_ATTEMPTS => {
                                 tracing::warn!(shard = m.shard, node = r, "the moved replica is dropped later: {e}")

@@ -122,11 +122,27 @@ impl LocalShards {
     }
 
     /// Stops this node's replica of `shard` and deletes its data.
-    pub async fn drop_replica(&self, shard: ShardId) -> Result<(), ShardSetError> {
+    /// `removed_as_of` is the log index of a membership that left this node
+    /// out: a replica that has since been added back (it knows a later
+    /// membership naming it) is a member again and refuses. Without that
+    /// check, a drop decided before a re-add and carried out after it would
+    /// delete entries a majority counted on.
+    pub async fn drop_replica(&self, shard: ShardId, removed_as_of: Option<u64>) -> Result<(), ShardSetError> {
         let set = self.set.as_ref().ok_or(ShardSetError::Fixed)?;
         let _one = self.changes.lock().await;
-        if self.replica(shard).is_some_and(|r| r.leader() == Some(self.node)) {
-            return Err(ShardSetError::StillLeading { shard });
+        if let Some(r) = self.replica(shard) {
+            if r.leader() == Some(self.node) {
+                return Err(ShardSetError::StillLeading { shard });
+            }
+            let m = r.raft.metrics().borrow().clone();
+            let known = m.membership_config.log_id().map(|id| id.index);
+            let named = m.membership_config.membership().nodes().any(|(id, _)| *id == self.node);
+            if let (Some(known), Some(removed)) = (known, removed_as_of)
+                && known > removed
+                && named
+            {
+                return Err(ShardSetError::AddedBack { shard, known });
+            }
         }
         self.shards.write().unwrap_or_else(|e| e.into_inner()).remove(&shard);
         set.close_replica(shard).await?;
@@ -453,10 +469,10 @@ mod tests {
         assert!(local.replica(3).is_some());
         let shard_dir = crate::cluster::raft::replica_dir(dir.path(), 3);
         assert!(shard_dir.exists());
-        local.drop_replica(3).await.unwrap();
+        local.drop_replica(3, None).await.unwrap();
         assert!(local.replica(3).is_none() && !shard_dir.exists());
         // A leader is still a member: it keeps its replica.
-        assert!(matches!(local.drop_replica(0).await, Err(ShardSetError::StillLeading { shard: 0 })));
+        assert!(matches!(local.drop_replica(0, None).await, Err(ShardSetError::StillLeading { shard: 0 })));
         assert!(local.replica(0).is_some());
 
         local.shutdown().await.unwrap();

@@ -22,6 +22,8 @@ pub enum ShardSetError {
     Fixed,
     #[error("shard {shard}: this node leads it, so it is still a member")]
     StillLeading { shard: ShardId },
+    #[error("shard {shard}: this node was added back to the group (membership at index {known}), so it is a member")]
+    AddedBack { shard: ShardId, known: u64 },
     #[error("shard {shard}: cannot delete the replica's data: {message}")]
     Delete { shard: ShardId, message: String },
 }
@@ -42,6 +44,8 @@ pub struct ShardStatus {
     pub applied_index: Option<u64>,
     /// On the leader only: entries each follower is behind the leader's log.
     pub lag: BTreeMap<NodeId, u64>,
+    /// Log index of the group membership this replica knows.
+    pub membership_index: Option<u64>,
 }
 
 /// One node in a cluster-wide status.
@@ -244,6 +248,7 @@ impl ShardSet {
                     term: m.current_term,
                     applied_index: m.last_applied.map(|id| id.index),
                     lag,
+                    membership_index: m.membership_config.log_id().map(|id| id.index),
                 }
             })
             .collect()
@@ -275,6 +280,7 @@ mod tests {
             term: 1,
             applied_index: Some(applied),
             lag: lag.iter().copied().collect(),
+            membership_index: None,
         }
     }
 
