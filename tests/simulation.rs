@@ -22,7 +22,7 @@
 //! simulation, so a replay re-runs the same faults at the same simulated
 //! offsets, not necessarily the same interleaving.
 //!
-//! `CONFLUX_SIM_SEEDS=N` runs seeds 1..=N (CI: the default, 2);
+//! `CONFLUX_SIM_SEEDS=N` runs seeds 1..=N (CI: the default, 2), `=A..B` seeds A..=B;
 //! `CONFLUX_SIM_SEED=S` replays one; `CONFLUX_SIM_LOG=info,turmoil=info`
 //! shows the nodes' logs, each line tagged with its node.
 
@@ -587,8 +587,14 @@ fn seeds() -> Vec<u64> {
     if let Ok(s) = std::env::var("CONFLUX_SIM_SEED") {
         return vec![s.parse().expect("CONFLUX_SIM_SEED is a number")];
     }
-    let n: u64 = std::env::var("CONFLUX_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
-    (1..=n).collect()
+    // `N` (seeds 1..=N) or `A..B` (seeds A..=B).
+    let spec = std::env::var("CONFLUX_SIM_SEEDS").unwrap_or_else(|_| "2".into());
+    match spec.split_once("..") {
+        Some((a, b)) => {
+            (a.parse().expect("CONFLUX_SIM_SEEDS=A..B")..=b.parse().expect("CONFLUX_SIM_SEEDS=A..B")).collect()
+        }
+        None => (1..=spec.parse().expect("CONFLUX_SIM_SEEDS is a number or A..B")).collect(),
+    }
 }
 
 #[test]
