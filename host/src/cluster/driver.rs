@@ -233,12 +233,14 @@ impl PlacementDriver {
         for (shard, l) in &led {
             placement[*shard as usize] = l.voters.clone();
         }
-        let settled: BTreeSet<ShardId> = {
+        let (running, settled) = {
             let moves = self.moves();
-            led.keys()
+            let settled: BTreeSet<ShardId> = led
+                .keys()
                 .copied()
                 .filter(|s| !moves.running.contains_key(s) && moves.ended.get(s).is_none_or(|g| *g <= generation))
-                .collect()
+                .collect();
+            (moves.running.clone(), settled)
         };
         // Clean-up waits until this driver has led longer than a move can
         // take: until then, a replica it does not know may be one that an
@@ -246,8 +248,6 @@ impl PlacementDriver {
         if now - since > self.cfg.move_timeout + self.cfg.interval {
             self.clean_up(&reports, &led, &settled);
         }
-        // Clean-up steps occupy their shards like moves.
-        let running = self.moves().running.clone();
         self.tend_metadata(&shape, &placement, &running).await;
 
         let layout = Layout { placement: placement.clone(), moves: running.values().copied().collect(), health };
@@ -290,26 +290,22 @@ impl PlacementDriver {
                 if !l.voters.contains(node) && !l.learners.contains(node) {
                     tracing::info!(node, shard = s.shard, "dropping a stale replica");
                     let (mover, node, shard, removed_as_of) = (self.mover.clone(), *node, s.shard, l.membership_index);
-                    let record = MoveRecord { shard, add: None, remove: Some(node) };
-                    self.track(record, async move {
-                        mover
-                            .drop_replica(node, shard, removed_as_of)
-                            .await
-                            .map_err(|e| format!("dropping a stale replica: {e}"))
+                    tokio::spawn(async move {
+                        if let Err(e) = mover.drop_replica(node, shard, removed_as_of).await {
+                            tracing::warn!(node, shard, "dropping a stale replica: {e}");
+                        }
                     });
                 }
             }
         }
         for (shard, l) in led.iter().filter(|(s, _)| settled.contains(s)) {
-            if let Some(learner) = l.learners.first() {
+            for learner in &l.learners {
                 tracing::info!(node = learner, shard, "removing a stale learner");
                 let (mover, leader, shard, learner) = (self.mover.clone(), l.leader, *shard, *learner);
-                let record = MoveRecord { shard, add: None, remove: Some(learner) };
-                self.track(record, async move {
-                    mover
-                        .change_replicas(leader, shard, None, Some(learner))
-                        .await
-                        .map_err(|e| format!("removing a stale learner: {e}"))
+                tokio::spawn(async move {
+                    if let Err(e) = mover.change_replicas(leader, shard, None, Some(learner)).await {
+                        tracing::warn!(shard, "removing a stale learner: {e}");
+                    }
                 });
             }
         }
@@ -360,32 +356,6 @@ impl PlacementDriver {
                 Err(_) => tracing::warn!(node, "letting a drained member leave timed out"),
             }
         }
-    }
-
-    /// Runs a clean-up step on `record.shard` as a move: no other move of
-    /// that shard starts until it ends. A drop decided now and carried out
-    /// after a later move re-added the node would delete a member's data.
-    fn track(&self, record: MoveRecord, work: impl std::future::Future<Output = Result<(), String>> + Send + 'static) {
-        {
-            let mut moves = self.moves();
-            if moves.running.contains_key(&record.shard) {
-                return;
-            }
-            moves.running.insert(record.shard, record);
-        }
-        let (moves, timeout) = (self.moves.clone(), self.cfg.move_timeout);
-        tokio::spawn(async move {
-            match tokio::time::timeout(timeout, work).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(shard = record.shard, "{e}"),
-                Err(_) => tracing::warn!(shard = record.shard, "a clean-up step timed out after {timeout:?}"),
-            }
-            let mut moves = moves.lock().unwrap_or_else(|e| e.into_inner());
-            moves.running.remove(&record.shard);
-            moves.generation += 1;
-            let g = moves.generation;
-            moves.ended.insert(record.shard, g);
-        });
     }
 
     fn start(&self, m: Move, leader: NodeId, drop_removed: bool) {

@@ -134,9 +134,17 @@ impl LocalShards {
             if r.leader() == Some(self.node) {
                 return Err(ShardSetError::StillLeading { shard });
             }
-            let m = r.raft.metrics().borrow().clone();
-            let known = m.membership_config.log_id().map(|id| id.index);
-            let named = m.membership_config.membership().nodes().any(|(id, _)| *id == self.node);
+            // Asked of the Raft core, not its metrics (published a step
+            // later): an entry it has acknowledged is in what it answers.
+            let me = self.node;
+            let (known, named) = r
+                .raft
+                .with_raft_state(move |st| {
+                    let e = st.membership_state.effective();
+                    (e.log_id().map(|id| id.index), e.membership().nodes().any(|(id, _)| *id == me))
+                })
+                .await
+                .map_err(|e| ShardSetError::Delete { shard, message: e.to_string() })?;
             if let (Some(known), Some(removed)) = (known, removed_as_of)
                 && known > removed
                 && named
