@@ -493,14 +493,14 @@ fn simulate(seed: u64, faults: Faults) -> (Vec<String>, Result<(), String>) {
                 }
                 current = None;
                 next_at = now + Duration::from_millis(rng.random_range(500..2000));
-            } else if let Fault::Drain(n) = fault {
-                if shared.borrow().drained == Some(0) {
-                    sim.crash(node_ip(n));
-                    members.retain(|m| *m != n);
-                    note(&sim, format!("node {n} drained and stopped"));
-                    current = None;
-                    next_at = now + Duration::from_millis(rng.random_range(500..2000));
-                }
+            } else if let Fault::Drain(n) = fault
+                && shared.borrow().drained == Some(0)
+            {
+                sim.crash(node_ip(n));
+                members.retain(|m| *m != n);
+                note(&sim, format!("node {n} drained and stopped"));
+                current = None;
+                next_at = now + Duration::from_millis(rng.random_range(500..2000));
             }
             continue;
         }
