@@ -429,7 +429,8 @@ impl Inner {
         let record = EntityMeta { version: meta.stored.version(), next_seq };
         ops.push(Op::Put { keyspace: Keyspace::EntityMeta, key: entity_prefix(&sender), value: record.encode() });
         if let Err(e) = self.log.propose(WriteSet { ops }).await {
-            *st = SlotState::default();
+            // As for a turn: the write may still commit.
+            *st = SlotState { in_doubt: true, ..SlotState::default() };
             return Err(InvokeError::Commit(e));
         }
         st.meta = Some(MetaCache { next_seq, ..meta });
