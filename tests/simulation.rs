@@ -155,60 +155,54 @@ struct Shared {
     ready: bool,
     /// Set by the schedule once the faults healed: callers finish.
     stop: bool,
-    /// A drain to run (by the drainer client) and its outcome.
-    drained: Option<u64>,
+    /// Set by the drainer client once the drained member holds no replica.
+    drain_done: bool,
     log: Vec<String>,
 }
 
 type SharedRef = Rc<RefCell<Shared>>;
 
-/// An invocation with an idempotency key, retried with the same key through
-/// the members in turn until it has an answer that is not a lost connection,
-/// a timeout or an election: what a careful caller of a cluster does.
-async fn call_keyed(
+/// Which members a call goes through.
+#[derive(Clone, Copy)]
+enum Via {
+    /// The members in turn, from the `n`th: what a careful caller of a
+    /// cluster does.
+    Any(usize),
+    /// This member only (reads that must see it answer).
+    Only(u64),
+}
+
+/// An invocation (with `key` as its idempotency key, if any), retried
+/// through `via` until it has an answer that is not a lost connection, a
+/// timeout or an election. Returns the answer and the retries it took.
+async fn call(
     shared: &SharedRef,
-    start: usize,
+    via: Via,
     (entity_type, id, op, payload): (&str, &str, &str, &str),
-    key: &str,
+    key: Option<&str>,
 ) -> (Result<Value, tonic::Status>, u64) {
     let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
-    let mut attempt = start;
     let mut retries = 0;
     loop {
-        let via = {
-            let s = shared.borrow();
-            s.entry[attempt % s.entry.len()]
+        let node = match via {
+            Via::Any(start) => {
+                let s = shared.borrow();
+                s.entry[(start + retries as usize) % s.entry.len()]
+            }
+            Via::Only(node) => node,
         };
         let mut req = tonic::Request::new(pb::InvokeRequest {
-            idempotency_key: key.to_owned(),
+            idempotency_key: key.unwrap_or_default().to_owned(),
             ..invoke_req(entity_type, id, op, payload)
         });
         req.set_timeout(Duration::from_secs(5));
-        let r = client_of(via).invoke(req).await;
-        match r {
+        match client_of(node).invoke(req).await {
             Ok(r) => return (Ok(serde_json::from_slice(&r.into_inner().reply).expect("JSON reply")), retries),
             Err(e) if retryable(&e) && tokio::time::Instant::now() < deadline => {
                 retries += 1;
-                attempt += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(e) => return (Err(e), retries),
-        }
-    }
-}
-
-/// A read through member `via` only, retried while it cannot answer.
-async fn call_through(via: u64, call: (&str, &str, &str, &str)) -> Result<Value, tonic::Status> {
-    let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
-    loop {
-        let mut req = tonic::Request::new(invoke_req(call.0, call.1, call.2, call.3));
-        req.set_timeout(Duration::from_secs(5));
-        match client_of(via).invoke(req).await {
-            Ok(r) => return Ok(serde_json::from_slice(&r.into_inner().reply).expect("JSON reply")),
-            Err(e) if retryable(&e) && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e),
         }
     }
 }
@@ -277,12 +271,15 @@ async fn workload(shared: SharedRef, seed: u64) -> turmoil::Result {
     }
     for a in 0..ACCOUNTS {
         let (id, key) = (format!("a{a}"), format!("open-{a}"));
-        call_keyed(&shared, 0, ("account", &id, "deposit", &OPENING_BALANCE.to_string()), &key)
+        call(&shared, Via::Any(0), ("account", &id, "deposit", &OPENING_BALANCE.to_string()), Some(&key))
             .await
             .0
             .map_err(|e| format!("opening {id}: {e:?}"))?;
     }
-    call_keyed(&shared, 0, ("account", CLOSED, "close", ""), "close").await.0.map_err(|e| format!("closing: {e:?}"))?;
+    call(&shared, Via::Any(0), ("account", CLOSED, "close", ""), Some("close"))
+        .await
+        .0
+        .map_err(|e| format!("closing: {e:?}"))?;
     shared.borrow_mut().ready = true;
 
     let callers: Vec<_> = (0..4u64)
@@ -301,7 +298,8 @@ async fn workload(shared: SharedRef, seed: u64) -> turmoil::Result {
                         let to = format!("a{}", rng.random_range(0..ACCOUNTS));
                         let t = json!({"to": to, "amount": rng.random_range(1..50)}).to_string();
                         let (r, retries) =
-                            call_keyed(&shared, caller as usize, ("account", &from, "transfer", &t), &key).await;
+                            call(&shared, Via::Any(caller as usize), ("account", &from, "transfer", &t), Some(&key))
+                                .await;
                         seen.retries += retries;
                         match r {
                             Ok(id) => seen.transfers.push((from, to, id.as_str().unwrap_or_default().to_owned())),
@@ -311,7 +309,7 @@ async fn workload(shared: SharedRef, seed: u64) -> turmoil::Result {
                     } else {
                         let id = format!("c{}", rng.random_range(0..COUNTERS));
                         let (r, retries) =
-                            call_keyed(&shared, caller as usize, ("counter", &id, "add", "1"), &key).await;
+                            call(&shared, Via::Any(caller as usize), ("counter", &id, "add", "1"), Some(&key)).await;
                         seen.retries += retries;
                         match r {
                             Ok(_) => *seen.adds.entry(id).or_default() += 1,
@@ -350,7 +348,7 @@ async fn workload(shared: SharedRef, seed: u64) -> turmoil::Result {
     for via in entry {
         for c in 0..COUNTERS {
             let id = format!("c{c}");
-            let total = call_through(via, ("counter", &id, "get", "")).await;
+            let (total, _) = call(&shared, Via::Only(via), ("counter", &id, "get", ""), None).await;
             let total = match total {
                 Ok(t) => t,
                 Err(e) => {
@@ -372,7 +370,7 @@ async fn workload(shared: SharedRef, seed: u64) -> turmoil::Result {
         let mut statements = BTreeMap::new();
         for a in 0..ACCOUNTS {
             let id = format!("a{a}");
-            let statement = call_keyed(&shared, a as usize, ("account", &id, "statement", ""), "")
+            let statement = call(&shared, Via::Any(a as usize), ("account", &id, "statement", ""), None)
                 .await
                 .0
                 .map_err(|e| format!("reading {id}'s statement: {e:?}"))?;
@@ -494,7 +492,7 @@ fn simulate(seed: u64, faults: Faults) -> (Vec<String>, Result<(), String>) {
                 current = None;
                 next_at = now + Duration::from_millis(rng.random_range(500..2000));
             } else if let Fault::Drain(n) = fault
-                && shared.borrow().drained == Some(0)
+                && shared.borrow().drain_done
             {
                 sim.crash(node_ip(n));
                 members.retain(|m| *m != n);
@@ -581,14 +579,14 @@ async fn drain(shared: SharedRef, via: u64, node: u64) -> turmoil::Result {
         let r = client_of(via).drain(pb::DrainRequest { node_id: node.to_string() }).await;
         match r {
             Ok(r) if r.get_ref().replicas == 0 => {
-                shared.borrow_mut().drained = Some(0);
+                shared.borrow_mut().drain_done = true;
                 return Ok(());
             }
             Ok(_) => {}
             Err(e) if retryable(&e) => {}
             // Asked again after the drain ended: the member has left.
             Err(e) if e.code() == Code::NotFound => {
-                shared.borrow_mut().drained = Some(0);
+                shared.borrow_mut().drain_done = true;
                 return Ok(());
             }
             Err(e) => return Err(format!("draining node {node}: {e:?}").into()),
