@@ -129,7 +129,7 @@ pub(crate) async fn write(nodes: &[TestNode], ws: WriteSet, within: Duration) ->
     loop {
         let l = leader(nodes, deadline.saturating_duration_since(Instant::now())).await;
         let raft = nodes.iter().find(|n| n.id == l).unwrap().replica().raft.clone();
-        match tokio::time::timeout(Duration::from_secs(1), raft.client_write(ws.clone())).await {
+        match tokio::time::timeout(Duration::from_secs(1), raft.client_write(ws.clone().into())).await {
             Ok(Ok(resp)) => return resp.log_id,
             Ok(Err(_)) | Err(_) => {
                 assert!(Instant::now() < deadline, "write not acknowledged within {within:?}");
@@ -212,7 +212,7 @@ async fn an_isolated_leader_cannot_commit_and_the_majority_keeps_serving() {
     net.isolate(old);
 
     // The minority side cannot get a majority: its write is never acknowledged.
-    let minority = tokio::spawn(async move { old_raft.client_write(put("minority", "x")).await });
+    let minority = tokio::spawn(async move { old_raft.client_write(put("minority", "x").into()).await });
     let deadline = Instant::now() + Duration::from_secs(10);
     let new_leader = loop {
         let seen: BTreeSet<NodeId> = nodes
@@ -229,7 +229,7 @@ async fn an_isolated_leader_cannot_commit_and_the_majority_keeps_serving() {
     };
     let new_raft = nodes.iter().find(|n| n.id == new_leader).unwrap().replica().raft.clone();
     for i in 0..10 {
-        new_raft.client_write(put(&format!("majority{i}"), "1")).await.unwrap();
+        new_raft.client_write(put(&format!("majority{i}"), "1").into()).await.unwrap();
     }
     assert!(!minority.is_finished(), "the isolated leader acknowledged a write");
 
@@ -238,7 +238,7 @@ async fn an_isolated_leader_cannot_commit_and_the_majority_keeps_serving() {
     // replaced, and its caller is told it did not lead.
     let res = tokio::time::timeout(Duration::from_secs(10), minority).await.unwrap().unwrap();
     assert!(res.is_err(), "minority write must fail, got {res:?}");
-    let last = new_raft.client_write(put("after-heal", "1")).await.unwrap().log_id;
+    let last = new_raft.client_write(put("after-heal", "1").into()).await.unwrap().log_id;
     applied_everywhere(&nodes, last.index, Duration::from_secs(10)).await;
     let mut acked: Vec<String> = (0..10).map(|i| format!("majority{i}")).collect();
     acked.extend(["before".to_string(), "after-heal".to_string()]);
@@ -341,7 +341,7 @@ async fn shard_sets_form_every_group_on_its_placement_and_fail_over_a_lost_node(
     for (shard, leader) in leaders(None) {
         let raft = sets[&leader].replica(shard as raft::ShardId).unwrap().raft;
         for i in 0..5 {
-            raft.client_write(put(&format!("s{shard}-{i}"), "1")).await.unwrap();
+            raft.client_write(put(&format!("s{shard}-{i}"), "1").into()).await.unwrap();
         }
     }
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -440,6 +440,40 @@ async fn a_shard_log_commits_write_sets_like_the_local_log_and_only_on_the_leade
         log.shutdown().await.unwrap();
     }
     assert!(matches!(log.propose(put("after", "x")).await, Err(LogError::ShutDown)));
+}
+
+/// A turn's write set is fenced by the term it was computed in. In another
+/// term it commits as a no-op on every replica and its proposer is told so;
+/// unfenced proposals waiting beside it are not batched with it and apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_fenced_by_another_term_commits_as_a_no_op_and_spares_its_neighbours() {
+    use crate::log::{CommitLog, LogError};
+    let net = LocalNet::new(7);
+    let nodes = start_cluster(&net, config(1000)).await;
+    let l = leader(&nodes, Duration::from_secs(10)).await;
+    let replica = nodes.iter().find(|n| n.id == l).unwrap().replica().clone();
+    let term = replica.raft.metrics().borrow().current_term;
+    let log = Arc::new(raft::ShardLog::new(replica, &crate::log::LogConfig::default()));
+
+    log.propose_fenced(put("current-term", "1"), term).await.unwrap();
+    let mut acked = vec!["current-term".to_string()];
+    let mut last = 0;
+    for i in 0..20 {
+        let (stale, plain) = tokio::join!(
+            log.propose_fenced(put(&format!("stale{i}"), "x"), term + 1),
+            log.propose(put(&format!("plain{i}"), "1")),
+        );
+        match stale {
+            Err(LogError::Fenced { fence_term, entry_term }) => assert_eq!((fence_term, entry_term), (term + 1, term)),
+            other => panic!("a write fenced by term {} in term {term}: {other:?}", term + 1),
+        }
+        last = last.max(plain.unwrap());
+        acked.push(format!("plain{i}"));
+    }
+    applied_everywhere(&nodes, last - 1, Duration::from_secs(10)).await;
+    assert_identical(&nodes, &acked);
+    assert!(!nodes[0].data().iter().any(|(k, _)| k[1..].starts_with(b"stale")), "a fenced write was applied");
+    log.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,10 @@ pub enum LogError {
     /// A replicated log only accepts proposals on the leader of its group.
     #[error("this replica does not lead its shard (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
     NotLeader { leader: Option<u64> },
+    /// A fenced proposal landed in another leadership term than the one it
+    /// was computed in, so it was committed as a no-op: nothing of it applied.
+    #[error("leadership moved from term {fence_term} to term {entry_term} before the write committed: not applied")]
+    Fenced { fence_term: u64, entry_term: u64 },
 }
 
 impl From<std::io::Error> for LogError {
@@ -143,6 +147,19 @@ impl LogConfig {
 pub trait CommitLog: Send + Sync + 'static {
     /// Proposes a write set. The returned future resolves once the entry is durable (fdatasync'd) AND applied to the state store, with its index. Index order = order in which proposals reach the log; one caller awaiting each proposal before the next sees strictly increasing indexes. An I/O failure fails that proposal and poisons the log: every later proposal fails with LogError::Poisoned (a node must stop after a failed fsync).
     fn propose(&self, ws: WriteSet) -> futures::future::BoxFuture<'static, Result<LogIndex, LogError>>;
+    /// Proposes a write set computed from state read while this replica led
+    /// in leadership term `epoch` (what `Route::Here` named). If the entry
+    /// lands in another term it commits as a no-op and the proposal fails
+    /// with [`LogError::Fenced`]. A log whose leadership never changes (a
+    /// single node, epoch 0) has nothing to fence against.
+    fn propose_fenced(
+        &self,
+        ws: WriteSet,
+        epoch: u64,
+    ) -> futures::future::BoxFuture<'static, Result<LogIndex, LogError>> {
+        let _ = epoch;
+        self.propose(ws)
+    }
     fn last_durable_index(&self) -> LogIndex;
     fn applied_index(&self) -> LogIndex;
     fn stats(&self) -> LogStats;

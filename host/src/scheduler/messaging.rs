@@ -18,6 +18,7 @@
 //!   beyond `max_idempotency_keys`.
 
 use super::{Inner, Invocation, InvokeError, MetaCache, Scheduler, SlotState, wall_ms};
+use crate::log::LogError;
 use crate::model::{
     DeadLetter, EntityMeta, EntityRef, IDEMPOTENCY_EXPIRY_PREFIX, IdempotentReply, Keyspace, Message, Op, Record,
     TIMER_DUE_PREFIX, WriteSet, dead_letter_key, due_of_timer_key, entity_prefix, outbox_key,
@@ -395,6 +396,15 @@ impl Inner {
     ) -> Result<(), InvokeError> {
         let slot = self.slot(&sender);
         let mut st = slot.state.lock().await;
+        // As for a turn: only where the sender's turns run, and from the
+        // store under a new term.
+        let Some(epoch) = self.epoch_of(&sender) else {
+            return Err(InvokeError::NotHere { leader: None });
+        };
+        if st.epoch != epoch {
+            *st = SlotState { epoch, in_doubt: st.in_doubt, ..SlotState::default() };
+        }
+        self.resolve_doubt(&sender, &mut st).await?;
         let (this, cached, s2) = (self.clone(), st.meta, sender.clone());
         let (meta, pending) = tokio::task::spawn_blocking(move || {
             let meta = match cached {
@@ -428,9 +438,10 @@ impl Inner {
         }
         let record = EntityMeta { version: meta.stored.version(), next_seq };
         ops.push(Op::Put { keyspace: Keyspace::EntityMeta, key: entity_prefix(&sender), value: record.encode() });
-        if let Err(e) = self.log.propose(WriteSet { ops }).await {
-            // As for a turn: the write may still commit.
-            *st = SlotState { in_doubt: true, ..SlotState::default() };
+        if let Err(e) = self.log.propose_fenced(WriteSet { ops }, epoch).await {
+            // As for a turn: the write may still commit, unless it was fenced.
+            let in_doubt = !matches!(e, LogError::Fenced { .. });
+            *st = SlotState { in_doubt, ..SlotState::default() };
             return Err(InvokeError::Commit(e));
         }
         st.meta = Some(MetaCache { next_seq, ..meta });

@@ -722,6 +722,16 @@ impl Inner {
 
     /// The entity's slot, created if needed; evicts least recently used idle
     /// slots beyond the resident bound.
+    /// The leadership term in which this node runs `entity`'s turns now, or
+    /// `None` if it does not (a single node always does, in epoch 0).
+    fn epoch_of(&self, entity: &EntityRef) -> Option<u64> {
+        match self.router.as_ref().map(|r| r.route(entity)) {
+            None => Some(0),
+            Some(Route::Here { epoch }) => Some(epoch),
+            Some(_) => None,
+        }
+    }
+
     fn slot(&self, entity: &EntityRef) -> Arc<Slot> {
         let now = self.now_ms();
         let mut slots = self.slots.lock().expect("slots lock");
@@ -782,6 +792,21 @@ impl Inner {
             .map_err(|e| (from, e.to_string()))
     }
 
+    /// Settles a slot in doubt before anything reads the store for it.
+    /// The log is ordered: once an empty proposal made after the doubtful one
+    /// has committed and applied, the doubtful one has either applied before
+    /// it or will never commit. The barrier deletes a key no turn writes (an
+    /// idempotency record under the empty key, which no caller may use) in
+    /// the entity's shard.
+    async fn resolve_doubt(&self, entity: &EntityRef, slot_state: &mut SlotState) -> Result<(), InvokeError> {
+        if slot_state.in_doubt {
+            let barrier = Op::Delete { keyspace: Keyspace::Idempotency, key: idempotency_key(entity, "") };
+            self.log.propose(WriteSet { ops: vec![barrier] }).await.map_err(InvokeError::Commit)?;
+            slot_state.in_doubt = false;
+        }
+        Ok(())
+    }
+
     async fn run(self: Arc<Self>, inv: Invocation, invocation_id: String, epoch: u64) -> Result<Vec<u8>, InvokeError> {
         let slot = self.slot(&inv.entity);
         let depth = slot.waiting.fetch_add(1, Ordering::AcqRel);
@@ -792,22 +817,17 @@ impl Inner {
         }
         let mut slot_state = slot.state.lock().await;
         drop(waiting);
+        // The turn may have waited in the mailbox while leadership moved
+        // away (and maybe back): it runs only in the term it was routed in.
+        if self.epoch_of(&inv.entity) != Some(epoch) {
+            return Err(InvokeError::NotHere { leader: None });
+        }
         // Another leader may have run turns of this entity since the slot was
         // filled: under a new term, start from the store.
         if slot_state.epoch != epoch {
             *slot_state = SlotState { epoch, in_doubt: slot_state.in_doubt, ..SlotState::default() };
         }
-        if slot_state.in_doubt {
-            // The log is ordered: once an empty proposal made after the
-            // doubtful one has committed and applied, the doubtful one has
-            // either applied before it or will never commit.
-            // The barrier deletes a key no turn writes (an idempotency record
-            // under the empty key, which no caller may use) in the entity's
-            // shard.
-            let barrier = Op::Delete { keyspace: Keyspace::Idempotency, key: idempotency_key(&inv.entity, "") };
-            self.log.propose(WriteSet { ops: vec![barrier] }).await.map_err(InvokeError::Commit)?;
-            slot_state.in_doubt = false;
-        }
+        self.resolve_doubt(&inv.entity, &mut slot_state).await?;
         // The version is read at the start of each turn: a deploy takes effect
         // between turns, and a turn in flight finishes on its version.
         let version = self.registry.version_for(&inv.entity).map_err(InvokeError::UnknownType)?;
@@ -959,8 +979,17 @@ impl Inner {
         }
         let stores_reply = guard_keys.record(&mut ops, &output.reply, now_ms, self.cfg.idempotency_retention_ms);
         if !ops.is_empty() {
-            if let Err(e) = self.log.propose(WriteSet { ops }).await {
+            // Fenced: if this node lost the lead while the turn ran and won
+            // it again, the state it read may be stale and the write set is
+            // skipped (the seeds' fencing token, with the term as token).
+            if let Err(e) = self.log.propose_fenced(WriteSet { ops }, epoch).await {
                 self.count_turn(false);
+                if let LogError::Fenced { .. } = e {
+                    // Nothing of the turn applied: a refusal the caller's
+                    // node retries on the current leader.
+                    *slot_state = SlotState::default();
+                    return Err(InvokeError::NotHere { leader: None });
+                }
                 // The warm instance may hold state the store does not have, and
                 // whether the write set lands is unknown: reload both, after
                 // the outcome is known.

@@ -24,6 +24,45 @@ pub use state_machine::ShardStateMachine;
 use crate::model::WriteSet;
 use std::io::Cursor;
 
+/// What one Raft entry of a shard carries.
+///
+/// `fence_term` is the leadership term the write set was computed in: the
+/// leader read the entity's state while leading in that term. If the entry
+/// lands in another term (this node lost leadership and won it again while
+/// the turn waited or ran), a leader in between may have changed that state,
+/// so every replica skips the write set rather than write over what it does
+/// not know. The check runs at apply time, from the entry alone, so all
+/// replicas decide alike. `None` for writes that read nothing they overwrite
+/// (outbox and expiry bookkeeping, barriers, forwarded proposals).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardWrite {
+    pub ws: WriteSet,
+    pub fence_term: Option<u64>,
+}
+
+impl From<WriteSet> for ShardWrite {
+    fn from(ws: WriteSet) -> Self {
+        Self { ws, fence_term: None }
+    }
+}
+
+impl ShardWrite {
+    /// Whether the write set applies in an entry of `entry_term`.
+    pub fn admits(&self, entry_term: u64) -> bool {
+        self.fence_term.is_none_or(|t| t == entry_term)
+    }
+}
+
+/// What applying one entry did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ShardApplied {
+    Applied,
+    /// The write set's fence named another term than the entry's: skipped.
+    Fenced {
+        entry_term: u64,
+    },
+}
+
 /// A node's id in the cluster (and in every shard group it belongs to).
 pub type NodeId = u64;
 
@@ -31,11 +70,12 @@ pub type NodeId = u64;
 pub type ShardId = u32;
 
 openraft::declare_raft_types!(
-    /// The openraft configuration of a shard group: entries carry write sets;
-    /// applying one answers nothing but its log id, which openraft returns anyway.
+    /// The openraft configuration of a shard group: entries carry write sets,
+    /// each fenced by the term it was computed in or not; applying one says
+    /// whether it was applied.
     pub ShardTypes:
-        D = WriteSet,
-        R = (),
+        D = ShardWrite,
+        R = ShardApplied,
         NodeId = NodeId,
         Node = openraft::BasicNode,
         SnapshotData = Cursor<Vec<u8>>,

@@ -7,12 +7,14 @@
 //! proposals that wait together are concatenated into one write set and one
 //! Raft entry (applying `a ++ b` is applying `a` then `b`: later ops win).
 //! Up to `MAX_INFLIGHT_BATCHES` entries are in flight at once. Every proposal
-//! of a batch gets the batch's index and its outcome.
+//! of a batch gets the batch's index and its outcome. A fenced proposal
+//! (`propose_fenced`, see [`super::ShardWrite`]) shares an entry only with
+//! proposals of the same fence.
 //!
 //! Indexes are the store's: raft index + 1 (see `state_machine`). They grow
 //! but are not contiguous: leader and membership changes add entries.
 
-use super::{ClientWriteError, Raft, Replica};
+use super::{ClientWriteError, Raft, Replica, ShardApplied, ShardWrite};
 use crate::log::{CommitLog, LogConfig, LogError, LogStats};
 use crate::model::{LogIndex, WriteSet};
 use crate::storage::StateStore;
@@ -28,6 +30,10 @@ const MAX_INFLIGHT_BATCHES: usize = 4;
 
 type Reply = oneshot::Sender<Result<LogIndex, LogError>>;
 
+/// One proposal waiting for the batcher: its write set, its fence, where the
+/// outcome goes.
+type Proposal = (WriteSet, Option<u64>, Reply);
+
 #[derive(Default)]
 struct Counters {
     proposals: AtomicU64,
@@ -38,7 +44,7 @@ struct Counters {
 
 pub struct ShardLog {
     replica: Replica,
-    tx: mpsc::Sender<(WriteSet, Reply)>,
+    tx: mpsc::Sender<Proposal>,
     counters: Arc<Counters>,
     commit_timeout: std::time::Duration,
 }
@@ -71,20 +77,36 @@ fn log_error(e: &RaftError<super::NodeId, ClientWriteError>) -> LogError {
     }
 }
 
-async fn batcher(raft: Raft, mut rx: mpsc::Receiver<(WriteSet, Reply)>, counters: Arc<Counters>, config: LogConfig) {
+/// Only proposals with the same fence share an entry: a fenced entry that
+/// lands in another term is skipped whole.
+async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, counters: Arc<Counters>, config: LogConfig) {
     let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
-    while let Some(first) = rx.recv().await {
+    // A proposal taken from the queue that did not fit the last batch.
+    let mut held: Option<Proposal> = None;
+    loop {
+        let first = match held.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => break,
+            },
+        };
+        let fence_term = first.1;
         let mut bytes = first.0.approx_bytes();
         let mut batch = vec![first];
         while batch.len() < config.max_batch_entries && bytes < config.max_batch_bytes {
             let Ok(next) = rx.try_recv() else { break };
+            if next.1 != fence_term {
+                held = Some(next);
+                break;
+            }
             bytes += next.0.approx_bytes();
             batch.push(next);
         }
         let Ok(permit) = inflight.clone().acquire_owned().await else { break };
         let mut ws = WriteSet::default();
         let mut replies = Vec::with_capacity(batch.len());
-        for (w, reply) in batch {
+        for (w, _, reply) in batch {
             ws.ops.extend(w.ops);
             replies.push(reply);
         }
@@ -96,14 +118,22 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<(WriteSet, Reply)>, counters
         let counters = counters.clone();
         // client_write queues the entry when first polled; polling it here
         // before taking the next batch keeps batches in submission order.
-        let mut write = Box::pin(async move { raft.client_write(ws).await });
+        let mut write = Box::pin(async move { raft.client_write(ShardWrite { ws, fence_term }).await });
         let first_poll = futures::poll!(&mut write);
         tokio::spawn(async move {
             let res = match first_poll {
                 std::task::Poll::Ready(res) => res,
                 std::task::Poll::Pending => write.await,
             };
-            let outcome = res.map(|r| r.log_id.index + 1).map_err(|e| log_error(&e));
+            let outcome = match res {
+                Ok(r) => match r.data {
+                    ShardApplied::Applied => Ok(r.log_id.index + 1),
+                    ShardApplied::Fenced { entry_term } => {
+                        Err(LogError::Fenced { fence_term: fence_term.unwrap_or_default(), entry_term })
+                    }
+                },
+                Err(e) => Err(log_error(&e)),
+            };
             if outcome.is_ok() {
                 counters.proposals.fetch_add(replies.len() as u64, Ordering::Relaxed);
             }
@@ -116,12 +146,12 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<(WriteSet, Reply)>, counters
     }
 }
 
-impl CommitLog for ShardLog {
-    fn propose(&self, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
+impl ShardLog {
+    fn submit(&self, ws: WriteSet, fence_term: Option<u64>) -> BoxFuture<'static, Result<LogIndex, LogError>> {
         let (tx, timeout) = (self.tx.clone(), self.commit_timeout);
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
-            tx.send((ws, reply)).await.map_err(|_| LogError::ShutDown)?;
+            tx.send((ws, fence_term, reply)).await.map_err(|_| LogError::ShutDown)?;
             match tokio::time::timeout(timeout, rx).await {
                 Ok(reply) => reply.map_err(|_| LogError::ShutDown)?,
                 Err(_) => Err(LogError::Aborted(format!(
@@ -130,6 +160,16 @@ impl CommitLog for ShardLog {
                 ))),
             }
         })
+    }
+}
+
+impl CommitLog for ShardLog {
+    fn propose(&self, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
+        self.submit(ws, None)
+    }
+
+    fn propose_fenced(&self, ws: WriteSet, epoch: u64) -> BoxFuture<'static, Result<LogIndex, LogError>> {
+        self.submit(ws, Some(epoch))
     }
 
     /// What this replica has applied: an applied entry is committed, so on

@@ -10,7 +10,9 @@
 //! snapshot and installing one. Both persist sled first, then write the
 //! snapshot file atomically (temp file, fsync, rename, fsync directory).
 
-use super::{Entry, LogId, NodeId, ShardTypes, SnapshotMeta, StorageError, StoredMembership, storage_err};
+use super::{
+    Entry, LogId, NodeId, ShardApplied, ShardTypes, SnapshotMeta, StorageError, StoredMembership, storage_err,
+};
 use crate::model::WriteSet;
 use crate::storage::{SledStore, StateStore};
 use openraft::storage::RaftStateMachine;
@@ -186,7 +188,7 @@ impl RaftStateMachine<ShardTypes> for ShardStateMachine {
         self.read_applied()
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ShardApplied>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -196,13 +198,27 @@ impl RaftStateMachine<ShardTypes> for ShardStateMachine {
         let Some(last) = entries.last().map(|e| e.log_id) else { return Ok(Vec::new()) };
         let mut membership = None;
         let mut batch = Vec::with_capacity(entries.len());
+        let mut outcomes = Vec::with_capacity(entries.len());
         for entry in &entries {
+            let index = store_index(Some(&entry.log_id));
+            let entry_term = entry.log_id.leader_id.term;
             match &entry.payload {
-                EntryPayload::Normal(ws) => batch.push((store_index(Some(&entry.log_id)), ws)),
-                EntryPayload::Blank => batch.push((store_index(Some(&entry.log_id)), &empty)),
+                EntryPayload::Normal(w) if w.admits(entry_term) => {
+                    batch.push((index, &w.ws));
+                    outcomes.push(ShardApplied::Applied);
+                }
+                EntryPayload::Normal(_) => {
+                    batch.push((index, &empty));
+                    outcomes.push(ShardApplied::Fenced { entry_term });
+                }
+                EntryPayload::Blank => {
+                    batch.push((index, &empty));
+                    outcomes.push(ShardApplied::Applied);
+                }
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
-                    batch.push((store_index(Some(&entry.log_id)), &empty));
+                    batch.push((index, &empty));
+                    outcomes.push(ShardApplied::Applied);
                 }
             }
         }
@@ -213,7 +229,7 @@ impl RaftStateMachine<ShardTypes> for ShardStateMachine {
         self.store
             .apply_with_meta(&batch, &meta)
             .map_err(|e| storage_err(ErrorSubject::Apply(last), ErrorVerb::Write, e))?;
-        Ok(vec![(); entries.len()])
+        Ok(outcomes)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -78,7 +78,7 @@ fn put(key: &str, value: &str) -> WriteSet {
 fn entry(term: u64, index: u64, ws: WriteSet) -> Entry {
     Entry {
         log_id: LogId::new(openraft::CommittedLeaderId::new(term, 1), index),
-        payload: openraft::EntryPayload::Normal(ws),
+        payload: openraft::EntryPayload::Normal(ws.into()),
     }
 }
 
@@ -105,7 +105,7 @@ async fn log_vote_state_and_snapshot_survive_reopen() {
     assert_eq!(state.last_log_id.unwrap().index, 5);
     let rest = log.try_get_log_entries(0..10).await.unwrap();
     assert_eq!(rest.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![4, 5]);
-    assert_eq!(rest[0].payload, openraft::EntryPayload::Normal(put("k4", "v")));
+    assert_eq!(rest[0].payload, openraft::EntryPayload::Normal(put("k4", "v").into()));
     // The snapshot is the current one after a restart, with its data.
     let current = sm.get_current_snapshot().await.unwrap().expect("snapshot survives restart");
     assert_eq!(current.meta.last_log_id.unwrap().index, 3);
@@ -152,4 +152,28 @@ async fn replication_reads_at_most_max_append_bytes_but_never_nothing() {
     assert_eq!(indexes(log.limited_get_log_entries(5, 8).await.unwrap()), [5, 6]);
     assert_eq!(indexes(log.limited_get_log_entries(7, 8).await.unwrap()), [7]);
     assert_eq!(indexes(log.try_get_log_entries(1..8).await.unwrap()).len(), 7, "the unlimited read is whole");
+}
+
+/// A fenced write set applies only in an entry of the term it names; in any
+/// other it is skipped (the index still advances), and every replica, which
+/// decides from the entry alone, skips it alike.
+#[tokio::test]
+async fn a_fenced_write_set_applies_only_in_its_own_term() {
+    use crate::model::Keyspace;
+    use crate::storage::StateStore;
+    let (_g, _log, mut sm) = TempStores.build().await.unwrap();
+    let fenced = |term: u64, index: u64, key: &str, fence_term: u64| Entry {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(term, 1), index),
+        payload: openraft::EntryPayload::Normal(ShardWrite { ws: put(key, "v"), fence_term: Some(fence_term) }),
+    };
+    let outcomes = sm
+        .apply([fenced(2, 1, "same-term", 2), fenced(3, 2, "stale", 2), entry(3, 3, put("unfenced", "v"))])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![ShardApplied::Applied, ShardApplied::Fenced { entry_term: 3 }, ShardApplied::Applied]);
+    let store = sm.store();
+    assert!(store.get(Keyspace::State, b"same-term").unwrap().is_some());
+    assert!(store.get(Keyspace::State, b"stale").unwrap().is_none(), "a write fenced by another term was applied");
+    assert!(store.get(Keyspace::State, b"unfenced").unwrap().is_some());
+    assert_eq!(store.applied_index().unwrap(), 4, "the skipped entry still counts as applied");
 }
