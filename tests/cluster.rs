@@ -622,10 +622,11 @@ fn growing_from_three_to_five_members_under_load_spreads_replicas_and_loses_noth
     runtime.block_on(async {
         // 8 shards × 3 replicas over 5 members: 4 or 5 each. Under load a
         // follower is always a few entries behind, so lag is checked after.
-        let spread = eventually(120, "the replicas to spread over five members", async || {
+        let spread = eventually(120, "the replicas and leaderships to spread over five members", async || {
             let s = cluster_status(cluster.node(four)).await;
             let r = moved_replicas(&s).filter(|r| r.len() == 5)?;
-            r.values().all(|(replicas, _)| (4..=5).contains(replicas)).then_some(r)
+            // Then leaderships spread too: 8 over 5 members, 1 or 2 each.
+            r.values().all(|(replicas, led)| (4..=5).contains(replicas) && (1..=2).contains(led)).then_some(r)
         })
         .await;
         eprintln!("spread after {:?}: {spread:?}", started.elapsed());
@@ -671,6 +672,41 @@ fn draining_a_member_under_load_moves_everything_off_it_and_it_stops_without_a_f
             assert_eq!(sh.replicas.len(), 3, "shard {} replicas {:?}", sh.shard_id, sh.replicas);
             assert!(!sh.replicas.contains(&"1".to_owned()), "shard {} is still on node 1", sh.shard_id);
         }
+        assert_load_exact(cluster.node(2), &seen).await;
+    });
+}
+
+#[test]
+fn a_member_stopped_with_sigterm_hands_its_leaderships_off_without_a_failed_call() {
+    let _one = one_cluster_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_extra(root.path(), 3, &QUICK_PLACEMENT);
+    let runtime = rt();
+    runtime.block_on(prepare_load(&cluster));
+    let load = runtime.block_on(Load::start(&cluster, &[1, 2]));
+    // Leaderships spread over the three members, so node 1 leads some.
+    let led = runtime.block_on(eventually(60, "node 1 to lead a shard", async || {
+        let s = cluster_status(cluster.node(1)).await;
+        let led: Vec<u32> = s.shards.iter().filter(|sh| sh.leader == "1").map(|sh| sh.shard_id).collect();
+        (!led.is_empty()).then_some(led)
+    }));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut stopped = cluster.nodes[0].take().expect("running");
+    assert!(stopped.terminate().success());
+    let log = stopped.log();
+    let handed = log.lines().filter(|l| l.contains("handed the lead off before stopping")).count();
+    assert!(handed >= 1, "node 1 led shards {led:?} and handed none off:\n{log}");
+    runtime.block_on(async {
+        let s = eventually(30, "every shard to be led by a member still up", async || {
+            let s = cluster_status(cluster.node(1)).await;
+            s.shards.iter().all(|sh| !sh.leader.is_empty() && sh.leader != "1").then_some(s)
+        })
+        .await;
+        eprintln!(
+            "handed off {handed} leaderships; now {:?}",
+            s.shards.iter().map(|sh| &sh.leader).collect::<Vec<_>>()
+        );
+        let seen = load.finish().await;
         assert_load_exact(cluster.node(2), &seen).await;
     });
 }

@@ -378,13 +378,13 @@ impl Node {
             let replica = shards.replica(shard).expect("listed by the set");
             let (raft, store) = (replica.raft.clone(), replica.state.store().clone());
             let log = Arc::new(ShardLog::new(replica, &cfg.log));
-            local.insert(shard, LocalShard { raft, store, log });
+            local.insert(shard, LocalShard::new(raft, store, log));
         }
-        let meta = LocalShard {
-            raft: meta_replica.raft.clone(),
-            store: meta_replica.state.store().clone(),
-            log: Arc::new(ShardLog::new(meta_replica, &cfg.log)),
-        };
+        let meta = LocalShard::new(
+            meta_replica.raft.clone(),
+            meta_replica.state.store().clone(),
+            Arc::new(ShardLog::new(meta_replica, &cfg.log)),
+        );
         let initial = Layout { placement: initial.shards, ..Layout::default() };
         let shape = Arc::new(ClusterShape::new(read_shape(&meta, &addrs, &initial)));
         let timeout = std::time::Duration::from_millis(c.forward_timeout_ms);
@@ -501,12 +501,17 @@ impl Node {
             tokio::spawn(self.scheduler.clone().run_idempotency_sweeper()),
         ];
         let scheduler = self.scheduler.clone();
+        let member = self.cluster.as_ref().map(|c| c.member.clone());
         // On the signal: refuse new invocations and let running turns commit,
-        // then stop the listener.
+        // hand off the shards this node leads (while it still answers Raft
+        // messages), then stop the listener.
         let stop = async move {
             shutdown.await;
             tracing::info!("shutting down: draining in-flight turns");
             scheduler.drain().await;
+            if let Some(member) = member {
+                member.hand_off_all().await;
+            }
         };
         let served = api.serve(listener, stop).await;
         for task in background.into_iter().chain(watchers) {

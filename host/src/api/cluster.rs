@@ -6,6 +6,7 @@
 //! traffic to a node nor get answers from one.
 
 use crate::cluster::driver::{Mover, change_replicas};
+use crate::cluster::handoff;
 use crate::cluster::meta::META_SHARD;
 use crate::cluster::raft::{
     DispatchError, NodeId, RaftReply, RaftRpc, ReplicaTable, ShardId, Transport, TransportError,
@@ -190,6 +191,15 @@ impl Mover for Member {
         })
     }
 
+    fn hand_off(&self, leader: NodeId, shard: ShardId, to: NodeId) -> BoxFuture<'static, Result<(), String>> {
+        let here = self.clone();
+        let mut req = self.transport.request(pb::HandOffRequest { shard, to });
+        req.set_timeout(HANDOFF_WAIT * 3 + FORWARD_CALL_TIMEOUT);
+        self.on(leader, async move { here.hand_off_here(shard, to).await }, |mut c| {
+            Box::pin(async move { c.hand_off(req).await.map(drop) })
+        })
+    }
+
     fn drop_replica(
         &self,
         node: NodeId,
@@ -207,6 +217,53 @@ impl Mover for Member {
 }
 
 impl Member {
+    /// This node's replica of `shard`, the metadata group's included.
+    fn replica_here(&self, shard: ShardId) -> Result<LocalShard, String> {
+        if shard == META_SHARD {
+            return Ok(self.meta.clone());
+        }
+        self.local.replica(shard).ok_or_else(|| format!("node {} has no replica of shard {shard}", self.node))
+    }
+
+    async fn hand_off_here(&self, shard: ShardId, to: NodeId) -> Result<(), String> {
+        let replica = self.replica_here(shard)?;
+        let req = self.transport.request(pb::ReplicaRequest { shard, removed_as_of: None });
+        let campaign = self.on(to, self.clone().campaign_here(shard), |mut c| {
+            Box::pin(async move { c.campaign(req).await.map(drop) })
+        });
+        handoff::hand_off(&replica, to, HANDOFF_WAIT, campaign).await.map_err(|e| e.to_string())
+    }
+
+    async fn campaign_here(self, shard: ShardId) -> Result<(), String> {
+        self.replica_here(shard)?.raft.trigger().elect().await.map_err(|e| e.to_string())
+    }
+
+    /// Before this node stops: hands every shard it leads (the metadata
+    /// group included) to the voter that has most of its log, all at once,
+    /// so callers wait for a handoff rather than an election timeout.
+    pub async fn hand_off_all(&self) {
+        let mut led = self.local.replicas();
+        led.push((META_SHARD, self.meta.clone()));
+        let handoffs = led.into_iter().filter_map(|(shard, replica)| {
+            let m = replica.raft.metrics().borrow().clone();
+            if crate::cluster::raft::leader_of(&m) != Some(self.node) {
+                return None;
+            }
+            let voters: Vec<NodeId> =
+                m.membership_config.membership().voter_ids().filter(|v| *v != self.node).collect();
+            let matched =
+                |v: &NodeId| m.replication.as_ref().and_then(|r| r.get(v).cloned().flatten()).map(|id| id.index);
+            let to = voters.iter().max_by_key(|v| (matched(v), std::cmp::Reverse(**v))).copied()?;
+            Some(async move {
+                match self.hand_off_here(shard, to).await {
+                    Ok(()) => tracing::info!(shard, to, "handed the lead off before stopping"),
+                    Err(e) => tracing::warn!(shard, to, "handing the lead off before stopping: {e}"),
+                }
+            })
+        });
+        futures::future::join_all(handoffs).await;
+    }
+
     async fn add_here(&self, shard: ShardId) -> Result<(), String> {
         if !self.ready.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(format!("node {} has not caught up with the metadata group yet", self.node));
@@ -220,6 +277,9 @@ impl Member {
         change_replicas(&replica.raft, &self.shape.get().members, add, remove, self.catch_up).await
     }
 }
+
+/// How long a handoff waits for its target to catch up, and then to win.
+const HANDOFF_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a joining node keeps asking to be let in.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -433,6 +493,20 @@ impl Cluster for ClusterService {
         self.secret.admit(&req)?;
         let req = req.into_inner();
         self.member()?.local.drop_replica(req.shard, req.removed_as_of).await.map_err(refused)?;
+        Ok(Response::new(pb::ReplicaReply {}))
+    }
+
+    async fn hand_off(&self, req: Request<pb::HandOffRequest>) -> Result<Response<pb::ReplicaReply>, Status> {
+        self.secret.admit(&req)?;
+        let r = req.into_inner();
+        self.member()?.hand_off_here(r.shard, r.to).await.map_err(refused)?;
+        Ok(Response::new(pb::ReplicaReply {}))
+    }
+
+    async fn campaign(&self, req: Request<pb::ReplicaRequest>) -> Result<Response<pb::ReplicaReply>, Status> {
+        self.secret.admit(&req)?;
+        let shard = req.into_inner().shard;
+        self.member()?.clone().campaign_here(shard).await.map_err(refused)?;
         Ok(Response::new(pb::ReplicaReply {}))
     }
 

@@ -9,10 +9,12 @@
 //! down after the grace period), records the layout it observed in the
 //! metadata group, removes stale replicas, promotes joined members to
 //! metadata voters and lets drained members leave, and starts the moves
-//! `placement::next_moves` plans, at most `max_concurrent_moves` at once.
+//! `placement::next_moves` plans and the leadership handoffs
+//! `placement::next_leader_moves` plans (off draining members at once,
+//! spreading only once replicas are), at most `max_concurrent_moves` at once.
 //! It reaches members through [`Mover`]; the decisions are `placement`'s.
 
-use super::placement::{Move, NodeState, Placement, next_moves};
+use super::placement::{LeaderMove, Move, NodeState, Placement, next_leader_moves, next_moves};
 use super::raft::{NodeId, Raft, ShardId};
 use super::shape::{ClusterShape, Health, Layout, MoveRecord, Shape, draining_write};
 use super::sharded::LocalShard;
@@ -38,7 +40,8 @@ pub trait Mover: Send + Sync + 'static {
         add: Option<NodeId>,
         remove: Option<NodeId>,
     ) -> BoxFuture<'static, Result<(), String>>;
-    /// Stops `node`'s replica of `shard` and deletes its data.
+    /// Has `leader` hand `shard`'s leadership to `to` ([`super::handoff`]).
+    fn hand_off(&self, leader: NodeId, shard: ShardId, to: NodeId) -> BoxFuture<'static, Result<(), String>>;
     /// Drops `node`'s replica of `shard`; `removed_as_of` is the log index of
     /// a membership that leaves the node out (see `LocalShards::drop_replica`).
     fn drop_replica(
@@ -124,6 +127,8 @@ pub struct DriverConfig {
 #[derive(Default)]
 struct Moves {
     running: BTreeMap<ShardId, MoveRecord>,
+    /// Leadership handoffs under way.
+    handoffs: BTreeMap<ShardId, LeaderMove>,
     /// Bumped when a move ends; a round ignores shards whose move ended
     /// after it asked for reports (the reports may predate the move).
     ended: BTreeMap<ShardId, u64>,
@@ -238,10 +243,12 @@ impl PlacementDriver {
             let settled: BTreeSet<ShardId> = led
                 .keys()
                 .copied()
-                .filter(|s| !moves.running.contains_key(s) && moves.ended.get(s).is_none_or(|g| *g <= generation))
+                .filter(|s| !moves.running.contains_key(s) && !moves.handoffs.contains_key(s))
+                .filter(|s| moves.ended.get(s).is_none_or(|g| *g <= generation))
                 .collect();
             (moves.running.clone(), settled)
         };
+        let handing_off = self.moves().handoffs.len();
         // Clean-up waits until this driver has led longer than a move can
         // take: until then, a replica it does not know may be one that an
         // earlier driver's move is adding.
@@ -255,17 +262,38 @@ impl PlacementDriver {
             self.meta_log.propose(layout.write_set()).await.map_err(|e| format!("recording the layout: {e}"))?;
         }
 
-        let room = self.cfg.max_concurrent_moves.saturating_sub(running.len());
+        let room = self.cfg.max_concurrent_moves.saturating_sub(running.len() + handing_off);
         if room == 0 {
             return Ok(());
         }
         let states = Shape { members: shape.members.clone(), draining: shape.draining.clone(), layout }.states();
-        let planned = next_moves(&states, &Placement { shards: placement }, self.cfg.replication_factor, usize::MAX);
+        let placement = Placement { shards: placement };
+        let planned = next_moves(&states, &placement, self.cfg.replication_factor, usize::MAX);
+        // Leaderships: off draining members first (so their replicas then
+        // move without an election), and spread once replicas are.
+        let leaders: Vec<Option<NodeId>> = (0..self.cfg.shard_count).map(|s| led.get(&s).map(|l| l.leader)).collect();
+        let settled_layout = planned.is_empty() && running.is_empty();
+        let handoffs: Vec<LeaderMove> = next_leader_moves(&states, &placement, &leaders, usize::MAX)
+            .into_iter()
+            .filter(|h| settled.contains(&h.shard))
+            .filter(|h| settled_layout || states.get(&h.from) == Some(&NodeState::Draining))
+            .take(room)
+            .collect();
+        let room = room - handoffs.len();
+        let mut busy = BTreeSet::new();
+        for h in handoffs {
+            busy.insert(h.shard);
+            self.start_handoff(h);
+        }
         // A joined member still learning the metadata is not ready for replicas.
         let learning: BTreeSet<NodeId> =
             self.meta.raft.metrics().borrow().membership_config.membership().learner_ids().collect();
         let adds_up = |m: &Move| m.add.is_none_or(|a| states.get(&a) == Some(&NodeState::Up) && !learning.contains(&a));
-        for m in planned.into_iter().filter(|m| settled.contains(&m.shard) && adds_up(m)).take(room) {
+        for m in planned
+            .into_iter()
+            .filter(|m| settled.contains(&m.shard) && !busy.contains(&m.shard) && adds_up(m))
+            .take(room)
+        {
             // A member that does not answer cannot drop its replica now; it is
             // dropped as stale when the member is back.
             let reachable =
@@ -356,6 +384,34 @@ impl PlacementDriver {
                 Err(_) => tracing::warn!(node, "letting a drained member leave timed out"),
             }
         }
+    }
+
+    fn start_handoff(&self, h: LeaderMove) {
+        tracing::info!(shard = h.shard, from = h.from, to = h.to, "handing a leadership off");
+        self.moves().handoffs.insert(h.shard, h);
+        let (mover, moves, ended) = (self.mover.clone(), self.moves.clone(), self.ended.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let done = mover.hand_off(h.from, h.shard, h.to).await;
+            match &done {
+                Ok(()) => tracing::info!(
+                    shard = h.shard,
+                    to = h.to,
+                    ms = started.elapsed().as_millis() as u64,
+                    "handed a leadership off"
+                ),
+                Err(e) => tracing::warn!(shard = h.shard, to = h.to, "leadership handoff failed (retried later): {e}"),
+            }
+            let mut moves = moves.lock().unwrap_or_else(|e| e.into_inner());
+            moves.handoffs.remove(&h.shard);
+            moves.generation += 1;
+            let g = moves.generation;
+            moves.ended.insert(h.shard, g);
+            drop(moves);
+            if done.is_ok() {
+                ended.notify_one();
+            }
+        });
     }
 
     fn start(&self, m: Move, leader: NodeId, drop_removed: bool) {

@@ -6,9 +6,11 @@
 //! one node holds and their status; [`sharded`] those replicas as one store,
 //! log and router; [`meta`] the metadata group; [`shape`] the cluster's
 //! membership and layout as that group records them; [`driver`] the replica
-//! moves that grow, drain and heal a cluster.
+//! moves that grow, drain and heal a cluster; [`handoff`] how a leader hands
+//! a shard's leadership to another replica.
 
 pub mod driver;
+pub mod handoff;
 pub mod harness;
 pub mod meta;
 pub mod placement;

@@ -216,23 +216,116 @@ pub fn apply_move(placement: &mut Placement, m: Move) {
     }
 }
 
-/// Preferred leaders: each shard's first replica, reordered so that leaders
-/// per up node differ by at most one where the replicas allow it. Returns the
-/// leader per shard (the cluster transfers leadership where it differs).
-pub fn balanced_leaders(members: &BTreeMap<NodeId, NodeState>, placement: &Placement) -> Vec<Option<NodeId>> {
-    let up = |n: &NodeId| members.get(n).is_some_and(|s| *s == NodeState::Up);
-    let mut led: BTreeMap<NodeId, usize> = members.keys().filter(|n| up(n)).map(|n| (*n, 0)).collect();
-    placement
-        .shards
-        .iter()
-        .map(|replicas| {
-            let leader = replicas.iter().filter(|r| up(r)).min_by_key(|r| (led[*r], **r)).copied();
-            if let Some(l) = leader {
-                *led.get_mut(&l).expect("up") += 1;
+/// The shortest chain of handoffs (breadth first, shards in order) that
+/// takes one leadership from `x` to an up member leading at least two fewer.
+fn handoff_path(
+    x: NodeId,
+    led: &BTreeMap<NodeId, usize>,
+    placement: &Placement,
+    current: &[Option<NodeId>],
+    moved: &BTreeSet<usize>,
+    up: &dyn Fn(&NodeId) -> bool,
+) -> Option<Vec<LeaderMove>> {
+    let mut via: BTreeMap<NodeId, LeaderMove> = BTreeMap::new();
+    let mut queue = std::collections::VecDeque::from([x]);
+    while let Some(u) = queue.pop_front() {
+        if u != x && led[&u] + 2 <= led[&x] {
+            let mut path = vec![via[&u]];
+            while path.last().expect("not empty").from != x {
+                path.push(via[&path.last().expect("not empty").from]);
             }
-            leader
-        })
-        .collect()
+            path.reverse();
+            return Some(path);
+        }
+        for (shard, replicas) in placement.shards.iter().enumerate() {
+            if current[shard] != Some(u) || moved.contains(&shard) {
+                continue;
+            }
+            for v in replicas {
+                if up(v) && *v != x && !via.contains_key(v) {
+                    via.insert(*v, LeaderMove { shard: shard as ShardId, from: u, to: *v });
+                    queue.push_back(*v);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// One leadership handoff: `from`, which leads `shard`, lets `to`, another
+/// replica of it, take over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaderMove {
+    pub shard: ShardId,
+    pub from: NodeId,
+    pub to: NodeId,
+}
+
+/// Handoffs that spread shard leaderships over the up members, at most
+/// `max_moves`, moving as few as it can. `leaders[s]` is who leads shard `s`
+/// now (`None`: unknown or an election). A leader on a draining member hands
+/// off to the up replica leading fewest; then, while a chain of handoffs
+/// (`x` leads a shard of which `z` is a replica, `z` one of which `y` is...)
+/// takes a leadership from the member leading most to one leading at least
+/// two fewer, it plans that chain. Each chain lowers the sum of squared
+/// counts, so repeating it ends.
+pub fn next_leader_moves(
+    members: &BTreeMap<NodeId, NodeState>,
+    placement: &Placement,
+    leaders: &[Option<NodeId>],
+    max_moves: usize,
+) -> Vec<LeaderMove> {
+    let up = |n: &NodeId| members.get(n) == Some(&NodeState::Up);
+    let mut led: BTreeMap<NodeId, usize> = members.keys().filter(|n| up(n)).map(|n| (*n, 0)).collect();
+    let mut current: Vec<Option<NodeId>> = leaders.to_vec();
+    current.resize(placement.shards.len(), None);
+    for l in current.iter().flatten() {
+        if let Some(c) = led.get_mut(l) {
+            *c += 1;
+        }
+    }
+    let mut moves = Vec::new();
+    let least_loaded_up = |led: &BTreeMap<NodeId, usize>, replicas: &[NodeId], not: NodeId| {
+        replicas.iter().filter(|r| **r != not && up(r)).min_by_key(|r| (led[*r], **r)).copied()
+    };
+    // Leaders on draining members.
+    for (shard, replicas) in placement.shards.iter().enumerate() {
+        if moves.len() >= max_moves {
+            return moves;
+        }
+        let Some(from) = current[shard].filter(|l| members.get(l) == Some(&NodeState::Draining)) else { continue };
+        if let Some(to) = least_loaded_up(&led, replicas, from) {
+            moves.push(LeaderMove { shard: shard as ShardId, from, to });
+            *led.get_mut(&to).expect("up") += 1;
+            current[shard] = Some(to);
+        }
+    }
+    // Balance among the up members: from the member leading most, follow
+    // "leads a shard of which the next is an up replica" until a member
+    // leading at least two fewer; handing off along that path moves one
+    // leadership from the first to the last and leaves the rest even.
+    let mut moved: BTreeSet<usize> = moves.iter().map(|m| m.shard as usize).collect();
+    'balance: while moves.len() < max_moves {
+        let mut sources: Vec<NodeId> = led.keys().copied().collect();
+        sources.sort_by_key(|n| (std::cmp::Reverse(led[n]), *n));
+        for x in sources {
+            let Some(path) = handoff_path(x, &led, placement, &current, &moved, &up) else { continue };
+            if moves.len() + path.len() > max_moves && !moves.is_empty() {
+                break 'balance;
+            }
+            for m in path {
+                current[m.shard as usize] = Some(m.to);
+                moved.insert(m.shard as usize);
+                moves.push(m);
+            }
+            let to = moves.last().expect("a path has a step").to;
+            *led.get_mut(&x).expect("up") -= 1;
+            *led.get_mut(&to).expect("up") += 1;
+            continue 'balance;
+        }
+        break;
+    }
+    moves
 }
 
 #[cfg(test)]
@@ -349,18 +442,56 @@ mod tests {
         assert!(moves.iter().all(|mv| mv.add != Some(2) && mv.remove != Some(2)), "{moves:?}");
     }
 
-    #[test]
-    fn leaders_are_balanced_among_up_replicas() {
-        let p = initial_placement(&[1, 2, 3, 4], 64, 3).unwrap();
-        let m = members(&[(1, NodeState::Up), (2, NodeState::Up), (3, NodeState::Down), (4, NodeState::Up)]);
-        let leaders = balanced_leaders(&m, &p);
-        assert!(leaders.iter().all(|l| l.is_some_and(|l| l != 3)));
-        let mut led = BTreeMap::<NodeId, usize>::new();
-        for l in leaders.into_iter().flatten() {
-            *led.entry(l).or_default() += 1;
+    /// Repeats `next_leader_moves` until it plans nothing; checks each move.
+    fn settle_leaders(
+        m: &BTreeMap<NodeId, NodeState>,
+        p: &Placement,
+        mut leaders: Vec<Option<NodeId>>,
+    ) -> Vec<Option<NodeId>> {
+        for _ in 0..10_000 {
+            let moves = next_leader_moves(m, p, &leaders, 3);
+            if moves.is_empty() {
+                return leaders;
+            }
+            for mv in moves {
+                assert_eq!(leaders[mv.shard as usize], Some(mv.from), "{mv:?} does not start at the leader");
+                assert!(p.shards[mv.shard as usize].contains(&mv.to), "{mv:?} goes to a non-replica");
+                assert_eq!(m.get(&mv.to), Some(&NodeState::Up), "{mv:?} goes to a member that is not up");
+                leaders[mv.shard as usize] = Some(mv.to);
+            }
         }
-        let (min, max) = (led.values().min().unwrap(), led.values().max().unwrap());
-        assert!(max - min <= 1, "{led:?}");
+        panic!("leaderships did not converge");
+    }
+
+    fn lead_counts(m: &BTreeMap<NodeId, NodeState>, leaders: &[Option<NodeId>]) -> Vec<usize> {
+        let up = m.iter().filter(|(_, s)| **s == NodeState::Up).map(|(n, _)| *n);
+        up.map(|n| leaders.iter().filter(|l| **l == Some(n)).count()).collect()
+    }
+
+    #[test]
+    fn leaders_move_off_a_grown_clusters_old_members_and_off_draining_ones() {
+        // 3 → 5: replicas already spread, every leader still on the first three.
+        let m5 = members(&[
+            (1, NodeState::Up),
+            (2, NodeState::Up),
+            (3, NodeState::Up),
+            (4, NodeState::Up),
+            (5, NodeState::Up),
+        ]);
+        let (p, _) = settle(&m5, initial_placement(&[1, 2, 3], 64, 3).unwrap(), 3);
+        let leaders: Vec<Option<NodeId>> =
+            p.shards.iter().map(|r| r.iter().copied().filter(|n| *n <= 3).min()).collect();
+        let settled = settle_leaders(&m5, &p, leaders);
+        let counts = lead_counts(&m5, &settled);
+        assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1, "{counts:?}");
+
+        // Node 2 drains: it leads nothing once an up replica can take over.
+        let mut m = m5.clone();
+        m.insert(2, NodeState::Draining);
+        let after = settle_leaders(&m, &p, settled);
+        assert!(after.iter().all(|l| *l != Some(2)), "{after:?}");
+        // Nothing to do when balanced.
+        assert!(next_leader_moves(&m, &p, &after, 8).is_empty());
     }
 
     fn state() -> impl Strategy<Value = NodeState> {
@@ -406,6 +537,40 @@ mod tests {
             }
             let l: Vec<usize> = up.iter().map(|n| settled.shards.iter().filter(|r| r.contains(n)).count()).collect();
             prop_assert!(l.iter().max().unwrap() - l.iter().min().unwrap() <= 1, "loads {l:?}");
+        }
+
+        /// From any leaders on a settled placement: handoffs only go to up
+        /// replicas, end, leave no leader on a draining member where an up
+        /// replica could lead, and leave no pair that one handoff would
+        /// bring closer.
+        #[test]
+        fn leader_moves_converge_to_spread_leaderships(
+            nodes in 1u64..8,
+            states in proptest::collection::vec(state(), 8),
+            shards in 1u32..40,
+            rf in 1usize..4,
+            picks in proptest::collection::vec(0usize..3, 40),
+        ) {
+            let ids: Vec<NodeId> = (1..=nodes).collect();
+            let m: BTreeMap<NodeId, NodeState> = ids.iter().map(|n| (*n, states[*n as usize % states.len()])).collect();
+            prop_assume!(m.values().any(|s| *s == NodeState::Up));
+            let (p, _) = settle(&m, initial_placement(&ids, shards, rf).unwrap(), rf);
+            let leaders: Vec<Option<NodeId>> =
+                p.shards.iter().enumerate().map(|(s, r)| r.get(picks[s % picks.len()] % r.len().max(1)).copied()).collect();
+            let settled = settle_leaders(&m, &p, leaders);
+            let up = |n: &NodeId| m.get(n) == Some(&NodeState::Up);
+            let counts: BTreeMap<NodeId, usize> =
+                m.keys().filter(|n| up(n)).map(|n| (*n, settled.iter().filter(|l| **l == Some(*n)).count())).collect();
+            for (s, r) in p.shards.iter().enumerate() {
+                let Some(l) = settled[s] else { continue };
+                let draining = m.get(&l) == Some(&NodeState::Draining);
+                prop_assert!(!draining || !r.iter().any(up), "shard {} led by draining {}", s, l);
+                if up(&l) {
+                    for y in r.iter().filter(|y| up(y)) {
+                        prop_assert!(counts[y] + 1 >= counts[&l], "shard {} could move from {} to {}: {:?}", s, l, y, counts);
+                    }
+                }
+            }
         }
     }
 }

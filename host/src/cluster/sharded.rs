@@ -18,6 +18,7 @@ use crate::scheduler::{Invocation, InvokeError, Route, Router};
 use crate::storage::{KvPairs, SledStore, StateStore, StorageError};
 use futures::future::BoxFuture;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -36,16 +37,31 @@ pub struct LocalShard {
     pub raft: Raft,
     pub store: Arc<SledStore>,
     pub log: Arc<ShardLog>,
+    /// Set while this node hands the shard's leadership off
+    /// ([`super::handoff`]): it runs no turns for it meanwhile.
+    handing_off: Arc<AtomicBool>,
 }
 
 impl LocalShard {
+    pub fn new(raft: Raft, store: Arc<SledStore>, log: Arc<ShardLog>) -> Self {
+        Self { raft, store, log, handing_off: Arc::default() }
+    }
+
     /// The term this node leads the shard in, once it has applied an entry of
-    /// that term (so everything committed before it too); `None` otherwise.
+    /// that term (so everything committed before it too) and while it is not
+    /// handing the lead off; `None` otherwise.
     pub fn ready_term(&self, me: NodeId) -> Option<u64> {
+        if self.handing_off.load(Ordering::Acquire) {
+            return None;
+        }
         let m = self.raft.metrics();
         let m = m.borrow();
         let caught_up = m.last_applied.is_some_and(|id| id.leader_id.term == m.current_term);
         (super::raft::leader_of(&m) == Some(me) && caught_up).then_some(m.current_term)
+    }
+
+    pub(super) fn set_handing_off(&self, on: bool) {
+        self.handing_off.store(on, Ordering::Release);
     }
 
     fn leader(&self) -> Option<NodeId> {
@@ -116,7 +132,7 @@ impl LocalShards {
         let replica = set.open_replica(shard).await?;
         let (raft, store) = (replica.raft.clone(), replica.state.store().clone());
         let log = Arc::new(ShardLog::new(replica, &self.log_config));
-        self.shards.write().unwrap_or_else(|e| e.into_inner()).insert(shard, LocalShard { raft, store, log });
+        self.shards.write().unwrap_or_else(|e| e.into_inner()).insert(shard, LocalShard::new(raft, store, log));
         tracing::info!(shard, "opened a replica");
         Ok(())
     }
@@ -174,6 +190,11 @@ impl LocalShards {
     fn all(&self) -> Vec<LocalShard> {
         self.read().values().cloned().collect()
     }
+
+    /// Every replica held here, by shard.
+    pub fn replicas(&self) -> Vec<(ShardId, LocalShard)> {
+        self.read().iter().map(|(s, r)| (*s, r.clone())).collect()
+    }
 }
 
 impl StateStore for LocalShards {
@@ -218,11 +239,10 @@ impl StateStore for LocalShards {
     }
 }
 
-impl CommitLog for LocalShards {
-    /// A turn's write set names one entity, so one shard, and commits
-    /// atomically there. Background deletes that span entities are split by
-    /// shard; each part commits on its own.
-    fn propose(&self, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
+impl LocalShards {
+    /// Splits `ws` by shard and proposes each part to this node's replica,
+    /// fenced by `fence_term` if given.
+    fn propose_parts(&self, ws: WriteSet, fence_term: Option<u64>) -> BoxFuture<'static, Result<LogIndex, LogError>> {
         let mut parts: BTreeMap<ShardId, WriteSet> = BTreeMap::new();
         for op in ws.ops {
             let Some(shard) = self.shard_of_key(op.keyspace(), op.key()) else {
@@ -233,7 +253,10 @@ impl CommitLog for LocalShards {
         let mut proposals = Vec::with_capacity(parts.len());
         for (shard, part) in parts {
             match self.replica(shard) {
-                Some(s) => proposals.push(s.log.propose(part)),
+                Some(s) => proposals.push(match fence_term {
+                    Some(epoch) => s.log.propose_fenced(part, epoch),
+                    None => s.log.propose(part),
+                }),
                 None => {
                     let leader = self.shape.replicas(shard).first().copied();
                     return Box::pin(async move { Err(LogError::NotLeader { leader }) });
@@ -247,6 +270,20 @@ impl CommitLog for LocalShards {
             }
             Ok(last)
         })
+    }
+}
+
+impl CommitLog for LocalShards {
+    /// A turn's write set names one entity, so one shard, and commits
+    /// atomically there. Background deletes that span entities are split by
+    /// shard; each part commits on its own.
+    fn propose(&self, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
+        self.propose_parts(ws, None)
+    }
+
+    /// A turn's write set, fenced by the term its leader read the entity in.
+    fn propose_fenced(&self, ws: WriteSet, epoch: u64) -> BoxFuture<'static, Result<LogIndex, LogError>> {
+        self.propose_parts(ws, Some(epoch))
     }
 
     fn last_durable_index(&self) -> LogIndex {
@@ -411,7 +448,7 @@ mod tests {
             replica.raft.initialize(me).await.unwrap();
             let (raft, store) = (replica.raft.clone(), replica.state.store().clone());
             let log = Arc::new(ShardLog::new(replica, &crate::log::LogConfig::default()));
-            shards.insert(shard, LocalShard { raft, store, log });
+            shards.insert(shard, LocalShard::new(raft, store, log));
         }
         let set = Arc::new(
             ShardSet::open(host.clone(), &crate::cluster::placement::Placement::default(), Default::default())
