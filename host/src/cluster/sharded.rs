@@ -286,6 +286,13 @@ impl CommitLog for LocalShards {
         self.propose_parts(ws, Some(epoch))
     }
 
+    fn confirm_lead(&self, entity: &EntityRef, epoch: u64) -> BoxFuture<'static, Result<(), LogError>> {
+        match self.replica(self.shard_of(entity)) {
+            Some(s) => s.log.confirm_lead(entity, epoch),
+            None => Box::pin(async { Err(LogError::NotLeader { leader: None }) }),
+        }
+    }
+
     fn last_durable_index(&self) -> LogIndex {
         StateStore::applied_index(self).unwrap_or(0)
     }

@@ -476,6 +476,32 @@ async fn a_write_fenced_by_another_term_commits_as_a_no_op_and_spares_its_neighb
     log.shutdown().await.unwrap();
 }
 
+/// A read-only turn's reply stands only once its node confirms, after the
+/// read, that it still leads in the term it read in: a leader cut off from
+/// the others cannot, and a node that leads in another term is fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_confirms_a_read_only_with_a_quorum_and_in_its_own_term() {
+    use crate::log::{CommitLog, LogConfig, LogError};
+    let net = LocalNet::new(11);
+    let nodes = start_cluster(&net, config(1000)).await;
+    let l = leader(&nodes, Duration::from_secs(10)).await;
+    let replica = nodes.iter().find(|n| n.id == l).unwrap().replica().clone();
+    let term = replica.raft.metrics().borrow().current_term;
+    let log = raft::ShardLog::new(replica, &LogConfig { commit_timeout_ms: 2_000, ..LogConfig::default() });
+    let entity = crate::model::EntityRef::new("counter", "c1").unwrap();
+
+    log.confirm_lead(&entity, term).await.unwrap();
+    match log.confirm_lead(&entity, term + 1).await {
+        Err(LogError::Fenced { fence_term, entry_term }) => assert_eq!((fence_term, entry_term), (term + 1, term)),
+        other => panic!("a read of term {} confirmed in term {term}: {other:?}", term + 1),
+    }
+    net.isolate(l);
+    let cut_off = log.confirm_lead(&entity, term).await;
+    assert!(cut_off.is_err(), "a leader cut off from every follower confirmed a read: {cut_off:?}");
+    net.heal();
+    log.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_move_to_a_new_node_under_writes_and_off_the_leader_itself() {
     let net = LocalNet::new(5);

@@ -160,6 +160,19 @@ pub trait CommitLog: Send + Sync + 'static {
         let _ = epoch;
         self.propose(ws)
     }
+    /// After a read-only turn of `entity` computed in leadership term
+    /// `epoch`: confirms this replica still leads in that term, so its reply
+    /// is not a deposed leader's stale read. Fails with `NotLeader` or
+    /// `Fenced` if not; nothing was written either way. A log whose
+    /// leadership never changes has nothing to confirm.
+    fn confirm_lead(
+        &self,
+        entity: &crate::model::EntityRef,
+        epoch: u64,
+    ) -> futures::future::BoxFuture<'static, Result<(), LogError>> {
+        let _ = (entity, epoch);
+        Box::pin(async { Ok(()) })
+    }
     fn last_durable_index(&self) -> LogIndex;
     fn applied_index(&self) -> LogIndex;
     fn stats(&self) -> LogStats;

@@ -978,6 +978,21 @@ impl Inner {
             ops.push(Op::Delete { keyspace: Keyspace::Timers, key: timer_id_key(&inv.entity, c.seq) });
         }
         let stores_reply = guard_keys.record(&mut ops, &output.reply, now_ms, self.cfg.idempotency_retention_ms);
+        if ops.is_empty() && self.router.is_some() {
+            // A read: answered only once this node is known to have led in
+            // `epoch` after it read (a deposed leader cut off from the rest
+            // would answer from a stale store).
+            if let Err(e) = self.log.confirm_lead(&inv.entity, epoch).await {
+                self.count_turn(false);
+                slot_state.resident = None;
+                // Nothing was written: always safe to retry elsewhere.
+                return Err(match e {
+                    LogError::NotLeader { leader } => InvokeError::NotHere { leader },
+                    LogError::ShutDown => InvokeError::ShuttingDown,
+                    _ => InvokeError::NotHere { leader: None },
+                });
+            }
+        }
         if !ops.is_empty() {
             // Fenced: if this node lost the lead while the turn ran and won
             // it again, the state it read may be stale and the write set is

@@ -14,12 +14,13 @@
 //! Indexes are the store's: raft index + 1 (see `state_machine`). They grow
 //! but are not contiguous: leader and membership changes add entries.
 
-use super::{ClientWriteError, Raft, Replica, ShardApplied, ShardWrite};
+use super::{Raft, Replica, ShardApplied, ShardWrite};
 use crate::log::{CommitLog, LogConfig, LogError, LogStats};
-use crate::model::{LogIndex, WriteSet};
+use crate::model::{EntityRef, LogIndex, WriteSet};
 use crate::storage::StateStore;
 use futures::future::BoxFuture;
-use openraft::error::RaftError;
+use openraft::TryAsRef;
+use openraft::error::{ForwardToLeader, RaftError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -67,7 +68,10 @@ impl ShardLog {
     }
 }
 
-fn log_error(e: &RaftError<super::NodeId, ClientWriteError>) -> LogError {
+fn log_error<E>(e: &RaftError<super::NodeId, E>) -> LogError
+where
+    E: std::error::Error + TryAsRef<ForwardToLeader<super::NodeId, openraft::BasicNode>>,
+{
     if let Some(f) = e.forward_to_leader::<openraft::BasicNode>() {
         return LogError::NotLeader { leader: f.leader_id };
     }
@@ -170,6 +174,26 @@ impl CommitLog for ShardLog {
 
     fn propose_fenced(&self, ws: WriteSet, epoch: u64) -> BoxFuture<'static, Result<LogIndex, LogError>> {
         self.submit(ws, Some(epoch))
+    }
+
+    /// Heartbeats a quorum (openraft's `ensure_linearizable`), then checks
+    /// the term: a leader that was deposed (and has not heard of it, e.g.
+    /// behind a broken connection) finds out here instead of answering from
+    /// its stale store.
+    fn confirm_lead(&self, _entity: &EntityRef, epoch: u64) -> BoxFuture<'static, Result<(), LogError>> {
+        let (raft, timeout) = (self.replica.raft.clone(), self.commit_timeout);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, raft.ensure_linearizable()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(log_error(&e)),
+                Err(_) => return Err(LogError::NotLeader { leader: None }),
+            }
+            let term = raft.metrics().borrow().current_term;
+            if term != epoch {
+                return Err(LogError::Fenced { fence_term: epoch, entry_term: term });
+            }
+            Ok(())
+        })
     }
 
     /// What this replica has applied: an applied entry is committed, so on
