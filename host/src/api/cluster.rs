@@ -227,7 +227,8 @@ impl Member {
 
     async fn hand_off_here(&self, shard: ShardId, to: NodeId) -> Result<(), String> {
         let replica = self.replica_here(shard)?;
-        let req = self.transport.request(pb::ReplicaRequest { shard, removed_as_of: None });
+        let mut req = self.transport.request(pb::ReplicaRequest { shard, removed_as_of: None });
+        req.set_timeout(HANDOFF_WAIT);
         let campaign = self.on(to, self.clone().campaign_here(shard), |mut c| {
             Box::pin(async move { c.campaign(req).await.map(drop) })
         });
@@ -744,6 +745,12 @@ fn invoke_error_of(node: NodeId, f: pb::Failure) -> InvokeError {
     InvokeError::Remote { kind, code: f.code, message }
 }
 
+/// Whether a failed call's status came from the peer (not from a timeout or
+/// a broken connection on the way).
+fn answered(status: &Status) -> bool {
+    !matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
+}
+
 /// Whether a failed call certainly never reached the peer's handler.
 fn never_sent(status: &Status) -> bool {
     match status.code() {
@@ -760,11 +767,33 @@ fn never_sent(status: &Status) -> bool {
 /// peer, shared by every shard group on this node.
 pub struct GrpcTransport {
     secret: ClusterSecret,
+    book: PeerBook,
+}
+
+/// The peers' channels; clones share them, so a call's future can note its
+/// outcome after the transport's borrow ended.
+#[derive(Clone, Default)]
+struct PeerBook {
     /// `None`: the OS's TCP.
     network: Option<super::net::SharedNetwork>,
     /// Bounded by the cluster's membership: one entry per known peer.
-    peers: Mutex<HashMap<NodeId, ClusterClient<Channel>>>,
+    peers: Arc<Mutex<HashMap<NodeId, Peer>>>,
 }
+
+/// One peer's channel, where it was dialled, and how many calls in a row
+/// have failed on it without an answer.
+struct Peer {
+    client: ClusterClient<Channel>,
+    addr: String,
+    failed_in_a_row: u32,
+}
+
+/// Calls in a row that may fail without an answer (timeouts, transport
+/// errors) before a peer's channel is replaced by a fresh one. A connection
+/// can stall without closing (a partition that silently dropped segments, a
+/// NAT that forgot the flow); keep-alives should notice, but a fresh dial is
+/// cheap and certain. Raft heartbeats (every 50 ms) make this about a second.
+const REDIAL_AFTER_FAILED_CALLS: u32 = 16;
 
 impl std::fmt::Debug for GrpcTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -774,37 +803,23 @@ impl std::fmt::Debug for GrpcTransport {
 
 impl GrpcTransport {
     pub fn new(secret: ClusterSecret) -> Self {
-        Self { secret, network: None, peers: Mutex::new(HashMap::new()) }
+        Self { secret, book: PeerBook::default() }
     }
 
     /// Dials peers through `network` instead of TCP (the simulation).
     pub fn with_network(mut self, network: Option<super::net::SharedNetwork>) -> Self {
-        self.network = network;
+        self.book.network = network;
         self
     }
 
-    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, ClusterClient<Channel>>> {
-        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Peer>> {
+        self.book.peers()
     }
 
     /// Where `node` listens (`host:port`). Replaces an earlier address.
     pub fn set_peer(&self, node: NodeId, addr: &str) -> Result<(), ClusterApiError> {
-        let bad = |reason: String| ClusterApiError::BadAddress { node, addr: addr.to_owned(), reason };
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            // Keep-alives notice a dead peer's connection between messages.
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5));
-        let channel = match &self.network {
-            None => endpoint.connect_lazy(),
-            Some(network) => endpoint.connect_with_connector_lazy(super::net::connector(network.clone())),
-        };
-        let client = ClusterClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        self.peers().insert(node, client);
+        let client = self.book.dial(node, addr)?;
+        self.peers().insert(node, Peer { client, addr: addr.to_owned(), failed_in_a_row: 0 });
         Ok(())
     }
 
@@ -813,7 +828,7 @@ impl GrpcTransport {
     }
 
     fn client(&self, node: NodeId) -> Option<ClusterClient<Channel>> {
-        self.peers().get(&node).cloned()
+        self.peers().get(&node).map(|p| p.client.clone())
     }
 
     fn request<T>(&self, msg: T) -> Request<T> {
@@ -828,11 +843,14 @@ impl Peers for GrpcTransport {
     fn invoke(&self, node: NodeId, inv: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>> {
         let client = self.client(node);
         let req = self.request(invocation_to_pb(inv));
+        let book = self.book.clone();
         Box::pin(async move {
             let Some(mut client) = client else {
                 return Err(InvokeError::Unreachable { node, message: "address unknown".into() });
             };
-            let reply = match client.invoke(req).await {
+            let reply = client.invoke(req).await;
+            book.note_call(node, reply.as_ref().map_or_else(answered, |_| true));
+            let reply = match reply {
                 Ok(r) => r.into_inner(),
                 Err(s) if never_sent(&s) => {
                     return Err(InvokeError::Unreachable { node, message: format!("{}: {}", s.code(), s.message()) });
@@ -885,6 +903,50 @@ fn transport_error(node: NodeId, shard: ShardId, status: &Status) -> TransportEr
     }
 }
 
+impl PeerBook {
+    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Peer>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes how a call to `node` ended: `answered` if the peer replied at
+    /// all (an error status included). Replaces the channel after
+    /// `REDIAL_AFTER_FAILED_CALLS` unanswered calls in a row.
+    fn note_call(&self, node: NodeId, answered: bool) {
+        let mut peers = self.peers();
+        let Some(peer) = peers.get_mut(&node) else { return };
+        if answered {
+            peer.failed_in_a_row = 0;
+            return;
+        }
+        peer.failed_in_a_row += 1;
+        if peer.failed_in_a_row >= REDIAL_AFTER_FAILED_CALLS {
+            peer.failed_in_a_row = 0;
+            if let Ok(client) = self.dial(node, &peer.addr) {
+                tracing::info!(node, addr = %peer.addr, "redialled a peer after {REDIAL_AFTER_FAILED_CALLS} unanswered calls");
+                peer.client = client;
+            }
+        }
+    }
+
+    fn dial(&self, node: NodeId, addr: &str) -> Result<ClusterClient<Channel>, ClusterApiError> {
+        let bad = |reason: String| ClusterApiError::BadAddress { node, addr: addr.to_owned(), reason };
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            // Keep-alives notice a dead peer's connection between messages.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = match &self.network {
+            None => endpoint.connect_lazy(),
+            Some(network) => endpoint.connect_with_connector_lazy(super::net::connector(network.clone())),
+        };
+        Ok(ClusterClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+}
+
 impl Transport for GrpcTransport {
     fn send(
         &self,
@@ -893,8 +955,9 @@ impl Transport for GrpcTransport {
         rpc: RaftRpc,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<RaftReply, TransportError>> {
-        let client = self.peers().get(&target).cloned();
+        let client = self.client(target);
         let secret = self.secret.raw.clone();
+        let book = self.book.clone();
         Box::pin(async move {
             let Some(mut client) = client else {
                 return Err(TransportError::Unreachable { node: target, reason: "address unknown".into() });
@@ -903,8 +966,9 @@ impl Transport for GrpcTransport {
             let mut req = Request::new(pb::RaftMessage { shard, rpc: bytes });
             req.metadata_mut().insert(SECRET_HEADER, secret);
             req.set_timeout(timeout);
-            let reply = tokio::time::timeout(timeout, client.raft(req))
-                .await
+            let reply = tokio::time::timeout(timeout, client.raft(req)).await;
+            book.note_call(target, matches!(&reply, Ok(Ok(_))) || matches!(&reply, Ok(Err(s)) if answered(s)));
+            let reply = reply
                 .map_err(|_| TransportError::Network { node: target, reason: format!("no reply within {timeout:?}") })?
                 .map_err(|s| transport_error(target, shard, &s))?;
             RaftReply::decode(&reply.into_inner().reply)
@@ -1010,5 +1074,34 @@ mod tests {
         for n in &mut nodes {
             n.replica().raft.shutdown().await.unwrap();
         }
+    }
+
+    /// A peer whose connection stalls (it accepted, then never answers) is
+    /// dialled afresh after `REDIAL_AFTER_FAILED_CALLS` unanswered calls.
+    #[tokio::test]
+    async fn a_peer_whose_connection_stalls_is_redialled() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                held.push(conn);
+            }
+        });
+        let transport = GrpcTransport::new(ClusterSecret::new(SECRET).unwrap());
+        transport.set_peer(2, &addr.to_string()).unwrap();
+        let vote = || RaftRpc::Vote(openraft::raft::VoteRequest { vote: openraft::Vote::new(1, 1), last_log_id: None });
+        for _ in 0..REDIAL_AFTER_FAILED_CALLS {
+            let err = transport.send(2, 0, vote(), Duration::from_millis(50)).await.unwrap_err();
+            assert!(matches!(err, TransportError::Network { .. }), "{err}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one channel, one connection until the redial");
+        let _ = transport.send(2, 0, vote(), Duration::from_millis(50)).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "the stalled connection was not replaced");
+        holder.abort();
     }
 }

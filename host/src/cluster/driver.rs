@@ -56,6 +56,11 @@ pub trait Mover: Send + Sync + 'static {
 const DROP_ATTEMPTS: u32 = 20;
 const DROP_PAUSE: Duration = Duration::from_millis(100);
 
+/// How long a shard whose leadership was just handed off is left alone by
+/// balancing. Under faults leaders change by election all the time; without
+/// a pause the balancer would chase them, pausing shards for each handoff.
+const BALANCE_COOLDOWN: Duration = Duration::from_secs(10);
+
 /// Entries a metadata learner may lag and still be promoted to voter.
 const PROMOTE_WITHIN_ENTRIES: u64 = 16;
 
@@ -129,6 +134,9 @@ struct Moves {
     running: BTreeMap<ShardId, MoveRecord>,
     /// Leadership handoffs under way.
     handoffs: BTreeMap<ShardId, LeaderMove>,
+    /// When each shard's last handoff ended: a shard is not rebalanced again
+    /// within `BALANCE_COOLDOWN` (bounded by the shard count).
+    handed_at: BTreeMap<ShardId, Instant>,
     /// Bumped when a move ends; a round ignores shards whose move ended
     /// after it asked for reports (the reports may predate the move).
     ended: BTreeMap<ShardId, u64>,
@@ -272,11 +280,16 @@ impl PlacementDriver {
         // Leaderships: off draining members first (so their replicas then
         // move without an election), and spread once replicas are.
         let leaders: Vec<Option<NodeId>> = (0..self.cfg.shard_count).map(|s| led.get(&s).map(|l| l.leader)).collect();
-        let settled_layout = planned.is_empty() && running.is_empty();
+        // Balancing waits for a calm cluster: replicas settled, every member
+        // up, and the shard not handed off lately.
+        let calm = planned.is_empty()
+            && running.is_empty()
+            && states.values().all(|s| matches!(s, NodeState::Up | NodeState::Draining));
+        let cooled = |s: ShardId| self.moves().handed_at.get(&s).is_none_or(|t| t.elapsed() >= BALANCE_COOLDOWN);
         let handoffs: Vec<LeaderMove> = next_leader_moves(&states, &placement, &leaders, usize::MAX)
             .into_iter()
             .filter(|h| settled.contains(&h.shard))
-            .filter(|h| settled_layout || states.get(&h.from) == Some(&NodeState::Draining))
+            .filter(|h| states.get(&h.from) == Some(&NodeState::Draining) || (calm && cooled(h.shard)))
             .take(room)
             .collect();
         let room = room - handoffs.len();
@@ -404,6 +417,7 @@ impl PlacementDriver {
             }
             let mut moves = moves.lock().unwrap_or_else(|e| e.into_inner());
             moves.handoffs.remove(&h.shard);
+            moves.handed_at.insert(h.shard, Instant::now());
             moves.generation += 1;
             let g = moves.generation;
             moves.ended.insert(h.shard, g);
