@@ -147,10 +147,11 @@ impl Member {
     }
 
     /// Runs `local` here, or `remote` on `node` through its client.
-    fn on<F, R>(&self, node: NodeId, local: F, remote: R) -> BoxFuture<'static, Result<(), String>>
+    fn on<T, F, R>(&self, node: NodeId, local: F, remote: R) -> BoxFuture<'static, Result<T, String>>
     where
-        F: std::future::Future<Output = Result<(), String>> + Send + 'static,
-        R: FnOnce(ClusterClient<Channel>) -> BoxFuture<'static, Result<(), Status>>,
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, String>> + Send + 'static,
+        R: FnOnce(ClusterClient<Channel>) -> BoxFuture<'static, Result<T, Status>>,
     {
         if node == self.node {
             return Box::pin(local);
@@ -182,12 +183,12 @@ impl Mover for Member {
         shard: ShardId,
         add: Option<NodeId>,
         remove: Option<NodeId>,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<Option<u64>, String>> {
         let here = self.clone();
         let mut req = self.transport.request(pb::ChangeReplicasRequest { shard, add, remove });
         req.set_timeout(self.catch_up + FORWARD_CALL_TIMEOUT);
         self.on(leader, async move { here.change_here(shard, add, remove).await }, |mut c| {
-            Box::pin(async move { c.change_replicas(req).await.map(drop) })
+            Box::pin(async move { c.change_replicas(req).await.map(|r| r.into_inner().membership_index) })
         })
     }
 
@@ -272,7 +273,12 @@ impl Member {
         self.local.add_replica(shard).await.map_err(|e| e.to_string())
     }
 
-    async fn change_here(&self, shard: ShardId, add: Option<NodeId>, remove: Option<NodeId>) -> Result<(), String> {
+    async fn change_here(
+        &self,
+        shard: ShardId,
+        add: Option<NodeId>,
+        remove: Option<NodeId>,
+    ) -> Result<Option<u64>, String> {
         let replica =
             self.local.replica(shard).ok_or_else(|| format!("node {} has no replica of shard {shard}", self.node))?;
         change_replicas(&replica.raft, &self.shape.get().members, add, remove, self.catch_up).await
@@ -483,11 +489,11 @@ impl Cluster for ClusterService {
     async fn change_replicas(
         &self,
         req: Request<pb::ChangeReplicasRequest>,
-    ) -> Result<Response<pb::ReplicaReply>, Status> {
+    ) -> Result<Response<pb::ChangeReplicasReply>, Status> {
         self.secret.admit(&req)?;
         let r = req.into_inner();
-        self.member()?.change_here(r.shard, r.add, r.remove).await.map_err(refused)?;
-        Ok(Response::new(pb::ReplicaReply {}))
+        let membership_index = self.member()?.change_here(r.shard, r.add, r.remove).await.map_err(refused)?;
+        Ok(Response::new(pb::ChangeReplicasReply { membership_index }))
     }
 
     async fn drop_replica(&self, req: Request<pb::ReplicaRequest>) -> Result<Response<pb::ReplicaReply>, Status> {

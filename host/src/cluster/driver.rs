@@ -32,14 +32,15 @@ pub trait Mover: Send + Sync + 'static {
     fn reports(&self, nodes: Vec<NodeId>) -> BoxFuture<'static, BTreeMap<NodeId, Option<Vec<ShardStatus>>>>;
     /// Opens an empty replica of `shard` on `node`.
     fn add_replica(&self, node: NodeId, shard: ShardId) -> BoxFuture<'static, Result<(), String>>;
-    /// Has `leader` add and remove one replica of `shard` ([`change_replicas`]).
+    /// Has `leader` add and remove one replica of `shard` ([`change_replicas`]);
+    /// returns the log index of the membership that took effect, if any.
     fn change_replicas(
         &self,
         leader: NodeId,
         shard: ShardId,
         add: Option<NodeId>,
         remove: Option<NodeId>,
-    ) -> BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<Option<u64>, String>>;
     /// Has `leader` hand `shard`'s leadership to `to` ([`super::handoff`]).
     fn hand_off(&self, leader: NodeId, shard: ShardId, to: NodeId) -> BoxFuture<'static, Result<(), String>>;
     /// Drops `node`'s replica of `shard`; `removed_as_of` is the log index of
@@ -68,14 +69,16 @@ const PROMOTE_WITHIN_ENTRIES: u64 = 16;
 /// replica is first a learner and becomes a voter only once it has the log
 /// up to its own addition (or `catch_up` runs out: the move fails and the
 /// learner is cleaned up later). Removing a node that is only a learner
-/// removes it outright.
+/// removes it outright. Returns the log index of the membership that took
+/// effect (`None` if nothing changed): what a drop of the removed replica is
+/// fenced by.
 pub async fn change_replicas(
     raft: &Raft,
     addrs: &BTreeMap<NodeId, String>,
     add: Option<NodeId>,
     remove: Option<NodeId>,
     catch_up: Duration,
-) -> Result<(), String> {
+) -> Result<Option<u64>, String> {
     let m = raft.metrics().borrow().clone();
     if super::raft::leader_of(&m) != Some(m.id) {
         return Err(format!("node {} does not lead this shard (leader: {:?})", m.id, super::raft::leader_of(&m)));
@@ -105,14 +108,16 @@ pub async fn change_replicas(
     if voters.is_empty() {
         return Err("a shard keeps at least one replica".into());
     }
-    if voters != before {
-        raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false).await.map_err(|e| e.to_string())?;
+    let changed = if voters != before {
+        raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false).await.map_err(|e| e.to_string())?
     } else if let Some(r) = remove.filter(|r| membership.learner_ids().any(|l| l == *r)) {
         raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([r])), false)
             .await
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(())
+            .map_err(|e| e.to_string())?
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(changed.log_id.index))
 }
 
 /// The driver's settings (from `[cluster]`).
@@ -439,14 +444,16 @@ impl PlacementDriver {
                 if let Some(a) = m.add {
                     mover.add_replica(a, m.shard).await?;
                 }
-                mover.change_replicas(leader, m.shard, m.add, m.remove).await?;
+                let removed_as_of = mover.change_replicas(leader, m.shard, m.add, m.remove).await?;
                 if let Some(r) = m.remove.filter(|_| drop_removed) {
                     // A removed leader steps down once it has applied the
                     // change; until then it refuses to drop its replica.
                     for attempt in 1..=DROP_ATTEMPTS {
-                        // No fence: the shard's next move (the only way back
-                        // in) waits for this one to end.
-                        match mover.drop_replica(r, m.shard, None).await {
+                        // Fenced by the change that removed it: another
+                        // driver (the metadata group's leader changed) may
+                        // add the node back meanwhile, and a replica that
+                        // votes again must keep its data.
+                        match mover.drop_replica(r, m.shard, removed_as_of).await {
                             Ok(()) => break,
                             Err(e) if attempt == DROP_ATTEMPTS => {
                                 tracing::warn!(shard = m.shard, node = r, "the moved replica is dropped later: {e}")

@@ -282,18 +282,17 @@ async fn writes_survive_a_lossy_duplicating_slow_network() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shard_sets_form_every_group_on_its_placement_and_fail_over_a_lost_node() {
-    use crate::cluster::placement::initial_placement;
-    use crate::cluster::raft::ReplicaTable;
-    use crate::cluster::shards::ShardSet;
-    let net = LocalNet::new(4);
-    let ids: Vec<NodeId> = (1..=5).collect();
-    let placement = initial_placement(&ids, 10, 3).unwrap();
+/// One `ShardSet` per node of `ids` on `net`, opened under `placement` (not
+/// yet bootstrapped), with their data directories and addresses.
+async fn open_sets(
+    net: &LocalNet,
+    ids: &[NodeId],
+    placement: &crate::cluster::placement::Placement,
+) -> (BTreeMap<NodeId, Arc<crate::cluster::shards::ShardSet>>, Vec<tempfile::TempDir>, BTreeMap<NodeId, String>) {
     let addrs: BTreeMap<NodeId, String> = ids.iter().map(|id| (*id, format!("node-{id}"))).collect();
     let mut dirs = Vec::new();
     let mut sets = BTreeMap::new();
-    for &id in &ids {
+    for &id in ids {
         let dir = tempfile::tempdir().unwrap();
         let sled_dir = dir.path().join("sled");
         let host = raft::ReplicaHost {
@@ -305,11 +304,83 @@ async fn shard_sets_form_every_group_on_its_placement_and_fail_over_a_lost_node(
             transport: net.transport(id),
             wal_flush_wait: Duration::from_micros(100),
         };
-        let table = ReplicaTable::default();
+        let table = raft::ReplicaTable::default();
         net.attach(id, table.clone());
-        sets.insert(id, ShardSet::open(host, &placement, table).await.unwrap());
+        sets.insert(id, Arc::new(crate::cluster::shards::ShardSet::open(host, placement, table).await.unwrap()));
         dirs.push(dir);
     }
+    (sets, dirs, addrs)
+}
+
+/// A stale-replica drop is fenced by the membership that left the node out:
+/// a replica that was added back since (and votes again) refuses it and
+/// keeps its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_back_refuses_a_drop_decided_before() {
+    use crate::cluster::sharded::{LocalShard, LocalShards};
+    use crate::cluster::shards::ShardSetError;
+    use crate::storage::StateStore;
+    let net = LocalNet::new(13);
+    let placement = crate::cluster::placement::Placement { shards: vec![vec![1, 2, 3]] };
+    let (sets, _dirs, addrs) = open_sets(&net, &[1, 2, 3], &placement).await;
+    for set in sets.values() {
+        set.bootstrap(&placement, &addrs).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let l = loop {
+        if let Some(l) = sets[&1].leader(0) {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "shard 0 elected no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let victim = if l == 1 { 2 } else { 1 };
+    let raft = sets[&l].replica(0).unwrap().raft.clone();
+    raft.client_write(put("before", "1").into()).await.unwrap();
+    let change =
+        |add, remove| crate::cluster::driver::change_replicas(&raft, &addrs, add, remove, Duration::from_secs(30));
+    let removed = change(None, Some(victim)).await.unwrap().expect("the removal changed the membership");
+    let added = change(Some(victim), None).await.unwrap().expect("the re-add changed the membership");
+    assert!(added > removed, "{added} > {removed}");
+    let back = sets[&victim].replica(0).unwrap();
+    back.raft
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(|m| m.membership_config.log_id().is_some_and(|id| id.index >= added), "the re-add reached the victim")
+        .await
+        .unwrap();
+
+    let shape = Arc::new(crate::cluster::shape::ClusterShape::new(crate::cluster::shape::Shape::default()));
+    let (raft_v, store_v) = (back.raft.clone(), back.state.store().clone());
+    let log_v = Arc::new(raft::ShardLog::new(back, &crate::log::LogConfig::default()));
+    let local = LocalShards::new(victim, 1, shape, BTreeMap::from([(0, LocalShard::new(raft_v, store_v, log_v))]))
+        .with_set(sets[&victim].clone(), crate::log::LogConfig::default());
+    match local.drop_replica(0, Some(removed)).await {
+        Err(ShardSetError::AddedBack { shard: 0, known }) => assert!(known >= added, "{known} < {added}"),
+        other => {
+            panic!("a drop decided at index {removed} was not refused by a replica re-added at {added}: {other:?}")
+        }
+    }
+    assert!(local.replica(0).is_some(), "the refused drop removed the replica");
+    let last = raft.client_write(put("after", "1").into()).await.unwrap().log_id;
+    let written = |k: &str| sets[&victim].replica(0).unwrap().state.store().get(Keyspace::State, k.as_bytes());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sets[&victim].replica(0).unwrap().state.store().applied_index().unwrap() < last.index + 1 {
+        assert!(Instant::now() < deadline, "the re-added replica stopped applying");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        written("before").unwrap().is_some() && written("after").unwrap().is_some(),
+        "the re-added replica lost data"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_sets_form_every_group_on_its_placement_and_fail_over_a_lost_node() {
+    use crate::cluster::placement::initial_placement;
+    let net = LocalNet::new(4);
+    let ids: Vec<NodeId> = (1..=5).collect();
+    let placement = initial_placement(&ids, 10, 3).unwrap();
+    let (sets, _dirs, addrs) = open_sets(&net, &ids, &placement).await;
     for set in sets.values() {
         set.bootstrap(&placement, &addrs).await.unwrap();
         // A second bootstrap (a restart) changes nothing.

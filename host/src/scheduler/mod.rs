@@ -720,8 +720,6 @@ impl Inner {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// The entity's slot, created if needed; evicts least recently used idle
-    /// slots beyond the resident bound.
     /// The leadership term in which this node runs `entity`'s turns now, or
     /// `None` if it does not (a single node always does, in epoch 0).
     fn epoch_of(&self, entity: &EntityRef) -> Option<u64> {
@@ -732,6 +730,8 @@ impl Inner {
         }
     }
 
+    /// The entity's slot, created if needed; evicts least recently used idle
+    /// slots beyond the resident bound.
     fn slot(&self, entity: &EntityRef) -> Arc<Slot> {
         let now = self.now_ms();
         let mut slots = self.slots.lock().expect("slots lock");
