@@ -513,6 +513,20 @@ async fn a_shard_log_commits_write_sets_like_the_local_log_and_only_on_the_leade
     assert!(matches!(log.propose(put("after", "x")).await, Err(LogError::ShutDown)));
 }
 
+/// A three-node group on `net`, its leader, the leader's term, and a
+/// `ShardLog` on the leader's replica.
+async fn leader_log(
+    net: &LocalNet,
+    log_config: crate::log::LogConfig,
+) -> (Vec<TestNode>, NodeId, u64, Arc<raft::ShardLog>) {
+    let nodes = start_cluster(net, config(1000)).await;
+    let l = leader(&nodes, Duration::from_secs(10)).await;
+    let replica = nodes.iter().find(|n| n.id == l).unwrap().replica().clone();
+    let term = replica.raft.metrics().borrow().current_term;
+    let log = Arc::new(raft::ShardLog::new(replica, &log_config));
+    (nodes, l, term, log)
+}
+
 /// A turn's write set is fenced by the term it was computed in. In another
 /// term it commits as a no-op on every replica and its proposer is told so;
 /// unfenced proposals waiting beside it are not batched with it and apply.
@@ -520,11 +534,7 @@ async fn a_shard_log_commits_write_sets_like_the_local_log_and_only_on_the_leade
 async fn a_write_fenced_by_another_term_commits_as_a_no_op_and_spares_its_neighbours() {
     use crate::log::{CommitLog, LogError};
     let net = LocalNet::new(7);
-    let nodes = start_cluster(&net, config(1000)).await;
-    let l = leader(&nodes, Duration::from_secs(10)).await;
-    let replica = nodes.iter().find(|n| n.id == l).unwrap().replica().clone();
-    let term = replica.raft.metrics().borrow().current_term;
-    let log = Arc::new(raft::ShardLog::new(replica, &crate::log::LogConfig::default()));
+    let (nodes, _, term, log) = leader_log(&net, crate::log::LogConfig::default()).await;
 
     log.propose_fenced(put("current-term", "1"), term).await.unwrap();
     let mut acked = vec!["current-term".to_string()];
@@ -554,11 +564,7 @@ async fn a_write_fenced_by_another_term_commits_as_a_no_op_and_spares_its_neighb
 async fn a_leader_confirms_a_read_only_with_a_quorum_and_in_its_own_term() {
     use crate::log::{CommitLog, LogConfig, LogError};
     let net = LocalNet::new(11);
-    let nodes = start_cluster(&net, config(1000)).await;
-    let l = leader(&nodes, Duration::from_secs(10)).await;
-    let replica = nodes.iter().find(|n| n.id == l).unwrap().replica().clone();
-    let term = replica.raft.metrics().borrow().current_term;
-    let log = raft::ShardLog::new(replica, &LogConfig { commit_timeout_ms: 2_000, ..LogConfig::default() });
+    let (_nodes, l, term, log) = leader_log(&net, LogConfig { commit_timeout_ms: 2_000, ..LogConfig::default() }).await;
     let entity = crate::model::EntityRef::new("counter", "c1").unwrap();
 
     log.confirm_lead(&entity, term).await.unwrap();
