@@ -302,23 +302,7 @@ fn killing_a_member_under_load_loses_and_duplicates_nothing_and_it_catches_up() 
         // Read through the restarted node: it forwards to the leaders or,
         // where it leads again, serves from its caught-up replicas.
         let mut c = cluster.node(victim).client().await;
-        let statements = eventually(60, "the sagas to settle", async || {
-            let mut statements = BTreeMap::new();
-            for a in 0..ACCOUNTS {
-                let id = format!("a{a}");
-                let s = call(&mut c, "account", &id, "statement", "").await.ok()?;
-                statements.insert(id, s);
-            }
-            let pending = statements.values().any(|s| {
-                s["outgoing"]
-                    .as_object()
-                    .unwrap()
-                    .values()
-                    .any(|o| o["status"] != "completed" && o["status"] != "refunded")
-            });
-            (!pending).then_some(statements)
-        })
-        .await;
+        let statements = settled_statements(&mut c, ACCOUNTS as usize, 60).await;
         assert_bank_settled(&statements, &acknowledged, ACCOUNTS as i64 * OPENING_BALANCE, "a11");
     });
 }
@@ -584,18 +568,7 @@ async fn assert_load_exact(d: &Daemon, seen: &Seen) {
         let total = call(&mut c, "counter", &id, "get", "").await.unwrap();
         assert_eq!(total, json!(seen.adds.get(&id).copied().unwrap_or(0)), "counter {id}");
     }
-    let statements = eventually(60, "the sagas to settle", async || {
-        let mut statements = BTreeMap::new();
-        for a in 0..ACCOUNTS {
-            let id = format!("a{a}");
-            statements.insert(id.clone(), call(&mut c, "account", &id, "statement", "").await.ok()?);
-        }
-        let pending = statements.values().any(|s| {
-            s["outgoing"].as_object().unwrap().values().any(|o| o["status"] != "completed" && o["status"] != "refunded")
-        });
-        (!pending).then_some(statements)
-    })
-    .await;
+    let statements = settled_statements(&mut c, ACCOUNTS as usize, 60).await;
     assert_bank_settled(&statements, &seen.transfers, ACCOUNTS as i64 * OPENING_BALANCE, "a11");
 }
 

@@ -306,6 +306,33 @@ impl Bystander {
     }
 }
 
+/// The bank's statements (`accounts` accounts `a0`, `a1`, …) once its sagas
+/// settled: nothing pending, and the same as the round before. Accounts are
+/// read one after another, so a message delivered between two reads can make
+/// a single round inconsistent (a credit read before it landed, its sender
+/// read after it settled).
+pub async fn settled_statements(
+    c: &mut ConfluxClient<Channel>,
+    accounts: usize,
+    secs: u64,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut previous = None;
+    eventually(secs, "the sagas to settle", async || {
+        let mut statements = std::collections::BTreeMap::new();
+        for a in 0..accounts {
+            let id = format!("a{a}");
+            statements.insert(id.clone(), call(c, "account", &id, "statement", "").await.ok()?);
+        }
+        let pending = statements.values().any(|s| {
+            s["outgoing"].as_object().unwrap().values().any(|o| o["status"] != "completed" && o["status"] != "refunded")
+        });
+        let settled = !pending && previous.as_ref() == Some(&statements);
+        previous = Some(statements.clone());
+        settled.then_some(statements)
+    })
+    .await
+}
+
 /// The bank's books after every saga settled (`statements`: account id →
 /// its `statement`): money is conserved, no transfer is credited twice, and
 /// every acknowledged `(from, to, transfer id)` either completed (credited to
