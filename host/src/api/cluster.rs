@@ -229,7 +229,8 @@ impl Member {
     async fn hand_off_here(&self, shard: ShardId, to: NodeId) -> Result<(), String> {
         let replica = self.replica_here(shard)?;
         let mut req = self.transport.request(pb::ReplicaRequest { shard, removed_as_of: None });
-        req.set_timeout(HANDOFF_WAIT);
+        // Paused meanwhile: a target that does not answer soon is not taking over.
+        req.set_timeout(Duration::from_secs(1));
         let campaign = self.on(to, self.clone().campaign_here(shard), |mut c| {
             Box::pin(async move { c.campaign(req).await.map(drop) })
         });

@@ -189,6 +189,7 @@ impl PlacementDriver {
     /// Runs until the task is aborted.
     pub async fn run(self) {
         let mut last_seen: BTreeMap<NodeId, Instant> = BTreeMap::new();
+        let mut up_since: BTreeMap<NodeId, Instant> = BTreeMap::new();
         let mut leading_since: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -200,13 +201,20 @@ impl PlacementDriver {
                 continue;
             }
             let since = *leading_since.get_or_insert_with(Instant::now);
-            if let Err(e) = self.round(&mut last_seen, since).await {
+            if let Err(e) = self.round(&mut last_seen, &mut up_since, since).await {
                 tracing::warn!("placement round: {e}");
             }
         }
     }
 
-    async fn round(&self, last_seen: &mut BTreeMap<NodeId, Instant>, since: Instant) -> Result<(), String> {
+    /// `up_since`: when each member last became up (it answered after not
+    /// answering), so leaderships are not handed to a member just back.
+    async fn round(
+        &self,
+        last_seen: &mut BTreeMap<NodeId, Instant>,
+        up_since: &mut BTreeMap<NodeId, Instant>,
+        since: Instant,
+    ) -> Result<(), String> {
         let shape = self.shape.get();
         let members: Vec<NodeId> = shape.members.keys().copied().collect();
         let generation = self.moves().generation;
@@ -216,6 +224,7 @@ impl PlacementDriver {
         // or from when this node began to lead (it knows nothing earlier).
         let now = Instant::now();
         last_seen.retain(|n, _| shape.members.contains_key(n));
+        up_since.retain(|n, _| shape.members.contains_key(n));
         let mut health = BTreeMap::new();
         for n in &members {
             if reports.get(n).is_some_and(Option::is_some) {
@@ -229,6 +238,11 @@ impl PlacementDriver {
             } else {
                 Health::Up
             };
+            if h == Health::Up {
+                up_since.entry(*n).or_insert(now);
+            } else {
+                up_since.remove(n);
+            }
             health.insert(*n, h);
         }
 
@@ -286,10 +300,12 @@ impl PlacementDriver {
         // move without an election), and spread once replicas are.
         let leaders: Vec<Option<NodeId>> = (0..self.cfg.shard_count).map(|s| led.get(&s).map(|l| l.leader)).collect();
         // Balancing waits for a calm cluster: replicas settled, every member
-        // up, and the shard not handed off lately.
+        // up for a while (a member just back is still catching up), and the
+        // shard not handed off lately.
         let calm = planned.is_empty()
             && running.is_empty()
-            && states.values().all(|s| matches!(s, NodeState::Up | NodeState::Draining));
+            && states.values().all(|s| matches!(s, NodeState::Up | NodeState::Draining))
+            && up_since.values().all(|t| t.elapsed() >= BALANCE_COOLDOWN);
         let cooled = |s: ShardId| self.moves().handed_at.get(&s).is_none_or(|t| t.elapsed() >= BALANCE_COOLDOWN);
         let handoffs: Vec<LeaderMove> = next_leader_moves(&states, &placement, &leaders, usize::MAX)
             .into_iter()

@@ -42,10 +42,18 @@ impl Drop for Resume<'_> {
     }
 }
 
+/// How far behind the target may be when the pause begins.
+const SERVING_SLACK_ENTRIES: u64 = 64;
+
+/// How long the paused leader waits for the target to receive the entries
+/// that were in flight when the pause began.
+const PAUSED_CATCH_UP: Duration = Duration::from_millis(500);
+
 /// On the leader of `shard`: hands its leadership to `to`, another voter.
 /// `campaign` asks `to` to start an election; it is polled once the lease
-/// has run out. Each wait (for `to` to catch up, for it to take over) is
-/// bounded by `within`.
+/// has run out. The target first catches up while the shard still serves
+/// (bounded by `within`); the pause itself lasts at most about
+/// `PAUSED_CATCH_UP` + 1.25 leases + 2 leases (lease: `election_timeout_max`).
 pub async fn hand_off<F>(shard: &LocalShard, to: NodeId, within: Duration, campaign: F) -> Result<(), HandoffError>
 where
     F: Future<Output = Result<(), String>>,
@@ -61,29 +69,37 @@ where
     if !m.membership_config.membership().voter_ids().any(|v| v == to) {
         return Err(HandoffError::NotAVoter(to));
     }
+    let within_of_log = |slack: u64| {
+        move |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| {
+            let matched = m.replication.as_ref().and_then(|r| r.get(&to).cloned().flatten());
+            matched.is_some_and(|id| id.index + slack >= m.last_log_index.unwrap_or(0))
+        }
+    };
+    // Catching up by ordinary replication first, while the shard serves
+    // (under load a follower is always a few entries behind).
+    raft.wait(Some(within))
+        .metrics(within_of_log(SERVING_SLACK_ENTRIES), "the target is close behind")
+        .await
+        .map_err(|_| HandoffError::Behind { to, within })?;
     shard.set_handing_off(true);
     let _resume = Resume(shard);
     // Turns that were running when the pause began still commit; the target
     // must have them too, or the others would not vote for it.
-    raft.wait(Some(within))
-        .metrics(
-            |m| {
-                let matched = m.replication.as_ref().and_then(|r| r.get(&to).cloned().flatten());
-                matched.is_some_and(|id| Some(id.index) >= m.last_log_index)
-            },
-            "the target has the whole log",
-        )
+    raft.wait(Some(PAUSED_CATCH_UP))
+        .metrics(within_of_log(0), "the target has the whole log")
         .await
-        .map_err(|_| HandoffError::Behind { to, within })?;
+        .map_err(|_| HandoffError::Behind { to, within: PAUSED_CATCH_UP })?;
     raft.runtime_config().heartbeat(false);
     // A follower refuses to vote while the lease from its last heartbeat
     // lasts (openraft's `leader_lease` is `election_timeout_max`).
     let lease = Duration::from_millis(raft.config().election_timeout_max);
     tokio::time::sleep(lease + lease / 4).await;
     campaign.await.map_err(|message| HandoffError::Campaign { to, message })?;
-    let taken = raft.wait(Some(within)).metrics(|m| leader_of(m) == Some(to), "the target leads").await;
+    // An election between caught-up replicas takes a round trip or two.
+    let takeover = 2 * lease;
+    let taken = raft.wait(Some(takeover)).metrics(|m| leader_of(m) == Some(to), "the target leads").await;
     match taken {
         Ok(_) => Ok(()),
-        Err(_) => Err(HandoffError::NotTaken { to, within, leader: leader_of(&raft.metrics().borrow()) }),
+        Err(_) => Err(HandoffError::NotTaken { to, within: takeover, leader: leader_of(&raft.metrics().borrow()) }),
     }
 }
