@@ -1,8 +1,8 @@
 //! `conflux-cluster-failover`: the failover gap of a real cluster. Starts
 //! `--nodes` `conflux serve` processes on 127.0.0.1, deploys the counter and
 //! keeps `--callers` callers adding (with idempotency keys, retrying as a
-//! client would) through the members that survive. Each trial `kill -9`s the
-//! member leading the most shards and measures, per shard it led, the time
+//! client would) through the members that survive. Each trial `kill -9`s
+//! (or, with `--sigterm`, stops gracefully) the member leading the most shards and measures, per shard it led, the time
 //! until a call of an entity of that shard succeeds again; then restarts it
 //! and waits until every replica has caught up. Prints one line per trial and
 //! a summary; all counters must add up to the acknowledged calls.
@@ -41,6 +41,10 @@ struct Args {
     /// Counter entities the callers spread over.
     #[arg(long, default_value_t = 1000)]
     keys: u64,
+    /// Stop the leader with SIGTERM (a graceful stop: it hands its
+    /// leaderships off first) instead of kill -9.
+    #[arg(long)]
+    sigterm: bool,
 }
 
 struct Member {
@@ -55,6 +59,13 @@ impl Member {
         let cmd = std::process::Command::new(bin);
         self.proc = Some(spawn_conflux_serve(cmd, &self.addr, &self.dir, &self.args)?.0);
         Ok(())
+    }
+
+    /// Sends SIGTERM and lets the member stop in the background; the handle
+    /// ends once it has exited.
+    fn terminate(&mut self) -> std::thread::JoinHandle<()> {
+        let p = self.proc.take();
+        std::thread::spawn(move || drop(p))
     }
 
     fn kill9(&mut self) {
@@ -147,8 +158,13 @@ async fn main() -> anyhow::Result<()> {
             }));
         }
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        members[victim].kill9();
         let killed = Instant::now();
+        let exiting = if a.sigterm {
+            Some(members[victim].terminate())
+        } else {
+            members[victim].kill9();
+            None
+        };
         let mut gaps = Vec::new();
         let mut tasks = Vec::new();
         for id in probes {
@@ -181,6 +197,9 @@ async fn main() -> anyhow::Result<()> {
         let median = gaps.get(gaps.len() / 2).copied().unwrap_or(0.0);
         println!("{trial}\t{}\t{}\t{max:.0}\t{median:.0}", victim + 1, led.len());
         gaps_ms.push(max);
+        if let Some(exiting) = exiting {
+            exiting.join().expect("the stopping member's waiter");
+        }
         members[victim].start(&bin)?;
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
