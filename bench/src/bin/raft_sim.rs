@@ -99,7 +99,7 @@ async fn write(rafts: &[Raft], ws: WriteSet) -> anyhow::Result<()> {
     for _ in 0..50 {
         let leader = rafts[0].metrics().borrow().current_leader;
         let raft = rafts.iter().find(|r| Some(r.metrics().borrow().id) == leader).unwrap_or(&rafts[0]);
-        if raft.client_write(ws.clone()).await.is_ok() {
+        if raft.client_write(ws.clone().into()).await.is_ok() {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -184,7 +184,8 @@ async fn failover_trial(opts: &Opts, trial: u32) -> anyhow::Result<Duration> {
                     continue;
                 };
                 let sent = Instant::now();
-                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), raft.client_write(ws)).await {
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), raft.client_write(ws.into())).await
+                {
                     let killed = *killed_at.lock().unwrap();
                     if killed.is_some_and(|k| sent >= k) {
                         first_after.lock().unwrap().get_or_insert(Instant::now());
