@@ -150,8 +150,9 @@ pub trait CommitLog: Send + Sync + 'static {
     /// Proposes a write set computed from state read while this replica led
     /// in leadership term `epoch` (what `Route::Here` named). If the entry
     /// lands in another term it commits as a no-op and the proposal fails
-    /// with [`LogError::Fenced`]. A log whose leadership never changes (a
-    /// single node, epoch 0) has nothing to fence against.
+    /// with [`LogError::Fenced`]. `epoch` must be a Raft term: a single node,
+    /// whose leadership never changes (its scheduler's epoch is 0, no term),
+    /// proposes unfenced.
     fn propose_fenced(
         &self,
         ws: WriteSet,

@@ -438,7 +438,7 @@ impl Inner {
         }
         let record = EntityMeta { version: meta.stored.version(), next_seq };
         ops.push(Op::Put { keyspace: Keyspace::EntityMeta, key: entity_prefix(&sender), value: record.encode() });
-        if let Err(e) = self.log.propose_fenced(WriteSet { ops }, epoch).await {
+        if let Err(e) = self.commit_in(WriteSet { ops }, epoch).await {
             // As for a turn: the write may still commit, unless it was fenced.
             let in_doubt = !matches!(e, LogError::Fenced { .. });
             *st = SlotState { in_doubt, ..SlotState::default() };

@@ -792,6 +792,20 @@ impl Inner {
             .map_err(|e| (from, e.to_string()))
     }
 
+    /// Commits a write set computed under `epoch`: fenced by it on a cluster;
+    /// a single node's leadership never changes, so there is nothing to fence
+    /// (its epoch 0 is no Raft term).
+    fn commit_in(
+        &self,
+        ws: WriteSet,
+        epoch: u64,
+    ) -> futures::future::BoxFuture<'static, Result<crate::model::LogIndex, LogError>> {
+        match self.router {
+            Some(_) => self.log.propose_fenced(ws, epoch),
+            None => self.log.propose(ws),
+        }
+    }
+
     /// Settles a slot in doubt before anything reads the store for it.
     /// The log is ordered: once an empty proposal made after the doubtful one
     /// has committed and applied, the doubtful one has either applied before
@@ -997,7 +1011,7 @@ impl Inner {
             // Fenced: if this node lost the lead while the turn ran and won
             // it again, the state it read may be stale and the write set is
             // skipped (the seeds' fencing token, with the term as token).
-            if let Err(e) = self.log.propose_fenced(WriteSet { ops }, epoch).await {
+            if let Err(e) = self.commit_in(WriteSet { ops }, epoch).await {
                 self.count_turn(false);
                 if let LogError::Fenced { .. } = e {
                     // Nothing of the turn applied: a refusal the caller's
