@@ -254,9 +254,8 @@ impl Member {
             }
             let voters: Vec<NodeId> =
                 m.membership_config.membership().voter_ids().filter(|v| *v != self.node).collect();
-            let matched =
-                |v: &NodeId| m.replication.as_ref().and_then(|r| r.get(v).cloned().flatten()).map(|id| id.index);
-            let to = voters.iter().max_by_key(|v| (matched(v), std::cmp::Reverse(**v))).copied()?;
+            let matched = |v: NodeId| crate::cluster::raft::matched_index(&m, v);
+            let to = voters.iter().max_by_key(|v| (matched(**v), std::cmp::Reverse(**v))).copied()?;
             Some(async move {
                 match self.hand_off_here(shard, to).await {
                     Ok(()) => tracing::info!(shard, to, "handed the lead off before stopping"),
@@ -286,7 +285,8 @@ impl Member {
     }
 }
 
-/// How long a handoff waits for its target to catch up, and then to win.
+/// How long a handoff waits for its target to catch up while the shard
+/// still serves (the pause that follows is bounded in `handoff`).
 const HANDOFF_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a joining node keeps asking to be let in.

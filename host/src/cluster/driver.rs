@@ -91,13 +91,7 @@ pub async fn change_replicas(
         let added = raft.add_learner(a, BasicNode::new(addr), false).await.map_err(|e| e.to_string())?;
         let at = added.log_id.index;
         raft.wait(Some(catch_up))
-            .metrics(
-                |m| {
-                    let matched = m.replication.as_ref().and_then(|r| r.get(&a).cloned().flatten());
-                    matched.is_some_and(|id| id.index >= at)
-                },
-                "the new replica caught up",
-            )
+            .metrics(|m| super::raft::matched_index(m, a).is_some_and(|i| i >= at), "the new replica caught up")
             .await
             .map_err(|e| format!("replica on node {a} did not catch up: {e}"))?;
         voters.insert(a);
@@ -380,8 +374,7 @@ impl PlacementDriver {
         let membership = m.membership_config.membership().clone();
         let last = m.last_log_index.unwrap_or(0);
         for learner in membership.learner_ids() {
-            let matched = m.replication.as_ref().and_then(|r| r.get(&learner).cloned().flatten());
-            if matched.is_some_and(|id| id.index + PROMOTE_WITHIN_ENTRIES >= last) {
+            if super::raft::matched_index(&m, learner).is_some_and(|i| i + PROMOTE_WITHIN_ENTRIES >= last) {
                 let change = ChangeMembers::AddVoterIds(BTreeSet::from([learner]));
                 match tokio::time::timeout(self.cfg.move_timeout, self.meta.raft.change_membership(change, false)).await
                 {

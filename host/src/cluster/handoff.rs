@@ -71,8 +71,7 @@ where
     }
     let within_of_log = |slack: u64| {
         move |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| {
-            let matched = m.replication.as_ref().and_then(|r| r.get(&to).cloned().flatten());
-            matched.is_some_and(|id| id.index + slack >= m.last_log_index.unwrap_or(0))
+            super::raft::matched_index(m, to).is_some_and(|i| i + slack >= m.last_log_index.unwrap_or(0))
         }
     };
     // Catching up by ordinary replication first, while the shard serves

@@ -128,6 +128,12 @@ pub fn leader_of(m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>) -> Opti
     }
 }
 
+/// The last log index the leader knows `node` holds (from a leader's
+/// metrics); `None` elsewhere or before the first reply.
+pub fn matched_index(m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>, node: NodeId) -> Option<u64> {
+    m.replication.as_ref().and_then(|r| r.get(&node).cloned().flatten()).map(|id| id.index)
+}
+
 /// Converts any error into openraft's storage error for the given verb.
 pub(crate) fn storage_err(
     subject: openraft::ErrorSubject<NodeId>,
