@@ -245,6 +245,9 @@ fn retryable(e: &tonic::Status) -> bool {
 #[derive(Default)]
 struct Seen {
     adds: BTreeMap<String, i64>,
+    /// Per counter, each acknowledged add's reply (the new total), with its
+    /// key and when (simulated) it was acknowledged.
+    totals: BTreeMap<String, Vec<(i64, String, f64)>>,
     transfers: Vec<(String, String, String)>,
     retries: u64,
     failed: Vec<String>,
@@ -312,7 +315,12 @@ async fn workload(shared: SharedRef, seed: u64) -> turmoil::Result {
                             call(&shared, Via::Any(caller as usize), ("counter", &id, "add", "1"), Some(&key)).await;
                         seen.retries += retries;
                         match r {
-                            Ok(_) => *seen.adds.entry(id).or_default() += 1,
+                            Ok(total) => {
+                                let at = turmoil::sim_elapsed().unwrap_or_default().as_secs_f64();
+                                let total = total.as_i64().unwrap_or(-1);
+                                seen.totals.entry(id.clone()).or_default().push((total, key.clone(), at));
+                                *seen.adds.entry(id).or_default() += 1
+                            }
                             Err(e) => seen.failed.push(format!("add {key}: {e:?}")),
                         }
                     }
@@ -330,6 +338,9 @@ async fn workload(shared: SharedRef, seed: u64) -> turmoil::Result {
         for (id, n) in s.adds {
             *all.adds.entry(id).or_default() += n;
         }
+        for (id, t) in s.totals {
+            all.totals.entry(id).or_default().extend(t);
+        }
         all.transfers.extend(s.transfers);
         all.retries += s.retries;
         all.failed.extend(s.failed);
@@ -338,6 +349,25 @@ async fn workload(shared: SharedRef, seed: u64) -> turmoil::Result {
         return Err(
             format!("{} calls failed, e.g. {:?}", all.failed.len(), &all.failed[..all.failed.len().min(3)]).into()
         );
+    }
+    // Adds of one, each acknowledged once: their replies must be the totals
+    // 1, 2, 3, … each exactly once. Two adds that saw the same total are a
+    // lost update (both ran on the same state), found at the moment it
+    // happened rather than in the final sum.
+    for (id, totals) in &mut all.totals {
+        totals.sort_by(|a, b| a.0.cmp(&b.0).then(a.2.total_cmp(&b.2)));
+        for (i, w) in totals.windows(2).enumerate() {
+            if w[0].0 == w[1].0 || w[0].0 != i as i64 + 1 {
+                return Err(format!(
+                    "counter {id}: acknowledged adds must see the totals 1, 2, 3, … once each, but near the {}th: \
+                     {:?} then {:?} (total, key, acknowledged at simulated seconds)",
+                    i + 1,
+                    w[0],
+                    w[1]
+                )
+                .into());
+            }
+        }
     }
     let adds: i64 = all.adds.values().sum();
     if adds < 100 || all.transfers.len() < 50 {
@@ -654,7 +684,12 @@ fn seeded_crashes_partitions_joins_and_drains_lose_and_duplicate_nothing() {
 
 fn run_seeds(faults: Faults) {
     let filter = std::env::var("CONFLUX_SIM_LOG").unwrap_or_else(|_| "error,openraft=off".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_timer(SimTime)
+        .with_ansi(false)
+        .with_test_writer()
+        .try_init();
     // The components are built before the simulation's clock starts.
     guest_wasm("counter");
     guest_wasm("bank");
@@ -681,6 +716,123 @@ fn run_seeds(faults: Faults) {
     );
 }
 
+/// Log lines carry simulated time, to line up with the chaos schedule.
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match turmoil::sim_elapsed() {
+            Some(t) => write!(w, "{:>8.3}s", t.as_secs_f64()),
+            None => write!(w, "       -"),
+        }
+    }
+}
+
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+}
+
+/// The deposed-leader rule below the simulation, on one scheduler: a reply
+/// read from state — a read, and an entity's refusal too — is given only
+/// once the log confirms the lead in the turn's term. A refusal from a stale
+/// store would otherwise stand for good (a message refused is dead-lettered:
+/// the simulation lost money that way). The log is a real `LocalLog` whose
+/// leadership is reported lost on command.
+#[test]
+fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
+    use conflux_host::log::{CommitLog, LocalLog, LogError, LogStats};
+    use conflux_host::model::{EntityRef, LogIndex, WriteSet};
+    use conflux_host::scheduler::{Invocation, InvokeError, Route, Router, Scheduler};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct Deposable {
+        log: LocalLog,
+        deposed: AtomicBool,
+    }
+    impl CommitLog for Deposable {
+        fn propose(&self, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>> {
+            self.log.propose(ws)
+        }
+        fn confirm_lead(&self, _: &EntityRef, _: u64) -> BoxFuture<'static, Result<(), LogError>> {
+            let deposed = self.deposed.load(Ordering::SeqCst);
+            Box::pin(async move { if deposed { Err(LogError::NotLeader { leader: Some(2) }) } else { Ok(()) } })
+        }
+        fn last_durable_index(&self) -> LogIndex {
+            self.log.last_durable_index()
+        }
+        fn applied_index(&self) -> LogIndex {
+            self.log.applied_index()
+        }
+        fn stats(&self) -> LogStats {
+            self.log.stats()
+        }
+        fn shutdown(&self) -> BoxFuture<'static, Result<(), LogError>> {
+            self.log.shutdown()
+        }
+    }
+    /// This node leads every entity's shard, in term 1.
+    struct Leads;
+    impl Router for Leads {
+        fn route(&self, _: &EntityRef) -> Route {
+            Route::Here { epoch: 1 }
+        }
+        fn forward(&self, node: u64, _: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>> {
+            Box::pin(async move { Err(InvokeError::Unreachable { node, message: "no peers here".into() }) })
+        }
+        fn hint(&self, _: &EntityRef, _: Option<u64>) {}
+        fn forward_timeout(&self) -> Duration {
+            Duration::from_secs(1)
+        }
+    }
+
+    let bank = std::fs::read(guest_wasm("bank")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::default();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let store: Arc<dyn conflux_host::storage::StateStore> =
+            Arc::new(conflux_host::storage::SledStore::open(&dir.path().join("store")).unwrap());
+        let log = Arc::new(Deposable {
+            log: LocalLog::open(&dir.path().join("log"), store.clone(), cfg.log.clone()).unwrap(),
+            deposed: AtomicBool::new(false),
+        });
+        // Opening the registry blocks (it loads components), as the node does it.
+        let (runtime, registry) = {
+            let (cfg, dir, store, log) = (cfg.clone(), dir.path().to_path_buf(), store.clone(), log.clone());
+            tokio::task::spawn_blocking(move || {
+                let runtime = Arc::new(conflux_host::runtime::Runtime::new(&cfg.runtime).unwrap());
+                let registry = conflux_host::registry::Registry::open(&cfg.registry, &dir, runtime.clone(), store, log);
+                (runtime, Arc::new(registry.unwrap()))
+            })
+            .await
+            .unwrap()
+        };
+        registry.deploy("account", bank, None).await.unwrap();
+        let router: Arc<dyn Router> = Arc::new(Leads);
+        let scheduler = Scheduler::with_router(&cfg.scheduler, runtime, registry, store, log.clone(), Some(router));
+        let invoke = |op: &str, payload: &str| Invocation {
+            entity: EntityRef::new("account", "a0").unwrap(),
+            operation: op.into(),
+            payload: payload.as_bytes().to_vec(),
+            caller: None,
+            idempotency_key: None,
+            message_seq: None,
+        };
+        let broke = r#"{"to": "a1", "amount": 50}"#;
+
+        // Leading: the balance is read, the overdraft refused.
+        assert_eq!(scheduler.invoke_here(invoke("balance", "")).await.unwrap(), b"0");
+        let refused = scheduler.invoke_here(invoke("transfer", broke)).await;
+        assert!(matches!(refused, Err(InvokeError::Turn(_))), "an overdraft is the entity's refusal: {refused:?}");
+
+        // Deposed: neither answer stands; both are sent to the leader.
+        log.deposed.store(true, Ordering::SeqCst);
+        for (op, payload) in [("balance", ""), ("transfer", broke)] {
+            match scheduler.invoke_here(invoke(op, payload)).await {
+                Err(InvokeError::NotHere { leader: Some(2) }) => {}
+                other => panic!("a deposed leader answered {op}: {other:?}"),
+            }
+        }
+        log.shutdown().await.unwrap();
+    });
 }

@@ -18,9 +18,28 @@ use crate::scheduler::{Invocation, InvokeError, Route, Router};
 use crate::storage::{KvPairs, SledStore, StateStore, StorageError};
 use futures::future::BoxFuture;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+/// Confirms a leadership openraft restored on restart. Such a leader has
+/// no new entry of its own: its last applied entry may be of its term and
+/// yet its store may lack entries committed before the stop (sled is synced
+/// lazily; the WAL replays them once they commit again), or the others may
+/// have elected a new leader meanwhile. An empty entry committed in the
+/// restored term settles both: everything before it has applied, and a
+/// majority still follows this term. If it fails, the term has moved on and
+/// the restored one is never served.
+async fn confirm_restored_lead(raft: Raft, term: u64, unconfirmed: Arc<AtomicU64>) {
+    match raft.client_write(super::raft::ShardWrite::default()).await {
+        Ok(r) if r.log_id.leader_id.term == term => {
+            tracing::info!(term, "confirmed the leadership restored on restart");
+            unconfirmed.store(0, Ordering::Release);
+        }
+        Ok(_) => {}
+        Err(e) => tracing::info!(term, "the leadership restored on restart is over: {e}"),
+    }
+}
 
 /// What a node asks of its peers beyond Raft messages.
 pub trait Peers: Send + Sync + 'static {
@@ -40,11 +59,22 @@ pub struct LocalShard {
     /// Set while this node hands the shard's leadership off
     /// ([`super::handoff`]): it runs no turns for it meanwhile.
     handing_off: Arc<AtomicBool>,
+    /// The term of a leadership openraft restored when the replica opened
+    /// ([`super::raft::Replica::restored_lead`]) until an entry proposed
+    /// since then has applied; `0` once it has (terms start at 1).
+    unconfirmed_lead: Arc<AtomicU64>,
 }
 
 impl LocalShard {
+    /// Must be called inside a tokio runtime: a restored leadership is
+    /// confirmed by a background write.
     pub fn new(raft: Raft, store: Arc<SledStore>, log: Arc<ShardLog>) -> Self {
-        Self { raft, store, log, handing_off: Arc::default() }
+        let restored = log.restored_lead();
+        let unconfirmed_lead = Arc::new(AtomicU64::new(restored.unwrap_or(0)));
+        if let Some(term) = restored {
+            tokio::spawn(confirm_restored_lead(raft.clone(), term, unconfirmed_lead.clone()));
+        }
+        Self { raft, store, log, handing_off: Arc::default(), unconfirmed_lead }
     }
 
     /// The term this node leads the shard in, once it has applied an entry of
@@ -56,7 +86,8 @@ impl LocalShard {
         }
         let m = self.raft.metrics();
         let m = m.borrow();
-        let caught_up = m.last_applied.is_some_and(|id| id.leader_id.term == m.current_term);
+        let caught_up = m.last_applied.is_some_and(|id| id.leader_id.term == m.current_term)
+            && self.unconfirmed_lead.load(Ordering::Acquire) != m.current_term;
         (super::raft::leader_of(&m) == Some(me) && caught_up).then_some(m.current_term)
     }
 

@@ -202,6 +202,54 @@ async fn a_crashed_leader_is_replaced_and_catches_up_by_snapshot_on_restart() {
     }
 }
 
+/// openraft restores a leader that restarts in the term it led, with no new
+/// entry: its store may lack what committed before the stop, and the others
+/// may have moved on. It serves turns only once an entry proposed since the
+/// restart has committed in that term: never without a majority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_serves_only_once_a_majority_confirms_its_term() {
+    use crate::cluster::sharded::LocalShard;
+    let net = LocalNet::new(13);
+    let config = config(1000);
+    let mut nodes = start_cluster(&net, config.clone()).await;
+    write(&nodes, put("before", "1"), Duration::from_secs(10)).await;
+    let l = leader(&nodes, Duration::from_secs(5)).await;
+    let term = nodes.iter().find(|n| n.id == l).unwrap().replica().raft.metrics().borrow().current_term;
+    // The followers stop first, so nobody takes over; then the leader.
+    let mut dirs = BTreeMap::new();
+    for n in nodes.iter_mut().filter(|n| n.id != l) {
+        dirs.insert(n.id, n.crash(&net).await);
+    }
+    let pos = nodes.iter().position(|n| n.id == l).unwrap();
+    let dir = nodes[pos].crash(&net).await;
+    nodes[pos] = TestNode::start(l, dir, &net, config.clone()).await;
+    let replica = nodes[pos].replica().clone();
+    assert_eq!(replica.restored_lead, Some(term), "the restarted leader's vote names it in term {term}");
+    let shard = LocalShard::new(
+        replica.raft.clone(),
+        replica.state.store().clone(),
+        Arc::new(raft::ShardLog::new(replica.clone(), &crate::log::LogConfig::default())),
+    );
+    // Restored as leader at once, in its old term...
+    replica.raft.wait(Some(Duration::from_secs(5))).state(openraft::ServerState::Leader, "restored").await.unwrap();
+    assert_eq!(raft::leader_of(&replica.raft.metrics().borrow()), Some(l));
+    // ...but alone it cannot confirm the term, so it serves nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(shard.ready_term(l), None, "a restored leader served before a majority confirmed its term");
+    // One follower back makes a majority: the confirmation commits.
+    let (&f, _) = dirs.iter().next().unwrap();
+    let fpos = nodes.iter().position(|n| n.id == f).unwrap();
+    nodes[fpos] = TestNode::start(f, dirs.remove(&f).unwrap(), &net, config).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shard.ready_term(l) != Some(term) {
+        assert!(Instant::now() < deadline, "the restored leadership was never confirmed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in nodes.iter().filter(|n| n.replica.is_some()) {
+        n.replica().raft.shutdown().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_leader_cannot_commit_and_the_majority_keeps_serving() {
     let net = LocalNet::new(2);

@@ -806,6 +806,28 @@ impl Inner {
         }
     }
 
+    /// On a cluster, confirms this node still leads the entity's shard in
+    /// `epoch` before it answers from what it read; if not, drops the slot's
+    /// instance and refuses with `NotHere` (nothing was written: always safe
+    /// to retry on the current leader).
+    async fn confirm_or_refuse(
+        &self,
+        entity: &EntityRef,
+        epoch: u64,
+        slot_state: &mut SlotState,
+    ) -> Result<(), InvokeError> {
+        if self.router.is_none() {
+            return Ok(());
+        }
+        let Err(e) = self.log.confirm_lead(entity, epoch).await else { return Ok(()) };
+        slot_state.resident = None;
+        Err(match e {
+            LogError::NotLeader { leader } => InvokeError::NotHere { leader },
+            LogError::ShutDown => InvokeError::ShuttingDown,
+            _ => InvokeError::NotHere { leader: None },
+        })
+    }
+
     /// Settles a slot in doubt before anything reads the store for it.
     /// The log is ordered: once an empty proposal made after the doubtful one
     /// has committed and applied, the doubtful one has either applied before
@@ -917,6 +939,14 @@ impl Inner {
             Ok(TurnResult::Ran { output, migrated }) => (output, migrated),
             Err(e) => {
                 self.count_turn(false);
+                // An entity's refusal is an answer read from its state, like
+                // a read's: a deposed leader's stale store could refuse what
+                // the entity would accept (a message refused this way is
+                // dead-lettered for good), so it too is given only once the
+                // lead is confirmed.
+                if matches!(e, InvokeError::Turn(_) | InvokeError::MigrationFailed { .. }) {
+                    self.confirm_or_refuse(&inv.entity, epoch, &mut slot_state).await?;
+                }
                 return Err(e);
             }
         };
@@ -992,19 +1022,13 @@ impl Inner {
             ops.push(Op::Delete { keyspace: Keyspace::Timers, key: timer_id_key(&inv.entity, c.seq) });
         }
         let stores_reply = guard_keys.record(&mut ops, &output.reply, now_ms, self.cfg.idempotency_retention_ms);
-        if ops.is_empty() && self.router.is_some() {
+        if ops.is_empty() {
             // A read: answered only once this node is known to have led in
             // `epoch` after it read (a deposed leader cut off from the rest
             // would answer from a stale store).
-            if let Err(e) = self.log.confirm_lead(&inv.entity, epoch).await {
+            if let Err(e) = self.confirm_or_refuse(&inv.entity, epoch, &mut slot_state).await {
                 self.count_turn(false);
-                slot_state.resident = None;
-                // Nothing was written: always safe to retry elsewhere.
-                return Err(match e {
-                    LogError::NotLeader { leader } => InvokeError::NotHere { leader },
-                    LogError::ShutDown => InvokeError::ShuttingDown,
-                    _ => InvokeError::NotHere { leader: None },
-                });
+                return Err(e);
             }
         }
         if !ops.is_empty() {

@@ -149,6 +149,11 @@ pub struct Replica {
     pub shard: ShardId,
     pub raft: Raft,
     pub state: ShardStateMachine,
+    /// The term this node led the shard in when it last stopped, if it did:
+    /// openraft restores that leadership at once on restart, in the same
+    /// term and without a new entry, so an entry of the term proves nothing
+    /// (see `LocalShard::ready_term`).
+    pub restored_lead: Option<u64>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -198,13 +203,17 @@ impl ReplicaHost {
     /// leader adds it.
     pub async fn open(&self, shard: ShardId) -> Result<Replica, ReplicaError> {
         let dir = replica_dir(&self.data_dir, shard);
-        let log = WalLogStore::open(&dir.join("wal"), self.wal_flush_wait).map_err(ReplicaError::Wal)?;
+        let mut log = WalLogStore::open(&dir.join("wal"), self.wal_flush_wait).map_err(ReplicaError::Wal)?;
+        let vote = openraft::storage::RaftLogStorage::read_vote(&mut log)
+            .await
+            .map_err(|e| ReplicaError::Wal(std::io::Error::other(e.to_string())))?;
+        let restored_lead = vote.filter(|v| v.committed && v.leader_id.node_id == self.node).map(|v| v.leader_id.term);
         let store =
             std::sync::Arc::new(crate::storage::SledStore::in_db(&self.db, &format!("shard-{shard}"), &self.sled_dir)?);
         let state = ShardStateMachine::open(store, &dir)?;
         let network = ShardNetworkFactory::new(shard, self.transport.clone());
         let raft = Raft::new(self.node, self.config.clone(), network, log, state.clone()).await?;
-        Ok(Replica { shard, raft, state })
+        Ok(Replica { shard, raft, state, restored_lead })
     }
 }
 

@@ -151,6 +151,11 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, counters: Arc<Cou
 }
 
 impl ShardLog {
+    /// See [`Replica::restored_lead`].
+    pub fn restored_lead(&self) -> Option<u64> {
+        self.replica.restored_lead
+    }
+
     fn submit(&self, ws: WriteSet, fence_term: Option<u64>) -> BoxFuture<'static, Result<LogIndex, LogError>> {
         let (tx, timeout) = (self.tx.clone(), self.commit_timeout);
         Box::pin(async move {
