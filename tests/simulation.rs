@@ -8,9 +8,11 @@
 //! from the seed. A seeded chaos schedule partitions nodes, crashes and
 //! restarts them, makes outages longer than the grace period (so replicas are
 //! re-created elsewhere), adds a node (`join`) and drains one (`Drain`, then
-//! stops it); each test draws from a subset. CI runs the fault-free test; the
-//! faulty ones are `--ignored` because they still find open bugs. Meanwhile callers add to counters and
-//! move money with idempotency keys, retrying through whichever node answers. After the faults heal, every counter must hold exactly its
+//! stops it); each test draws from a subset, and CI runs a few seeds of each.
+//! Meanwhile callers add to counters and move money with idempotency keys,
+//! retrying through whichever node answers. Every acknowledged add of one
+//! must have seen a distinct total (a lost update shows at the moment it
+//! happened). After the faults heal, every counter must hold exactly its
 //! acknowledged adds (no acknowledged write lost, none applied twice) read
 //! through every member, and the bank's books must settle with money
 //! conserved.
@@ -22,7 +24,7 @@
 //! simulation, so a replay re-runs the same faults at the same simulated
 //! offsets, not necessarily the same interleaving.
 //!
-//! `CONFLUX_SIM_SEEDS=N` runs seeds 1..=N (CI: the default, 2), `=A..B` seeds A..=B;
+//! `CONFLUX_SIM_SEEDS=N` runs seeds 1..=N of each test (CI: the default, 2), `=A..B` seeds A..=B;
 //! `CONFLUX_SIM_SEED=S` replays one; `CONFLUX_SIM_LOG=info,turmoil=info`
 //! shows the nodes' logs, each line tagged with its node.
 
@@ -649,35 +651,27 @@ fn seeds() -> Vec<u64> {
 }
 
 /// No faults: the cluster forms, serves the load and passes the checks on
-/// the simulated network. The run CI makes: the faulty runs below still fail
-/// some seeds on liveness (see docs/BENCHMARKS.md, "Simulation").
+/// the simulated network.
 #[test]
 fn seeded_runs_without_faults_serve_the_load_exactly() {
     run_seeds(Faults::None);
 }
 
-/// Partitions of one node at a time. Ignored by default, like the runs
-/// below (30 of 30 seeds passed in the last sample).
+/// Partitions of one node at a time.
 #[test]
-#[ignore]
 fn seeded_partitions_lose_and_duplicate_nothing() {
     run_seeds(Faults::Partitions);
 }
 
-/// Adds crashes and restarts. Ignored by default: about one seed in ten
-/// ends with a member that cannot answer one entity's calls for 120 s after
-/// the faults healed (open).
+/// Adds crashes and restarts shorter than the grace period.
 #[test]
-#[ignore]
 fn seeded_crashes_and_partitions_lose_and_duplicate_nothing() {
     run_seeds(Faults::Crashes);
 }
 
-/// Adds outages past the grace period, a join and a drain. Ignored by
-/// default: about one seed in twenty ends with transfers that do not settle
-/// within 120 s (open).
+/// Adds outages past the grace period (replicas re-created elsewhere), a
+/// join and a drain.
 #[test]
-#[ignore]
 fn seeded_crashes_partitions_joins_and_drains_lose_and_duplicate_nothing() {
     run_seeds(Faults::Reshape);
 }
@@ -710,9 +704,16 @@ fn run_seeds(faults: Faults) {
             failed.push(seed);
         }
     }
+    let test = match faults {
+        Faults::None => "seeded_runs_without_faults",
+        Faults::Partitions => "seeded_partitions",
+        Faults::Crashes => "seeded_crashes_and_partitions",
+        Faults::Reshape => "seeded_crashes_partitions_joins",
+    };
     assert!(
         failed.is_empty(),
-        "seeds {failed:?} failed; replay one with CONFLUX_SIM_SEED=<seed> cargo test -p conflux-host --test simulation"
+        "seeds {failed:?} failed; replay one with CONFLUX_SIM_SEED=<seed> cargo test -p conflux-host --test simulation \
+         -- --nocapture {test}"
     );
 }
 

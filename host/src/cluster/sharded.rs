@@ -391,7 +391,10 @@ impl Router for ClusterRouter {
         }
         // A refusal's hint is fresher than a follower's view, which may be a
         // replica's that was removed from the group and never heard of it.
-        if let Some(node) = self.hints().get(&shard) {
+        // Never this node itself: it does not lead (or it would have
+        // returned above), and forwarding to itself would only name itself
+        // again to whoever asked (a loop the simulation found).
+        if let Some(node) = self.hints().get(&shard).filter(|n| **n != me) {
             return Route::There { node: *node };
         }
         if let Some(node) = local_leader {
@@ -419,11 +422,18 @@ impl Router for ClusterRouter {
             None => {
                 // No leader named, or the node asked is unreachable: ask the
                 // shard's next replica.
+                let me = self.shards.node;
                 let replicas = self.shards.shape.replicas(shard);
                 let current = hints.get(&shard).copied().or(replicas.first().copied());
                 let pos = current.and_then(|c| replicas.iter().position(|r| *r == c)).unwrap_or(0);
-                if let Some(next) = replicas.get((pos + 1) % replicas.len().max(1)) {
-                    hints.insert(shard, *next);
+                let others = replicas.iter().cycle().skip(pos + 1).take(replicas.len());
+                match others.copied().find(|r| *r != me) {
+                    Some(next) => {
+                        hints.insert(shard, next);
+                    }
+                    None => {
+                        hints.remove(&shard);
+                    }
                 }
             }
         }
@@ -439,6 +449,7 @@ mod tests {
     use super::*;
     use crate::cluster::raft::{NoPeers, ReplicaHost};
     use crate::model::{Op, state_key};
+    use std::collections::BTreeSet;
 
     /// Peers that are never reached: these tests stay on one node.
     struct Unreachable;
@@ -559,5 +570,31 @@ mod tests {
         assert!(local.replica(0).is_some());
 
         local.shutdown().await.unwrap();
+    }
+
+    /// However the hints rotate (unreachable replicas, refusals naming no
+    /// leader or naming this node), a node that does not lead never routes to
+    /// itself: it would answer its own forward, and every caller, with its
+    /// own name, and the entity's calls would loop until they time out.
+    #[test]
+    fn a_node_that_does_not_lead_never_routes_to_itself() {
+        let mut shape = crate::cluster::shape::Shape::default();
+        shape.layout.placement = vec![vec![1, 2, 3]];
+        let shape = Arc::new(ClusterShape::new(shape));
+        let local = Arc::new(LocalShards::new(3, 1, shape, BTreeMap::new()));
+        let router = ClusterRouter::new(local, Arc::new(Unreachable), Duration::from_secs(1));
+        let e = entity_in(0, 1);
+        let mut seen = BTreeSet::new();
+        for k in 0..12 {
+            router.hint(&e, if k % 3 == 0 { Some(3) } else { None });
+            match router.route(&e) {
+                Route::There { node } => {
+                    assert_ne!(node, 3, "routed to itself after {} hints", k + 1);
+                    seen.insert(node);
+                }
+                other => panic!("a shard with replicas routed {other:?}"),
+            }
+        }
+        assert_eq!(seen, BTreeSet::from([1, 2]), "the hints rotate over the other replicas");
     }
 }
