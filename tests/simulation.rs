@@ -738,7 +738,8 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 /// once the log confirms the lead in the turn's term. A refusal from a stale
 /// store would otherwise stand for good (a message refused is dead-lettered:
 /// the simulation lost money that way). The log is a real `LocalLog` whose
-/// leadership is reported lost on command.
+/// leadership is reported lost on command. Also: a forward that lost its
+/// connection moves the route on even when the call is not retried.
 #[test]
 fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
     use conflux_host::log::{CommitLog, LocalLog, LogError, LogStats};
@@ -771,16 +772,23 @@ fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
             self.log.shutdown()
         }
     }
-    /// This node leads every entity's shard, in term 1.
-    struct Leads;
-    impl Router for Leads {
+    /// This node leads every entity's shard, in term 1, until told it does
+    /// not: then node 4 does, and every forward to it loses its connection.
+    #[derive(Default)]
+    struct Routes {
+        elsewhere: AtomicBool,
+        hints: std::sync::Mutex<Vec<Option<u64>>>,
+    }
+    impl Router for Routes {
         fn route(&self, _: &EntityRef) -> Route {
-            Route::Here { epoch: 1 }
+            if self.elsewhere.load(Ordering::SeqCst) { Route::There { node: 4 } } else { Route::Here { epoch: 1 } }
         }
         fn forward(&self, node: u64, _: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>> {
-            Box::pin(async move { Err(InvokeError::Unreachable { node, message: "no peers here".into() }) })
+            Box::pin(async move { Err(InvokeError::Lost { node, message: "connection reset".into() }) })
         }
-        fn hint(&self, _: &EntityRef, _: Option<u64>) {}
+        fn hint(&self, _: &EntityRef, leader: Option<u64>) {
+            self.hints.lock().unwrap().push(leader);
+        }
         fn forward_timeout(&self) -> Duration {
             Duration::from_secs(1)
         }
@@ -809,7 +817,8 @@ fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
             .unwrap()
         };
         registry.deploy("account", bank, None).await.unwrap();
-        let router: Arc<dyn Router> = Arc::new(Leads);
+        let routes = Arc::new(Routes::default());
+        let router: Arc<dyn Router> = routes.clone();
         let scheduler = Scheduler::with_router(&cfg.scheduler, runtime, registry, store, log.clone(), Some(router));
         let invoke = |op: &str, payload: &str| Invocation {
             entity: EntityRef::new("account", "a0").unwrap(),
@@ -834,6 +843,16 @@ fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
                 other => panic!("a deposed leader answered {op}: {other:?}"),
             }
         }
+
+        // A read forwarded to a leader whose connection breaks is not retried
+        // (it carries no idempotency key), but the route is: the caller's
+        // retry must not take the same dead path (the simulation found reads
+        // failing for 120 s through a member that kept forwarding to a node
+        // drained and stopped).
+        routes.elsewhere.store(true, Ordering::SeqCst);
+        let lost = scheduler.invoke(invoke("balance", "")).await;
+        assert!(matches!(lost, Err(InvokeError::Lost { node: 4, .. })), "{lost:?}");
+        assert_eq!(*routes.hints.lock().unwrap(), vec![None], "the lost route was not noted");
         log.shutdown().await.unwrap();
     });
 }

@@ -497,14 +497,18 @@ impl Scheduler {
                 Route::There { node } => router.forward(node, inv.clone()).await,
                 Route::Unknown => Err(InvokeError::NoLeader("an election is under way".into())),
             };
+            // What a failed forward says about the leader is noted even when
+            // the call is not retried here: the caller's own retry (an
+            // unguarded call that lost its connection) must not take the same
+            // dead route again.
+            match &result {
+                Err(InvokeError::NotHere { leader }) => router.hint(&inv.entity, *leader),
+                Err(InvokeError::Unreachable { .. } | InvokeError::Lost { .. }) => router.hint(&inv.entity, None),
+                _ => {}
+            }
             match result {
                 Err(e) if e.is_retryable(guarded) && Instant::now() + pause < deadline => {
                     tracing::debug!(entity = %inv.entity, "looking for the shard's leader: {e}");
-                    match e {
-                        InvokeError::NotHere { leader } => router.hint(&inv.entity, leader),
-                        InvokeError::Unreachable { .. } | InvokeError::Lost { .. } => router.hint(&inv.entity, None),
-                        _ => {}
-                    }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(ROUTE_RETRY_MAX);
                 }
