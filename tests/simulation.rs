@@ -125,8 +125,17 @@ fn node_config(root: &Path, n: u64, founders: u64, join: Option<u64>) -> Config 
     // Snapshots every few hundred entries: restarted and new replicas catch
     // up by snapshot as well as by log.
     c.log.compact_every_entries = 200;
+    // Each node's wasm engine reserves address space for its whole instance
+    // pool up front (terabytes at the default 10 500 instances); the run has
+    // 20 entities, and several nodes share this process.
+    c.scheduler.max_resident_instances = 64;
+    c.runtime.max_instances = 256;
     c
 }
+
+/// The simulations run one at a time: each holds several nodes' engines in
+/// this one process, and the machine has two cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn add_node(sim: &mut turmoil::Sim<'_>, cfg: Config) {
     let ip = cfg.api.listen.ip();
@@ -677,6 +686,7 @@ fn seeded_crashes_partitions_joins_and_drains_lose_and_duplicate_nothing() {
 }
 
 fn run_seeds(faults: Faults) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let filter = std::env::var("CONFLUX_SIM_LOG").unwrap_or_else(|_| "error,openraft=off".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -794,6 +804,7 @@ fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
         }
     }
 
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let bank = std::fs::read(guest_wasm("bank")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config::default();
