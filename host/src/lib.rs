@@ -5,6 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod determinism;
 pub mod log;
 pub mod model;
 pub mod node;

@@ -244,9 +244,10 @@ pub fn entity_of_key(keyspace: Keyspace, key: &[u8]) -> Option<(&str, &str)> {
     Some((ty, id))
 }
 
-/// Wall-clock time in Unix milliseconds (0 if the clock is before 1970).
+/// Wall-clock time in Unix milliseconds (0 if the clock is before 1970; a
+/// simulation's clock under one: see [`crate::determinism`]).
 pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    crate::determinism::unix_ms()
 }
 
 /// Prefix under which all entities of one type live.

@@ -238,7 +238,7 @@ impl Node {
         // sled recovers its files on open: blocking work, kept off the runtime.
         let db = {
             let sled_dir = sled_dir.clone();
-            tokio::task::spawn_blocking(move || sled::Config::new().path(&sled_dir).open())
+            crate::determinism::blocking(move || sled::Config::new().path(&sled_dir).open())
                 .await
                 .map_err(|e| NodeError::Background(e.to_string()))?
                 .map_err(|e| NodeError::StoreOpen { path: path(), source: crate::storage::StorageError::Sled(e) })?
@@ -490,7 +490,7 @@ impl Node {
             }
         };
         let sched = self.scheduler.clone();
-        tokio::task::spawn_blocking(move || sched.recover_counts())
+        crate::determinism::blocking(move || sched.recover_counts())
             .await
             .map_err(|e| NodeError::Background(e.to_string()))?
             .map_err(|e| NodeError::Background(format!("counting the outbox: {e}")))?;
@@ -536,7 +536,7 @@ async fn open_runtime_and_registry(
     log: Arc<dyn CommitLog>,
 ) -> Result<(Arc<Runtime>, Arc<Registry>), NodeError> {
     let (runtime_cfg, registry_cfg, dir) = (cfg.runtime.clone(), cfg.registry.clone(), cfg.storage.data_dir.clone());
-    tokio::task::spawn_blocking(move || {
+    crate::determinism::blocking(move || {
         let runtime = Arc::new(Runtime::new(&runtime_cfg)?);
         let registry = Registry::open(&registry_cfg, &dir, runtime.clone(), store, log)
             .map_err(|source| NodeError::RegistryOpen { path: dir.display().to_string(), source })?;

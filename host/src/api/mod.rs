@@ -378,7 +378,7 @@ impl Conflux for Api {
         let limit = page_size(req.limit, ENTITY_PAGE_DEFAULT, ENTITY_PAGE_MAX);
         let store = self.store.clone();
         let start_after = (!req.start_after.is_empty()).then_some(req.start_after);
-        let mut ids = tokio::task::spawn_blocking(move || {
+        let mut ids = crate::determinism::blocking(move || {
             crate::storage::entity_ids(store.as_ref(), &req.entity_type, &req.prefix, start_after.as_deref(), limit + 1)
         })
         .await
@@ -692,7 +692,7 @@ impl Conflux for Api {
             })?)
         };
         let scheduler = self.scheduler.clone();
-        let rows = tokio::task::spawn_blocking(move || scheduler.dead_letters(start.as_deref(), limit + 1))
+        let rows = crate::determinism::blocking(move || scheduler.dead_letters(start.as_deref(), limit + 1))
             .await
             .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
             .map_err(invoke_status)?;
@@ -731,7 +731,7 @@ impl Conflux for Api {
         });
         let store = self.store.clone();
         let rows =
-            tokio::task::spawn_blocking(move || store.scan(Keyspace::State, &prefix, start.as_deref(), limit + 1))
+            crate::determinism::blocking(move || store.scan(Keyspace::State, &prefix, start.as_deref(), limit + 1))
                 .await
                 .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
                 .map_err(storage_status)?;

@@ -24,7 +24,8 @@ use futures::future::BoxFuture;
 use openraft::{BasicNode, ChangeMembers};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// What the driver asks of members (itself included).
 pub trait Mover: Send + Sync + 'static {

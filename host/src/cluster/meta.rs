@@ -11,7 +11,8 @@ use crate::log::{CommitLog, LogError, LogStats};
 use crate::model::{LogIndex, WriteSet};
 use futures::future::BoxFuture;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// The metadata group's id on the wire; data shards are numbered from 0.
 pub const META_SHARD: ShardId = u32::MAX;

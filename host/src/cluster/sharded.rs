@@ -17,7 +17,7 @@ use crate::model::{EntityRef, Keyspace, LogIndex, WriteSet, entity_of_key};
 use crate::scheduler::{Invocation, InvokeError, Route, Router};
 use crate::storage::{KvPairs, SledStore, StateStore, StorageError};
 use futures::future::BoxFuture;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -362,15 +362,15 @@ pub struct ClusterRouter {
     forward_timeout: Duration,
     /// Leaders learned from refusals, for shards this node holds no replica
     /// of. Bounded by the shard count.
-    hints: Mutex<HashMap<ShardId, NodeId>>,
+    hints: Mutex<BTreeMap<ShardId, NodeId>>,
 }
 
 impl ClusterRouter {
     pub fn new(shards: Arc<LocalShards>, peers: Arc<dyn Peers>, forward_timeout: Duration) -> Self {
-        Self { shards, peers, forward_timeout, hints: Mutex::new(HashMap::new()) }
+        Self { shards, peers, forward_timeout, hints: Mutex::new(BTreeMap::new()) }
     }
 
-    fn hints(&self) -> std::sync::MutexGuard<'_, HashMap<ShardId, NodeId>> {
+    fn hints(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, NodeId>> {
         self.hints.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

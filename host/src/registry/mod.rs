@@ -21,7 +21,7 @@ use crate::runtime::{Prepared, Runtime};
 use crate::storage::StateStore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -262,7 +262,7 @@ pub struct Candidate {
 struct TypeState {
     record: TypeRecord,
     /// The active version and the canary's, compiled and ready.
-    loaded: HashMap<u32, Arc<LoadedVersion>>,
+    loaded: BTreeMap<u32, Arc<LoadedVersion>>,
 }
 
 impl TypeState {
@@ -288,7 +288,7 @@ pub struct Registry {
     cfg: RegistryConfig,
     components_dir: PathBuf,
     artifacts_dir: PathBuf,
-    types: RwLock<HashMap<String, TypeState>>,
+    types: RwLock<BTreeMap<String, TypeState>>,
     /// Deploys are serialised so version numbers are assigned without races.
     deploy_lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -330,10 +330,11 @@ impl Registry {
             cfg: cfg.clone(),
             components_dir,
             artifacts_dir,
-            types: RwLock::new(HashMap::new()),
+            types: RwLock::new(BTreeMap::new()),
             deploy_lock: Arc::new(tokio::sync::Mutex::new(())),
         };
-        reg.refresh()?;
+        // Nobody else holds the registry yet, so no deploy can race the load.
+        reg.refresh_locked()?;
         Ok(reg)
     }
 
@@ -360,46 +361,41 @@ impl Registry {
         Ok(records)
     }
 
-    /// Loads what the store records that is not loaded yet: every type at
-    /// open, and on a cluster the records another node committed (called
-    /// when the metadata replica applies something). Each changed type's
-    /// active and canary versions are compiled (or loaded from the artifact
-    /// cache) first, then switched to, so turns never wait on a compile.
-    /// Returns how many types changed. Blocking: compiles.
-    pub fn refresh(&self) -> Result<usize, RegistryError> {
-        // Serialised with deploys here, so an older record read before a
-        // local deploy committed never replaces the deploy's.
-        let _guard = self.deploy_lock.blocking_lock();
-        self.refresh_locked()
-    }
-
-    /// [`Registry::refresh`] from async code: the deploy lock is awaited, not
-    /// blocked on, so no blocking thread sits waiting for a deploy that
-    /// itself waits on the network; then the loading runs on the blocking pool.
+    /// Loads what the store records that is not loaded yet (see
+    /// `refresh_locked`). The deploy lock is awaited, not blocked on, so no
+    /// blocking thread sits waiting for a deploy that itself waits on the
+    /// network; then the loading runs on the blocking pool.
     pub async fn refresh_in_background(
         self: &Arc<Self>,
     ) -> Result<Result<usize, RegistryError>, tokio::task::JoinError> {
         let guard = self.deploy_lock.clone().lock_owned().await;
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::determinism::blocking(move || {
             let _guard = guard;
             this.refresh_locked()
         })
         .await
     }
 
+    /// Loads what the store records that is not loaded yet: every type at
+    /// open, and on a cluster the records another node committed (called
+    /// when the metadata replica applies something). Each changed type's
+    /// active and canary versions are compiled (or loaded from the artifact
+    /// cache) first, then switched to, so turns never wait on a compile.
+    /// Returns how many types changed. Blocking: compiles. The caller holds
+    /// the deploy lock (or the only handle on the registry).
     fn refresh_locked(&self) -> Result<usize, RegistryError> {
         let mut changed = 0;
         for record in self.stored_records()? {
             let mut loaded = match self.types.read().expect("registry lock").get(&record.name) {
                 Some(t) if t.record == record => continue,
                 Some(t) => t.loaded.clone(),
-                None => HashMap::new(),
+                None => BTreeMap::new(),
             };
             let keep = [Some(record.active), record.canary.as_ref().map(|c| c.version)];
             loaded.retain(|v, _| keep.contains(&Some(*v)));
             for v in keep.into_iter().flatten() {
-                if let std::collections::hash_map::Entry::Vacant(slot) = loaded.entry(v) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = loaded.entry(v) {
                     slot.insert(self.load_version(&record, v)?);
                 }
             }
@@ -537,7 +533,7 @@ impl Registry {
         }
         let this = self.clone();
         let record = record.clone();
-        tokio::task::spawn_blocking(move || this.load_version(&record, version))
+        crate::determinism::blocking(move || this.load_version(&record, version))
             .await
             .map_err(|e| RegistryError::Io(std::io::Error::other(e.to_string())))?
     }
@@ -678,6 +674,10 @@ impl Propagated {
 async fn background_compile<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
 ) -> Result<T, RegistryError> {
+    if crate::determinism::simulated() {
+        // A simulation's compile ends in the simulated instant it began in.
+        return work();
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name("conflux-compile".into()).spawn(move || {
         // On Linux this applies to the calling thread only; failing to lower it is harmless.

@@ -25,10 +25,11 @@ use crate::model::{
     split_idempotency_expiry_key, timer_id_key,
 };
 use crate::storage::StorageError;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Messages of one sender taken per deliverer round, so one busy sender cannot
 /// crowd out the others.
@@ -130,15 +131,15 @@ impl Scheduler {
     /// Delivers outbox messages until the node shuts down.
     pub async fn run_deliverer(self) {
         let inner = self.inner.clone();
-        let mut attempts: HashMap<Vec<u8>, u32> = HashMap::new();
-        let mut backoff: HashMap<(EntityRef, EntityRef), Instant> = HashMap::new();
+        let mut attempts: BTreeMap<Vec<u8>, u32> = BTreeMap::new();
+        let mut backoff: BTreeMap<(EntityRef, EntityRef), Instant> = BTreeMap::new();
         loop {
             if inner.shutting_down.load(Ordering::Acquire) {
                 return;
             }
             let store = inner.store.clone();
             let limit = inner.cfg.delivery_batch;
-            let read = tokio::task::spawn_blocking(move || read_outbox(store.as_ref(), limit)).await;
+            let read = crate::determinism::blocking(move || read_outbox(store.as_ref(), limit)).await;
             let (batch, corrupt) = match read {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
@@ -162,7 +163,7 @@ impl Scheduler {
             // Group into (sender, receiver) pairs, keeping each pair's order.
             let now = Instant::now();
             let mut pairs: Vec<((EntityRef, EntityRef), Vec<Outgoing>)> = Vec::new();
-            let mut index: HashMap<(EntityRef, EntityRef), usize> = HashMap::new();
+            let mut index: BTreeMap<(EntityRef, EntityRef), usize> = BTreeMap::new();
             for o in batch {
                 let pair = (o.message.sender.clone(), o.message.target.clone());
                 if backoff.get(&pair).is_some_and(|until| *until > now) {
@@ -305,7 +306,7 @@ impl Scheduler {
             }
             let store = inner.store.clone();
             let read =
-                tokio::task::spawn_blocking(move || store.scan(Keyspace::Timers, TIMER_DUE_PREFIX, None, TIMER_BATCH))
+                crate::determinism::blocking(move || store.scan(Keyspace::Timers, TIMER_DUE_PREFIX, None, TIMER_BATCH))
                     .await;
             let entries = match read {
                 Ok(Ok(e)) => e,
@@ -316,7 +317,8 @@ impl Scheduler {
                 }
             };
             let now = wall_ms();
-            let mut due: HashMap<EntityRef, Vec<(Vec<u8>, Message)>> = HashMap::new();
+            // Ordered, so timers fire in the same order on every replay of a simulation.
+            let mut due: BTreeMap<EntityRef, Vec<(Vec<u8>, Message)>> = BTreeMap::new();
             let mut next_due: Option<u64> = None;
             for (key, value) in entries {
                 let Some(at) = due_of_timer_key(&key) else { continue };
@@ -406,7 +408,7 @@ impl Inner {
         }
         self.resolve_doubt(&sender, &mut st).await?;
         let (this, cached, s2) = (self.clone(), st.meta, sender.clone());
-        let (meta, pending) = tokio::task::spawn_blocking(move || {
+        let (meta, pending) = crate::determinism::blocking(move || {
             let meta = match cached {
                 Some(m) => m,
                 None => MetaCache::load(this.store.as_ref(), &s2)?,
@@ -454,7 +456,7 @@ impl Inner {
         let this = self.clone();
         let now = wall_ms();
         let over = self.idempotency_len.load(Ordering::Relaxed).saturating_sub(self.cfg.max_idempotency_keys);
-        let (ops, seen) = tokio::task::spawn_blocking(move || {
+        let (ops, seen) = crate::determinism::blocking(move || {
             let internal = |e: &dyn std::fmt::Display| InvokeError::Internal(e.to_string());
             let page = this
                 .store

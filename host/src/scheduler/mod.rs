@@ -32,7 +32,8 @@ use crate::storage::StateStore;
 use lru::LruCache;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 /// One call of one operation on one entity.
@@ -669,7 +670,7 @@ impl Scheduler {
         let store = inner.store.clone();
         let ty = candidate.type_name.clone();
         let ids =
-            tokio::task::spawn_blocking(move || crate::storage::entity_ids(store.as_ref(), &ty, "", None, sample))
+            crate::determinism::blocking(move || crate::storage::entity_ids(store.as_ref(), &ty, "", None, sample))
                 .await
                 .map_err(|e| InvokeError::Internal(e.to_string()))?
                 .map_err(|e| InvokeError::Internal(format!("listing entities: {e}")))?;
@@ -678,7 +679,7 @@ impl Scheduler {
             let entity = EntityRef { entity_type: candidate.type_name.clone(), id };
             let permit = inner.turn_permits.acquire().await.map_err(|e| InvokeError::Internal(e.to_string()))?;
             let (inner2, candidate2, entity2) = (inner.clone(), candidate.clone(), entity.clone());
-            let outcome = tokio::task::spawn_blocking(move || inner2.dry_run_one(&candidate2, &entity2))
+            let outcome = crate::determinism::blocking(move || inner2.dry_run_one(&candidate2, &entity2))
                 .await
                 .map_err(|e| InvokeError::Internal(format!("dry-run thread failed: {e}")))?;
             drop(permit);
@@ -890,7 +891,7 @@ impl Inner {
         let to_version = version.version;
         let permit = self.turn_permits.acquire().await.map_err(|e| InvokeError::Internal(e.to_string()))?;
         let span = tracing::Span::current();
-        let (back, meta, result) = tokio::task::spawn_blocking(move || {
+        let (back, meta, result) = crate::determinism::blocking(move || {
             let _span = span.enter();
             let meta = match cached {
                 Some(m) => m,

@@ -67,6 +67,9 @@ pub enum Flushed {
     Raft(LogFlushed<ShardTypes>, std::time::Instant),
     /// A caller awaiting its own write (vote, truncate).
     Wait(tokio::sync::oneshot::Sender<io::Result<()>>),
+    /// A caller blocking on its own write: under a simulation, where a
+    /// write must end in the simulated instant it began in.
+    Block(std::sync::mpsc::SyncSender<io::Result<()>>),
 }
 
 impl raft_log::Callback for Flushed {
@@ -79,6 +82,10 @@ impl raft_log::Callback for Flushed {
             Flushed::Wait(tx) => {
                 // The waiter may have been cancelled; then nobody needs to know.
                 let _ = tx.send(res);
+            }
+            Flushed::Block(tx) => {
+                // Gone only if the blocked thread panicked.
+                let _ = std::sync::mpsc::SyncSender::send(&tx, res);
             }
         }
     }
@@ -144,12 +151,28 @@ impl WalLogStore {
 
     /// Syncs everything written so far and waits for it.
     async fn sync(&self, subject: ErrorSubject<NodeId>, verb: ErrorVerb) -> Result<(), StorageError> {
+        if crate::determinism::simulated() {
+            return self.write_through(true).map_err(|e| storage_err(subject, verb, e));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.lock()?.flush(true, Some(Flushed::Wait(tx))).map_err(|e| storage_err(subject.clone(), verb, e))?;
         match rx.await {
             Ok(res) => res.map_err(|e| storage_err(subject, verb, e)),
             Err(_) => Err(storage_err(subject, verb, "WAL flush worker stopped")),
         }
+    }
+}
+
+impl WalLogStore {
+    /// Writes what is buffered and blocks this thread until the flush worker
+    /// has (`sync`: fdatasynced it too). Only a simulation does this: its
+    /// crashes drop a node's process state but not the machine's page cache,
+    /// so a write need not be synced to survive one, but it must be done
+    /// before the simulation moves on, whatever the real disk's speed.
+    fn write_through(&self, sync: bool) -> io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.wal.lock().map_err(|_| io::Error::other("WAL lock poisoned"))?.flush(sync, Some(Flushed::Block(tx)))?;
+        rx.recv().map_err(|_| io::Error::other("WAL flush worker stopped"))?
     }
 }
 
@@ -239,6 +262,11 @@ impl RaftLogStorage<ShardTypes> for WalLogStore {
         }
         let mut wal = self.lock()?;
         wal.append(records).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        if crate::determinism::simulated() {
+            drop(wal);
+            callback.log_io_completed(self.write_through(false));
+            return Ok(());
+        }
         // raft-log's flush worker fdatasyncs, then calls openraft back.
         wal.flush(true, Some(Flushed::Raft(callback, std::time::Instant::now())))
             .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))

@@ -22,6 +22,8 @@ pub use shard_log::ShardLog;
 pub use state_machine::ShardStateMachine;
 
 use crate::model::WriteSet;
+use openraft::TokioRuntime;
+use std::future::Future;
 use std::io::Cursor;
 
 /// What one Raft entry of a shard carries.
@@ -79,7 +81,73 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = ShardRuntime,
 );
+
+/// openraft's tokio runtime, with election timeouts drawn from
+/// [`crate::determinism::RaftRng`] (seeded by a simulation, so a seed
+/// replays the same elections) instead of `rand::thread_rng`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ShardRuntime;
+
+impl openraft::AsyncRuntime for ShardRuntime {
+    type JoinError = <TokioRuntime as openraft::AsyncRuntime>::JoinError;
+    type JoinHandle<T: openraft::OptionalSend + 'static> = <TokioRuntime as openraft::AsyncRuntime>::JoinHandle<T>;
+    type Sleep = <TokioRuntime as openraft::AsyncRuntime>::Sleep;
+    type Instant = <TokioRuntime as openraft::AsyncRuntime>::Instant;
+    type TimeoutError = <TokioRuntime as openraft::AsyncRuntime>::TimeoutError;
+    type Timeout<R, T: Future<Output = R> + openraft::OptionalSend> =
+        <TokioRuntime as openraft::AsyncRuntime>::Timeout<R, T>;
+    type ThreadLocalRng = crate::determinism::RaftRng;
+    type OneshotSender<T: openraft::OptionalSend> = <TokioRuntime as openraft::AsyncRuntime>::OneshotSender<T>;
+    type OneshotReceiverError = <TokioRuntime as openraft::AsyncRuntime>::OneshotReceiverError;
+    type OneshotReceiver<T: openraft::OptionalSend> = <TokioRuntime as openraft::AsyncRuntime>::OneshotReceiver<T>;
+
+    fn spawn<T>(future: T) -> Self::JoinHandle<T::Output>
+    where
+        T: Future + openraft::OptionalSend + 'static,
+        T::Output: openraft::OptionalSend + 'static,
+    {
+        TokioRuntime::spawn(future)
+    }
+
+    fn sleep(duration: std::time::Duration) -> Self::Sleep {
+        TokioRuntime::sleep(duration)
+    }
+
+    fn sleep_until(deadline: Self::Instant) -> Self::Sleep {
+        TokioRuntime::sleep_until(deadline)
+    }
+
+    fn timeout<R, F: Future<Output = R> + openraft::OptionalSend>(
+        duration: std::time::Duration,
+        future: F,
+    ) -> Self::Timeout<R, F> {
+        TokioRuntime::timeout(duration, future)
+    }
+
+    fn timeout_at<R, F: Future<Output = R> + openraft::OptionalSend>(
+        deadline: Self::Instant,
+        future: F,
+    ) -> Self::Timeout<R, F> {
+        TokioRuntime::timeout_at(deadline, future)
+    }
+
+    fn is_panic(join_error: &Self::JoinError) -> bool {
+        TokioRuntime::is_panic(join_error)
+    }
+
+    fn thread_rng() -> Self::ThreadLocalRng {
+        crate::determinism::RaftRng
+    }
+
+    fn oneshot<T>() -> (Self::OneshotSender<T>, Self::OneshotReceiver<T>)
+    where
+        T: openraft::OptionalSend,
+    {
+        TokioRuntime::oneshot()
+    }
+}
 
 pub type Raft = openraft::Raft<ShardTypes>;
 pub type LogId = openraft::LogId<NodeId>;

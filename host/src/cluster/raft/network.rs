@@ -83,7 +83,7 @@ pub trait Transport: Send + Sync + 'static {
 
 /// This node's replicas by shard, where incoming messages find them.
 #[derive(Clone, Default)]
-pub struct ReplicaTable(Arc<std::sync::RwLock<std::collections::HashMap<ShardId, Raft>>>);
+pub struct ReplicaTable(Arc<std::sync::RwLock<std::collections::BTreeMap<ShardId, Raft>>>);
 
 impl std::fmt::Debug for ReplicaTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,7 +93,7 @@ impl std::fmt::Debug for ReplicaTable {
 }
 
 impl ReplicaTable {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, std::collections::HashMap<ShardId, Raft>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, std::collections::BTreeMap<ShardId, Raft>> {
         // The map is only ever inserted into or removed from; a panic elsewhere
         // cannot leave it half-changed.
         self.0.read().unwrap_or_else(|e| e.into_inner())

@@ -175,7 +175,7 @@ impl ShardStateMachine {
 impl RaftSnapshotBuilder<ShardTypes> for ShardStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<ShardTypes>, StorageError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.build_blocking())
+        crate::determinism::blocking(move || this.build_blocking())
             .await
             .map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
     }
@@ -248,7 +248,7 @@ impl RaftStateMachine<ShardTypes> for ShardStateMachine {
         let this = self.clone();
         let meta = meta.clone();
         let data = snapshot.into_inner();
-        tokio::task::spawn_blocking(move || {
+        crate::determinism::blocking(move || {
             this.replace_state(&meta, &data)?;
             this.save_snapshot(StoredSnapshot { meta, data })
         })
