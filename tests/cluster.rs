@@ -731,3 +731,140 @@ fn a_member_down_past_the_grace_period_is_replaced_and_rejoins_without_divergenc
         assert_load_exact(cluster.node(3), &seen).await;
     });
 }
+
+/// A certificate authority for a test, and certificates it signs for 127.0.0.1.
+struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        TestCa { issuer }
+    }
+
+    /// Writes the CA's certificate into `dir`; returns its path.
+    fn write(&self, dir: &Path, file: &str) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join(file);
+        std::fs::write(&path, self.issuer.pem()).unwrap();
+        path
+    }
+
+    /// A server-and-client certificate for 127.0.0.1 in `dir`: (cert, key).
+    fn issue(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+}
+
+/// A TLS channel to `addr` trusting `ca`, presenting `identity` (cert, key) if given.
+async fn tls_channel(
+    addr: &str,
+    ca: &Path,
+    identity: Option<&(PathBuf, PathBuf)>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?.connect().await
+}
+
+/// Asks member `addr` for its shards over the cluster service, with the
+/// cluster's secret, over TLS trusting `ca` and presenting `identity`.
+async fn cluster_call(
+    addr: &str,
+    ca: &Path,
+    identity: Option<&(PathBuf, PathBuf)>,
+) -> Result<conflux_host::api::cluster::pb::ShardsReply, String> {
+    use conflux_host::api::cluster::{SECRET_HEADER, pb as cpb};
+    let channel = tls_channel(addr, ca, identity).await.map_err(|e| format!("handshake: {e:?}"))?;
+    let mut req = tonic::Request::new(cpb::ShardsRequest::default());
+    req.metadata_mut().insert(SECRET_HEADER, SECRET.parse().unwrap());
+    cpb::cluster_client::ClusterClient::new(channel)
+        .shards(req)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+/// Mutual TLS between members: three members that each serve TLS with a
+/// certificate the cluster's CA signed form the cluster, elect and replicate
+/// over TLS, and serve every entity from every member to API clients that
+/// present no certificate. A process that knows the cluster secret but has
+/// no certificate from the cluster's CA gets no answer from the cluster
+/// service: refused without a client certificate, and at the handshake with
+/// one from another CA.
+#[test]
+fn members_talk_mutual_tls_and_refuse_a_peer_without_a_certificate_from_the_cluster_ca() {
+    let _one = one_cluster_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let pki = root.path().join("pki");
+    let ca = TestCa::new("conflux test cluster CA");
+    let ca_pem = ca.write(&pki, "ca.pem");
+    let member = ca.issue(&pki, "member");
+    let stranger = TestCa::new("some other CA").issue(&pki.join("other"), "stranger");
+    let (cert, key, ca_arg) =
+        (member.0.to_str().unwrap(), member.1.to_str().unwrap(), ca_pem.to_str().unwrap().to_owned());
+    let cluster =
+        Cluster::start_extra(root.path(), 3, &["--tls-cert", cert, "--tls-key", key, "--cluster-ca", &ca_arg]);
+
+    // Deployed through one member with the real CLI over https.
+    let https = format!("https://{}", cluster.node(0).addr);
+    let wasm = guest_wasm("counter");
+    let out = std::process::Command::new(conflux_bin())
+        .args(["--addr", &https, "--ca-cert", &ca_arg, "deploy", "counter", wasm.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "deploy over TLS: {}", stderr(&out));
+    rt().block_on(async {
+        // Every member serves every counter: most calls are forwarded to
+        // another member's shard leader, over mutual TLS.
+        for round in 1..=3 {
+            for i in 0..3 {
+                let channel = tls_channel(&cluster.node(i).addr, &ca_pem, None).await.unwrap();
+                let mut c = pb::conflux_client::ConfluxClient::new(channel);
+                for k in 0..8 {
+                    let total = call(&mut c, "counter", &format!("c{k}"), "add", "1").await.unwrap();
+                    assert_eq!(total, json!((round - 1) * 3 + i as i64 + 1), "c{k} through member {}", i + 1);
+                }
+            }
+        }
+        let status = eventually(20, "every shard led and caught up", async || {
+            let channel = tls_channel(&cluster.node(2).addr, &ca_pem, None).await.ok()?;
+            let s = pb::conflux_client::ConfluxClient::new(channel).status(pb::StatusRequest {}).await.ok()?;
+            Some(s.into_inner()).filter(caught_up)
+        })
+        .await;
+        assert_eq!(status.nodes.len(), 3, "{status:?}");
+
+        // A member's certificate and the secret: the cluster service answers.
+        let addr = &cluster.node(1).addr;
+        cluster_call(addr, &ca_pem, Some(&member)).await.unwrap();
+        // The secret without a client certificate: refused.
+        let refused = cluster_call(addr, &ca_pem, None).await.unwrap_err();
+        assert!(refused.starts_with("Unauthenticated") && refused.contains("client certificate"), "{refused}");
+        // The secret with another CA's certificate: the handshake fails.
+        let refused = cluster_call(addr, &ca_pem, Some(&stranger)).await.unwrap_err();
+        assert!(!refused.starts_with("Unauthenticated"), "not even the call should be read: {refused}");
+        // A plaintext peer gets nowhere either.
+        use conflux_host::api::cluster::pb as cpb;
+        let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        assert!(cpb::cluster_client::ClusterClient::new(plain).shards(cpb::ShardsRequest::default()).await.is_err());
+    });
+}

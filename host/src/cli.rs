@@ -44,6 +44,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per process; boxing `serve`'s flags buys nothing")]
 enum Command {
     /// Run a node.
     Serve {
@@ -87,6 +88,10 @@ enum Command {
         /// The secret all members of the cluster share (`cluster.secret`).
         #[arg(long, env = "CONFLUX_CLUSTER_SECRET", hide_env_values = true, value_name = "SECRET")]
         cluster_secret: Option<Secret>,
+        /// Mutual TLS between members: the PEM CA certificate that signs every
+        /// member's --tls-cert (`cluster.tls_ca_path`; needs --tls-cert).
+        #[arg(long, value_name = "PEM")]
+        cluster_ca: Option<PathBuf>,
     },
     /// Upload a component (.wasm) as the new version of an entity type.
     Deploy {
@@ -232,6 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             join,
             peers,
             cluster_secret,
+            cluster_ca,
         } => {
             let flags = ServeFlags {
                 data_dir,
@@ -244,6 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 join,
                 peers,
                 cluster_secret,
+                cluster_ca,
             };
             serve(config, overrides, flags, cli.json).await
         }
@@ -268,6 +275,7 @@ struct ServeFlags {
     join: Option<String>,
     peers: Vec<String>,
     cluster_secret: Option<Secret>,
+    cluster_ca: Option<PathBuf>,
 }
 
 /// Parses `--peer ID=HOST:PORT`.
@@ -294,6 +302,7 @@ async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlag
         join,
         peers,
         cluster_secret,
+        cluster_ca,
     } = flags;
     cfg.cluster.join = join.or(cfg.cluster.join);
     if !peers.is_empty() {
@@ -303,6 +312,7 @@ async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlag
         cfg.cluster.node_id = id;
     }
     cfg.cluster.secret = cluster_secret.or(cfg.cluster.secret);
+    cfg.cluster.tls_ca_path = cluster_ca.or(cfg.cluster.tls_ca_path);
     if let Some(d) = data_dir {
         cfg.storage.data_dir = d;
     }

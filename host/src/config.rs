@@ -230,6 +230,12 @@ pub struct ClusterConfig {
     /// Shared by all members; every node-to-node call carries it. At least
     /// 16 visible ASCII characters.
     pub secret: Option<Secret>,
+    /// PEM certificate(s) of the CA that signs every member's certificate.
+    /// Set, members talk TLS to each other: each presents its listener's
+    /// certificate (`api.tls_cert_path`, which this requires) as a client
+    /// certificate, trusts only this CA, and refuses node-to-node calls
+    /// without a certificate it signed. API clients need no certificate.
+    pub tls_ca_path: Option<PathBuf>,
     /// Shards the keyspace is split into; fixed when the cluster is created.
     pub shard_count: u32,
     /// Replicas per shard (fewer when the cluster has fewer nodes).
@@ -269,6 +275,7 @@ impl Default for ClusterConfig {
             nodes: Vec::new(),
             join: None,
             secret: None,
+            tls_ca_path: None,
             shard_count: 64,
             replication_factor: 3,
             forward_timeout_ms: 10_000,
@@ -511,10 +518,22 @@ impl Config {
         if tracing_subscriber::EnvFilter::try_new(&t.log_filter).is_err() {
             return Err(ConfigError::Invalid(format!("telemetry.log_filter {:?} is not a valid filter", t.log_filter)));
         }
-        if self.cluster.enabled() && a.tls_cert_path.is_some() {
-            return bad(
-                "api.tls_* with a cluster is not supported yet: nodes talk plain HTTP/2 to each other's API port",
-            );
+        match (self.cluster.enabled(), a.tls_cert_path.is_some(), self.cluster.tls_ca_path.is_some()) {
+            (false, _, true) => {
+                return bad("cluster.tls_ca_path is set, but this node is in no cluster (no cluster.nodes or join)");
+            }
+            (true, true, false) => {
+                return bad(
+                    "api.tls_* on a cluster member needs cluster.tls_ca_path too: members reach each other on the \
+                     API port, so they talk TLS to each other, and the CA that signs their certificates is how \
+                     they trust one another",
+                );
+            }
+            (true, false, true) => {
+                return bad("cluster.tls_ca_path needs api.tls_cert_path and api.tls_key_path: the member's own \
+                     certificate, which it serves and presents to its peers");
+            }
+            _ => {}
         }
         self.cluster.validate()
     }
@@ -624,6 +643,36 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("both or neither"));
         c.api.tls_key_path = Some("key.pem".into());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn mutual_tls_between_members_pairs_the_ca_with_the_listeners_certificate() {
+        let base =
+            "[cluster]\nnode_id = 1\nsecret = \"0123456789abcdef\"\nnodes = [{ id = 1, addr = \"127.0.0.1:7001\" }]\n";
+        let member: Config = toml::from_str(base).unwrap();
+        let with = |f: &dyn Fn(&mut Config)| {
+            let mut c = member.clone();
+            f(&mut c);
+            c.validate().map_err(|e| e.to_string())
+        };
+        let listener_tls = |c: &mut Config| {
+            c.api.tls_cert_path = Some("node.pem".into());
+            c.api.tls_key_path = Some("node.key".into());
+        };
+        // A member's TLS listener without the CA: its peers could not dial it.
+        assert!(with(&listener_tls).unwrap_err().contains("cluster.tls_ca_path"));
+        // The CA without a certificate to present.
+        assert!(with(&|c| c.cluster.tls_ca_path = Some("ca.pem".into())).unwrap_err().contains("api.tls_cert_path"));
+        with(&|c| {
+            listener_tls(c);
+            c.cluster.tls_ca_path = Some("ca.pem".into());
+        })
+        .unwrap();
+        // The CA on a single node means nothing: refused, not ignored.
+        let mut single = Config::default();
+        listener_tls(&mut single);
+        single.cluster.tls_ca_path = Some("ca.pem".into());
+        assert!(single.validate().unwrap_err().to_string().contains("no cluster"));
     }
 
     #[test]

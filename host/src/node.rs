@@ -15,7 +15,9 @@
 //! store and log (`LocalShards`) and routes each invocation to the leader of
 //! the entity's shard; the `Cluster` service shares the API port.
 
-use crate::api::cluster::{ClusterSecret, ClusterService, ClusterView, GrpcTransport, Member, MemberRegistries};
+use crate::api::cluster::{
+    ClusterSecret, ClusterService, ClusterView, GrpcTransport, Member, MemberRegistries, PeerTls,
+};
 use crate::api::net::SharedNetwork;
 use crate::api::{self, Api};
 use crate::cluster::driver::{DriverConfig, PlacementDriver};
@@ -193,6 +195,8 @@ pub struct Node {
 /// What a clustered node holds beyond a single node.
 struct ClusterParts {
     secret: ClusterSecret,
+    /// Mutual TLS between members, if configured.
+    peer_tls: Option<PeerTls>,
     table: ReplicaTable,
     member: Member,
     /// Where the layout falls back to before the metadata group records one.
@@ -303,7 +307,14 @@ impl Node {
         let dir = cfg.storage.data_dir.clone();
         let c = &cfg.cluster;
         let err = |e: &dyn std::fmt::Display| NodeError::Cluster(e.to_string());
-        let secret = ClusterSecret::new(c.secret.as_ref().map_or("", |s| s.expose())).map_err(|e| err(&e))?;
+        let peer_tls = match (&c.tls_ca_path, &cfg.api.tls_cert_path, &cfg.api.tls_key_path) {
+            (Some(ca), Some(cert), Some(key)) => Some(PeerTls::load(ca, cert, key).map_err(|e| err(&e))?),
+            // Validation pairs the CA with the listener's certificate and key.
+            _ => None,
+        };
+        let secret = ClusterSecret::new(c.secret.as_ref().map_or("", |s| s.expose()))
+            .map_err(|e| err(&e))?
+            .requiring_client_certificate(peer_tls.is_some());
         let fresh = stored.is_none();
         let identity = match (stored, &c.join) {
             (Some(s), _) => s,
@@ -314,16 +325,23 @@ impl Node {
                         cfg.api.listen
                     )));
                 }
-                let (shard_count, replication_factor) =
-                    api::cluster::join(join, &secret, network.clone(), c.node_id, &cfg.api.listen.to_string())
-                        .await
-                        .map_err(NodeError::Cluster)?;
+                let (shard_count, replication_factor) = api::cluster::join(
+                    join,
+                    &secret,
+                    peer_tls.as_ref(),
+                    network.clone(),
+                    c.node_id,
+                    &cfg.api.listen.to_string(),
+                )
+                .await
+                .map_err(NodeError::Cluster)?;
                 ClusterIdentity { node_id: c.node_id, members: Vec::new(), shard_count, replication_factor }
             }
             (None, None) => ClusterIdentity::of(c),
         };
         let founder = !identity.members.is_empty();
-        let transport = Arc::new(GrpcTransport::new(secret.clone()).with_network(network.clone()));
+        let transport =
+            Arc::new(GrpcTransport::new(secret.clone()).with_network(network.clone()).with_tls(peer_tls.as_ref()));
         let mut addrs = BTreeMap::new();
         for m in &c.nodes {
             transport.set_peer(m.id, &m.addr).map_err(|e| err(&e))?;
@@ -425,7 +443,7 @@ impl Node {
             move_timeout,
         };
         tracing::info!(node = c.node_id, shards = member.shards.shards().len(), "cluster member opened");
-        let cluster = ClusterParts { secret, table, member, initial, peers: addrs, driver };
+        let cluster = ClusterParts { secret, peer_tls, table, member, initial, peers: addrs, driver };
         Ok(Self { scheduler, registry, store, log, cfg, cluster: Some(cluster), network, _lock: lock })
     }
 
@@ -471,7 +489,7 @@ impl Node {
                     self.registry.clone(),
                     m.clone(),
                 );
-                api.with_cluster(service, ClusterView::new(m.clone()))
+                api.with_cluster(service, ClusterView::new(m.clone()), c.peer_tls.as_ref())
             }
         };
         let addr = self.cfg.api.listen;

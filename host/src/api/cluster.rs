@@ -3,7 +3,9 @@
 //! and proposals for the groups this node leads; and `GrpcTransport`, the
 //! cluster layer's `Transport` and `Peers` over pooled tonic channels. Both sides authenticate with the
 //! cluster's shared secret: a process without it can neither send Raft
-//! traffic to a node nor get answers from one.
+//! traffic to a node nor get answers from one. With mutual TLS ([`PeerTls`])
+//! members also talk TLS to each other, each presenting its certificate, and
+//! a cluster call must come with a client certificate the cluster's CA signed.
 
 use crate::cluster::driver::{Mover, change_replicas};
 use crate::cluster::handoff;
@@ -19,12 +21,12 @@ use crate::model::{EntityRef, LogIndex, WriteSet};
 use crate::scheduler::{ERROR_KINDS, Invocation, InvokeError, Scheduler};
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
 
 pub mod pb {
@@ -53,15 +55,22 @@ pub enum ClusterApiError {
     SecretTooShort,
     #[error("the cluster secret must be visible ASCII (it travels as gRPC metadata)")]
     SecretNotAscii,
+    #[error("cannot read the {what} {path:?} for mutual TLS between members: {source}")]
+    TlsFile { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
+    #[error("the mutual TLS settings between members are unusable: {0}")]
+    Tls(String),
     #[error("invalid address {addr:?} for node {node}: {reason}")]
     BadAddress { node: NodeId, addr: String, reason: String },
 }
 
-/// The shared secret, kept as a digest so comparing takes constant time.
+/// What a cluster call must carry: the shared secret (kept as a digest so
+/// comparing takes constant time) and, under mutual TLS, a client
+/// certificate the TLS layer verified against the cluster's CA.
 #[derive(Clone)]
 pub struct ClusterSecret {
     raw: tonic::metadata::AsciiMetadataValue,
     digest: [u8; 32],
+    certificate_required: bool,
 }
 
 impl std::fmt::Debug for ClusterSecret {
@@ -79,11 +88,25 @@ impl ClusterSecret {
             return Err(ClusterApiError::SecretNotAscii);
         }
         let raw = secret.parse().map_err(|_| ClusterApiError::SecretNotAscii)?;
-        Ok(Self { raw, digest: Sha256::digest(secret.as_bytes()).into() })
+        Ok(Self { raw, digest: Sha256::digest(secret.as_bytes()).into(), certificate_required: false })
     }
 
-    /// Lets a call through only if it carries the secret.
+    /// Also requires a verified client certificate on every call (mutual TLS
+    /// between members: the listener verifies any certificate a client
+    /// presents against the cluster's CA, but lets API clients in without one).
+    pub fn requiring_client_certificate(mut self, required: bool) -> Self {
+        self.certificate_required = required;
+        self
+    }
+
+    /// Lets a call through only if it carries the secret (and, under mutual
+    /// TLS, came with a verified client certificate).
     fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if self.certificate_required && req.peer_certs().is_none_or(|certs| certs.is_empty()) {
+            return Err(Status::unauthenticated(
+                "cluster calls need a client certificate signed by the cluster's CA (cluster.tls_ca_path)",
+            ));
+        }
         if self.admits(req) { Ok(()) } else { Err(Status::unauthenticated("missing or wrong cluster secret")) }
     }
 
@@ -93,6 +116,51 @@ impl ClusterSecret {
         };
         let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         bool::from(presented.ct_eq(&self.digest))
+    }
+}
+
+/// Mutual TLS between members: the CA that signs every member's certificate,
+/// and this member's own certificate and key (its API listener's).
+#[derive(Clone)]
+pub struct PeerTls {
+    ca: Certificate,
+    identity: Identity,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerTls(..)")
+    }
+}
+
+impl PeerTls {
+    /// Reads the PEM files and checks rustls accepts them, so a bad file
+    /// fails start-up rather than the first call to a peer.
+    pub fn load(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Result<Self, ClusterApiError> {
+        let read = |what, path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| ClusterApiError::TlsFile { what, path: path.to_owned(), source })
+        };
+        let tls = Self {
+            ca: Certificate::from_pem(read("CA certificate", ca)?),
+            identity: Identity::from_pem(read("certificate", cert)?, read("key", key)?),
+        };
+        let unusable = |e: tonic::transport::Error| ClusterApiError::Tls(crate::api::error_chain(&e));
+        Endpoint::from_static("https://127.0.0.1").tls_config(tls.client()).map_err(unusable)?;
+        tonic::transport::Server::builder().tls_config(tls.server(ServerTlsConfig::new())).map_err(unusable)?;
+        Ok(tls)
+    }
+
+    /// How this member dials its peers: it trusts only the cluster's CA and
+    /// presents its own certificate.
+    fn client(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new().ca_certificate(self.ca.clone()).identity(self.identity.clone())
+    }
+
+    /// The listener's TLS, verifying any client certificate against the
+    /// cluster's CA. Optional at the handshake, so API clients need none;
+    /// cluster calls without one are refused ([`ClusterSecret::admit`]).
+    pub fn server(&self, tls: ServerTlsConfig) -> ServerTlsConfig {
+        tls.identity(self.identity.clone()).client_ca_root(self.ca.clone()).client_auth_optional(true)
     }
 }
 
@@ -298,11 +366,12 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 pub async fn join(
     join_addr: &str,
     secret: &ClusterSecret,
+    tls: Option<&PeerTls>,
     network: Option<super::net::SharedNetwork>,
     node: NodeId,
     addr: &str,
 ) -> Result<(u32, usize), String> {
-    let transport = GrpcTransport::new(secret.clone()).with_network(network);
+    let transport = GrpcTransport::new(secret.clone()).with_network(network).with_tls(tls);
     // The member's id is unknown; 0 names no member.
     transport.set_peer(0, join_addr).map_err(|e| e.to_string())?;
     let mut client = transport.client(0).expect("just set");
@@ -783,8 +852,10 @@ pub struct GrpcTransport {
 struct PeerBook {
     /// `None`: the OS's TCP.
     network: Option<super::net::SharedNetwork>,
+    /// `None`: plain HTTP/2.
+    tls: Option<ClientTlsConfig>,
     /// Bounded by the cluster's membership: one entry per known peer.
-    peers: Arc<Mutex<HashMap<NodeId, Peer>>>,
+    peers: Arc<Mutex<BTreeMap<NodeId, Peer>>>,
 }
 
 /// One peer's channel, where it was dialled, and how many calls in a row
@@ -819,7 +890,13 @@ impl GrpcTransport {
         self
     }
 
-    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Peer>> {
+    /// Dials peers over TLS, presenting this member's certificate.
+    pub fn with_tls(mut self, tls: Option<&PeerTls>) -> Self {
+        self.book.tls = tls.map(PeerTls::client);
+        self
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Peer>> {
         self.book.peers()
     }
 
@@ -911,7 +988,7 @@ fn transport_error(node: NodeId, shard: ShardId, status: &Status) -> TransportEr
 }
 
 impl PeerBook {
-    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Peer>> {
+    fn peers(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Peer>> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -937,8 +1014,12 @@ impl PeerBook {
 
     fn dial(&self, node: NodeId, addr: &str) -> Result<ClusterClient<Channel>, ClusterApiError> {
         let bad = |reason: String| ClusterApiError::BadAddress { node, addr: addr.to_owned(), reason };
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| bad(e.to_string()))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| bad(e.to_string()))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| bad(e.to_string()))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             // Keep-alives notice a dead peer's connection between messages.

@@ -250,9 +250,20 @@ impl Api {
     }
 
     /// Also serves the node-to-node `Cluster` service.
-    pub fn with_cluster(mut self, service: cluster::ClusterService, view: cluster::ClusterView) -> Self {
+    /// Serves `service` (node-to-node calls) on this port too; with
+    /// `peer_tls` the listener verifies client certificates against the
+    /// cluster's CA (the configuration requires the listener to speak TLS then).
+    pub fn with_cluster(
+        mut self,
+        service: cluster::ClusterService,
+        view: cluster::ClusterView,
+        peer_tls: Option<&cluster::PeerTls>,
+    ) -> Self {
         self.cluster = Some(service);
         self.cluster_view = Some(Arc::new(view));
+        if let Some(peer_tls) = peer_tls {
+            self.tls = self.tls.map(|tls| peer_tls.server(tls));
+        }
         self
     }
 
