@@ -21,11 +21,9 @@
 //! network and the nodes' tokio runtimes, and — through
 //! `conflux_host::determinism` — the nodes' clocks, their blocking work (run
 //! inline) and openraft's election timeouts. A failing seed is printed with
-//! the command that replays it. `a_seed_replays_exactly` (ignored: run it
-//! with `--ignored`) runs one seed in two fresh processes and compares every
-//! answer the callers got, with its simulated time. Replays match exactly up
-//! to a node restart; after one they were seen to drift by a millisecond in
-//! some runs (cause not found), so the replay is not yet exact.
+//! the command that replays it, and the replay is exact:
+//! `a_seed_replays_exactly` runs one seed in two fresh processes and compares
+//! every answer the callers got, with its simulated time.
 //!
 //! `CONFLUX_SIM_SEEDS=N` runs seeds 1..=N of each test (CI: the default, 1), `=A..B` seeds A..=B;
 //! `CONFLUX_SIM_SEED=S` replays one; `CONFLUX_SIM_LOG=info,turmoil=info`
@@ -773,12 +771,10 @@ fn run_seeds(faults: Faults) {
 /// simulated instants. Runs seed 2 of the reshaping schedule (the richest),
 /// or `CONFLUX_SIM_SEED`; both runs must also pass their checks.
 ///
-/// Not in CI yet: in CI's clean run (and in 2 of 3 whole-binary runs of its
-/// in-process form) the two runs drifted by 1 ms at 32.42 s, 0.1 s after
-/// node 2 restarted; something the simulation does not pin still leaks real
-/// time into that restart (cause not found). Runs up to there match.
+/// It found the last leak of real time: sled removes blob files on its own
+/// threads, and a store's fsync of its directory failed on a file removed
+/// after the listing, killing a shard replica's Raft core in some runs only.
 #[test]
-#[ignore = "drifts by 1 ms after a node restart in some runs; see the doc comment"]
 fn a_seed_replays_exactly() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let seed = std::env::var("CONFLUX_SIM_SEED").unwrap_or_else(|_| "2".into());

@@ -14,8 +14,7 @@
 //! machine is; the Raft log waits for its own writes; and election timeouts
 //! come from a generator seeded by the simulation's seed. With turmoil's
 //! seeded network and seeded tokio runtimes (the workspace builds with
-//! `--cfg tokio_unstable` for that), a seed then replays exactly up to a
-//! node restart (after one, a 1 ms drift was still seen in some runs). Node code
+//! `--cfg tokio_unstable` for that), a seed then replays exactly. Node code
 //! keeps its part of the bargain by iterating ordered maps (`BTreeMap`),
 //! never a `HashMap`, whose order changes with every process.
 

@@ -213,6 +213,23 @@ fn decode_index(raw: Option<&[u8]>) -> Result<LogIndex, StorageError> {
     }
 }
 
+/// fsyncs the file at `path` if it still exists; returns whether it did.
+/// sled removes files (a blob whose value was overwritten) on its own
+/// threads, so a file listed a moment ago may be gone: that is no error, a
+/// removed file needs no fsync, and the directory's fsync that follows makes
+/// its removal durable. (Failing here killed a shard replica's Raft core in
+/// the simulation.)
+fn fsync_if_present(path: &Path) -> Result<bool, StorageError> {
+    // A read-only descriptor is enough: fsync acts on the inode.
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err("opening for fsync", path)(e)),
+    };
+    f.sync_all().map_err(io_err("fsync", path))?;
+    Ok(true)
+}
+
 /// fsyncs every file under `dir` (recursively) and then each directory, so
 /// both contents and names survive power loss.
 fn fsync_tree(dir: &Path) -> Result<(), StorageError> {
@@ -224,9 +241,7 @@ fn fsync_tree(dir: &Path) -> Result<(), StorageError> {
         if ty.is_dir() {
             fsync_tree(&path)?;
         } else if ty.is_file() {
-            // A read-only descriptor is enough: fsync acts on the inode.
-            let f = File::open(&path).map_err(io_err("opening for fsync", &path))?;
-            f.sync_all().map_err(io_err("fsync", &path))?;
+            fsync_if_present(&path)?;
         }
     }
     let d = File::open(dir).map_err(io_err("opening directory for fsync", dir))?;
@@ -282,6 +297,18 @@ impl StateStore for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_removed_after_the_listing_is_skipped_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let present = dir.path().join("blob-1");
+        std::fs::write(&present, b"v").unwrap();
+        assert!(fsync_if_present(&present).unwrap());
+        assert!(!fsync_if_present(&dir.path().join("blob-2")).unwrap(), "a vanished file is skipped");
+        // Other failures still fail (a path through a file: not a directory).
+        let not_a_dir = present.join("x");
+        assert!(fsync_if_present(&not_a_dir).is_err());
+    }
 
     #[test]
     fn corrupt_applied_index_is_an_error_not_a_panic() {
