@@ -149,6 +149,17 @@ impl WalLogStore {
         self.wal.lock().map_err(|_| storage_err(ErrorSubject::Logs, ErrorVerb::Read, "WAL lock poisoned"))
     }
 
+    /// Writes what is buffered and blocks this thread until the flush worker
+    /// has (`sync`: fdatasynced it too). Only a simulation does this: its
+    /// crashes drop a node's process state but not the machine's page cache,
+    /// so a write need not be synced to survive one, but it must be done
+    /// before the simulation moves on, whatever the real disk's speed.
+    fn write_through(&self, sync: bool) -> io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.wal.lock().map_err(|_| io::Error::other("WAL lock poisoned"))?.flush(sync, Some(Flushed::Block(tx)))?;
+        rx.recv().map_err(|_| io::Error::other("WAL flush worker stopped"))?
+    }
+
     /// Syncs everything written so far and waits for it.
     async fn sync(&self, subject: ErrorSubject<NodeId>, verb: ErrorVerb) -> Result<(), StorageError> {
         if crate::determinism::simulated() {
@@ -160,19 +171,6 @@ impl WalLogStore {
             Ok(res) => res.map_err(|e| storage_err(subject, verb, e)),
             Err(_) => Err(storage_err(subject, verb, "WAL flush worker stopped")),
         }
-    }
-}
-
-impl WalLogStore {
-    /// Writes what is buffered and blocks this thread until the flush worker
-    /// has (`sync`: fdatasynced it too). Only a simulation does this: its
-    /// crashes drop a node's process state but not the machine's page cache,
-    /// so a write need not be synced to survive one, but it must be done
-    /// before the simulation moves on, whatever the real disk's speed.
-    fn write_through(&self, sync: bool) -> io::Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.wal.lock().map_err(|_| io::Error::other("WAL lock poisoned"))?.flush(sync, Some(Flushed::Block(tx)))?;
-        rx.recv().map_err(|_| io::Error::other("WAL flush worker stopped"))?
     }
 }
 
