@@ -821,8 +821,8 @@ fn members_talk_mutual_tls_and_refuse_a_peer_without_a_certificate_from_the_clus
     let stranger = TestCa::new("some other CA").issue(&pki.join("other"), "stranger");
     let (cert, key, ca_arg) =
         (member.0.to_str().unwrap(), member.1.to_str().unwrap(), ca_pem.to_str().unwrap().to_owned());
-    let cluster =
-        Cluster::start_extra(root.path(), 3, &["--tls-cert", cert, "--tls-key", key, "--cluster-ca", &ca_arg]);
+    let tls = ["--tls-cert", cert, "--tls-key", key, "--cluster-ca", &ca_arg];
+    let mut cluster = Cluster::start_extra(root.path(), 3, &tls);
 
     // Deployed through one member with the real CLI over https.
     let https = format!("https://{}", cluster.node(0).addr);
@@ -866,5 +866,40 @@ fn members_talk_mutual_tls_and_refuse_a_peer_without_a_certificate_from_the_clus
         use conflux_host::api::cluster::pb as cpb;
         let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
         assert!(cpb::cluster_client::ClusterClient::new(plain).shards(cpb::ShardsRequest::default()).await.is_err());
+    });
+
+    // Joining goes over mutual TLS too: a fourth member with a certificate
+    // from the cluster's CA joins through member 1, every member reaches it
+    // and it reaches every member, and it serves every counter.
+    let four = cluster.join(root.path(), 0, &tls);
+    rt().block_on(async {
+        let status = |i: usize| {
+            let addr = cluster.node(i).addr.clone();
+            let ca = ca_pem.clone();
+            async move {
+                let channel = tls_channel(&addr, &ca, None).await.ok()?;
+                Some(
+                    pb::conflux_client::ConfluxClient::new(channel)
+                        .status(pb::StatusRequest {})
+                        .await
+                        .ok()?
+                        .into_inner(),
+                )
+            }
+        };
+        let all_up = |s: &pb::StatusResponse| s.nodes.len() == 4 && s.nodes.iter().all(|n| n.state == "up");
+        eventually(60, "the joined member to be up as every member sees it", async || {
+            for i in 0..4 {
+                status(i).await.filter(all_up)?;
+            }
+            Some(())
+        })
+        .await;
+        let channel = tls_channel(&cluster.node(four).addr, &ca_pem, None).await.unwrap();
+        let mut c = pb::conflux_client::ConfluxClient::new(channel);
+        for k in 0..8 {
+            let total = call(&mut c, "counter", &format!("c{k}"), "add", "1").await.unwrap();
+            assert_eq!(total, json!(10), "c{k} through the joined member");
+        }
     });
 }
