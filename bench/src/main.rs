@@ -30,6 +30,7 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per run; boxing the peers' flags buys nothing")]
 enum Cmd {
     /// Run the workloads side by side against Conflux, Restate, PostgreSQL and native Rust.
     Peers(PeersArgs),

@@ -325,7 +325,10 @@ fn generate(imp: &ItemImpl, ops: &[Operation], migration: Option<&Migration>) ->
                 ::core::result::Result::Ok(())
             }
         };
+        // The user's error type is often `conflux_sdk::Error` itself; the
+        // conversion is for the others, and must not warn in user crates.
         quote! {
+            #[allow(clippy::useless_conversion)]
             fn migrate(__from_version: u32) -> ::core::result::Result<(), ::conflux_sdk::Error> {
                 #body
             }
