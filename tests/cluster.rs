@@ -806,7 +806,7 @@ async fn cluster_call(
 /// Mutual TLS between members: three members that each serve TLS with a
 /// certificate the cluster's CA signed form the cluster, elect and replicate
 /// over TLS, and serve every entity from every member to API clients that
-/// present no certificate. A process that knows the cluster secret but has
+/// present no certificate; a fourth joins over TLS the same way. A process that knows the cluster secret but has
 /// no certificate from the cluster's CA gets no answer from the cluster
 /// service: refused without a client certificate, and at the handshake with
 /// one from another CA.
