@@ -45,7 +45,7 @@ use serde_json::{Value, json};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -777,7 +777,7 @@ fn run_seeds(faults: Faults) {
 #[test]
 fn a_seed_replays_exactly() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let seed = std::env::var("CONFLUX_SIM_SEED").unwrap_or_else(|_| "2".into());
+    let seed: u64 = std::env::var("CONFLUX_SIM_SEED").map_or(2, |s| s.parse().expect("CONFLUX_SIM_SEED is a number"));
     let test = "seeded_crashes_partitions_joins_and_drains_lose_and_duplicate_nothing";
     let dir = tempfile::tempdir().expect("a temporary directory");
     let runs: Vec<Vec<String>> = (1..=2)
@@ -786,14 +786,17 @@ fn a_seed_replays_exactly() {
             std::fs::create_dir_all(&trace_dir).unwrap();
             let out = std::process::Command::new(std::env::current_exe().expect("this test binary"))
                 .args(["--exact", test, "--nocapture", "--test-threads=1"])
-                .env("CONFLUX_SIM_SEED", &seed)
+                .env("CONFLUX_SIM_SEED", seed.to_string())
                 .env("CONFLUX_SIM_TRACE_DIR", &trace_dir)
                 .output()
                 .expect("run the simulation in a fresh process");
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(out.status.success(), "run {k} of seed {seed} failed:\n{stderr}");
-            let file = trace_dir.join(format!("{}-seed{seed}.txt", Faults::Reshape.test_name()));
-            std::fs::read_to_string(&file).expect("the run's trace").lines().map(str::to_owned).collect()
+            std::fs::read_to_string(trace_file(&trace_dir, Faults::Reshape, seed))
+                .expect("the run's trace")
+                .lines()
+                .map(str::to_owned)
+                .collect()
         })
         .collect();
     let (a, b) = (&runs[0], &runs[1]);
@@ -812,6 +815,11 @@ fn a_seed_replays_exactly() {
         );
     }
     eprintln!("seed {seed} replayed exactly: {} answers, faults and checks", a.len());
+}
+
+/// Where a run writes its trace under `CONFLUX_SIM_TRACE_DIR`.
+fn trace_file(dir: &Path, faults: Faults, seed: u64) -> PathBuf {
+    dir.join(format!("{}-seed{seed}.txt", faults.test_name()))
 }
 
 /// Once per test binary: logging (with simulated time) and the guest
@@ -847,7 +855,7 @@ fn run(seed: u64, faults: Faults) -> Run {
         eprintln!("seed {seed} failed: {e}");
     }
     if let Ok(dir) = std::env::var("CONFLUX_SIM_TRACE_DIR") {
-        let path = Path::new(&dir).join(format!("{}-seed{seed}.txt", faults.test_name()));
+        let path = trace_file(Path::new(&dir), faults, seed);
         let lines: Vec<&str> = run.trace.iter().chain(&run.log).map(String::as_str).collect();
         std::fs::write(&path, lines.join("\n")).expect("writing the trace");
         eprintln!("seed {seed}: trace of answers written to {}", path.display());

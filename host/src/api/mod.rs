@@ -249,7 +249,6 @@ impl Api {
         })
     }
 
-    /// Also serves the node-to-node `Cluster` service.
     /// Serves `service` (node-to-node calls) on this port too; with
     /// `peer_tls` the listener verifies client certificates against the
     /// cluster's CA (the configuration requires the listener to speak TLS then).
