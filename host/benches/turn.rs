@@ -9,7 +9,7 @@
 
 use conflux_host::config::RuntimeConfig;
 use conflux_host::model::{EntityRef, Keyspace, Op, WriteSet, state_key};
-use conflux_host::runtime::{Runtime, TurnInput};
+use conflux_host::runtime::{NoSlot, Runtime, TurnInput};
 use conflux_host::storage::{MemStore, StateStore};
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::path::PathBuf;
@@ -61,7 +61,7 @@ fn turns(c: &mut Criterion) {
     let mut warm = runtime.instantiate(&prepared, &entity).unwrap();
     c.bench_function("warm turn: counter add (wasm, get+set)", |b| {
         b.iter(|| {
-            let out = warm.run_turn(input(), store.clone(), None).unwrap();
+            let out = warm.run_turn(input(), store.clone(), None, Box::new(NoSlot)).unwrap();
             assert_eq!(out.reply, b"42");
         })
     });
@@ -78,7 +78,7 @@ fn turns(c: &mut Criterion) {
     c.bench_function("cold activation: instantiate + first turn", |b| {
         b.iter(|| {
             let mut i = runtime.instantiate(&prepared, &entity).unwrap();
-            let out = i.run_turn(input(), store.clone(), None).unwrap();
+            let out = i.run_turn(input(), store.clone(), None, Box::new(NoSlot)).unwrap();
             assert_eq!(out.reply, b"42");
         })
     });
@@ -106,7 +106,9 @@ fn limits(c: &mut Criterion) {
             RuntimeConfig { max_instances: 100, fuel_per_turn: fuel, turn_timeout_ms: timeout, ..Default::default() };
         let (runtime, prepared) = counter_setup(&cfg);
         let mut warm = runtime.instantiate(&prepared, &entity).unwrap();
-        group.bench_function(name, |b| b.iter(|| warm.run_turn(input(), store.clone(), None).unwrap()));
+        group.bench_function(name, |b| {
+            b.iter(|| warm.run_turn(input(), store.clone(), None, Box::new(NoSlot)).unwrap())
+        });
     }
     group.finish();
 
@@ -126,7 +128,7 @@ fn limits(c: &mut Criterion) {
             b.iter(|| {
                 let mut i = runtime.instantiate(&prepared, &faulty).unwrap();
                 let inp = TurnInput { operation: "infinite_loop".into(), payload: vec![], ..input() };
-                assert!(i.run_turn(inp, store.clone(), None).is_err());
+                assert!(i.run_turn(inp, store.clone(), None, Box::new(NoSlot)).is_err());
             })
         });
     }

@@ -51,8 +51,12 @@ pub struct RuntimeConfig {
     /// Wall-clock budget of one turn, enforced by epoch interruption in 10 ms
     /// ticks (0 = off; then `fuel_per_turn` must be set).
     pub turn_timeout_ms: u64,
-    /// Linear memory one instance may grow to.
+    /// Linear memory one instance may hold, all its memories together.
     pub max_memory_bytes: u64,
+    /// Linear memory all instances of the node may hold together: warm ones
+    /// and those running turns. A turn that would grow past it traps
+    /// (`out-of-memory`); an instantiation first evicts idle instances.
+    pub max_total_guest_memory_bytes: u64,
     /// Table elements one instance may grow to.
     pub max_table_elements: u32,
     /// Upper bound of concurrently existing instances (pool size). Must exceed
@@ -83,6 +87,7 @@ impl Default for RuntimeConfig {
             fuel_per_turn: 2_000_000_000,
             turn_timeout_ms: 1000,
             max_memory_bytes: 64 << 20,
+            max_total_guest_memory_bytes: 8 << 30,
             max_table_elements: 20_000,
             max_instances: 10_500,
             max_reply_bytes: 1 << 20,
@@ -103,6 +108,14 @@ pub struct SchedulerConfig {
     /// Warm instances kept between turns; the least recently used idle one is
     /// evicted beyond this.
     pub max_resident_instances: usize,
+    /// Linear memory warm instances may hold between turns, all together; the
+    /// least recently used idle ones are evicted beyond it (re-instantiating
+    /// costs ≈ 10 µs, holding memory costs the node).
+    pub max_warm_memory_bytes: u64,
+    /// An instance holding more linear memory than this after its turn is
+    /// dropped instead of kept warm, so one large turn does not pin its
+    /// memory until idle eviction.
+    pub max_warm_instance_bytes: u64,
     /// An instance idle this long is evicted.
     pub idle_timeout_ms: u64,
     /// Invocations that may wait for one entity; more are refused with
@@ -150,6 +163,8 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             max_resident_instances: 10_000,
+            max_warm_memory_bytes: 4 << 30,
+            max_warm_instance_bytes: 16 << 20,
             idle_timeout_ms: 300_000,
             mailbox_depth: 1024,
             max_inflight_invocations: 8192,
@@ -468,6 +483,12 @@ impl Config {
         }
         if r.max_memory_bytes < (1 << 20) {
             return bad("runtime.max_memory_bytes must be at least 1 MiB");
+        }
+        if r.max_total_guest_memory_bytes < r.max_memory_bytes {
+            return bad("runtime.max_total_guest_memory_bytes must be at least runtime.max_memory_bytes");
+        }
+        if s.max_warm_memory_bytes > r.max_total_guest_memory_bytes {
+            return bad("scheduler.max_warm_memory_bytes must not exceed runtime.max_total_guest_memory_bytes");
         }
         if s.max_resident_instances == 0 || s.mailbox_depth == 0 || s.max_inflight_invocations == 0 {
             return bad("scheduler.max_resident_instances, mailbox_depth and max_inflight_invocations must be > 0");

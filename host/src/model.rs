@@ -335,10 +335,43 @@ impl Record for DeadLetter {
 pub struct IdempotentReply {
     pub expires_at_ms: u64,
     pub reply: Vec<u8>,
+    /// [`request_digest`] of the call that stored it: a retry must be the same
+    /// call. `None` in records written before digests were kept.
+    pub request: Option<[u8; 32]>,
+}
+
+/// The stored form before the request digest was kept.
+#[derive(Deserialize)]
+struct IdempotentReplyV1 {
+    expires_at_ms: u64,
+    reply: Vec<u8>,
 }
 
 impl Record for IdempotentReply {
     const WHAT: &str = "idempotent reply";
+
+    fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
+        // postcard is not self-describing: a record of the older layout has
+        // no trailing digest and must be read as such.
+        match postcard::from_bytes::<Self>(bytes) {
+            Ok(r) => Ok(r),
+            Err(e) => match postcard::from_bytes::<IdempotentReplyV1>(bytes) {
+                Ok(v1) => Ok(Self { expires_at_ms: v1.expires_at_ms, reply: v1.reply, request: None }),
+                Err(_) => Err(ModelError::Corrupt(format!("{}: {e}", Self::WHAT))),
+            },
+        }
+    }
+}
+
+/// What makes two calls under one idempotency key the same call: the
+/// operation and the payload (SHA-256 over both, the operation length-prefixed).
+pub fn request_digest(operation: &str, payload: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update((operation.len() as u64).to_le_bytes());
+    h.update(operation.as_bytes());
+    h.update(payload);
+    h.finalize().into()
 }
 
 /// [`Keyspace::Outbox`] key: `sender \0 id \0 seq(be)`, so one sender's messages are

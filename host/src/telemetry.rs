@@ -56,6 +56,7 @@ pub struct Metrics {
 
 struct Gauges {
     resident_instances: IntGauge,
+    guest_memory_bytes: IntGauge,
     active_entities: IntGauge,
     inflight_invocations: IntGauge,
     outbox_messages: IntGauge,
@@ -69,6 +70,7 @@ struct Gauges {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NodeGauges {
     pub resident_instances: u64,
+    pub guest_memory_bytes: u64,
     pub active_entities: u64,
     pub inflight_invocations: u64,
     pub outbox_messages: u64,
@@ -116,6 +118,11 @@ impl Metrics {
         let r = Registry::new();
         let gauges = Gauges {
             resident_instances: gauge(&r, "conflux_resident_instances", "Warm entity instances in memory."),
+            guest_memory_bytes: gauge(
+                &r,
+                "conflux_guest_memory_bytes",
+                "Linear memory all entity instances hold (warm and running).",
+            ),
             active_entities: gauge(&r, "conflux_active_entities", "Entities with a scheduler slot."),
             inflight_invocations: gauge(&r, "conflux_inflight_invocations", "Invocations accepted, not answered."),
             outbox_messages: gauge(&r, "conflux_outbox_messages", "Messages committed, not yet delivered."),
@@ -178,6 +185,7 @@ impl Metrics {
         let g = &self.gauges;
         let set = |gauge: &IntGauge, v: u64| gauge.set(i64::try_from(v).unwrap_or(i64::MAX));
         set(&g.resident_instances, now.resident_instances);
+        set(&g.guest_memory_bytes, now.guest_memory_bytes);
         set(&g.active_entities, now.active_entities);
         set(&g.inflight_invocations, now.inflight_invocations);
         set(&g.outbox_messages, now.outbox_messages);

@@ -99,7 +99,12 @@ struct ErrorDetail<'a> {
 fn error_response(s: &tonic::Status) -> Response {
     let kind = s.metadata().get(ERROR_KIND_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("error");
     let body = ErrorBody { error: ErrorDetail { code: code_name(s.code()), kind, message: s.message() } };
-    let mut response = (http_status(s.code()), axum::Json(body)).into_response();
+    // A reused idempotency key is refused like payment APIs refuse it.
+    let code = match kind {
+        "idempotency-key-reused" => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => http_status(s.code()),
+    };
+    let mut response = (code, axum::Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(kind) {
         response.headers_mut().insert(ERROR_KIND_HEADER, v);
     }
@@ -330,6 +335,7 @@ async fn metrics(State(api): ApiState, headers: HeaderMap) -> Response {
     let s = api.scheduler.stats();
     let gauges = crate::telemetry::NodeGauges {
         resident_instances: s.resident_instances as u64,
+        guest_memory_bytes: s.guest_memory_bytes as u64,
         active_entities: s.active_entities as u64,
         inflight_invocations: s.inflight_invocations as u64,
         outbox_messages: s.outbox_messages,

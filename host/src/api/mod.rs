@@ -89,9 +89,10 @@ pub(crate) fn invoke_code(e: &InvokeError) -> Code {
     match e {
         InvokeError::UnknownType(_) => Code::NotFound,
         InvokeError::BadOperation | InvokeError::BadIdempotencyKey(_) => Code::InvalidArgument,
-        InvokeError::MailboxFull { .. } | InvokeError::Overloaded(_) | InvokeError::OutboxFull(_) => {
-            Code::ResourceExhausted
-        }
+        InvokeError::MailboxFull { .. }
+        | InvokeError::Overloaded(_)
+        | InvokeError::OutboxFull(_)
+        | InvokeError::Instantiate(crate::runtime::RuntimeError::Exhausted { .. }) => Code::ResourceExhausted,
         InvokeError::ShuttingDown
         | InvokeError::Instantiate(_)
         | InvokeError::Commit(_)
@@ -99,7 +100,7 @@ pub(crate) fn invoke_code(e: &InvokeError) -> Code {
         | InvokeError::NoLeader(_)
         | InvokeError::Unreachable { .. }
         | InvokeError::Lost { .. } => Code::Unavailable,
-        InvokeError::MigrationFailed { .. } => Code::FailedPrecondition,
+        InvokeError::MigrationFailed { .. } | InvokeError::IdempotencyKeyReused { .. } => Code::FailedPrecondition,
         InvokeError::Turn(t) => match t {
             TurnError::BadRequest(_) => Code::InvalidArgument,
             TurnError::UnknownOperation(_) => Code::NotFound,
@@ -649,6 +650,8 @@ impl Conflux for Api {
             shards,
             node_id: me,
             moves,
+            guest_memory_bytes: s.guest_memory_bytes as u64,
+            guest_memory_limit_bytes: s.guest_memory_limit_bytes as u64,
         }))
     }
 

@@ -590,9 +590,16 @@ impl Registry {
     fn compile(&self, bytes: &[u8]) -> Result<(Component, Prepared), RegistryError> {
         let component =
             Component::new(self.runtime.engine(), bytes).map_err(|e| ValidationError::Compile(format!("{e:#}")))?;
-        validate::check_world(self.runtime.engine(), &component)?;
-        let prepared = self.runtime.prepare(&component).map_err(|e| ValidationError::Link(e.to_string()))?;
+        let prepared = self.prepare(&component)?;
         Ok((component, prepared))
+    }
+
+    /// The one way a component becomes runnable, whether it was just uploaded,
+    /// loaded at start-up, or arrived through the metadata group: its imports
+    /// are checked against the allow-list, then it is linked.
+    fn prepare(&self, component: &Component) -> Result<Prepared, RegistryError> {
+        validate::check_world(self.runtime.engine(), component)?;
+        Ok(self.runtime.prepare(component).map_err(|e| ValidationError::Link(e.to_string()))?)
     }
 
     fn compile_and_store(&self, digest: &str, bytes: &[u8]) -> Result<Prepared, RegistryError> {
@@ -641,13 +648,20 @@ impl Registry {
                         stored
                     }
                 };
+                let digest = hex::encode(Sha256::digest(&bytes));
+                if digest != v.digest {
+                    return Err(RegistryError::Corrupt {
+                        name: record.name.clone(),
+                        message: format!("version {version}'s component bytes hash to {digest}, not {}", v.digest),
+                    });
+                }
                 let c = Component::new(self.runtime.engine(), &bytes)
                     .map_err(|e| ValidationError::Compile(format!("{e:#}")))?;
                 self.write_artifact(&v.digest, &c);
                 c
             }
         };
-        let prepared = self.runtime.prepare(&component).map_err(|e| ValidationError::Link(e.to_string()))?;
+        let prepared = self.prepare(&component)?;
         Ok(Arc::new(LoadedVersion { type_name: record.name.clone(), version, digest: v.digest.clone(), prepared }))
     }
 }

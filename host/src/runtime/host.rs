@@ -11,6 +11,7 @@ use crate::model::{EntityRef, Keyspace, entity_prefix, state_key, timer_id_key};
 use crate::storage::StateStore;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Longest guest log message kept; the rest is cut so a guest cannot flood the
 /// host log with one call.
@@ -97,7 +98,7 @@ impl HostState {
     }
 
     fn breach(&mut self, message: String) -> wasmtime::Error {
-        self.limit_breach = Some(message.clone());
+        self.breach = Some((super::TrapKind::LimitExceeded, message.clone()));
         wasmtime::format_err!(message)
     }
 
@@ -305,44 +306,112 @@ impl context::Host for HostState {
     }
 }
 
-/// Caps memory and table growth of one instance and remembers whether a cap
-/// was hit, so an ensuing trap is reported as out-of-memory.
+/// Linear memory held by all instances of a node, against
+/// `runtime.max_total_guest_memory_bytes`.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: usize) -> Self {
+        Self { used: AtomicUsize::new(0), limit }
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn try_take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| u.checked_add(bytes).filter(|n| *n <= self.limit))
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// Which memory bound a refused growth hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryBreach {
+    /// The instance's own bound (`runtime.max_memory_bytes`, all memories together).
+    Instance,
+    /// The node's bound on all instances together.
+    Node,
+    /// A table grew past `runtime.max_table_elements`.
+    Table,
+}
+
+/// Caps memory and table growth of one instance — all its linear memories
+/// together, and the node's memory budget — and remembers whether a cap was
+/// hit, so an ensuing trap is reported as out-of-memory.
 pub struct Limiter {
     max_memory_bytes: usize,
     max_table_elements: usize,
-    breached: bool,
+    budget: Arc<MemoryBudget>,
+    /// Bytes of linear memory this instance holds (taken from `budget`).
+    held: usize,
+    breached: Option<MemoryBreach>,
 }
 
 impl Limiter {
-    pub fn new(cfg: &RuntimeConfig) -> Self {
+    pub fn new(cfg: &RuntimeConfig, budget: Arc<MemoryBudget>) -> Self {
         Self {
             max_memory_bytes: cfg.max_memory_bytes as usize,
             max_table_elements: cfg.max_table_elements as usize,
-            breached: false,
+            budget,
+            held: 0,
+            breached: None,
         }
     }
 
-    pub fn breached(&self) -> bool {
+    pub fn breached(&self) -> Option<MemoryBreach> {
         self.breached
     }
 
     pub fn reset_breach(&mut self) {
-        self.breached = false;
+        self.breached = None;
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        self.held
+    }
+}
+
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        self.budget.give_back(self.held);
     }
 }
 
 impl wasmtime::ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.max_memory_bytes {
-            self.breached = true;
+    // Also called when a memory is created, with `current` 0: every byte of
+    // every memory passes through here.
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let more = desired.saturating_sub(current);
+        if self.held.saturating_add(more) > self.max_memory_bytes {
+            self.breached = Some(MemoryBreach::Instance);
             return Ok(false);
         }
+        if !self.budget.try_take(more) {
+            self.breached = Some(MemoryBreach::Node);
+            return Ok(false);
+        }
+        self.held += more;
         Ok(true)
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.max_table_elements {
-            self.breached = true;
+            self.breached = Some(MemoryBreach::Table);
             return Ok(false);
         }
         Ok(true)

@@ -8,6 +8,7 @@
 
 mod host;
 mod output;
+mod wasi;
 
 use crate::config::RuntimeConfig;
 use crate::model::EntityRef;
@@ -16,8 +17,9 @@ use std::sync::Arc;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
-pub use host::{CancelledTimer, OutgoingMessage, TurnEffects, TurnState};
+pub use host::{CancelledTimer, MemoryBudget, OutgoingMessage, TurnEffects, TurnState};
 pub use output::{GuestLogLine, GuestLogs};
+pub use wasi::{NoSlot, TurnSlot};
 
 wasmtime::component::bindgen!({
     world: "entity",
@@ -73,6 +75,12 @@ pub enum RuntimeError {
     Engine(String),
     #[error("cannot instantiate entity {entity}: {message}")]
     Instantiate { entity: String, message: String },
+    /// The node has no room for another instance right now: every pool slot
+    /// is taken, or all guest memory is held (`runtime.max_instances`,
+    /// `runtime.max_total_guest_memory_bytes`). Evicting idle instances may
+    /// make room.
+    #[error("no room for another instance of {entity}: {message}")]
+    Exhausted { entity: String, message: String },
     #[error("component does not fit the entity world: {0}")]
     Link(String),
 }
@@ -149,11 +157,13 @@ pub struct HostState {
     entity: EntityRef,
     wasi: wasmtime_wasi::WasiCtx,
     table: ResourceTable,
+    clock: wasi::GuestClock,
+    waits: wasi::Waits,
     limits: host::Limiter,
     turn: Option<TurnState>,
-    /// Set by a host function that refused a guest request by trapping, so
-    /// the trap can be classified.
-    limit_breach: Option<String>,
+    /// Set by a host function that ended the turn by trapping (a host limit
+    /// breached, a wait past the deadline), so the trap can be classified.
+    breach: Option<(TrapKind, String)>,
     cfg: Arc<RuntimeConfig>,
     stdout: output::GuestOutput,
     stderr: output::GuestOutput,
@@ -171,6 +181,7 @@ pub struct Runtime {
     linker: Linker<HostState>,
     cfg: Arc<RuntimeConfig>,
     guest_logs: Arc<GuestLogs>,
+    memory: Arc<MemoryBudget>,
 }
 
 /// A component checked against the world and ready to instantiate quickly.
@@ -218,17 +229,22 @@ impl Runtime {
             .parallel_compilation(false);
         let engine = Engine::new(&c).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
-        // All of WASI p2 is linked, but only the inert interfaces are reachable:
-        // the registry refuses components importing anything else, and the WASI
-        // context grants no files, sockets, env or args anyway.
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        // Only the inert WASI interfaces are linked: a component importing
+        // anything else cannot be prepared, whichever path loaded it.
+        wasi::add_to_linker(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         Entity::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         if cfg.turn_timeout_ms > 0 {
             spawn_epoch_ticker(&engine);
         }
         let guest_logs = Arc::new(GuestLogs::new(cfg.guest_log_lines));
-        Ok(Self { engine, linker, cfg: Arc::new(cfg.clone()), guest_logs })
+        let memory = Arc::new(MemoryBudget::new(cfg.max_total_guest_memory_bytes as usize));
+        Ok(Self { engine, linker, cfg: Arc::new(cfg.clone()), guest_logs, memory })
+    }
+
+    /// Linear memory all live instances hold, and its bound.
+    pub fn guest_memory(&self) -> &MemoryBudget {
+        &self.memory
     }
 
     pub fn engine(&self) -> &Engine {
@@ -270,20 +286,27 @@ impl Runtime {
         let tag: Arc<str> = entity.to_string().into();
         let stdout = output::GuestOutput::new(tag.clone(), "stdout", self.guest_logs.clone());
         let stderr = output::GuestOutput::new(tag, "stderr", self.guest_logs.clone());
+        let clock = wasi::GuestClock::new();
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
+            .monotonic_clock(clock)
+            .max_random_size(wasi::MAX_RANDOM_BYTES)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(wasi::MAX_RESOURCES);
         let state = HostState {
             entity: entity.clone(),
             wasi,
-            table: ResourceTable::new(),
-            limits: host::Limiter::new(&self.cfg),
+            table,
+            clock,
+            waits: wasi::Waits::default(),
+            limits: host::Limiter::new(&self.cfg, self.memory.clone()),
             turn: None,
-            limit_breach: None,
+            breach: None,
             cfg: self.cfg.clone(),
             stdout,
             stderr,
@@ -293,7 +316,14 @@ impl Runtime {
         arm_cpu_limits(&mut store, &self.cfg).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let failed =
             |e: wasmtime::Error| RuntimeError::Instantiate { entity: entity.to_string(), message: format!("{e:#}") };
-        let instance = prepared.pre.instance_pre().instantiate(&mut store).map_err(failed)?;
+        let instance = prepared.pre.instance_pre().instantiate(&mut store).map_err(|e| {
+            let exhausted = e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some()
+                || store.data().limits.breached() == Some(host::MemoryBreach::Node);
+            match exhausted {
+                true => RuntimeError::Exhausted { entity: entity.to_string(), message: format!("{e:#}") },
+                false => failed(e),
+            }
+        })?;
         let bindings = Entity::new(&mut store, &instance).map_err(failed)?;
         let migrate = match &prepared.migrate {
             Some(index) => Some(
@@ -332,29 +362,32 @@ impl Instance {
 
     /// Runs one turn. Reads go to the turn's own writes first, then `reader`. With
     /// `migrate_from`, the guest's migration (if it exports one) runs first, in the
-    /// same turn: its writes and the handler's form one write set.
+    /// same turn: its writes and the handler's form one write set, and both
+    /// share the turn's one fuel and time budget. `slot` is the turn's hold on a
+    /// turn thread, given back while the guest waits in a host call.
     pub fn run_turn(
         &mut self,
         input: TurnInput,
         reader: Arc<dyn StateStore>,
         migrate_from: Option<u32>,
+        slot: Box<dyn TurnSlot>,
     ) -> Result<TurnOutput, TurnError> {
-        let cfg = self.begin_turn(input.invocation_id, input.caller, input.now_ms, input.next_seq, reader)?;
+        let cfg = self.begin_turn(input.invocation_id, input.caller, input.now_ms, input.next_seq, reader, slot)?;
         if let Some(from_version) = migrate_from
-            && let Err(cause) = self.migrate(from_version, &cfg)
+            && let Err(cause) = self.migrate(from_version)
         {
-            self.store.data_mut().turn = None;
+            self.end_turn();
             return Err(TurnError::MigrationFailed { from_version, cause: Box::new(cause) });
-        }
-        if let Err(e) = arm_cpu_limits(&mut self.store, &cfg) {
-            return Err(self.fail_setup(e));
         }
         let result =
             self.bindings.conflux_entity_handler().call_handle(&mut self.store, &input.operation, &input.payload);
-        let turn = self.store.data_mut().turn.take().expect("turn state set above");
+        let turn = self.end_turn().expect("turn state set by begin_turn");
         match result {
             Ok(Ok(reply)) => {
                 if reply.len() > cfg.max_reply_bytes {
+                    // The instance grew its memory to build the reply: it
+                    // is not kept at that size.
+                    self.poisoned = true;
                     return Err(TurnError::Trapped {
                         kind: TrapKind::LimitExceeded,
                         message: format!("reply is {} bytes; the limit is {}", reply.len(), cfg.max_reply_bytes),
@@ -379,16 +412,22 @@ impl Instance {
         invocation_id: String,
         now_ms: u64,
         reader: Arc<dyn StateStore>,
+        slot: Box<dyn TurnSlot>,
     ) -> Result<TurnOutput, TurnError> {
-        let cfg = self.begin_turn(invocation_id, None, now_ms, 0, reader)?;
-        let result = self.migrate(from_version, &cfg);
-        let turn = self.store.data_mut().turn.take().expect("turn state set above");
+        self.begin_turn(invocation_id, None, now_ms, 0, reader, slot)?;
+        let result = self.migrate(from_version);
+        let turn = self.end_turn().expect("turn state set by begin_turn");
         result.map(|()| TurnOutput { reply: Vec::new(), effects: turn.into_effects() })
     }
 
     /// Whether this instance's component exports a migration.
     pub fn has_migration(&self) -> bool {
         self.migrate.is_some()
+    }
+
+    /// Bytes of linear memory this instance holds (all its memories).
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().limits.memory_bytes()
     }
 
     fn begin_turn(
@@ -398,30 +437,40 @@ impl Instance {
         now_ms: u64,
         next_seq: u64,
         reader: Arc<dyn StateStore>,
+        slot: Box<dyn TurnSlot>,
     ) -> Result<Arc<RuntimeConfig>, TurnError> {
         assert!(!self.poisoned, "a poisoned instance must be dropped, not reused");
         let cfg = self.store.data().cfg.clone();
         let data = self.store.data_mut();
-        data.limit_breach = None;
+        data.breach = None;
         data.limits.reset_breach();
         data.stdout.start_turn(&invocation_id);
         data.stderr.start_turn(&invocation_id);
+        data.waits.slot = Some(slot);
         data.turn = Some(TurnState::new(data.entity.clone(), invocation_id, caller, now_ms, next_seq, reader));
+        if let Err(e) = arm_cpu_limits(&mut self.store, &cfg) {
+            return Err(self.fail_setup(e));
+        }
         Ok(cfg)
+    }
+
+    /// Ends the turn: gives its slot back and returns what it did.
+    fn end_turn(&mut self) -> Option<TurnState> {
+        let data = self.store.data_mut();
+        data.waits.slot = None;
+        data.waits.deadline = None;
+        data.turn.take()
     }
 
     fn fail_setup(&mut self, e: wasmtime::Error) -> TurnError {
         self.poisoned = true;
-        self.store.data_mut().turn = None;
+        self.end_turn();
         TurnError::Trapped { kind: TrapKind::Trap, message: format!("{e:#}") }
     }
 
     /// Calls the guest's `migrate` inside the current turn; a no-op without one.
-    fn migrate(&mut self, from_version: u32, cfg: &RuntimeConfig) -> Result<(), TurnError> {
+    fn migrate(&mut self, from_version: u32) -> Result<(), TurnError> {
         let Some(func) = self.migrate else { return Ok(()) };
-        if let Err(e) = arm_cpu_limits(&mut self.store, cfg) {
-            return Err(self.fail_setup(e));
-        }
         match func.call(&mut self.store, (from_version,)) {
             Ok((Ok(()),)) => Ok(()),
             Ok((Err(e),)) => Err(call_error(e)),
@@ -434,8 +483,8 @@ impl Instance {
 
     fn classify_trap(&mut self, err: wasmtime::Error) -> TurnError {
         let data = self.store.data_mut();
-        if let Some(msg) = data.limit_breach.take() {
-            return TurnError::Trapped { kind: TrapKind::LimitExceeded, message: msg };
+        if let Some((kind, message)) = data.breach.take() {
+            return TurnError::Trapped { kind, message };
         }
         let last_stderr = data.stderr.recent();
         let trap = err.downcast_ref::<wasmtime::Trap>();
@@ -443,7 +492,7 @@ impl Instance {
             Some(wasmtime::Trap::OutOfFuel) => TrapKind::OutOfFuel,
             Some(wasmtime::Trap::Interrupt) => TrapKind::Timeout,
             Some(wasmtime::Trap::StackOverflow) => TrapKind::StackOverflow,
-            _ if data.limits.breached() => TrapKind::OutOfMemory,
+            _ if data.limits.breached().is_some() => TrapKind::OutOfMemory,
             _ => TrapKind::Trap,
         };
         let mut message = match kind {
@@ -453,9 +502,20 @@ impl Instance {
             TrapKind::Timeout => {
                 format!("the turn ran longer than {} ms (runtime.turn_timeout_ms)", data.cfg.turn_timeout_ms)
             }
-            TrapKind::OutOfMemory => {
-                format!("the instance hit its memory limit of {} bytes", data.cfg.max_memory_bytes)
-            }
+            TrapKind::OutOfMemory => match data.limits.breached() {
+                Some(host::MemoryBreach::Node) => format!(
+                    "the node's guest memory is exhausted ({} bytes, runtime.max_total_guest_memory_bytes)",
+                    data.cfg.max_total_guest_memory_bytes
+                ),
+                Some(host::MemoryBreach::Table) => format!(
+                    "the instance hit its table limit of {} elements (runtime.max_table_elements)",
+                    data.cfg.max_table_elements
+                ),
+                _ => format!(
+                    "the instance hit its memory limit of {} bytes, all its memories together (runtime.max_memory_bytes)",
+                    data.cfg.max_memory_bytes
+                ),
+            },
             // Rust guests keep their stack at the bottom of linear memory, so
             // running off its end is an out-of-bounds access, not a wasm stack
             // overflow.
@@ -490,7 +550,8 @@ fn spawn_epoch_ticker(engine: &Engine) {
     }
 }
 
-/// Refills the fuel and re-arms the wall-clock deadline for the next turn.
+/// Refills the fuel and re-arms the wall-clock deadline (for guest code and
+/// for its waits in host calls) for the next turn.
 fn arm_cpu_limits(store: &mut Store<HostState>, cfg: &RuntimeConfig) -> wasmtime::Result<()> {
     if cfg.fuel_per_turn > 0 {
         store.set_fuel(cfg.fuel_per_turn)?;
@@ -498,6 +559,8 @@ fn arm_cpu_limits(store: &mut Store<HostState>, cfg: &RuntimeConfig) -> wasmtime
     if cfg.turn_timeout_ms > 0 {
         store.set_epoch_deadline(cfg.turn_timeout_ms.div_ceil(EPOCH_TICK_MS) + 1);
         store.epoch_deadline_trap();
+        store.data_mut().waits.deadline =
+            Some(std::time::Instant::now() + std::time::Duration::from_millis(cfg.turn_timeout_ms));
     }
     Ok(())
 }

@@ -67,6 +67,13 @@ pub enum InvokeError {
     OutboxFull(u64),
     #[error(transparent)]
     BadIdempotencyKey(crate::model::ModelError),
+    /// A retry under an idempotency key whose first call had another
+    /// operation or payload: it would get that call's reply.
+    #[error(
+        "idempotency key {key:?} was first used for another call (a different operation or payload) \
+         on {entity}; use a new key for a new call"
+    )]
+    IdempotencyKeyReused { entity: String, key: String },
     #[error(
         "entity {entity} could not migrate from version {from_version} to version {to_version}: {cause}; \
          it keeps its version-{from_version} state (deploy a fix or roll back)"
@@ -111,6 +118,7 @@ pub const ERROR_KINDS: &[&str] = &[
     "migration-failed",
     "outbox-full",
     "bad-idempotency-key",
+    "idempotency-key-reused",
     "bad-request",
     "unknown-operation",
     "failed",
@@ -128,8 +136,15 @@ pub const ERROR_KINDS: &[&str] = &[
 ];
 
 /// Kinds of failure that retrying cannot fix.
-const PERMANENT_KINDS: &[&str] =
-    &["unknown-type", "bad-operation", "bad-idempotency-key", "bad-request", "unknown-operation", "failed"];
+const PERMANENT_KINDS: &[&str] = &[
+    "unknown-type",
+    "bad-operation",
+    "bad-idempotency-key",
+    "idempotency-key-reused",
+    "bad-request",
+    "unknown-operation",
+    "failed",
+];
 
 impl InvokeError {
     /// A stable, machine-readable name of the failure: the API's
@@ -144,6 +159,7 @@ impl InvokeError {
             InvokeError::MigrationFailed { .. } => "migration-failed",
             InvokeError::OutboxFull(_) => "outbox-full",
             InvokeError::BadIdempotencyKey(_) => "bad-idempotency-key",
+            InvokeError::IdempotencyKeyReused { .. } => "idempotency-key-reused",
             InvokeError::Turn(t) => match t {
                 TurnError::BadRequest(_) => "bad-request",
                 TurnError::UnknownOperation(_) => "unknown-operation",
@@ -151,6 +167,7 @@ impl InvokeError {
                 TurnError::Trapped { kind, .. } => kind.as_str(),
                 TurnError::MigrationFailed { .. } => "migration-failed",
             },
+            InvokeError::Instantiate(RuntimeError::Exhausted { .. }) => "overloaded",
             InvokeError::Instantiate(_) => "instantiate",
             InvokeError::Commit(_) => "commit",
             InvokeError::Internal(_) => "internal",
@@ -216,6 +233,34 @@ const ROUTE_RETRY_MAX: Duration = Duration::from_millis(100);
 
 /// Failed invocations the node remembers for its dashboard.
 const RECENT_ERRORS: usize = 64;
+
+/// Slots one eviction pass looks at, least recently used first: the pass
+/// runs under the slot map's lock.
+const EVICT_SCAN: usize = 4096;
+/// Idle instances an instantiation that found no room evicts at least.
+const EVICT_BATCH: usize = 16;
+/// Guest memory an instantiation that found no room frees at least.
+const EVICT_HEADROOM_BYTES: usize = 64 << 20;
+
+/// A turn's permit as the runtime's [`TurnSlot`](crate::runtime::TurnSlot):
+/// given back while the guest waits in a host call, taken again after.
+struct PermitSlot {
+    permits: Arc<tokio::sync::Semaphore>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl crate::runtime::TurnSlot for PermitSlot {
+    fn release(&mut self) {
+        self.permit = None;
+    }
+
+    fn reacquire(&mut self) {
+        if self.permit.is_none() {
+            // Runs on the turn's blocking thread; tokio's semaphore needs no runtime.
+            self.permit = futures::executor::block_on(self.permits.clone().acquire_owned()).ok();
+        }
+    }
+}
 
 /// One failed invocation.
 #[derive(Debug, Clone)]
@@ -377,6 +422,9 @@ impl Drop for InflightGuard {
 pub struct SchedulerStats {
     pub active_entities: usize,
     pub resident_instances: usize,
+    /// Linear memory all instances hold, and its bound.
+    pub guest_memory_bytes: usize,
+    pub guest_memory_limit_bytes: usize,
     pub inflight_invocations: usize,
     pub turns_ok: u64,
     pub turns_failed: u64,
@@ -406,8 +454,9 @@ struct Inner {
     instantiations: AtomicU64,
     epoch: Instant,
     /// Turns executing at once. More threads than cores only adds contention
-    /// (page faults and allocator locks of many instantiations at once).
-    turn_permits: tokio::sync::Semaphore,
+    /// (page faults and allocator locks of many instantiations at once). A
+    /// turn gives its permit back while its guest waits in a host call.
+    turn_permits: Arc<tokio::sync::Semaphore>,
     /// Messages in the outbox (committed, not yet delivered or dead-lettered).
     outbox_len: AtomicU64,
     /// Signalled when a turn commits messages, to wake the deliverer.
@@ -472,7 +521,7 @@ impl Scheduler {
                 turns_failed: AtomicU64::new(0),
                 instantiations: AtomicU64::new(0),
                 epoch: Instant::now(),
-                turn_permits: tokio::sync::Semaphore::new(cfg.turn_threads()),
+                turn_permits: Arc::new(tokio::sync::Semaphore::new(cfg.turn_threads())),
                 outbox_len: AtomicU64::new(0),
                 outbox_ready: tokio::sync::Notify::new(),
                 timers_changed: tokio::sync::Notify::new(),
@@ -630,6 +679,8 @@ impl Scheduler {
         SchedulerStats {
             active_entities: i.slots.lock().expect("slots lock").len(),
             resident_instances: i.resident.load(Ordering::Relaxed),
+            guest_memory_bytes: i.runtime.guest_memory().used(),
+            guest_memory_limit_bytes: i.runtime.guest_memory().limit(),
             inflight_invocations: i.inflight.load(Ordering::Relaxed),
             turns_ok: i.turns_ok.load(Ordering::Relaxed),
             turns_failed: i.turns_failed.load(Ordering::Relaxed),
@@ -677,12 +728,11 @@ impl Scheduler {
         let mut report = DryRunReport { has_migration: candidate.prepared.has_migration(), ..Default::default() };
         for id in ids {
             let entity = EntityRef { entity_type: candidate.type_name.clone(), id };
-            let permit = inner.turn_permits.acquire().await.map_err(|e| InvokeError::Internal(e.to_string()))?;
+            let slot = inner.turn_slot().await?;
             let (inner2, candidate2, entity2) = (inner.clone(), candidate.clone(), entity.clone());
-            let outcome = crate::determinism::blocking(move || inner2.dry_run_one(&candidate2, &entity2))
+            let outcome = crate::determinism::blocking(move || inner2.dry_run_one(&candidate2, &entity2, slot))
                 .await
                 .map_err(|e| InvokeError::Internal(format!("dry-run thread failed: {e}")))?;
-            drop(permit);
             report.sampled += 1;
             match outcome {
                 Ok(None) => report.up_to_date += 1,
@@ -783,16 +833,93 @@ impl Inner {
         victims.len()
     }
 
+    /// A turn permit, as the slot a turn holds while it runs.
+    async fn turn_slot(&self) -> Result<PermitSlot, InvokeError> {
+        let permit =
+            self.turn_permits.clone().acquire_owned().await.map_err(|e| InvokeError::Internal(e.to_string()))?;
+        Ok(PermitSlot { permits: self.turn_permits.clone(), permit: Some(permit) })
+    }
+
+    /// Instantiates `prepared` for `entity`; when the node has no room (pool
+    /// slots or guest memory), evicts idle warm instances and tries again.
+    fn instantiate_with_room(
+        &self,
+        prepared: &crate::runtime::Prepared,
+        entity: &EntityRef,
+    ) -> Result<Instance, RuntimeError> {
+        let mut tries = 0;
+        loop {
+            match self.runtime.instantiate(prepared, entity) {
+                Err(RuntimeError::Exhausted { .. }) if tries < 3 => {
+                    tries += 1;
+                    let room = self.runtime.guest_memory().limit().saturating_sub(EVICT_HEADROOM_BYTES);
+                    if self.evict_warm(room, EVICT_BATCH) == 0 {
+                        return self.runtime.instantiate(prepared, entity);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Keeps the memory of warm instances under `scheduler.max_warm_memory_bytes`.
+    fn bound_warm_memory(&self) {
+        let limit = self.cfg.max_warm_memory_bytes as usize;
+        if self.runtime.guest_memory().used() > limit {
+            self.evict_warm(limit, 0);
+        }
+    }
+
+    /// Evicts idle entities (their slots and warm instances), least recently
+    /// used first, until the node's guest memory is at most `target_bytes` and
+    /// at least `min_count` instances went (or no idle entity is left among
+    /// the slots looked at). Returns how many instances went.
+    fn evict_warm(&self, target_bytes: usize, min_count: usize) -> usize {
+        let memory = self.runtime.guest_memory();
+        let mut slots = self.slots.lock().expect("slots lock");
+        let mut victims = Vec::new();
+        let mut dropped = 0;
+        for (entity, slot) in slots.iter().rev().take(EVICT_SCAN) {
+            if memory.used() <= target_bytes && dropped >= min_count {
+                break;
+            }
+            // Busy (a turn or a waiter holds it) or in doubt: it stays.
+            if Arc::strong_count(slot) > 1 {
+                continue;
+            }
+            let Ok(mut state) = slot.state.try_lock() else { continue };
+            if state.in_doubt {
+                continue;
+            }
+            // Dropped here, under the slot's lock, so the memory counts at once.
+            if state.resident.take().is_some() {
+                dropped += 1;
+            }
+            victims.push(entity.clone());
+        }
+        for entity in &victims {
+            slots.pop(entity);
+        }
+        crate::telemetry::metrics().evictions.inc_by(dropped as u64);
+        dropped
+    }
+
     /// One entity of a dry run: `Ok(None)` if nothing to migrate, `Ok(Some(from))`
     /// if the migration succeeded, `Err((from, why))` if it failed.
-    fn dry_run_one(&self, candidate: &LoadedVersion, entity: &EntityRef) -> Result<Option<u32>, (u32, String)> {
+    fn dry_run_one(
+        &self,
+        candidate: &LoadedVersion,
+        entity: &EntityRef,
+        slot: PermitSlot,
+    ) -> Result<Option<u32>, (u32, String)> {
         let meta = MetaCache::load(self.store.as_ref(), entity).map_err(|e| (0, e.to_string()))?;
         let Some(from) = meta.stored.migrate_from(candidate.version) else { return Ok(None) };
-        let mut instance = self.runtime.instantiate(&candidate.prepared, entity).map_err(|e| (from, e.to_string()))?;
+        let mut instance =
+            self.instantiate_with_room(&candidate.prepared, entity).map_err(|e| (from, e.to_string()))?;
         let seq = self.next_invocation.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{seq:x}-dry-run", self.invocation_prefix);
         instance
-            .run_migration(from, id, wall_ms(), self.store.clone())
+            .run_migration(from, id, wall_ms(), self.store.clone(), Box::new(slot))
             .map(|_| Some(from))
             .map_err(|e| (from, e.to_string()))
     }
@@ -875,6 +1002,9 @@ impl Inner {
         let warm = slot_state.resident.take().filter(|r| Arc::ptr_eq(&r.version, &version));
         let cached = slot_state.meta;
         let now_ms = wall_ms();
+        // Hashed only when a key needs it: payloads may be a MiB.
+        let idempotency =
+            inv.idempotency_key.as_deref().map(|k| (k, crate::model::request_digest(&inv.operation, &inv.payload)));
         let input = TurnInput {
             operation: inv.operation,
             payload: inv.payload,
@@ -883,13 +1013,13 @@ impl Inner {
             now_ms,
             next_seq: 0,
         };
-        let guard = TurnGuard { idempotency: inv.idempotency_key.as_deref(), message_seq: inv.message_seq };
+        let guard = TurnGuard { idempotency, message_seq: inv.message_seq };
         let guard_keys = guard.keys(&inv.entity, inv.caller.as_ref());
         let guard_check = guard_keys.clone();
         let this = self.clone();
         let entity = inv.entity.clone();
         let to_version = version.version;
-        let permit = self.turn_permits.acquire().await.map_err(|e| InvokeError::Internal(e.to_string()))?;
+        let turn_slot = self.turn_slot().await?;
         let span = tracing::Span::current();
         let (back, meta, result) = crate::determinism::blocking(move || {
             let _span = span.enter();
@@ -911,7 +1041,7 @@ impl Inner {
                 None => {
                     this.instantiations.fetch_add(1, Ordering::Relaxed);
                     crate::telemetry::metrics().activations.inc();
-                    match this.runtime.instantiate(&version.prepared, &entity) {
+                    match this.instantiate_with_room(&version.prepared, &entity) {
                         Ok(instance) => Resident { version, instance, _count: ResidentCount::new(&this.resident) },
                         Err(e) => return (None, Some(meta), Err(InvokeError::Instantiate(e))),
                     }
@@ -920,7 +1050,7 @@ impl Inner {
             let migrate_from = meta.stored.migrate_from(to_version);
             let input = TurnInput { next_seq: meta.next_seq, ..input };
             let turn_started = Instant::now();
-            let out = r.instance.run_turn(input, this.store.clone(), migrate_from);
+            let out = r.instance.run_turn(input, this.store.clone(), migrate_from, Box::new(turn_slot));
             crate::telemetry::metrics().turn_seconds.observe(turn_started.elapsed().as_secs_f64());
             let out = out.map_err(|e| match e {
                 TurnError::MigrationFailed { from_version, cause } => {
@@ -928,12 +1058,18 @@ impl Inner {
                 }
                 e => InvokeError::Turn(e),
             });
-            let back = if r.instance.is_poisoned() { None } else { Some(r) };
+            // Only an instance whose turn is about to commit stays warm: a
+            // failed turn's instance may remember what was not committed (and a
+            // trapped one is unusable), and one that grew large gives its memory back.
+            let keep = out.is_ok()
+                && !r.instance.is_poisoned()
+                && r.instance.memory_bytes() as u64 <= this.cfg.max_warm_instance_bytes;
+            let back = keep.then_some(r);
+            this.bound_warm_memory();
             (back, Some(meta), out.map(|o| TurnResult::Ran { output: o, migrated: migrate_from.is_some() }))
         })
         .await
         .map_err(|e| InvokeError::Internal(format!("turn thread failed: {e}")))?;
-        drop(permit);
         slot_state.resident = back;
         slot_state.meta = meta;
         let (output, migrated) = match result {
@@ -1086,26 +1222,30 @@ enum TurnResult {
 /// What makes an invocation safe to retry: a client's idempotency key, or the
 /// id of the message being delivered.
 struct TurnGuard<'a> {
-    idempotency: Option<&'a str>,
+    /// The client's key and the call's [`request_digest`](crate::model::request_digest).
+    idempotency: Option<(&'a str, [u8; 32])>,
     message_seq: Option<u64>,
 }
 
 /// [`TurnGuard`] resolved to store keys.
 #[derive(Clone)]
 struct GuardKeys {
-    idempotency: Option<Vec<u8>>,
+    /// The idempotency record's key, the client's key and the call's digest.
+    idempotency: Option<(Vec<u8>, String, [u8; 32])>,
     /// The inbox key of (receiver, sender) and the message's sequence.
     inbox: Option<(Vec<u8>, u64)>,
+    entity: String,
 }
 
 impl TurnGuard<'_> {
     fn keys(&self, entity: &EntityRef, caller: Option<&EntityRef>) -> GuardKeys {
         GuardKeys {
-            idempotency: self.idempotency.map(|k| idempotency_key(entity, k)),
+            idempotency: self.idempotency.map(|(k, request)| (idempotency_key(entity, k), k.to_owned(), request)),
             inbox: match (self.message_seq, caller) {
                 (Some(seq), Some(sender)) => Some((inbox_key(entity, sender), seq)),
                 _ => None,
             },
+            entity: entity.to_string(),
         }
     }
 }
@@ -1114,13 +1254,20 @@ impl GuardKeys {
     /// The answer if this invocation already happened: the stored reply of its
     /// idempotency key (unless expired), or an empty reply for a message whose
     /// sequence the receiver has processed (one sender's messages arrive in order).
+    /// A key first used for another call is refused, not answered.
     fn check(&self, store: &dyn StateStore, now_ms: u64) -> Result<Option<Vec<u8>>, InvokeError> {
         let internal = |e: &dyn std::fmt::Display| InvokeError::Internal(format!("reading turn guard: {e}"));
-        if let Some(key) = &self.idempotency
+        if let Some((key, client_key, request)) = &self.idempotency
             && let Some(bytes) = store.get(Keyspace::Idempotency, key).map_err(|e| internal(&e))?
         {
             let stored = IdempotentReply::decode(&bytes).map_err(|e| internal(&e))?;
             if stored.expires_at_ms > now_ms {
+                if stored.request.is_some_and(|r| r != *request) {
+                    return Err(InvokeError::IdempotencyKeyReused {
+                        entity: self.entity.clone(),
+                        key: client_key.clone(),
+                    });
+                }
                 return Ok(Some(stored.reply));
             }
         }
@@ -1141,9 +1288,9 @@ impl GuardKeys {
         if let Some((key, seq)) = &self.inbox {
             ops.push(Op::Put { keyspace: Keyspace::Inbox, key: key.clone(), value: seq.to_le_bytes().to_vec() });
         }
-        let Some(key) = &self.idempotency else { return false };
+        let Some((key, _, request)) = &self.idempotency else { return false };
         let expires_at_ms = now_ms.saturating_add(retention_ms);
-        let value = IdempotentReply { expires_at_ms, reply: reply.to_vec() }.encode();
+        let value = IdempotentReply { expires_at_ms, reply: reply.to_vec(), request: Some(*request) }.encode();
         ops.push(Op::Put { keyspace: Keyspace::Idempotency, key: key.clone(), value });
         ops.push(Op::Put {
             keyspace: Keyspace::Idempotency,
