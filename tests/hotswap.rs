@@ -389,3 +389,45 @@ fn versions_and_the_active_pointer_survive_kill_dash_nine() {
     assert!(out.contains("version 1 unchanged"), "{out}");
     assert_eq!(versions(&d, "counter"), listing);
 }
+
+/// One turn, one budget: a migration and the handler that runs after it in
+/// the same turn share the turn's fuel (the old code refilled it in between,
+/// so a turn could burn twice its limit). `r` rounds of spinning cost between
+/// half the budget and all of it, so each alone fits and both together do not.
+#[test]
+fn a_migration_and_its_turn_share_one_fuel_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(
+        dir.path(),
+        &["--set", "runtime.fuel_per_turn=20000000", "--set", "runtime.turn_timeout_ms=0"],
+    );
+    deploy(&d, "tally", &guest_wasm("tally-v1"));
+    deploy(&d, "tally", &guest_wasm("tally-v2"));
+    rt().block_on(async {
+        let mut c = d.client().await;
+        // The most rounds (by doubling) that one fresh turn can spin.
+        let mut r: u64 = 1 << 16;
+        loop {
+            match call(&mut c, "tally", "calibrate", "spin", &(2 * r).to_string()).await {
+                Ok(_) => r *= 2,
+                Err(e) => {
+                    assert_eq!(kind(&e), "out-of-fuel", "{e:?}");
+                    break;
+                }
+            }
+            assert!(r < 1 << 40, "spinning never ran out of fuel");
+        }
+        // Version 1 writes the slow migration's number; version 2 (already
+        // numbered) becomes active again.
+        cli_ok(&d, &["rollback", "tally", "1"]);
+        let slow = 1_000_000_000 + r;
+        assert_eq!(call(&mut c, "tally", "slow", "add", &slow.to_string()).await.unwrap(), json!(slow));
+        cli_ok(&d, &["rollback", "tally", "2"]);
+        let e = call(&mut c, "tally", "slow", "spin", &r.to_string()).await.unwrap_err();
+        assert_eq!(kind(&e), "out-of-fuel", "{e:?}");
+        // The migration did not commit: a turn that fits migrates once.
+        let t = call(&mut c, "tally", "slow", "get", "").await.unwrap();
+        assert_eq!(t["count"], json!(slow), "{t}");
+        assert_eq!(t["migrations"], json!(1), "{t}");
+    });
+}

@@ -226,7 +226,7 @@ fn host_calls_cannot_make_the_host_allocate_without_bound() {
 #[test]
 fn failed_and_swollen_instances_are_not_kept_warm() {
     let dir = tempfile::tempdir().unwrap();
-    let d = raw_daemon(dir.path(), &["scheduler.max_warm_instance_bytes=8388608"]);
+    let d = raw_daemon(dir.path(), &[]);
     deploy(&d, "faulty", &guest_wasm("faulty"));
     rt().block_on(async {
         let mut c = d.client().await;
@@ -242,7 +242,8 @@ fn failed_and_swollen_instances_are_not_kept_warm() {
 
         assert_eq!(raw(&mut c, "g", "grow", "1").await.unwrap(), "holding 1 MiB more");
         assert_eq!(status(&mut c).await.resident_instances, 1);
-        assert_eq!(raw(&mut c, "g", "grow", "12").await.unwrap(), "holding 12 MiB more");
+        // Past the default scheduler.max_warm_instance_bytes (16 MiB).
+        assert_eq!(raw(&mut c, "g", "grow", "20").await.unwrap(), "holding 20 MiB more");
         let s = status(&mut c).await;
         assert_eq!(s.resident_instances, 0, "{s:?}");
         assert!(s.guest_memory_bytes < 4 << 20, "the swollen instance's memory was given back: {s:?}");

@@ -38,6 +38,20 @@ enum Cmd {
     Swap(NodeArgs),
     /// Messages per second between entities, and bank transfer latency.
     Messaging(NodeArgs),
+    /// Other entities' p99 while guests sleep in their turns (steady and hostile phases alternate).
+    Sleepers(SleepersArgs),
+}
+
+#[derive(Debug, Args)]
+struct SleepersArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Guests sleeping in their turns at once during the hostile phases.
+    #[arg(long, default_value_t = 8)]
+    sleepers: usize,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 5)]
+    secs: u64,
 }
 
 /// A fresh Conflux node for a scenario.
@@ -257,6 +271,14 @@ async fn messaging_command(a: NodeArgs) -> anyhow::Result<()> {
     conflux_bench::scenarios::messaging(&target, &relay, &bank, a.rounds * 100).await
 }
 
+async fn sleepers_command(a: SleepersArgs) -> anyhow::Result<()> {
+    let (_node, addr) = start_node(a.node.conflux_bin.as_ref())?;
+    let target = ConfluxTarget::connect(&addr, 8).await?;
+    let counter = build_guest("counter", "counter.wasm")?;
+    let raw = build_guest("raw-waits", "raw_waits.wasm")?;
+    conflux_bench::scenarios::sleepers(&target, &counter, &raw, a.sleepers, a.secs, a.node.rounds).await
+}
+
 async fn counter_command(args: CounterArgs) -> anyhow::Result<()> {
     let mut _daemon = None;
     let addr = match &args.addr {
@@ -329,6 +351,7 @@ async fn main() -> anyhow::Result<()> {
             Some(Cmd::Peers(a)) => peers_command(a).await,
             Some(Cmd::Swap(a)) => swap_command(a).await,
             Some(Cmd::Messaging(a)) => messaging_command(a).await,
+            Some(Cmd::Sleepers(a)) => sleepers_command(a).await,
             None => counter_command(cli.counter).await,
         }
     };

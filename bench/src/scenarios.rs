@@ -204,3 +204,95 @@ pub async fn messaging(target: &ConfluxTarget, relay: &Path, bank: &Path, transf
     );
     Ok(())
 }
+
+/// Keys of the foreground counter load in the sleepers scenario.
+const SLEEPERS_KEYS: u64 = 10_000;
+/// Foreground callers in the sleepers scenario.
+const SLEEPERS_CALLERS: usize = 16;
+
+/// Foreground `counter add 1` over 10,000 keys for `secs`, with `sleepers`
+/// hostile guests calling `sleep` in a loop meanwhile (half sleep just under
+/// the 1 s turn budget, half ask for 15 s). Returns the foreground run and how
+/// many sleeper turns ended.
+async fn sleepers_phase(
+    target: &ConfluxTarget,
+    run: u32,
+    sleepers: usize,
+    secs: u64,
+) -> anyhow::Result<(crate::load::Measured, u64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut hostile = Vec::new();
+    for s in 0..sleepers {
+        let (t, stop) = (target.clone(), stop.clone());
+        let ms = if s % 2 == 0 { "900" } else { "15000" };
+        hostile.push(tokio::spawn(async move {
+            let mut turns = 0u64;
+            // Bounded by the stop flag and a turn budget.
+            while !stop.load(Ordering::Relaxed) && turns < 100_000 {
+                let _ = t.invoke("raw", &format!("sleeper{s}"), "sleep", ms.as_bytes().to_vec()).await;
+                turns += 1;
+            }
+            turns
+        }));
+    }
+    let t = target.clone();
+    let spec = crate::load::LoadSpec {
+        concurrency: SLEEPERS_CALLERS,
+        duration: Duration::from_secs(secs),
+        max_requests: 10_000_000,
+    };
+    let m = crate::load::drive(spec, move |n| {
+        let t = t.clone();
+        async move {
+            match t.invoke("counter", &format!("z{run}-{}", n % SLEEPERS_KEYS), "add", b"1".to_vec()).await {
+                Ok(_) => crate::load::Outcome::Ok,
+                Err(_) => crate::load::Outcome::Error,
+            }
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut turns = 0;
+    for h in hostile {
+        turns += h.await?;
+    }
+    Ok((m, turns))
+}
+
+/// Other entities' latency with and without `sleepers` guests sleeping in
+/// their turns, alternating steady and hostile phases `rounds` times; prints
+/// each phase and the median p99 ratio.
+pub async fn sleepers(
+    target: &ConfluxTarget,
+    counter: &Path,
+    raw: &Path,
+    sleepers: usize,
+    secs: u64,
+    rounds: u32,
+) -> anyhow::Result<()> {
+    target.deploy("counter", counter).await.context("deploying the counter")?;
+    target.deploy("raw", raw).await.context("deploying raw-waits")?;
+    println!("| phase | sleepers | calls/s | errors | p50 µs | p99 µs | sleeper turns |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let mut ratios = Vec::new();
+    for round in 0..rounds {
+        let mut p99s = [0u64; 2];
+        for (i, n) in [0, sleepers].into_iter().enumerate() {
+            let (m, turns) = sleepers_phase(target, round * 2 + i as u32, n, secs).await?;
+            ensure!(m.errors == 0, "{} foreground calls failed with {n} sleepers", m.errors);
+            p99s[i] = m.quantile_us(0.99);
+            println!(
+                "| {} | {n} | {:.0} | {} | {} | {} | {turns} |",
+                if n == 0 { "steady" } else { "sleepers" },
+                m.rate(),
+                m.errors,
+                m.quantile_us(0.5),
+                p99s[i],
+            );
+        }
+        ratios.push(p99s[1] as f64 / p99s[0].max(1) as f64);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!("\nmedian p99 ratio (sleepers / steady): {:.2}×", ratios[ratios.len() / 2]);
+    Ok(())
+}

@@ -1,7 +1,8 @@
 //! Version 2 of the `tally` test entity: a JSON object under `$self` instead of
 //! version 1's bare number under `n`. Its `#[migrate]` moves the number over and
 //! counts how often it ran (the tests check: exactly once per entity). To exercise
-//! failures it refuses negative numbers and panics (traps) on 13.
+//! failures it refuses negative numbers and panics (traps) on 13; a number of
+//! 10⁹ + r makes it burn r rounds of CPU first (a slow migration).
 
 use conflux_sdk::prelude::*;
 
@@ -12,6 +13,17 @@ pub struct Tally {
     pub migrated_from: u32,
     /// How many times a migration ran on this entity.
     pub migrations: u32,
+}
+
+/// Numbers from here on make the migration slow.
+const SLOW: i64 = 1_000_000_000;
+
+fn spin(rounds: u64) -> u64 {
+    let mut x: u64 = 1;
+    for i in 0..rounds {
+        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+    }
+    x
 }
 
 #[entity]
@@ -26,6 +38,11 @@ impl Tally {
         self
     }
 
+    /// Burns CPU for `rounds` iterations and returns a checksum.
+    pub fn spin(&self, rounds: u64) -> u64 {
+        spin(rounds)
+    }
+
     #[migrate]
     fn upgrade(from_version: u32) -> Result<(), Error> {
         let Some(n) = state::get::<i64>("n")? else {
@@ -36,6 +53,9 @@ impl Tally {
         }
         if n < 0 {
             return Err(Error::failed(format!("cannot migrate a negative tally ({n})")));
+        }
+        if n >= SLOW {
+            std::hint::black_box(spin((n - SLOW) as u64));
         }
         let mut tally: Tally = state::get(conflux_sdk::SELF_KEY)?.unwrap_or_default();
         tally.count += n;
