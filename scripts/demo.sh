@@ -44,7 +44,7 @@ sleep 0.5   # the join's message to team/red is delivered after the turn commits
 "$BIN" types
 "$BIN" status
 if command -v curl >/dev/null; then
-    curl -sS -X POST "http://$ADDR/v1/entities/counter/demo/add" -d 1; echo
+    curl -sS -X POST "http://$ADDR/v1/entities/counter/demo/add" -H "Content-Type: application/json" -d 1; echo
 fi
 set +x
 if [ -n "${KEEP_RUNNING:-}" ]; then

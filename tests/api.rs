@@ -1,5 +1,6 @@
 //! End to end with the real binary: status codes, guest errors and traps
-//! leaving state unchanged, bad uploads, bad input, the CLI's behaviour.
+//! leaving state unchanged, bad uploads, bad input (oversized messages
+//! included), pages bounded by bytes, the CLI's behaviour (a closed pipe too).
 
 mod support;
 
@@ -75,10 +76,13 @@ fn invalid_requests_get_precise_status_codes() {
             assert_eq!(e.code(), code, "{req:?} -> {e:?}");
             assert!(e.message().contains(needle), "{req:?}: {:?} lacks {needle:?}", e.message());
         }
-        let big = "1".repeat(2 << 20);
-        let e = c.invoke(invoke_req("counter", "a", "add", &big)).await.unwrap_err();
-        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-        assert!(e.message().contains("payload"), "{}", e.message());
+        // Over the limit by a little, or by more than tonic decodes: the same refusal.
+        for size in [(1 << 20) + 1, 2 << 20, 5_000_000] {
+            let big = "1".repeat(size);
+            let e = c.invoke(invoke_req("counter", "a", "add", &big)).await.unwrap_err();
+            assert_eq!((e.code(), kind(&e).as_str()), (Code::InvalidArgument, "payload-too-large"), "{size}: {e:?}");
+            assert!(e.message().contains("payload"), "{}", e.message());
+        }
         // None of that changed anything, and nobody else noticed.
         assert_eq!(call(&mut c, "counter", "a", "get", "").await.unwrap(), 0);
         bystander.finish(before).await;
@@ -295,4 +299,155 @@ fn list_and_component_size_limits_apply() {
     assert_eq!(stdout(&out).trim(), "10", "list is capped by runtime.max_list_keys");
     let out = d.cli(&["invoke", "faulty/l", "count_list", "3"]);
     assert_eq!(stdout(&out).trim(), "3");
+}
+
+#[test]
+fn messages_over_the_transport_limit_are_refused_within_the_error_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    rt().block_on(async {
+        let mut c = d.client().await;
+        // A deploy chunk over the decoding limit (api.max_payload_bytes + 64 KiB).
+        let header = pb::DeployHeader { entity_type: "big".into(), size_bytes: 5_000_000, ..Default::default() };
+        let parts = vec![
+            pb::DeployRequest { part: Some(pb::deploy_request::Part::Header(header)) },
+            pb::DeployRequest { part: Some(pb::deploy_request::Part::Chunk(vec![0; 5_000_000])) },
+        ];
+        let e = c.deploy(futures::stream::iter(parts)).await.unwrap_err();
+        assert_eq!((e.code(), kind(&e).as_str()), (Code::InvalidArgument, "message-too-large"), "{e:?}");
+        assert!(e.message().contains("api.max_payload_bytes"), "{}", e.message());
+        // A method tonic does not know has a kind too.
+        let channel = tonic::transport::Endpoint::from_shared(d.url()).unwrap().connect().await.unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static("/conflux.v1.Conflux/NoSuchMethod");
+        let codec = tonic_prost::ProstCodec::<pb::StatusRequest, pb::StatusResponse>::default();
+        let e = grpc.unary(tonic::Request::new(pb::StatusRequest {}), path, codec).await.unwrap_err();
+        assert_eq!((e.code(), kind(&e).as_str()), (Code::Unimplemented, "unimplemented"), "{e:?}");
+        // The node still serves.
+        assert_eq!(c.list_types(pb::ListTypesRequest {}).await.unwrap().into_inner().types.len(), 0);
+    });
+}
+
+/// Keys plus values of a page, as the page bound counts them.
+fn state_page_bytes(p: &pb::GetStateResponse) -> usize {
+    p.entries.iter().map(|e| e.key.len() + e.value.len()).sum()
+}
+
+#[test]
+fn state_pages_are_bounded_by_bytes_over_grpc_http_and_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(dir.path(), &["--set", "api.max_page_bytes=2048"]);
+    deploy(&d, "faulty", &guest_wasm("faulty"));
+    let keys = rt().block_on(async {
+        let mut c = d.client().await;
+        call(&mut c, "faulty", "s", "seed_many", "600").await.unwrap();
+        let mut keys = Vec::new();
+        let mut cursor = String::new();
+        let mut pages = 0;
+        loop {
+            let req = pb::GetStateRequest {
+                entity: Some(pb::EntityRef { entity_type: "faulty".into(), id: "s".into() }),
+                start_after: cursor.clone(),
+                limit: 0,
+            };
+            let page = c.get_state(req).await.unwrap().into_inner();
+            pages += 1;
+            assert!(state_page_bytes(&page) <= 2048, "page {pages} holds {} bytes", state_page_bytes(&page));
+            keys.extend(page.entries.iter().map(|e| e.key.clone()));
+            if page.next_start_after.is_empty() {
+                break;
+            }
+            assert_eq!(Some(&page.next_start_after), keys.last(), "the cursor is the page's last key");
+            cursor = page.next_start_after;
+        }
+        assert!(pages > 3, "{pages} pages");
+        keys
+    });
+    let expected: Vec<String> = (0..600).map(|i| format!("many/{i:04}")).collect();
+    assert_eq!(keys.iter().filter(|k| k.starts_with("many/")).cloned().collect::<Vec<_>>(), expected);
+    assert!(keys.windows(2).all(|w| w[0] < w[1]), "in order, each once");
+    // The HTTP route is the same RPC; the CLI follows the pages.
+    let body =
+        ureq::get(format!("{}/v1/entities/faulty/s", d.url())).call().unwrap().into_body().read_to_string().unwrap();
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(body.len() < 2048 * 3, "{} bytes of JSON", body.len());
+    assert!(!page["next_start_after"].as_str().unwrap().is_empty(), "{body}");
+    let out = d.cli(&["state", "faulty/s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), keys.len());
+}
+
+#[test]
+fn dead_letter_pages_are_bounded_by_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    deploy(&d, "relay", &guest_wasm("relay"));
+    deploy(&d, "counter", &guest_wasm("counter"));
+    // Ten messages of 300 kB that `add` refuses: ten dead letters, 3 MB in all,
+    // where a page may hold 1 MiB (api.max_page_bytes).
+    let payload = "x".repeat(300_000);
+    rt().block_on(async {
+        let mut c = d.client().await;
+        let bad_add = serde_json::json!({
+            "target_type": "counter", "target_id": "x", "operation": "add", "payload": payload, "count": 10,
+        });
+        call(&mut c, "relay", "a", "fanout", &bad_add.to_string()).await.unwrap();
+        eventually(30, "ten dead letters", async || {
+            let s = c.status(pb::StatusRequest {}).await.ok()?.into_inner();
+            (s.dead_letters == 10).then_some(())
+        })
+        .await;
+        let mut seqs = Vec::new();
+        let mut cursor = String::new();
+        let mut pages = 0;
+        loop {
+            let req = pb::ListDeadLettersRequest { start_after: cursor.clone(), limit: 0 };
+            let page = c.list_dead_letters(req).await.unwrap().into_inner();
+            pages += 1;
+            let bytes: usize = page.dead_letters.iter().map(|d| d.payload.len()).sum();
+            assert!(bytes <= 1 << 20, "page {pages} holds {bytes} bytes of payload");
+            seqs.extend(page.dead_letters.iter().map(|d| d.seq));
+            if page.next_start_after.is_empty() {
+                break;
+            }
+            cursor = page.next_start_after;
+        }
+        assert_eq!(seqs, (0..10).collect::<Vec<u64>>(), "every dead letter once, oldest first");
+        assert!(pages >= 4, "{pages} pages");
+    });
+    // The CLI follows the pages.
+    let out = d.cli(&["dead-letters"]);
+    assert_eq!(stdout(&out).lines().count(), 10, "{}", stderr(&out));
+}
+
+#[test]
+fn cli_output_into_a_closed_pipe_exits_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    deploy(&d, "counter", &guest_wasm("counter"));
+    for args in [
+        &["status"][..],
+        &["--json", "status"],
+        &["types"],
+        &["versions", "counter"],
+        &["invoke", "counter/c", "add", "1"],
+        &["state", "counter/c"],
+        &["dead-letters"],
+    ] {
+        // `conflux status | head -0`: the reader is gone before anything is written.
+        let mut child = std::process::Command::new(conflux_bin())
+            .arg("--addr")
+            .arg(d.url())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(stderr(&out), "", "{args:?} said something");
+        assert_eq!(out.status.code(), Some(141), "{args:?}: exits as a tool killed by SIGPIPE would");
+    }
 }

@@ -1,8 +1,10 @@
 //! End to end in a real browser: a node serves its dashboard at `/`; headless
-//! Chromium (driven over WebDriver by chromedriver) renders it; the numbers
-//! on the page must equal the API's, and a screenshot is saved to
-//! `target/dashboard.png`. Needs Debian's `chromium` and `chromium-driver`
-//! (scripts/setup.sh installs them; override with CHROMIUM / CHROMEDRIVER).
+//! Chromium (driven over WebDriver by chromedriver) renders it under its
+//! Content-Security-Policy; the numbers on the page must equal the API's,
+//! and a screenshot is saved to `target/dashboard.png`. Against a node with
+//! a token, the page keeps it for the tab only and signs out. Needs Debian's
+//! `chromium` and `chromium-driver` (scripts/setup.sh installs them; override
+//! with CHROMIUM / CHROMEDRIVER).
 
 mod support;
 
@@ -30,6 +32,9 @@ impl Drop for Driver {
         let _ = self.0.wait();
     }
 }
+
+/// The admin token of the guarded node.
+const TOKEN: &str = "dash-tok-8f2e61";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -170,6 +175,38 @@ fn dashboard_shows_the_apis_numbers_in_chromium() {
         assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
         let shot = workspace_root().join("target").join("dashboard.png");
         std::fs::write(&shot, png).unwrap();
+
+        // A node with an admin token: the page asks for it, keeps it for this
+        // tab only (a reload keeps it, localStorage never has it), signs out.
+        let guarded_dir = tempfile::tempdir().unwrap();
+        let guarded = Daemon::start_with(guarded_dir.path(), &["--admin-token", TOKEN]);
+        let until = async |script: &str, what: &str| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while browser.execute(script, vec![]).await.ok().and_then(|v| v.as_bool()) != Some(true) {
+                assert!(Instant::now() < deadline, "the dashboard never got to: {what}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        browser.goto(&format!("{}/?refresh_ms=250", guarded.url())).await.unwrap();
+        // A token an earlier dashboard stored for good is forgotten.
+        browser.execute("localStorage.setItem('conflux-token', 'stale'); location.reload();", vec![]).await.unwrap();
+        until("return !document.getElementById('token-form').hidden && localStorage.getItem('conflux-token') === null", "asking").await;
+        let submit = "document.getElementById('token-input').value = arguments[0]; document.getElementById('token-form').requestSubmit();";
+        browser.execute(submit, vec![TOKEN.into()]).await.unwrap();
+        let loaded = "return document.getElementById('token-form').hidden && document.getElementById('turns-ok').innerText === '0' && !document.getElementById('sign-out').hidden";
+        until(loaded, "showing the node's numbers").await;
+        let stored = "return [sessionStorage.getItem('conflux-token'), localStorage.getItem('conflux-token')]";
+        let v = browser.execute(stored, vec![]).await.unwrap();
+        assert_eq!(v, serde_json::json!([TOKEN, null]), "kept in sessionStorage only");
+        browser.refresh().await.unwrap();
+        until(loaded, "showing the numbers again after a reload").await;
+        browser.execute("document.getElementById('sign-out').click()", vec![]).await.unwrap();
+        until(
+            "return sessionStorage.getItem('conflux-token') === null && !document.getElementById('token-form').hidden \
+             && document.getElementById('sign-out').hidden && document.getElementById('turns-ok').innerText === '—'",
+            "signed out",
+        )
+        .await;
         browser.close().await.unwrap();
     });
     drop(driver);

@@ -1,6 +1,8 @@
 //! End to end with the real binary: the HTTP/JSON gateway on the gRPC port —
 //! invocation, every error status, the Idempotency-Key header, bearer auth,
-//! the OpenAPI document — and entity listing with pagination.
+//! the OpenAPI document — entity listing with pagination, the browser checks
+//! (cross-origin requests, DNS rebinding, CORS for allowed origins, the
+//! dashboard's headers) and bodies over the limit.
 
 mod support;
 
@@ -296,4 +298,164 @@ fn wait_for_inflight(d: &Daemon, n: u64) {
 fn deploy_with_token(d: &Daemon, entity_type: &str, wasm: &std::path::Path, token: &str) {
     let out = d.cli(&["--token", token, "deploy", entity_type, wasm.to_str().unwrap()]);
     assert!(out.status.success(), "deploy failed: {}", stderr(&out));
+}
+
+/// One HTTP/1.1 exchange over a raw socket (for headers a client library
+/// sets itself, like Host): the status, the headers (lower-case names) and the body.
+fn raw(d: &Daemon, request: &str) -> (u16, Vec<(String, String)>, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&d.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut text = Vec::new();
+    let _ = s.read_to_end(&mut text);
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// The `error.kind` of a JSON error body.
+fn body_kind(body: &str) -> String {
+    // A chunked body: the JSON object is the line that starts with '{'.
+    let json = body.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON in {body:?}"));
+    let v: Value = serde_json::from_str(json).unwrap();
+    v["error"]["kind"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn browser_requests_from_other_origins_and_rebound_hosts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    deploy(&d, "counter", &guest_wasm("counter"));
+    let port = d.addr.rsplit_once(':').unwrap().1.to_owned();
+    let add = "/v1/entities/counter/c/add";
+    // Another page's text/plain POST (no preflight), and a browser's cross-site JSON.
+    let r = post(&d, add, "5", &[("Origin", "https://evil.example"), ("Content-Type", "text/plain")]);
+    assert_eq!((r.status, r.error_kind().as_str()), (403, "cross-origin"), "{}", r.body);
+    let r = post(&d, add, "5", &[("Sec-Fetch-Site", "cross-site"), ("Origin", "https://evil.example")]);
+    assert_eq!((r.status, r.error_kind().as_str()), (403, "cross-origin"), "{}", r.body);
+    let r = post(&d, add, "5", &[("Origin", &format!("http://localhost:{}", port.parse::<u16>().unwrap() + 1))]);
+    assert_eq!(r.status, 403, "another port of the same machine is another origin");
+    // gRPC's routes are behind the same check (tonic serves them over HTTP/1 too).
+    let (status, headers, _) = raw(
+        &d,
+        &format!(
+            "POST /conflux.v1.Conflux/Invoke HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: https://evil.example\r\n\
+             Content-Type: text/plain\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+        ),
+    );
+    assert_eq!((status, header(&headers, "conflux-error-kind")), (403, Some("cross-origin")));
+    // A body must say it is JSON (a form or text body is what a page can send unasked).
+    let mut req = http().post(format!("{}{add}", d.url()));
+    req = req.header("Content-Type", "text/plain");
+    let r = read(req.send("5"));
+    assert_eq!((r.status, r.error_kind().as_str()), (415, "unsupported-media-type"), "{}", r.body);
+    let r = read(
+        http().post(format!("{}{add}", d.url())).header("Content-Type", "application/x-www-form-urlencoded").send("5"),
+    );
+    assert_eq!(r.status, 415);
+    assert_eq!(get(&d, "/v1/entities/counter/c", &[]).json()["entries"], serde_json::json!([]), "nothing ran");
+    // The node's own pages, and clients that are not browsers, go through.
+    let r = post(&d, add, "5", &[("Origin", &format!("http://127.0.0.1:{port}")), ("Sec-Fetch-Site", "same-origin")]);
+    assert_eq!((r.status, r.body.as_str()), (200, "5"));
+    assert_eq!(post(&d, add, "1", &[]).body, "6");
+    assert_eq!(post(&d, add, "", &[]).status, 400, "an empty body is `null`, whatever its type");
+
+    // DNS rebinding: a name this node is not known by.
+    let get_host =
+        |host: &str| raw(&d, &format!("GET /v1/status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
+    let (status, headers, body) = get_host(&format!("rebind.evil.example:{port}"));
+    assert_eq!((status, header(&headers, "conflux-error-kind")), (403, Some("host-not-allowed")), "{body}");
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), format!("[::1]:{port}"), "localhost".into()]
+    {
+        assert_eq!(get_host(&host).0, 200, "{host}");
+    }
+
+    // The dashboard may not be framed and runs only its own script.
+    let (status, headers, _) =
+        raw(&d, &format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"));
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-frame-options"), Some("DENY"));
+    let csp = header(&headers, "content-security-policy").expect("a CSP");
+    for directive in ["default-src 'none'", "frame-ancestors 'none'", "script-src 'sha256-", "connect-src 'self'"] {
+        assert!(csp.contains(directive), "{csp}");
+    }
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+}
+
+#[test]
+fn configured_origins_and_hosts_are_let_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(
+        dir.path(),
+        &["--set", r#"api.allowed_origins=["https://app.example"]"#, "--set", r#"api.allowed_hosts=["conflux.test"]"#],
+    );
+    deploy(&d, "counter", &guest_wasm("counter"));
+    let port = d.addr.rsplit_once(':').unwrap().1.to_owned();
+    // The app's preflight, then its call; the answer names it for the browser.
+    let (status, headers, _) = raw(
+        &d,
+        &format!(
+            "OPTIONS /v1/entities/counter/c/add HTTP/1.1\r\nHost: conflux.test:{port}\r\nOrigin: https://app.example\r\n\
+             Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type, authorization\r\n\
+             Connection: close\r\n\r\n"
+        ),
+    );
+    assert!(status < 300, "{status} {headers:?}");
+    assert_eq!(header(&headers, "access-control-allow-origin"), Some("https://app.example"));
+    let (status, headers, body) = raw(
+        &d,
+        &format!(
+            "POST /v1/entities/counter/c/add HTTP/1.1\r\nHost: conflux.test:{port}\r\nOrigin: https://app.example\r\n\
+             Sec-Fetch-Site: cross-site\r\nContent-Type: application/json\r\nContent-Length: 1\r\nConnection: close\r\n\r\n7"
+        ),
+    );
+    assert_eq!((status, body.as_str()), (200, "7"), "{headers:?}");
+    assert_eq!(header(&headers, "access-control-allow-origin"), Some("https://app.example"));
+    // Other origins and hosts still are not.
+    let r = post(&d, "/v1/entities/counter/c/add", "1", &[("Origin", "https://other.example")]);
+    assert_eq!(r.status, 403);
+    let (status, _, _) =
+        raw(&d, &format!("GET /v1/status HTTP/1.1\r\nHost: other.test:{port}\r\nConnection: close\r\n\r\n"));
+    assert_eq!(status, 403);
+    // A bad entry is refused at start-up, naming the field.
+    let err = serve_expecting_failure(&dir.path().join("bad"), &["--set", r#"api.allowed_origins=["app.example"]"#]);
+    assert!(err.contains("api.allowed_origins"), "{err}");
+}
+
+#[test]
+fn bodies_over_the_payload_limit_get_the_json_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    deploy(&d, "counter", &guest_wasm("counter"));
+    let add = "/v1/entities/counter/c/add";
+    // Just over api.max_payload_bytes (1 MiB), and far over it, sent whole.
+    for size in [(1 << 20) + 1, 5_000_000] {
+        let body = format!("\"{}\"", "x".repeat(size - 2));
+        let r = post(&d, add, &body, &[]);
+        assert_eq!((r.status, r.error_kind().as_str()), (413, "payload-too-large"), "{size}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], "INVALID_ARGUMENT");
+    }
+    // A client that waits for `100 Continue` is answered before it sends the body.
+    let port = d.addr.rsplit_once(':').unwrap().1;
+    let (status, headers, body) = raw(
+        &d,
+        &format!(
+            "POST {add} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+             Content-Length: 5000000\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!((status, header(&headers, "conflux-error-kind")), (413, Some("payload-too-large")), "{body}");
+    assert_eq!(body_kind(&body), "payload-too-large");
+    assert_eq!(post(&d, add, "2", &[]).body, "2", "the node still serves");
 }

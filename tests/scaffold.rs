@@ -59,7 +59,10 @@ fn a_new_crate_tests_builds_deploys_and_runs() {
     deploy(&d, "hello_shop", &wasm);
     let out = d.cli(&["invoke", "hello_shop/first", "add", "5"]);
     assert_eq!(stdout(&out).trim(), "5", "{}", stderr(&out));
-    let r = ureq::post(format!("{}/v1/entities/hello_shop/first/add", d.url())).send("3").unwrap();
+    let r = ureq::post(format!("{}/v1/entities/hello_shop/first/add", d.url()))
+        .header("Content-Type", "application/json")
+        .send("3")
+        .unwrap();
     assert_eq!(r.into_body().read_to_string().unwrap(), "8");
     let logs = stdout(&d.cli(&["logs", "hello_shop/first"]));
     assert!(logs.contains("added 5") && logs.contains("added 3"), "{logs}");

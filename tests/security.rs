@@ -1,7 +1,8 @@
 //! End to end with the real binary: bearer-token authentication of admin and
 //! invoke RPCs (gRPC and CLI), tokens kept out of the log, TLS with a
 //! self-signed certificate, refusing a data directory that is in use or
-//! corrupt, and garbage protobuf bodies.
+//! corrupt, garbage protobuf bodies, and the warning of a cluster member
+//! without TLS.
 
 mod support;
 
@@ -337,4 +338,31 @@ fn garbage_protobuf_is_refused_and_the_daemon_keeps_serving() {
         let mut c = d.client().await;
         assert_eq!(call(&mut c, "counter", "after", "add", "1").await.unwrap(), 1);
     });
+}
+
+#[test]
+fn a_cluster_member_without_tls_warns_that_its_traffic_is_in_clear() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let peer = format!("1={addr}");
+    let dir = tempfile::tempdir().unwrap();
+    let member = [
+        "--node-id",
+        "1",
+        "--peer",
+        &peer,
+        "--cluster-secret",
+        "0123456789abcdef-warn",
+        "--set",
+        "cluster.shard_count=1",
+    ];
+    let mut d = Daemon::start_at(&dir.path().join("member"), &addr, &member);
+    assert!(d.terminate().success());
+    let log = d.log();
+    assert!(log.contains("WARN") && log.contains("without TLS"), "no warning in:\n{log}");
+    assert!(!log.contains("0123456789abcdef-warn"), "the secret is logged:\n{log}");
+    // A single node on loopback has nothing to warn about.
+    let mut single = Daemon::start(&dir.path().join("single"));
+    assert!(single.terminate().success());
+    assert!(!single.log().contains("WARN"), "{}", single.log());
 }

@@ -23,6 +23,33 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+/// `println!` for results. Unlike it, a closed stdout (`conflux status | head
+/// -1`) is an error, which `main` turns into a quiet exit instead of a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
+/// `eprintln!` for remarks and the final error: nothing is left to tell if
+/// stderr is closed too, so that is not an error.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// The exit status of a command whose reader went away (`| head`): that of
+/// a Unix tool killed by SIGPIPE (128 + 13), without a word.
+const CLOSED_PIPE_EXIT: u8 = 141;
+
+/// Whether `e` is a write to a pipe nobody reads any more.
+fn is_closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "conflux", version, about = "Conflux: durable WebAssembly entities")]
 pub struct Cli {
@@ -192,14 +219,15 @@ pub fn main() -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            note!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_closed_pipe(&e) => ExitCode::from(CLOSED_PIPE_EXIT),
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            note!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -331,12 +359,14 @@ async fn serve(config: Option<PathBuf>, overrides: Vec<String>, flags: ServeFlag
     let shutdown = shutdown_signal();
     let node = Node::open(cfg).await?;
     node.serve(shutdown, |addr| {
-        // Scripts and tests read this line to find the port.
-        if json {
-            println!("{}", serde_json::json!({ "listening": addr.to_string() }));
+        // Scripts and tests read this line to find the port; a daemon whose
+        // stdout nobody reads goes on serving.
+        use std::io::Write as _;
+        let _ = if json {
+            writeln!(std::io::stdout(), "{}", serde_json::json!({ "listening": addr.to_string() }))
         } else {
-            println!("conflux listening on {addr}");
-        }
+            writeln!(std::io::stdout(), "conflux listening on {addr}")
+        };
         tracing::info!(%addr, data_dir = %data_dir.display(), tls, "conflux listening");
     })
     .await?;
@@ -497,26 +527,31 @@ async fn upload(client: &mut AuthClient, header: pb::DeployHeader, bytes: &[u8])
     Ok(result.map_err(rpc_error)?.into_inner())
 }
 
-fn print_deploy(r: &pb::DeployResponse) {
+fn print_deploy(r: &pb::DeployResponse) -> std::io::Result<()> {
     if let Some(d) = &r.dry_run {
-        println!(
+        say!(
             "dry run of {} as version {} (sha256:{}): compiled and validated; nothing was committed",
-            r.entity_type, r.version, r.digest
+            r.entity_type,
+            r.version,
+            r.digest
         );
         if !d.has_migration {
-            println!("the component exports no migration: existing entities would run it unchanged");
+            say!("the component exports no migration: existing entities would run it unchanged");
         }
-        println!(
+        say!(
             "sampled {} entities: {} migrated, {} failed, {} already on this version",
-            d.sampled, d.migrated, d.failed, d.up_to_date
+            d.sampled,
+            d.migrated,
+            d.failed,
+            d.up_to_date
         );
         for f in &d.failures {
-            println!("  {}/{} (from version {}): {}", r.entity_type, f.id, f.from_version, f.error);
+            say!("  {}/{} (from version {}): {}", r.entity_type, f.id, f.from_version, f.error);
         }
     } else if r.unchanged {
-        println!("{} version {} unchanged (digest sha256:{})", r.entity_type, r.version, r.digest);
+        say!("{} version {} unchanged (digest sha256:{})", r.entity_type, r.version, r.digest);
     } else if !r.canary_ids.is_empty() {
-        println!(
+        say!(
             "deployed {} version {} (sha256:{}) as a canary for {}; version {} stays active for the rest \
              (`conflux promote {} {}` to finish)",
             r.entity_type,
@@ -528,13 +563,17 @@ fn print_deploy(r: &pb::DeployResponse) {
             r.version
         );
     } else if r.reused {
-        println!(
+        say!(
             "{} version {} is active again (sha256:{}; identical bytes, so its number was reused; was {})",
-            r.entity_type, r.version, r.digest, r.previous_active_version
+            r.entity_type,
+            r.version,
+            r.digest,
+            r.previous_active_version
         );
     } else {
-        println!("deployed {} version {} (sha256:{})", r.entity_type, r.version, r.digest);
+        say!("deployed {} version {} (sha256:{})", r.entity_type, r.version, r.digest);
     }
+    Ok(())
 }
 
 fn human_bytes(n: u64) -> String {
@@ -575,11 +614,15 @@ struct Output {
 
 impl Output {
     /// Prints `value` as JSON if asked to, else runs `human`.
-    fn print<T: serde::Serialize>(self, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+    fn print<T: serde::Serialize>(
+        self,
+        value: &T,
+        human: impl FnOnce(&T) -> std::io::Result<()>,
+    ) -> anyhow::Result<()> {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(value)?);
+            say!("{}", serde_json::to_string_pretty(value)?);
         } else {
-            human(value);
+            human(value)?;
         }
         Ok(())
     }
@@ -610,17 +653,17 @@ fn new_crate(name: &str, dir: Option<PathBuf>, sdk_path: Option<PathBuf>, json: 
     let files = scaffold.write(&dir)?;
     if json {
         let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-        println!("{}", serde_json::json!({ "created": dir.display().to_string(), "files": files }));
+        say!("{}", serde_json::json!({ "created": dir.display().to_string(), "files": files }));
     } else {
         let wasm = name.replace('-', "_");
         let ty = scaffold.entity_type();
-        println!("created {} ({} files)", dir.display(), files.len());
-        println!("next:");
-        println!("  cd {}", dir.display());
-        println!("  cargo test");
-        println!("  cargo build --release --target wasm32-wasip2");
-        println!("  conflux deploy {ty} target/wasm32-wasip2/release/{wasm}.wasm");
-        println!("  conflux invoke {ty}/first add 5");
+        say!("created {} ({} files)", dir.display(), files.len());
+        say!("next:");
+        say!("  cd {}", dir.display());
+        say!("  cargo test");
+        say!("  cargo build --release --target wasm32-wasip2");
+        say!("  conflux deploy {ty} target/wasm32-wasip2/release/{wasm}.wasm");
+        say!("  conflux invoke {ty}/first add 5");
     }
     Ok(())
 }
@@ -663,14 +706,14 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
                 anyhow::anyhow!("unknown entity type {entity_type:?}; deploy a component for it first")
             })?;
             out.print(&t, |t| {
-                println!("VERSION\tACTIVE\tSIZE\tDEPLOYED\tDIGEST");
+                say!("VERSION\tACTIVE\tSIZE\tDEPLOYED\tDIGEST");
                 for v in &t.versions {
                     let mark = match &t.canary {
                         _ if v.version == t.active_version => "active".to_owned(),
                         Some(c) if c.version == v.version => format!("canary({})", c.ids.join(",")),
                         _ => "-".to_owned(),
                     };
-                    println!(
+                    say!(
                         "{}\t{}\t{}\t{}\tsha256:{}",
                         v.version,
                         mark,
@@ -679,6 +722,7 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
                         v.digest
                     );
                 }
+                Ok(())
             })?;
         }
         Command::DeadLetters { limit } => {
@@ -698,7 +742,7 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
             }
             out.print(&all, |all| {
                 for d in &all.dead_letters {
-                    println!(
+                    say!(
                         "{}\t{} #{} -> {} {}\t{} attempt(s)\t{}\tpayload {}",
                         format_utc(d.at_ms),
                         entity_name(&d.sender),
@@ -711,8 +755,9 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
                     );
                 }
                 if all.dead_letters.is_empty() {
-                    println!("no dead letters");
+                    say!("no dead letters");
                 }
+                Ok(())
             })?;
         }
         Command::Rollback { entity_type, version } => {
@@ -732,17 +777,20 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
                 idempotency_key: idempotency_key.unwrap_or_default(),
             };
             let r = client.invoke(req).await.map_err(rpc_error)?.into_inner();
-            out.print(&r, |r| println!("{}", String::from_utf8_lossy(&r.reply)))?;
+            out.print(&r, |r| {
+                say!("{}", String::from_utf8_lossy(&r.reply));
+                Ok(())
+            })?;
         }
         Command::Types => {
             let r = client.list_types(pb::ListTypesRequest {}).await.map_err(rpc_error)?.into_inner();
             out.print(&r, |r| {
                 if r.types.is_empty() {
-                    println!("no entity types deployed");
+                    say!("no entity types deployed");
                 }
                 for t in &r.types {
                     let active = t.versions.iter().find(|v| v.version == t.active_version);
-                    println!(
+                    say!(
                         "{}\tversion {}\t{} versions\tsha256:{}",
                         t.name,
                         t.active_version,
@@ -750,6 +798,7 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
                         active.map(|v| v.digest.as_str()).unwrap_or("?")
                     );
                 }
+                Ok(())
             })?;
         }
         Command::Status => {
@@ -766,7 +815,7 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
                     anyhow::bail!("node {node} still holds {left} replicas after {timeout_secs} s; the drain goes on");
                 }
                 if !out.json {
-                    eprintln!("node {node}: {left} replicas to move");
+                    note!("node {node}: {left} replicas to move");
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 let s = client.status(pb::StatusRequest {}).await.map_err(rpc_error)?.into_inner();
@@ -775,10 +824,11 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
             let done = pb::DrainResponse { replicas: left };
             out.print(&done, |d| {
                 if d.replicas == 0 {
-                    println!("node {node} holds no replicas: it is safe to stop");
+                    say!("node {node} holds no replicas: it is safe to stop");
                 } else {
-                    println!("node {node} is draining: {} replicas to move", d.replicas);
+                    say!("node {node} is draining: {} replicas to move", d.replicas);
                 }
+                Ok(())
             })?;
         }
         Command::State { entity } => {
@@ -800,11 +850,12 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
             }
             out.print(&all, |all| {
                 for entry in &all.entries {
-                    println!("{}\t{}", entry.key, String::from_utf8_lossy(&entry.value));
+                    say!("{}\t{}", entry.key, String::from_utf8_lossy(&entry.value));
                 }
                 if all.entries.is_empty() {
-                    println!("(no state)");
+                    say!("(no state)");
                 }
+                Ok(())
             })?;
         }
         Command::Entities { entity_type, prefix, limit, start_after } => {
@@ -827,13 +878,14 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
             }
             out.print(&all, |all| {
                 for id in &all.ids {
-                    println!("{id}");
+                    say!("{id}");
                 }
                 if !all.next_start_after.is_empty() {
-                    eprintln!("(more: --start-after {})", all.next_start_after);
+                    note!("(more: --start-after {})", all.next_start_after);
                 } else if all.ids.is_empty() {
-                    eprintln!("(no entities of type {entity_type} have state)");
+                    note!("(no entities of type {entity_type} have state)");
                 }
+                Ok(())
             })?;
         }
         Command::Logs { entity, follow, tail } => {
@@ -849,12 +901,12 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
             while let Some(line) = lines.next().await {
                 let l = line.map_err(rpc_error)?;
                 if out.json {
-                    println!("{}", serde_json::to_string(&l)?);
+                    say!("{}", serde_json::to_string(&l)?);
                 } else {
                     if l.dropped > 0 {
-                        println!("… {} line(s) dropped: this follower fell behind", l.dropped);
+                        say!("… {} line(s) dropped: this follower fell behind", l.dropped);
                     }
-                    println!(
+                    say!(
                         "{} {} [{}] {}: {}",
                         format_utc(l.at_ms),
                         entity_name(&l.entity),
@@ -869,46 +921,50 @@ async fn client_command(addr: &str, opts: &ClientOptions, command: Command, out:
     Ok(())
 }
 
-fn print_status(s: &pb::StatusResponse) {
-    println!("conflux {}", s.version);
-    println!("node             {}", s.node_id);
-    println!("uptime           {:.1}s", s.uptime_ms as f64 / 1000.0);
-    println!("data dir         {}", s.data_dir);
-    println!("entity types     {}", s.entity_types);
-    println!("active entities  {}", s.active_entities);
-    println!("resident         {}", s.resident_instances);
-    println!("in flight        {}", s.inflight_invocations);
-    println!("turns ok/failed  {}/{}", s.turns_ok, s.turns_failed);
-    println!(
+fn print_status(s: &pb::StatusResponse) -> std::io::Result<()> {
+    say!("conflux {}", s.version);
+    say!("node             {}", s.node_id);
+    say!("uptime           {:.1}s", s.uptime_ms as f64 / 1000.0);
+    say!("data dir         {}", s.data_dir);
+    say!("entity types     {}", s.entity_types);
+    say!("active entities  {}", s.active_entities);
+    say!("resident         {}", s.resident_instances);
+    say!("in flight        {}", s.inflight_invocations);
+    say!("turns ok/failed  {}/{}", s.turns_ok, s.turns_failed);
+    say!(
         "outbox           {} waiting, {} delivered, {} dead letters",
-        s.outbox_messages, s.messages_delivered, s.dead_letters
+        s.outbox_messages,
+        s.messages_delivered,
+        s.dead_letters
     );
-    println!("log applied      {} (durable {}, {} syncs)", s.applied_index, s.durable_index, s.log_sync_batches);
-    println!("NODE\tADDRESS\tSTATE\tLEADS\tREPLICAS");
+    say!("log applied      {} (durable {}, {} syncs)", s.applied_index, s.durable_index, s.log_sync_batches);
+    say!("NODE\tADDRESS\tSTATE\tLEADS\tREPLICAS");
     for n in &s.nodes {
-        println!("{}\t{}\t{}\t{}\t{}", n.node_id, n.address, n.state, n.shards_led, n.replicas);
+        say!("{}\t{}\t{}\t{}\t{}", n.node_id, n.address, n.state, n.shards_led, n.replicas);
     }
-    println!("SHARD\tLEADER\tREPLICAS\tLAG");
+    say!("SHARD\tLEADER\tREPLICAS\tLAG");
     for sh in &s.shards {
-        println!("{}\t{}\t{}\t{}", sh.shard_id, sh.leader, sh.replicas.join(","), sh.replication_lag);
+        say!("{}\t{}\t{}\t{}", sh.shard_id, sh.leader, sh.replicas.join(","), sh.replication_lag);
     }
     if !s.moves.is_empty() {
-        println!("MOVES IN PROGRESS");
+        say!("MOVES IN PROGRESS");
         for m in &s.moves {
-            println!("{m}");
+            say!("{m}");
         }
     }
+    Ok(())
 }
 
-fn print_activate(r: &pb::ActivateResponse) {
+fn print_activate(r: &pb::ActivateResponse) -> std::io::Result<()> {
     if r.unchanged {
-        println!("{} version {} is already active", r.entity_type, r.active_version);
+        say!("{} version {} is already active", r.entity_type, r.active_version);
     } else {
-        println!("{} version {} is active (was {})", r.entity_type, r.active_version, r.previous_active_version);
+        say!("{} version {} is active (was {})", r.entity_type, r.active_version, r.previous_active_version);
     }
     if let Some(c) = &r.ended_canary {
-        println!("ended canary of version {} for {}", c.version, c.ids.join(","));
+        say!("ended canary of version {} for {}", c.version, c.ids.join(","));
     }
+    Ok(())
 }
 
 #[cfg(test)]

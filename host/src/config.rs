@@ -213,6 +213,18 @@ pub struct ApiConfig {
     pub tls_cert_path: Option<PathBuf>,
     /// PEM private key of the listener.
     pub tls_key_path: Option<PathBuf>,
+    /// Web origins (`https://app.example.com`, scheme and host, port if not
+    /// the scheme's) whose pages may call the HTTP gateway from a browser
+    /// (CORS). Any other page's cross-origin POST is refused with 403.
+    pub allowed_origins: Vec<String>,
+    /// Host names (`conflux.internal`, or `conflux.internal:7070` for one
+    /// port) a plaintext listener answers HTTP/1 requests for, beyond IP
+    /// addresses and `localhost`: a request naming another host is refused
+    /// with 403, which defeats DNS rebinding. Unused under TLS.
+    pub allowed_hosts: Vec<String>,
+    /// A GetState or ListDeadLetters page stops before its keys and values
+    /// exceed this (a page always holds at least one entry).
+    pub max_page_bytes: usize,
 }
 
 impl Default for ApiConfig {
@@ -224,6 +236,9 @@ impl Default for ApiConfig {
             invoke_token: None,
             tls_cert_path: None,
             tls_key_path: None,
+            allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            max_page_bytes: 1 << 20,
         }
     }
 }
@@ -410,6 +425,8 @@ impl Default for TelemetryConfig {
 
 /// A secret string (an API token). Its `Debug` is redacted, so a logged or
 /// printed configuration never shows it; only [`Secret::expose`] reveals it.
+/// The daemon hashes its tokens and drops them once the configuration is
+/// validated (`Node::open`); its bytes are wiped when dropped.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -422,6 +439,13 @@ impl Secret {
     /// The secret itself, for the one place that hashes or sends it.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+/// A dropped secret leaves no copy of itself in freed memory.
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
     }
 }
 
@@ -523,6 +547,17 @@ impl Config {
         }
         if a.tls_cert_path.is_some() != a.tls_key_path.is_some() {
             return bad("api.tls_cert_path and api.tls_key_path must be set together (both or neither)");
+        }
+        for origin in &a.allowed_origins {
+            crate::api::browser::parse_origin(origin)
+                .map_err(|e| ConfigError::Invalid(format!("api.allowed_origins: {e}")))?;
+        }
+        for host in &a.allowed_hosts {
+            crate::api::browser::parse_host_entry(host)
+                .map_err(|e| ConfigError::Invalid(format!("api.allowed_hosts: {e}")))?;
+        }
+        if a.max_page_bytes < 1024 {
+            return bad("api.max_page_bytes must be at least 1 KiB");
         }
         self.log.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let t = &self.telemetry;

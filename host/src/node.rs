@@ -15,6 +15,7 @@
 //! store and log (`LocalShards`) and routes each invocation to the leader of
 //! the entity's shard; the `Cluster` service shares the API port.
 
+use crate::api::auth::Authenticator;
 use crate::api::cluster::{
     ClusterSecret, ClusterService, ClusterView, GrpcTransport, Member, MemberRegistries, PeerTls,
 };
@@ -184,7 +185,10 @@ pub struct Node {
     pub registry: Arc<Registry>,
     pub store: Arc<dyn StateStore>,
     pub log: Arc<dyn CommitLog>,
+    /// Holds no secret: tokens live on as `auth`'s digests, the cluster
+    /// secret in `ClusterParts`.
     cfg: Config,
+    auth: Authenticator,
     cluster: Option<ClusterParts>,
     /// Where the API listens and peers are dialled; `None`: the OS's TCP.
     network: Option<SharedNetwork>,
@@ -230,8 +234,12 @@ impl Node {
     }
 
     /// [`Node::open`] on a network other than the OS's TCP (the simulation's).
-    pub async fn open_on(cfg: Config, network: Option<SharedNetwork>) -> Result<Self, NodeError> {
+    pub async fn open_on(mut cfg: Config, network: Option<SharedNetwork>) -> Result<Self, NodeError> {
         cfg.validate()?;
+        // From here on the node checks tokens against their digests only.
+        let auth = Authenticator::new(&cfg.api);
+        cfg.api.admin_token = None;
+        cfg.api.invoke_token = None;
         let dir = &cfg.storage.data_dir;
         std::fs::create_dir_all(dir)
             .map_err(|source| NodeError::DataDir { path: dir.display().to_string(), source })?;
@@ -248,7 +256,7 @@ impl Node {
                 .map_err(|e| NodeError::StoreOpen { path: path(), source: crate::storage::StorageError::Sled(e) })?
         };
         if cfg.cluster.enabled() {
-            return Self::open_clustered(cfg, network, lock, db, sled_dir, identity).await;
+            return Self::open_clustered(cfg, auth, network, lock, db, sled_dir, identity).await;
         }
         let raft_config = crate::cluster::raft::raft_config("conflux", cfg.log.compact_every_entries)
             .map_err(|e| NodeError::CatchUp { path: path(), message: e.to_string() })?;
@@ -289,7 +297,7 @@ impl Node {
         let log: Arc<dyn CommitLog> = Arc::new(ShardLog::new(replica, &cfg.log));
         let (runtime, registry) = open_runtime_and_registry(&cfg, store.clone(), log.clone()).await?;
         let scheduler = Scheduler::new(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone());
-        Ok(Self { scheduler, registry, store, log, cfg, cluster: None, network, _lock: lock })
+        Ok(Self { scheduler, registry, store, log, cfg, auth, cluster: None, network, _lock: lock })
     }
 
     /// Opens a member of a cluster. A founder's first start forms the groups
@@ -297,7 +305,8 @@ impl Node {
     /// the metadata group); a new node with `join` first asks the cluster to
     /// let it in. Later starts reopen the replicas the data directory holds.
     async fn open_clustered(
-        cfg: Config,
+        mut cfg: Config,
+        auth: Authenticator,
         network: Option<SharedNetwork>,
         lock: File,
         db: sled::Db,
@@ -305,6 +314,9 @@ impl Node {
         stored: Option<ClusterIdentity>,
     ) -> Result<Self, NodeError> {
         let dir = cfg.storage.data_dir.clone();
+        // The node sends the secret to its peers, so `ClusterSecret` keeps it
+        // (with its digest, to check theirs); the configuration does not.
+        let raw_secret = cfg.cluster.secret.take();
         let c = &cfg.cluster;
         let err = |e: &dyn std::fmt::Display| NodeError::Cluster(e.to_string());
         let peer_tls = match (&c.tls_ca_path, &cfg.api.tls_cert_path, &cfg.api.tls_key_path) {
@@ -312,9 +324,10 @@ impl Node {
             // Validation pairs the CA with the listener's certificate and key.
             _ => None,
         };
-        let secret = ClusterSecret::new(c.secret.as_ref().map_or("", |s| s.expose()))
+        let secret = ClusterSecret::new(raw_secret.as_ref().map_or("", |s| s.expose()))
             .map_err(|e| err(&e))?
             .requiring_client_certificate(peer_tls.is_some());
+        drop(raw_secret);
         let fresh = stored.is_none();
         let identity = match (stored, &c.join) {
             (Some(s), _) => s,
@@ -444,7 +457,7 @@ impl Node {
         };
         tracing::info!(node = c.node_id, shards = member.shards.shards().len(), "cluster member opened");
         let cluster = ClusterParts { secret, peer_tls, table, member, initial, peers: addrs, driver };
-        Ok(Self { scheduler, registry, store, log, cfg, cluster: Some(cluster), network, _lock: lock })
+        Ok(Self { scheduler, registry, store, log, cfg, auth, cluster: Some(cluster), network, _lock: lock })
     }
 
     /// Serves until `shutdown` resolves, then drains and persists. `on_bound`
@@ -457,6 +470,7 @@ impl Node {
         // Built first: it reads the TLS files, which must fail start-up, not the first call.
         let api = Api::new(
             &self.cfg.api,
+            self.auth.clone(),
             self.cfg.registry.max_component_bytes,
             self.cfg.storage.data_dir.display().to_string(),
             self.scheduler.clone(),
@@ -660,5 +674,33 @@ async fn follow_meta(member: Member, initial: Layout, founders: BTreeMap<u64, St
         if metrics.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_open_node_keeps_token_digests_not_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::default();
+        cfg.storage.data_dir = dir.path().to_owned();
+        cfg.api.admin_token = Some(Secret::new("admin-plaintext-1"));
+        cfg.api.invoke_token = Some(Secret::new("invoke-plaintext-2"));
+        let node = Node::open(cfg).await.unwrap();
+        assert!(node.cfg.api.admin_token.is_none() && node.cfg.api.invoke_token.is_none(), "tokens kept in clear");
+        // The digests still decide.
+        let md = |t: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("authorization", format!("Bearer {t}").parse().unwrap());
+            m
+        };
+        use crate::api::auth::Rpc;
+        node.auth.check(Rpc::Deploy, &md("admin-plaintext-1")).unwrap();
+        node.auth.check(Rpc::Invoke, &md("invoke-plaintext-2")).unwrap();
+        assert!(node.auth.check(Rpc::Deploy, &md("invoke-plaintext-2")).is_err());
+        node.log.shutdown().await.unwrap();
     }
 }

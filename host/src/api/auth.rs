@@ -115,6 +115,11 @@ impl Authenticator {
         Self { admin: d(&cfg.admin_token), invoke: d(&cfg.invoke_token) }
     }
 
+    /// No token is configured: every RPC is open.
+    pub fn is_open(&self) -> bool {
+        self.admin.is_none() && self.invoke.is_none()
+    }
+
     /// Checks the `authorization` metadata of a call to `rpc`.
     ///
     /// Admin RPCs need the admin token when it is set; when only the invoke

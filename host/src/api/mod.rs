@@ -6,6 +6,7 @@
 //! configured); the listener optionally speaks TLS (rustls).
 
 pub mod auth;
+pub mod browser;
 pub mod cluster;
 
 pub mod codec;
@@ -40,6 +41,19 @@ pub const ERROR_KIND_HEADER: &str = "conflux-error-kind";
 
 /// Largest deploy chunk a client should send; the CLI uses this.
 pub const DEPLOY_CHUNK_BYTES: usize = 64 << 10;
+
+/// What a request message may hold beyond its payload (entity, operation,
+/// idempotency key, protobuf framing): the decoding limit is the payload
+/// limit plus this, so only an over-limit payload can exceed it.
+pub const MESSAGE_HEADROOM_BYTES: usize = 64 << 10;
+
+/// The largest gRPC message the public service decodes: a payload of
+/// `api.max_payload_bytes` (or a deploy chunk) plus [`MESSAGE_HEADROOM_BYTES`].
+/// tonic refuses larger ones before our code runs; [`transport_status`] maps
+/// that refusal into the error contract.
+pub fn max_message_bytes(cfg: &ApiConfig) -> usize {
+    cfg.max_payload_bytes.max(DEPLOY_CHUNK_BYTES) + MESSAGE_HEADROOM_BYTES
+}
 
 /// Entities a dry run samples when the request does not say.
 const DRY_RUN_SAMPLE_DEFAULT: usize = 100;
@@ -118,6 +132,35 @@ pub(crate) fn invoke_message(e: InvokeError) -> String {
     match e {
         InvokeError::Turn(TurnError::BadRequest(m) | TurnError::UnknownOperation(m) | TurnError::Failed(m)) => m,
         e => e.to_string(),
+    }
+}
+
+/// A status tonic answered for the public service without our code (the
+/// request never reached it), mapped into the error contract: every status
+/// carries a kind, and a message over the decoding limit is the caller's
+/// INVALID_ARGUMENT like any other over-limit input. `method` is the RPC's name.
+pub(crate) fn transport_status(method: &str, s: &Status, cfg: &ApiConfig) -> Status {
+    match s.code() {
+        Code::OutOfRange => {
+            let (kind, what) = if method == "Invoke" {
+                ("payload-too-large", "field `payload`")
+            } else {
+                ("message-too-large", "the request message")
+            };
+            status(
+                Code::InvalidArgument,
+                kind,
+                format!(
+                    "{what} is too large: a message may be {} bytes (api.max_payload_bytes {} plus {} for the rest); {}",
+                    max_message_bytes(cfg),
+                    cfg.max_payload_bytes,
+                    MESSAGE_HEADROOM_BYTES,
+                    s.message()
+                ),
+            )
+        }
+        Code::Unimplemented => status(Code::Unimplemented, "unimplemented", s.message().to_owned()),
+        code => status(code, "transport", s.message().to_owned()),
     }
 }
 
@@ -222,8 +265,11 @@ pub struct Api {
 }
 
 impl Api {
+    /// `cfg` holds no tokens by now (the node keeps only `auth`'s digests).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: &ApiConfig,
+        auth: Authenticator,
         max_component_bytes: usize,
         data_dir: String,
         scheduler: Scheduler,
@@ -233,7 +279,7 @@ impl Api {
     ) -> Result<Self, ApiError> {
         Ok(Self {
             guest_logs: scheduler.guest_logs().clone(),
-            auth: Authenticator::new(cfg),
+            auth,
             tls: load_tls(cfg)?,
             scheduler,
             registry,
@@ -286,9 +332,12 @@ impl Api {
             Listener::Tcp(l) => l.local_addr().ok(),
             Listener::Custom(bound, _) => Some(*bound),
         };
-        // Generous decode limit, so a payload somewhat over the limit reaches our own
-        // check and gets INVALID_ARGUMENT naming the field; beyond this tonic refuses.
-        let max_msg = (self.cfg.max_payload_bytes * 4).max(4 << 20) + (64 << 10);
+        if let Some(bound) = self.bound {
+            for warning in exposure_warnings(bound, self.auth.is_open(), self.tls.is_some(), self.cluster.is_some()) {
+                tracing::warn!("{warning}");
+            }
+        }
+        let max_msg = max_message_bytes(&self.cfg);
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .build_v1()
@@ -305,7 +354,7 @@ impl Api {
         if let Some(c) = cluster {
             grpc = grpc.add_service(c.into_server());
         }
-        let routes = http::router(api.clone(), grpc.into_axum_router(), max_msg);
+        let routes = http::router(api.clone(), grpc.into_axum_router());
         let stopping = api.stopping.clone();
         let shutdown = async move {
             shutdown.await;
@@ -322,6 +371,34 @@ impl Api {
         }
         Ok(())
     }
+}
+
+/// What the operator should hear about a listener at `bound`: reachable
+/// beyond this machine with no token (anyone there can deploy code and call
+/// entities), or with tokens but no TLS (they cross the network in clear); a
+/// cluster member without TLS (the cluster secret and all data do).
+pub fn exposure_warnings(bound: SocketAddr, open: bool, tls: bool, clustered: bool) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let remote = !bound.ip().to_canonical().is_loopback();
+    if remote && open {
+        warnings.push(format!(
+            "listening on {bound}, beyond loopback, with no api.admin_token or api.invoke_token: anyone who can \
+             reach it can deploy code, call entities and read their state"
+        ));
+    } else if remote && !tls {
+        warnings.push(format!(
+            "listening on {bound}, beyond loopback, without TLS: bearer tokens cross the network in clear \
+             (set api.tls_cert_path and api.tls_key_path)"
+        ));
+    }
+    if clustered && !tls {
+        warnings.push(
+            "this cluster member talks to its peers without TLS: the cluster secret, Raft traffic and entity \
+             state cross the network in clear (set cluster.tls_ca_path and api.tls_*)"
+                .to_owned(),
+        );
+    }
+    warnings
 }
 
 /// Where the API accepts connections.
@@ -705,16 +782,19 @@ impl Conflux for Api {
             })?)
         };
         let scheduler = self.scheduler.clone();
-        let rows = crate::determinism::blocking(move || scheduler.dead_letters(start.as_deref(), limit + 1))
-            .await
-            .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
-            .map_err(invoke_status)?;
-        let more = rows.len() > limit;
-        let next_start_after = if more { hex::encode(&rows[limit - 1].0) } else { String::new() };
+        let max_bytes = self.cfg.max_page_bytes;
+        let (rows, more) =
+            crate::determinism::blocking(move || scheduler.dead_letters(start.as_deref(), limit, max_bytes))
+                .await
+                .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
+                .map_err(invoke_status)?;
+        let next_start_after = match rows.last() {
+            Some((key, _)) if more => hex::encode(key),
+            _ => String::new(),
+        };
         let wire = |r: &EntityRef| pb::EntityRef { entity_type: r.entity_type.clone(), id: r.id.clone() };
         let dead_letters = rows
             .into_iter()
-            .take(limit)
             .map(|(_, d)| pb::DeadLetterInfo {
                 sender: Some(wire(&d.message.sender)),
                 seq: d.message.seq,
@@ -743,19 +823,64 @@ impl Conflux for Api {
             k
         });
         let store = self.store.clone();
-        let rows =
-            crate::determinism::blocking(move || store.scan(Keyspace::State, &prefix, start.as_deref(), limit + 1))
-                .await
-                .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
-                .map_err(storage_status)?;
-        let more = rows.len() > limit;
-        let entries: Vec<pb::StateEntry> = rows
+        let max_bytes = self.cfg.max_page_bytes;
+        let page = crate::determinism::blocking(move || {
+            store.scan_page(Keyspace::State, &prefix, start.as_deref(), limit, max_bytes)
+        })
+        .await
+        .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
+        .map_err(storage_status)?;
+        let entries: Vec<pb::StateEntry> = page
+            .entries
             .into_iter()
-            .take(limit)
             .map(|(k, v)| pb::StateEntry { key: String::from_utf8_lossy(&k[plen..]).into_owned(), value: v })
             .collect();
         let next_start_after =
-            if more { entries.last().map(|e| e.key.clone()).unwrap_or_default() } else { String::new() };
+            if page.more { entries.last().map(|e| e.key.clone()).unwrap_or_default() } else { String::new() };
         Ok(Response::new(pb::GetStateResponse { entries, next_start_after }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposure_is_warned_about_beyond_loopback_and_between_members_in_clear() {
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert!(exposure_warnings(at("127.0.0.1:7070"), true, false, false).is_empty());
+        assert!(exposure_warnings(at("[::1]:7070"), true, false, false).is_empty());
+        // An IPv4-mapped loopback address is loopback too.
+        assert!(exposure_warnings(at("[::ffff:127.0.0.1]:7070"), true, false, false).is_empty());
+        let open = exposure_warnings(at("0.0.0.0:7070"), true, false, false);
+        assert!(open.len() == 1 && open[0].contains("no api.admin_token"), "{open:?}");
+        assert!(exposure_warnings(at("[::]:7070"), true, true, false)[0].contains("no api.admin_token"));
+        let clear = exposure_warnings(at("10.0.0.5:7070"), false, false, false);
+        assert!(clear.len() == 1 && clear[0].contains("without TLS"), "{clear:?}");
+        assert!(exposure_warnings(at("10.0.0.5:7070"), false, true, false).is_empty());
+        let member = exposure_warnings(at("127.0.0.1:7070"), false, false, true);
+        assert!(member.len() == 1 && member[0].contains("cluster.tls_ca_path"), "{member:?}");
+        assert!(exposure_warnings(at("10.0.0.5:7070"), false, true, true).is_empty());
+    }
+
+    #[test]
+    fn transport_refusals_join_the_error_contract() {
+        let cfg = ApiConfig::default();
+        let kind = |s: &Status| s.metadata().get(ERROR_KIND_HEADER).unwrap().to_str().unwrap().to_owned();
+        let tonic_says = Status::out_of_range("Error, decoded message length too large: found 5000010 bytes");
+        let s = transport_status("Invoke", &tonic_says, &cfg);
+        assert_eq!((s.code(), kind(&s).as_str()), (Code::InvalidArgument, "payload-too-large"));
+        assert!(s.message().contains("1114112") && s.message().contains("5000010"), "{}", s.message());
+        let s = transport_status("Deploy", &tonic_says, &cfg);
+        assert_eq!((s.code(), kind(&s).as_str()), (Code::InvalidArgument, "message-too-large"));
+        let s = transport_status("Nope", &Status::unimplemented(""), &cfg);
+        assert_eq!((s.code(), kind(&s).as_str()), (Code::Unimplemented, "unimplemented"));
+        let s = transport_status("Invoke", &Status::internal("Missing request message."), &cfg);
+        assert_eq!((s.code(), kind(&s).as_str()), (Code::Internal, "transport"));
+        // The decoding limit follows the payload limit.
+        let small = ApiConfig { max_payload_bytes: 1000, ..ApiConfig::default() };
+        assert_eq!(max_message_bytes(&small), DEPLOY_CHUNK_BYTES + MESSAGE_HEADROOM_BYTES);
+        let large = ApiConfig { max_payload_bytes: 8 << 20, ..ApiConfig::default() };
+        assert_eq!(max_message_bytes(&large), (8 << 20) + MESSAGE_HEADROOM_BYTES);
     }
 }

@@ -301,7 +301,7 @@ cargo build --release --target wasm32-wasip2   # → target/wasm32-wasip2/releas
 conflux deploy {{entity_type}} target/wasm32-wasip2/release/{{wasm_name}}.wasm
 conflux invoke {{entity_type}}/a1 add 5      # → 5
 conflux invoke {{entity_type}}/a1 get        # → 5
-curl -X POST localhost:7070/v1/entities/{{entity_type}}/a1/add -d 5    # → 10, over HTTP
+curl --json 5 localhost:7070/v1/entities/{{entity_type}}/a1/add      # → 10, over HTTP
 conflux logs {{entity_type}}                 # what the entity printed
 ```
 "#;

@@ -15,7 +15,7 @@ use super::shards::{ShardSet, ShardSetError};
 use crate::log::{CommitLog, LogConfig, LogError, LogStats};
 use crate::model::{EntityRef, Keyspace, LogIndex, WriteSet, entity_of_key};
 use crate::scheduler::{Invocation, InvokeError, Route, Router};
-use crate::storage::{KvPairs, SledStore, StateStore, StorageError};
+use crate::storage::{KvPairs, ScanPage, SledStore, StateStore, StorageError};
 use futures::future::BoxFuture;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -254,6 +254,24 @@ impl StateStore for LocalShards {
         all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         all.truncate(limit);
         Ok(all)
+    }
+
+    fn scan_page(
+        &self,
+        keyspace: Keyspace,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<ScanPage, StorageError> {
+        if let Some(shard) = self.shard_of_key(keyspace, prefix) {
+            return self.local(shard)?.store.scan_page(keyspace, prefix, start_after, limit, max_bytes);
+        }
+        let mut pages = Vec::new();
+        for s in self.led() {
+            pages.push(s.store.scan_page(keyspace, prefix, start_after, limit, max_bytes)?);
+        }
+        Ok(crate::storage::merge_pages(pages, limit, max_bytes))
     }
 
     fn apply(&self, _entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError> {

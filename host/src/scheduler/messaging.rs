@@ -370,20 +370,26 @@ impl Scheduler {
         }
     }
 
-    /// Dead letters, oldest first, strictly after the key `start_after` (as returned).
+    /// Dead letters, oldest first, strictly after the key `start_after` (as
+    /// returned): at most `limit`, and no more stored bytes than `max_bytes`
+    /// (one at least); with whether more follow.
     pub fn dead_letters(
         &self,
         start_after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, DeadLetter)>, InvokeError> {
-        let rows = self
+        max_bytes: usize,
+    ) -> Result<(Vec<(Vec<u8>, DeadLetter)>, bool), InvokeError> {
+        let page = self
             .inner
             .store
-            .scan(Keyspace::DeadLetters, b"", start_after, limit)
+            .scan_page(Keyspace::DeadLetters, b"", start_after, limit, max_bytes)
             .map_err(|e| InvokeError::Internal(format!("reading dead letters: {e}")))?;
-        rows.into_iter()
+        let rows = page
+            .entries
+            .into_iter()
             .map(|(k, v)| DeadLetter::decode(&v).map(|d| (k, d)).map_err(|e| InvokeError::Internal(e.to_string())))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((rows, page.more))
     }
 }
 

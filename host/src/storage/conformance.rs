@@ -142,6 +142,83 @@ pub(crate) fn scan_semantics(f: impl Fn() -> Fixture) {
     assert_eq!(scan(b"a\0", None, 100), all[1..4].to_vec());
 }
 
+/// A store that implements only what `StateStore` requires, so its pages
+/// come from the trait's default `scan_page`.
+struct DefaultPages(std::sync::Arc<dyn StateStore>);
+
+impl StateStore for DefaultPages {
+    fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.0.get(keyspace, key)
+    }
+    fn scan(
+        &self,
+        keyspace: Keyspace,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<super::KvPairs, StorageError> {
+        self.0.scan(keyspace, prefix, start_after, limit)
+    }
+    fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError> {
+        self.0.apply(entries)
+    }
+    fn applied_index(&self) -> Result<LogIndex, StorageError> {
+        self.0.applied_index()
+    }
+    fn persist(&self) -> Result<(), StorageError> {
+        self.0.persist()
+    }
+}
+
+pub(crate) fn scan_pages_are_bounded_by_bytes(f: impl Fn() -> Fixture) {
+    let fx = f();
+    let store: std::sync::Arc<dyn StateStore> = std::sync::Arc::from(fx.store);
+    // k0..k9 with values of 10, 20, … 100 bytes (keys 2 bytes), and a neighbour prefix.
+    let mut ops: Vec<Op> = (0..10u8)
+        .map(|i| put(Keyspace::State, format!("k{i}").as_bytes(), &vec![b'v'; 10 * (i as usize + 1)]))
+        .collect();
+    ops.push(put(Keyspace::State, b"l0", &[b'x'; 5]));
+    apply1(store.as_ref(), 1, &ws(ops));
+    let default_pages = DefaultPages(store.clone());
+    for s in [store.as_ref(), &default_pages as &dyn StateStore] {
+        let keys = |p: &super::ScanPage| -> Vec<String> {
+            p.entries.iter().map(|(k, _)| String::from_utf8(k.clone()).unwrap()).collect()
+        };
+        let page =
+            |after: Option<&[u8]>, limit, bytes| s.scan_page(Keyspace::State, b"k", after, limit, bytes).unwrap();
+        // 12 + 22 + 32 = 66 fits 70; the next (42) would not.
+        let p = page(None, 100, 70);
+        assert_eq!((keys(&p), p.more), (vec!["k0".into(), "k1".into(), "k2".into()], true));
+        // Exactly at the budget still fits.
+        assert_eq!(keys(&page(None, 100, 66)).len(), 3);
+        // The first entry always fits, whatever its size.
+        let p = page(Some(b"k8"), 100, 1);
+        assert_eq!((keys(&p), p.more), (vec!["k9".into()], false));
+        let p = page(Some(b"k7"), 100, 1);
+        assert_eq!((keys(&p), p.more), (vec!["k8".into()], true));
+        // The count bound still applies; an exhausted prefix has no more.
+        let p = page(None, 2, 1 << 20);
+        assert_eq!((keys(&p), p.more), (vec!["k0".into(), "k1".into()], true));
+        let p = page(None, 10, 1 << 20);
+        assert_eq!((p.entries.len(), p.more), (10, false));
+        assert!(!page(Some(b"k9"), 10, 100).more);
+        // Paging by bytes visits every entry once, in order, values intact.
+        let mut seen = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let p = page(after.as_deref(), 100, 150);
+            let bytes: usize = p.entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+            assert!(bytes <= 150 || p.entries.len() == 1, "{bytes}");
+            after = p.entries.last().map(|(k, _)| k.clone());
+            seen.extend(p.entries);
+            if !p.more {
+                break;
+            }
+        }
+        assert_eq!(seen, s.scan(Keyspace::State, b"k", None, 100).unwrap());
+    }
+}
+
 pub(crate) fn applied_index_and_replay(f: impl Fn() -> Fixture) {
     let fx = f();
     let s = fx.store.as_ref();
@@ -252,6 +329,10 @@ macro_rules! state_store_conformance {
             #[test]
             fn scan_semantics() {
                 super::scan_semantics($factory)
+            }
+            #[test]
+            fn scan_pages_are_bounded_by_bytes() {
+                super::scan_pages_are_bounded_by_bytes($factory)
             }
             #[test]
             fn applied_index_and_replay() {

@@ -53,6 +53,25 @@ impl StateStore for MemStore {
             .collect())
     }
 
+    fn scan_page(
+        &self,
+        keyspace: Keyspace,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<super::ScanPage, StorageError> {
+        let full_prefix = super::physical_key(keyspace, prefix);
+        let lower = scan_lower_bound(keyspace, prefix, start_after);
+        let inner = self.inner.read().map_err(|_| StorageError::Poisoned)?;
+        let items = inner
+            .map
+            .range((lower, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(&full_prefix))
+            .map(|(k, v)| Ok::<_, StorageError>((k[1..].to_vec(), v.clone())));
+        super::fill_page(items, limit, max_bytes)
+    }
+
     fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError> {
         // One write lock for the whole call: readers see all of it or none of it.
         let mut inner = self.inner.write().map_err(|_| StorageError::Poisoned)?;

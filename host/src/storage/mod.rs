@@ -42,6 +42,60 @@ pub enum StorageError {
 /// Key/value pairs returned by `scan`, in ascending key order.
 pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// One page of a [`StateStore::scan_page`]: entries in ascending key order,
+/// and whether more follow the last of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanPage {
+    pub entries: KvPairs,
+    pub more: bool,
+}
+
+/// The page of the union of disjoint stores (shards), from each store's own
+/// page under the same bounds. Unlike a count, a byte bound can end one
+/// store's page early while another's goes on past keys the first has not
+/// returned: the union is only known up to the lowest last key of a store
+/// with more, so entries beyond it wait for the next page.
+pub(crate) fn merge_pages(pages: Vec<ScanPage>, limit: usize, max_bytes: usize) -> ScanPage {
+    let known_up_to = pages.iter().filter(|p| p.more).filter_map(|p| p.entries.last().map(|(k, _)| k.clone())).min();
+    let more = pages.iter().any(|p| p.more);
+    let mut all: KvPairs = pages.into_iter().flat_map(|p| p.entries).collect();
+    all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    if let Some(bound) = &known_up_to {
+        all.retain(|(k, _)| k <= bound);
+    }
+    let mut page = match fill_page(all.into_iter().map(Ok::<_, std::convert::Infallible>), limit, max_bytes) {
+        Ok(page) => page,
+        Err(never) => match never {},
+    };
+    page.more |= more;
+    page
+}
+
+/// The page `items` (ascending, already within the scanned range) make under
+/// a count and a byte bound: it stops before the entry that would be the
+/// `limit + 1`th or take the keys and values past `max_bytes`, except that
+/// the first entry always fits, so paging makes progress whatever its size.
+/// Reads one entry past the page, to know whether more follow.
+pub(crate) fn fill_page<E>(
+    items: impl IntoIterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<ScanPage, E> {
+    let mut page = ScanPage::default();
+    let mut bytes = 0usize;
+    for item in items {
+        let (k, v) = item?;
+        let size = k.len() + v.len();
+        if page.entries.len() >= limit || (!page.entries.is_empty() && bytes.saturating_add(size) > max_bytes) {
+            page.more = true;
+            break;
+        }
+        bytes += size;
+        page.entries.push((k, v));
+    }
+    Ok(page)
+}
+
 /// Materialized key/value state built from committed log entries.
 pub trait StateStore: Send + Sync + 'static {
     fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
@@ -53,6 +107,29 @@ pub trait StateStore: Send + Sync + 'static {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<KvPairs, StorageError>;
+    /// One page of [`StateStore::scan`] bounded by bytes as well as by count
+    /// (see [`fill_page`]): what an API page may hold, whatever the size of
+    /// the values. Stores override it with a single pass; this default asks
+    /// for one entry at a time, so it never holds more than the page.
+    fn scan_page(
+        &self,
+        keyspace: Keyspace,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<ScanPage, StorageError> {
+        let mut after = start_after.map(<[u8]>::to_vec);
+        let items = std::iter::from_fn(|| match self.scan(keyspace, prefix, after.as_deref(), 1) {
+            Ok(mut rows) => {
+                let row = rows.pop()?;
+                after = Some(row.0.clone());
+                Some(Ok(row))
+            }
+            Err(e) => Some(Err(e)),
+        });
+        fill_page(items, limit, max_bytes)
+    }
     /// Applies committed log entries in order as ONE atomic batch and records the last index as the applied index. Entries with index <= applied_index() are skipped (replay is idempotent). Within and across entries, later ops on a key win.
     fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError>;
     fn applied_index(&self) -> Result<LogIndex, StorageError>;
@@ -134,5 +211,61 @@ pub(crate) fn op_write(op: &Op) -> (Vec<u8>, Option<&[u8]>) {
     match op {
         Op::Put { keyspace, key, value } => (physical_key(*keyspace, key), Some(value.as_slice())),
         Op::Delete { keyspace, key } => (physical_key(*keyspace, key), None),
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Pages `entries` split over `stores` disjoint sorted stores the way
+    /// `LocalShards` does: each store's page, then `merge_pages`.
+    fn merged_pages(stores: &[KvPairs], limit: usize, max_bytes: usize) -> Vec<KvPairs> {
+        let mut out = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let pages = stores
+                .iter()
+                .map(|s| {
+                    let rest = s.iter().filter(|(k, _)| after.as_ref().is_none_or(|a| k > a)).cloned();
+                    fill_page(rest.map(Ok::<_, std::convert::Infallible>), limit, max_bytes).unwrap()
+                })
+                .collect();
+            let page = merge_pages(pages, limit, max_bytes);
+            assert!(!page.entries.is_empty() || !page.more, "a page with more must make progress");
+            after = page.entries.last().map(|(k, _)| k.clone()).or(after);
+            out.push(page.entries);
+            if !page.more {
+                return out;
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// Merged pages visit every entry once and in order, each page within
+        /// its bounds (one oversized entry alone excepted).
+        #[test]
+        fn merged_pages_cover_every_shard_in_order(
+            entries in proptest::collection::btree_map(any::<u16>(), (0usize..4, 0usize..60), 0..40),
+            limit in 1usize..8,
+            max_bytes in 1usize..120,
+        ) {
+            let mut stores = vec![KvPairs::new(); 4];
+            for (k, (store, size)) in &entries {
+                stores[*store].push((k.to_be_bytes().to_vec(), vec![0; *size]));
+            }
+            let pages = merged_pages(&stores, limit, max_bytes);
+            for p in &pages {
+                let bytes: usize = p.iter().map(|(k, v)| k.len() + v.len()).sum();
+                prop_assert!(p.len() <= limit);
+                prop_assert!(bytes <= max_bytes || p.len() == 1, "{bytes} > {max_bytes}");
+            }
+            let seen: Vec<Vec<u8>> = pages.into_iter().flatten().map(|(k, _)| k).collect();
+            let all: Vec<Vec<u8>> = entries.keys().map(|k| k.to_be_bytes().to_vec()).collect();
+            prop_assert_eq!(seen, all);
+        }
     }
 }

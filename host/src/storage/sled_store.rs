@@ -276,6 +276,24 @@ impl StateStore for SledStore {
         Ok(out)
     }
 
+    fn scan_page(
+        &self,
+        keyspace: Keyspace,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<super::ScanPage, StorageError> {
+        let full_prefix = physical_key(keyspace, prefix);
+        let lower = scan_lower_bound(keyspace, prefix, start_after);
+        let items = self
+            .tree
+            .range::<Vec<u8>, _>((lower, Bound::Unbounded))
+            .take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&full_prefix)))
+            .map(|item| item.map(|(k, v)| (k[1..].to_vec(), v.to_vec())).map_err(StorageError::from));
+        super::fill_page(items, limit, max_bytes)
+    }
+
     fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError> {
         self.apply_with_meta(entries, &[])
     }
