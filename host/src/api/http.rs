@@ -557,6 +557,10 @@ mod tests {
         assert_eq!(http_status_of(Code::InvalidArgument, "payload-too-large"), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(http_status_of(Code::InvalidArgument, "message-too-large"), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(http_status_of(Code::InvalidArgument, "unsupported-media-type"), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(
+            http_status_of(Code::FailedPrecondition, "idempotency-key-reused"),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
         assert_eq!(http_status_of(Code::InvalidArgument, "bad-json"), StatusCode::BAD_REQUEST);
         assert_eq!(http_status_of(Code::PermissionDenied, "cross-origin"), StatusCode::FORBIDDEN);
     }
