@@ -407,3 +407,33 @@ fn a_swapped_component_file_is_refused_at_start_up() {
     let out = serve_expecting_failure(dir.path(), &[]);
     assert!(out.contains("hash to"), "{out}");
 }
+
+/// SIGTERM while guests sleep in their turns: their turns end by their
+/// deadline, so the node drains and exits cleanly instead of waiting out its
+/// grace with turns blocked in the host (the old code then panicked in tokio).
+#[test]
+fn sigterm_with_sleeping_guests_drains_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = raw_daemon(dir.path(), &["runtime.turn_timeout_ms=1000", "scheduler.shutdown_grace_ms=10000"]);
+    let runtime = rt();
+    let sleepers: Vec<_> = runtime.block_on(async {
+        let mut handles = Vec::new();
+        for i in 0..3 {
+            let mut c = d.client().await;
+            handles.push(tokio::spawn(async move { raw(&mut c, &format!("t{i}"), "sleep", "30000").await }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        handles
+    });
+    let started = std::time::Instant::now();
+    let exit = d.terminate();
+    let took = started.elapsed();
+    assert!(exit.success(), "{exit:?}: {}", d.log());
+    assert!(took < std::time::Duration::from_secs(8), "drained in {took:?} (the grace is 10 s)");
+    assert!(!d.log().contains("panicked"), "{}", d.log());
+    runtime.block_on(async {
+        for s in sleepers {
+            let _ = s.await.unwrap();
+        }
+    });
+}
