@@ -4,6 +4,7 @@
 //! not the durability boundary (the commit log is), so it only needs to be made
 //! durable on request (`persist`) before the log is purged.
 
+pub mod durable_file;
 mod mem_store;
 mod sled_store;
 
