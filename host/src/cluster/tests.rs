@@ -76,7 +76,15 @@ impl TestNode {
     }
 
     pub(crate) fn data(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        self.replica().state.store().export(&[]).unwrap().pairs
+        let mut pairs = Vec::new();
+        let view = self.replica().state.store().point_in_time(&[]).unwrap();
+        view.scan(|k, v| {
+            pairs.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        pairs.sort();
+        pairs
     }
 }
 
@@ -197,6 +205,44 @@ async fn a_crashed_leader_is_replaced_and_catches_up_by_snapshot_on_restart() {
     let restarted = nodes[pos].replica().raft.metrics().borrow().clone();
     assert!(restarted.snapshot.is_some(), "restarted node caught up without a snapshot: {restarted:?}");
     eprintln!("failover gap (crash to next acknowledged write): {gap:?}");
+    for n in &mut nodes {
+        n.replica().raft.shutdown().await.unwrap();
+    }
+}
+
+/// A follower that was away catches up through a snapshot larger than one
+/// chunk: the leader reads it from its file chunk by chunk, the follower
+/// writes the chunks to a file and installs from it, and then holds exactly
+/// the leader's data (its snapshot file too, for when it leads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_catches_up_through_a_snapshot_streamed_in_many_chunks() {
+    let net = LocalNet::new(17);
+    const CHUNK_BYTES: u64 = 4 * 1024;
+    let config = Arc::new(
+        openraft::Config { snapshot_max_chunk_size: CHUNK_BYTES, ..(*config(20)).clone() }.validate().unwrap(),
+    );
+    let mut nodes = start_cluster(&net, config.clone()).await;
+    let l = leader(&nodes, Duration::from_secs(10)).await;
+    let away = nodes.iter().position(|n| n.id != l).unwrap();
+    let away_id = nodes[away].id;
+    let dir = nodes[away].crash(&net).await;
+    let value = "v".repeat(2048);
+    let mut acked = Vec::new();
+    let mut last = openraft::LogId::default();
+    for i in 0..120 {
+        last = write(&nodes, put(&format!("k{i:03}"), &value), Duration::from_secs(10)).await;
+        acked.push(format!("k{i:03}"));
+    }
+    nodes[away] = TestNode::start(away_id, dir, &net, config).await;
+    applied_everywhere(&nodes, last.index, Duration::from_secs(20)).await;
+    assert_identical(&nodes, &acked);
+    let metrics = nodes[away].replica().raft.metrics().borrow().clone();
+    let snapshot = metrics.snapshot.expect("the follower caught up without a snapshot");
+    let file = nodes[away].dir.path().join("shards").join(SHARD.to_string()).join("snapshot.bin");
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert!(size > 20 * CHUNK_BYTES, "the snapshot ({size} bytes) fits in a few chunks");
+    let installed = raft::snapshot_file::validate(&file).unwrap();
+    assert_eq!(installed.last_log_id, Some(snapshot), "the installed file is the follower's current snapshot");
     for n in &mut nodes {
         n.replica().raft.shutdown().await.unwrap();
     }
