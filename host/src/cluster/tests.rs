@@ -248,6 +248,60 @@ async fn a_follower_catches_up_through_a_snapshot_streamed_in_many_chunks() {
     }
 }
 
+/// A leader cut off from its majority stops draining its commit queue. A
+/// proposal that finds the queue full waits no longer than its deadline
+/// (`commit_timeout_ms`, counted from the call) and is told it was never
+/// written; every proposal returns within that bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_to_a_leader_without_quorum_and_a_full_queue_times_out_within_its_deadline() {
+    use crate::log::{CommitLog, LogConfig, LogError};
+    let net = LocalNet::new(19);
+    let commit_timeout = Duration::from_millis(500);
+    let log_config = LogConfig {
+        queue_depth: 1,
+        max_batch_entries: 1,
+        commit_timeout_ms: commit_timeout.as_millis() as u64,
+        ..LogConfig::default()
+    };
+    let (nodes, l, _, log) = leader_log(&net, log_config).await;
+    net.isolate(l);
+    // Four batches in flight (never committed), one held by the batcher, one
+    // in the queue: the rest wait for room.
+    let proposals: Vec<_> = (0..12)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let outcome = log.propose(put(&format!("cut-off{i}"), "x")).await;
+                (outcome, started.elapsed())
+            })
+        })
+        .collect();
+    let bound = commit_timeout + Duration::from_secs(2);
+    let mut never_queued = 0;
+    for p in proposals {
+        let (outcome, took) = tokio::time::timeout(bound, p)
+            .await
+            .unwrap_or_else(|_| panic!("a proposal waited more than {bound:?} (its deadline is {commit_timeout:?})"))
+            .unwrap();
+        assert!(took < bound, "a proposal took {took:?}");
+        match outcome {
+            Err(LogError::QueueTimeout { .. }) => never_queued += 1,
+            Err(LogError::Aborted(_)) => {}
+            other => panic!("a proposal to a leader without a majority: {other:?}"),
+        }
+    }
+    assert!(never_queued > 0, "no proposal found the queue full");
+    net.heal();
+    // Proposals never queued, or abandoned in the queue, are not written
+    // once the group recovers.
+    let after = write(&nodes, put("after-heal", "1"), Duration::from_secs(10)).await;
+    applied_everywhere(&nodes, after.index, Duration::from_secs(10)).await;
+    let written = nodes[0].data().iter().filter(|(k, _)| k[1..].starts_with(b"cut-off")).count();
+    assert!(written <= 4, "{written} writes of a cut-off leader landed; at most the 4 in flight may");
+    log.shutdown().await.unwrap();
+}
+
 /// openraft restores a leader that restarts in the term it led, with no new
 /// entry: its store may lack what committed before the stop, and the others
 /// may have moved on. It serves turns only once an entry proposed since the
