@@ -44,6 +44,19 @@ fn store_index(log_id: Option<&LogId>) -> crate::model::LogIndex {
     log_id.map_or(0, |id| id.index + 1)
 }
 
+/// A snapshot file as written before snapshots streamed: meta and data
+/// (a postcard `LegacyData`) in one postcard record.
+#[derive(Serialize, Deserialize)]
+struct LegacySnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LegacyData {
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
 /// The state machine of one shard replica. Clones share everything.
 #[derive(Clone)]
 pub struct ShardStateMachine {
@@ -90,7 +103,15 @@ impl ShardStateMachine {
         let path = dir.join(SNAPSHOT_FILE);
         match std::fs::File::open(&path) {
             Ok(file) => {
-                let reader = SnapshotReader::new(file).map_err(err(ErrorVerb::Read))?;
+                let reader = match SnapshotReader::new(file) {
+                    Ok(reader) => reader,
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        sm.convert_legacy(&path, &e)?;
+                        SnapshotReader::new(std::fs::File::open(&path).map_err(err(ErrorVerb::Read))?)
+                            .map_err(err(ErrorVerb::Read))?
+                    }
+                    Err(e) => return Err(err(ErrorVerb::Read)(e)),
+                };
                 let meta = reader.meta().clone();
                 let applied = sm.store.applied_index().map_err(sm_err(ErrorVerb::Read))?;
                 if store_index(meta.last_log_id.as_ref()) > applied {
@@ -102,6 +123,29 @@ impl ShardStateMachine {
             Err(e) => return Err(err(ErrorVerb::Read)(e)),
         }
         Ok(sm)
+    }
+
+    /// Rewrites a snapshot file of the format before snapshots streamed
+    /// (meta and all pairs in one postcard record) in the current format.
+    /// It is read whole, once, on the first start after the upgrade.
+    fn convert_legacy(&self, path: &Path, why: &std::io::Error) -> Result<(), StorageError> {
+        let err = |e: &dyn std::fmt::Display| {
+            storage_err(
+                ErrorSubject::Snapshot(None),
+                ErrorVerb::Read,
+                format!("{}: {why}; nor is it an older snapshot file: {e}", path.display()),
+            )
+        };
+        let bytes = std::fs::read(path).map_err(|e| err(&e))?;
+        let legacy: LegacySnapshot = postcard::from_bytes(&bytes).map_err(|e| err(&e))?;
+        let data: LegacyData = postcard::from_bytes(&legacy.data).map_err(|e| err(&e))?;
+        let (file, temp) = snapshot_file::temp_file_in(&self.dir).map_err(|e| err(&e))?.into_parts();
+        let mut writer = SnapshotWriter::new(file, &legacy.meta).map_err(|e| err(&e))?;
+        for (k, v) in &data.pairs {
+            writer.record(k, v).map_err(|e| err(&e))?;
+        }
+        writer.finish().map_err(|e| err(&e))?;
+        crate::storage::durable_file::publish(temp, path).map_err(|e| err(&e))
     }
 
     /// The shard's data, for reads by the node that leads it.
@@ -362,5 +406,40 @@ impl RaftStateMachine<ShardTypes> for ShardStateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<ShardTypes>>, StorageError> {
         self.current_snapshot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replica upgraded from a version whose snapshot file held everything
+    /// in one record starts: the file is rewritten in the streamed format
+    /// and, being ahead of the store, installed.
+    #[test]
+    fn a_snapshot_file_of_the_older_format_is_converted_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm_dir = dir.path().join("sm");
+        std::fs::create_dir_all(&sm_dir).unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(2, 1), 4)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "2-4-0".into(),
+        };
+        let pairs = vec![(b"\x01a".to_vec(), b"1".to_vec()), (b"\x01b".to_vec(), b"2".to_vec())];
+        let data = postcard::to_allocvec(&LegacyData { pairs }).unwrap();
+        let legacy = postcard::to_allocvec(&LegacySnapshot { meta: meta.clone(), data }).unwrap();
+        std::fs::write(sm_dir.join(SNAPSHOT_FILE), legacy).unwrap();
+        let db = sled::Config::new().path(dir.path().join("sled")).open().unwrap();
+        let store = Arc::new(SledStore::in_db(&db, "shard-0", &dir.path().join("sled")).unwrap());
+        let sm = ShardStateMachine::open(store, &sm_dir).unwrap();
+        assert_eq!(snapshot_file::validate(&sm_dir.join(SNAPSHOT_FILE)).unwrap(), meta);
+        assert_eq!(sm.lock_current().unwrap().clone(), Some(meta));
+        assert_eq!(sm.store().get(crate::model::Keyspace::State, b"b").unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(sm.store().applied_index().unwrap(), 5);
+        // Garbage is neither format: an error, not a lost snapshot.
+        std::fs::write(sm_dir.join(SNAPSHOT_FILE), b"garbage").unwrap();
+        let store = Arc::new(SledStore::in_db(&db, "shard-1", &dir.path().join("sled")).unwrap());
+        assert!(ShardStateMachine::open(store, &sm_dir).is_err());
     }
 }
