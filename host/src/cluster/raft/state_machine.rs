@@ -253,10 +253,13 @@ impl ShardStateMachine {
         match scanned {
             Ok(_) => {}
             Err(crate::storage::StorageError::Superseded) => {
-                return Ok(self.current_snapshot()?.unwrap_or_else(|| Snapshot {
-                    meta: SnapshotMeta::default(),
-                    snapshot: Box::new(SnapshotFile::open(&temp).expect("a file just created opens")),
-                }));
+                if let Some(current) = self.current_snapshot()? {
+                    return Ok(current);
+                }
+                // An install publishes its file before it supersedes views,
+                // so this is not reached; an empty meta is ignored anyway.
+                let snapshot = Box::new(SnapshotFile::open(&temp).map_err(io_err)?);
+                return Ok(Snapshot { meta: SnapshotMeta::default(), snapshot });
             }
             Err(e) => return Err(storage_err(subject, ErrorVerb::Read, e)),
         }
@@ -265,7 +268,7 @@ impl ShardStateMachine {
         // openraft purges the log behind it.
         self.store.persist().map_err(sm_err(ErrorVerb::Write))?;
         self.publish(temp, &meta, false)?;
-        Ok(self.current_snapshot()?.expect("just published"))
+        self.current_snapshot()?.ok_or_else(|| storage_err(subject, ErrorVerb::Read, "the published snapshot is gone"))
     }
 
     /// Publishes a received snapshot file and replaces the store from it.
