@@ -76,7 +76,15 @@ impl TestNode {
     }
 
     pub(crate) fn data(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        self.replica().state.store().export(&[]).unwrap().pairs
+        let mut pairs = Vec::new();
+        let view = self.replica().state.store().point_in_time(&[]).unwrap();
+        view.scan(|k, v| {
+            pairs.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        pairs.sort();
+        pairs
     }
 }
 
@@ -200,6 +208,98 @@ async fn a_crashed_leader_is_replaced_and_catches_up_by_snapshot_on_restart() {
     for n in &mut nodes {
         n.replica().raft.shutdown().await.unwrap();
     }
+}
+
+/// A follower that was away catches up through a snapshot larger than one
+/// chunk: the leader reads it from its file chunk by chunk, the follower
+/// writes the chunks to a file and installs from it, and then holds exactly
+/// the leader's data (its snapshot file too, for when it leads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_catches_up_through_a_snapshot_streamed_in_many_chunks() {
+    let net = LocalNet::new(17);
+    const CHUNK_BYTES: u64 = 4 * 1024;
+    let config = Arc::new(
+        openraft::Config { snapshot_max_chunk_size: CHUNK_BYTES, ..(*config(20)).clone() }.validate().unwrap(),
+    );
+    let mut nodes = start_cluster(&net, config.clone()).await;
+    let l = leader(&nodes, Duration::from_secs(10)).await;
+    let away = nodes.iter().position(|n| n.id != l).unwrap();
+    let away_id = nodes[away].id;
+    let dir = nodes[away].crash(&net).await;
+    let value = "v".repeat(2048);
+    let mut acked = Vec::new();
+    let mut last = openraft::LogId::default();
+    for i in 0..120 {
+        last = write(&nodes, put(&format!("k{i:03}"), &value), Duration::from_secs(10)).await;
+        acked.push(format!("k{i:03}"));
+    }
+    nodes[away] = TestNode::start(away_id, dir, &net, config).await;
+    applied_everywhere(&nodes, last.index, Duration::from_secs(20)).await;
+    assert_identical(&nodes, &acked);
+    let metrics = nodes[away].replica().raft.metrics().borrow().clone();
+    let snapshot = metrics.snapshot.expect("the follower caught up without a snapshot");
+    let file = nodes[away].dir.path().join("shards").join(SHARD.to_string()).join("snapshot.bin");
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert!(size > 20 * CHUNK_BYTES, "the snapshot ({size} bytes) fits in a few chunks");
+    let installed = raft::snapshot_file::validate(&file).unwrap();
+    assert_eq!(installed.last_log_id, Some(snapshot), "the installed file is the follower's current snapshot");
+    for n in &mut nodes {
+        n.replica().raft.shutdown().await.unwrap();
+    }
+}
+
+/// A leader cut off from its majority stops draining its commit queue. A
+/// proposal that finds the queue full waits no longer than its deadline
+/// (`commit_timeout_ms`, counted from the call) and is told it was never
+/// written; every proposal returns within that bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_to_a_leader_without_quorum_and_a_full_queue_times_out_within_its_deadline() {
+    use crate::log::{CommitLog, LogConfig, LogError};
+    let net = LocalNet::new(19);
+    let commit_timeout = Duration::from_millis(500);
+    let log_config = LogConfig {
+        queue_depth: 1,
+        max_batch_entries: 1,
+        commit_timeout_ms: commit_timeout.as_millis() as u64,
+        ..LogConfig::default()
+    };
+    let (nodes, l, _, log) = leader_log(&net, log_config).await;
+    net.isolate(l);
+    // Four batches in flight (never committed), one held by the batcher, one
+    // in the queue: the rest wait for room.
+    let proposals: Vec<_> = (0..12)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let outcome = log.propose(put(&format!("cut-off{i}"), "x")).await;
+                (outcome, started.elapsed())
+            })
+        })
+        .collect();
+    let bound = commit_timeout + Duration::from_secs(2);
+    let mut never_queued = 0;
+    for p in proposals {
+        let (outcome, took) = tokio::time::timeout(bound, p)
+            .await
+            .unwrap_or_else(|_| panic!("a proposal waited more than {bound:?} (its deadline is {commit_timeout:?})"))
+            .unwrap();
+        assert!(took < bound, "a proposal took {took:?}");
+        match outcome {
+            Err(LogError::QueueTimeout { .. }) => never_queued += 1,
+            Err(LogError::Aborted(_)) => {}
+            other => panic!("a proposal to a leader without a majority: {other:?}"),
+        }
+    }
+    assert!(never_queued > 0, "no proposal found the queue full");
+    net.heal();
+    // Proposals never queued, or abandoned in the queue, are not written
+    // once the group recovers.
+    let after = write(&nodes, put("after-heal", "1"), Duration::from_secs(10)).await;
+    applied_everywhere(&nodes, after.index, Duration::from_secs(10)).await;
+    let written = nodes[0].data().iter().filter(|(k, _)| k[1..].starts_with(b"cut-off")).count();
+    assert!(written <= 4, "{written} writes of a cut-off leader landed; at most the 4 in flight may");
+    log.shutdown().await.unwrap();
 }
 
 /// openraft restores a leader that restarts in the term it led, with no new

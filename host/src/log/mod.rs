@@ -51,6 +51,19 @@ pub enum LogError {
     /// was computed in, so it was committed as a no-op: nothing of it applied.
     #[error("leadership moved from term {fence_term} to term {entry_term} before the write committed: not applied")]
     Fenced { fence_term: u64, entry_term: u64 },
+    /// The proposal's deadline passed before the log's queue had room for
+    /// it (a shard leader cut off from its majority stops draining it): it
+    /// was never proposed, so nothing of it can commit.
+    #[error("the commit queue had no room within {waited_ms} ms (the shard may have lost its majority): not written")]
+    QueueTimeout { waited_ms: u64 },
+}
+
+impl LogError {
+    /// Whether the failed proposal certainly wrote nothing and never will
+    /// (otherwise its outcome is unknown until a later write commits).
+    pub fn never_written(&self) -> bool {
+        matches!(self, LogError::Fenced { .. } | LogError::QueueTimeout { .. })
+    }
 }
 
 impl From<std::io::Error> for LogError {
@@ -102,9 +115,10 @@ pub struct LogConfig {
     /// How long raft-log's flush worker waits for more flush requests to
     /// share one fdatasync. Adds at most this much latency to a lone proposal.
     pub wal_flush_wait_micros: u64,
-    /// How long a proposal may wait to be committed and applied. A shard
-    /// leader cut off from its majority can never commit: its callers get an
-    /// error (outcome unknown) instead of waiting forever.
+    /// How long a proposal may wait, for room in the queue and then to be
+    /// committed and applied. A shard leader cut off from its majority can
+    /// never commit: its callers get an error (not written, or outcome
+    /// unknown) instead of waiting forever.
     pub commit_timeout_ms: u64,
 }
 

@@ -18,7 +18,6 @@
 //!   beyond `max_idempotency_keys`.
 
 use super::{Inner, Invocation, InvokeError, MetaCache, Scheduler, SlotState, wall_ms};
-use crate::log::LogError;
 use crate::model::{
     DeadLetter, EntityMeta, EntityRef, IDEMPOTENCY_EXPIRY_PREFIX, IdempotentReply, Keyspace, Message, Op, Record,
     TIMER_DUE_PREFIX, WriteSet, dead_letter_key, due_of_timer_key, entity_prefix, outbox_key,
@@ -447,8 +446,9 @@ impl Inner {
         let record = EntityMeta { version: meta.stored.version(), next_seq };
         ops.push(Op::Put { keyspace: Keyspace::EntityMeta, key: entity_prefix(&sender), value: record.encode() });
         if let Err(e) = self.commit_in(WriteSet { ops }, epoch).await {
-            // As for a turn: the write may still commit, unless it was fenced.
-            let in_doubt = !matches!(e, LogError::Fenced { .. });
+            // As for a turn: the write may still commit, unless it was fenced
+            // or never queued.
+            let in_doubt = !e.never_written();
             *st = SlotState { in_doubt, ..SlotState::default() };
             return Err(InvokeError::Commit(e));
         }

@@ -1185,9 +1185,10 @@ impl Inner {
                     return Err(InvokeError::NotHere { leader: None });
                 }
                 // The warm instance may hold state the store does not have, and
-                // whether the write set lands is unknown: reload both, after
-                // the outcome is known.
-                *slot_state = SlotState { epoch, in_doubt: true, ..SlotState::default() };
+                // whether the write set lands is unknown (unless it was never
+                // queued): reload both, after the outcome is known.
+                let in_doubt = !e.never_written();
+                *slot_state = SlotState { epoch, in_doubt, ..SlotState::default() };
                 return Err(InvokeError::Commit(e));
             }
             slot_state.meta = Some(new_meta);

@@ -4,14 +4,17 @@
 //! not the durability boundary (the commit log is), so it only needs to be made
 //! durable on request (`persist`) before the log is purged.
 
+pub mod durable_file;
 mod mem_store;
+mod point_in_time;
 mod sled_store;
 
 #[cfg(test)]
 pub(crate) mod conformance;
 
 pub use mem_store::MemStore;
-pub use sled_store::{Export, SledStore};
+pub use point_in_time::PointInTime;
+pub use sled_store::SledStore;
 
 use crate::model::{Keyspace, LogIndex, Op, WriteSet};
 use std::path::PathBuf;
@@ -37,6 +40,9 @@ pub enum StorageError {
     NotLocal { shard: u32 },
     #[error("{0}")]
     Unsupported(&'static str),
+    /// A point-in-time view's store was replaced wholesale while it was read.
+    #[error("the store was replaced while a point-in-time view of it was read")]
+    Superseded,
 }
 
 /// Key/value pairs returned by `scan`, in ascending key order.

@@ -7,6 +7,7 @@
 //! every sled file and directory. Durability between persists comes from the
 //! commit log, which replays whatever sled lost.
 
+use super::point_in_time::{PointInTime, Views, drop_stale_side_trees};
 use super::{StateStore, StorageError, op_write, physical_key, scan_lower_bound, unapplied};
 use crate::model::{Keyspace, LogIndex, WriteSet};
 use std::fs::{File, OpenOptions, TryLockError};
@@ -30,6 +31,8 @@ pub struct SledStore {
     /// Serialises `apply` so "read applied index, write batch, update it" is
     /// one step even if two threads apply at once; caches the applied index.
     applied: Mutex<LogIndex>,
+    /// Open point-in-time views; an apply saves old values for each first.
+    views: Views,
     /// Held for the store's lifetime: a second opener fails fast with
     /// `StorageError::Locked` instead of sled's opaque I/O error (sled also
     /// flocks its own db file, but reports it as a generic error). `None` for
@@ -80,11 +83,13 @@ impl SledStore {
     pub fn in_db(db: &sled::Db, tree_name: &str, sled_dir: &Path) -> Result<SledStore, StorageError> {
         let tree = db.open_tree(tree_name)?;
         let applied = decode_index(tree.get(APPLIED_INDEX_KEY)?.as_deref())?;
+        drop_stale_side_trees(db, tree_name)?;
         Ok(SledStore {
             tree,
             db: db.clone(),
             sled_dir: sled_dir.to_path_buf(),
             applied: Mutex::new(applied),
+            views: Views::default(),
             _lock: None,
         })
     }
@@ -99,20 +104,30 @@ impl SledStore {
         meta: &[(&[u8], Vec<u8>)],
     ) -> Result<(), StorageError> {
         let mut applied = self.applied.lock().map_err(|_| StorageError::Poisoned)?;
+        let views = self.views.lock().map_err(|_| StorageError::Poisoned)?;
+        let mut written = Vec::new();
         let mut batch = sled::Batch::default();
         let mut last = None;
         for (index, ws) in unapplied(entries, *applied)? {
             // sled's Batch keeps the last write per key, which is exactly
             // "later ops win" within and across entries.
             for op in &ws.ops {
-                match op_write(op) {
-                    (k, Some(v)) => batch.insert(k, v),
-                    (k, None) => batch.remove(k),
+                let (k, v) = op_write(op);
+                if !views.is_empty() {
+                    written.push(k.clone());
+                }
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
                 }
             }
             last = Some(*index);
         }
         let Some(last) = last else { return Ok(()) };
+        for view in views.iter() {
+            view.record(&self.tree, &written)?;
+        }
+        drop(views);
         self.commit_batch(batch, &mut applied, last, meta)
     }
 
@@ -142,57 +157,67 @@ impl SledStore {
         Ok(self.tree.get(key)?.map(|v| v.to_vec()))
     }
 
-    /// Every keyspace entry as (physical key, value), for a snapshot, with
-    /// the values of `meta_keys`. Taken under the apply lock, so data and
-    /// meta are the state at exactly the returned applied index.
-    pub fn export(&self, meta_keys: &[&[u8]]) -> Result<Export, StorageError> {
+    /// A view of the keyspace data as it is now, with the values of
+    /// `meta_keys`, that stays exact while later applies change the store
+    /// (see [`PointInTime`]). Opening it takes the apply lock only briefly.
+    pub fn point_in_time(&self, meta_keys: &[&[u8]]) -> Result<PointInTime, StorageError> {
         let applied = self.applied.lock().map_err(|_| StorageError::Poisoned)?;
         let mut meta = Vec::with_capacity(meta_keys.len());
         for key in meta_keys {
             meta.push(self.get_meta(key)?);
         }
-        let mut pairs = Vec::new();
-        // Physical keys from byte 1 on are keyspace data; byte 0 is meta.
-        for item in self.tree.range::<&[u8], _>(&[1u8][..]..) {
-            let (k, v) = item?;
-            pairs.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(Export { applied_index: *applied, meta, pairs })
+        PointInTime::open(&self.db, &self.tree, &self.views, *applied, meta)
     }
 
-    /// Replaces all keyspace data with `pairs` (physical keys, as `export`
-    /// returns them) and sets the applied index and `meta`, atomically: a
-    /// crash leaves either the old state or the new one.
-    pub fn replace_all(
+    /// Replaces all keyspace data with `pairs` (physical keys, as a
+    /// [`PointInTime`] scan yields them), then sets the applied index and
+    /// `meta`. Streams: memory holds one bounded batch at a time, so it is
+    /// not atomic. Until its last batch the store keeps its old applied
+    /// index, so after a crash in between, the caller, which must hold the
+    /// pairs durably first, finds its source ahead of the store and replaces
+    /// again. Open point-in-time views are superseded.
+    pub fn replace_from(
         &self,
-        pairs: &[(Vec<u8>, Vec<u8>)],
+        pairs: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StorageError>>,
         applied_index: LogIndex,
         meta: &[(&[u8], Vec<u8>)],
     ) -> Result<(), StorageError> {
         let mut applied = self.applied.lock().map_err(|_| StorageError::Poisoned)?;
-        let mut batch = sled::Batch::default();
-        for item in self.tree.range::<&[u8], _>(&[1u8][..]..) {
-            batch.remove(item?.0);
+        for view in self.views.lock().map_err(|_| StorageError::Poisoned)?.iter() {
+            view.supersede()?;
         }
-        for (k, v) in pairs {
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for item in self.tree.range::<&[u8], _>(&[1u8][..]..).take(REPLACE_BATCH_KEYS) {
+                batch.remove(item?.0);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            self.tree.apply_batch(batch)?;
+        }
+        let (mut batch, mut bytes) = (sled::Batch::default(), 0);
+        for pair in pairs {
+            let (k, v) = pair?;
             if k.first().is_none_or(|b| *b == 0) {
                 return Err(StorageError::Corrupt(format!("snapshot key {k:?} is not a keyspace key")));
             }
-            batch.insert(k.as_slice(), v.as_slice());
+            bytes += k.len() + v.len();
+            batch.insert(k, v);
+            if bytes >= REPLACE_BATCH_BYTES {
+                self.tree.apply_batch(std::mem::take(&mut batch))?;
+                bytes = 0;
+            }
         }
         self.commit_batch(batch, &mut applied, applied_index, meta)
     }
 }
 
-/// A consistent copy of a store (see `SledStore::export`).
-#[derive(Debug)]
-pub struct Export {
-    pub applied_index: LogIndex,
-    /// Values of the requested meta keys, in request order.
-    pub meta: Vec<Option<Vec<u8>>>,
-    /// Keyspace data as (physical key, value), ascending.
-    pub pairs: super::KvPairs,
-}
+/// Bounds on one batch of `replace_from`: what it holds in memory at once.
+const REPLACE_BATCH_KEYS: usize = 16 * 1024;
+const REPLACE_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 fn check_meta_key(key: &[u8]) -> Result<(), StorageError> {
     if key.first() != Some(&0) || key == APPLIED_INDEX_KEY {
@@ -315,6 +340,8 @@ impl StateStore for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     #[test]
     fn a_file_removed_after_the_listing_is_skipped_not_an_error() {
@@ -346,8 +373,28 @@ mod tests {
         }
     }
 
+    fn del(key: &[u8]) -> WriteSet {
+        WriteSet { ops: vec![crate::model::Op::Delete { keyspace: Keyspace::State, key: key.to_vec() }] }
+    }
+
+    /// Every pair a view's scan yields, sorted (deleted keys come last).
+    fn scan_all(view: &PointInTime) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut pairs = Vec::new();
+        view.scan(|k, v| {
+            pairs.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        pairs.sort();
+        pairs
+    }
+
+    fn ok_pairs(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StorageError>> {
+        pairs.into_iter().map(Ok)
+    }
+
     #[test]
-    fn meta_rides_in_the_apply_batch_and_export_and_replace_round_trip() {
+    fn meta_rides_in_the_apply_batch_and_a_view_and_replace_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let a = SledStore::in_db(&db, "a", dir.path()).unwrap();
@@ -358,12 +405,13 @@ mod tests {
         assert_eq!(b.get(Keyspace::State, b"x").unwrap(), None);
         b.apply(&[(1, &put(b"stale", b"s"))]).unwrap();
 
-        let export = a.export(&[b"\0m", b"\0missing"]).unwrap();
-        assert_eq!(export.applied_index, 2);
-        assert_eq!(export.meta, vec![Some(b"meta".to_vec()), None]);
-        assert_eq!(export.pairs.len(), 2, "meta keys are not data");
+        let view = a.point_in_time(&[b"\0m", b"\0missing"]).unwrap();
+        assert_eq!(view.applied_index, 2);
+        assert_eq!(view.meta, vec![Some(b"meta".to_vec()), None]);
+        let pairs = scan_all(&view);
+        assert_eq!(pairs.len(), 2, "meta keys are not data");
 
-        b.replace_all(&export.pairs, 2, &[(b"\0m", b"copied".to_vec())]).unwrap();
+        b.replace_from(ok_pairs(pairs), 2, &[(b"\0m", b"copied".to_vec())]).unwrap();
         assert_eq!(b.get(Keyspace::State, b"stale").unwrap(), None);
         assert_eq!(b.get(Keyspace::State, b"y").unwrap().as_deref(), Some(&b"2"[..]));
         assert_eq!(b.applied_index().unwrap(), 2);
@@ -374,6 +422,157 @@ mod tests {
             assert!(matches!(a.get_meta(bad), Err(StorageError::NotMetaKey(_))));
             assert!(a.apply_with_meta(&[(3, &put(b"z", b"3"))], &[(bad, vec![])]).is_err());
         }
-        assert!(b.replace_all(&[(b"\0m".to_vec(), vec![])], 3, &[]).is_err(), "snapshot data may not hold meta keys");
+        assert!(
+            b.replace_from(ok_pairs(vec![(b"\0m".to_vec(), vec![])]), 3, &[]).is_err(),
+            "snapshot data may not hold meta keys"
+        );
+    }
+
+    /// The pairs of `store`'s state keyspace as a sorted map of logical keys.
+    fn state_of(store: &SledStore) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        store.scan(Keyspace::State, b"", None, usize::MAX).unwrap().into_iter().collect()
+    }
+
+    fn logical(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        pairs.into_iter().map(|(k, v)| (k[1..].to_vec(), v)).collect()
+    }
+
+    /// A snapshot is built from a view while the node keeps committing: an
+    /// apply from another thread completes while the view's scan is in the
+    /// middle of the store, and the scan still yields exactly the state at
+    /// the view's point (keys it passed and keys ahead of it, overwritten,
+    /// deleted or created after the point).
+    #[test]
+    fn applies_go_on_while_a_view_is_scanned_and_the_view_stays_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let keys: Vec<Vec<u8>> = (0..200u32).map(|i| format!("k{i:03}").into_bytes()).collect();
+        let initial: Vec<(LogIndex, WriteSet)> =
+            keys.iter().enumerate().map(|(i, k)| (i as LogIndex + 1, put(k, b"v0"))).collect();
+        store.apply(&initial.iter().map(|(i, w)| (*i, w)).collect::<Vec<_>>()).unwrap();
+        let at_point = state_of(&store);
+        let view = store.point_in_time(&[]).unwrap();
+        assert_eq!(view.applied_index, 200);
+
+        let (reached, wait_reached) = std::sync::mpsc::channel::<()>();
+        let (resume, wait_resume) = std::sync::mpsc::channel::<()>();
+        let scanner = std::thread::spawn(move || {
+            let mut pairs = Vec::new();
+            view.scan(|k, v| {
+                pairs.push((k.to_vec(), v.to_vec()));
+                if pairs.len() == 100 {
+                    reached.send(()).unwrap();
+                    wait_resume.recv_timeout(std::time::Duration::from_secs(30)).expect("the apply never finished");
+                }
+                Ok(())
+            })
+            .unwrap();
+            pairs
+        });
+        wait_reached.recv_timeout(std::time::Duration::from_secs(30)).expect("the scan never reached the middle");
+        // Halfway through the scan: overwrite, delete and create keys on
+        // both sides of it, some twice.
+        let changes = WriteSet {
+            ops: [put(b"k010", b"new"), put(b"k150", b"new"), del(b"k020"), del(b"k160"), put(b"k050a", b"created")]
+                .into_iter()
+                .chain([put(b"k190a", b"created"), put(b"k150", b"newer"), del(b"k170"), put(b"k170", b"again")])
+                .flat_map(|w| w.ops)
+                .collect(),
+        };
+        let applier = {
+            let store = store.clone();
+            std::thread::spawn(move || store.apply(&[(201, &changes)]).unwrap())
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !applier.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "an apply waited for a snapshot's scan");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        applier.join().unwrap();
+        assert_eq!(store.applied_index().unwrap(), 201, "the apply completed in the middle of the scan");
+        resume.send(()).unwrap();
+        let scanned = scanner.join().unwrap();
+        assert_eq!(scanned.len(), 200, "no key twice, none missing");
+        assert_eq!(logical(scanned), at_point, "the view is the state at its point");
+        let now = state_of(&store);
+        assert_eq!(now.get(&b"k150"[..]).map(Vec::as_slice), Some(&b"newer"[..]));
+        assert!(!now.contains_key(&b"k160"[..]));
+    }
+
+    /// A bulk replacement under an open view supersedes it rather than let
+    /// it yield a mix of two states.
+    #[test]
+    fn a_replacement_supersedes_an_open_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.apply(&[(1, &put(b"a", b"1")), (2, &put(b"b", b"2"))]).unwrap();
+        let view = store.point_in_time(&[]).unwrap();
+        store.replace_from(ok_pairs(vec![(physical_key(Keyspace::State, b"c"), b"3".to_vec())]), 9, &[]).unwrap();
+        assert!(matches!(view.scan(|_, _| Ok(())), Err(StorageError::Superseded)));
+        assert_eq!(state_of(&store).into_iter().collect::<Vec<_>>(), vec![(b"c".to_vec(), b"3".to_vec())]);
+    }
+
+    /// A view's side tree goes with it, and one a crash left is dropped
+    /// when the store is opened again.
+    #[test]
+    fn side_trees_do_not_outlive_their_views() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let side_trees = |db: &sled::Db| db.tree_names().iter().filter(|n| n.starts_with(b"s.point-in-time.")).count();
+        let store = SledStore::in_db(&db, "s", dir.path()).unwrap();
+        store.apply(&[(1, &put(b"a", b"1"))]).unwrap();
+        let view = store.point_in_time(&[]).unwrap();
+        store.apply(&[(2, &put(b"a", b"2"))]).unwrap();
+        assert_eq!(side_trees(&db), 1);
+        drop(view);
+        assert_eq!(side_trees(&db), 0);
+        db.open_tree("s.point-in-time.99").unwrap().insert(b"\x01a", &b"\x00"[..]).unwrap();
+        drop(store);
+        let _store = SledStore::in_db(&db, "s", dir.path()).unwrap();
+        assert_eq!(side_trees(&db), 0);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+        /// Writes at any moment of a scan, of any key (passed, ahead, new,
+        /// deleted, rewritten): the scan is the state at the view's point.
+        #[test]
+        fn a_view_is_the_state_at_its_point_whatever_is_written_during_its_scan(
+            initial in proptest::collection::btree_map(0u8..40, 0u8..4, 0..30),
+            writes in proptest::collection::vec((0usize..32, proptest::collection::vec((0u8..40, proptest::option::of(0u8..4)), 1..6)), 0..12),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SledStore::open(dir.path()).unwrap();
+            let key = |k: u8| format!("key{k:02}").into_bytes();
+            let ws: Vec<WriteSet> = initial.iter().map(|(k, v)| put(&key(*k), &[*v])).collect();
+            let entries: Vec<(LogIndex, &WriteSet)> = ws.iter().enumerate().map(|(i, w)| (i as LogIndex + 1, w)).collect();
+            store.apply(&entries).unwrap();
+            let at_point = state_of(&store);
+            let view = store.point_in_time(&[]).unwrap();
+            let mut next = store.applied_index().unwrap() + 1;
+            let mut seen = 0usize;
+            let mut pairs = Vec::new();
+            let mut apply_due = |seen: usize| {
+                for (at, ops) in &writes {
+                    if *at == seen {
+                        let ops = ops.iter().flat_map(|(k, v)| match v {
+                            Some(v) => put(&key(*k), &[*v]).ops,
+                            None => del(&key(*k)).ops,
+                        }).collect();
+                        store.apply(&[(next, &WriteSet { ops })]).unwrap();
+                        next += 1;
+                    }
+                }
+            };
+            apply_due(0);
+            view.scan(|k, v| {
+                seen += 1;
+                pairs.push((k.to_vec(), v.to_vec()));
+                apply_due(seen);
+                Ok(())
+            }).unwrap();
+            proptest::prop_assert_eq!(pairs.len(), at_point.len(), "no key twice, none missing");
+            proptest::prop_assert_eq!(logical(pairs), at_point);
+        }
     }
 }

@@ -12,6 +12,7 @@
 pub mod log_store;
 pub mod network;
 pub mod shard_log;
+pub mod snapshot_file;
 pub mod state_machine;
 
 pub use log_store::WalLogStore;
@@ -24,7 +25,6 @@ pub use state_machine::ShardStateMachine;
 use crate::model::WriteSet;
 use openraft::TokioRuntime;
 use std::future::Future;
-use std::io::Cursor;
 
 /// What one Raft entry of a shard carries.
 ///
@@ -80,7 +80,7 @@ openraft::declare_raft_types!(
         R = ShardApplied,
         NodeId = NodeId,
         Node = openraft::BasicNode,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = snapshot_file::SnapshotFile,
         AsyncRuntime = ShardRuntime,
 );
 

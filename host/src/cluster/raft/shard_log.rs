@@ -13,6 +13,12 @@
 //!
 //! Indexes are the store's: raft index + 1 (see `state_machine`). They grow
 //! but are not contiguous: leader and membership changes add entries.
+//!
+//! Bounded waits: a proposal's whole wait, for room in the queue and for its
+//! commit, ends at `commit_timeout_ms` from the call. One that never got into
+//! the queue fails with `LogError::QueueTimeout` (certainly not written);
+//! one that did may still commit. A proposal whose caller stopped waiting
+//! before the batcher took it is dropped unproposed.
 
 use super::{Raft, Replica, ShardApplied, ShardWrite};
 use crate::log::{CommitLog, LogConfig, LogError, LogStats};
@@ -95,11 +101,21 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, counters: Arc<Cou
                 None => break,
             },
         };
+        // A proposer whose deadline passed while its proposal waited in the
+        // queue was told the outcome is unknown; not proposing it at all is
+        // one of the outcomes it allowed for, and spares a log that could
+        // not keep up.
+        if first.2.is_closed() {
+            continue;
+        }
         let fence_term = first.1;
         let mut bytes = first.0.approx_bytes();
         let mut batch = vec![first];
         while batch.len() < config.max_batch_entries && bytes < config.max_batch_bytes {
             let Ok(next) = rx.try_recv() else { break };
+            if next.2.is_closed() {
+                continue;
+            }
             if next.1 != fence_term {
                 held = Some(next);
                 break;
@@ -108,6 +124,12 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, counters: Arc<Cou
             batch.push(next);
         }
         let Ok(permit) = inflight.clone().acquire_owned().await else { break };
+        // The wait for a permit may have outlasted some proposers.
+        batch.retain(|p| !p.2.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let bytes: usize = batch.iter().map(|p| p.0.approx_bytes()).sum();
         let mut ws = WriteSet::default();
         let mut replies = Vec::with_capacity(batch.len());
         for (w, _, reply) in batch {
@@ -156,12 +178,19 @@ impl ShardLog {
         self.replica.restored_lead
     }
 
+    /// One deadline, `commit_timeout` from the call, bounds every wait: for
+    /// room in the queue (a leader without a majority stops draining it,
+    /// and its callers hold entity mailboxes meanwhile) and for the commit.
     fn submit(&self, ws: WriteSet, fence_term: Option<u64>) -> BoxFuture<'static, Result<LogIndex, LogError>> {
         let (tx, timeout) = (self.tx.clone(), self.commit_timeout);
         Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + timeout;
             let (reply, rx) = oneshot::channel();
-            tx.send((ws, fence_term, reply)).await.map_err(|_| LogError::ShutDown)?;
-            match tokio::time::timeout(timeout, rx).await {
+            match tokio::time::timeout_at(deadline, tx.send((ws, fence_term, reply))).await {
+                Ok(sent) => sent.map_err(|_| LogError::ShutDown)?,
+                Err(_) => return Err(LogError::QueueTimeout { waited_ms: timeout.as_millis() as u64 }),
+            }
+            match tokio::time::timeout_at(deadline, rx).await {
                 Ok(reply) => reply.map_err(|_| LogError::ShutDown)?,
                 Err(_) => Err(LogError::Aborted(format!(
                     "not committed within {timeout:?}: the shard may have lost its majority (the write may still \

@@ -135,6 +135,67 @@ async fn installing_a_snapshot_replaces_the_data() {
     assert_eq!(follower.applied_state().await.unwrap().0.unwrap().index, 2);
 }
 
+fn del(key: &str) -> WriteSet {
+    WriteSet {
+        ops: vec![crate::model::Op::Delete { keyspace: crate::model::Keyspace::State, key: key.as_bytes().to_vec() }],
+    }
+}
+
+fn state_of(sm: &ShardStateMachine) -> Vec<(Vec<u8>, Vec<u8>)> {
+    use crate::storage::StateStore;
+    sm.store().scan(crate::model::Keyspace::State, b"", None, usize::MAX).unwrap()
+}
+
+/// openraft asks for a builder between two applies and builds beside the
+/// applies that follow: the snapshot is the state at the last log id
+/// applied when the builder was taken, whatever is applied while it is
+/// built. (A builder that read the store when it ran instead held the apply
+/// lock for its whole scan, stalling every commit meanwhile.)
+#[tokio::test]
+async fn a_snapshot_is_the_state_when_its_builder_was_taken_whatever_is_applied_meanwhile() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let (_, mut sm) = open_stores(a.path());
+    sm.apply(vec![entry(1, 1, put("k1", "v1")), entry(1, 2, put("k2", "v1")), entry(1, 3, put("k3", "v1"))])
+        .await
+        .unwrap();
+    let at_builder = state_of(&sm);
+    let mut builder = sm.get_snapshot_builder().await;
+    sm.apply(vec![entry(1, 4, put("k1", "v2")), entry(1, 5, del("k2")), entry(1, 6, put("k9", "v1"))]).await.unwrap();
+    let snap = builder.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id.unwrap().index, 3, "the snapshot is at the builder's log id");
+    assert_eq!(sm.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
+
+    let (_, mut other) = open_stores(b.path());
+    other.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    assert_eq!(state_of(&other), at_builder, "the snapshot holds exactly the state at its log id");
+    assert_eq!(other.applied_state().await.unwrap().0.unwrap().index, 3);
+    assert_eq!(state_of(&sm).len(), 3, "the builder changed nothing");
+}
+
+/// A crash after a received snapshot file was published but before the
+/// store was replaced from it leaves the file ahead of the store: opening
+/// the replica installs it (streaming from the file).
+#[tokio::test]
+async fn a_snapshot_file_ahead_of_the_store_is_installed_on_open() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let (_, mut leader) = open_stores(a.path());
+    leader.apply((1..=50).map(|i| entry(1, i, put(&format!("k{i}"), "v"))).collect::<Vec<_>>()).await.unwrap();
+    leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    {
+        let (_, mut behind) = open_stores(b.path());
+        behind.apply(vec![entry(1, 1, put("stale", "x"))]).await.unwrap();
+    }
+    std::fs::copy(a.path().join("sm").join("snapshot.bin"), b.path().join("sm").join("snapshot.bin")).unwrap();
+    // Leftovers of a half-received snapshot are removed.
+    std::fs::write(b.path().join("sm").join(".snapshot-half"), b"partial").unwrap();
+    let (_, mut reopened) = open_stores(b.path());
+    assert_eq!(state_of(&reopened), state_of(&leader));
+    assert_eq!(reopened.applied_state().await.unwrap().0.unwrap().index, 50);
+    assert!(!b.path().join("sm").join(".snapshot-half").exists());
+}
+
 /// Replication reads a bounded batch: a follower catching up from large
 /// entries gets them a few at a time, and one entry larger than the bound
 /// still goes alone.
