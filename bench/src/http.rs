@@ -56,6 +56,21 @@ impl HttpTarget {
             .map_err(|_| CallError::Failed(format!("{path}: no reply within {:?}", self.timeout)))?
     }
 
+    /// `GET url` (any address): the body as text, for a metrics scrape.
+    pub async fn get_text(&self, url: &str) -> Result<String, CallError> {
+        let req = hyper::Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| CallError::Failed(format!("request: {e}")))?;
+        let call = async {
+            let resp = self.client.request(req).await.map_err(|e| CallError::Failed(format!("{url}: {e}")))?;
+            let body = resp.into_body().collect().await.map_err(|e| CallError::Failed(format!("{url}: {e}")))?;
+            Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| CallError::Failed(format!("{url}: no reply within {:?}", self.timeout)))?
+    }
+
     async fn call(&self, path: &str, body: Option<Vec<u8>>) -> Result<Bytes, CallError> {
         match self.post(path, body).await? {
             (200, b) => Ok(b),

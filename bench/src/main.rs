@@ -101,7 +101,8 @@ struct CounterArgs {
 #[derive(Debug, Args)]
 struct PeersArgs {
     /// Comma-separated systems to run [default: all, in this order:
-    /// conflux, restate, postgres-naive, postgres-locked, native-memory, native-fsync, native-group-commit].
+    /// grpc-echo, http-echo, conflux, restate, postgres-naive, postgres-locked, native-memory, native-fsync,
+    /// native-group-commit].
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
     /// Short cells for validating the setup: keys 1,1000; callers 1,64; 1 s per
@@ -144,6 +145,9 @@ struct PeersArgs {
     /// The PostgreSQL service [default: conflux-bench-pg-service next to this executable].
     #[arg(long)]
     pg_service_bin: Option<PathBuf>,
+    /// The RPC ceilings' server [default: conflux-bench-echo next to this executable].
+    #[arg(long)]
+    echo_bin: Option<PathBuf>,
     /// Directory with PostgreSQL's initdb and postgres [default: the newest /usr/lib/postgresql/*/bin].
     #[arg(long)]
     pg_bin_dir: Option<PathBuf>,
@@ -227,6 +231,10 @@ async fn peers_command(a: PeersArgs) -> anyhow::Result<()> {
         pg_service_bin: match a.pg_service_bin {
             Some(b) => b,
             None => sibling("conflux-bench-pg-service")?,
+        },
+        echo_bin: match a.echo_bin {
+            Some(b) => b,
+            None => sibling("conflux-bench-echo")?,
         },
         pg_bin_dir: match a.pg_bin_dir {
             Some(d) => d,

@@ -2,19 +2,31 @@
 //! the correctness check after every cell, everything stopped afterwards, and
 //! a JSON report (rendered into docs/BENCHMARKS.md by `cargo xtask bench-peers`).
 
+use crate::http::HttpTarget;
 use crate::load::{LoadSpec, Measured};
 use crate::native::{NativeLog, NativeTarget};
 use crate::procs::MemSampler;
-use crate::systems::{start_conflux, start_pg_service, start_postgres, start_restate};
+use crate::procs::tree_cpu_us;
+use crate::systems::{Echo, start_conflux, start_echo, start_pg_service, start_postgres, start_restate};
 use crate::target::Target;
 use crate::workload::{Check, CounterOp, counter_cell, team_cell};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Every system, in the order they run.
-pub const SYSTEMS: [&str; 7] =
-    ["conflux", "restate", "postgres-naive", "postgres-locked", "native-memory", "native-fsync", "native-group-commit"];
+/// Every system, in the order they run: the RPC ceilings first, so every
+/// other row can be read as a fraction of what any RPC service does here.
+pub const SYSTEMS: [&str; 9] = [
+    "grpc-echo",
+    "http-echo",
+    "conflux",
+    "restate",
+    "postgres-naive",
+    "postgres-locked",
+    "native-memory",
+    "native-fsync",
+    "native-group-commit",
+];
 
 /// What to run and where the pieces are.
 #[derive(Debug, Clone)]
@@ -32,6 +44,7 @@ pub struct PeersOpts {
     pub counter_wasm: PathBuf,
     pub team_wasm: PathBuf,
     pub pg_service_bin: PathBuf,
+    pub echo_bin: PathBuf,
     pub pg_bin_dir: PathBuf,
     pub pg_pool: usize,
     pub restate_dir: PathBuf,
@@ -58,6 +71,11 @@ pub struct Row {
     pub p999_us: u64,
     /// Peak PSS of the system's processes during the cell (MB).
     pub rss_mb: f64,
+    /// CPU (user + system) of the system's processes per answered call, µs;
+    /// none for the in-process native systems (their CPU is the load generator's).
+    pub cpu_us_per_call: Option<f64>,
+    /// WAL fdatasyncs per second during the cell (Conflux only).
+    pub fsyncs_per_sec: Option<f64>,
     pub check: Check,
 }
 
@@ -88,7 +106,54 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
-fn row(system: &str, workload: &str, keys: u64, callers: usize, m: &Measured, rss_mb: f64, check: Check) -> Row {
+/// What is read off a system's processes around each cell, beside memory.
+struct Probe {
+    /// Processes whose CPU is the system's (none: in-process).
+    pids: Option<Vec<u32>>,
+    /// Conflux's Prometheus endpoint, for `conflux_fsync_duration_seconds_count`.
+    metrics: Option<(HttpTarget, String)>,
+}
+
+/// Counters read at the start and at the end of a cell.
+#[derive(Clone, Copy)]
+struct Reading {
+    cpu_us: Option<u64>,
+    fsyncs: Option<f64>,
+}
+
+impl Probe {
+    async fn read(&self) -> Reading {
+        let fsyncs = match &self.metrics {
+            Some((client, url)) => client.get_text(url).await.ok().and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("conflux_fsync_duration_seconds_count "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            }),
+            None => None,
+        };
+        Reading { cpu_us: self.pids.as_deref().map(tree_cpu_us), fsyncs }
+    }
+}
+
+/// What the counters say about a cell measured between `before` and `after`.
+fn rates(before: Reading, after: Reading, m: &Measured) -> (Option<f64>, Option<f64>) {
+    let answered = (m.ok + m.refused).max(1) as f64;
+    let cpu = before.cpu_us.zip(after.cpu_us).map(|(b, a)| a.saturating_sub(b) as f64 / answered);
+    let fsyncs = before.fsyncs.zip(after.fsyncs).map(|(b, a)| (a - b).max(0.0) / m.secs.max(1e-9));
+    (cpu, fsyncs)
+}
+
+#[expect(clippy::too_many_arguments, reason = "one row's worth of measurements, named at the call site")]
+fn row(
+    system: &str,
+    workload: &str,
+    keys: u64,
+    callers: usize,
+    m: &Measured,
+    rss_mb: f64,
+    (cpu_us_per_call, fsyncs_per_sec): (Option<f64>, Option<f64>),
+    check: Check,
+) -> Row {
     Row {
         system: system.into(),
         workload: workload.into(),
@@ -103,6 +168,8 @@ fn row(system: &str, workload: &str, keys: u64, callers: usize, m: &Measured, rs
         p99_us: m.quantile_us(0.99),
         p999_us: m.quantile_us(0.999),
         rss_mb,
+        cpu_us_per_call,
+        fsyncs_per_sec,
         check,
     }
 }
@@ -110,14 +177,15 @@ fn row(system: &str, workload: &str, keys: u64, callers: usize, m: &Measured, rs
 /// Prints the table header the rows below follow.
 pub fn print_header() {
     println!(
-        "| system | workload | keys | callers | ok | refused | errors | calls/s | p50 µs | p99 µs | p99.9 µs | RSS MB | check |"
+        "| system | workload | keys | callers | ok | refused | errors | calls/s | p50 µs | p99 µs | p99.9 µs | RSS MB | \
+         CPU µs/call | fdatasyncs/s | check |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
 }
 
 fn print_row(r: &Row) {
     println!(
-        "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.0} | {}{} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.0} | {} | {} | {}{} |",
         r.system,
         r.workload,
         r.keys,
@@ -130,6 +198,8 @@ fn print_row(r: &Row) {
         r.p99_us,
         r.p999_us,
         r.rss_mb,
+        r.cpu_us_per_call.map_or("–".to_owned(), |c| format!("{c:.0}")),
+        r.fsyncs_per_sec.map_or("–".to_owned(), |f| format!("{f:.0}")),
         if r.check.correct { "" } else { "**VIOLATED** " },
         r.check.detail
     );
@@ -141,6 +211,7 @@ async fn run_cells<T: Target>(
     system: &str,
     opts: &PeersOpts,
     mem: &MemSampler,
+    probe: &Probe,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
     let mut cell = 0;
@@ -149,8 +220,10 @@ async fn run_cells<T: Target>(
             cell += 1;
             let spec = LoadSpec { concurrency: callers, duration: opts.duration, max_requests: opts.max_requests };
             mem.take_peak_mb();
+            let before = probe.read().await;
             let (m, check) = counter_cell(t, &format!("{system}-c{cell}"), keys, CounterOp::Add, spec).await?;
-            let r = row(system, "counter", keys, callers, &m, mem.take_peak_mb(), check);
+            let rates = rates(before, probe.read().await, &m);
+            let r = row(system, "counter", keys, callers, &m, mem.take_peak_mb(), rates, check);
             print_row(&r);
             rows.push(r);
         }
@@ -161,8 +234,10 @@ async fn run_cells<T: Target>(
         max_requests: opts.team_users * opts.team_teams,
     };
     mem.take_peak_mb();
+    let before = probe.read().await;
     let (m, check) = team_cell(t, &format!("{system}-u"), opts.team_users, opts.team_teams, spec).await?;
-    let r = row(system, "team-joiner", opts.team_users, opts.team_callers, &m, mem.take_peak_mb(), check);
+    let rates = rates(before, probe.read().await, &m);
+    let r = row(system, "team-joiner", opts.team_users, opts.team_callers, &m, mem.take_peak_mb(), rates, check);
     print_row(&r);
     rows.push(r);
     Ok(())
@@ -172,17 +247,28 @@ async fn run_cells<T: Target>(
 async fn run_system(name: &str, opts: &PeersOpts, rows: &mut Vec<Row>) -> anyhow::Result<(String, String, f64)> {
     let first = rows.len();
     let peak = |rows: &[Row]| rows[first..].iter().map(|r| r.rss_mb).fold(0.0, f64::max);
+    let probe_of = |running: &crate::systems::Running| Probe {
+        pids: Some(running.pids.clone()),
+        metrics: running.metrics_url.clone().map(|url| (HttpTarget::new(&url), url)),
+    };
     match name {
+        "grpc-echo" | "http-echo" => {
+            let echo = if name == "grpc-echo" { Echo::Grpc } else { Echo::Http };
+            let (running, t) = start_echo(&opts.echo_bin, echo).await?;
+            let mem = MemSampler::start(running.pids.clone());
+            run_cells(&t, name, opts, &mem, &probe_of(&running), rows).await?;
+            Ok((running.version.clone(), running.durability.clone(), peak(rows)))
+        }
         "conflux" => {
             let (running, t) = start_conflux(&opts.conflux_bin, &opts.counter_wasm, &opts.team_wasm).await?;
             let mem = MemSampler::start(running.pids.clone());
-            run_cells(&t, name, opts, &mem, rows).await?;
+            run_cells(&t, name, opts, &mem, &probe_of(&running), rows).await?;
             Ok((running.version.clone(), running.durability.clone(), peak(rows)))
         }
         "restate" => {
             let (running, t) = start_restate(&opts.restate_dir).await?;
             let mem = MemSampler::start(running.pids.clone());
-            run_cells(&t, name, opts, &mem, rows).await?;
+            run_cells(&t, name, opts, &mem, &probe_of(&running), rows).await?;
             Ok((running.version.clone(), running.durability.clone(), peak(rows)))
         }
         "postgres-naive" | "postgres-locked" => {
@@ -191,8 +277,8 @@ async fn run_system(name: &str, opts: &PeersOpts, rows: &mut Vec<Row>) -> anyhow
             let (service, t) = start_pg_service(&opts.pg_service_bin, &pg, mode, opts.pg_pool).await?;
             let mut pids = pg.running.pids.clone();
             pids.push(service.pid());
-            let mem = MemSampler::start(pids);
-            run_cells(&t, name, opts, &mem, rows).await?;
+            let mem = MemSampler::start(pids.clone());
+            run_cells(&t, name, opts, &mem, &Probe { pids: Some(pids), metrics: None }, rows).await?;
             let how = if mode == "naive" {
                 "naive read-modify-write: SELECT, then INSERT … ON CONFLICT DO UPDATE / INSERT, separate autocommit \
                  statements, no lock"
@@ -223,7 +309,7 @@ async fn run_system(name: &str, opts: &PeersOpts, rows: &mut Vec<Row>) -> anyhow
             let dir = tempfile::Builder::new().prefix("bench-native-").tempdir()?;
             let t = NativeTarget::new(log, dir.path())?;
             let mem = MemSampler::start(vec![std::process::id()]);
-            run_cells(&t, name, opts, &mem, rows).await?;
+            run_cells(&t, name, opts, &mem, &Probe { pids: None, metrics: None }, rows).await?;
             let version = "HashMap behind a std Mutex, called in process by the load generator's tokio tasks (RSS \
                            includes the load generator)";
             Ok((version.into(), durability.into(), peak(rows)))

@@ -248,6 +248,42 @@ pub fn tree_pss_kb(roots: &[u32]) -> u64 {
     total
 }
 
+/// CPU time (user + system, µs) that `roots` and their live descendants have
+/// used so far, from /proc/<pid>/stat. Differences over a cell give a
+/// system's CPU per call (threads are included: they share the stat).
+pub fn tree_cpu_us(roots: &[u32]) -> u64 {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            if let Some(ppid) = parent_pid(pid) {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    // USER_HZ: the unit of /proc's times, 100 on every Linux ABI.
+    let ticks_per_sec = 100;
+    let mut total_ticks = 0;
+    let mut stack = roots.to_vec();
+    while let Some(pid) = stack.pop() {
+        total_ticks += cpu_ticks(pid).unwrap_or(0);
+        if let Some(c) = children.get(&pid) {
+            stack.extend(c);
+        }
+    }
+    total_ticks * 1_000_000 / ticks_per_sec
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After `(comm)`: state ppid … with utime and stime the 12th and 13th fields.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 fn parent_pid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // `pid (comm) state ppid …`; comm may contain spaces and parentheses.
@@ -271,5 +307,11 @@ mod tests {
     fn samples_this_process() {
         assert!(tree_pss_kb(&[std::process::id()]) > 0);
         assert_eq!(parent_pid(std::process::id()), Some(std::os::unix::process::parent_id()));
+        let before = tree_cpu_us(&[std::process::id()]);
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(50) {
+            std::hint::black_box(0u64);
+        }
+        assert!(tree_cpu_us(&[std::process::id()]) > before, "a busy loop costs this process CPU time");
     }
 }

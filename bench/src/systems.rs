@@ -20,6 +20,8 @@ pub struct Running {
     pub pids: Vec<u32>,
     pub version: String,
     pub durability: String,
+    /// Prometheus metrics to read WAL fdatasyncs from (Conflux only).
+    pub metrics_url: Option<String>,
     /// Last field: dropped after the processes.
     pub dir: TempDir,
 }
@@ -59,7 +61,9 @@ pub async fn start_conflux(bin: &Path, counter: &Path, team: &Path) -> anyhow::R
                       flush wait); sled holds the materialized state"
         .to_owned();
     let pids = vec![proc.pid()];
-    Ok((Running { procs: vec![proc], pids, version, durability, dir }, target))
+    let base = if addr.starts_with("http") { addr.clone() } else { format!("http://{addr}") };
+    let metrics_url = Some(format!("{base}/metrics"));
+    Ok((Running { procs: vec![proc], pids, version, durability, metrics_url, dir }, target))
 }
 
 /// A PostgreSQL server started from `bin_dir` (initdb + postgres) in a fresh
@@ -141,7 +145,14 @@ pub async fn start_postgres(bin_dir: &Path) -> anyhow::Result<Postgres> {
     );
     let pids = vec![proc.pid()];
     Ok(Postgres {
-        running: Running { procs: vec![proc], pids, version: format!("PostgreSQL {version}"), durability, dir },
+        running: Running {
+            procs: vec![proc],
+            pids,
+            version: format!("PostgreSQL {version}"),
+            durability,
+            metrics_url: None,
+            dir,
+        },
         port,
     })
 }
@@ -249,7 +260,7 @@ pub async fn start_restate(peer_dir: &Path) -> anyhow::Result<(Running, HttpTarg
     let version = format!("{server_version}, @restatedev/restate-sdk {sdk} on Node {node_version}");
     let durability = restate_durability(&config);
     let pids = vec![server.pid(), service.pid()];
-    Ok((Running { procs: vec![service, server], pids, version, durability, dir }, target))
+    Ok((Running { procs: vec![service, server], pids, version, durability, metrics_url: None, dir }, target))
 }
 
 /// Summarises the durability settings of Restate's effective configuration.
@@ -274,4 +285,88 @@ fn restate_durability(config: &str) -> String {
         get(&["log-server", "rocksdb-disable-wal-fsync"]),
         get(&["default-num-partitions"]),
     )
+}
+
+/// Which RPC ceiling `conflux-bench-echo` serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echo {
+    /// Conflux's gRPC `Invoke` on tonic, driven like Conflux.
+    Grpc,
+    /// The JSON paths on hyper HTTP/1.1, driven like Restate and the PostgreSQL service.
+    Http,
+}
+
+/// `conflux-bench-echo` on 127.0.0.1: a server answering every call at once
+/// from memory.
+pub async fn start_echo(bin: &Path, echo: Echo) -> anyhow::Result<(Running, EchoTarget)> {
+    let dir = tempfile::Builder::new().prefix("bench-echo-").tempdir()?;
+    let mut cmd = Command::new(bin);
+    cmd.arg(if echo == Echo::Grpc { "--grpc" } else { "--http" });
+    let (proc, addr) = spawn_announcing(
+        "echo",
+        cmd,
+        &log_path(&dir, "echo"),
+        "echo listening on ",
+        Duration::from_secs(30),
+        Signal::TERM,
+        Duration::from_secs(5),
+    )?;
+    let target = match echo {
+        // The same client and connections as Conflux (`start_conflux`).
+        Echo::Grpc => EchoTarget::Grpc(ConfluxTarget::connect(&format!("http://{addr}"), 8).await?),
+        Echo::Http => EchoTarget::Http(HttpTarget::new(&format!("http://{addr}"))),
+    };
+    let (version, durability) = match echo {
+        Echo::Grpc => ("tonic gRPC server, Conflux's Invoke protobuf; state in a HashMap behind a mutex", "none"),
+        Echo::Http => ("hyper HTTP/1.1 server, the JSON paths; state in a HashMap behind a mutex", "none"),
+    };
+    let pids = vec![proc.pid()];
+    Ok((
+        Running {
+            procs: vec![proc],
+            pids,
+            version: version.into(),
+            durability: durability.into(),
+            metrics_url: None,
+            dir,
+        },
+        target,
+    ))
+}
+
+/// The client of an echo server: Conflux's or the HTTP systems'.
+#[derive(Clone)]
+pub enum EchoTarget {
+    Grpc(ConfluxTarget),
+    Http(HttpTarget),
+}
+
+impl crate::target::Target for EchoTarget {
+    async fn add(&self, key: &str, n: i64) -> Result<i64, crate::target::CallError> {
+        match self {
+            EchoTarget::Grpc(t) => t.add(key, n).await,
+            EchoTarget::Http(t) => t.add(key, n).await,
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<i64, crate::target::CallError> {
+        match self {
+            EchoTarget::Grpc(t) => t.get(key).await,
+            EchoTarget::Http(t) => t.get(key).await,
+        }
+    }
+
+    async fn join(&self, user: &str, team: &str) -> Result<(), crate::target::CallError> {
+        match self {
+            EchoTarget::Grpc(t) => t.join(user, team).await,
+            EchoTarget::Http(t) => t.join(user, team).await,
+        }
+    }
+
+    async fn teams(&self, user: &str) -> Result<Vec<String>, crate::target::CallError> {
+        match self {
+            EchoTarget::Grpc(t) => t.teams(user).await,
+            EchoTarget::Http(t) => t.teams(user).await,
+        }
+    }
 }

@@ -293,14 +293,23 @@ fn render(report: &Value, cx: &RunInfo) -> String {
     }
     line("");
     line(
-        "| system | workload | keys | callers | ok | refused | errors | calls/s | p50 ms | p99 ms | p99.9 ms | RSS MB (PSS) | correctness |",
+        "| system | workload | keys | callers | ok | refused | errors | calls/s | ÷ grpc-echo | p50 ms | p99 ms | \
+         p99.9 ms | RSS MB (PSS) | server CPU µs/call | WAL fdatasyncs/s | correctness |",
     );
-    line("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    line("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in &rows {
         let check = &r["check"];
         let verdict = if check["correct"].as_bool() == Some(true) { "ok" } else { "**VIOLATED**" };
+        // Every row beside the RPC ceiling measured in the same cell of this run.
+        let callers = r["callers"].as_u64().unwrap_or(0) as usize;
+        let ceiling = cell(&rows, "grpc-echo", r["workload"].as_str().unwrap_or("?"), r["keys"].as_u64(), callers)
+            .and_then(|e| e["rate"].as_f64())
+            .filter(|e| *e > 0.0);
+        let rate = r["rate"].as_f64().unwrap_or(0.0);
+        let fraction = ceiling.map_or("–".to_owned(), |e| format!("{:.0} %", 100.0 * rate / e));
+        let opt = |v: &Value| v.as_f64().map_or("–".to_owned(), |x| format!("{x:.0}"));
         line(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {verdict}: {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {rate:.0} | {fraction} | {} | {} | {} | {} | {} | {} | {verdict}: {} |",
             r["system"].as_str().unwrap_or("?"),
             r["workload"].as_str().unwrap_or("?"),
             r["keys"],
@@ -308,11 +317,12 @@ fn render(report: &Value, cx: &RunInfo) -> String {
             r["ok"],
             r["refused"],
             r["errors"],
-            r["rate"].as_f64().unwrap_or(0.0),
             ms(&r["p50_us"]),
             ms(&r["p99_us"]),
             ms(&r["p999_us"]),
             num(&r["rss_mb"]),
+            opt(&r["cpu_us_per_call"]),
+            opt(&r["fsyncs_per_sec"]),
             check["detail"].as_str().unwrap_or(""),
         ));
     }
@@ -418,7 +428,7 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let _cleanup = RemoveOnDrop(work.clone());
-    for bin in ["conflux", "conflux-bench", "conflux-bench-pg-service"] {
+    for bin in ["conflux", "conflux-bench", "conflux-bench-pg-service", "conflux-bench-echo"] {
         std::fs::copy(target.join("release").join(bin), work.join(bin))
             .with_context(|| format!("copying {bin} from {}", target.display()))?;
     }
@@ -436,6 +446,8 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
         .arg(work.join("conflux"))
         .arg("--pg-service-bin")
         .arg(work.join("conflux-bench-pg-service"))
+        .arg("--echo-bin")
+        .arg(work.join("conflux-bench-echo"))
         .arg("--counter-wasm")
         .arg(work.join("counter.wasm"))
         .arg("--team-wasm")
