@@ -25,7 +25,7 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-pub use model::{CutReport, Stats};
+pub use model::{CutReport, Names, Stats};
 use model::{Fs, FsError, Kind, NewNode};
 
 /// Errors of mounting and cutting.
@@ -56,9 +56,15 @@ impl std::fmt::Debug for PowercutMount {
 }
 
 impl PowercutMount {
-    /// Mounts an empty filesystem at `path` (an existing, empty directory).
+    /// Mounts an empty filesystem at `path` (an existing, empty directory),
+    /// where names become durable when their directory is fsynced.
     pub fn mount(path: &Path) -> Result<PowercutMount, MountError> {
-        let fs = Arc::new(Mutex::new(Fs::new()));
+        Self::mount_with(path, Names::OnDirSync)
+    }
+
+    /// [`PowercutMount::mount`] with a choice of when names become durable.
+    pub fn mount_with(path: &Path, names: Names) -> Result<PowercutMount, MountError> {
+        let fs = Arc::new(Mutex::new(Fs::new(names)));
         let session = spawn(path, &fs)?;
         Ok(PowercutMount { path: path.to_path_buf(), fs, session: Some(session) })
     }

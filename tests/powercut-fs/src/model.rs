@@ -9,6 +9,12 @@
 //! whose data was never synced comes back empty. A power cut rebuilds the live
 //! tree from the durable records reachable from the root and drops the rest.
 //!
+//! That is [`Names::OnDirSync`]. [`Names::Immediate`] is the other way a real
+//! filesystem fails (ext4 with `data=writeback`, LazyFS over a journaled
+//! filesystem): every create, rename and unlink is durable at once, while data
+//! still needs its fsync — so a file renamed into place before its data was
+//! synced comes back under the new name, empty.
+//!
 //! File data is kept in 4 KiB blocks shared (`Arc`) between the live and the
 //! durable copy, so a sync costs one pointer copy per block and a write copies
 //! only the block it touches.
@@ -182,6 +188,16 @@ pub enum NewNode {
     Symlink(OsString),
 }
 
+/// When a change of names (create, link, rename, unlink) becomes durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Names {
+    /// Only when its directory is fsynced (what `fsync(2)` promises).
+    #[default]
+    OnDirSync,
+    /// At once, before any data written to the files it names.
+    Immediate,
+}
+
 /// What one power cut threw away.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CutReport {
@@ -212,18 +228,19 @@ pub struct Fs {
     /// Live inodes changed since their last sync.
     dirty: HashSet<u64>,
     next_ino: u64,
+    names: Names,
     stats: Stats,
 }
 
 impl Default for Fs {
     fn default() -> Self {
-        Fs::new()
+        Fs::new(Names::default())
     }
 }
 
 impl Fs {
     /// An empty filesystem whose (empty) root directory is durable.
-    pub fn new() -> Fs {
+    pub fn new(names: Names) -> Fs {
         let root = Inode::new(Content::Dir(BTreeMap::new()), 0o755, 0, 0);
         Fs {
             live: HashMap::from([(ROOT, root.clone())]),
@@ -232,6 +249,7 @@ impl Fs {
             durable: HashMap::from([(ROOT, root)]),
             dirty: HashSet::new(),
             next_ino: ROOT + 1,
+            names,
             stats: Stats::default(),
         }
     }
@@ -316,6 +334,7 @@ impl Fs {
         self.links.insert(ino, 1);
         self.dirty.insert(ino);
         self.entries_mut(parent)?.insert(name.to_owned(), ino);
+        self.names_changed(&[parent]);
         Ok(ino)
     }
 
@@ -329,6 +348,7 @@ impl Fs {
         }
         self.entries_mut(parent)?.insert(name.to_owned(), ino);
         *self.links.entry(ino).or_default() += 1;
+        self.names_changed(&[parent]);
         Ok(())
     }
 
@@ -344,6 +364,7 @@ impl Fs {
         }
         self.entries_mut(parent)?.remove(name);
         self.drop_link(ino);
+        self.names_changed(&[parent]);
         Ok(())
     }
 
@@ -396,6 +417,7 @@ impl Fs {
         self.entries_mut(parent)?.remove(name);
         self.entries_mut(new_parent)?.insert(new_name.to_owned(), ino);
         self.node_mut(ino)?.ctime = SystemTime::now();
+        self.names_changed(&[parent, new_parent]);
         Ok(())
     }
 
@@ -489,9 +511,23 @@ impl Fs {
     /// becomes its live state. For a directory that is its list of names;
     /// an inode named there that was never synced survives as an empty one.
     pub fn sync(&mut self, ino: u64) -> Result<(), FsError> {
-        let node = self.node(ino)?.clone();
-        if let Content::Dir(entries) = &node.content {
+        if self.node(ino)?.kind() == Kind::Dir {
             self.stats.dir_syncs += 1;
+            self.persist_entries(ino);
+        } else {
+            self.stats.file_syncs += 1;
+            let node = self.node(ino)?.clone();
+            self.durable.insert(ino, node);
+        }
+        self.dirty.remove(&ino);
+        Ok(())
+    }
+
+    /// A directory's names become durable; a name of an inode never synced
+    /// keeps an empty one of its kind.
+    fn persist_entries(&mut self, dir: u64) {
+        let Some(node) = self.live.get(&dir).cloned() else { return };
+        if let Content::Dir(entries) = &node.content {
             for child in entries.values() {
                 if !self.durable.contains_key(child)
                     && let Some(c) = self.live.get(child)
@@ -499,12 +535,17 @@ impl Fs {
                     self.durable.insert(*child, c.placeholder());
                 }
             }
-        } else {
-            self.stats.file_syncs += 1;
         }
-        self.durable.insert(ino, node);
-        self.dirty.remove(&ino);
-        Ok(())
+        self.durable.insert(dir, node);
+    }
+
+    fn names_changed(&mut self, dirs: &[u64]) {
+        if self.names == Names::Immediate {
+            for &d in dirs {
+                self.persist_entries(d);
+                self.dirty.remove(&d);
+            }
+        }
     }
 
     /// The power goes out: the live tree becomes what the durable records
@@ -569,7 +610,7 @@ mod tests {
 
     #[test]
     fn unsynced_data_and_unsynced_names_are_lost() {
-        let mut fs = Fs::new();
+        let mut fs = Fs::new(Names::OnDirSync);
         let a = file(&mut fs, ROOT, "a", b"data");
         // Data synced, name not: the file is gone.
         fs.sync(a).unwrap();
@@ -596,7 +637,7 @@ mod tests {
 
     #[test]
     fn a_rename_survives_only_once_its_directory_is_synced() {
-        let mut fs = Fs::new();
+        let mut fs = Fs::new(Names::OnDirSync);
         let old = file(&mut fs, ROOT, "cfg", b"old");
         fs.sync(old).unwrap();
         fs.sync(ROOT).unwrap();
@@ -618,7 +659,7 @@ mod tests {
 
     #[test]
     fn a_new_directory_needs_its_parent_synced() {
-        let mut fs = Fs::new();
+        let mut fs = Fs::new(Names::OnDirSync);
         let d = fs.create(ROOT, n("d"), NewNode::Dir, 0o755, 0, 0).unwrap();
         let f = file(&mut fs, d, "f", b"x");
         fs.sync(f).unwrap();
@@ -638,7 +679,7 @@ mod tests {
 
     #[test]
     fn an_unsynced_unlink_comes_back() {
-        let mut fs = Fs::new();
+        let mut fs = Fs::new(Names::OnDirSync);
         let f = file(&mut fs, ROOT, "f", b"x");
         fs.sync(f).unwrap();
         fs.sync(ROOT).unwrap();
@@ -650,6 +691,21 @@ mod tests {
         fs.sync(ROOT).unwrap();
         fs.power_cut();
         assert_eq!(read_path(&fs, &["f"]), None);
+    }
+
+    #[test]
+    fn immediate_names_keep_a_rename_but_not_the_unsynced_data_behind_it() {
+        let mut fs = Fs::new(Names::Immediate);
+        let d = fs.create(ROOT, n("d"), NewNode::Dir, 0o755, 0, 0).unwrap();
+        let old = file(&mut fs, d, "cfg", b"old");
+        fs.sync(old).unwrap();
+        let tmp = file(&mut fs, d, "cfg.tmp", b"new");
+        fs.rename(d, n("cfg.tmp"), d, n("cfg"), false).unwrap();
+        fs.power_cut();
+        // The rename reached the disk, the data it pointed at did not.
+        assert_eq!(read_path(&fs, &["d", "cfg"]), Some(vec![]));
+        assert!(fs.lookup(d, n("cfg.tmp")).is_err());
+        let _ = tmp;
     }
 
     #[test]
