@@ -170,6 +170,10 @@ fn single_node_survives_a_power_cut(names: Names) {
         let mut c = d.client().await;
         call(&mut c, "counter", "after-cut", "add", "1").await.unwrap();
     });
+    // The compiled artifact was synced before it was renamed into place, so
+    // the name never points at an empty (or torn) file, which would be loaded
+    // as machine code.
+    assert!(!d.log().contains("unusable compiled artifact"), "{}", d.log());
 }
 
 #[test]
@@ -186,36 +190,85 @@ fn a_single_node_survives_a_power_cut_that_keeps_names_but_not_data() {
 
 const SECRET: &str = "powercut-test-secret-0123456789";
 
-#[test]
-fn a_three_node_cluster_loses_no_acknowledged_add_when_every_member_loses_power() {
+/// Three members, each on its own power-cut mount, logging outside it.
+struct PowerCluster {
+    // Fields drop in order: the logs are shown and the members killed
+    // before their mounts go.
+    _show: ShowLogsOnFailure,
+    nodes: Vec<Option<Daemon>>,
+    disks: Vec<PowercutMount>,
+    addrs: Vec<String>,
+    peers: String,
+    logs: Vec<PathBuf>,
+}
+
+impl PowerCluster {
+    fn start(root: &Path) -> PowerCluster {
+        let disks: Vec<PowercutMount> = (1..=3).map(|i| mount(root, &format!("disk{i}"), Names::OnDirSync)).collect();
+        let addrs: Vec<String> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string())
+            .collect();
+        let peers = addrs.iter().enumerate().map(|(k, a)| format!("{}={a}", k + 1)).collect::<Vec<_>>().join(",");
+        let logs: Vec<PathBuf> = (1..=3).map(|i| root.join(format!("n{i}.log"))).collect();
+        let mut c =
+            PowerCluster { disks, addrs, peers, _show: ShowLogsOnFailure(logs.clone()), logs, nodes: Vec::new() };
+        c.nodes = (0..3).map(|i| Some(c.daemon(i))).collect();
+        c
+    }
+
+    fn daemon(&self, i: usize) -> Daemon {
+        let id = (i + 1).to_string();
+        let data = self.disks[i].path().join("conflux");
+        let args = [
+            "--node-id",
+            &id,
+            "--peer",
+            &self.peers,
+            "--cluster-secret",
+            SECRET,
+            "--set",
+            "cluster.shard_count=4",
+            "--set",
+            COMPACT,
+        ];
+        Daemon::start_logging_to(&data, &self.logs[i], &self.addrs[i], &args)
+    }
+
+    /// Kills the members `which` and cuts their power; returns what was lost.
+    fn power_cut(&mut self, which: &[usize]) -> Vec<powercut_fs::CutReport> {
+        for &i in which {
+            self.nodes[i].take().expect("running").kill9();
+        }
+        which.iter().map(|&i| self.disks[i].power_cut().unwrap()).collect()
+    }
+
+    fn restart(&mut self, which: &[usize]) {
+        for &i in which {
+            self.nodes[i] = Some(self.daemon(i));
+        }
+    }
+
+    fn node(&self, i: usize) -> &Daemon {
+        self.nodes[i].as_ref().expect("running")
+    }
+}
+
+/// Adds through every member for a while, then the power of the members
+/// `cut` goes out; they restart on what survived, and every counter is
+/// checked through every member.
+fn cluster_survives_a_power_cut(cut: &[usize]) {
     let _one = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
-    let mut disks: Vec<PowercutMount> =
-        (1..=3).map(|i| mount(root.path(), &format!("disk{i}"), Names::OnDirSync)).collect();
-    let addrs: Vec<String> = (0..3)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string())
-        .collect();
-    let peers = addrs.iter().enumerate().map(|(k, a)| format!("{}={a}", k + 1)).collect::<Vec<_>>().join(",");
-    let data: Vec<PathBuf> = disks.iter().map(|d| d.path().join("conflux")).collect();
-    let logs: Vec<PathBuf> = (1..=3).map(|i| root.path().join(format!("n{i}.log"))).collect();
-    let start = |i: usize| {
-        let id = (i + 1).to_string();
-        let args =
-            ["--node-id", &id, "--peer", &peers, "--cluster-secret", SECRET, "--set", "cluster.shard_count=4"];
-        let args: Vec<&str> = args.into_iter().chain(["--set", COMPACT]).collect();
-        Daemon::start_logging_to(&data[i], &logs[i], &addrs[i], &args)
-    };
-    let _show = ShowLogsOnFailure(logs.clone());
-    let mut nodes: Vec<Daemon> = (0..3).map(start).collect();
-    deploy(&nodes[0], "counter", &guest_wasm("counter"));
+    let mut cluster = PowerCluster::start(root.path());
+    deploy(cluster.node(0), "counter", &guest_wasm("counter"));
     let runtime = rt();
     let (tally, stop) = (Tally::new(), Arc::new(AtomicBool::new(false)));
-    let tasks = start_adds(&runtime, &addrs, &tally, &stop);
+    // Callers only on the members whose power goes out: their first error
+    // ends them, so what they count is what was acknowledged before the cut.
+    let through: Vec<String> = cut.iter().map(|&i| cluster.addrs[i].clone()).collect();
+    let tasks = start_adds(&runtime, &through, &tally, &stop);
     std::thread::sleep(Duration::from_millis(2000));
-    for n in &mut nodes {
-        n.kill9();
-    }
-    let reports: Vec<_> = disks.iter_mut().map(|d| d.power_cut().unwrap()).collect();
+    let reports = cluster.power_cut(cut);
     stop.store(true, Ordering::Relaxed);
     runtime.block_on(async {
         for t in tasks {
@@ -224,13 +277,24 @@ fn a_three_node_cluster_loses_no_acknowledged_add_when_every_member_loses_power(
     });
     eprintln!("power cuts dropped {reports:?}; {} adds acknowledged", tally.total_acked());
     assert!(tally.total_acked() > 100, "the load did not get going: {} acks", tally.total_acked());
-
-    let nodes: Vec<Daemon> = (0..3).map(start).collect();
+    cluster.restart(cut);
     runtime.block_on(async {
-        for n in &nodes {
-            check_counters(&n.addr, &tally).await;
+        for i in 0..3 {
+            check_counters(&cluster.addrs[i], &tally).await;
         }
-        let mut c = nodes[1].client().await;
+        let mut c = cluster.node(1).client().await;
         call(&mut c, "counter", "after-cut", "add", "1").await.unwrap();
     });
+}
+
+#[test]
+fn a_three_node_cluster_loses_no_acknowledged_add_when_every_member_loses_power() {
+    cluster_survives_a_power_cut(&[0, 1, 2]);
+}
+
+/// Two of three lose power while the third runs on: the two come back on
+/// what they synced, rejoin, and nothing acknowledged is lost or doubled.
+#[test]
+fn a_three_node_cluster_loses_no_acknowledged_add_when_a_majority_loses_power() {
+    cluster_survives_a_power_cut(&[0, 1]);
 }

@@ -266,12 +266,14 @@ impl Filesystem for Adapter {
         if mode & 0o170000 != 0o100000 {
             return reply.error(Errno::EPERM);
         }
-        let r = lock(&self.fs).create(parent.0, name, NewNode::File, (mode & !umask & 0o7777) as u16, req.uid(), req.gid());
+        let r =
+            lock(&self.fs).create(parent.0, name, NewNode::File, (mode & !umask & 0o7777) as u16, req.uid(), req.gid());
         self.entry(r, reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let r = lock(&self.fs).create(parent.0, name, NewNode::Dir, (mode & !umask & 0o7777) as u16, req.uid(), req.gid());
+        let r =
+            lock(&self.fs).create(parent.0, name, NewNode::Dir, (mode & !umask & 0o7777) as u16, req.uid(), req.gid());
         self.entry(r, reply);
     }
 
