@@ -2,7 +2,8 @@
 # Installs what a fresh machine needs to build Conflux: the pinned toolchain and
 # its wasm32-wasip2 target (rust-toolchain.toml). protoc is vendored by the
 # build (protoc-bin-vendored). Debian's chromium and chromium-driver are installed
-# for the dashboard's browser test.
+# for the dashboard's browser test, and fuse3 (fusermount3) for the power-cut
+# tests when not running as root (root mounts FUSE with mount(2) directly).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null; then
@@ -21,4 +22,14 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+# The power-cut tests mount a FUSE filesystem (tests/powercut-fs): /dev/fuse,
+# and as a non-root user the setuid fusermount3 from Debian's fuse3.
+if [ "$(id -u)" -ne 0 ] && ! command -v fusermount3 >/dev/null && ! command -v fusermount >/dev/null; then
+    echo "==> installing fuse3 (fusermount3, for the power-cut tests)"
+    sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive sudo apt-get install -y -qq fuse3 >/dev/null
+fi
+if [ ! -e /dev/fuse ]; then
+    echo "warning: /dev/fuse is missing: the power-cut tests (tests/powercut.rs) will fail" >&2
 fi

@@ -245,12 +245,16 @@ impl Node {
         cfg.api.admin_token = None;
         cfg.api.invoke_token = None;
         let dir = &cfg.storage.data_dir;
-        std::fs::create_dir_all(dir)
+        // Durably: every file below it is lost with it otherwise.
+        crate::storage::durable_file::create_dir_all_durably(dir)
             .map_err(|source| NodeError::DataDir { path: dir.display().to_string(), source })?;
         let lock = lock_data_dir(dir)?;
         let identity = check_cluster_identity(dir, &cfg.cluster)?;
         let path = || dir.display().to_string();
         let sled_dir = dir.join("state");
+        // sled would create it, but not durably.
+        crate::storage::durable_file::create_dir_all_durably(&sled_dir)
+            .map_err(|source| NodeError::DataDir { path: sled_dir.display().to_string(), source })?;
         // sled recovers its files on open: blocking work, kept off the runtime.
         let db = {
             let sled_dir = sled_dir.clone();

@@ -64,6 +64,7 @@ pub struct Daemon {
     child: Option<Child>,
     pub addr: String,
     pub data_dir: PathBuf,
+    pub log_path: PathBuf,
 }
 
 impl Daemon {
@@ -79,7 +80,14 @@ impl Daemon {
     /// Starts a daemon listening on `listen` (a cluster member's fixed address).
     pub fn start_at(data_dir: &Path, listen: &str, extra: &[&str]) -> Daemon {
         std::fs::create_dir_all(data_dir).unwrap();
-        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("daemon.log")).unwrap();
+        Self::start_logging_to(data_dir, &data_dir.join("daemon.log"), listen, extra)
+    }
+
+    /// Starts a daemon whose log goes to `log` (appended), not into its data
+    /// directory, which it creates itself (so that directory's creation is
+    /// part of what a test checks, as on a power-cut filesystem).
+    pub fn start_logging_to(data_dir: &Path, log: &Path, listen: &str, extra: &[&str]) -> Daemon {
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let mut child = serve_command_at(data_dir, listen, extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
@@ -98,11 +106,11 @@ impl Daemon {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
-                let log = std::fs::read_to_string(data_dir.join("daemon.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(log).unwrap_or_default();
                 panic!("daemon did not start listening within 60 s; log:\n{log}");
             }
         };
-        Daemon { child: Some(child), addr, data_dir: data_dir.to_owned() }
+        Daemon { child: Some(child), addr, data_dir: data_dir.to_owned(), log_path: log.to_owned() }
     }
 
     pub fn url(&self) -> String {
@@ -156,7 +164,7 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("daemon.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 }
 

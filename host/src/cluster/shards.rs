@@ -188,9 +188,17 @@ impl ShardSet {
         self.host.db.drop_tree(format!("shard-{shard}")).map_err(|e| delete(e.to_string()))?;
         let dir = super::raft::replica_dir(&self.host.data_dir, shard);
         match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(delete(format!("{}: {e}", dir.display()))),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(delete(format!("{}: {e}", dir.display()))),
+        }
+        // The removal must reach the disk: a replica directory that comes
+        // back after a power cut is opened again as a member of the group.
+        match dir.parent().map(std::fs::File::open) {
+            Some(Ok(parent)) => parent.sync_all().map_err(|e| delete(format!("{}: fsync: {e}", dir.display()))),
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Some(Err(e)) => Err(delete(format!("{}: {e}", dir.display()))),
+            None => Ok(()),
         }
     }
 

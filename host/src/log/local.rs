@@ -148,7 +148,7 @@ impl LocalLog {
     /// `store.applied_index()` into the store, then starts serving proposals.
     pub fn open(dir: &Path, store: Arc<dyn StateStore>, config: LogConfig) -> Result<LocalLog, LogError> {
         config.validate()?;
-        std::fs::create_dir_all(dir)?;
+        crate::storage::durable_file::create_dir_all_durably(dir)?;
         let dir_str =
             dir.to_str().ok_or_else(|| LogError::Config(format!("log directory {dir:?} is not valid UTF-8")))?;
         let wal_config = raft_log::Config {

@@ -19,10 +19,10 @@ use crate::log::CommitLog;
 use crate::model::{EntityRef, Keyspace, Op, WriteSet, validate_type_name};
 use crate::runtime::{Prepared, Runtime};
 use crate::storage::StateStore;
+use crate::storage::durable_file::write_durably;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use wasmtime::component::Component;
@@ -320,8 +320,8 @@ impl Registry {
     ) -> Result<Self, RegistryError> {
         let components_dir = data_dir.join("components");
         let artifacts_dir = data_dir.join("artifacts");
-        std::fs::create_dir_all(&components_dir)?;
-        std::fs::create_dir_all(&artifacts_dir)?;
+        crate::storage::durable_file::create_dir_all_durably(&components_dir)?;
+        crate::storage::durable_file::create_dir_all_durably(&artifacts_dir)?;
         let reg = Self {
             runtime,
             propagation: std::sync::OnceLock::new(),
@@ -609,14 +609,17 @@ impl Registry {
         Ok(prepared)
     }
 
-    /// Artifacts are a cache: failing to write one only costs a recompile later.
+    /// Artifacts are a cache: failing to write one only costs a recompile
+    /// later. But the one under the name must be whole: it is loaded as
+    /// machine code, so it is synced before it is renamed into place (a
+    /// rename that reaches the disk before the data would leave the name
+    /// pointing at an empty or torn file after a power cut).
     fn write_artifact(&self, digest: &str, component: &Component) {
         let path = self.artifact_path(digest);
-        let result = component.serialize().map_err(|e| std::io::Error::other(format!("{e:#}"))).and_then(|b| {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, b)?;
-            std::fs::rename(&tmp, &path)
-        });
+        let result = component
+            .serialize()
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+            .and_then(|b| write_durably(&path, &b));
         if let Err(e) = result {
             tracing::warn!(path = %path.display(), "cannot cache compiled component: {e}");
         }
@@ -716,21 +719,6 @@ fn load_artifact(engine: &wasmtime::Engine, path: &Path) -> Option<Component> {
             None
         }
     }
-}
-
-/// Writes a file so that it survives a crash once this returns: temp file,
-/// fsync, rename, fsync of the directory.
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -56,7 +56,7 @@ impl SledStore {
     /// `StorageError::Locked` if another `SledStore` (in this or any process)
     /// has it open.
     pub fn open(dir: &Path) -> Result<SledStore, StorageError> {
-        std::fs::create_dir_all(dir).map_err(io_err("creating store directory", dir))?;
+        super::durable_file::create_dir_all_durably(dir).map_err(io_err("creating store directory", dir))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)

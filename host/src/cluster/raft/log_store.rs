@@ -127,7 +127,9 @@ impl WalLogStore {
     /// directory, so a second opener fails. `flush_wait` is how long the flush
     /// worker waits to merge syncs (group commit across concurrent turns).
     pub fn open(dir: &Path, flush_wait: Duration) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        // raft-log syncs the directory's own entries (chunk files); the
+        // directories above it must be durable before anything is appended.
+        crate::storage::durable_file::create_dir_all_durably(dir)?;
         let dir_str = dir
             .to_str()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{dir:?} is not valid UTF-8")))?;

@@ -91,7 +91,7 @@ impl ShardStateMachine {
     /// install), the snapshot is installed again.
     pub fn open(store: Arc<SledStore>, dir: &Path) -> Result<Self, StorageError> {
         let err = |verb| move |e: std::io::Error| storage_err(ErrorSubject::Snapshot(None), verb, e);
-        std::fs::create_dir_all(dir).map_err(err(ErrorVerb::Write))?;
+        crate::storage::durable_file::create_dir_all_durably(dir).map_err(err(ErrorVerb::Write))?;
         // Files a crash left half-written or half-received.
         for entry in std::fs::read_dir(dir).map_err(err(ErrorVerb::Read))? {
             let entry = entry.map_err(err(ErrorVerb::Read))?;
