@@ -1003,3 +1003,129 @@ fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
         log.shutdown().await.unwrap();
     });
 }
+
+/// An outage of the receiver's shard never turns messages into dead letters
+/// (issue 21): only failures of the receiver's own code count as delivery
+/// attempts. Below the simulation, on one scheduler whose router sends the
+/// receiver's calls to a "node 4" that fails every one of them — unreachable,
+/// no leader, shutting down, overloaded, commit not confirmed, mailbox full —
+/// for as long as the outage lasts: many times more delivery attempts than
+/// `delivery_max_attempts` allows (with the backoff configured small, so the
+/// outage takes seconds, not the minutes it takes at the defaults). Once the
+/// shard is back, every message is delivered, once and in order, and none
+/// was dead-lettered.
+#[test]
+fn an_outage_of_the_receivers_shard_delays_messages_but_never_dead_letters_them() {
+    use conflux_host::log::CommitLog;
+    use conflux_host::model::EntityRef;
+    use conflux_host::scheduler::{Invocation, InvokeError, Route, Router, Scheduler};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// Senders here; `counter` entities on node 4 while the outage lasts.
+    #[derive(Default)]
+    struct Outage {
+        on: AtomicBool,
+        refused: AtomicU64,
+    }
+    impl Router for Outage {
+        fn route(&self, entity: &EntityRef) -> Route {
+            if entity.entity_type == "counter" && self.on.load(Ordering::SeqCst) {
+                Route::There { node: 4 }
+            } else {
+                Route::Here { epoch: 1 }
+            }
+        }
+        fn forward(&self, node: u64, _: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>> {
+            let n = self.refused.fetch_add(1, Ordering::SeqCst);
+            let remote = |kind, code| InvokeError::Remote { kind, code, message: format!("node {node}: {kind}") };
+            let e = match n % 6 {
+                0 => InvokeError::Unreachable { node, message: "connection refused".into() },
+                1 => InvokeError::NoLeader("an election is under way".into()),
+                2 => remote("shutting-down", 14),
+                3 => remote("overloaded", 8),
+                4 => remote("commit", 14),
+                _ => remote("mailbox-full", 8),
+            };
+            Box::pin(async move { Err(e) })
+        }
+        fn hint(&self, _: &EntityRef, _: Option<u64>) {}
+        fn forward_timeout(&self) -> Duration {
+            Duration::from_millis(100)
+        }
+    }
+
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let relay = std::fs::read(guest_wasm("relay")).unwrap();
+    let counter = std::fs::read(guest_wasm("counter")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.scheduler.delivery_max_attempts = 2;
+    cfg.scheduler.delivery_retry_base_ms = 10;
+    cfg.scheduler.delivery_retry_max_ms = 40;
+    cfg.runtime.max_instances = 64;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let store: Arc<dyn conflux_host::storage::StateStore> =
+            Arc::new(conflux_host::storage::SledStore::open(&dir.path().join("store")).unwrap());
+        let log = Arc::new(conflux_host::log::LocalLog::open(&dir.path().join("log"), store.clone(), cfg.log.clone()).unwrap());
+        let (runtime, registry) = {
+            let (cfg, dir, store, log) = (cfg.clone(), dir.path().to_path_buf(), store.clone(), log.clone());
+            tokio::task::spawn_blocking(move || {
+                let runtime = Arc::new(conflux_host::runtime::Runtime::new(&cfg.runtime).unwrap());
+                let registry = conflux_host::registry::Registry::open(&cfg.registry, &dir, runtime.clone(), store, log);
+                (runtime, Arc::new(registry.unwrap()))
+            })
+            .await
+            .unwrap()
+        };
+        registry.deploy("relay", relay, None).await.unwrap();
+        registry.deploy("counter", counter, None).await.unwrap();
+        let outage = Arc::new(Outage::default());
+        outage.on.store(true, Ordering::SeqCst);
+        let router: Arc<dyn Router> = outage.clone();
+        let scheduler = Scheduler::with_router(&cfg.scheduler, runtime, registry, store, log.clone(), Some(router));
+        let invoke = |entity: (&str, &str), op: &str, payload: String| Invocation {
+            entity: EntityRef::new(entity.0, entity.1).unwrap(),
+            operation: op.into(),
+            payload: payload.into_bytes(),
+            caller: None,
+            idempotency_key: None,
+            message_seq: None,
+        };
+        // Two senders, 20 adds each, to two counters of the shard that is down.
+        for (sender, target) in [("a", "x"), ("b", "y")] {
+            let fanout = json!({"target_type": "counter", "target_id": target, "operation": "add", "payload": 1, "count": 20});
+            scheduler.invoke_here(invoke(("relay", sender), "fanout", fanout.to_string())).await.unwrap();
+        }
+        let deliverer = tokio::spawn(scheduler.clone().run_deliverer());
+        // The outage lasts until the receiver's node has refused 20 times the
+        // attempts a message gets (or, as before the fix, messages die).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while outage.refused.load(Ordering::SeqCst) < 40 && scheduler.stats().dead_letters == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the deliverer stopped trying");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (dead, _) = scheduler.dead_letters(None, 100, 1 << 20).unwrap();
+        assert!(dead.is_empty(), "an outage dead-lettered messages: {:?}", dead.first().map(|(_, d)| &d.reason));
+        outage.on.store(false, Ordering::SeqCst);
+        // Back: everything arrives, exactly once.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut totals = Vec::new();
+            for id in ["x", "y"] {
+                let got = scheduler.invoke_here(invoke(("counter", id), "get", String::new())).await.unwrap();
+                totals.push(String::from_utf8(got).unwrap());
+            }
+            if totals == ["20", "20"] && scheduler.stats().outbox_messages == 0 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not delivered after the outage: {totals:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stats = scheduler.stats();
+        assert_eq!((stats.messages_delivered, stats.dead_letters), (40, 0));
+        assert!(scheduler.dead_letters(None, 100, 1 << 20).unwrap().0.is_empty());
+        deliverer.abort();
+        log.shutdown().await.unwrap();
+    });
+}
