@@ -352,11 +352,13 @@ fn a_slow_receiver_does_not_hold_up_messages_between_other_entities() {
     let naps_ended = |d: &Daemon| d.log().matches("nap ends").count();
     rt().block_on(async {
         let mut c = d.client().await;
-        let naps = json!({"target_type": "relay", "target_id": "slow", "operation": "nap", "payload": 5000, "count": 2});
+        let naps =
+            json!({"target_type": "relay", "target_id": "slow", "operation": "nap", "payload": 5000, "count": 2});
         call(&mut c, "relay", "s", "fanout", &naps.to_string()).await.unwrap();
         eventually(30, "the first nap to begin", async || (naps_begun(&d) >= 1).then_some(())).await;
         for round in 1..=5u64 {
-            let adds = json!({"target_type": "counter", "target_id": "x", "operation": "add", "payload": 1, "count": 10});
+            let adds =
+                json!({"target_type": "counter", "target_id": "x", "operation": "add", "payload": 1, "count": 10});
             call(&mut c, "relay", "a", "fanout", &adds.to_string()).await.unwrap();
             let seq = json!({"target_id": "b", "from": (round - 1) * 10 + 1, "count": 10}).to_string();
             call(&mut c, "relay", "a", "sequence", &seq).await.unwrap();

@@ -1018,7 +1018,7 @@ fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
 fn an_outage_of_the_receivers_shard_delays_messages_but_never_dead_letters_them() {
     use conflux_host::log::CommitLog;
     use conflux_host::model::EntityRef;
-    use conflux_host::scheduler::{Invocation, InvokeError, Route, Router, Scheduler};
+    use conflux_host::scheduler::{Invocation, InvokeError, Route, Router};
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     /// Senders here; `counter` entities on node 4 while the outage lasts.
@@ -1055,47 +1055,17 @@ fn an_outage_of_the_receivers_shard_delays_messages_but_never_dead_letters_them(
     }
 
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let relay = std::fs::read(guest_wasm("relay")).unwrap();
-    let counter = std::fs::read(guest_wasm("counter")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Config::default();
-    cfg.scheduler.delivery_max_attempts = 2;
-    cfg.scheduler.delivery_retry_base_ms = 10;
-    cfg.scheduler.delivery_retry_max_ms = 40;
-    cfg.runtime.max_instances = 64;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let store: Arc<dyn conflux_host::storage::StateStore> =
-            Arc::new(conflux_host::storage::SledStore::open(&dir.path().join("store")).unwrap());
-        let log = Arc::new(conflux_host::log::LocalLog::open(&dir.path().join("log"), store.clone(), cfg.log.clone()).unwrap());
-        let (runtime, registry) = {
-            let (cfg, dir, store, log) = (cfg.clone(), dir.path().to_path_buf(), store.clone(), log.clone());
-            tokio::task::spawn_blocking(move || {
-                let runtime = Arc::new(conflux_host::runtime::Runtime::new(&cfg.runtime).unwrap());
-                let registry = conflux_host::registry::Registry::open(&cfg.registry, &dir, runtime.clone(), store, log);
-                (runtime, Arc::new(registry.unwrap()))
-            })
-            .await
-            .unwrap()
-        };
-        registry.deploy("relay", relay, None).await.unwrap();
-        registry.deploy("counter", counter, None).await.unwrap();
         let outage = Arc::new(Outage::default());
         outage.on.store(true, Ordering::SeqCst);
-        let router: Arc<dyn Router> = outage.clone();
-        let scheduler = Scheduler::with_router(&cfg.scheduler, runtime, registry, store, log.clone(), Some(router));
-        let invoke = |entity: (&str, &str), op: &str, payload: String| Invocation {
-            entity: EntityRef::new(entity.0, entity.1).unwrap(),
-            operation: op.into(),
-            payload: payload.into_bytes(),
-            caller: None,
-            idempotency_key: None,
-            message_seq: None,
-        };
+        let (scheduler, log) = relay_and_counter_scheduler(dir.path(), outage.clone()).await;
         // Two senders, 20 adds each, to two counters of the shard that is down.
         for (sender, target) in [("a", "x"), ("b", "y")] {
-            let fanout = json!({"target_type": "counter", "target_id": target, "operation": "add", "payload": 1, "count": 20});
-            scheduler.invoke_here(invoke(("relay", sender), "fanout", fanout.to_string())).await.unwrap();
+            let fanout =
+                json!({"target_type": "counter", "target_id": target, "operation": "add", "payload": 1, "count": 20});
+            scheduler.invoke_here(plain_invocation(("relay", sender), "fanout", fanout.to_string())).await.unwrap();
         }
         let deliverer = tokio::spawn(scheduler.clone().run_deliverer());
         // The outage lasts until the receiver's node has refused 20 times the
@@ -1113,7 +1083,7 @@ fn an_outage_of_the_receivers_shard_delays_messages_but_never_dead_letters_them(
         loop {
             let mut totals = Vec::new();
             for id in ["x", "y"] {
-                let got = scheduler.invoke_here(invoke(("counter", id), "get", String::new())).await.unwrap();
+                let got = scheduler.invoke_here(plain_invocation(("counter", id), "get", String::new())).await.unwrap();
                 totals.push(String::from_utf8(got).unwrap());
             }
             if totals == ["20", "20"] && scheduler.stats().outbox_messages == 0 {
@@ -1126,6 +1096,136 @@ fn an_outage_of_the_receivers_shard_delays_messages_but_never_dead_letters_them(
         assert_eq!((stats.messages_delivered, stats.dead_letters), (40, 0));
         assert!(scheduler.dead_letters(None, 100, 1 << 20).unwrap().0.is_empty());
         deliverer.abort();
+        log.shutdown().await.unwrap();
+    });
+}
+
+/// An invocation of `entity` from no caller.
+fn plain_invocation(entity: (&str, &str), op: &str, payload: String) -> conflux_host::scheduler::Invocation {
+    conflux_host::scheduler::Invocation {
+        entity: conflux_host::model::EntityRef::new(entity.0, entity.1).unwrap(),
+        operation: op.into(),
+        payload: payload.into_bytes(),
+        caller: None,
+        idempotency_key: None,
+        message_seq: None,
+    }
+}
+
+/// One scheduler on a `LocalLog` in `dir`, routed by `router`, with the
+/// `relay` and `counter` guests deployed, and retries configured small
+/// (`delivery_max_attempts` 2, backoff 10..40 ms).
+async fn relay_and_counter_scheduler(
+    dir: &Path,
+    router: Arc<dyn conflux_host::scheduler::Router>,
+) -> (conflux_host::scheduler::Scheduler, Arc<conflux_host::log::LocalLog>) {
+    let relay = std::fs::read(guest_wasm("relay")).unwrap();
+    let counter = std::fs::read(guest_wasm("counter")).unwrap();
+    let mut cfg = Config::default();
+    cfg.scheduler.delivery_max_attempts = 2;
+    cfg.scheduler.delivery_retry_base_ms = 10;
+    cfg.scheduler.delivery_retry_max_ms = 40;
+    cfg.runtime.max_instances = 64;
+    let store: Arc<dyn conflux_host::storage::StateStore> =
+        Arc::new(conflux_host::storage::SledStore::open(&dir.join("store")).unwrap());
+    let log = Arc::new(conflux_host::log::LocalLog::open(&dir.join("log"), store.clone(), cfg.log.clone()).unwrap());
+    // Opening the registry blocks (it loads components), as the node does it.
+    let (runtime, registry) = {
+        let (cfg, dir, store, log) = (cfg.clone(), dir.to_path_buf(), store.clone(), log.clone());
+        tokio::task::spawn_blocking(move || {
+            let runtime = Arc::new(conflux_host::runtime::Runtime::new(&cfg.runtime).unwrap());
+            let registry = conflux_host::registry::Registry::open(&cfg.registry, &dir, runtime.clone(), store, log);
+            (runtime, Arc::new(registry.unwrap()))
+        })
+        .await
+        .unwrap()
+    };
+    registry.deploy("relay", relay, None).await.unwrap();
+    registry.deploy("counter", counter, None).await.unwrap();
+    let scheduler = conflux_host::scheduler::Scheduler::with_router(
+        &cfg.scheduler,
+        runtime,
+        registry,
+        store,
+        log.clone(),
+        Some(router),
+    );
+    (scheduler, log)
+}
+
+/// The timer loop (issue 21): undecodable timer records and the timers of a
+/// sender whose shard is led elsewhere (they cannot fire here), more of each
+/// than one read of the loop takes and all due before it, do not keep a good
+/// timer behind them from firing. The old loop read the first 256 due
+/// timers every round, ignored the undecodable ones without removing them
+/// and retried the failing sender at the head: the good timer never fired.
+#[test]
+fn undecodable_and_unfireable_timers_do_not_starve_the_ones_behind_them() {
+    use conflux_host::log::CommitLog;
+    use conflux_host::model::{EntityRef, Keyspace, Message, Op, Record, WriteSet, timer_due_key, timer_id_key};
+    use conflux_host::scheduler::{Invocation, InvokeError, Route, Router};
+
+    /// Every entity here but `relay/elsewhere`, whose shard node 4 leads.
+    struct Routes;
+    impl Router for Routes {
+        fn route(&self, entity: &EntityRef) -> Route {
+            if entity.id == "elsewhere" { Route::There { node: 4 } } else { Route::Here { epoch: 1 } }
+        }
+        fn forward(&self, node: u64, _: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>> {
+            Box::pin(async move { Err(InvokeError::Unreachable { node, message: "connection refused".into() }) })
+        }
+        fn hint(&self, _: &EntityRef, _: Option<u64>) {}
+        fn forward_timeout(&self) -> Duration {
+            Duration::from_millis(100)
+        }
+    }
+
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let (scheduler, log) = relay_and_counter_scheduler(dir.path(), Arc::new(Routes)).await;
+        let (bad, elsewhere) = (EntityRef::new("relay", "bad").unwrap(), EntityRef::new("relay", "elsewhere").unwrap());
+        let target = EntityRef::new("counter", "t").unwrap();
+        let mut ops = Vec::new();
+        for seq in 0..300u64 {
+            ops.push(Op::Put { keyspace: Keyspace::Timers, key: timer_due_key(1, &bad, seq), value: b"junk".to_vec() });
+            ops.push(Op::Put {
+                keyspace: Keyspace::Timers,
+                key: timer_id_key(&bad, seq),
+                value: 1u64.to_be_bytes().to_vec(),
+            });
+            let m = Message {
+                sender: elsewhere.clone(),
+                seq,
+                target: target.clone(),
+                operation: "add".into(),
+                payload: b"100".to_vec(),
+            };
+            ops.push(Op::Put { keyspace: Keyspace::Timers, key: timer_due_key(2, &elsewhere, seq), value: m.encode() });
+            ops.push(Op::Put {
+                keyspace: Keyspace::Timers,
+                key: timer_id_key(&elsewhere, seq),
+                value: 2u64.to_be_bytes().to_vec(),
+            });
+        }
+        log.propose(WriteSet { ops }).await.unwrap();
+        let later =
+            json!({"delay_ms": 50, "target_type": "counter", "target_id": "t", "operation": "add", "payload": 1});
+        scheduler.invoke_here(plain_invocation(("relay", "good"), "later", later.to_string())).await.unwrap();
+        let tasks = [tokio::spawn(scheduler.clone().run_timers()), tokio::spawn(scheduler.clone().run_deliverer())];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = scheduler.invoke_here(plain_invocation(("counter", "t"), "get", String::new())).await.unwrap();
+            if got == b"1" {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the good timer never fired (counter/t = {got:?})");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for task in tasks {
+            task.abort();
+        }
         log.shutdown().await.unwrap();
     });
 }

@@ -82,8 +82,16 @@ enum Disposition {
 /// by kind (the closed set [`super::ERROR_KINDS`]) rather than by variant, so
 /// a failure reported by another node (`InvokeError::Remote`) counts like the
 /// same failure here.
-const RECEIVER_FAULT_KINDS: &[&str] =
-    &["migration-failed", "out-of-fuel", "timeout", "out-of-memory", "stack-overflow", "limit-exceeded", "trap", "instantiate"];
+const RECEIVER_FAULT_KINDS: &[&str] = &[
+    "migration-failed",
+    "out-of-fuel",
+    "timeout",
+    "out-of-memory",
+    "stack-overflow",
+    "limit-exceeded",
+    "trap",
+    "instantiate",
+];
 
 fn disposition(e: &InvokeError) -> Disposition {
     let reason = e.to_string();
@@ -380,9 +388,10 @@ impl Scheduler {
                 let skip = skip_of(busy.iter().chain(retries.iter().filter(|(_, r)| r.until > now).map(|(p, _)| p)));
                 let whole = resume.is_none() && skip.is_empty();
                 let (store, start, limit) = (inner.store.clone(), resume.take(), inner.cfg.delivery_batch);
-                let read =
-                    crate::determinism::blocking(move || read_outbox(store.as_ref(), start.as_deref(), limit, free, &skip))
-                        .await;
+                let read = crate::determinism::blocking(move || {
+                    read_outbox(store.as_ref(), start.as_deref(), limit, free, &skip)
+                })
+                .await;
                 let read = match read {
                     Ok(Ok(read)) => read,
                     Ok(Err(e)) => {
@@ -405,7 +414,8 @@ impl Scheduler {
                 resume = read.resume;
                 if !read.corrupt.is_empty() {
                     let n = read.corrupt.len() as u64;
-                    let ops = read.corrupt.into_iter().map(|key| Op::Delete { keyspace: Keyspace::Outbox, key }).collect();
+                    let ops =
+                        read.corrupt.into_iter().map(|key| Op::Delete { keyspace: Keyspace::Outbox, key }).collect();
                     match inner.log.propose(WriteSet { ops }).await {
                         Ok(_) => saturating_sub(&inner.outbox_len, n),
                         Err(e) => tracing::warn!("deliverer cannot remove undecodable outbox entries: {e}"),
@@ -616,7 +626,8 @@ impl Scheduler {
                     continue;
                 }
                 let now_at = Instant::now();
-                let retry = backoffs.values().filter(|(_, until)| *until > now_at).map(|(_, until)| *until - now_at).min();
+                let retry =
+                    backoffs.values().filter(|(_, until)| *until > now_at).map(|(_, until)| *until - now_at).min();
                 let due = read.next_due.map(|at| Duration::from_millis(at.saturating_sub(now)));
                 let wait = [retry, due].into_iter().flatten().min().map_or(IDLE_POLL, |d| d.min(IDLE_POLL));
                 let _ = tokio::time::timeout(wait, inner.timers_changed.notified()).await;
@@ -630,8 +641,12 @@ impl Scheduler {
                     Err(e) => {
                         let failures = backoffs.get(&sender).map_or(0, |(f, _)| *f) + 1;
                         let cfg = &inner.cfg;
-                        let wait =
-                            backoff(cfg.delivery_retry_base_ms, cfg.delivery_retry_max_ms, failures, &entity_prefix(&sender));
+                        let wait = backoff(
+                            cfg.delivery_retry_base_ms,
+                            cfg.delivery_retry_max_ms,
+                            failures,
+                            &entity_prefix(&sender),
+                        );
                         tracing::warn!(%sender, failures, "cannot fire timers yet (retry in {wait:?}): {e}");
                         if backoffs.len() >= MAX_TRACKED_FAILURES {
                             backoffs.clear();
@@ -804,7 +819,6 @@ impl Inner {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -848,7 +862,10 @@ mod tests {
         let infrastructure = [
             InvokeError::MailboxFull { entity: "a/b".into(), depth: 3 },
             InvokeError::Overloaded(9),
-            InvokeError::Instantiate(crate::runtime::RuntimeError::Exhausted { entity: "a/b".into(), message: "".into() }),
+            InvokeError::Instantiate(crate::runtime::RuntimeError::Exhausted {
+                entity: "a/b".into(),
+                message: "".into(),
+            }),
             InvokeError::ShuttingDown,
             InvokeError::OutboxFull(1),
             InvokeError::Commit(crate::log::LogError::NotLeader { leader: None }),
@@ -873,7 +890,16 @@ mod tests {
             .collect();
         assert_eq!(
             unavailable,
-            ["mailbox-full", "overloaded", "shutting-down", "outbox-full", "commit", "internal", "not-leader", "unavailable"]
+            [
+                "mailbox-full",
+                "overloaded",
+                "shutting-down",
+                "outbox-full",
+                "commit",
+                "internal",
+                "not-leader",
+                "unavailable"
+            ]
         );
     }
 
@@ -897,10 +923,18 @@ mod tests {
         let (a, b) = (entity("a"), entity("b"));
         let mut ops = Vec::new();
         for seq in [3u64, 1, 300, 2] {
-            ops.push(Op::Put { keyspace: Keyspace::Outbox, key: outbox_key(&a, seq), value: message(&a, seq, &b).encode() });
+            ops.push(Op::Put {
+                keyspace: Keyspace::Outbox,
+                key: outbox_key(&a, seq),
+                value: message(&a, seq, &b).encode(),
+            });
         }
         for seq in 0..(PER_SENDER_BATCH as u64 + 5) {
-            ops.push(Op::Put { keyspace: Keyspace::Outbox, key: outbox_key(&b, seq), value: message(&b, seq, &b).encode() });
+            ops.push(Op::Put {
+                keyspace: Keyspace::Outbox,
+                key: outbox_key(&b, seq),
+                value: message(&b, seq, &b).encode(),
+            });
         }
         ops.push(Op::Put { keyspace: Keyspace::Outbox, key: outbox_key(&b, 999_999), value: b"junk".to_vec() });
         store.apply(&[(1, &WriteSet { ops })]).unwrap();
@@ -933,11 +967,16 @@ mod tests {
         for target in [&slow, &fast, &slow, &other] {
             for _ in 0..PER_SENDER_BATCH {
                 seq += 1;
-                ops.push(Op::Put { keyspace: Keyspace::Outbox, key: outbox_key(&a, seq), value: message(&a, seq, target).encode() });
+                ops.push(Op::Put {
+                    keyspace: Keyspace::Outbox,
+                    key: outbox_key(&a, seq),
+                    value: message(&a, seq, target).encode(),
+                });
             }
         }
         store.apply(&[(1, &WriteSet { ops })]).unwrap();
-        let targets = |read: &OutboxRead| read.batch.iter().map(|o| o.message.target.id.clone()).collect::<BTreeSet<_>>();
+        let targets =
+            |read: &OutboxRead| read.batch.iter().map(|o| o.message.target.id.clone()).collect::<BTreeSet<_>>();
         // Without a skip, the first pair fills the sender's share.
         let read = read_outbox(&store, None, 1000, 100, &Skip::new()).unwrap();
         assert_eq!(targets(&read), BTreeSet::from(["slow".to_string()]));
@@ -957,7 +996,11 @@ mod tests {
                 .enumerate()
                 .map(|(i, t)| {
                     let seq = i as u64 + 1;
-                    Op::Put { keyspace: Keyspace::Outbox, key: outbox_key(&a, seq), value: message(&a, seq, t).encode() }
+                    Op::Put {
+                        keyspace: Keyspace::Outbox,
+                        key: outbox_key(&a, seq),
+                        value: message(&a, seq, t).encode(),
+                    }
                 })
                 .collect();
             store.apply(&[(1, &WriteSet { ops })]).unwrap();
@@ -981,8 +1024,16 @@ mod tests {
         let (bad, failing, good, target) = (entity("bad"), entity("failing"), entity("good"), entity("x"));
         let mut ops = Vec::new();
         for seq in 0..TIMER_BATCH as u64 + 10 {
-            ops.push(Op::Put { keyspace: Keyspace::Timers, key: timer_due_key(10, &bad, seq), value: b"junk".to_vec() });
-            ops.push(Op::Put { keyspace: Keyspace::Timers, key: timer_id_key(&bad, seq), value: 10u64.to_be_bytes().to_vec() });
+            ops.push(Op::Put {
+                keyspace: Keyspace::Timers,
+                key: timer_due_key(10, &bad, seq),
+                value: b"junk".to_vec(),
+            });
+            ops.push(Op::Put {
+                keyspace: Keyspace::Timers,
+                key: timer_id_key(&bad, seq),
+                value: 10u64.to_be_bytes().to_vec(),
+            });
         }
         for seq in 0..TIMER_BATCH as u64 * 20 {
             let m = message(&failing, seq, &target);
@@ -990,7 +1041,11 @@ mod tests {
         }
         for seq in 0..3 {
             let m = message(&good, seq, &target);
-            ops.push(Op::Put { keyspace: Keyspace::Timers, key: timer_due_key(30 + seq, &good, seq), value: m.encode() });
+            ops.push(Op::Put {
+                keyspace: Keyspace::Timers,
+                key: timer_due_key(30 + seq, &good, seq),
+                value: m.encode(),
+            });
         }
         let later = message(&good, 9, &target);
         ops.push(Op::Put { keyspace: Keyspace::Timers, key: timer_due_key(1_000, &good, 9), value: later.encode() });
