@@ -128,6 +128,9 @@ fn saturating_sub(counter: &AtomicU64, n: u64) {
     let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
 }
 
+/// A page of dead letters with their keys, and whether more follow.
+pub type DeadLetterPage = (Vec<(Vec<u8>, DeadLetter)>, bool);
+
 /// One outbox entry.
 struct Outgoing {
     key: Vec<u8>,
@@ -690,7 +693,7 @@ impl Scheduler {
         start_after: Option<&[u8]>,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<(Vec<(Vec<u8>, DeadLetter)>, bool), InvokeError> {
+    ) -> Result<DeadLetterPage, InvokeError> {
         let page = self
             .inner
             .store
