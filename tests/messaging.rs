@@ -336,3 +336,44 @@ fn a_full_outbox_refuses_the_sending_turn_and_commits_nothing() {
         assert_eq!(call(&mut c, "counter", "o", "get", "").await.unwrap(), json!(5), "the refused turn sent nothing");
     });
 }
+
+/// One slow receiver holds up only its own pairs: while `relay/slow` spends
+/// 5 s in each of its turns, messages between other entities keep flowing.
+/// (The deliverer once waited for every pair of a round before it started the
+/// next round, so they waited for the naps.) Asserted by order, not by time:
+/// every other message is processed before the first nap ends.
+#[test]
+fn a_slow_receiver_does_not_hold_up_messages_between_other_entities() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(dir.path(), &["--set", "runtime.turn_timeout_ms=30000"]);
+    deploy(&d, "relay", &guest_wasm("relay"));
+    deploy(&d, "counter", &guest_wasm("counter"));
+    let naps_begun = |d: &Daemon| d.log().matches("nap begins").count();
+    let naps_ended = |d: &Daemon| d.log().matches("nap ends").count();
+    rt().block_on(async {
+        let mut c = d.client().await;
+        let naps =
+            json!({"target_type": "relay", "target_id": "slow", "operation": "nap", "payload": 5000, "count": 2});
+        call(&mut c, "relay", "s", "fanout", &naps.to_string()).await.unwrap();
+        eventually(30, "the first nap to begin", async || (naps_begun(&d) >= 1).then_some(())).await;
+        for round in 1..=5u64 {
+            let adds =
+                json!({"target_type": "counter", "target_id": "x", "operation": "add", "payload": 1, "count": 10});
+            call(&mut c, "relay", "a", "fanout", &adds.to_string()).await.unwrap();
+            let seq = json!({"target_id": "b", "from": (round - 1) * 10 + 1, "count": 10}).to_string();
+            call(&mut c, "relay", "a", "sequence", &seq).await.unwrap();
+            eventually(30, "the other messages", async || {
+                let x = call(&mut c, "counter", "x", "get", "").await.unwrap();
+                let b = stats(&mut c, "b").await;
+                (x == json!(round * 10) && b["received"] == json!(round * 10)).then_some(())
+            })
+            .await;
+        }
+        assert_eq!(naps_ended(&d), 0, "the other messages waited for the slow receiver");
+        eventually(60, "the naps", async || outbox_empty(&mut c).await.then_some(())).await;
+        assert_eq!(naps_ended(&d), 2);
+        assert_eq!(stats(&mut c, "b").await, json!({"last": 50, "violations": 0, "received": 50}));
+        assert_eq!(stats(&mut c, "slow").await["received"], json!(2));
+        assert_eq!(c.status(pb::StatusRequest {}).await.unwrap().into_inner().dead_letters, 0);
+    });
+}

@@ -1003,3 +1003,229 @@ fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
         log.shutdown().await.unwrap();
     });
 }
+
+/// An outage of the receiver's shard never turns messages into dead letters
+/// (issue 21): only failures of the receiver's own code count as delivery
+/// attempts. Below the simulation, on one scheduler whose router sends the
+/// receiver's calls to a "node 4" that fails every one of them — unreachable,
+/// no leader, shutting down, overloaded, commit not confirmed, mailbox full —
+/// for as long as the outage lasts: many times more delivery attempts than
+/// `delivery_max_attempts` allows (with the backoff configured small, so the
+/// outage takes seconds, not the minutes it takes at the defaults). Once the
+/// shard is back, every message is delivered, once and in order, and none
+/// was dead-lettered.
+#[test]
+fn an_outage_of_the_receivers_shard_delays_messages_but_never_dead_letters_them() {
+    use conflux_host::log::CommitLog;
+    use conflux_host::model::EntityRef;
+    use conflux_host::scheduler::{Invocation, InvokeError, Route, Router};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// Senders here; `counter` entities on node 4 while the outage lasts.
+    #[derive(Default)]
+    struct Outage {
+        on: AtomicBool,
+        refused: AtomicU64,
+    }
+    impl Router for Outage {
+        fn route(&self, entity: &EntityRef) -> Route {
+            if entity.entity_type == "counter" && self.on.load(Ordering::SeqCst) {
+                Route::There { node: 4 }
+            } else {
+                Route::Here { epoch: 1 }
+            }
+        }
+        fn forward(&self, node: u64, _: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>> {
+            let n = self.refused.fetch_add(1, Ordering::SeqCst);
+            let remote = |kind, code| InvokeError::Remote { kind, code, message: format!("node {node}: {kind}") };
+            let e = match n % 6 {
+                0 => InvokeError::Unreachable { node, message: "connection refused".into() },
+                1 => InvokeError::NoLeader("an election is under way".into()),
+                2 => remote("shutting-down", 14),
+                3 => remote("overloaded", 8),
+                4 => remote("commit", 14),
+                _ => remote("mailbox-full", 8),
+            };
+            Box::pin(async move { Err(e) })
+        }
+        fn hint(&self, _: &EntityRef, _: Option<u64>) {}
+        fn forward_timeout(&self) -> Duration {
+            Duration::from_millis(100)
+        }
+    }
+
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let outage = Arc::new(Outage::default());
+        outage.on.store(true, Ordering::SeqCst);
+        let (scheduler, log) = relay_and_counter_scheduler(dir.path(), outage.clone()).await;
+        // Two senders, 20 adds each, to two counters of the shard that is down.
+        for (sender, target) in [("a", "x"), ("b", "y")] {
+            let fanout =
+                json!({"target_type": "counter", "target_id": target, "operation": "add", "payload": 1, "count": 20});
+            scheduler.invoke_here(plain_invocation(("relay", sender), "fanout", fanout.to_string())).await.unwrap();
+        }
+        let deliverer = tokio::spawn(scheduler.clone().run_deliverer());
+        // The outage lasts until the receiver's node has refused 20 times the
+        // attempts a message gets (or, as before the fix, messages die).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while outage.refused.load(Ordering::SeqCst) < 40 && scheduler.stats().dead_letters == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the deliverer stopped trying");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (dead, _) = scheduler.dead_letters(None, 100, 1 << 20).unwrap();
+        assert!(dead.is_empty(), "an outage dead-lettered messages: {:?}", dead.first().map(|(_, d)| &d.reason));
+        outage.on.store(false, Ordering::SeqCst);
+        // Back: everything arrives, exactly once.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut totals = Vec::new();
+            for id in ["x", "y"] {
+                let got = scheduler.invoke_here(plain_invocation(("counter", id), "get", String::new())).await.unwrap();
+                totals.push(String::from_utf8(got).unwrap());
+            }
+            if totals == ["20", "20"] && scheduler.stats().outbox_messages == 0 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not delivered after the outage: {totals:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stats = scheduler.stats();
+        assert_eq!((stats.messages_delivered, stats.dead_letters), (40, 0));
+        assert!(scheduler.dead_letters(None, 100, 1 << 20).unwrap().0.is_empty());
+        deliverer.abort();
+        log.shutdown().await.unwrap();
+    });
+}
+
+/// An invocation of `entity` from no caller.
+fn plain_invocation(entity: (&str, &str), op: &str, payload: String) -> conflux_host::scheduler::Invocation {
+    conflux_host::scheduler::Invocation {
+        entity: conflux_host::model::EntityRef::new(entity.0, entity.1).unwrap(),
+        operation: op.into(),
+        payload: payload.into_bytes(),
+        caller: None,
+        idempotency_key: None,
+        message_seq: None,
+    }
+}
+
+/// One scheduler on a `LocalLog` in `dir`, routed by `router`, with the
+/// `relay` and `counter` guests deployed, and retries configured small
+/// (`delivery_max_attempts` 2, backoff 10..40 ms).
+async fn relay_and_counter_scheduler(
+    dir: &Path,
+    router: Arc<dyn conflux_host::scheduler::Router>,
+) -> (conflux_host::scheduler::Scheduler, Arc<conflux_host::log::LocalLog>) {
+    let relay = std::fs::read(guest_wasm("relay")).unwrap();
+    let counter = std::fs::read(guest_wasm("counter")).unwrap();
+    let mut cfg = Config::default();
+    cfg.scheduler.delivery_max_attempts = 2;
+    cfg.scheduler.delivery_retry_base_ms = 10;
+    cfg.scheduler.delivery_retry_max_ms = 40;
+    cfg.runtime.max_instances = 64;
+    let store: Arc<dyn conflux_host::storage::StateStore> =
+        Arc::new(conflux_host::storage::SledStore::open(&dir.join("store")).unwrap());
+    let log = Arc::new(conflux_host::log::LocalLog::open(&dir.join("log"), store.clone(), cfg.log.clone()).unwrap());
+    // Opening the registry blocks (it loads components), as the node does it.
+    let (runtime, registry) = {
+        let (cfg, dir, store, log) = (cfg.clone(), dir.to_path_buf(), store.clone(), log.clone());
+        tokio::task::spawn_blocking(move || {
+            let runtime = Arc::new(conflux_host::runtime::Runtime::new(&cfg.runtime).unwrap());
+            let registry = conflux_host::registry::Registry::open(&cfg.registry, &dir, runtime.clone(), store, log);
+            (runtime, Arc::new(registry.unwrap()))
+        })
+        .await
+        .unwrap()
+    };
+    registry.deploy("relay", relay, None).await.unwrap();
+    registry.deploy("counter", counter, None).await.unwrap();
+    let scheduler = conflux_host::scheduler::Scheduler::with_router(
+        &cfg.scheduler,
+        runtime,
+        registry,
+        store,
+        log.clone(),
+        Some(router),
+    );
+    (scheduler, log)
+}
+
+/// The timer loop (issue 21): undecodable timer records and the timers of a
+/// sender whose shard is led elsewhere (they cannot fire here), more of each
+/// than one read of the loop takes and all due before it, do not keep a good
+/// timer behind them from firing. The old loop read the first 256 due
+/// timers every round, ignored the undecodable ones without removing them
+/// and retried the failing sender at the head: the good timer never fired.
+#[test]
+fn undecodable_and_unfireable_timers_do_not_starve_the_ones_behind_them() {
+    use conflux_host::log::CommitLog;
+    use conflux_host::model::{EntityRef, Keyspace, Message, Op, Record, WriteSet, timer_due_key, timer_id_key};
+    use conflux_host::scheduler::{Invocation, InvokeError, Route, Router};
+
+    /// Every entity here but `relay/elsewhere`, whose shard node 4 leads.
+    struct Routes;
+    impl Router for Routes {
+        fn route(&self, entity: &EntityRef) -> Route {
+            if entity.id == "elsewhere" { Route::There { node: 4 } } else { Route::Here { epoch: 1 } }
+        }
+        fn forward(&self, node: u64, _: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>> {
+            Box::pin(async move { Err(InvokeError::Unreachable { node, message: "connection refused".into() }) })
+        }
+        fn hint(&self, _: &EntityRef, _: Option<u64>) {}
+        fn forward_timeout(&self) -> Duration {
+            Duration::from_millis(100)
+        }
+    }
+
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let (scheduler, log) = relay_and_counter_scheduler(dir.path(), Arc::new(Routes)).await;
+        let (bad, elsewhere) = (EntityRef::new("relay", "bad").unwrap(), EntityRef::new("relay", "elsewhere").unwrap());
+        let target = EntityRef::new("counter", "t").unwrap();
+        let mut ops = Vec::new();
+        for seq in 0..300u64 {
+            ops.push(Op::Put { keyspace: Keyspace::Timers, key: timer_due_key(1, &bad, seq), value: b"junk".to_vec() });
+            ops.push(Op::Put {
+                keyspace: Keyspace::Timers,
+                key: timer_id_key(&bad, seq),
+                value: 1u64.to_be_bytes().to_vec(),
+            });
+            let m = Message {
+                sender: elsewhere.clone(),
+                seq,
+                target: target.clone(),
+                operation: "add".into(),
+                payload: b"100".to_vec(),
+            };
+            ops.push(Op::Put { keyspace: Keyspace::Timers, key: timer_due_key(2, &elsewhere, seq), value: m.encode() });
+            ops.push(Op::Put {
+                keyspace: Keyspace::Timers,
+                key: timer_id_key(&elsewhere, seq),
+                value: 2u64.to_be_bytes().to_vec(),
+            });
+        }
+        log.propose(WriteSet { ops }).await.unwrap();
+        let later =
+            json!({"delay_ms": 50, "target_type": "counter", "target_id": "t", "operation": "add", "payload": 1});
+        scheduler.invoke_here(plain_invocation(("relay", "good"), "later", later.to_string())).await.unwrap();
+        let tasks = [tokio::spawn(scheduler.clone().run_timers()), tokio::spawn(scheduler.clone().run_deliverer())];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = scheduler.invoke_here(plain_invocation(("counter", "t"), "get", String::new())).await.unwrap();
+            if got == b"1" {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the good timer never fired (counter/t = {got:?})");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for task in tasks {
+            task.abort();
+        }
+        log.shutdown().await.unwrap();
+    });
+}

@@ -129,12 +129,16 @@ pub struct SchedulerConfig {
     pub turn_threads: usize,
     /// Outbox messages the deliverer reads per round.
     pub delivery_batch: usize,
-    /// (sender, receiver) pairs delivered concurrently; one pair is always sequential.
+    /// (sender, receiver) pairs delivered concurrently; one pair is always
+    /// sequential, and a slow pair holds only its own place.
     pub delivery_concurrency: usize,
-    /// Attempts at a message whose turn keeps failing transiently (trap, overload,
-    /// failed migration…) before it becomes a dead letter.
+    /// Attempts at a message whose receiver's own code keeps failing (trap,
+    /// failed migration…) before it becomes a dead letter. Outages and overload
+    /// (no leader, unreachable node, commit timeout, full mailbox…) never count:
+    /// they are retried for as long as the message is in the outbox.
     pub delivery_max_attempts: u32,
-    /// First retry delay of a failing pair; doubles per attempt up to `delivery_retry_max_ms`.
+    /// First retry delay of a failing pair (and of a sender whose timers cannot
+    /// fire); doubles per failure up to `delivery_retry_max_ms`, with jitter.
     pub delivery_retry_base_ms: u64,
     pub delivery_retry_max_ms: u64,
     /// Messages (and fired timers) waiting in the node's outbox at most; a turn

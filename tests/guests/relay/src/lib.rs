@@ -1,6 +1,6 @@
 //! A guest for the messaging tests (type `relay`): it fans messages out to any
 //! entity, sends numbered sequences to another relay that checks they arrive in
-//! order, and sets and cancels timers.
+//! order, sets and cancels timers, and plays a slow receiver (`nap`).
 
 use conflux_sdk::prelude::*;
 use std::time::Duration;
@@ -80,6 +80,16 @@ impl Relay {
     pub fn send_then_fail(&self, target_id: String) -> Result<(), Error> {
         Relay::send_to(target_id).expect(&1)?;
         Err(Error::failed("refusing after sending"))
+    }
+
+    /// A slow receiver: sleeps `ms` inside its turn (bounded by the turn's
+    /// deadline), then counts the call. Prints before and after, so a test can
+    /// tell a nap in progress from one done.
+    pub fn nap(&mut self, ms: u64) {
+        println!("nap begins");
+        std::thread::sleep(Duration::from_millis(ms));
+        println!("nap ends");
+        self.received += 1;
     }
 
     pub fn stats(&self) -> &Self {
