@@ -622,6 +622,18 @@ mod tests {
         Config::default().validate().unwrap();
     }
 
+    /// A turn's write set is one Raft entry: a limit that would let one
+    /// outgrow a commit batch is refused, naming both settings.
+    #[test]
+    fn a_write_set_limit_beyond_one_log_entry_is_refused() {
+        let mut c = Config::default();
+        c.runtime.max_write_set_bytes = c.log.max_batch_bytes;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("runtime.max_write_set_bytes") && e.contains("log.max_batch_bytes"), "{e}");
+        c.log.max_batch_bytes += c.runtime.max_reply_bytes + WRITE_SET_OVERHEAD_BYTES;
+        c.validate().unwrap();
+    }
+
     #[test]
     fn a_cluster_needs_its_members_a_known_id_and_a_strong_secret() {
         let base = "[cluster]\nnode_id = 2\nsecret = \"0123456789abcdef\"\n\

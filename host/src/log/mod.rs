@@ -102,6 +102,9 @@ pub struct LogStats {
     pub compactions: u64,
     /// Highest index purged from the log (0 = none).
     pub purged_index: LogIndex,
+    /// Most payload bytes (write sets) in one batch: on a cluster, one Raft
+    /// entry, bounded by `max_batch_bytes` unless one write set is larger.
+    pub largest_batch_bytes: u64,
 }
 
 /// Tuning of `LocalLog`. Every field has a default; in a config file any may

@@ -49,6 +49,7 @@ struct Counters {
     proposals: AtomicU64,
     batches: AtomicU64,
     largest_batch: AtomicU64,
+    largest_batch_bytes: AtomicU64,
     bytes: AtomicU64,
 }
 
@@ -151,6 +152,7 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, counters: Arc<Cou
         counters.batches.fetch_add(1, Ordering::Relaxed);
         counters.largest_batch.fetch_max(replies.len() as u64, Ordering::Relaxed);
         counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        counters.largest_batch_bytes.fetch_max(bytes as u64, Ordering::Relaxed);
         let raft = raft.clone();
         let counters = counters.clone();
         // client_write queues the entry when first polled; polling it here
@@ -263,6 +265,7 @@ impl CommitLog for ShardLog {
             proposals: c.proposals.load(Ordering::Relaxed),
             sync_batches: c.batches.load(Ordering::Relaxed),
             largest_batch: c.largest_batch.load(Ordering::Relaxed),
+            largest_batch_bytes: c.largest_batch_bytes.load(Ordering::Relaxed),
             bytes_written: c.bytes.load(Ordering::Relaxed),
             ..LogStats::default()
         }
