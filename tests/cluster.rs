@@ -964,9 +964,8 @@ fn a_40_mb_component_reaches_every_member_outside_the_log_and_a_member_that_join
     deploy(cluster.node(1), "big", &file);
     eprintln!("deployed {} bytes in {:?}", big.len(), started.elapsed());
     deploy(cluster.node(0), "faulty", &guest_wasm("faulty"));
-    let stored = |dir: &Path| {
-        std::fs::metadata(dir.join("components").join(format!("{digest}.wasm"))).map_or(0, |m| m.len())
-    };
+    let stored =
+        |dir: &Path| std::fs::metadata(dir.join("components").join(format!("{digest}.wasm"))).map_or(0, |m| m.len());
     rt().block_on(async {
         // The deploy returned once every member served it.
         for i in 0..3 {

@@ -150,14 +150,25 @@ impl Keyspace {
 /// One change in a write set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Put { keyspace: Keyspace, key: Vec<u8>, value: Vec<u8> },
-    Delete { keyspace: Keyspace, key: Vec<u8> },
+    Put {
+        keyspace: Keyspace,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        keyspace: Keyspace,
+        key: Vec<u8>,
+    },
     /// A precondition, not a change: the whole write set applies only if
     /// `key` holds exactly `value` (`None`: is absent) when it is applied.
     /// Checked by the replicated state machine in log order, so every
     /// replica decides alike (compare-and-set of registry records). Added
     /// last, so write sets encoded before it existed still decode.
-    Expect { keyspace: Keyspace, key: Vec<u8>, value: Option<Vec<u8>> },
+    Expect {
+        keyspace: Keyspace,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    },
 }
 
 impl Op {

@@ -825,8 +825,7 @@ impl crate::registry::ComponentPeers for MemberComponents {
         max_bytes: u32,
     ) -> BoxFuture<'static, Result<crate::registry::ComponentChunk, String>> {
         let client = self.transport.client(node);
-        let req =
-            self.transport.request(pb::ReadComponentRequest { digest: digest.to_owned(), offset, max_bytes });
+        let req = self.transport.request(pb::ReadComponentRequest { digest: digest.to_owned(), offset, max_bytes });
         let book = self.transport.book.clone();
         Box::pin(async move {
             let Some(mut client) = client else { return Err("address unknown".to_owned()) };

@@ -459,10 +459,10 @@ impl Registry {
     fn stored_record(&self, type_name: &str) -> Result<(Option<Vec<u8>>, Option<TypeRecord>), RegistryError> {
         let bytes = self.store.get(Keyspace::Registry, &type_key(type_name))?;
         let record = match &bytes {
-            Some(b) => Some(serde_json::from_slice(b).map_err(|e| RegistryError::Corrupt {
-                name: type_name.to_owned(),
-                message: e.to_string(),
-            })?),
+            Some(b) => Some(
+                serde_json::from_slice(b)
+                    .map_err(|e| RegistryError::Corrupt { name: type_name.to_owned(), message: e.to_string() })?,
+            ),
             None => None,
         };
         Ok((bytes, record))
@@ -575,9 +575,10 @@ impl Registry {
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
         while offset < size {
-            let chunk = tokio::time::timeout(FETCH_CHUNK_TIMEOUT, peers.read_chunk(node, digest, offset, FETCH_CHUNK_BYTES))
-                .await
-                .map_err(|_| format!("no chunk within {FETCH_CHUNK_TIMEOUT:?}"))??;
+            let chunk =
+                tokio::time::timeout(FETCH_CHUNK_TIMEOUT, peers.read_chunk(node, digest, offset, FETCH_CHUNK_BYTES))
+                    .await
+                    .map_err(|_| format!("no chunk within {FETCH_CHUNK_TIMEOUT:?}"))??;
             if chunk.total_bytes != size {
                 return Err(format!("it holds {} bytes, the record says {size}", chunk.total_bytes));
             }
@@ -618,11 +619,8 @@ impl Registry {
             return Err(RegistryError::Corrupt { name: digest.to_owned(), message: "not a sha256 digest".into() });
         }
         let path = self.component_path(digest);
-        let missing = || RegistryError::MissingComponent {
-            name: String::new(),
-            digest: digest.to_owned(),
-            path: path.clone(),
-        };
+        let missing =
+            || RegistryError::MissingComponent { name: String::new(), digest: digest.to_owned(), path: path.clone() };
         let mut file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

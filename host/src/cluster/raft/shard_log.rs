@@ -170,12 +170,10 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, counters: Arc<Cou
                     ShardApplied::Fenced { entry_term } => {
                         Err(LogError::Fenced { fence_term: fence_term.unwrap_or_default(), entry_term })
                     }
-                    ShardApplied::Conflict { key } => {
-                        Err(LogError::Conflict {
-                            key: String::from_utf8_lossy(&key).into_owned(),
-                            index: r.log_id.index + 1,
-                        })
-                    }
+                    ShardApplied::Conflict { key } => Err(LogError::Conflict {
+                        key: String::from_utf8_lossy(&key).into_owned(),
+                        index: r.log_id.index + 1,
+                    }),
                 },
                 Err(e) => Err(log_error(&e)),
             };

@@ -258,10 +258,10 @@ async fn a_conditional_write_set_applies_only_if_its_expectation_holds() {
     };
     // Two changes planned from "nothing", one planned from "a": in one apply
     // call, the first wins, the second conflicts, the third sees the first.
-    let outcomes =
-        sm.apply([entry(1, 1, cas(None, "a")), entry(1, 2, cas(None, "b")), entry(1, 3, cas(Some("a"), "c"))])
-            .await
-            .unwrap();
+    let outcomes = sm
+        .apply([entry(1, 1, cas(None, "a")), entry(1, 2, cas(None, "b")), entry(1, 3, cas(Some("a"), "c"))])
+        .await
+        .unwrap();
     let conflict = ShardApplied::Conflict { key: b"rec".to_vec() };
     assert_eq!(outcomes, vec![ShardApplied::Applied, conflict.clone(), ShardApplied::Applied]);
     // Across apply calls the store decides: a retry of "a → c" conflicts.
