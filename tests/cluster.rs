@@ -903,3 +903,159 @@ fn members_talk_mutual_tls_and_refuse_a_peer_without_a_certificate_from_the_clus
         }
     });
 }
+
+/// `component` with a custom section `name` of `bytes` bytes appended: still
+/// a valid component (custom sections may appear anywhere), with a digest of
+/// its own. How the tests make large components without committing one.
+fn with_custom_section(component: &[u8], name: &str, bytes: usize) -> Vec<u8> {
+    fn leb128(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let low = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(low);
+                return;
+            }
+            out.push(low | 0x80);
+        }
+    }
+    let mut head = Vec::new();
+    leb128(name.len(), &mut head);
+    head.extend_from_slice(name.as_bytes());
+    let mut out = Vec::with_capacity(component.len() + bytes + 16);
+    out.extend_from_slice(component);
+    out.push(0); // a custom section
+    leb128(head.len() + bytes, &mut out);
+    out.extend_from_slice(&head);
+    out.extend((0..bytes).map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 24) as u8));
+    out
+}
+
+/// Bytes of all files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Components travel outside the Raft log: a 40 MB component deployed
+/// through one member is served by every member (each fetched it by digest
+/// from another, in chunks), none of the metadata logs holds it, and a
+/// member that joins later fetches it too. The same cluster replicates a
+/// turn whose write set is exactly at `runtime.max_write_set_bytes`, keys'
+/// entity prefixes counted (one byte more is refused).
+#[test]
+fn a_40_mb_component_reaches_every_member_outside_the_log_and_a_member_that_joins_later() {
+    use sha2::Digest;
+    let _one = one_cluster_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_extra(root.path(), 3, &QUICK_PLACEMENT);
+    let big = with_custom_section(&std::fs::read(guest_wasm("counter")).unwrap(), "ballast", 40 << 20);
+    let digest = hex::encode(sha2::Sha256::digest(&big));
+    let file = root.path().join("big.wasm");
+    std::fs::write(&file, &big).unwrap();
+    let started = Instant::now();
+    deploy(cluster.node(1), "big", &file);
+    eprintln!("deployed {} bytes in {:?}", big.len(), started.elapsed());
+    deploy(cluster.node(0), "faulty", &guest_wasm("faulty"));
+    let stored =
+        |dir: &Path| std::fs::metadata(dir.join("components").join(format!("{digest}.wasm"))).map_or(0, |m| m.len());
+    rt().block_on(async {
+        // The deploy returned once every member served it.
+        for i in 0..3 {
+            let mut c = cluster.node(i).client().await;
+            assert_eq!(call(&mut c, "big", &format!("b{i}"), "add", "2").await.unwrap(), json!(2));
+        }
+        // A write set of exactly the limit, counting the 10 bytes of the
+        // entity prefix `faulty\0ws\0` in front of each of the 4 keys `w/000N`.
+        let limit = 4 << 20;
+        let each = limit / 4 - "faulty\0ws\0w/0000".len();
+        let mut c = cluster.node(2).client().await;
+        call(&mut c, "faulty", "ws", "write_many", &format!("[4,{each}]")).await.unwrap();
+        // One byte more per value is over only because the prefixes count.
+        let over = call(&mut c, "faulty", "ws2", "write_many", &format!("[4,{}]", each + 1)).await.unwrap_err();
+        assert_eq!(kind(&over), "limit-exceeded", "{over:?}");
+        eventually(60, "every replica to catch up", async || {
+            caught_up(&cluster_status(cluster.node(0)).await).then_some(())
+        })
+        .await;
+    });
+    for i in 0..3 {
+        assert_eq!(stored(&cluster.dirs[i]), big.len() as u64, "member {} does not hold the component", i + 1);
+        let meta = dir_bytes(&cluster.dirs[i].join("shards").join("meta"));
+        assert!(meta < 8 << 20, "member {}'s metadata log holds {meta} bytes: the component went through it", i + 1);
+    }
+    let four = cluster.join(root.path(), 0, &QUICK_PLACEMENT);
+    rt().block_on(async {
+        // A call through it is forwarded to a shard leader at once; what
+        // shows that it got the component is its own registry serving it.
+        eventually(120, "the joined member to fetch and load the big component", async || {
+            let out = cluster.node(four).cli(&["versions", "big"]);
+            (out.status.success() && stored(&cluster.dirs[four]) == big.len() as u64).then_some(())
+        })
+        .await;
+        let mut c = cluster.node(four).client().await;
+        assert_eq!(call(&mut c, "big", "b0", "get", "").await.unwrap(), json!(2));
+    });
+}
+
+/// Registry changes are compare-and-set on the metadata group: a deploy
+/// through one member and a rollback through another, started together,
+/// both planned from the same record, cannot both apply; the loser is
+/// refused with `conflict` (retryable) and nothing of it applies, and every
+/// member ends with the same record, holding exactly the winners' changes.
+#[test]
+fn concurrent_deploys_and_rollbacks_through_different_members_apply_exactly_the_winners() {
+    let _one = one_cluster_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(root.path(), 3);
+    deploy(cluster.node(0), "counter", &guest_wasm("counter"));
+    deploy(cluster.node(0), "counter", &guest_wasm("counter-v2"));
+    let base = std::fs::read(guest_wasm("counter")).unwrap();
+    let (mut deploys_won, mut conflicts) = (0, 0);
+    let mut active = 2;
+    for round in 0..10 {
+        // New bytes every round: a version of their own if the deploy wins.
+        let file = root.path().join(format!("counter-{round}.wasm"));
+        std::fs::write(&file, with_custom_section(&base, &format!("round-{round}"), 64)).unwrap();
+        let back_to = if active == 1 { "2" } else { "1" };
+        let (d, r) = std::thread::scope(|s| {
+            let d = s.spawn(|| cluster.node(1).cli(&["deploy", "counter", file.to_str().unwrap()]));
+            let r = s.spawn(|| cluster.node(2).cli(&["rollback", "counter", back_to]));
+            (d.join().unwrap(), r.join().unwrap())
+        });
+        for out in [&d, &r] {
+            if !out.status.success() {
+                let line = error_line(&stderr(out));
+                assert!(line.contains("Aborted (conflict)"), "a change failed other than by a conflict: {line}");
+                conflicts += 1;
+            }
+        }
+        assert!(d.status.success() || r.status.success(), "round {round}: neither change applied");
+        if d.status.success() {
+            deploys_won += 1;
+        }
+        let versions = stdout(&cluster.node(0).cli(&["versions", "counter"]));
+        active = versions
+            .lines()
+            .skip(1)
+            .find(|l| l.split('\t').nth(1) == Some("active"))
+            .and_then(|l| l.split('\t').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no active version in {versions}"));
+    }
+    eprintln!("{deploys_won} deploys won, {conflicts} conflicts");
+    assert!(conflicts > 0, "no round raced: the test did not exercise the compare-and-set");
+    // Every winning deploy minted exactly one version; no lost or doubled one.
+    let listing = |i: usize| stdout(&cluster.node(i).cli(&["versions", "counter"]));
+    let first = listing(0);
+    assert_eq!(first.lines().count() - 1, 2 + deploys_won, "{first}");
+    for i in 1..3 {
+        assert_eq!(listing(i), first, "member {} serves another record", i + 1);
+    }
+}

@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+/// What a turn's write set carries besides its counted writes and its reply:
+/// the entity's meta record, a message's inbox mark, the idempotency record's
+/// key and expiry index.
+pub const WRITE_SET_OVERHEAD_BYTES: usize = 64 << 10;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -540,6 +545,19 @@ impl Config {
         if self.api.max_payload_bytes == 0 || r.max_reply_bytes == 0 {
             return bad("api.max_payload_bytes and runtime.max_reply_bytes must be > 0");
         }
+        // A turn's write set (with its reply, stored under an idempotency
+        // key, and bookkeeping) is one Raft entry, and an entry must reach
+        // the followers within one AppendEntries (openraft's budget is one
+        // heartbeat interval): it may not exceed what a commit batch holds.
+        if r.max_write_set_bytes.saturating_add(r.max_reply_bytes).saturating_add(WRITE_SET_OVERHEAD_BYTES)
+            > self.log.max_batch_bytes
+        {
+            return Err(ConfigError::Invalid(format!(
+                "runtime.max_write_set_bytes ({}) + runtime.max_reply_bytes ({}) + {WRITE_SET_OVERHEAD_BYTES} must not \
+                 exceed log.max_batch_bytes ({}): a turn's write set travels in one log entry",
+                r.max_write_set_bytes, r.max_reply_bytes, self.log.max_batch_bytes
+            )));
+        }
         if self.registry.max_component_bytes < 1024 {
             return bad("registry.max_component_bytes must be at least 1 KiB");
         }
@@ -606,6 +624,18 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    /// A turn's write set is one Raft entry: a limit that would let one
+    /// outgrow a commit batch is refused, naming both settings.
+    #[test]
+    fn a_write_set_limit_beyond_one_log_entry_is_refused() {
+        let mut c = Config::default();
+        c.runtime.max_write_set_bytes = c.log.max_batch_bytes;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("runtime.max_write_set_bytes") && e.contains("log.max_batch_bytes"), "{e}");
+        c.log.max_batch_bytes += c.runtime.max_reply_bytes + WRITE_SET_OVERHEAD_BYTES;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -36,6 +36,7 @@ fn model_apply(m: &mut Model, ws: &WriteSet) {
             Op::Delete { keyspace, key } => {
                 m.remove(&(keyspace.as_byte(), key.clone()));
             }
+            Op::Expect { .. } => {}
         }
     }
 }

@@ -150,20 +150,37 @@ impl Keyspace {
 /// One change in a write set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Put { keyspace: Keyspace, key: Vec<u8>, value: Vec<u8> },
-    Delete { keyspace: Keyspace, key: Vec<u8> },
+    Put {
+        keyspace: Keyspace,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        keyspace: Keyspace,
+        key: Vec<u8>,
+    },
+    /// A precondition, not a change: the whole write set applies only if
+    /// `key` holds exactly `value` (`None`: is absent) when it is applied.
+    /// Checked by the replicated state machine in log order, so every
+    /// replica decides alike (compare-and-set of registry records). Added
+    /// last, so write sets encoded before it existed still decode.
+    Expect {
+        keyspace: Keyspace,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    },
 }
 
 impl Op {
     pub fn keyspace(&self) -> Keyspace {
         match self {
-            Op::Put { keyspace, .. } | Op::Delete { keyspace, .. } => *keyspace,
+            Op::Put { keyspace, .. } | Op::Delete { keyspace, .. } | Op::Expect { keyspace, .. } => *keyspace,
         }
     }
 
     pub fn key(&self) -> &[u8] {
         match self {
-            Op::Put { key, .. } | Op::Delete { key, .. } => key,
+            Op::Put { key, .. } | Op::Delete { key, .. } | Op::Expect { key, .. } => key,
         }
     }
 }
@@ -187,9 +204,17 @@ impl WriteSet {
             .map(|op| match op {
                 Op::Put { key, value, .. } => 8 + key.len() + value.len(),
                 Op::Delete { key, .. } => 8 + key.len(),
+                Op::Expect { key, value, .. } => 8 + key.len() + value.as_ref().map_or(0, Vec::len),
             })
             .sum::<usize>()
             + 8
+    }
+
+    /// Whether the write set carries preconditions ([`Op::Expect`]): it must
+    /// then travel in a Raft entry of its own, since a failed precondition
+    /// skips the whole entry.
+    pub fn is_conditional(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, Op::Expect { .. }))
     }
 
     /// Stable binary encoding used in the log.
@@ -579,6 +604,11 @@ mod tests {
             ],
         };
         assert_eq!(WriteSet::decode(&ws.encode()).unwrap(), ws);
+        // Adding `Expect` left the encoding of the older ops as it was.
+        let mut conditional = ws.clone();
+        conditional.ops.push(Op::Expect { keyspace: Keyspace::Registry, key: b"r".to_vec(), value: None });
+        assert!(conditional.encode()[1..].starts_with(&ws.encode()[1..]) && conditional.is_conditional());
+        assert_eq!(WriteSet::decode(&conditional.encode()).unwrap(), conditional);
         assert!(WriteSet::decode(&[0xff, 0xff, 0xff]).is_err());
     }
 }

@@ -17,7 +17,7 @@
 
 use crate::api::auth::Authenticator;
 use crate::api::cluster::{
-    ClusterSecret, ClusterService, ClusterView, GrpcTransport, Member, MemberRegistries, PeerTls,
+    ClusterSecret, ClusterService, ClusterView, GrpcTransport, Member, MemberComponents, MemberRegistries, PeerTls,
 };
 use crate::api::net::SharedNetwork;
 use crate::api::{self, Api};
@@ -303,7 +303,7 @@ impl Node {
             .map_err(|e| catch_up(&e))?;
         let store: Arc<dyn StateStore> = replica.state.store().clone();
         let log: Arc<dyn CommitLog> = Arc::new(ShardLog::new(replica, &cfg.log));
-        let (runtime, registry) = open_runtime_and_registry(&cfg, store.clone(), log.clone()).await?;
+        let (runtime, registry) = open_runtime_and_registry(&cfg, store.clone(), log.clone(), false).await?;
         let scheduler = Scheduler::new(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone());
         Ok(Self { scheduler, registry, store, log, cfg, auth, cluster: None, network, _lock: lock })
     }
@@ -435,8 +435,9 @@ impl Node {
         );
         let store: Arc<dyn StateStore> = local.clone();
         let log: Arc<dyn CommitLog> = local.clone();
-        let (runtime, registry) = open_runtime_and_registry(&cfg, meta.store.clone(), meta_log.clone()).await?;
+        let (runtime, registry) = open_runtime_and_registry(&cfg, meta.store.clone(), meta_log.clone(), true).await?;
         registry.set_propagation(Arc::new(MemberRegistries::new(c.node_id, transport.clone(), shape.clone())));
+        registry.set_component_peers(Arc::new(MemberComponents::new(c.node_id, transport.clone(), shape.clone())));
         let router = Arc::new(ClusterRouter::new(local.clone(), transport.clone(), timeout));
         let scheduler =
             Scheduler::with_router(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone(), Some(router));
@@ -574,11 +575,13 @@ async fn open_runtime_and_registry(
     cfg: &Config,
     store: Arc<dyn StateStore>,
     log: Arc<dyn CommitLog>,
+    member: bool,
 ) -> Result<(Arc<Runtime>, Arc<Registry>), NodeError> {
     let (runtime_cfg, registry_cfg, dir) = (cfg.runtime.clone(), cfg.registry.clone(), cfg.storage.data_dir.clone());
     crate::determinism::blocking(move || {
         let runtime = Arc::new(Runtime::new(&runtime_cfg)?);
-        let registry = Registry::open(&registry_cfg, &dir, runtime.clone(), store, log)
+        let open = if member { Registry::open_member } else { Registry::open };
+        let registry = open(&registry_cfg, &dir, runtime.clone(), store, log)
             .map_err(|source| NodeError::RegistryOpen { path: dir.display().to_string(), source })?;
         Ok::<_, NodeError>((runtime, Arc::new(registry)))
     })
@@ -632,6 +635,7 @@ async fn follow_meta(member: Member, initial: Layout, founders: BTreeMap<u64, St
     // founder restarting after others joined must still dial them (the
     // simulation found a restarted founder that never could).
     let mut dialled = founders.clone();
+    let mut registry_loaded = true;
     loop {
         let (applied, membership) = {
             let m = metrics.borrow_and_update();
@@ -666,6 +670,10 @@ async fn follow_meta(member: Member, initial: Layout, founders: BTreeMap<u64, St
                     tracing::info!(types = n, "registry caught up with the metadata group");
                     true
                 }
+                Ok(Err(e @ crate::registry::RegistryError::Loading { .. })) => {
+                    tracing::warn!("registry refresh: {e}");
+                    false
+                }
                 Ok(Err(e)) => {
                     tracing::error!("registry refresh failed: {e}");
                     false
@@ -675,15 +683,29 @@ async fn follow_meta(member: Member, initial: Layout, founders: BTreeMap<u64, St
                     false
                 }
             };
+            registry_loaded = refreshed;
             if votes && refreshed && !member.ready.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 tracing::info!("caught up with the metadata group: ready for replicas");
             }
         }
-        if metrics.changed().await.is_err() {
-            return;
+        if registry_loaded {
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        } else {
+            // A component could not be fetched yet (its holders unreachable):
+            // try again even if the metadata group stays quiet.
+            match tokio::time::timeout(REFRESH_RETRY, metrics.changed()).await {
+                Ok(Err(_)) => return,
+                Ok(Ok(())) => {}
+                Err(_) => seen = (None, None),
+            }
         }
     }
 }
+
+/// How soon a member retries loading components it could not fetch.
+const REFRESH_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

@@ -43,6 +43,8 @@ pub const MIN_SECRET_BYTES: usize = 16;
 /// Largest Raft message a node accepts (a snapshot chunk or a batch of
 /// entries; openraft chunks snapshots well below this).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// The largest component chunk a node sends in one `ReadComponent` reply.
+const MAX_COMPONENT_CHUNK_BYTES: usize = 4 << 20;
 /// How long connecting to a peer may take before the message fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a forwarded invocation or proposal may take on the leader
@@ -494,12 +496,21 @@ impl Cluster for ClusterService {
                 code: Code::Unavailable as i32,
                 message: format!("node {} does not lead shard {}", self.node, req.shard),
                 leader,
+                index: None,
+            }),
+            Err(LogError::Conflict { key, index }) => pb::propose_reply::Outcome::Failure(pb::Failure {
+                kind: "conflict".into(),
+                code: Code::Aborted as i32,
+                message: key,
+                leader: None,
+                index: Some(index),
             }),
             Err(e) => pb::propose_reply::Outcome::Failure(pb::Failure {
                 kind: "commit".into(),
                 code: Code::Unavailable as i32,
                 message: e.to_string(),
                 leader: None,
+                index: None,
             }),
         };
         Ok(Response::new(pb::ProposeReply { outcome: Some(outcome) }))
@@ -585,6 +596,26 @@ impl Cluster for ClusterService {
         let shard = req.into_inner().shard;
         self.member()?.clone().campaign_here(shard).await.map_err(refused)?;
         Ok(Response::new(pb::ReplicaReply {}))
+    }
+
+    async fn read_component(
+        &self,
+        req: Request<pb::ReadComponentRequest>,
+    ) -> Result<Response<pb::ReadComponentReply>, Status> {
+        self.secret.admit(&req)?;
+        let Some(registry) = self.registry.clone() else {
+            return Err(Status::unavailable("this node is not serving yet"));
+        };
+        let req = req.into_inner();
+        let max = (req.max_bytes as usize).min(MAX_COMPONENT_CHUNK_BYTES);
+        let read =
+            crate::determinism::blocking(move || registry.read_component_chunk(&req.digest, req.offset, max)).await;
+        match read.map_err(|e| Status::internal(e.to_string()))? {
+            Ok(c) => Ok(Response::new(pb::ReadComponentReply { data: c.data, total_bytes: c.total_bytes })),
+            Err(e @ crate::registry::RegistryError::MissingComponent { .. }) => Err(Status::not_found(e.to_string())),
+            Err(e @ crate::registry::RegistryError::Corrupt { .. }) => Err(Status::invalid_argument(e.to_string())),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
     }
 
     async fn loaded_type(&self, req: Request<pb::LoadedTypeRequest>) -> Result<Response<pb::LoadedTypeReply>, Status> {
@@ -734,7 +765,9 @@ impl crate::registry::Propagation for MemberRegistries {
                                     &reply.into_inner().record_json,
                                 )
                                 .ok();
-                                if served.as_ref() == Some(&want) {
+                                // A later revision includes this change or
+                                // a concurrent one that followed it.
+                                if served.as_ref().is_some_and(|s| s == &want || s.revision > want.revision) {
                                     return Ok(());
                                 }
                             }
@@ -758,6 +791,48 @@ impl crate::registry::Propagation for MemberRegistries {
             } else {
                 Err(format!("nodes {late:?} did not load it within {PROPAGATION_TIMEOUT:?}"))
             }
+        })
+    }
+}
+
+/// The other members, as the registry's source of components it lacks.
+pub struct MemberComponents {
+    node: NodeId,
+    transport: Arc<GrpcTransport>,
+    shape: Arc<ClusterShape>,
+}
+
+impl MemberComponents {
+    pub fn new(node: NodeId, transport: Arc<GrpcTransport>, shape: Arc<ClusterShape>) -> Self {
+        Self { node, transport, shape }
+    }
+}
+
+impl crate::registry::ComponentPeers for MemberComponents {
+    /// Starting after this node, so members do not all ask the same one.
+    fn members(&self) -> Vec<u64> {
+        let members = self.shape.members();
+        let (after, before): (Vec<NodeId>, Vec<NodeId>) =
+            members.into_iter().filter(|n| *n != self.node).partition(|n| *n > self.node);
+        after.into_iter().chain(before).collect()
+    }
+
+    fn read_chunk(
+        &self,
+        node: u64,
+        digest: &str,
+        offset: u64,
+        max_bytes: u32,
+    ) -> BoxFuture<'static, Result<crate::registry::ComponentChunk, String>> {
+        let client = self.transport.client(node);
+        let req = self.transport.request(pb::ReadComponentRequest { digest: digest.to_owned(), offset, max_bytes });
+        let book = self.transport.book.clone();
+        Box::pin(async move {
+            let Some(mut client) = client else { return Err("address unknown".to_owned()) };
+            let reply = client.read_component(req).await;
+            book.note_call(node, reply.as_ref().map_or_else(answered, |_| true));
+            let reply = reply.map_err(|s| format!("{}: {}", s.code(), s.message()))?.into_inner();
+            Ok(crate::registry::ComponentChunk { data: reply.data, total_bytes: reply.total_bytes })
         })
     }
 }
@@ -805,7 +880,7 @@ fn failure_of(e: InvokeError) -> pb::Failure {
         _ => None,
     };
     let (kind, code) = (e.kind(), super::invoke_code(&e));
-    pb::Failure { kind: kind.to_owned(), code: code as i32, message: super::invoke_message(e), leader }
+    pb::Failure { kind: kind.to_owned(), code: code as i32, message: super::invoke_message(e), leader, index: None }
 }
 
 fn invoke_error_of(node: NodeId, f: pb::Failure) -> InvokeError {
@@ -968,6 +1043,9 @@ impl Peers for GrpcTransport {
                 Some(pb::propose_reply::Outcome::Index(i)) => Ok(i),
                 Some(pb::propose_reply::Outcome::Failure(f)) if f.kind == "not-leader" => {
                     Err(LogError::NotLeader { leader: f.leader })
+                }
+                Some(pb::propose_reply::Outcome::Failure(f)) if f.kind == "conflict" => {
+                    Err(LogError::Conflict { key: f.message, index: f.index.unwrap_or_default() })
                 }
                 Some(pb::propose_reply::Outcome::Failure(f)) => Err(LogError::Aborted(f.message)),
                 None => Err(LogError::Aborted(format!("node {node} sent an empty reply"))),

@@ -177,6 +177,8 @@ pub fn http_status_of(code: Code, kind: &str) -> StatusCode {
         // A reused idempotency key is refused like payment APIs refuse it.
         "idempotency-key-reused" => StatusCode::UNPROCESSABLE_ENTITY,
         "unsupported-media-type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        // A registry change that lost a race: the client's view is stale.
+        "conflict" => StatusCode::CONFLICT,
         _ => http_status(code),
     }
 }
@@ -562,6 +564,7 @@ mod tests {
             StatusCode::UNPROCESSABLE_ENTITY
         );
         assert_eq!(http_status_of(Code::InvalidArgument, "bad-json"), StatusCode::BAD_REQUEST);
+        assert_eq!(http_status_of(Code::Aborted, "conflict"), StatusCode::CONFLICT);
         assert_eq!(http_status_of(Code::PermissionDenied, "cross-origin"), StatusCode::FORBIDDEN);
     }
 

@@ -101,6 +101,7 @@ fn status(code: Code, kind: &'static str, message: impl Into<String>) -> Status 
 /// The status code the public API answers a failed invocation with.
 pub(crate) fn invoke_code(e: &InvokeError) -> Code {
     match e {
+        InvokeError::UnknownType(RegistryError::Loading { .. }) => Code::Unavailable,
         InvokeError::UnknownType(_) => Code::NotFound,
         InvokeError::BadOperation | InvokeError::BadIdempotencyKey(_) => Code::InvalidArgument,
         InvokeError::MailboxFull { .. }
@@ -195,6 +196,11 @@ fn registry_status(e: RegistryError) -> Status {
         RegistryError::UnknownVersion { .. } => status(Code::NotFound, "unknown-version", msg),
         RegistryError::BadCanary(_) => status(Code::InvalidArgument, "bad-canary", msg),
         RegistryError::NotPropagated(_) => status(Code::Unavailable, "not-propagated", msg),
+        RegistryError::Conflict { .. } => status(Code::Aborted, "conflict", msg),
+        RegistryError::Loading { .. } => status(Code::Unavailable, "component-loading", msg),
+        RegistryError::Fetch { .. } => status(Code::Unavailable, "component-fetch", msg),
+        // The metadata group had no leader or lost the write's outcome.
+        RegistryError::Log(_) => status(Code::Unavailable, "commit", msg),
         _ => status(Code::Internal, "registry", msg),
     }
 }

@@ -1,7 +1,8 @@
 //! The metadata group: one Raft group, apart from the data shards, with a
-//! replica on every member. It holds the component registry (type records
-//! and component bytes), so a deploy is one metadata write that every node
-//! applies, then compiles before serving it. `MetaLog` lets a node that does
+//! replica on every member. It holds the component registry (type records:
+//! versions, digests and sizes — never component bytes, which members fetch
+//! from each other by digest), so a deploy is one small metadata write that
+//! every node applies, then fetches, checks and compiles before serving it. `MetaLog` lets a node that does
 //! not lead the group commit through the one that does.
 
 use super::raft::{NodeId, ShardId};
@@ -21,7 +22,10 @@ pub const META_SHARD: ShardId = u32::MAX;
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// The metadata group's commit log on one member. Metadata writes are
-/// whole-record puts, so a write retried after an unknown outcome does no harm.
+/// whole-record puts, so a write retried after an unknown outcome does no
+/// harm; registry changes are also conditional on the record they read
+/// (`Op::Expect`), so a retry of one that did commit applies nothing and
+/// reports a conflict, which the registry resolves by reading the record.
 pub struct MetaLog {
     node: NodeId,
     local: LocalShard,
@@ -80,6 +84,18 @@ impl CommitLog for MetaLog {
                                 LogError::Aborted(format!("the metadata write committed but did not apply here: {e}"))
                             })?;
                         return Ok(index);
+                    }
+                    // Nothing applied, but the caller reads the store next
+                    // to see what its write conflicted with: wait until
+                    // this replica has applied that far.
+                    Err(LogError::Conflict { key, index }) => {
+                        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+                        let _ = local
+                            .raft
+                            .wait(Some(left))
+                            .applied_index_at_least(Some(index.saturating_sub(1)), "metadata conflict applied here")
+                            .await;
+                        return Err(LogError::Conflict { key, index });
                     }
                     Err(e @ (LogError::NotLeader { .. } | LogError::Aborted(_))) => {
                         if Instant::now() + RETRY_PAUSE >= deadline {

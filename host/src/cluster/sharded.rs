@@ -357,6 +357,7 @@ impl CommitLog for LocalShards {
             total.proposals += one.proposals;
             total.sync_batches += one.sync_batches;
             total.largest_batch = total.largest_batch.max(one.largest_batch);
+            total.largest_batch_bytes = total.largest_batch_bytes.max(one.largest_batch_bytes);
             total.bytes_written += one.bytes_written;
         }
         total

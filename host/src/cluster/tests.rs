@@ -809,3 +809,44 @@ async fn change_replicas_on(
     let raft = nodes.iter().find(|n| n.id == leader).unwrap().replica().raft.clone();
     crate::cluster::driver::change_replicas(&raft, addrs, add, remove, Duration::from_secs(30)).await.unwrap();
 }
+
+/// A batch, which is one Raft entry, never holds more than `max_batch_bytes`
+/// of write sets (each entry must reach the followers within one
+/// AppendEntries), and a conditional write set goes in an entry of its own:
+/// a failed precondition skips it without taking others' writes along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_split_at_max_batch_bytes_and_a_conditional_write_goes_alone() {
+    use crate::log::{CommitLog, LogError};
+    use crate::storage::StateStore;
+    let net = LocalNet::new(7);
+    let nodes = start_cluster(&net, config(50)).await;
+    let l = leader(&nodes, Duration::from_secs(10)).await;
+    let node = nodes.iter().find(|n| n.id == l).unwrap();
+    let cfg = crate::log::LogConfig { max_batch_bytes: 64 << 10, ..crate::log::LogConfig::default() };
+    let log = Arc::new(raft::ShardLog::new(node.replica().clone(), &cfg));
+    let value = "v".repeat(10 << 10);
+    let mut proposals: Vec<_> = (0..60).map(|i| log.propose(put(&format!("k{i}"), &value))).collect();
+    // A compare-and-set expecting a value the key never holds, among them.
+    let cas = WriteSet {
+        ops: vec![
+            Op::Expect { keyspace: Keyspace::State, key: b"k0".to_vec(), value: Some(b"never".to_vec()) },
+            Op::Put { keyspace: Keyspace::State, key: b"cas".to_vec(), value: b"x".to_vec() },
+        ],
+    };
+    proposals.insert(30, log.propose(cas));
+    let mut outcomes = futures::future::join_all(proposals).await;
+    let conditional = outcomes.remove(30);
+    assert!(matches!(conditional, Err(LogError::Conflict { ref key, .. }) if key == "k0"), "{conditional:?}");
+    for r in outcomes {
+        r.unwrap();
+    }
+    let stats = log.stats();
+    assert!(stats.largest_batch > 1, "nothing was batched: {stats:?}");
+    assert!(stats.largest_batch_bytes <= 64 << 10, "an entry held {} bytes", stats.largest_batch_bytes);
+    let store = node.replica().state.store().clone();
+    assert!(store.get(Keyspace::State, b"cas").unwrap().is_none(), "a failed compare-and-set wrote");
+    for i in 0..60 {
+        assert!(store.get(Keyspace::State, format!("k{i}").as_bytes()).unwrap().is_some(), "k{i} lost");
+    }
+    log.shutdown().await.unwrap();
+}

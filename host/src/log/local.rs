@@ -476,6 +476,7 @@ impl CommitLog for LocalLog {
             replayed_entries: s.replayed.load(Ordering::Relaxed),
             compactions: s.compactions.load(Ordering::Relaxed),
             purged_index: s.purged.load(Ordering::Relaxed),
+            largest_batch_bytes: 0,
         }
     }
 

@@ -56,13 +56,19 @@ pub enum LogError {
     /// was never proposed, so nothing of it can commit.
     #[error("the commit queue had no room within {waited_ms} ms (the shard may have lost its majority): not written")]
     QueueTimeout { waited_ms: u64 },
+    /// A conditional write set (`Op::Expect`) committed, but a precondition
+    /// did not hold when it applied: nothing of it applied. `key` names it;
+    /// `index` is the (no-op) entry's, so a reader can wait until it sees
+    /// what the write conflicted with.
+    #[error("conflict: {key} changed since it was read; nothing was written")]
+    Conflict { key: String, index: LogIndex },
 }
 
 impl LogError {
     /// Whether the failed proposal certainly wrote nothing and never will
     /// (otherwise its outcome is unknown until a later write commits).
     pub fn never_written(&self) -> bool {
-        matches!(self, LogError::Fenced { .. } | LogError::QueueTimeout { .. })
+        matches!(self, LogError::Fenced { .. } | LogError::QueueTimeout { .. } | LogError::Conflict { .. })
     }
 }
 
@@ -96,6 +102,9 @@ pub struct LogStats {
     pub compactions: u64,
     /// Highest index purged from the log (0 = none).
     pub purged_index: LogIndex,
+    /// Most payload bytes (write sets) in one batch: on a cluster, one Raft
+    /// entry, bounded by `max_batch_bytes` unless one write set is larger.
+    pub largest_batch_bytes: u64,
 }
 
 /// Tuning of `LocalLog`. Every field has a default; in a config file any may
@@ -105,7 +114,11 @@ pub struct LogStats {
 pub struct LogConfig {
     /// Most proposals appended and synced as one batch.
     pub max_batch_entries: usize,
-    /// Stop adding proposals to a batch once it holds this many payload bytes.
+    /// Most payload bytes of one batch, which on a cluster is one Raft
+    /// entry: a batch ends before the write set that would exceed it (one
+    /// write set alone may, but configuration keeps every turn's write set
+    /// below it). Bounded so an entry reaches the followers within one
+    /// AppendEntries, which openraft gives one heartbeat interval.
     pub max_batch_bytes: usize,
     /// Proposals that may wait for the writer; further `propose` calls wait
     /// for room (backpressure).
@@ -126,7 +139,8 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             max_batch_entries: 1024,
-            max_batch_bytes: 4 * 1024 * 1024,
+            // A 4 MiB write set, a 1 MiB stored reply and bookkeeping fit.
+            max_batch_bytes: 6 * 1024 * 1024,
             queue_depth: 8192,
             compact_every_entries: 100_000,
             wal_flush_wait_micros: 100,

@@ -6,11 +6,19 @@
 //! at the start of every turn.
 //!
 //! Registry metadata is written through the commit log (keyspace `Registry`),
-//! so a deploy is durable and atomic like any turn. Component bytes are written
-//! and fsync'd to `components/` before the metadata that names them, and a
-//! version is compiled and linked before any record points at it, so a component
-//! that does not compile or validate never becomes active. What a deploy or an
-//! activation does to a [`TypeRecord`] is decided by pure functions (`plan_*`).
+//! so a deploy is durable and atomic like any turn. Component bytes never go
+//! through the log: they are written and fsync'd to `components/<sha256>.wasm`
+//! (the node's content-addressed store) before the record that names them by
+//! digest and size is proposed; a cluster member that applies a record whose
+//! component it lacks fetches it from the other members by digest, in
+//! `FETCH_CHUNK_BYTES` chunks ([`ComponentPeers`]), checks the digest, stores it,
+//! then loads it like any other. A version is compiled and linked before any
+//! record points at it, so a component that does not compile or validate never
+//! becomes active. What a deploy or an activation does to a [`TypeRecord`] is
+//! decided by pure functions (`plan_*`); the change is proposed on condition
+//! that the stored record is still the one it was planned from (`Op::Expect`),
+//! so concurrent changes through different members cannot overwrite each other
+//! and a retried proposal cannot apply twice.
 
 mod validate;
 
@@ -55,6 +63,21 @@ pub enum RegistryError {
     BadCanary(String),
     #[error("committed, but not every member serves it yet: {0}")]
     NotPropagated(String),
+    /// Another change of the type's record committed between the read this
+    /// change was planned from and its commit: nothing of it applied.
+    #[error(
+        "the registry record of {name:?} changed while this change was being made (a concurrent deploy, rollback \
+         or promote, maybe through another member); nothing changed: check `conflux versions {name}` and retry"
+    )]
+    Conflict { name: String },
+    /// The type is recorded in the registry but this node has not fetched or
+    /// compiled its component yet (it joined or restarted recently, or the
+    /// deploy is still reaching it): retry shortly.
+    #[error("entity type {name:?} is deployed but this node is still loading its component; retry shortly")]
+    Loading { name: String },
+    /// No member could provide a component this node needs.
+    #[error("cannot fetch component {digest} from the other members: {message}")]
+    Fetch { digest: String, message: String },
 }
 
 /// Most entity ids one canary may list; a canary is a handful of test entities.
@@ -86,6 +109,11 @@ pub struct TypeRecord {
     pub active: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanaryRecord>,
+    /// Changes committed to this record so far (0 for records written before
+    /// it was counted): a member serving revision N or later serves this
+    /// change or one made after it.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// A record change decided by a `plan_*` function, with what to tell the caller.
@@ -130,7 +158,7 @@ impl TypeRecord {
         canary: Option<Vec<String>>,
     ) -> Result<Plan<DeployOutcome>, RegistryError> {
         let canary = canary.map(canary_ids).transpose()?;
-        let empty = TypeRecord { name: name.to_owned(), versions: vec![], active: 0, canary: None };
+        let empty = TypeRecord { name: name.to_owned(), versions: vec![], active: 0, canary: None, revision: 0 };
         let rec = existing.unwrap_or(&empty);
         let previous_active = existing.map(|r| r.active);
         let same = rec.versions.iter().find(|v| v.digest == digest).map(|v| v.version);
@@ -148,6 +176,7 @@ impl TypeRecord {
             return Ok(Plan { record: None, outcome });
         }
         let mut next = rec.clone();
+        next.revision += 1;
         if same.is_none() {
             next.versions.push(VersionRecord {
                 version: outcome.version,
@@ -194,6 +223,7 @@ impl TypeRecord {
             return Ok(Plan { record: None, outcome });
         }
         let mut next = self.clone();
+        next.revision += 1;
         next.active = version;
         next.canary = None;
         Ok(Plan { record: Some(next), outcome })
@@ -272,17 +302,57 @@ impl TypeState {
     }
 }
 
+/// The largest piece of a component asked of a peer in one call: big enough
+/// that a 64 MiB component takes 64 calls, small enough that one call never
+/// holds a connection (shared with Raft traffic) for long.
+pub const FETCH_CHUNK_BYTES: u32 = 1 << 20;
+/// How long one chunk may take to arrive before the peer is given up on.
+const FETCH_CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long an invocation of a type that is recorded but not loaded here yet
+/// waits for the load before failing with `RegistryError::Loading`.
+pub const LOADING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A piece of a component as a peer sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentChunk {
+    pub data: Vec<u8>,
+    /// The size of the whole component on the peer.
+    pub total_bytes: u64,
+}
+
+/// Where a cluster member gets components it lacks: the other members, by
+/// digest (the wire lives in `api::cluster`; a single node has none).
+pub trait ComponentPeers: Send + Sync + 'static {
+    /// The other members, in the order to ask them.
+    fn members(&self) -> Vec<u64>;
+    /// Up to `max_bytes` of component `digest` from `offset`, from `node`.
+    fn read_chunk(
+        &self,
+        node: u64,
+        digest: &str,
+        offset: u64,
+        max_bytes: u32,
+    ) -> futures::future::BoxFuture<'static, Result<ComponentChunk, String>>;
+}
+
 /// How a clustered registry learns that the other members serve a record
 /// (a single node has no others).
 pub trait Propagation: Send + Sync + 'static {
-    /// Resolves once every member that is up serves `record`; the error names
-    /// the members that did not in time.
+    /// Resolves once every member that is up serves `record` or a later
+    /// revision of it (a concurrent change may have followed); the error
+    /// names the members that did not in time.
     fn await_members(&self, record: &TypeRecord) -> futures::future::BoxFuture<'static, Result<(), String>>;
 }
 
 pub struct Registry {
     runtime: Arc<Runtime>,
     propagation: std::sync::OnceLock<Arc<dyn Propagation>>,
+    component_peers: std::sync::OnceLock<Arc<dyn ComponentPeers>>,
+    /// A cluster member: a recorded component missing here is fetched, and
+    /// its type waits (`Loading`) meanwhile. A single node: it is corruption.
+    member: bool,
+    /// Bumped whenever a refresh loaded something: what `await_loaded` waits on.
+    loads: tokio::sync::watch::Sender<u64>,
     store: Arc<dyn StateStore>,
     log: Arc<dyn CommitLog>,
     cfg: RegistryConfig,
@@ -294,8 +364,9 @@ pub struct Registry {
 }
 
 const TYPE_KEY_PREFIX: &str = "type/";
-/// Component bytes by digest, written with the record of the version that
-/// first uses them: on a cluster this is how every node gets them.
+/// Component bytes by digest, as registries before content-addressed
+/// transfer wrote them with the record that first used them: still read (and
+/// served to members that lack them), never written.
 const COMPONENT_KEY_PREFIX: &str = "component/";
 
 fn component_key(digest: &str) -> Vec<u8> {
@@ -310,13 +381,38 @@ use crate::model::unix_ms as now_ms;
 
 impl Registry {
     /// Opens the registry under `data_dir` and loads the active version of
-    /// every type (from cached artifacts when they fit this engine).
+    /// every type (from cached artifacts when they fit this engine). A
+    /// recorded component missing from `components/` fails the open.
     pub fn open(
         cfg: &RegistryConfig,
         data_dir: &Path,
         runtime: Arc<Runtime>,
         store: Arc<dyn StateStore>,
         log: Arc<dyn CommitLog>,
+    ) -> Result<Self, RegistryError> {
+        Self::open_with(cfg, data_dir, runtime, store, log, false)
+    }
+
+    /// Opens the registry of a cluster member: like [`Registry::open`], but a
+    /// type whose component this node does not hold yet stays `Loading` until
+    /// `refresh_in_background` has fetched it from the other members.
+    pub fn open_member(
+        cfg: &RegistryConfig,
+        data_dir: &Path,
+        runtime: Arc<Runtime>,
+        store: Arc<dyn StateStore>,
+        log: Arc<dyn CommitLog>,
+    ) -> Result<Self, RegistryError> {
+        Self::open_with(cfg, data_dir, runtime, store, log, true)
+    }
+
+    fn open_with(
+        cfg: &RegistryConfig,
+        data_dir: &Path,
+        runtime: Arc<Runtime>,
+        store: Arc<dyn StateStore>,
+        log: Arc<dyn CommitLog>,
+        member: bool,
     ) -> Result<Self, RegistryError> {
         let components_dir = data_dir.join("components");
         let artifacts_dir = data_dir.join("artifacts");
@@ -325,6 +421,9 @@ impl Registry {
         let reg = Self {
             runtime,
             propagation: std::sync::OnceLock::new(),
+            component_peers: std::sync::OnceLock::new(),
+            member,
+            loads: tokio::sync::watch::Sender::new(0),
             store: store.clone(),
             log,
             cfg: cfg.clone(),
@@ -334,13 +433,39 @@ impl Registry {
             deploy_lock: Arc::new(tokio::sync::Mutex::new(())),
         };
         // Nobody else holds the registry yet, so no deploy can race the load.
-        reg.refresh_locked()?;
+        match reg.refresh_locked() {
+            Ok(_) => {}
+            // A member fetches what it lacks once it can reach the others.
+            Err(RegistryError::Loading { name }) if member => {
+                tracing::info!(entity_type = %name, "a component is not here yet: fetching it from the members");
+            }
+            Err(e) => return Err(e),
+        }
         Ok(reg)
     }
 
     /// Makes deploys, rollbacks and promotes wait until every member serves them.
     pub fn set_propagation(&self, p: Arc<dyn Propagation>) {
         let _ = self.propagation.set(p);
+    }
+
+    /// Where this member fetches the components it lacks.
+    pub fn set_component_peers(&self, p: Arc<dyn ComponentPeers>) {
+        let _ = self.component_peers.set(p);
+    }
+
+    /// The stored record of `type_name` as its exact bytes (what a change is
+    /// conditional on) and decoded.
+    fn stored_record(&self, type_name: &str) -> Result<(Option<Vec<u8>>, Option<TypeRecord>), RegistryError> {
+        let bytes = self.store.get(Keyspace::Registry, &type_key(type_name))?;
+        let record = match &bytes {
+            Some(b) => Some(
+                serde_json::from_slice(b)
+                    .map_err(|e| RegistryError::Corrupt { name: type_name.to_owned(), message: e.to_string() })?,
+            ),
+            None => None,
+        };
+        Ok((bytes, record))
     }
 
     /// Every type record in the store.
@@ -365,16 +490,188 @@ impl Registry {
     /// `refresh_locked`). The deploy lock is awaited, not blocked on, so no
     /// blocking thread sits waiting for a deploy that itself waits on the
     /// network; then the loading runs on the blocking pool.
+    /// On a member, components the store's records need and this node
+    /// lacks are fetched from the other members first (a failure leaves
+    /// their types `Loading`, reported as the error, for the next refresh).
     pub async fn refresh_in_background(
         self: &Arc<Self>,
     ) -> Result<Result<usize, RegistryError>, tokio::task::JoinError> {
         let guard = self.deploy_lock.clone().lock_owned().await;
+        if let Some(peers) = self.component_peers.get() {
+            let missing = match self.missing_components() {
+                Ok(m) => m,
+                Err(e) => return Ok(Err(e)),
+            };
+            for (digest, size) in missing {
+                if let Err(e) = self.fetch_component(peers.as_ref(), &digest, size).await {
+                    tracing::warn!(%digest, "{e}");
+                }
+            }
+        }
         let this = self.clone();
         crate::determinism::blocking(move || {
             let _guard = guard;
             this.refresh_locked()
         })
         .await
+    }
+
+    /// The (digest, size) of every component a stored record's active or
+    /// canary version needs that this node holds neither as a file nor in
+    /// the store (as older registries kept them), for the types whose record
+    /// changed since they were loaded.
+    fn missing_components(&self) -> Result<Vec<(String, u64)>, RegistryError> {
+        let mut missing = Vec::new();
+        for record in self.stored_records()? {
+            if self.types.read().expect("registry lock").get(&record.name).is_some_and(|t| t.record == record) {
+                continue;
+            }
+            for v in [Some(record.active), record.canary.as_ref().map(|c| c.version)].into_iter().flatten() {
+                let Some(v) = record.version(v) else { continue };
+                if !self.component_path(&v.digest).exists()
+                    && self.store.get(Keyspace::Registry, &component_key(&v.digest))?.is_none()
+                    && !missing.iter().any(|(d, _)| d == &v.digest)
+                {
+                    missing.push((v.digest.clone(), v.size_bytes));
+                }
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Fetches component `digest` (`size` bytes) from the first member that
+    /// has it, chunk by chunk into a temporary file, checks that the bytes
+    /// hash to `digest`, and publishes it as `components/<digest>.wasm`.
+    async fn fetch_component(&self, peers: &dyn ComponentPeers, digest: &str, size: u64) -> Result<(), RegistryError> {
+        let fail = |message: String| RegistryError::Fetch { digest: digest.to_owned(), message };
+        if size as usize > self.cfg.max_component_bytes {
+            return Err(fail(format!("it is recorded as {size} bytes; the limit is {}", self.cfg.max_component_bytes)));
+        }
+        let mut errors = Vec::new();
+        for node in peers.members() {
+            match self.fetch_from(peers, node, digest, size).await {
+                Ok(()) => {
+                    tracing::info!(%digest, size, from = node, "fetched component");
+                    return Ok(());
+                }
+                Err(e) => errors.push(format!("node {node}: {e}")),
+            }
+        }
+        if errors.is_empty() {
+            errors.push("no other member is known".into());
+        }
+        Err(fail(errors.join("; ")))
+    }
+
+    async fn fetch_from(&self, peers: &dyn ComponentPeers, node: u64, digest: &str, size: u64) -> Result<(), String> {
+        let tmp = self.components_dir.join(format!("{digest}.part"));
+        let path = self.component_path(digest);
+        let blocking = |e: tokio::task::JoinError| e.to_string();
+        let t = tmp.clone();
+        let mut file = crate::determinism::blocking(move || std::fs::File::create(&t))
+            .await
+            .map_err(blocking)?
+            .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+        let mut hasher = Sha256::new();
+        let mut offset = 0u64;
+        while offset < size {
+            let chunk =
+                tokio::time::timeout(FETCH_CHUNK_TIMEOUT, peers.read_chunk(node, digest, offset, FETCH_CHUNK_BYTES))
+                    .await
+                    .map_err(|_| format!("no chunk within {FETCH_CHUNK_TIMEOUT:?}"))??;
+            if chunk.total_bytes != size {
+                return Err(format!("it holds {} bytes, the record says {size}", chunk.total_bytes));
+            }
+            let len = chunk.data.len() as u64;
+            if len == 0 || offset + len > size || len > u64::from(FETCH_CHUNK_BYTES) {
+                return Err(format!("sent {len} bytes at offset {offset} of {size}"));
+            }
+            hasher.update(&chunk.data);
+            file = crate::determinism::blocking(move || file.write_all(&chunk.data).map(|()| file))
+                .await
+                .map_err(blocking)?
+                .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+            offset += len;
+        }
+        let got = hex::encode(hasher.finalize());
+        if got != digest {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("its bytes hash to {got}"));
+        }
+        let t = tmp.clone();
+        crate::determinism::blocking(move || publish(file, &t, &path))
+            .await
+            .map_err(blocking)?
+            .map_err(|e| format!("storing {}: {e}", tmp.display()))
+    }
+
+    /// Up to `max_bytes` of component `digest` from `offset`, and its size:
+    /// what this node serves to members fetching it. Blocking: reads a file.
+    pub fn read_component_chunk(
+        &self,
+        digest: &str,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<ComponentChunk, RegistryError> {
+        use std::io::{Read, Seek};
+        // The digest names a file: only a sha256 in lowercase hex may.
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(RegistryError::Corrupt { name: digest.to_owned(), message: "not a sha256 digest".into() });
+        }
+        let path = self.component_path(digest);
+        let missing =
+            || RegistryError::MissingComponent { name: String::new(), digest: digest.to_owned(), path: path.clone() };
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Deployed by an older registry, with the bytes in the store.
+                let bytes = self.store.get(Keyspace::Registry, &component_key(digest))?.ok_or_else(missing)?;
+                let start = (offset as usize).min(bytes.len());
+                let end = start.saturating_add(max_bytes).min(bytes.len());
+                return Ok(ComponentChunk { data: bytes[start..end].to_vec(), total_bytes: bytes.len() as u64 });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let total_bytes = file.metadata()?.len();
+        let len = total_bytes.saturating_sub(offset).min(max_bytes as u64) as usize;
+        let mut data = vec![0; len];
+        file.seek(std::io::SeekFrom::Start(offset.min(total_bytes)))?;
+        file.read_exact(&mut data)?;
+        Ok(ComponentChunk { data, total_bytes })
+    }
+
+    /// Waits until `type_name` is loaded here, up to `wait`: for a type the
+    /// registry records but has not fetched or compiled yet. `UnknownType`
+    /// at once if no record names it, `Loading` if the wait ran out.
+    pub async fn await_loaded(&self, type_name: &str, wait: std::time::Duration) -> Result<(), RegistryError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut loads = self.loads.subscribe();
+        loop {
+            match self.check_type(type_name) {
+                Err(RegistryError::Loading { .. }) => {}
+                other => return other,
+            }
+            if tokio::time::timeout_at(deadline, loads.changed()).await.is_err() {
+                return Err(RegistryError::Loading { name: type_name.to_owned() });
+            }
+        }
+    }
+
+    /// Whether `type_name` can run here: loaded, `Loading` (recorded, not
+    /// loaded yet), or `UnknownType`.
+    pub fn check_type(&self, type_name: &str) -> Result<(), RegistryError> {
+        if self.exists(type_name) {
+            return Ok(());
+        }
+        Err(self.not_loaded(type_name))
+    }
+
+    /// The error for a type this node has not loaded.
+    fn not_loaded(&self, type_name: &str) -> RegistryError {
+        match self.store.get(Keyspace::Registry, &type_key(type_name)) {
+            Ok(Some(_)) => RegistryError::Loading { name: type_name.to_owned() },
+            _ => RegistryError::UnknownType(type_name.to_owned()),
+        }
     }
 
     /// Loads what the store records that is not loaded yet: every type at
@@ -384,9 +681,13 @@ impl Registry {
     /// cache) first, then switched to, so turns never wait on a compile.
     /// Returns how many types changed. Blocking: compiles. The caller holds
     /// the deploy lock (or the only handle on the registry).
+    /// On a member, a type whose component is not here yet is skipped (it
+    /// keeps the version it had, if any) and the first such type is
+    /// reported as `Loading` once the others are loaded.
     fn refresh_locked(&self) -> Result<usize, RegistryError> {
         let mut changed = 0;
-        for record in self.stored_records()? {
+        let mut pending = None;
+        'records: for record in self.stored_records()? {
             let mut loaded = match self.types.read().expect("registry lock").get(&record.name) {
                 Some(t) if t.record == record => continue,
                 Some(t) => t.loaded.clone(),
@@ -396,14 +697,27 @@ impl Registry {
             loaded.retain(|v, _| keep.contains(&Some(*v)));
             for v in keep.into_iter().flatten() {
                 if let std::collections::btree_map::Entry::Vacant(slot) = loaded.entry(v) {
-                    slot.insert(self.load_version(&record, v)?);
+                    match self.load_version(&record, v) {
+                        Ok(l) => slot.insert(l),
+                        Err(RegistryError::MissingComponent { .. }) if self.member => {
+                            pending.get_or_insert_with(|| record.name.clone());
+                            continue 'records;
+                        }
+                        Err(e) => return Err(e),
+                    };
                 }
             }
             tracing::info!(entity_type = %record.name, version = record.active, canary = ?record.canary, "loaded component");
             self.types.write().expect("registry lock").insert(record.name.clone(), TypeState { record, loaded });
             changed += 1;
         }
-        Ok(changed)
+        if changed > 0 {
+            self.loads.send_modify(|n| *n += 1);
+        }
+        match pending {
+            Some(name) => Err(RegistryError::Loading { name }),
+            None => Ok(changed),
+        }
     }
 
     /// The version new turns of `type_name` run (ignoring any canary).
@@ -417,8 +731,13 @@ impl Registry {
     /// else the active one.
     pub fn version_for(&self, entity: &EntityRef) -> Result<Arc<LoadedVersion>, RegistryError> {
         let types = self.types.read().expect("registry lock");
-        let t = types.get(&entity.entity_type).ok_or_else(|| RegistryError::UnknownType(entity.entity_type.clone()))?;
-        Ok(t.for_id(&entity.id))
+        match types.get(&entity.entity_type) {
+            Some(t) => Ok(t.for_id(&entity.id)),
+            None => {
+                drop(types);
+                Err(self.not_loaded(&entity.entity_type))
+            }
+        }
     }
 
     /// Whether `type_name` is deployed.
@@ -460,24 +779,27 @@ impl Registry {
     ) -> Result<DeployOutcome, RegistryError> {
         let digest = self.check_upload(type_name, &bytes)?;
         let guard = self.deploy_lock.lock().await;
-        let existing = self.types.read().expect("registry lock").get(type_name).map(|t| t.record.clone());
+        // Planned from the committed record, and committed only if it is
+        // still the one: a concurrent change through another member wins or
+        // loses whole.
+        let (read, existing) = self.stored_record(type_name)?;
         let plan =
             TypeRecord::plan_deploy(existing.as_ref(), type_name, &digest, bytes.len() as u64, now_ms(), canary)?;
         let Some(record) = plan.record else { return Ok(plan.outcome) };
         let version = plan.outcome.version;
-        let (loaded, component) = if plan.outcome.reused {
-            (self.loaded_or_load(&record, version).await?, None)
+        let loaded = if plan.outcome.reused {
+            self.loaded_or_load(&record, version).await?
         } else {
-            // Compile and check off the async threads: Cranelift takes tens of ms.
+            // Compile and check off the async threads: Cranelift takes tens
+            // of ms. The bytes are stored (fsync'd, by digest) before the
+            // record naming them is proposed: the other members fetch them
+            // from here.
             let this = self.clone();
             let d = digest.clone();
-            let (prepared, bytes) =
-                background_compile(move || Ok((this.compile_and_store(&d, &bytes)?, bytes))).await?;
-            let loaded =
-                Arc::new(LoadedVersion { type_name: type_name.to_owned(), version, digest: digest.clone(), prepared });
-            (loaded, Some((digest.clone(), bytes)))
+            let prepared = background_compile(move || this.compile_and_store(&d, &bytes)).await?;
+            Arc::new(LoadedVersion { type_name: type_name.to_owned(), version, digest: digest.clone(), prepared })
         };
-        let propagated = self.commit(record, Some(loaded), component).await?;
+        let propagated = self.commit(record, read, Some(loaded)).await?;
         drop(guard);
         propagated.wait().await?;
         tracing::info!(entity_type = type_name, version, %digest, canary = ?plan.outcome.canary, "deployed component");
@@ -489,11 +811,12 @@ impl Registry {
     /// before the switch.
     pub async fn activate(self: &Arc<Self>, type_name: &str, version: u32) -> Result<ActivateOutcome, RegistryError> {
         let guard = self.deploy_lock.lock().await;
-        let existing = self.get(type_name)?;
+        let (read, existing) = self.stored_record(type_name)?;
+        let existing = existing.ok_or_else(|| RegistryError::UnknownType(type_name.to_owned()))?;
         let plan = existing.plan_activate(version)?;
         let Some(record) = plan.record else { return Ok(plan.outcome) };
         let loaded = self.loaded_or_load(&record, version).await?;
-        let propagated = self.commit(record, Some(loaded), None).await?;
+        let propagated = self.commit(record, read, Some(loaded)).await?;
         drop(guard);
         propagated.wait().await?;
         tracing::info!(entity_type = type_name, version, previous = plan.outcome.previous_active, "activated version");
@@ -531,6 +854,14 @@ impl Registry {
         {
             return Ok(l.clone());
         }
+        // A rollback on a member to a version it never loaded: fetch it first.
+        if let (Some(peers), Some(v)) = (self.component_peers.get(), record.version(version)) {
+            if !self.component_path(&v.digest).exists()
+                && self.store.get(Keyspace::Registry, &component_key(&v.digest))?.is_none()
+            {
+                self.fetch_component(peers.as_ref(), &v.digest, v.size_bytes).await?;
+            }
+        }
         let this = self.clone();
         let record = record.clone();
         crate::determinism::blocking(move || this.load_version(&record, version))
@@ -540,23 +871,34 @@ impl Registry {
 
     /// Makes `record` durable through the log, then visible: from here on turns
     /// start on its versions. Keeps exactly the active and canary versions loaded.
-    /// `component` (digest, bytes) is stored with the record that first uses it.
+    /// The write applies only if the stored record is still `read` (its
+    /// bytes; `None`: no record), else `Conflict`. The write carries the
+    /// record alone (digests and sizes, never component bytes).
     async fn commit(
         &self,
         record: TypeRecord,
+        read: Option<Vec<u8>>,
         new: Option<Arc<LoadedVersion>>,
-        component: Option<(String, Vec<u8>)>,
     ) -> Result<Propagated, RegistryError> {
-        let mut ws = WriteSet::default();
-        if let Some((digest, bytes)) = component {
-            ws.ops.push(Op::Put { keyspace: Keyspace::Registry, key: component_key(&digest), value: bytes });
+        let key = type_key(&record.name);
+        let value = serde_json::to_vec(&record).expect("records serialise");
+        let ws = WriteSet {
+            ops: vec![
+                Op::Expect { keyspace: Keyspace::Registry, key: key.clone(), value: read },
+                Op::Put { keyspace: Keyspace::Registry, key: key.clone(), value: value.clone() },
+            ],
+        };
+        match self.log.propose(ws).await {
+            Ok(_) => {}
+            // The log retries a proposal whose outcome it did not learn; if
+            // the first attempt committed, the retry finds our own record.
+            Err(crate::log::LogError::Conflict { .. })
+                if self.store.get(Keyspace::Registry, &key)?.as_deref() == Some(value.as_slice()) => {}
+            Err(crate::log::LogError::Conflict { .. }) => {
+                return Err(RegistryError::Conflict { name: record.name.clone() });
+            }
+            Err(e) => return Err(e.into()),
         }
-        ws.ops.push(Op::Put {
-            keyspace: Keyspace::Registry,
-            key: type_key(&record.name),
-            value: serde_json::to_vec(&record).expect("records serialise"),
-        });
-        self.log.propose(ws).await?;
         let wait = {
             let mut types = self.types.write().expect("registry lock");
             let mut loaded = types.remove(&record.name).map(|t| t.loaded).unwrap_or_default();
@@ -570,6 +912,7 @@ impl Registry {
             types.insert(record.name.clone(), TypeState { record, loaded });
             wait
         };
+        self.loads.send_modify(|n| *n += 1);
         Ok(Propagated(wait))
     }
 
@@ -637,7 +980,7 @@ impl Registry {
                 let path = self.component_path(&v.digest);
                 let bytes = match std::fs::read(&path) {
                     Ok(b) => b,
-                    // Deployed through another node: the bytes came with the record.
+                    // Deployed by an older registry: the bytes came with the record.
                     Err(_) => {
                         let stored =
                             self.store.get(Keyspace::Registry, &component_key(&v.digest))?.ok_or_else(|| {
@@ -721,6 +1064,17 @@ fn load_artifact(engine: &wasmtime::Engine, path: &Path) -> Option<Component> {
     }
 }
 
+/// Makes `tmp` (written through `file`) durable and renames it to `path`.
+fn publish(file: std::fs::File, tmp: &Path, path: &Path) -> std::io::Result<()> {
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -749,6 +1103,8 @@ mod tests {
         assert!(back.outcome.reused && !back.outcome.unchanged && back.outcome.version == 1);
         let back = record(back);
         assert_eq!((back.active, back.versions.len()), (1, 2));
+        // Every change counts: propagation waits for this revision or a later one.
+        assert_eq!((v1.revision, v2.revision, back.revision), (1, 2, 3));
     }
 
     #[test]
@@ -791,7 +1147,7 @@ mod tests {
     fn records_without_a_canary_field_still_load() {
         let old = r#"{"name":"counter","versions":[{"version":1,"digest":"aa","size_bytes":1,"deployed_at_ms":2}],"active":1}"#;
         let rec: TypeRecord = serde_json::from_str(old).unwrap();
-        assert_eq!((rec.active, &rec.canary), (1, &None));
+        assert_eq!((rec.active, &rec.canary, rec.revision), (1, &None, 0));
         assert!(!serde_json::to_string(&rec).unwrap().contains("canary"));
     }
 }

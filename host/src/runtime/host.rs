@@ -117,7 +117,18 @@ impl HostState {
                 cfg.max_state_value_bytes
             )));
         }
-        self.add_written(key.len() + value_len)
+        // Stored under `type \0 id \0 key`: the entity prefix is part of
+        // every key the write set carries, so it counts toward the limit
+        // (an entity with a long id writing many small keys otherwise
+        // passes the check with an entry several times the limit).
+        let prefix = self.entity_prefix_bytes()?;
+        self.add_written(prefix + key.len() + value_len)
+    }
+
+    /// The bytes of the turn's entity prefix (`type \0 id \0`).
+    fn entity_prefix_bytes(&mut self) -> wasmtime::Result<usize> {
+        let e = &self.turn()?.entity;
+        Ok(e.entity_type.len() + e.id.len() + 2)
     }
 
     /// Counts bytes toward the turn's write-set limit (state writes and messages).
@@ -134,6 +145,10 @@ impl HostState {
 }
 
 impl types::Host for HostState {}
+
+/// What an outbox record stores besides the sender's prefix, the target, the
+/// operation and the payload (sequence, lengths, due time), rounded up.
+const MESSAGE_RECORD_OVERHEAD_BYTES: usize = 32;
 
 impl HostState {
     /// Validates and buffers one outgoing message; traps on a malformed one.
@@ -162,7 +177,10 @@ impl HostState {
                 self.cfg.max_state_value_bytes
             )));
         }
-        self.add_written(target.entity_type.len() + target.id.len() + operation.len() + payload.len())?;
+        // The outbox record's key is the sender's prefix and a sequence; its
+        // value names the target, the operation and the payload.
+        let key = self.entity_prefix_bytes()? + MESSAGE_RECORD_OVERHEAD_BYTES;
+        self.add_written(key + target.entity_type.len() + target.id.len() + operation.len() + payload.len())?;
         let turn = self.turn()?;
         let seq = turn.next_seq;
         turn.next_seq += 1;

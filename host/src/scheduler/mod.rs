@@ -111,6 +111,7 @@ pub enum InvokeError {
 /// to its static name.
 pub const ERROR_KINDS: &[&str] = &[
     "unknown-type",
+    "component-loading",
     "bad-operation",
     "mailbox-full",
     "overloaded",
@@ -151,6 +152,7 @@ impl InvokeError {
     /// `conflux-error-kind`, the label of the error metrics.
     pub fn kind(&self) -> &'static str {
         match self {
+            InvokeError::UnknownType(RegistryError::Loading { .. }) => "component-loading",
             InvokeError::UnknownType(_) => "unknown-type",
             InvokeError::BadOperation => "bad-operation",
             InvokeError::MailboxFull { .. } => "mailbox-full",
@@ -643,7 +645,13 @@ impl Scheduler {
             crate::model::validate_idempotency_key(k).map_err(InvokeError::BadIdempotencyKey)?;
         }
         if !inner.registry.exists(&inv.entity.entity_type) {
-            return Err(InvokeError::UnknownType(RegistryError::UnknownType(inv.entity.entity_type)));
+            // Recorded but not loaded here yet (a member that joined or
+            // restarted, a deploy still reaching it): wait a little for it.
+            inner
+                .registry
+                .await_loaded(&inv.entity.entity_type, crate::registry::LOADING_WAIT)
+                .await
+                .map_err(InvokeError::UnknownType)?;
         }
         let n = inner.inflight.fetch_add(1, Ordering::AcqRel);
         let inflight = InflightGuard(inner.clone());

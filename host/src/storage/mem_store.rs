@@ -81,12 +81,13 @@ impl StateStore for MemStore {
         for (index, ws) in todo {
             for op in &ws.ops {
                 match op_write(op) {
-                    (k, Some(v)) => {
+                    Some((k, Some(v))) => {
                         inner.map.insert(k, v.to_vec());
                     }
-                    (k, None) => {
+                    Some((k, None)) => {
                         inner.map.remove(&k);
                     }
+                    None => {}
                 }
             }
             last = Some(*index);

@@ -212,11 +212,14 @@ pub(crate) fn unapplied<'a, 'w>(
     Ok(entries.iter().filter(move |(index, _)| *index > applied))
 }
 
-/// The physical key and new value (None = delete) of one op.
-pub(crate) fn op_write(op: &Op) -> (Vec<u8>, Option<&[u8]>) {
+/// The physical key and new value (None = delete) of one op; `None` for a
+/// precondition ([`Op::Expect`]), which changes nothing: the state machine
+/// that applies the log checks it before the write set reaches a store.
+pub(crate) fn op_write(op: &Op) -> Option<(Vec<u8>, Option<&[u8]>)> {
     match op {
-        Op::Put { keyspace, key, value } => (physical_key(*keyspace, key), Some(value.as_slice())),
-        Op::Delete { keyspace, key } => (physical_key(*keyspace, key), None),
+        Op::Put { keyspace, key, value } => Some((physical_key(*keyspace, key), Some(value.as_slice()))),
+        Op::Delete { keyspace, key } => Some((physical_key(*keyspace, key), None)),
+        Op::Expect { .. } => None,
     }
 }
 

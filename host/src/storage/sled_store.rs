@@ -112,7 +112,7 @@ impl SledStore {
             // sled's Batch keeps the last write per key, which is exactly
             // "later ops win" within and across entries.
             for op in &ws.ops {
-                let (k, v) = op_write(op);
+                let Some((k, v)) = op_write(op) else { continue };
                 if !views.is_empty() {
                     written.push(k.clone());
                 }

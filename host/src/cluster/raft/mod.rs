@@ -56,12 +56,17 @@ impl ShardWrite {
 }
 
 /// What applying one entry did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ShardApplied {
     Applied,
     /// The write set's fence named another term than the entry's: skipped.
     Fenced {
         entry_term: u64,
+    },
+    /// A precondition of the write set (an `Op::Expect` on `key`) did not
+    /// hold: skipped whole.
+    Conflict {
+        key: Vec<u8>,
     },
 }
 

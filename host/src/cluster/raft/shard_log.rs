@@ -9,7 +9,10 @@
 //! Up to `MAX_INFLIGHT_BATCHES` entries are in flight at once. Every proposal
 //! of a batch gets the batch's index and its outcome. A fenced proposal
 //! (`propose_fenced`, see [`super::ShardWrite`]) shares an entry only with
-//! proposals of the same fence.
+//! proposals of the same fence; a conditional one (`Op::Expect`) shares it
+//! with none. An entry holds at most `max_batch_bytes` of write sets (a
+//! larger write set goes alone): a Raft entry is sent to a follower in one
+//! AppendEntries, which openraft gives one heartbeat interval.
 //!
 //! Indexes are the store's: raft index + 1 (see `state_machine`). They grow
 //! but are not contiguous: leader and membership changes add entries.
@@ -46,6 +49,7 @@ struct Counters {
     proposals: AtomicU64,
     batches: AtomicU64,
     largest_batch: AtomicU64,
+    largest_batch_bytes: AtomicU64,
     bytes: AtomicU64,
 }
 
@@ -110,17 +114,25 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, counters: Arc<Cou
         }
         let fence_term = first.1;
         let mut bytes = first.0.approx_bytes();
+        // A conditional write set is skipped whole when its precondition
+        // fails, so it never shares an entry with others.
+        let alone = first.0.is_conditional();
         let mut batch = vec![first];
-        while batch.len() < config.max_batch_entries && bytes < config.max_batch_bytes {
+        while !alone && batch.len() < config.max_batch_entries {
             let Ok(next) = rx.try_recv() else { break };
             if next.2.is_closed() {
                 continue;
             }
-            if next.1 != fence_term {
+            // An entry never grows past `max_batch_bytes` (one write set
+            // alone excepted, which configuration keeps below it): every
+            // entry must reach the followers within openraft's per-message
+            // budget, one heartbeat interval.
+            let next_bytes = next.0.approx_bytes();
+            if next.1 != fence_term || next.0.is_conditional() || bytes + next_bytes > config.max_batch_bytes {
                 held = Some(next);
                 break;
             }
-            bytes += next.0.approx_bytes();
+            bytes += next_bytes;
             batch.push(next);
         }
         let Ok(permit) = inflight.clone().acquire_owned().await else { break };
@@ -140,6 +152,7 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, counters: Arc<Cou
         counters.batches.fetch_add(1, Ordering::Relaxed);
         counters.largest_batch.fetch_max(replies.len() as u64, Ordering::Relaxed);
         counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        counters.largest_batch_bytes.fetch_max(bytes as u64, Ordering::Relaxed);
         let raft = raft.clone();
         let counters = counters.clone();
         // client_write queues the entry when first polled; polling it here
@@ -157,6 +170,10 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, counters: Arc<Cou
                     ShardApplied::Fenced { entry_term } => {
                         Err(LogError::Fenced { fence_term: fence_term.unwrap_or_default(), entry_term })
                     }
+                    ShardApplied::Conflict { key } => Err(LogError::Conflict {
+                        key: String::from_utf8_lossy(&key).into_owned(),
+                        index: r.log_id.index + 1,
+                    }),
                 },
                 Err(e) => Err(log_error(&e)),
             };
@@ -246,6 +263,7 @@ impl CommitLog for ShardLog {
             proposals: c.proposals.load(Ordering::Relaxed),
             sync_batches: c.batches.load(Ordering::Relaxed),
             largest_batch: c.largest_batch.load(Ordering::Relaxed),
+            largest_batch_bytes: c.largest_batch_bytes.load(Ordering::Relaxed),
             bytes_written: c.bytes.load(Ordering::Relaxed),
             ..LogStats::default()
         }

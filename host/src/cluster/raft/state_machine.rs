@@ -331,6 +331,40 @@ impl RaftSnapshotBuilder<ShardTypes> for ShardSnapshotBuilder {
     }
 }
 
+impl ShardStateMachine {
+    /// The key of the first precondition ([`crate::model::Op::Expect`]) of
+    /// `ws` that does not hold, if any: against the store as `earlier` (the
+    /// write sets of this apply call before `ws`, not in the store yet)
+    /// leave it. Every replica applies the same entries in the same order
+    /// onto the same state, so all decide alike.
+    fn failed_expectation(
+        &self,
+        earlier: &[(crate::model::LogIndex, &WriteSet)],
+        ws: &WriteSet,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        use crate::model::Op;
+        for op in &ws.ops {
+            let Op::Expect { keyspace, key, value } = op else { continue };
+            let pending = earlier.iter().rev().flat_map(|(_, w)| w.ops.iter().rev()).find_map(|o| match o {
+                Op::Put { keyspace: k, key: kk, value } if k == keyspace && kk == key => Some(Some(value.clone())),
+                Op::Delete { keyspace: k, key: kk } if k == keyspace && kk == key => Some(None),
+                _ => None,
+            });
+            let current = match pending {
+                Some(v) => v,
+                None => self
+                    .store
+                    .get(*keyspace, key)
+                    .map_err(|e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?,
+            };
+            if current != *value {
+                return Ok(Some(key.clone()));
+            }
+        }
+        Ok(None)
+    }
+}
+
 impl RaftStateMachine<ShardTypes> for ShardStateMachine {
     type SnapshotBuilder = ShardSnapshotBuilder;
 
@@ -353,10 +387,16 @@ impl RaftStateMachine<ShardTypes> for ShardStateMachine {
             let index = store_index(Some(&entry.log_id));
             let entry_term = entry.log_id.leader_id.term;
             match &entry.payload {
-                EntryPayload::Normal(w) if w.admits(entry_term) => {
-                    batch.push((index, &w.ws));
-                    outcomes.push(ShardApplied::Applied);
-                }
+                EntryPayload::Normal(w) if w.admits(entry_term) => match self.failed_expectation(&batch, &w.ws)? {
+                    None => {
+                        batch.push((index, &w.ws));
+                        outcomes.push(ShardApplied::Applied);
+                    }
+                    Some(key) => {
+                        batch.push((index, &empty));
+                        outcomes.push(ShardApplied::Conflict { key });
+                    }
+                },
                 EntryPayload::Normal(_) => {
                     batch.push((index, &empty));
                     outcomes.push(ShardApplied::Fenced { entry_term });

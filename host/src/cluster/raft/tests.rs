@@ -238,3 +238,37 @@ async fn a_fenced_write_set_applies_only_in_its_own_term() {
     assert!(store.get(Keyspace::State, b"unfenced").unwrap().is_some());
     assert_eq!(store.applied_index().unwrap(), 4, "the skipped entry still counts as applied");
 }
+
+/// A conditional write set (compare-and-set) applies only if its expected
+/// value is what the store holds at its place in the log, counting the
+/// entries applied before it in the same call; a failed one is skipped whole
+/// and named, so of two changes planned from the same read exactly one wins,
+/// and a retried proposal that already applied finds its own value.
+#[tokio::test]
+async fn a_conditional_write_set_applies_only_if_its_expectation_holds() {
+    use crate::model::{Keyspace, Op};
+    use crate::storage::StateStore;
+    let (_g, _log, mut sm) = TempStores.build().await.unwrap();
+    let cas = |expected: Option<&str>, new: &str| WriteSet {
+        ops: vec![
+            Op::Expect { keyspace: Keyspace::Registry, key: b"rec".to_vec(), value: expected.map(|v| v.into()) },
+            Op::Put { keyspace: Keyspace::Registry, key: b"rec".to_vec(), value: new.into() },
+            Op::Put { keyspace: Keyspace::Registry, key: format!("by-{new}").into_bytes(), value: vec![] },
+        ],
+    };
+    // Two changes planned from "nothing", one planned from "a": in one apply
+    // call, the first wins, the second conflicts, the third sees the first.
+    let outcomes = sm
+        .apply([entry(1, 1, cas(None, "a")), entry(1, 2, cas(None, "b")), entry(1, 3, cas(Some("a"), "c"))])
+        .await
+        .unwrap();
+    let conflict = ShardApplied::Conflict { key: b"rec".to_vec() };
+    assert_eq!(outcomes, vec![ShardApplied::Applied, conflict.clone(), ShardApplied::Applied]);
+    // Across apply calls the store decides: a retry of "a → c" conflicts.
+    assert_eq!(sm.apply([entry(1, 4, cas(Some("a"), "c"))]).await.unwrap(), vec![conflict]);
+    let store = sm.store();
+    assert_eq!(store.get(Keyspace::Registry, b"rec").unwrap().as_deref(), Some(&b"c"[..]));
+    assert!(store.get(Keyspace::Registry, b"by-b").unwrap().is_none(), "a conflicting write set applied in part");
+    assert!(store.get(Keyspace::Registry, b"by-a").unwrap().is_some());
+    assert_eq!(store.applied_index().unwrap(), 5, "a conflicting entry still counts as applied");
+}

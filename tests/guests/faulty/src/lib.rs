@@ -121,6 +121,17 @@ impl Faulty {
         Ok(())
     }
 
+    /// Writes `count` values of `bytes` bytes each under keys `w/0000`…:
+    /// a write set of about `count × bytes`.
+    pub fn write_many(&self, spec: (u32, usize)) -> Result<(), Error> {
+        let (count, bytes) = spec;
+        let value = vec![b'w'; bytes];
+        for i in 0..count {
+            state::set_raw(&format!("w/{i:04}"), &value);
+        }
+        Ok(())
+    }
+
     /// Writes one value under a key of `bytes` bytes.
     pub fn huge_key(&self, bytes: usize) -> Result<(), Error> {
         state::set_raw(&"k".repeat(bytes), b"v");
