@@ -31,6 +31,7 @@ use crate::storage::durable_file::write_durably;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use wasmtime::component::Component;
