@@ -894,6 +894,8 @@ mod tests {
         assert_eq!(
             unavailable,
             [
+                // A member still fetching the receiver's component.
+                "component-loading",
                 "mailbox-full",
                 "overloaded",
                 "shutting-down",
