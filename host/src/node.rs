@@ -253,8 +253,11 @@ impl Node {
         let path = || dir.display().to_string();
         let sled_dir = dir.join("state");
         // sled would create it, but not durably.
-        crate::storage::durable_file::create_dir_all_durably(&sled_dir)
-            .map_err(|source| NodeError::DataDir { path: sled_dir.display().to_string(), source })?;
+        // A failure here is the store's: its directory is unusable.
+        crate::storage::durable_file::create_dir_all_durably(&sled_dir).map_err(|source| NodeError::StoreOpen {
+            path: path(),
+            source: crate::storage::StorageError::Io { context: "creating", path: sled_dir.clone(), source },
+        })?;
         // sled recovers its files on open: blocking work, kept off the runtime.
         let db = {
             let sled_dir = sled_dir.clone();
