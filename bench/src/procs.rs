@@ -226,8 +226,8 @@ impl Drop for MemSampler {
     }
 }
 
-/// Summed PSS (kB) of `roots` and all their descendants.
-pub fn tree_pss_kb(roots: &[u32]) -> u64 {
+/// `roots` and all their live descendants.
+fn tree_of(roots: &[u32]) -> Vec<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
@@ -237,41 +237,30 @@ pub fn tree_pss_kb(roots: &[u32]) -> u64 {
             }
         }
     }
-    let mut total = 0;
+    let mut tree = Vec::new();
     let mut stack = roots.to_vec();
     while let Some(pid) = stack.pop() {
-        total += pss_kb(pid);
+        tree.push(pid);
         if let Some(c) = children.get(&pid) {
             stack.extend(c);
         }
     }
-    total
+    tree
+}
+
+/// Summed PSS (kB) of `roots` and all their descendants.
+pub fn tree_pss_kb(roots: &[u32]) -> u64 {
+    tree_of(roots).into_iter().map(pss_kb).sum()
 }
 
 /// CPU time (user + system, µs) that `roots` and their live descendants have
 /// used so far, from /proc/<pid>/stat. Differences over a cell give a
 /// system's CPU per call (threads are included: they share the stat).
 pub fn tree_cpu_us(roots: &[u32]) -> u64 {
-    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-            if let Some(ppid) = parent_pid(pid) {
-                children.entry(ppid).or_default().push(pid);
-            }
-        }
-    }
     // USER_HZ: the unit of /proc's times, 100 on every Linux ABI.
     let ticks_per_sec = 100;
-    let mut total_ticks = 0;
-    let mut stack = roots.to_vec();
-    while let Some(pid) = stack.pop() {
-        total_ticks += cpu_ticks(pid).unwrap_or(0);
-        if let Some(c) = children.get(&pid) {
-            stack.extend(c);
-        }
-    }
-    total_ticks * 1_000_000 / ticks_per_sec
+    let ticks: u64 = tree_of(roots).into_iter().filter_map(cpu_ticks).sum();
+    ticks * 1_000_000 / ticks_per_sec
 }
 
 /// utime + stime of `pid`, in clock ticks.
