@@ -1020,7 +1020,12 @@ fn concurrent_deploys_and_rollbacks_through_different_members_apply_exactly_the_
     let base = std::fs::read(guest_wasm("counter")).unwrap();
     let (mut deploys_won, mut conflicts) = (0, 0);
     let mut active = 2;
-    for round in 0..10 {
+    // Whether two changes race depends on timing (a deploy uploads and
+    // compiles first): go on until one has, within a bound.
+    for round in 0..30 {
+        if round >= 5 && conflicts > 0 {
+            break;
+        }
         // New bytes every round: a version of their own if the deploy wins.
         let file = root.path().join(format!("counter-{round}.wasm"));
         std::fs::write(&file, with_custom_section(&base, &format!("round-{round}"), 64)).unwrap();
@@ -1040,6 +1045,23 @@ fn concurrent_deploys_and_rollbacks_through_different_members_apply_exactly_the_
         assert!(d.status.success() || r.status.success(), "round {round}: neither change applied");
         if d.status.success() {
             deploys_won += 1;
+        }
+        // Two rollbacks at once, to different versions, through different
+        // members: quick and alike, so they usually plan from the same record.
+        if d.status.success() {
+            let (a, b) = std::thread::scope(|s| {
+                let a = s.spawn(|| cluster.node(1).cli(&["rollback", "counter", "1"]));
+                let b = s.spawn(|| cluster.node(2).cli(&["rollback", "counter", "2"]));
+                (a.join().unwrap(), b.join().unwrap())
+            });
+            for out in [&a, &b] {
+                if !out.status.success() {
+                    let line = error_line(&stderr(out));
+                    assert!(line.contains("Aborted (conflict)"), "a rollback failed other than by a conflict: {line}");
+                    conflicts += 1;
+                }
+            }
+            assert!(a.status.success() || b.status.success(), "round {round}: neither rollback applied");
         }
         let versions = stdout(&cluster.node(0).cli(&["versions", "counter"]));
         active = versions
