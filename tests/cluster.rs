@@ -1081,3 +1081,90 @@ fn concurrent_deploys_and_rollbacks_through_different_members_apply_exactly_the_
         assert_eq!(listing(i), first, "member {} serves another record", i + 1);
     }
 }
+
+/// A node started alone is a cluster of one: two nodes join it, its data
+/// moves out to three replicas intact, and a hot swap and a failover of the
+/// node it started as work afterwards. The joiners give the secret the lone
+/// node generated on its first start.
+#[test]
+fn a_node_started_alone_grows_to_three_members_with_its_data_intact() {
+    const ENTITIES: usize = 1000;
+    let _one = one_cluster_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster { dirs: Vec::new(), addrs: Vec::new(), args: Vec::new(), nodes: Vec::new() };
+    cluster.add(root.path(), free_addrs(1).remove(0), &QUICK_PLACEMENT);
+    cluster.restart(0);
+    deploy(cluster.node(0), "counter", &guest_wasm("counter"));
+    let runtime = rt();
+    // Counter k holds k % 7 + 1, written through eight callers.
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for caller in 0..8 {
+            let mut c = cluster.node(0).client().await;
+            tasks.push(tokio::spawn(async move {
+                for k in (caller..ENTITIES).step_by(8) {
+                    let add = (k % 7 + 1).to_string();
+                    call(&mut c, "counter", &format!("e{k}"), "add", &add).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let secret = std::fs::read_to_string(cluster.dirs[0].join("cluster.secret")).expect("the generated secret");
+    let lone = cluster_status_blocking(&runtime, cluster.node(0));
+    assert_eq!((lone.nodes.len(), lone.shards.len()), (1, 1), "{lone:?}");
+    for id in ["2", "3"] {
+        let first = cluster.addrs[0].clone();
+        let mut args = vec!["--node-id", id, "--join", &first, "--cluster-secret", secret.trim()];
+        args.extend_from_slice(&QUICK_PLACEMENT);
+        cluster.add(root.path(), free_addrs(1).remove(0), &args);
+        cluster.restart(cluster.dirs.len() - 1);
+    }
+    runtime.block_on(async {
+        let s = eventually(120, "every shard to have three caught-up replicas", async || {
+            let s = cluster_status(cluster.node(2)).await;
+            (s.nodes.len() == 3 && s.shards.iter().all(|sh| sh.replicas.len() == 3) && caught_up(&s)).then_some(s)
+        })
+        .await;
+        eprintln!("grown: {:?}", s.shards);
+        // Every entity's state, read through a member that joined.
+        let mut c = cluster.node(2).client().await;
+        for k in 0..ENTITIES {
+            let v = call(&mut c, "counter", &format!("e{k}"), "get", "").await.unwrap();
+            assert_eq!(v, json!(k % 7 + 1), "e{k} after the grow");
+        }
+        // A hot swap through a joined member reaches every member.
+        let out = cluster.node(1).cli(&["deploy", "counter", guest_wasm("counter-v2").to_str().unwrap()]);
+        assert!(out.status.success(), "deploy of v2 failed: {}", stderr(&out));
+        for i in 0..3 {
+            let mut c = cluster.node(i).client().await;
+            assert_eq!(call(&mut c, "counter", "e0", "version", "").await.unwrap(), json!(2), "node {}", i + 1);
+        }
+    });
+    // The node it started as dies; the two that joined carry on.
+    cluster.kill9(0);
+    runtime.block_on(async {
+        let mut c = cluster.node(1).client().await;
+        for k in 0..20 {
+            let (v, _) = call_keyed(&mut c, "counter", &format!("e{k}"), "add", "100", &format!("after-{k}")).await;
+            assert_eq!(total_of(v.unwrap()), json!(k % 7 + 101), "e{k} after the failover");
+        }
+        let mut c = cluster.node(2).client().await;
+        for k in 0..ENTITIES {
+            let want = k % 7 + 1 + if k < 20 { 100 } else { 0 };
+            let (v, _) = call_keyed(&mut c, "counter", &format!("e{k}"), "get", "", &format!("read-{k}")).await;
+            assert_eq!(total_of(v.unwrap()), json!(want), "e{k} after the failover");
+        }
+    });
+}
+
+/// A counter's total: v1 answers the number, v2 an object holding it.
+fn total_of(v: Value) -> Value {
+    v.get("total").cloned().unwrap_or(v)
+}
+
+fn cluster_status_blocking(runtime: &tokio::runtime::Runtime, d: &Daemon) -> pb::StatusResponse {
+    runtime.block_on(cluster_status(d))
+}

@@ -121,7 +121,7 @@ fn node_config(root: &Path, n: u64, founders: u64, join: Option<u64>) -> Config 
         }
     }
     c.cluster.secret = Some(Secret::new(SECRET));
-    c.cluster.shard_count = SHARDS;
+    c.cluster.shard_count = Some(SHARDS);
     c.cluster.replication_factor = 3;
     c.cluster.placement_interval_ms = 200;
     c.cluster.suspect_after_ms = 1000;

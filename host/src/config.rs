@@ -252,12 +252,14 @@ impl Default for ApiConfig {
     }
 }
 
-/// Running as one member of a cluster. With no `nodes` listed the daemon is a
-/// single node (its data is one shard with one replica).
+/// Membership of a cluster. Every node is a member: with neither `nodes` nor
+/// `join` it is started alone, the only founder of a cluster of one, which
+/// grows when other nodes start with `join` pointing at it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// This node's id: one of `nodes`, or a new id when joining.
+    /// This node's id: one of `nodes`, or a new id when joining. A node
+    /// started alone is node 1 unless this says otherwise.
     pub node_id: u64,
     /// The founding members of the cluster, the same list on each of them.
     /// Empty on a node that joins an existing cluster.
@@ -267,7 +269,10 @@ pub struct ClusterConfig {
     /// this node at its `api.listen` address.
     pub join: Option<String>,
     /// Shared by all members; every node-to-node call carries it. At least
-    /// 16 visible ASCII characters.
+    /// 16 visible ASCII characters. Required of founders listing `nodes` and
+    /// of joiners; a node started alone without one generates it on first
+    /// start and keeps it in `<data_dir>/cluster.secret` (mode 0600), the
+    /// secret nodes joining it then give.
     pub secret: Option<Secret>,
     /// PEM certificate(s) of the CA that signs every member's certificate.
     /// Set, members talk TLS to each other: each presents its listener's
@@ -276,7 +281,11 @@ pub struct ClusterConfig {
     /// without a certificate it signed. API clients need no certificate.
     pub tls_ca_path: Option<PathBuf>,
     /// Shards the keyspace is split into; fixed when the cluster is created.
-    pub shard_count: u32,
+    /// Unset: 64 for a cluster founded with `nodes`, 1 for a node started
+    /// alone (every shard is a Raft group with its own WAL on each replica,
+    /// so one node pays for each; set it when a node started alone is meant
+    /// to grow to many members).
+    pub shard_count: Option<u32>,
     /// Replicas per shard (fewer when the cluster has fewer nodes).
     pub replication_factor: usize,
     /// How long an invocation may keep looking for its shard's leader (through
@@ -315,7 +324,7 @@ impl Default for ClusterConfig {
             join: None,
             secret: None,
             tls_ca_path: None,
-            shard_count: 64,
+            shard_count: None,
             replication_factor: 3,
             forward_timeout_ms: 10_000,
             max_concurrent_moves: 2,
@@ -328,21 +337,24 @@ impl Default for ClusterConfig {
 }
 
 impl ClusterConfig {
-    pub fn enabled(&self) -> bool {
-        !self.nodes.is_empty() || self.join.is_some()
+    /// Neither founders nor a member to join are named: this node founds a
+    /// cluster of one.
+    pub fn started_alone(&self) -> bool {
+        self.nodes.is_empty() && self.join.is_none()
+    }
+
+    /// This node's id (a node started alone without one is node 1).
+    pub fn node_id(&self) -> u64 {
+        if self.node_id == 0 && self.started_alone() { 1 } else { self.node_id }
+    }
+
+    /// The shard count a cluster founded by this configuration gets.
+    pub fn shard_count(&self) -> u32 {
+        self.shard_count.unwrap_or(if self.started_alone() { 1 } else { 64 })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if !self.enabled() {
-            if self.node_id != 0 || self.secret.is_some() {
-                return bad(
-                    "cluster.node_id and cluster.secret need cluster.nodes (the founding members) or cluster.join"
-                        .into(),
-                );
-            }
-            return Ok(());
-        }
         let addr_ok =
             |a: &str| a.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
         if let Some(join) = &self.join {
@@ -371,18 +383,19 @@ impl ClusterConfig {
                 return bad(format!("cluster.nodes: node {} has address {:?}; expected host:port", m.id, m.addr));
             }
         }
-        if self.join.is_none() && !ids.contains(&self.node_id) {
+        if !self.nodes.is_empty() && !ids.contains(&self.node_id) {
             return bad(format!("cluster.node_id {} is not among cluster.nodes {ids:?}", self.node_id));
         }
         match &self.secret {
+            None if self.started_alone() => {}
             None => return bad("cluster.secret is required for a cluster (or set CONFLUX_CLUSTER_SECRET)".into()),
             Some(s) if s.expose().len() < 16 || !s.expose().bytes().all(|b| b.is_ascii_graphic()) => {
                 return bad("cluster.secret must be at least 16 visible ASCII characters".into());
             }
             Some(_) => {}
         }
-        if !(1..=4096).contains(&self.shard_count) {
-            return bad(format!("cluster.shard_count must be 1..=4096, not {}", self.shard_count));
+        if !(1..=4096).contains(&self.shard_count()) {
+            return bad(format!("cluster.shard_count must be 1..=4096, not {}", self.shard_count()));
         }
         if !(1..=7).contains(&self.replication_factor) {
             return bad(format!("cluster.replication_factor must be 1..=7, not {}", self.replication_factor));
@@ -596,10 +609,9 @@ impl Config {
         if tracing_subscriber::EnvFilter::try_new(&t.log_filter).is_err() {
             return Err(ConfigError::Invalid(format!("telemetry.log_filter {:?} is not a valid filter", t.log_filter)));
         }
-        match (self.cluster.enabled(), a.tls_cert_path.is_some(), self.cluster.tls_ca_path.is_some()) {
-            (false, _, true) => {
-                return bad("cluster.tls_ca_path is set, but this node is in no cluster (no cluster.nodes or join)");
-            }
+        // A node started alone may serve TLS without a CA: until one is
+        // configured, members cannot join it over TLS (the join is refused).
+        match (!self.cluster.started_alone(), a.tls_cert_path.is_some(), self.cluster.tls_ca_path.is_some()) {
             (true, true, false) => {
                 return bad(
                     "api.tls_* on a cluster member needs cluster.tls_ca_path too: members reach each other on the \
@@ -607,7 +619,7 @@ impl Config {
                      they trust one another",
                 );
             }
-            (true, false, true) => {
+            (_, false, true) => {
                 return bad("cluster.tls_ca_path needs api.tls_cert_path and api.tls_key_path: the member's own \
                      certificate, which it serves and presents to its peers");
             }
@@ -644,8 +656,8 @@ mod tests {
                     nodes = [{ id = 1, addr = \"127.0.0.1:7001\" }, { id = 2, addr = \"127.0.0.1:7002\" }]\n";
         let c: Config = toml::from_str(base).unwrap();
         c.validate().unwrap();
-        assert!(c.cluster.enabled());
-        assert_eq!((c.cluster.shard_count, c.cluster.replication_factor), (64, 3));
+        assert!(!c.cluster.started_alone());
+        assert_eq!((c.cluster.shard_count(), c.cluster.replication_factor), (64, 3));
         let invalid = |edit: &dyn Fn(&mut Config)| {
             let mut c: Config = toml::from_str(base).unwrap();
             edit(&mut c);
@@ -656,8 +668,17 @@ mod tests {
         assert!(invalid(&|c| c.cluster.secret = None).contains("required"));
         assert!(invalid(&|c| c.cluster.nodes[1].id = 1).contains("twice"));
         assert!(invalid(&|c| c.cluster.nodes[0].addr = "nowhere".into()).contains("host:port"));
-        assert!(invalid(&|c| c.cluster.shard_count = 0).contains("shard_count"));
-        assert!(invalid(&|c| c.cluster.nodes.clear()).contains("need cluster.nodes"));
+        assert!(invalid(&|c| c.cluster.shard_count = Some(0)).contains("shard_count"));
+        // Without founders the node is started alone: its id and secret stand,
+        // and its cluster has one shard unless told otherwise.
+        let mut alone: Config = toml::from_str(base).unwrap();
+        alone.cluster.nodes.clear();
+        alone.validate().unwrap();
+        assert!(alone.cluster.started_alone());
+        assert_eq!((alone.cluster.node_id(), alone.cluster.shard_count()), (2, 1));
+        assert_eq!(Config::default().cluster.node_id(), 1);
+        alone.cluster.secret = Some(Secret::new("short"));
+        assert!(alone.validate().unwrap_err().to_string().contains("16"));
         assert!(invalid(&|c| c.cluster.join = Some("127.0.0.1:7001".into())).contains("exclude each other"));
         assert!(invalid(&|c| c.cluster.down_after_ms = c.cluster.suspect_after_ms).contains("must exceed"));
         assert!(invalid(&|c| c.cluster.max_concurrent_moves = 0).contains("max_concurrent_moves"));
@@ -758,11 +779,13 @@ mod tests {
             c.cluster.tls_ca_path = Some("ca.pem".into());
         })
         .unwrap();
-        // The CA on a single node means nothing: refused, not ignored.
+        // A node started alone is a member too: the CA is what nodes joining
+        // it are checked against, and without one it still serves TLS.
         let mut single = Config::default();
         listener_tls(&mut single);
+        single.validate().unwrap();
         single.cluster.tls_ca_path = Some("ca.pem".into());
-        assert!(single.validate().unwrap_err().to_string().contains("no cluster"));
+        single.validate().unwrap();
     }
 
     #[test]

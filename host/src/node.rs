@@ -24,7 +24,7 @@ use crate::api::{self, Api};
 use crate::cluster::driver::{DriverConfig, PlacementDriver};
 use crate::cluster::meta::{META_SHARD, MetaLog};
 use crate::cluster::placement::Placement;
-use crate::cluster::raft::{NoPeers, ReplicaHost, ReplicaTable, ShardId, ShardLog};
+use crate::cluster::raft::{ReplicaHost, ReplicaTable, ShardId, ShardLog};
 use crate::cluster::shape::{ClusterShape, DRAINING_KEY_PREFIX, LAYOUT_KEY, Layout, Shape, draining_node};
 use crate::cluster::sharded::{ClusterRouter, LocalShard, LocalShards};
 use crate::cluster::shards::ShardSet;
@@ -43,8 +43,9 @@ use std::sync::Arc;
 
 /// Lock file in the data directory, held (flock) while a node has it open.
 const LOCK_FILE: &str = "conflux.lock";
-/// The node id of a single node (the only voter of its shard group).
-const SINGLE_NODE_ID: u64 = 1;
+/// Where a node started alone without a configured secret keeps the one it
+/// generated.
+const SECRET_FILE: &str = "cluster.secret";
 /// Written when a cluster member first opens its data directory: what must
 /// not change for the life of the cluster.
 const CLUSTER_FILE: &str = "cluster.json";
@@ -61,10 +62,19 @@ struct ClusterIdentity {
 }
 
 impl ClusterIdentity {
+    /// What `c` founds (a node started alone is its cluster's only founder).
     fn of(c: &crate::config::ClusterConfig) -> Self {
         let mut members: Vec<u64> = c.nodes.iter().map(|m| m.id).collect();
+        if c.started_alone() {
+            members.push(c.node_id());
+        }
         members.sort_unstable();
-        Self { node_id: c.node_id, members, shard_count: c.shard_count, replication_factor: c.replication_factor }
+        Self { node_id: c.node_id(), members, shard_count: c.shard_count(), replication_factor: c.replication_factor }
+    }
+
+    /// Founded by this node alone (it may have grown since).
+    fn alone(&self) -> bool {
+        self.members == [self.node_id]
     }
 
     /// Durably (temp file, fsync, rename, fsync directory): a node whose
@@ -79,10 +89,11 @@ impl ClusterIdentity {
 }
 
 /// What the data directory says this node is (`None`: a new directory), after
-/// refusing settings it was not created with: a single node's data as a
-/// member, a member's as a single node, or a member's under another id; a
-/// founder's under another member list, shard count or replication factor; a
-/// joined member's as a founder.
+/// refusing settings it was not created with: a member's data under another
+/// id; a node started alone restarted with founders (it grows by others
+/// joining it); a founder's under another member list, shard count or
+/// replication factor, or without its cluster settings; a joined member's as
+/// a founder.
 fn check_cluster_identity(
     dir: &Path,
     cluster: &crate::config::ClusterConfig,
@@ -97,31 +108,36 @@ fn check_cluster_identity(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(source) => return Err(NodeError::DataDir { path: file.display().to_string(), source }),
     };
-    // A single node never has a metadata replica; a member interrupted
-    // before writing its identity does.
-    let single_data = dir.join("shards").join("0").exists() && !dir.join("shards").join("meta").exists();
-    match (stored, cluster.enabled()) {
-        (None, false) => Ok(None),
-        (Some(s), false) => bad(format!(
-            "it holds the data of cluster member {} (see {CLUSTER_FILE}); start it with that member's [cluster] settings",
+    let Some(s) = stored else { return Ok(None) };
+    let wanted = ClusterIdentity::of(cluster);
+    match () {
+        _ if s.node_id != wanted.node_id && !(cluster.started_alone() && cluster.node_id == 0) => {
+            bad(format!("it holds the data of member {}, not {}", s.node_id, wanted.node_id))
+        }
+        _ if s.alone() && !cluster.nodes.is_empty() => bad(format!(
+            "it holds a single node's data (node {}, started alone; see {CLUSTER_FILE}); it grows when other \
+             nodes start with --join pointing at it, not by restarting it with founders (--peer)",
             s.node_id
         )),
-        (None, true) if single_data => {
-            bad("it holds a single node's data; a new cluster member needs an empty data directory".into())
-        }
-        (None, true) => Ok(None),
-        (Some(s), true) if s.node_id != cluster.node_id => {
-            bad(format!("it holds the data of member {}, not {}", s.node_id, cluster.node_id))
-        }
-        (Some(s), true) if cluster.join.is_none() && s.members.is_empty() => {
+        _ if !s.alone() && cluster.started_alone() => bad(format!(
+            "it holds the data of cluster member {} (see {CLUSTER_FILE}); start it with that member's [cluster] \
+             settings",
+            s.node_id
+        )),
+        _ if cluster.join.is_none() && s.members.is_empty() => {
             bad(format!("member {} joined an existing cluster; restart it with --join, not --peer", s.node_id))
         }
-        (Some(s), true) if cluster.join.is_none() && s != ClusterIdentity::of(cluster) => bad(format!(
-            "it was created as {s:?}, but the configuration says {:?}; changing a cluster's founding members, shard \
-             count or replication factor is not supported",
-            ClusterIdentity::of(cluster)
+        _ if !cluster.nodes.is_empty() && s != wanted => bad(format!(
+            "it was created as {s:?}, but the configuration says {wanted:?}; changing a cluster's founding members, \
+             shard count or replication factor is not supported"
         )),
-        (Some(s), true) => Ok(Some(s)),
+        _ if s.alone() && cluster.shard_count.is_some_and(|n| n != s.shard_count) => bad(format!(
+            "it was created with {} shards, but the configuration says {}; a cluster's shard count is fixed when \
+             it is created",
+            s.shard_count,
+            cluster.shard_count()
+        )),
+        _ => Ok(Some(s)),
     }
 }
 
@@ -142,6 +158,92 @@ fn shards_on_disk(dir: &Path) -> Result<Vec<ShardId>, NodeError> {
     }
     found.sort_unstable();
     Ok(found)
+}
+
+/// Maps a replica that failed to open to what is wrong with the directory.
+fn set_opened(dir: &Path) -> impl Fn(crate::cluster::shards::ShardSetError) -> NodeError + '_ {
+    move |e| match e {
+        crate::cluster::shards::ShardSetError::Replica { source, .. } => match *source {
+            crate::cluster::raft::ReplicaError::Store(source) => {
+                NodeError::StoreOpen { path: dir.display().to_string(), source }
+            }
+            source => NodeError::LogOpen { path: dir.display().to_string(), source: Box::new(source) },
+        },
+        e => NodeError::Cluster(format!("data directory {}: cannot open a shard replica: {e}", dir.display())),
+    }
+}
+
+/// Moves the registry of a single node's data from before every node was a
+/// member (kept in shard 0) into the metadata group, where every member's
+/// registry lives. Idempotent: a start interrupted before it wrote the
+/// cluster identity copies the same records again.
+async fn adopt_single_node_registry(meta: &LocalShard, data: &BTreeMap<ShardId, LocalShard>) -> Result<(), String> {
+    let Some(shard0) = data.get(&0) else { return Ok(()) };
+    // Bounded: the registry holds records, not components; a page at a time.
+    const PAGE: usize = 256;
+    let mut after: Option<Vec<u8>> = None;
+    let mut copied = 0usize;
+    loop {
+        let rows = shard0
+            .store
+            .scan(Keyspace::Registry, b"", after.as_deref(), PAGE)
+            .map_err(|e| format!("reading the single node's registry: {e}"))?;
+        let Some((last, _)) = rows.last() else { break };
+        after = Some(last.clone());
+        copied += rows.len();
+        let ws = crate::model::WriteSet {
+            ops: rows
+                .into_iter()
+                .map(|(key, value)| crate::model::Op::Put { keyspace: Keyspace::Registry, key, value })
+                .collect(),
+        };
+        meta.log.propose(ws).await.map_err(|e| format!("moving the registry into the metadata group: {e}"))?;
+    }
+    if copied > 0 {
+        tracing::info!(records = copied, "moved a single node's registry into its metadata group");
+    }
+    Ok(())
+}
+
+/// If this node is the only voter of `raft`'s group, waits until it leads
+/// and has applied its log.
+async fn settle_if_solo(raft: &crate::cluster::raft::Raft, me: u64) -> Result<(), String> {
+    let solo = {
+        let m = raft.metrics();
+        let m = m.borrow();
+        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        voters == [me]
+    };
+    if !solo {
+        return Ok(());
+    }
+    raft.wait(Some(CATCH_UP_TIMEOUT))
+        .metrics(
+            |m| m.current_leader == Some(me) && m.last_applied.map(|id| id.index) >= m.last_log_index,
+            "the only voter leads and has applied its log",
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The secret of a node started alone without one: generated on its first
+/// start and kept in the data directory (readable by its owner only, as the
+/// temporary file it is written through is), where the operator finds it to
+/// give to nodes joining this one.
+fn own_secret(dir: &Path) -> Result<crate::config::Secret, NodeError> {
+    let file = dir.join(SECRET_FILE);
+    let data_dir = |source| NodeError::DataDir { path: file.display().to_string(), source };
+    match std::fs::read_to_string(&file) {
+        Ok(s) => return Ok(crate::config::Secret::new(s.trim())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(data_dir(e)),
+    }
+    use rand::Rng as _;
+    let secret: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(32).map(char::from).collect();
+    crate::storage::durable_file::write_durably(&file, secret.as_bytes()).map_err(data_dir)?;
+    tracing::info!(file = %file.display(), "generated this node's cluster secret: nodes join it with --cluster-secret set to the file's contents");
+    Ok(crate::config::Secret::new(secret))
 }
 
 /// How long start-up may take to elect itself and apply its log.
@@ -183,7 +285,7 @@ pub enum NodeError {
     Cluster(String),
 }
 
-/// One running single-node Conflux.
+/// One running Conflux node.
 pub struct Node {
     pub scheduler: Scheduler,
     pub registry: Arc<Registry>,
@@ -193,14 +295,14 @@ pub struct Node {
     /// secret in `ClusterParts`.
     cfg: Config,
     auth: Authenticator,
-    cluster: Option<ClusterParts>,
+    cluster: ClusterParts,
     /// Where the API listens and peers are dialled; `None`: the OS's TCP.
     network: Option<SharedNetwork>,
     /// The data directory's lock; released when the node is dropped.
     _lock: File,
 }
 
-/// What a clustered node holds beyond a single node.
+/// What makes the node a member of its cluster.
 struct ClusterParts {
     secret: ClusterSecret,
     /// Mutual TLS between members, if configured.
@@ -266,56 +368,16 @@ impl Node {
                 .map_err(|e| NodeError::Background(e.to_string()))?
                 .map_err(|e| NodeError::StoreOpen { path: path(), source: crate::storage::StorageError::Sled(e) })?
         };
-        if cfg.cluster.enabled() {
-            return Self::open_clustered(cfg, auth, network, lock, db, sled_dir, identity).await;
-        }
-        let raft_config = crate::cluster::raft::raft_config("conflux", cfg.log.compact_every_entries)
-            .map_err(|e| NodeError::CatchUp { path: path(), message: e.to_string() })?;
-        let host = ReplicaHost {
-            node: SINGLE_NODE_ID,
-            data_dir: dir.clone(),
-            db,
-            sled_dir,
-            config: raft_config,
-            transport: Arc::new(NoPeers),
-            wal_flush_wait: std::time::Duration::from_micros(cfg.log.wal_flush_wait_micros),
-        };
-        let replica = host.open(0).await.map_err(|source| match source {
-            crate::cluster::raft::ReplicaError::Store(source) => NodeError::StoreOpen { path: path(), source },
-            source => NodeError::LogOpen { path: path(), source: Box::new(source) },
-        })?;
-        let catch_up = |e: &dyn std::fmt::Display| NodeError::CatchUp { path: path(), message: e.to_string() };
-        if !replica.raft.is_initialized().await.map_err(|e| catch_up(&e))? {
-            let me = openraft::BasicNode::new(cfg.api.listen.to_string());
-            replica
-                .raft
-                .initialize(std::collections::BTreeMap::from([(SINGLE_NODE_ID, me)]))
-                .await
-                .map_err(|e| catch_up(&e))?;
-        }
-        // The only voter elects itself at once; nothing may read the store
-        // before it has applied every entry the log holds.
-        replica
-            .raft
-            .wait(Some(CATCH_UP_TIMEOUT))
-            .metrics(
-                |m| m.current_leader == Some(SINGLE_NODE_ID) && m.last_applied.map(|id| id.index) >= m.last_log_index,
-                "single node leads and has applied its log",
-            )
-            .await
-            .map_err(|e| catch_up(&e))?;
-        let store: Arc<dyn StateStore> = replica.state.store().clone();
-        let log: Arc<dyn CommitLog> = Arc::new(ShardLog::new(replica, &cfg.log));
-        let (runtime, registry) = open_runtime_and_registry(&cfg, store.clone(), log.clone(), false).await?;
-        let scheduler = Scheduler::new(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone());
-        Ok(Self { scheduler, registry, store, log, cfg, auth, cluster: None, network, _lock: lock })
+        Self::open_member(cfg, auth, network, lock, db, sled_dir, identity).await
     }
 
-    /// Opens a member of a cluster. A founder's first start forms the groups
-    /// of the initial placement it is first replica of (the lowest id also
-    /// the metadata group); a new node with `join` first asks the cluster to
-    /// let it in. Later starts reopen the replicas the data directory holds.
-    async fn open_clustered(
+    /// Opens this node as a member of its cluster, the one code path for
+    /// every start: a node started alone founds a cluster of one, founders
+    /// list each other, and a new node with `join` first asks the cluster to
+    /// let it in. A founder's first start forms the groups of the initial
+    /// placement it is first replica of (the lowest id also the metadata
+    /// group). Later starts reopen the replicas the data directory holds.
+    async fn open_member(
         mut cfg: Config,
         auth: Authenticator,
         network: Option<SharedNetwork>,
@@ -327,19 +389,34 @@ impl Node {
         let dir = cfg.storage.data_dir.clone();
         // The node sends the secret to its peers, so `ClusterSecret` keeps it
         // (with its digest, to check theirs); the configuration does not.
-        let raw_secret = cfg.cluster.secret.take();
+        // Validation left it unset only on a node started alone.
+        let raw_secret = match cfg.cluster.secret.take() {
+            Some(s) => s,
+            None => own_secret(&dir)?,
+        };
         let c = &cfg.cluster;
+        let me = c.node_id();
         let err = |e: &dyn std::fmt::Display| NodeError::Cluster(e.to_string());
         let peer_tls = match (&c.tls_ca_path, &cfg.api.tls_cert_path, &cfg.api.tls_key_path) {
             (Some(ca), Some(cert), Some(key)) => Some(PeerTls::load(ca, cert, key).map_err(|e| err(&e))?),
             // Validation pairs the CA with the listener's certificate and key.
             _ => None,
         };
-        let secret = ClusterSecret::new(raw_secret.as_ref().map_or("", |s| s.expose()))
+        let secret = ClusterSecret::new(raw_secret.expose())
             .map_err(|e| err(&e))?
             .requiring_client_certificate(peer_tls.is_some());
         drop(raw_secret);
         let fresh = stored.is_none();
+        // A single node's data from before every node was a member: shard 0
+        // (all its entities, and its registry) without a metadata group.
+        let single_node_data = fresh && dir.join("shards/0").exists() && !dir.join("shards/meta").exists();
+        if single_node_data && (!c.started_alone() || c.shard_count() != 1) {
+            return Err(NodeError::Cluster(format!(
+                "data directory {}: it holds a single node's data (one shard); start it alone with one shard, or \
+                 give a new cluster member an empty data directory",
+                dir.display()
+            )));
+        }
         let identity = match (stored, &c.join) {
             (Some(s), _) => s,
             (None, Some(join)) => {
@@ -354,12 +431,12 @@ impl Node {
                     &secret,
                     peer_tls.as_ref(),
                     network.clone(),
-                    c.node_id,
+                    me,
                     &cfg.api.listen.to_string(),
                 )
                 .await
                 .map_err(NodeError::Cluster)?;
-                ClusterIdentity { node_id: c.node_id, members: Vec::new(), shard_count, replication_factor }
+                ClusterIdentity { node_id: me, members: Vec::new(), shard_count, replication_factor }
             }
             (None, None) => ClusterIdentity::of(c),
         };
@@ -370,6 +447,11 @@ impl Node {
         for m in &c.nodes {
             transport.set_peer(m.id, &m.addr).map_err(|e| err(&e))?;
             addrs.insert(m.id, m.addr.clone());
+        }
+        if c.started_alone() {
+            // Recorded in the groups' memberships: where members that join
+            // later reach this node.
+            addrs.insert(me, cfg.api.listen.to_string());
         }
         let initial = if founder {
             crate::cluster::placement::initial_placement(
@@ -384,7 +466,7 @@ impl Node {
         let raft_config =
             crate::cluster::raft::raft_config("conflux", cfg.log.compact_every_entries).map_err(|e| err(&e))?;
         let host = ReplicaHost {
-            node: c.node_id,
+            node: me,
             data_dir: dir.clone(),
             db,
             sled_dir,
@@ -393,13 +475,15 @@ impl Node {
             wal_flush_wait: std::time::Duration::from_micros(cfg.log.wal_flush_wait_micros),
         };
         let table = ReplicaTable::default();
-        let opened = |e: &dyn std::fmt::Display| {
-            NodeError::Cluster(format!("data directory {}: cannot open a shard replica: {e}", dir.display()))
+        let path = || dir.display().to_string();
+        let opened = |source: crate::cluster::raft::ReplicaError| match source {
+            crate::cluster::raft::ReplicaError::Store(source) => NodeError::StoreOpen { path: path(), source },
+            source => NodeError::LogOpen { path: path(), source: Box::new(source) },
         };
-        let meta_replica = host.open(META_SHARD).await.map_err(|e| opened(&e))?;
+        let meta_replica = host.open(META_SHARD).await.map_err(opened)?;
         table.insert(META_SHARD, meta_replica.raft.clone());
         // The lowest founding id forms the metadata group with every founder as a voter.
-        let forms_meta = founder && identity.members.first() == Some(&c.node_id);
+        let forms_meta = founder && identity.members.first() == Some(&me);
         if forms_meta && !meta_replica.raft.is_initialized().await.map_err(|e| err(&e))? {
             let voters = addrs.iter().map(|(id, a)| (*id, openraft::BasicNode::new(a))).collect::<BTreeMap<_, _>>();
             meta_replica.raft.initialize(voters).await.map_err(|e| err(&e))?;
@@ -407,13 +491,22 @@ impl Node {
         // Only a founder's first start forms data groups: later, replicas
         // may have moved, and forming one again would fork the shard.
         let forming = if fresh && founder { initial.clone() } else { Placement::default() };
-        let shards = Arc::new(ShardSet::open(host, &forming, table.clone()).await.map_err(|e| opened(&e))?);
+        let shards = Arc::new(ShardSet::open(host, &forming, table.clone()).await.map_err(set_opened(&dir))?);
         for shard in shards_on_disk(&dir)? {
-            shards.open_replica(shard).await.map_err(|e| opened(&e))?;
+            shards.open_replica(shard).await.map_err(set_opened(&dir))?;
         }
         if fresh {
             shards.bootstrap(&forming, &addrs).await.map_err(|e| err(&e))?;
             identity.write(&dir)?;
+        }
+        // Nothing may read a store before its group has applied every entry
+        // the log holds. A group whose only voter is this node (every group
+        // of a node started alone) gets there by itself: wait for it, so the
+        // registry below and the first calls find what was committed.
+        let mut solo = vec![meta_replica.raft.clone()];
+        solo.extend(shards.shards().into_iter().filter_map(|s| shards.replica(s)).map(|r| r.raft));
+        for raft in solo {
+            settle_if_solo(&raft, me).await.map_err(|message| NodeError::CatchUp { path: path(), message })?;
         }
         let mut local = BTreeMap::new();
         for shard in shards.shards() {
@@ -427,26 +520,28 @@ impl Node {
             meta_replica.state.store().clone(),
             Arc::new(ShardLog::new(meta_replica, &cfg.log)),
         );
+        if single_node_data {
+            adopt_single_node_registry(&meta, &local).await.map_err(|e| err(&e))?;
+        }
         let initial = Layout { placement: initial.shards, ..Layout::default() };
         let shape = Arc::new(ClusterShape::new(read_shape(&meta, &addrs, &initial)));
         let timeout = std::time::Duration::from_millis(c.forward_timeout_ms);
         let meta_log: Arc<dyn CommitLog> =
-            Arc::new(MetaLog::new(c.node_id, meta.clone(), shape.clone(), transport.clone(), timeout));
+            Arc::new(MetaLog::new(me, meta.clone(), shape.clone(), transport.clone(), timeout));
         let local = Arc::new(
-            LocalShards::new(c.node_id, identity.shard_count, shape.clone(), local)
-                .with_set(shards.clone(), cfg.log.clone()),
+            LocalShards::new(me, identity.shard_count, shape.clone(), local).with_set(shards.clone(), cfg.log.clone()),
         );
         let store: Arc<dyn StateStore> = local.clone();
         let log: Arc<dyn CommitLog> = local.clone();
-        let (runtime, registry) = open_runtime_and_registry(&cfg, meta.store.clone(), meta_log.clone(), true).await?;
-        registry.set_propagation(Arc::new(MemberRegistries::new(c.node_id, transport.clone(), shape.clone())));
-        registry.set_component_peers(Arc::new(MemberComponents::new(c.node_id, transport.clone(), shape.clone())));
+        let (runtime, registry) = open_runtime_and_registry(&cfg, meta.store.clone(), meta_log.clone()).await?;
+        registry.set_propagation(Arc::new(MemberRegistries::new(me, transport.clone(), shape.clone())));
+        registry.set_component_peers(Arc::new(MemberComponents::new(me, transport.clone(), shape.clone())));
         let router = Arc::new(ClusterRouter::new(local.clone(), transport.clone(), timeout));
         let scheduler =
             Scheduler::with_router(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone(), Some(router));
         let move_timeout = std::time::Duration::from_millis(c.move_timeout_ms);
         let member = Member {
-            node: c.node_id,
+            node: me,
             transport,
             shape,
             shards,
@@ -467,9 +562,9 @@ impl Node {
             down_after: std::time::Duration::from_millis(c.down_after_ms),
             move_timeout,
         };
-        tracing::info!(node = c.node_id, shards = member.shards.shards().len(), "cluster member opened");
+        tracing::info!(node = me, shards = member.shards.shards().len(), "cluster member opened");
         let cluster = ClusterParts { secret, peer_tls, table, member, initial, peers: addrs, driver };
-        Ok(Self { scheduler, registry, store, log, cfg, auth, cluster: Some(cluster), network, _lock: lock })
+        Ok(Self { scheduler, registry, store, log, cfg, auth, cluster, network, _lock: lock })
     }
 
     /// Serves until `shutdown` resolves, then drains and persists. `on_bound`
@@ -490,34 +585,27 @@ impl Node {
             self.store.clone(),
             self.log.clone(),
         )?;
-        let mut watchers = Vec::new();
-        let api = match &self.cluster {
-            None => api,
-            Some(c) => {
-                let m = &c.member;
-                watchers.push(tokio::spawn(follow_meta(
-                    m.clone(),
-                    c.initial.clone(),
-                    c.peers.clone(),
-                    self.registry.clone(),
-                )));
-                let driver = PlacementDriver::new(
-                    m.node,
-                    m.meta.clone(),
-                    m.meta_log.clone(),
-                    m.shape.clone(),
-                    Arc::new(m.clone()),
-                    c.driver.clone(),
-                );
-                watchers.push(tokio::spawn(driver.run()));
-                let service = ClusterService::new(m.node, c.secret.clone(), c.table.clone()).with_node(
-                    self.scheduler.clone(),
-                    self.registry.clone(),
-                    m.clone(),
-                );
-                api.with_cluster(service, ClusterView::new(m.clone()), c.peer_tls.as_ref())
-            }
-        };
+        let c = &self.cluster;
+        let m = &c.member;
+        let driver = PlacementDriver::new(
+            m.node,
+            m.meta.clone(),
+            m.meta_log.clone(),
+            m.shape.clone(),
+            Arc::new(m.clone()),
+            c.driver.clone(),
+        );
+        let watchers = [
+            tokio::spawn(follow_meta(m.clone(), c.initial.clone(), c.peers.clone(), self.registry.clone())),
+            tokio::spawn(driver.run()),
+        ];
+        let service = ClusterService::new(m.node, c.secret.clone(), c.table.clone()).with_node(
+            self.scheduler.clone(),
+            self.registry.clone(),
+            m.clone(),
+        );
+        let has_peers = !self.cfg.cluster.started_alone();
+        let api = api.with_cluster(service, ClusterView::new(m.clone()), c.peer_tls.as_ref(), has_peers);
         let addr = self.cfg.api.listen;
         let listen_err = |source| NodeError::Listen { addr, source };
         let listener = match &self.network {
@@ -545,7 +633,7 @@ impl Node {
             tokio::spawn(self.scheduler.clone().run_idempotency_sweeper()),
         ];
         let scheduler = self.scheduler.clone();
-        let member = self.cluster.as_ref().map(|c| c.member.clone());
+        let member = self.cluster.member.clone();
         // On the signal: refuse new invocations and let running turns commit,
         // hand off the shards this node leads (while it still answers Raft
         // messages), then stop the listener.
@@ -553,19 +641,15 @@ impl Node {
             shutdown.await;
             tracing::info!("shutting down: draining in-flight turns");
             scheduler.drain().await;
-            if let Some(member) = member {
-                member.hand_off_all().await;
-            }
+            member.hand_off_all().await;
         };
         let served = api.serve(listener, stop).await;
         for task in background.into_iter().chain(watchers) {
             task.abort();
         }
         self.log.shutdown().await?;
-        if let Some(c) = &self.cluster {
-            // The data shards stopped with `self.log`; the metadata group last.
-            c.member.meta.log.shutdown().await?;
-        }
+        // The data shards stopped with `self.log`; the metadata group last.
+        self.cluster.member.meta.log.shutdown().await?;
         tracing::info!("shut down cleanly");
         served.map_err(NodeError::from)
     }
@@ -578,13 +662,11 @@ async fn open_runtime_and_registry(
     cfg: &Config,
     store: Arc<dyn StateStore>,
     log: Arc<dyn CommitLog>,
-    member: bool,
 ) -> Result<(Arc<Runtime>, Arc<Registry>), NodeError> {
     let (runtime_cfg, registry_cfg, dir) = (cfg.runtime.clone(), cfg.registry.clone(), cfg.storage.data_dir.clone());
     crate::determinism::blocking(move || {
         let runtime = Arc::new(Runtime::new(&runtime_cfg)?);
-        let open = if member { Registry::open_member } else { Registry::open };
-        let registry = open(&registry_cfg, &dir, runtime.clone(), store, log)
+        let registry = Registry::open_member(&registry_cfg, &dir, runtime.clone(), store, log)
             .map_err(|source| NodeError::RegistryOpen { path: dir.display().to_string(), source })?;
         Ok::<_, NodeError>((runtime, Arc::new(registry)))
     })

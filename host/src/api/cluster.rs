@@ -548,6 +548,12 @@ impl Cluster for ClusterService {
                     .await
                     .map_err(|e| Status::unavailable(format!("adding node {} to the metadata group: {e}", req.node)))?;
                 tracing::info!(node = req.node, addr = %req.addr, "a node joined the cluster");
+                if !self.secret.certificate_required {
+                    tracing::warn!(
+                        "members talk to each other without TLS: the cluster secret, Raft traffic and entity state \
+                         cross the network in clear (set cluster.tls_ca_path and api.tls_*)"
+                    );
+                }
                 Ok(Response::new(reply))
             }
             Some(l) => {

@@ -268,6 +268,10 @@ pub struct Api {
     cluster: Option<cluster::ClusterService>,
     /// A clustered node's view of every member, for Status.
     cluster_view: Option<Arc<cluster::ClusterView>>,
+    /// Started with peers (founders or a cluster to join), so node-to-node
+    /// traffic crosses the network from the start. A node started alone has
+    /// none until one joins it, and that join is what it warns about.
+    has_peers: bool,
 }
 
 impl Api {
@@ -298,6 +302,7 @@ impl Api {
             bound: None,
             stopping: tokio::sync::watch::channel(false).0,
             cluster: None,
+            has_peers: false,
             cluster_view: None,
         })
     }
@@ -310,7 +315,9 @@ impl Api {
         service: cluster::ClusterService,
         view: cluster::ClusterView,
         peer_tls: Option<&cluster::PeerTls>,
+        has_peers: bool,
     ) -> Self {
+        self.has_peers = has_peers;
         self.cluster = Some(service);
         self.cluster_view = Some(Arc::new(view));
         if let Some(peer_tls) = peer_tls {
@@ -339,7 +346,7 @@ impl Api {
             Listener::Custom(bound, _) => Some(*bound),
         };
         if let Some(bound) = self.bound {
-            for warning in exposure_warnings(bound, self.auth.is_open(), self.tls.is_some(), self.cluster.is_some()) {
+            for warning in exposure_warnings(bound, self.auth.is_open(), self.tls.is_some(), self.has_peers) {
                 tracing::warn!("{warning}");
             }
         }
