@@ -819,6 +819,62 @@ mod tests {
         node.log.shutdown().await.unwrap();
     }
 
+    /// A data directory a single node wrote before every node was a member
+    /// (shard 0 holding entities and registry, no metadata group) opens as
+    /// a node started alone: its entities stay where they are and its
+    /// registry moves into the metadata group, where a member's registry is
+    /// read from.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_single_nodes_older_data_opens_as_a_node_started_alone() {
+        use crate::model::{Op, WriteSet};
+        let dir = tempfile::tempdir().unwrap();
+        let record = (Keyspace::Registry, b"conflux-adoption-probe".to_vec(), b"registry".to_vec());
+        let state = (Keyspace::State, b"counter\0c1\0$self".to_vec(), b"{\"total\":5}".to_vec());
+        {
+            // What the single node of before laid out: shard 0 alone.
+            let sled_dir = dir.path().join("state");
+            let host = ReplicaHost {
+                node: 1,
+                data_dir: dir.path().to_owned(),
+                db: sled::Config::new().path(&sled_dir).open().unwrap(),
+                sled_dir,
+                config: crate::cluster::raft::raft_config("conflux", 1000).unwrap(),
+                transport: Arc::new(crate::cluster::raft::NoPeers),
+                wal_flush_wait: std::time::Duration::ZERO,
+            };
+            let replica = host.open(0).await.unwrap();
+            let me = openraft::BasicNode::new("127.0.0.1:7070");
+            replica.raft.initialize(BTreeMap::from([(1, me)])).await.unwrap();
+            let raft = replica.raft.clone();
+            settle_if_solo(&raft, 1).await.unwrap();
+            let log = ShardLog::new(replica, &crate::log::LogConfig::default());
+            let ops = [&record, &state]
+                .iter()
+                .map(|(keyspace, key, value)| Op::Put { keyspace: *keyspace, key: key.clone(), value: value.clone() })
+                .collect();
+            log.propose(WriteSet { ops }).await.unwrap();
+            log.shutdown().await.unwrap();
+            raft.shutdown().await.unwrap();
+        }
+        let mut cfg = Config::default();
+        cfg.storage.data_dir = dir.path().to_owned();
+        let node = Node::open(cfg.clone()).await.unwrap();
+        let meta = &node.cluster.member.meta;
+        assert_eq!(meta.store.get(record.0, &record.1).unwrap(), Some(record.2.clone()), "registry not moved");
+        assert_eq!(node.store.get(state.0, &state.1).unwrap(), Some(state.2.clone()), "entity state lost");
+        assert!(dir.path().join(CLUSTER_FILE).exists());
+        node.log.shutdown().await.unwrap();
+        node.cluster.member.meta.log.shutdown().await.unwrap();
+        drop(node);
+        // With another shard count its entities would be looked for elsewhere.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(other.path().join("shards/0")).unwrap();
+        cfg.storage.data_dir = other.path().to_owned();
+        cfg.cluster.shard_count = Some(8);
+        let Err(e) = Node::open(cfg).await else { panic!("opened a single node's data with 8 shards") };
+        assert!(e.to_string().contains("single node's data"), "{e}");
+    }
+
     /// The identity is replaced whole: a reader (a restart after a crash)
     /// never finds it empty or cut short, however a write is interrupted.
     /// `std::fs::write` truncated the file first, and a reader racing it
