@@ -883,18 +883,20 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 /// read from state — a read, and an entity's refusal too — is given only
 /// once the log confirms the lead in the turn's term. A refusal from a stale
 /// store would otherwise stand for good (a message refused is dead-lettered:
-/// the simulation lost money that way). The log is a real `LocalLog` whose
+/// the simulation lost money that way). The log is a real `ShardLog` (a group
+/// of one on disk) whose
 /// leadership is reported lost on command. Also: a forward that lost its
 /// connection moves the route on even when the call is not retried.
 #[test]
 fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
-    use conflux_host::log::{CommitLog, LocalLog, LogError, LogStats};
+    use conflux_host::cluster::raft::ShardLog;
+    use conflux_host::log::{CommitLog, LogError, LogStats};
     use conflux_host::model::{EntityRef, LogIndex, WriteSet};
     use conflux_host::scheduler::{Invocation, InvokeError, Route, Router, Scheduler};
     use std::sync::atomic::{AtomicBool, Ordering};
 
     struct Deposable {
-        log: LocalLog,
+        log: ShardLog,
         deposed: AtomicBool,
     }
     impl CommitLog for Deposable {
@@ -946,12 +948,9 @@ fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
     let cfg = Config::default();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let store: Arc<dyn conflux_host::storage::StateStore> =
-            Arc::new(conflux_host::storage::SledStore::open(&dir.path().join("store")).unwrap());
-        let log = Arc::new(Deposable {
-            log: LocalLog::open(&dir.path().join("log"), store.clone(), cfg.log.clone()).unwrap(),
-            deposed: AtomicBool::new(false),
-        });
+        let shard_log = conflux_host::cluster::raft::open_solo(dir.path(), &cfg.log).await.unwrap();
+        let store: Arc<dyn conflux_host::storage::StateStore> = shard_log.store().clone();
+        let log = Arc::new(Deposable { log: shard_log, deposed: AtomicBool::new(false) });
         // Opening the registry blocks (it loads components), as the node does it.
         let (runtime, registry) = {
             let (cfg, dir, store, log) = (cfg.clone(), dir.path().to_path_buf(), store.clone(), log.clone());
@@ -1112,13 +1111,13 @@ fn plain_invocation(entity: (&str, &str), op: &str, payload: String) -> conflux_
     }
 }
 
-/// One scheduler on a `LocalLog` in `dir`, routed by `router`, with the
+/// One scheduler on a `ShardLog` (a group of one) in `dir`, routed by `router`, with the
 /// `relay` and `counter` guests deployed, and retries configured small
 /// (`delivery_max_attempts` 2, backoff 10..40 ms).
 async fn relay_and_counter_scheduler(
     dir: &Path,
     router: Arc<dyn conflux_host::scheduler::Router>,
-) -> (conflux_host::scheduler::Scheduler, Arc<conflux_host::log::LocalLog>) {
+) -> (conflux_host::scheduler::Scheduler, Arc<conflux_host::cluster::raft::ShardLog>) {
     let relay = std::fs::read(guest_wasm("relay")).unwrap();
     let counter = std::fs::read(guest_wasm("counter")).unwrap();
     let mut cfg = Config::default();
@@ -1126,9 +1125,8 @@ async fn relay_and_counter_scheduler(
     cfg.scheduler.delivery_retry_base_ms = 10;
     cfg.scheduler.delivery_retry_max_ms = 40;
     cfg.runtime.max_instances = 64;
-    let store: Arc<dyn conflux_host::storage::StateStore> =
-        Arc::new(conflux_host::storage::SledStore::open(&dir.join("store")).unwrap());
-    let log = Arc::new(conflux_host::log::LocalLog::open(&dir.join("log"), store.clone(), cfg.log.clone()).unwrap());
+    let log = Arc::new(conflux_host::cluster::raft::open_solo(dir, &cfg.log).await.unwrap());
+    let store: Arc<dyn conflux_host::storage::StateStore> = log.store().clone();
     // Opening the registry blocks (it loads components), as the node does it.
     let (runtime, registry) = {
         let (cfg, dir, store, log) = (cfg.clone(), dir.to_path_buf(), store.clone(), log.clone());

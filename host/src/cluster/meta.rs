@@ -5,7 +5,8 @@
 //! every node applies, then fetches, checks and compiles before serving it. `MetaLog` lets a node that does
 //! not lead the group commit through the one that does.
 
-use super::raft::{NodeId, ShardId};
+pub use super::raft::META_SHARD;
+use super::raft::NodeId;
 use super::shape::ClusterShape;
 use super::sharded::{LocalShard, Peers};
 use crate::log::{CommitLog, LogError, LogStats};
@@ -14,9 +15,6 @@ use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// The metadata group's id on the wire; data shards are numbered from 0.
-pub const META_SHARD: ShardId = u32::MAX;
 
 /// Pause between attempts while the group elects or its leader is unreachable.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);

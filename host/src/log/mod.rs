@@ -1,17 +1,13 @@
-//! The durable commit log: the `CommitLog` trait, its errors, statistics and
-//! configuration, and `LocalLog`, the pre-Raft single-node implementation on
-//! a raft-log WAL with group commit (the node now commits through
-//! `cluster::raft::ShardLog`; `LocalLog` remains the conformance suite's
-//! reference provider). The log is the durability boundary: a
-//! proposal is acknowledged only once its entry is fdatasync'd and applied to
-//! the `StateStore`; on start-up the store is caught up by replaying the log.
-
-mod local;
+//! The durable commit log's port: the `CommitLog` trait, its errors,
+//! statistics and configuration. Its one provider is a shard replica's
+//! `cluster::raft::ShardLog` (every node commits through its shard groups);
+//! the conformance suite here runs against it on disk. The log is the
+//! durability boundary: a proposal is acknowledged only once its entry is
+//! fdatasync'd and applied to the `StateStore`; on start-up the store is
+//! caught up by replaying the log.
 
 #[cfg(test)]
 pub(crate) mod conformance;
-
-pub use local::{LocalLog, SINGLE_NODE_TERM, WalTypes};
 
 use crate::model::{LogIndex, WriteSet};
 use crate::storage::StorageError;
@@ -26,22 +22,10 @@ pub enum LogError {
     Io(#[source] Arc<std::io::Error>),
     #[error("state store failed: {0}")]
     Storage(#[source] Arc<StorageError>),
-    #[error("commit log is poisoned by an earlier I/O or storage failure; the node must restart")]
-    Poisoned,
     #[error("commit log is shut down")]
     ShutDown,
     #[error("commit log stopped before completing this request: {0}")]
     Aborted(String),
-    #[error("corrupt log entry {index}: {reason}")]
-    Corrupt { index: LogIndex, reason: String },
-    #[error(
-        "state store has applied up to {applied} but the log was purged up to {purged}: entries in between are gone"
-    )]
-    StoreBehindLog { applied: LogIndex, purged: LogIndex },
-    #[error(
-        "state store has applied up to {applied} but the log ends at {last}: the log lost entries (wrong or deleted log directory?)"
-    )]
-    StoreAheadOfLog { applied: LogIndex, last: LogIndex },
     #[error("invalid log config: {0}")]
     Config(String),
     /// A replicated log only accepts proposals on the leader of its group.
@@ -85,7 +69,7 @@ impl From<StorageError> for LogError {
 }
 
 /// Counters for tests, metrics and benchmarks. Monotonic except
-/// `largest_batch` (a maximum) and `purged_index` (a position).
+/// `largest_batch` and `largest_batch_bytes` (maxima).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LogStats {
     /// Proposals appended to the log.
@@ -96,18 +80,12 @@ pub struct LogStats {
     pub largest_batch: u64,
     /// Payload bytes (encoded write sets) appended.
     pub bytes_written: u64,
-    /// Entries replayed into the store when the log was opened.
-    pub replayed_entries: u64,
-    /// Times the store was persisted and the log purged.
-    pub compactions: u64,
-    /// Highest index purged from the log (0 = none).
-    pub purged_index: LogIndex,
     /// Most payload bytes (write sets) in one batch: on a cluster, one Raft
     /// entry, bounded by `max_batch_bytes` unless one write set is larger.
     pub largest_batch_bytes: u64,
 }
 
-/// Tuning of `LocalLog`. Every field has a default; in a config file any may
+/// Tuning of the commit log (each shard's `ShardLog`). Every field has a default; in a config file any may
 /// be omitted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -173,14 +151,17 @@ impl LogConfig {
 /// An ordered, durable log of write sets that applies each committed entry to
 /// a state store.
 pub trait CommitLog: Send + Sync + 'static {
-    /// Proposes a write set. The returned future resolves once the entry is durable (fdatasync'd) AND applied to the state store, with its index. Index order = order in which proposals reach the log; one caller awaiting each proposal before the next sees strictly increasing indexes. An I/O failure fails that proposal and poisons the log: every later proposal fails with LogError::Poisoned (a node must stop after a failed fsync).
+    /// Proposes a write set. The returned future resolves once the entry is
+    /// durable (fdatasync'd on a majority) AND applied to this replica's
+    /// store, with its index. One caller awaiting each proposal before the
+    /// next sees increasing indexes; proposals batched into one entry share
+    /// its index.
     fn propose(&self, ws: WriteSet) -> futures::future::BoxFuture<'static, Result<LogIndex, LogError>>;
     /// Proposes a write set computed from state read while this replica led
     /// in leadership term `epoch` (what `Route::Here` named). If the entry
     /// lands in another term it commits as a no-op and the proposal fails
-    /// with [`LogError::Fenced`]. `epoch` must be a Raft term: a single node,
-    /// whose leadership never changes (its scheduler's epoch is 0, no term),
-    /// proposes unfenced.
+    /// with [`LogError::Fenced`]. `epoch` must be a Raft term. A log that
+    /// knows no terms proposes unfenced.
     fn propose_fenced(
         &self,
         ws: WriteSet,

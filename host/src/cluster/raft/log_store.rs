@@ -1,6 +1,6 @@
 //! `WalLogStore`: openraft's `RaftLogStorage` for one shard replica, on its
-//! own raft-log WAL (the same fdatasync'd, group-committing write-ahead log the
-//! single-node `LocalLog` uses). raft-log keeps the vote, the entries and the
+//! own raft-log WAL (an fdatasync'd, group-committing write-ahead log).
+//! raft-log keeps the vote, the entries and the
 //! purge point; openraft's ordering rules map onto raft-log's checks because
 //! the ids are stored as tuples that order the way openraft's do:
 //! log id = ((term, leader), index), vote = ((term, node), committed).

@@ -216,6 +216,48 @@ pub(crate) fn storage_err(
     openraft::StorageIOError::new(subject, verb, openraft::AnyError::error(e.to_string())).into()
 }
 
+/// The metadata group's id (see `cluster::meta`) on the wire and on disk;
+/// data shards are numbered from 0.
+pub const META_SHARD: ShardId = u32::MAX;
+
+/// A group of one on disk in `data_dir` (its WAL under `shards/0`, its store
+/// in `state/`), led by this process as node 1 with its log applied by the
+/// time this returns: the production log without a cluster around it, for
+/// the commit-log conformance suite and in-process tests of what commits.
+pub async fn open_solo(data_dir: &std::path::Path, config: &crate::log::LogConfig) -> Result<ShardLog, ReplicaError> {
+    const ME: NodeId = 1;
+    let sled_dir = data_dir.join("state");
+    let db = sled::Config::new()
+        .path(&sled_dir)
+        .open()
+        .map_err(|e| ReplicaError::Store(crate::storage::StorageError::Sled(e)))?;
+    let form = |e: &dyn std::fmt::Display| ReplicaError::Form(e.to_string());
+    let host = ReplicaHost {
+        node: ME,
+        data_dir: data_dir.to_owned(),
+        db,
+        sled_dir,
+        config: raft_config("conflux", config.compact_every_entries).map_err(|e| form(&e))?,
+        transport: std::sync::Arc::new(NoPeers),
+        wal_flush_wait: std::time::Duration::from_micros(config.wal_flush_wait_micros),
+    };
+    let replica = host.open(0).await?;
+    if !replica.raft.is_initialized().await.map_err(|e| form(&e))? {
+        let me = openraft::BasicNode::new("127.0.0.1:0");
+        replica.raft.initialize(std::collections::BTreeMap::from([(ME, me)])).await.map_err(|e| form(&e))?;
+    }
+    replica
+        .raft
+        .wait(Some(std::time::Duration::from_secs(60)))
+        .metrics(
+            |m| m.current_leader == Some(ME) && m.last_applied.map(|id| id.index) >= m.last_log_index,
+            "the only voter leads and has applied its log",
+        )
+        .await
+        .map_err(|e| form(&e))?;
+    Ok(ShardLog::new(replica, config))
+}
+
 /// Everything a node holds for one replica of one shard.
 #[derive(Clone)]
 pub struct Replica {
@@ -238,7 +280,7 @@ impl std::fmt::Debug for Replica {
 /// Where a replica of `shard` keeps its WAL and snapshot under a node's
 /// data directory.
 pub fn replica_dir(data_dir: &std::path::Path, shard: ShardId) -> std::path::PathBuf {
-    if shard == crate::cluster::meta::META_SHARD {
+    if shard == META_SHARD {
         return data_dir.join("shards").join("meta");
     }
     data_dir.join("shards").join(shard.to_string())
@@ -300,6 +342,8 @@ pub enum ReplicaError {
     StateMachine(#[from] StorageError),
     #[error("raft: {0}")]
     Raft(#[from] openraft::error::Fatal<NodeId>),
+    #[error("forming a group of one: {0}")]
+    Form(String),
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! `ShardLog`: the `CommitLog` of one shard replica, so the scheduler commits
-//! a turn's write set through Raft exactly as it does through `LocalLog`. A
+//! `ShardLog`: the `CommitLog` of one shard replica, through which the
+//! scheduler commits a turn's write set, on every node alike. A
 //! proposal resolves once its entry is committed by a majority and applied to
 //! this replica's store; only the leader accepts proposals.
 //!
@@ -68,13 +68,18 @@ impl std::fmt::Debug for ShardLog {
 
 impl ShardLog {
     /// Starts the batching task; must be called inside a tokio runtime.
-    /// `config` bounds the queue and the batches as for `LocalLog`.
+    /// `config` bounds the queue and the batches.
     pub fn new(replica: Replica, config: &LogConfig) -> Self {
         let (tx, rx) = mpsc::channel(config.queue_depth);
         let counters = Arc::new(Counters::default());
         tokio::spawn(batcher(replica.raft.clone(), rx, counters.clone(), config.clone()));
         let commit_timeout = std::time::Duration::from_millis(config.commit_timeout_ms);
         Self { replica, tx, counters, commit_timeout }
+    }
+
+    /// The replica's store, which this log applies to.
+    pub fn store(&self) -> &Arc<crate::storage::SledStore> {
+        self.replica.state.store()
     }
 }
 
