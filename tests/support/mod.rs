@@ -202,7 +202,7 @@ pub fn serve_expecting_failure(data_dir: &Path, extra: &[&str]) -> String {
 
 /// The `conflux-error-kind` of a failed call ("" if absent).
 pub fn kind(s: &tonic::Status) -> String {
-    s.metadata().get(conflux_client::ERROR_KIND_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+    conflux_client::error_kind(s).unwrap_or("").to_owned()
 }
 
 /// The one `error: …` line of a failed command's stderr (asserting there is exactly one).

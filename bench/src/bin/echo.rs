@@ -96,7 +96,7 @@ impl Conflux for Echo {
         let req = request.into_inner();
         let entity = req.entity.unwrap_or_default();
         match answer(&self.state, &entity.entity_type, &entity.id, &req.operation, &req.payload).await {
-            Answer::Reply(reply) => Ok(tonic::Response::new(pb::InvokeResponse { reply, ..Default::default() })),
+            Answer::Reply(reply) => Ok(tonic::Response::new(pb::InvokeResponse { reply })),
             Answer::Refused => Err(Status::failed_precondition("already on another team")),
             Answer::Bad(m) => Err(Status::invalid_argument(m)),
         }
