@@ -6,6 +6,13 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 echo "==> formatting"
 cargo fmt --all --check
+echo "==> conflux-client links none of the daemon"
+# The API client (used by the CLI, conflux-bench and the tests) must stay
+# light: no wasmtime, openraft or sled in its normal dependencies.
+if cargo tree -p conflux-client -e normal | grep -E 'wasmtime|openraft|sled'; then
+    echo "conflux-client depends on a daemon crate (above)" >&2
+    exit 1
+fi
 echo "==> building guest components (wasm32-wasip2)"
 CARGO_TARGET_DIR=target/guests cargo build --release --target wasm32-wasip2 \
     -p counter -p team-joiner -p faulty -p forbidden -p no-handler -p unknown-imports \

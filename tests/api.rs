@@ -4,7 +4,7 @@
 
 mod support;
 
-use conflux_host::api::pb;
+use conflux_client::pb;
 use support::*;
 use tonic::Code;
 

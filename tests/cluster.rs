@@ -6,7 +6,7 @@
 
 mod support;
 
-use conflux_host::api::pb;
+use conflux_client::pb;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -202,7 +202,7 @@ const OPENING_BALANCE: i64 = 1000;
 /// not "unavailable", for at most 20 s. Returns the answer and whether it
 /// took a retry.
 async fn call_keyed(
-    c: &mut conflux_host::api::pb::conflux_client::ConfluxClient<tonic::transport::Channel>,
+    c: &mut conflux_client::pb::conflux_client::ConfluxClient<tonic::transport::Channel>,
     entity_type: &str,
     id: &str,
     op: &str,

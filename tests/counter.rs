@@ -105,7 +105,7 @@ fn kill_dash_nine_during_load_loses_no_acknowledged_add() {
         let addr = d.addr.clone();
         let (acked, attempted, stop) = (acked.clone(), attempted.clone(), stop.clone());
         tasks.push(runtime.spawn(async move {
-            let mut c = conflux_host::cli::connect(&addr).await.unwrap();
+            let mut c = conflux_client::connect(&addr).await.unwrap();
             let mut i = client;
             // Bounded: stops on the flag, on the first error (the kill), or after 100k calls.
             for _ in 0..100_000 {

@@ -8,7 +8,7 @@
 
 mod support;
 
-use conflux_host::api::pb;
+use conflux_client::pb;
 use fantoccini::ClientBuilder;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};

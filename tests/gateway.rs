@@ -6,7 +6,7 @@
 
 mod support;
 
-use conflux_host::api::pb;
+use conflux_client::pb;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use support::*;

@@ -4,7 +4,7 @@
 
 mod support;
 
-use conflux_host::api::pb;
+use conflux_client::pb;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -353,7 +353,7 @@ fn bad_deploys_never_change_the_active_version() {
     runtime.block_on(async {
         let mut c = d.client().await;
         let header = pb::DeployHeader { entity_type: "counter".into(), ..Default::default() };
-        let mut messages = conflux_host::api::deploy_messages(header, &bytes);
+        let mut messages = conflux_client::deploy_messages(header, &bytes);
         messages.pop();
         let e = c.deploy(futures::stream::iter(messages)).await.unwrap_err();
         assert_eq!((e.code(), kind(&e).as_str()), (Code::InvalidArgument, "truncated-upload"), "{e:?}");

@@ -4,7 +4,7 @@
 
 mod support;
 
-use conflux_host::api::pb;
+use conflux_client::pb;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -92,7 +92,7 @@ fn start_adds(
             let addr = addrs[client % addrs.len()].clone();
             let (tally, stop) = (tally.clone(), stop.clone());
             runtime.spawn(async move {
-                let mut c = conflux_host::cli::connect(&addr).await.unwrap();
+                let mut c = conflux_client::connect(&addr).await.unwrap();
                 let mut i = client;
                 // Bounded: the flag, the first error, or 100k calls.
                 for _ in 0..100_000 {
@@ -117,7 +117,7 @@ fn start_adds(
 /// Reads every counter through `addr` (retrying while shards elect
 /// leaders) and checks it against the tally.
 async fn check_counters(addr: &str, tally: &Tally) {
-    let mut c = conflux_host::cli::connect(addr).await.unwrap();
+    let mut c = conflux_client::connect(addr).await.unwrap();
     for e in 0..ENTITIES {
         let deadline = Instant::now() + Duration::from_secs(30);
         let got = loop {

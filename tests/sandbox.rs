@@ -4,7 +4,7 @@
 
 mod support;
 
-use conflux_host::api::pb;
+use conflux_client::pb;
 use support::*;
 use tonic::Code;
 
@@ -116,7 +116,7 @@ fn oversized_state_key_is_refused() {
 
 /// Invokes `raw/<id> op payload` (the raw-waits guest speaks plain text).
 async fn raw(
-    c: &mut conflux_host::api::pb::conflux_client::ConfluxClient<tonic::transport::Channel>,
+    c: &mut conflux_client::pb::conflux_client::ConfluxClient<tonic::transport::Channel>,
     id: &str,
     op: &str,
     payload: &str,
@@ -126,7 +126,7 @@ async fn raw(
 }
 
 async fn status(
-    c: &mut conflux_host::api::pb::conflux_client::ConfluxClient<tonic::transport::Channel>,
+    c: &mut conflux_client::pb::conflux_client::ConfluxClient<tonic::transport::Channel>,
 ) -> pb::StatusResponse {
     c.status(pb::StatusRequest {}).await.unwrap().into_inner()
 }

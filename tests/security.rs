@@ -6,7 +6,7 @@
 
 mod support;
 
-use conflux_host::api::pb;
+use conflux_client::pb;
 use std::path::Path;
 use support::*;
 use tonic::Code;
@@ -27,7 +27,7 @@ fn assert_unauthenticated<T: std::fmt::Debug>(r: Result<T, tonic::Status>, rpc: 
 
 fn deploy_stream(entity_type: &str, bytes: &[u8]) -> impl futures::Stream<Item = pb::DeployRequest> + use<> {
     let header = pb::DeployHeader { entity_type: entity_type.into(), ..Default::default() };
-    futures::stream::iter(conflux_host::api::deploy_messages(header, bytes))
+    futures::stream::iter(conflux_client::deploy_messages(header, bytes))
 }
 
 fn state_req(id: &str) -> pb::GetStateRequest {
@@ -189,7 +189,7 @@ fn tls_listener_serves_trusting_clients_only() {
     assert!(!out.status.success(), "{}", stdout(&out));
     // A plaintext client gets nowhere.
     rt().block_on(async {
-        match conflux_host::cli::connect(&d.addr).await {
+        match conflux_client::connect(&d.addr).await {
             Err(e) => eprintln!("plaintext connect failed as expected: {e:#}"),
             Ok(mut c) => {
                 let e = call(&mut c, "counter", "t", "get", "").await.unwrap_err();

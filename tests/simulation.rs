@@ -33,8 +33,8 @@
 
 mod support;
 
+use conflux_client::pb::{self, conflux_client::ConfluxClient};
 use conflux_host::api::net::{Conn, Incoming, Network, SharedNetwork, connector};
-use conflux_host::api::pb::{self, conflux_client::ConfluxClient};
 use conflux_host::config::{ClusterMember, Config, Secret};
 use conflux_host::node::Node;
 use futures::StreamExt;
@@ -291,7 +291,7 @@ async fn workload(shared: SharedRef, seed: u64) -> turmoil::Result {
         let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
         loop {
             let header = pb::DeployHeader { entity_type: ty.into(), ..Default::default() };
-            let msgs = conflux_host::api::deploy_messages(header, wasm);
+            let msgs = conflux_client::deploy_messages(header, wasm);
             match client_of(1).deploy(futures::stream::iter(msgs)).await {
                 Ok(_) => break,
                 Err(e) if retryable(&e) && tokio::time::Instant::now() < deadline => {

@@ -2,7 +2,7 @@
 //! (examples/team-joiner).
 
 use crate::target::{CallError, Target, parse_teams, parse_total};
-use conflux_host::api::pb::{self, conflux_client::ConfluxClient};
+use conflux_client::pb::{self, conflux_client::ConfluxClient};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +20,7 @@ impl ConfluxTarget {
     pub async fn connect(addr: &str, connections: usize) -> anyhow::Result<Self> {
         let mut clients = Vec::new();
         for _ in 0..connections.max(1) {
-            clients.push(conflux_host::cli::connect(addr).await?);
+            clients.push(conflux_client::connect(addr).await?);
         }
         Ok(Self { clients: Arc::new(clients), next: Arc::new(AtomicUsize::new(0)) })
     }
@@ -34,7 +34,7 @@ impl ConfluxTarget {
     pub async fn deploy(&self, entity_type: &str, wasm: &Path) -> anyhow::Result<()> {
         let bytes = std::fs::read(wasm)?;
         let header = pb::DeployHeader { entity_type: entity_type.into(), ..Default::default() };
-        let messages = conflux_host::api::deploy_messages(header, &bytes);
+        let messages = conflux_client::deploy_messages(header, &bytes);
         self.client().deploy(futures::stream::iter(messages)).await?;
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! the real `conflux` binary on a free 127.0.0.1 port, and talking to it.
 #![allow(dead_code)]
 
-use conflux_host::api::pb::{self, conflux_client::ConfluxClient};
+use conflux_client::pb::{self, conflux_client::ConfluxClient};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -118,14 +118,13 @@ impl Daemon {
     }
 
     pub async fn client(&self) -> ConfluxClient<Channel> {
-        conflux_host::cli::connect(&self.addr).await.expect("connect to daemon")
+        conflux_client::connect(&self.addr).await.expect("connect to daemon")
     }
 
     /// A client sending `token` (if any) as a bearer token.
-    pub async fn client_with_token(&self, token: Option<&str>) -> conflux_host::cli::AuthClient {
-        let opts =
-            conflux_host::cli::ClientOptions { token: token.map(conflux_host::config::Secret::new), ca_cert: None };
-        conflux_host::cli::connect_with(&self.addr, &opts).await.expect("connect to daemon")
+    pub async fn client_with_token(&self, token: Option<&str>) -> conflux_client::AuthClient {
+        let opts = conflux_client::ClientOptions { token: token.map(conflux_client::Secret::new), ca_cert: None };
+        conflux_client::connect_with(&self.addr, &opts).await.expect("connect to daemon")
     }
 
     /// Runs a client command of the real CLI against this daemon.
@@ -203,7 +202,7 @@ pub fn serve_expecting_failure(data_dir: &Path, extra: &[&str]) -> String {
 
 /// The `conflux-error-kind` of a failed call ("" if absent).
 pub fn kind(s: &tonic::Status) -> String {
-    s.metadata().get(conflux_host::api::ERROR_KIND_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+    conflux_client::error_kind(s).unwrap_or("").to_owned()
 }
 
 /// The one `error: …` line of a failed command's stderr (asserting there is exactly one).

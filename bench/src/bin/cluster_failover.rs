@@ -10,7 +10,7 @@
 use anyhow::{Context, ensure};
 use clap::Parser;
 use conflux_bench::procs::{Proc, free_port, spawn_conflux_serve};
-use conflux_host::api::pb;
+use conflux_client::pb;
 use conflux_host::cluster::placement::shard_of;
 use rustix::process::Signal;
 use std::path::PathBuf;
@@ -78,7 +78,7 @@ impl Member {
 }
 
 async fn status(addr: &str) -> anyhow::Result<pb::StatusResponse> {
-    let mut c = conflux_host::cli::connect(addr).await?;
+    let mut c = conflux_client::connect(addr).await?;
     Ok(c.status(pb::StatusRequest {}).await?.into_inner())
 }
 
@@ -143,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut load = Vec::new();
         for caller in 0..a.callers {
-            let mut c = conflux_host::cli::connect(&survivors[caller % survivors.len()]).await?;
+            let mut c = conflux_client::connect(&survivors[caller % survivors.len()]).await?;
             let (stop, acked) = (stop.clone(), acked.clone());
             let keys = a.keys;
             load.push(tokio::spawn(async move {
@@ -170,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
         for id in probes {
             let addr = survivors[0].clone();
             tasks.push(tokio::spawn(async move {
-                let mut c = conflux_host::cli::connect(&addr).await.expect("connect");
+                let mut c = conflux_client::connect(&addr).await.expect("connect");
                 loop {
                     let req = pb::InvokeRequest {
                         entity: Some(pb::EntityRef { entity_type: "counter".into(), id: id.clone() }),
@@ -214,7 +214,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     // Every acknowledged add is there, once.
-    let mut c = conflux_host::cli::connect(&addrs[0]).await?;
+    let mut c = conflux_client::connect(&addrs[0]).await?;
     let mut total = 0i64;
     for k in 0..a.keys {
         let req = pb::InvokeRequest {

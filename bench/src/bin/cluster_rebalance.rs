@@ -30,7 +30,7 @@
 use anyhow::{Context, ensure};
 use clap::Parser;
 use conflux_bench::procs::{Proc, free_port, spawn_conflux_serve};
-use conflux_host::api::pb;
+use conflux_client::pb;
 use conflux_host::cluster::placement::shard_of;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
@@ -228,7 +228,7 @@ impl Outcome {
 /// The cluster as `addr` sees it; connecting included, bounded in time.
 async fn status(addr: &str) -> anyhow::Result<pb::StatusResponse> {
     let ask = async {
-        let mut c = conflux_host::cli::connect(addr).await?;
+        let mut c = conflux_client::connect(addr).await?;
         Ok(c.status(pb::StatusRequest {}).await?.into_inner())
     };
     tokio::time::timeout(CALL_TIMEOUT, ask).await.context("status timed out")?
@@ -316,7 +316,7 @@ impl Load {
         let failed = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for caller in 0..a.callers {
-            let mut c = conflux_host::cli::connect(&addrs[caller % addrs.len()]).await?;
+            let mut c = conflux_client::connect(&addrs[caller % addrs.len()]).await?;
             let (window, stop, failed, keys) = (window.clone(), stop.clone(), failed.clone(), a.keys);
             tasks.push(tokio::spawn(async move {
                 let mut hists: Vec<Histogram<u64>> = (0..=REBALANCING).map(|_| histogram()).collect();
@@ -428,7 +428,7 @@ async fn phase(a: &Args, env: &Env, name: &str, moves_at_once: Option<usize>, lo
     let ids = blob_ids(a);
     let value_bytes = a.value_kib * 1024;
     let filled = Instant::now();
-    let mut c = conflux_host::cli::connect(&founders[0]).await?;
+    let mut c = conflux_client::connect(&founders[0]).await?;
     for (k, id) in ids.iter().enumerate() {
         let payload = serde_json::to_vec(&filler(value_bytes, k as u64))?;
         call(&mut c, "blob", id, "put", payload).await?;
@@ -508,7 +508,7 @@ async fn phase(a: &Args, env: &Env, name: &str, moves_at_once: Option<usize>, lo
 
     // Nothing was lost on the way: every blob has its length (asked through
     // the joiner), every acknowledged add is counted once.
-    let mut c = conflux_host::cli::connect(&addrs[FOUNDERS]).await?;
+    let mut c = conflux_client::connect(&addrs[FOUNDERS]).await?;
     let mut stored = 0u64;
     for id in &ids {
         stored += serde_json::from_slice::<u64>(&call(&mut c, "blob", id, "size", Vec::new()).await?)?;

@@ -11,11 +11,13 @@ pub mod cluster;
 
 pub mod codec;
 pub mod http;
-pub mod json;
 pub mod net;
 
+/// The messages of `conflux.v1` (conflux-client's, with their client stubs)
+/// and the `Conflux` server generated here against them.
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
+    pub use ::conflux_client::pb::*;
     tonic::include_proto!("conflux.v1");
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("conflux_descriptor");
 }
@@ -36,11 +38,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-/// Metadata key naming the kind of failure, for clients that branch on it.
-pub const ERROR_KIND_HEADER: &str = "conflux-error-kind";
-
-/// Largest deploy chunk a client should send; the CLI uses this.
-pub const DEPLOY_CHUNK_BYTES: usize = 64 << 10;
+pub use conflux_client::{DEPLOY_CHUNK_BYTES, ERROR_KIND_HEADER};
 
 /// What a request message may hold beyond its payload (entity, operation,
 /// idempotency key, protobuf framing): the decoding limit is the payload
@@ -80,16 +78,6 @@ pub enum ApiError {
     TlsFile { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
     #[error("TLS certificate {cert} / key {key} not usable: {message}")]
     Tls { cert: std::path::PathBuf, key: std::path::PathBuf, message: String },
-}
-
-/// The messages of one Deploy call: `header` (with `size_bytes` filled in), then
-/// `bytes` in chunks of [`DEPLOY_CHUNK_BYTES`].
-pub fn deploy_messages(mut header: pb::DeployHeader, bytes: &[u8]) -> Vec<pb::DeployRequest> {
-    header.size_bytes = bytes.len() as u64;
-    std::iter::once(pb::deploy_request::Part::Header(header))
-        .chain(bytes.chunks(DEPLOY_CHUNK_BYTES).map(|c| pb::deploy_request::Part::Chunk(c.to_vec())))
-        .map(|part| pb::DeployRequest { part: Some(part) })
-        .collect()
 }
 
 fn status(code: Code, kind: &'static str, message: impl Into<String>) -> Status {

@@ -1,8 +1,45 @@
 //! `conflux new NAME`: the templates of a ready-to-build entity crate, the checks on its
 //! name, and writing it into a fresh directory. [`Scaffold::files`] renders everything
-//! without touching the disk; [`Scaffold::write`] puts it on disk.
+//! without touching the disk; [`Scaffold::write`] puts it on disk; [`new_crate`]
+//! is the command around them.
 
+use anyhow::Context;
 use std::path::{Path, PathBuf};
+
+/// `conflux new`: writes the scaffold and says what to do next.
+pub(super) fn new_crate(name: &str, dir: Option<PathBuf>, sdk_path: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let dir = dir.unwrap_or_else(|| PathBuf::from(name));
+    let sdk = match sdk_path {
+        Some(p) => p,
+        None => {
+            let built_with = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk/conflux-sdk");
+            anyhow::ensure!(
+                built_with.join("Cargo.toml").is_file(),
+                "cannot find the conflux-sdk sources this conflux was built with ({}); pass --sdk-path DIR",
+                built_with.display()
+            );
+            built_with
+        }
+    };
+    let sdk_path = sdk.canonicalize().with_context(|| format!("--sdk-path {}", sdk.display()))?;
+    let scaffold = Scaffold { name: name.to_owned(), sdk_path, sdk_version: env!("CARGO_PKG_VERSION").to_owned() };
+    let files = scaffold.write(&dir)?;
+    if json {
+        let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        say!("{}", serde_json::json!({ "created": dir.display().to_string(), "files": files }));
+    } else {
+        let wasm = name.replace('-', "_");
+        let ty = scaffold.entity_type();
+        say!("created {} ({} files)", dir.display(), files.len());
+        say!("next:");
+        say!("  cd {}", dir.display());
+        say!("  cargo test");
+        say!("  cargo build --release --target wasm32-wasip2");
+        say!("  conflux deploy {ty} target/wasm32-wasip2/release/{wasm}.wasm");
+        say!("  conflux invoke {ty}/first add 5");
+    }
+    Ok(())
+}
 
 /// Longest crate name `conflux new` accepts, in bytes (also the host's type-name limit).
 const MAX_NAME_LEN: usize = 64;

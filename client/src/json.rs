@@ -14,7 +14,7 @@ pub fn bytes<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
 
 #[cfg(test)]
 mod tests {
-    use crate::api::pb;
+    use crate::pb;
 
     #[test]
     fn payloads_show_as_the_json_they_hold() {
