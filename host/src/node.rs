@@ -574,7 +574,21 @@ impl Node {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
         on_bound: impl FnOnce(SocketAddr),
     ) -> Result<(), NodeError> {
-        // Built first: it reads the TLS files, which must fail start-up, not the first call.
+        let c = &self.cluster;
+        let m = &c.member;
+        let service = ClusterService::new(m.node, c.secret.clone(), c.table.clone()).with_node(
+            self.scheduler.clone(),
+            self.registry.clone(),
+            m.clone(),
+        );
+        let member = api::MemberApi {
+            service,
+            view: ClusterView::new(m.clone()),
+            peer_tls: c.peer_tls.as_ref(),
+            has_peers: !self.cfg.cluster.started_alone(),
+        };
+        // Built before anything runs: it reads the TLS files, which must fail
+        // start-up, not the first call.
         let api = Api::new(
             &self.cfg.api,
             self.auth.clone(),
@@ -584,9 +598,8 @@ impl Node {
             self.registry.clone(),
             self.store.clone(),
             self.log.clone(),
+            member,
         )?;
-        let c = &self.cluster;
-        let m = &c.member;
         let driver = PlacementDriver::new(
             m.node,
             m.meta.clone(),
@@ -599,13 +612,6 @@ impl Node {
             tokio::spawn(follow_meta(m.clone(), c.initial.clone(), c.peers.clone(), self.registry.clone())),
             tokio::spawn(driver.run()),
         ];
-        let service = ClusterService::new(m.node, c.secret.clone(), c.table.clone()).with_node(
-            self.scheduler.clone(),
-            self.registry.clone(),
-            m.clone(),
-        );
-        let has_peers = !self.cfg.cluster.started_alone();
-        let api = api.with_cluster(service, ClusterView::new(m.clone()), c.peer_tls.as_ref(), has_peers);
         let addr = self.cfg.api.listen;
         let listen_err = |source| NodeError::Listen { addr, source };
         let listener = match &self.network {

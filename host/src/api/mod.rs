@@ -252,10 +252,10 @@ pub struct Api {
     /// Becomes true when the node shuts down: ends `StreamLogs --follow`
     /// streams, which would otherwise hold the graceful shutdown open.
     stopping: tokio::sync::watch::Sender<bool>,
-    /// Node-to-node traffic of a clustered node, served on the same port.
+    /// Node-to-node traffic, served on the same port (taken when serving).
     cluster: Option<cluster::ClusterService>,
-    /// A clustered node's view of every member, for Status.
-    cluster_view: Option<Arc<cluster::ClusterView>>,
+    /// This member's view of every member, for Status and Drain.
+    cluster_view: Arc<cluster::ClusterView>,
     /// Started with peers (founders or a cluster to join), so node-to-node
     /// traffic crosses the network from the start. A node started alone has
     /// none until one joins it, and that join is what it warns about.
@@ -274,11 +274,18 @@ impl Api {
         registry: Arc<Registry>,
         store: Arc<dyn StateStore>,
         log: Arc<dyn CommitLog>,
+        member: MemberApi<'_>,
     ) -> Result<Self, ApiError> {
+        // With `peer_tls` the listener verifies client certificates against
+        // the cluster's CA (the configuration requires it to speak TLS then).
+        let tls = match (load_tls(cfg)?, member.peer_tls) {
+            (Some(tls), Some(peer_tls)) => Some(peer_tls.server(tls)),
+            (tls, _) => tls,
+        };
         Ok(Self {
             guest_logs: scheduler.guest_logs().clone(),
             auth,
-            tls: load_tls(cfg)?,
+            tls,
             scheduler,
             registry,
             store,
@@ -289,37 +296,15 @@ impl Api {
             started: Instant::now(),
             bound: None,
             stopping: tokio::sync::watch::channel(false).0,
-            cluster: None,
-            has_peers: false,
-            cluster_view: None,
+            cluster: Some(member.service),
+            has_peers: member.has_peers,
+            cluster_view: Arc::new(member.view),
         })
     }
 
-    /// Serves `service` (node-to-node calls) on this port too; with
-    /// `peer_tls` the listener verifies client certificates against the
-    /// cluster's CA (the configuration requires the listener to speak TLS then).
-    pub fn with_cluster(
-        mut self,
-        service: cluster::ClusterService,
-        view: cluster::ClusterView,
-        peer_tls: Option<&cluster::PeerTls>,
-        has_peers: bool,
-    ) -> Self {
-        self.has_peers = has_peers;
-        self.cluster = Some(service);
-        self.cluster_view = Some(Arc::new(view));
-        if let Some(peer_tls) = peer_tls {
-            self.tls = self.tls.map(|tls| peer_tls.server(tls));
-        }
-        self
-    }
-
-    /// This node's id: its address until nodes have cluster identities.
+    /// This node's id in its cluster.
     fn node_id(&self) -> String {
-        if let Some(view) = &self.cluster_view {
-            return view.node().to_string();
-        }
-        self.bound.unwrap_or(self.cfg.listen).to_string()
+        self.cluster_view.node().to_string()
     }
 
     /// Serves gRPC (with reflection) and HTTP on `listener` until `shutdown` resolves.
@@ -372,6 +357,16 @@ impl Api {
         }
         Ok(())
     }
+}
+
+/// What makes the API a member's: the node-to-node service it serves on the
+/// same port, its view of the cluster, mutual TLS between members if
+/// configured, and whether it was started with peers.
+pub struct MemberApi<'a> {
+    pub service: cluster::ClusterService,
+    pub view: cluster::ClusterView,
+    pub peer_tls: Option<&'a cluster::PeerTls>,
+    pub has_peers: bool,
 }
 
 /// What the operator should hear about a listener at `bound`: reachable
@@ -690,24 +685,8 @@ impl Conflux for Api {
         let s = self.scheduler.stats();
         let l = self.log.stats();
         let me = self.node_id();
-        // A single node is the one-replica case: it holds and leads the one shard.
-        let (nodes, shards, moves) = match &self.cluster_view {
-            Some(view) => {
-                let g = view.gather().await;
-                (g.nodes, g.shards, g.moves)
-            }
-            None => (
-                vec![pb::NodeInfo {
-                    node_id: me.clone(),
-                    address: me.clone(),
-                    state: "up".to_owned(),
-                    shards_led: 1,
-                    replicas: 1,
-                }],
-                vec![pb::ShardInfo { shard_id: 0, replicas: vec![me.clone()], leader: me.clone(), replication_lag: 0 }],
-                Vec::new(),
-            ),
-        };
+        let g = self.cluster_view.gather().await;
+        let (nodes, shards, moves) = (g.nodes, g.shards, g.moves);
         Ok(Response::new(pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
@@ -735,9 +714,7 @@ impl Conflux for Api {
 
     async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
         authorize(&self.auth, Rpc::Drain, &request)?;
-        let Some(view) = &self.cluster_view else {
-            return Err(status(Code::FailedPrecondition, "not-clustered", "a single node has nothing to drain to"));
-        };
+        let view = &self.cluster_view;
         let raw = request.into_inner().node_id;
         let node: u64 = raw.parse().map_err(|_| {
             status(Code::InvalidArgument, "bad-node", format!("field `node_id` {raw:?} is not a node id"))
