@@ -86,6 +86,8 @@ struct AfterCommit {
 }
 
 impl Scheduler {
+    /// Runs `inv` here in the term `epoch`: numbers it, runs it in its span,
+    /// and records how it ended (metrics, the recent failures).
     pub(super) async fn invoke_here_as(&self, inv: Invocation, epoch: u64) -> Result<Vec<u8>, InvokeError> {
         let seq = self.inner.next_invocation.fetch_add(1, Ordering::Relaxed);
         let invocation_id = format!("{}-{seq:x}", self.inner.invocation_prefix);
@@ -133,6 +135,9 @@ impl Scheduler {
         result
     }
 
+    /// Admits `inv` to the node (not shutting down, a valid operation and
+    /// key, its type loaded, under `max_inflight_invocations`) and runs its
+    /// turn in a task of its own.
     async fn invoke_as(&self, inv: Invocation, invocation_id: String, epoch: u64) -> Result<Vec<u8>, InvokeError> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::Acquire) {
