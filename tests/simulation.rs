@@ -1036,7 +1036,11 @@ fn an_outage_of_the_receivers_shard_delays_messages_but_never_dead_letters_them(
         }
         fn forward(&self, node: u64, _: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>> {
             let n = self.refused.fetch_add(1, Ordering::SeqCst);
-            let remote = |kind, code| InvokeError::Remote { kind, code, message: format!("node {node}: {kind}") };
+            let remote = |kind: &str, code| InvokeError::Remote {
+                kind: kind.parse().expect("a known kind"),
+                code,
+                message: format!("node {node}: {kind}"),
+            };
             let e = match n % 6 {
                 0 => InvokeError::Unreachable { node, message: "connection refused".into() },
                 1 => InvokeError::NoLeader("an election is under way".into()),

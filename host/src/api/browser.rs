@@ -20,6 +20,7 @@
 //! applies them to every route, gRPC's included (tonic serves gRPC over
 //! HTTP/1 on this port, whatever the content type).
 
+use crate::scheduler::ErrorKind;
 use axum::http::{HeaderMap, Method, Version, header};
 use std::net::IpAddr;
 
@@ -42,10 +43,10 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Refusal::Host(_) => "host-not-allowed",
-            Refusal::CrossOrigin(_) => "cross-origin",
+            Refusal::Host(_) => ErrorKind::HostNotAllowed,
+            Refusal::CrossOrigin(_) => ErrorKind::CrossOrigin,
         }
     }
 

@@ -18,7 +18,7 @@ use crate::cluster::sharded::{LocalShard, LocalShards, Peers};
 use crate::cluster::shards::{ShardSet, ShardStatus, merge_status};
 use crate::log::{CommitLog, LogError};
 use crate::model::{EntityRef, LogIndex, WriteSet};
-use crate::scheduler::{ERROR_KINDS, Invocation, InvokeError, Scheduler};
+use crate::scheduler::{ErrorKind, Invocation, InvokeError, Scheduler};
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -492,21 +492,21 @@ impl Cluster for ClusterService {
         let outcome = match log.propose(ws).await {
             Ok(index) => pb::propose_reply::Outcome::Index(index),
             Err(LogError::NotLeader { leader }) => pb::propose_reply::Outcome::Failure(pb::Failure {
-                kind: "not-leader".into(),
+                kind: ErrorKind::NotLeader.as_str().into(),
                 code: Code::Unavailable as i32,
                 message: format!("node {} does not lead shard {}", self.node, req.shard),
                 leader,
                 index: None,
             }),
             Err(LogError::Conflict { key, index }) => pb::propose_reply::Outcome::Failure(pb::Failure {
-                kind: "conflict".into(),
+                kind: ErrorKind::Conflict.as_str().into(),
                 code: Code::Aborted as i32,
                 message: key,
                 leader: None,
                 index: Some(index),
             }),
             Err(e) => pb::propose_reply::Outcome::Failure(pb::Failure {
-                kind: "commit".into(),
+                kind: ErrorKind::Commit.as_str().into(),
                 code: Code::Unavailable as i32,
                 message: e.to_string(),
                 leader: None,
@@ -885,21 +885,27 @@ fn failure_of(e: InvokeError) -> pb::Failure {
         InvokeError::NotHere { leader } => *leader,
         _ => None,
     };
-    let (kind, code) = (e.kind(), super::invoke_code(&e));
-    pb::Failure { kind: kind.to_owned(), code: code as i32, message: super::invoke_message(e), leader, index: None }
+    let (kind, code) = (e.kind(), e.grpc_code());
+    pb::Failure {
+        kind: kind.as_str().to_owned(),
+        code: code as i32,
+        message: super::invoke_message(e),
+        leader,
+        index: None,
+    }
 }
 
 fn invoke_error_of(node: NodeId, f: pb::Failure) -> InvokeError {
-    if f.kind == "not-leader" {
+    let kind = ErrorKind::parse(&f.kind);
+    if kind == Some(ErrorKind::NotLeader) {
         return InvokeError::NotHere { leader: f.leader };
     }
-    let kind = ERROR_KINDS.iter().copied().find(|k| *k == f.kind).unwrap_or("internal");
-    let message = if kind == "internal" && f.kind != "internal" {
+    let message = if kind.is_none() {
         format!("node {node} failed with an unknown kind {:?}: {}", f.kind, f.message)
     } else {
         f.message
     };
-    InvokeError::Remote { kind, code: f.code, message }
+    InvokeError::Remote { kind: kind.unwrap_or(ErrorKind::Internal), code: f.code, message }
 }
 
 /// Whether a failed call's status came from the peer (not from a timeout or
@@ -1047,10 +1053,10 @@ impl Peers for GrpcTransport {
             };
             match reply.outcome {
                 Some(pb::propose_reply::Outcome::Index(i)) => Ok(i),
-                Some(pb::propose_reply::Outcome::Failure(f)) if f.kind == "not-leader" => {
+                Some(pb::propose_reply::Outcome::Failure(f)) if f.kind == ErrorKind::NotLeader.as_str() => {
                     Err(LogError::NotLeader { leader: f.leader })
                 }
-                Some(pb::propose_reply::Outcome::Failure(f)) if f.kind == "conflict" => {
+                Some(pb::propose_reply::Outcome::Failure(f)) if f.kind == ErrorKind::Conflict.as_str() => {
                     Err(LogError::Conflict { key: f.message, index: f.index.unwrap_or_default() })
                 }
                 Some(pb::propose_reply::Outcome::Failure(f)) => Err(LogError::Aborted(f.message)),

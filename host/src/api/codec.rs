@@ -46,9 +46,10 @@ impl<U: prost::Message + Default> Decoder for ValidatingDecoder<U> {
         self.0.decode(buf).map_err(|s| {
             let mut status =
                 Status::invalid_argument(format!("message is not a valid protobuf message: {}", s.message()));
-            status
-                .metadata_mut()
-                .insert(super::ERROR_KIND_HEADER, tonic::metadata::MetadataValue::from_static("bad-protobuf"));
+            status.metadata_mut().insert(
+                super::ERROR_KIND_HEADER,
+                tonic::metadata::MetadataValue::from_static(crate::scheduler::ErrorKind::BadProtobuf.as_str()),
+            );
             status
         })
     }

@@ -10,6 +10,7 @@
 
 use super::browser::BrowserPolicy;
 use super::{Api, ERROR_KIND_HEADER, auth::Rpc, authorize, pb, status};
+use crate::scheduler::{ErrorKind, http_status_of_code};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
@@ -94,7 +95,7 @@ async fn browser_guard(State(policy): State<Arc<BrowserPolicy>>, request: Reques
     match policy.check(request.method(), request.version(), request.headers()) {
         Ok(()) => next.run(request).await,
         Err(refusal) => {
-            let s = status(Code::PermissionDenied, refusal.kind(), refusal.message());
+            let s = status(refusal.kind(), refusal.message());
             refuse(s, is_grpc(request.headers()))
         }
     }
@@ -134,24 +135,9 @@ fn rpc_request<T>(message: T, headers: &HeaderMap) -> RpcRequest<T> {
     request
 }
 
-/// The HTTP status of a gRPC code (as grpc-gateway maps them, except that a
-/// refused business rule — FAILED_PRECONDITION — is a 409 Conflict, and a
-/// trapped turn — ABORTED — a 500: the entity's code failed, not the request).
+/// The HTTP status of a gRPC code ([`http_status_of_code`]).
 pub fn http_status(code: Code) -> StatusCode {
-    match code {
-        Code::Ok => StatusCode::OK,
-        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::AlreadyExists | Code::FailedPrecondition => StatusCode::CONFLICT,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        Code::Aborted | Code::Internal | Code::Unknown | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-    }
+    StatusCode::from_u16(http_status_of_code(code)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 #[derive(Serialize)]
@@ -168,17 +154,14 @@ struct ErrorDetail<'a> {
     message: &'a str,
 }
 
-/// The HTTP status of a refusal: its code's, except where HTTP has a more
-/// precise one for the kind (a body over the limit is 413, a body that is
-/// not JSON 415, a reused idempotency key 422).
+/// The HTTP status of a refusal: its kind's ([`ErrorKind::http_status`])
+/// when it carries a kind under that kind's own code, else its code's (a
+/// transport refusal, a kind this node does not know).
 pub fn http_status_of(code: Code, kind: &str) -> StatusCode {
-    match kind {
-        "payload-too-large" | "message-too-large" => StatusCode::PAYLOAD_TOO_LARGE,
-        // A reused idempotency key is refused like payment APIs refuse it.
-        "idempotency-key-reused" => StatusCode::UNPROCESSABLE_ENTITY,
-        "unsupported-media-type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        // A registry change that lost a race: the client's view is stale.
-        "conflict" => StatusCode::CONFLICT,
+    match ErrorKind::parse(kind) {
+        Some(k) if k.grpc_code() == code => {
+            StatusCode::from_u16(k.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        }
         _ => http_status(code),
     }
 }
@@ -225,8 +208,8 @@ fn json<T: Serialize>(r: Result<tonic::Response<T>, tonic::Status>) -> Response 
     }
 }
 
-fn bad_request(kind: &'static str, message: impl Into<String>) -> Response {
-    error_response(&status(Code::InvalidArgument, kind, message))
+fn bad_request(kind: ErrorKind, message: impl Into<String>) -> Response {
+    error_response(&status(kind, message))
 }
 
 async fn not_found(headers: HeaderMap) -> Response {
@@ -241,7 +224,7 @@ async fn not_found(headers: HeaderMap) -> Response {
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         return r;
     }
-    error_response(&status(Code::NotFound, "not-found", "no such route; see /v1/openapi.json"))
+    error_response(&status(ErrorKind::NotFound, "no such route; see /v1/openapi.json"))
 }
 
 /// The text between the first `open` tag of `html` and its closing tag.
@@ -296,8 +279,7 @@ async fn openapi() -> Response {
 async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<Bytes, tonic::Status> {
     let too_large = |size: &str| {
         status(
-            Code::InvalidArgument,
-            "payload-too-large",
+            ErrorKind::PayloadTooLarge,
             format!("the request body (the payload) is {size} bytes; the limit is {limit} (api.max_payload_bytes)"),
         )
     };
@@ -313,8 +295,7 @@ async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<
     }
     let mut buf = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| status(Code::InvalidArgument, "bad-body", format!("cannot read the request body: {e}")))?;
+        let frame = frame.map_err(|e| status(ErrorKind::BadBody, format!("cannot read the request body: {e}")))?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 drain(body).await;
@@ -364,8 +345,7 @@ async fn invoke(
     // first; JSON it may only send after a CORS preflight.
     if !blank && !is_json(&headers) {
         return error_response(&status(
-            Code::InvalidArgument,
-            "unsupported-media-type",
+            ErrorKind::UnsupportedMediaType,
             "a request body must be sent as Content-Type: application/json",
         ));
     }
@@ -373,7 +353,7 @@ async fn invoke(
     let payload = if blank {
         b"null".to_vec()
     } else if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
-        return bad_request("bad-json", format!("the request body is not valid JSON: {e}"));
+        return bad_request(ErrorKind::BadJson, format!("the request body is not valid JSON: {e}"));
     } else {
         body.to_vec()
     };
@@ -381,7 +361,7 @@ async fn invoke(
         None => String::new(),
         Some(Ok(k)) => k.to_owned(),
         Some(Err(_)) => {
-            return bad_request("bad-idempotency-key", "the Idempotency-Key header must be visible ASCII");
+            return bad_request(ErrorKind::BadIdempotencyKey, "the Idempotency-Key header must be visible ASCII");
         }
     };
     let request =
@@ -475,7 +455,7 @@ async fn recent_errors(State(api): ApiState, headers: HeaderMap) -> Response {
             entity: e.entity,
             operation: e.operation,
             invocation_id: e.invocation_id,
-            kind: e.kind,
+            kind: e.kind.as_str(),
             message: e.message,
         })
         .collect();

@@ -27,7 +27,7 @@ use crate::log::CommitLog;
 use crate::model::{EntityRef, Keyspace, entity_prefix};
 use crate::registry::{Registry, RegistryError};
 use crate::runtime::{GuestLogLine, GuestLogs, TurnError};
-use crate::scheduler::{Invocation, InvokeError, Scheduler};
+use crate::scheduler::{ErrorKind, Invocation, InvokeError, Scheduler};
 use crate::storage::StateStore;
 use auth::{Authenticator, Rpc};
 use futures::StreamExt;
@@ -80,39 +80,17 @@ pub enum ApiError {
     Tls { cert: std::path::PathBuf, key: std::path::PathBuf, message: String },
 }
 
-fn status(code: Code, kind: &'static str, message: impl Into<String>) -> Status {
-    let mut s = Status::new(code, message);
-    s.metadata_mut().insert(ERROR_KIND_HEADER, tonic::metadata::MetadataValue::from_static(kind));
-    s
+/// A refusal of `kind`, answered with the kind's gRPC code.
+fn status(kind: ErrorKind, message: impl Into<String>) -> Status {
+    status_with_code(kind.grpc_code(), kind, message)
 }
 
-/// The status code the public API answers a failed invocation with.
-pub(crate) fn invoke_code(e: &InvokeError) -> Code {
-    match e {
-        InvokeError::UnknownType(RegistryError::Loading { .. }) => Code::Unavailable,
-        InvokeError::UnknownType(_) => Code::NotFound,
-        InvokeError::BadOperation | InvokeError::BadIdempotencyKey(_) => Code::InvalidArgument,
-        InvokeError::MailboxFull { .. }
-        | InvokeError::Overloaded(_)
-        | InvokeError::OutboxFull(_)
-        | InvokeError::Instantiate(crate::runtime::RuntimeError::Exhausted { .. }) => Code::ResourceExhausted,
-        InvokeError::ShuttingDown
-        | InvokeError::Instantiate(_)
-        | InvokeError::Commit(_)
-        | InvokeError::NotHere { .. }
-        | InvokeError::NoLeader(_)
-        | InvokeError::Unreachable { .. }
-        | InvokeError::Lost { .. } => Code::Unavailable,
-        InvokeError::MigrationFailed { .. } | InvokeError::IdempotencyKeyReused { .. } => Code::FailedPrecondition,
-        InvokeError::Turn(t) => match t {
-            TurnError::BadRequest(_) => Code::InvalidArgument,
-            TurnError::UnknownOperation(_) => Code::NotFound,
-            TurnError::Failed(_) | TurnError::MigrationFailed { .. } => Code::FailedPrecondition,
-            TurnError::Trapped { .. } => Code::Aborted,
-        },
-        InvokeError::Internal(_) => Code::Internal,
-        InvokeError::Remote { code, .. } => Code::from(*code),
-    }
+/// A refusal of `kind` under another code than its own: a failure the shard's
+/// leader reported, or a transport refusal keeping tonic's code.
+fn status_with_code(code: Code, kind: ErrorKind, message: impl Into<String>) -> Status {
+    let mut s = Status::new(code, message);
+    s.metadata_mut().insert(ERROR_KIND_HEADER, tonic::metadata::MetadataValue::from_static(kind.as_str()));
+    s
 }
 
 /// The message the public API gives for a failed invocation: an entity's own
@@ -132,12 +110,11 @@ pub(crate) fn transport_status(method: &str, s: &Status, cfg: &ApiConfig) -> Sta
     match s.code() {
         Code::OutOfRange => {
             let (kind, what) = if method == "Invoke" {
-                ("payload-too-large", "field `payload`")
+                (ErrorKind::PayloadTooLarge, "field `payload`")
             } else {
-                ("message-too-large", "the request message")
+                (ErrorKind::MessageTooLarge, "the request message")
             };
             status(
-                Code::InvalidArgument,
                 kind,
                 format!(
                     "{what} is too large: a message may be {} bytes (api.max_payload_bytes {} plus {} for the rest); {}",
@@ -148,23 +125,21 @@ pub(crate) fn transport_status(method: &str, s: &Status, cfg: &ApiConfig) -> Sta
                 ),
             )
         }
-        Code::Unimplemented => status(Code::Unimplemented, "unimplemented", s.message().to_owned()),
-        code => status(code, "transport", s.message().to_owned()),
+        Code::Unimplemented => status(ErrorKind::Unimplemented, s.message().to_owned()),
+        code => status_with_code(code, ErrorKind::Transport, s.message().to_owned()),
     }
 }
 
 fn invoke_status(e: InvokeError) -> Status {
-    let (kind, code) = (e.kind(), invoke_code(&e));
-    status(code, kind, invoke_message(e))
+    let (kind, code) = (e.kind(), e.grpc_code());
+    status_with_code(code, kind, invoke_message(e))
 }
 
 fn storage_status(e: crate::storage::StorageError) -> Status {
     match e {
         // A cluster member holds only some shards.
-        e @ crate::storage::StorageError::NotLocal { .. } => {
-            status(Code::FailedPrecondition, "not-here", e.to_string())
-        }
-        e => status(Code::Internal, "storage", e.to_string()),
+        e @ crate::storage::StorageError::NotLocal { .. } => status(ErrorKind::NotHere, e.to_string()),
+        e => status(ErrorKind::Storage, e.to_string()),
     }
 }
 
@@ -177,31 +152,30 @@ fn page_size(requested: u32, default: u32, max: u32) -> usize {
 fn registry_status(e: RegistryError) -> Status {
     let msg = e.to_string();
     match e {
-        RegistryError::UnknownType(_) => status(Code::NotFound, "unknown-type", msg),
-        RegistryError::BadTypeName(_) => status(Code::InvalidArgument, "bad-type-name", msg),
-        RegistryError::TooLarge { .. } => status(Code::InvalidArgument, "too-large", msg),
-        RegistryError::Invalid(_) => status(Code::InvalidArgument, "invalid-component", msg),
-        RegistryError::UnknownVersion { .. } => status(Code::NotFound, "unknown-version", msg),
-        RegistryError::BadCanary(_) => status(Code::InvalidArgument, "bad-canary", msg),
-        RegistryError::NotPropagated(_) => status(Code::Unavailable, "not-propagated", msg),
-        RegistryError::Conflict { .. } => status(Code::Aborted, "conflict", msg),
-        RegistryError::Loading { .. } => status(Code::Unavailable, "component-loading", msg),
-        RegistryError::Fetch { .. } => status(Code::Unavailable, "component-fetch", msg),
+        RegistryError::UnknownType(_) => status(ErrorKind::UnknownType, msg),
+        RegistryError::BadTypeName(_) => status(ErrorKind::BadTypeName, msg),
+        RegistryError::TooLarge { .. } => status(ErrorKind::TooLarge, msg),
+        RegistryError::Invalid(_) => status(ErrorKind::InvalidComponent, msg),
+        RegistryError::UnknownVersion { .. } => status(ErrorKind::UnknownVersion, msg),
+        RegistryError::BadCanary(_) => status(ErrorKind::BadCanary, msg),
+        RegistryError::NotPropagated(_) => status(ErrorKind::NotPropagated, msg),
+        RegistryError::Conflict { .. } => status(ErrorKind::Conflict, msg),
+        RegistryError::Loading { .. } => status(ErrorKind::ComponentLoading, msg),
+        RegistryError::Fetch { .. } => status(ErrorKind::ComponentFetch, msg),
         // The metadata group had no leader or lost the write's outcome.
-        RegistryError::Log(_) => status(Code::Unavailable, "commit", msg),
-        _ => status(Code::Internal, "registry", msg),
+        RegistryError::Log(_) => status(ErrorKind::Commit, msg),
+        _ => status(ErrorKind::Registry, msg),
     }
 }
 
 fn entity_ref(r: Option<pb::EntityRef>) -> Result<EntityRef, Status> {
-    let r = r.ok_or_else(|| status(Code::InvalidArgument, "bad-entity", "field `entity` is required"))?;
-    EntityRef::new(r.entity_type, r.id)
-        .map_err(|e| status(Code::InvalidArgument, "bad-entity", format!("field `entity`: {e}")))
+    let r = r.ok_or_else(|| status(ErrorKind::BadEntity, "field `entity` is required"))?;
+    EntityRef::new(r.entity_type, r.id).map_err(|e| status(ErrorKind::BadEntity, format!("field `entity`: {e}")))
 }
 
 /// Refuses a call to `rpc` unless its metadata carries the token it needs.
 fn authorize<T>(auth: &Authenticator, rpc: Rpc, request: &Request<T>) -> Result<(), Status> {
-    auth.check(rpc, request.metadata()).map_err(|e| status(Code::Unauthenticated, "unauthenticated", e.to_string()))
+    auth.check(rpc, request.metadata()).map_err(|e| status(ErrorKind::Unauthenticated, e.to_string()))
 }
 
 /// An error and its sources, joined with ": " (tonic's transport error alone says little).
@@ -431,11 +405,7 @@ impl Api {
     /// Rollback and promote: the same registry change, named differently for the user.
     async fn activate(&self, req: pb::ActivateRequest) -> Result<Response<pb::ActivateResponse>, Status> {
         if req.version == 0 {
-            return Err(status(
-                Code::InvalidArgument,
-                "bad-version",
-                "field `version` is required (versions start at 1)",
-            ));
+            return Err(status(ErrorKind::BadVersion, "field `version` is required (versions start at 1)"));
         }
         let o = self.registry.activate(&req.entity_type, req.version).await.map_err(registry_status)?;
         Ok(Response::new(pb::ActivateResponse {
@@ -466,7 +436,7 @@ impl Conflux for Api {
             crate::storage::entity_ids(store.as_ref(), &req.entity_type, &req.prefix, start_after.as_deref(), limit + 1)
         })
         .await
-        .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
+        .map_err(|e| status(ErrorKind::Internal, e.to_string()))?
         .map_err(storage_status)?;
         let next_start_after = if ids.len() > limit {
             ids.truncate(limit);
@@ -484,7 +454,7 @@ impl Conflux for Api {
         authorize(&self.auth, Rpc::StreamLogs, &request)?;
         let req = request.into_inner();
         if !req.id.is_empty() && req.entity_type.is_empty() {
-            return Err(status(Code::InvalidArgument, "bad-entity", "field `id` needs field `entity_type`"));
+            return Err(status(ErrorKind::BadEntity, "field `id` needs field `entity_type`"));
         }
         let wanted: Arc<str> = match (req.entity_type.is_empty(), req.id.is_empty()) {
             (true, _) => "".into(),
@@ -534,8 +504,7 @@ impl Conflux for Api {
             Some(Err(e)) => return Err(e),
             _ => {
                 return Err(status(
-                    Code::InvalidArgument,
-                    "bad-upload",
+                    ErrorKind::BadUpload,
                     "the first Deploy message must be a header naming the entity type",
                 ));
             }
@@ -554,24 +523,19 @@ impl Conflux for Api {
                     bytes.extend_from_slice(&c);
                 }
                 _ => {
-                    return Err(status(
-                        Code::InvalidArgument,
-                        "bad-upload",
-                        "only the first Deploy message may be a header",
-                    ));
+                    return Err(status(ErrorKind::BadUpload, "only the first Deploy message may be a header"));
                 }
             }
         }
         if header.size_bytes != 0 && bytes.len() as u64 != header.size_bytes {
             return Err(status(
-                Code::InvalidArgument,
-                "truncated-upload",
+                ErrorKind::TruncatedUpload,
                 format!("upload truncated: received {} of {} bytes", bytes.len(), header.size_bytes),
             ));
         }
         if header.dry_run {
             if !header.canary_ids.is_empty() {
-                return Err(status(Code::InvalidArgument, "bad-upload", "a dry run cannot also be a canary"));
+                return Err(status(ErrorKind::BadUpload, "a dry run cannot also be a canary"));
             }
             let candidate =
                 self.registry.compile_candidate(&header.entity_type, bytes).await.map_err(registry_status)?;
@@ -634,8 +598,7 @@ impl Conflux for Api {
         let entity = entity_ref(req.entity)?;
         if req.payload.len() > self.cfg.max_payload_bytes {
             return Err(status(
-                Code::InvalidArgument,
-                "payload-too-large",
+                ErrorKind::PayloadTooLarge,
                 format!("field `payload` is {} bytes; the limit is {}", req.payload.len(), self.cfg.max_payload_bytes),
             ));
         }
@@ -716,29 +679,27 @@ impl Conflux for Api {
         authorize(&self.auth, Rpc::Drain, &request)?;
         let view = &self.cluster_view;
         let raw = request.into_inner().node_id;
-        let node: u64 = raw.parse().map_err(|_| {
-            status(Code::InvalidArgument, "bad-node", format!("field `node_id` {raw:?} is not a node id"))
-        })?;
+        let node: u64 =
+            raw.parse().map_err(|_| status(ErrorKind::BadNode, format!("field `node_id` {raw:?} is not a node id")))?;
         let member = view.member();
         let shape = member.shape.get();
         if !shape.members.contains_key(&node) {
             let members: Vec<u64> = shape.members.keys().copied().collect();
             return Err(status(
-                Code::NotFound,
-                "no-such-node",
+                ErrorKind::NoSuchNode,
                 format!("node {node} is not a member of the cluster (members: {members:?})"),
             ));
         }
         if !shape.draining.contains(&node) {
             let others = shape.members.keys().filter(|n| **n != node && !shape.draining.contains(n)).count();
             if others == 0 {
-                return Err(status(Code::FailedPrecondition, "last-node", "the last member cannot be drained"));
+                return Err(status(ErrorKind::LastNode, "the last member cannot be drained"));
             }
             member
                 .meta_log
                 .propose(crate::cluster::shape::draining_write(node, true))
                 .await
-                .map_err(|e| status(Code::Unavailable, "not-committed", format!("recording the drain: {e}")))?;
+                .map_err(|e| status(ErrorKind::NotCommitted, format!("recording the drain: {e}")))?;
             tracing::info!(node, "draining");
         }
         let replicas = shape.layout.placement.iter().filter(|r| r.contains(&node)).count() as u32;
@@ -755,16 +716,17 @@ impl Conflux for Api {
         let start = if req.start_after.is_empty() {
             None
         } else {
-            Some(hex::decode(&req.start_after).map_err(|_| {
-                status(Code::InvalidArgument, "bad-cursor", "field `start_after` is not a cursor from this RPC")
-            })?)
+            Some(
+                hex::decode(&req.start_after)
+                    .map_err(|_| status(ErrorKind::BadCursor, "field `start_after` is not a cursor from this RPC"))?,
+            )
         };
         let scheduler = self.scheduler.clone();
         let max_bytes = self.cfg.max_page_bytes;
         let (rows, more) =
             crate::determinism::blocking(move || scheduler.dead_letters(start.as_deref(), limit, max_bytes))
                 .await
-                .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
+                .map_err(|e| status(ErrorKind::Internal, e.to_string()))?
                 .map_err(invoke_status)?;
         let next_start_after = match rows.last() {
             Some((key, _)) if more => hex::encode(key),
@@ -806,7 +768,7 @@ impl Conflux for Api {
             store.scan_page(Keyspace::State, &prefix, start.as_deref(), limit, max_bytes)
         })
         .await
-        .map_err(|e| status(Code::Internal, "internal", e.to_string()))?
+        .map_err(|e| status(ErrorKind::Internal, e.to_string()))?
         .map_err(storage_status)?;
         let entries: Vec<pb::StateEntry> = page
             .entries
