@@ -116,7 +116,7 @@ struct Inner {
     registry: Arc<Registry>,
     store: Arc<dyn StateStore>,
     log: Arc<dyn CommitLog>,
-    router: Option<Arc<dyn Router>>,
+    router: Arc<dyn Router>,
     cfg: SchedulerConfig,
     slots: Mutex<LruCache<EntityRef, Arc<Slot>>>,
     inflight: AtomicUsize,
@@ -158,25 +158,15 @@ fn valid_operation(op: &str) -> bool {
 }
 
 impl Scheduler {
+    /// `router` says which entities' turns run here (this node leads their
+    /// shard) and forwards the others.
     pub fn new(
         cfg: &SchedulerConfig,
         runtime: Arc<Runtime>,
         registry: Arc<Registry>,
         store: Arc<dyn StateStore>,
         log: Arc<dyn CommitLog>,
-    ) -> Self {
-        Self::with_router(cfg, runtime, registry, store, log, None)
-    }
-
-    /// A scheduler of a clustered node: `router` says which entities run here
-    /// and forwards the others.
-    pub fn with_router(
-        cfg: &SchedulerConfig,
-        runtime: Arc<Runtime>,
-        registry: Arc<Registry>,
-        store: Arc<dyn StateStore>,
-        log: Arc<dyn CommitLog>,
-        router: Option<Arc<dyn Router>>,
+        router: Arc<dyn Router>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {

@@ -1,9 +1,9 @@
-//! The [`Router`] port: how a clustered node finds the leader of an entity's
-//! shard and hands it an invocation, the retry loop that follows the leader
-//! through elections ([`Scheduler::invoke`]), and the leadership checks a turn
-//! makes — the term it runs in, the fenced commit, confirming the lead before
-//! answering from what it read. A single node has no router: everything runs
-//! here, in epoch 0.
+//! The [`Router`] port: how a node finds the leader of an entity's shard and
+//! hands it an invocation, the retry loop that follows the leader through
+//! elections ([`Scheduler::invoke`]), and the leadership checks a turn makes —
+//! the term it runs in, the fenced commit, confirming the lead before
+//! answering from what it read. Every node routes: a node alone leads all
+//! its shards, in their terms.
 
 use super::warm::SlotState;
 use super::{Inner, Invocation, InvokeError, Scheduler};
@@ -48,7 +48,7 @@ impl Scheduler {
     /// writes are durable. On a cluster the turn runs on the leader of the
     /// entity's shard: this node, or the one it is forwarded to.
     pub async fn invoke(&self, inv: Invocation) -> Result<Vec<u8>, InvokeError> {
-        let Some(router) = self.inner.router.clone() else { return self.invoke_here_as(inv, 0).await };
+        let router = self.inner.router.clone();
         let deadline = Instant::now() + router.forward_timeout();
         let guarded = inv.idempotency_key.is_some() || inv.message_seq.is_some();
         let mut pause = ROUTE_RETRY_MIN;
@@ -87,8 +87,7 @@ impl Scheduler {
     /// Runs an invocation forwarded by another node, only if this node leads
     /// the entity's shard: it is never forwarded again.
     pub async fn invoke_here(&self, inv: Invocation) -> Result<Vec<u8>, InvokeError> {
-        let route = self.inner.router.as_ref().map_or(Route::Here { epoch: 0 }, |r| r.route(&inv.entity));
-        match route {
+        match self.inner.router.route(&inv.entity) {
             Route::Here { epoch } => self.invoke_here_as(inv, epoch).await,
             Route::There { node } => Err(InvokeError::NotHere { leader: Some(node) }),
             Route::Unknown => Err(InvokeError::NotHere { leader: None }),
@@ -98,30 +97,25 @@ impl Scheduler {
 
 impl Inner {
     /// The leadership term in which this node runs `entity`'s turns now, or
-    /// `None` if it does not (a single node always does, in epoch 0).
+    /// `None` if it does not.
     pub(super) fn epoch_of(&self, entity: &EntityRef) -> Option<u64> {
-        match self.router.as_ref().map(|r| r.route(entity)) {
-            None => Some(0),
-            Some(Route::Here { epoch }) => Some(epoch),
-            Some(_) => None,
+        match self.router.route(entity) {
+            Route::Here { epoch } => Some(epoch),
+            _ => None,
         }
     }
 
-    /// Commits a write set computed under `epoch`: fenced by it on a cluster;
-    /// a single node's leadership never changes, so there is nothing to fence
-    /// (its epoch 0 is no Raft term).
+    /// Commits a write set computed under `epoch`, fenced by it: if the
+    /// entry lands in another term nothing of it applies.
     pub(super) fn commit_in(
         &self,
         ws: WriteSet,
         epoch: u64,
     ) -> futures::future::BoxFuture<'static, Result<crate::model::LogIndex, LogError>> {
-        match self.router {
-            Some(_) => self.log.propose_fenced(ws, epoch),
-            None => self.log.propose(ws),
-        }
+        self.log.propose_fenced(ws, epoch)
     }
 
-    /// On a cluster, confirms this node still leads the entity's shard in
+    /// Confirms this node still leads the entity's shard in
     /// `epoch` before it answers from what it read; if not, drops the slot's
     /// instance and refuses with `NotHere` (nothing was written: always safe
     /// to retry on the current leader).
@@ -131,9 +125,6 @@ impl Inner {
         epoch: u64,
         slot_state: &mut SlotState,
     ) -> Result<(), InvokeError> {
-        if self.router.is_none() {
-            return Ok(());
-        }
         let Err(e) = self.log.confirm_lead(entity, epoch).await else { return Ok(()) };
         slot_state.resident = None;
         Err(match e {

@@ -104,12 +104,12 @@ impl Scheduler {
         // A turn whose shard replica moved away while it ran fails reading
         // the store, before its commit: nothing ran, so it is a refusal the
         // caller's node retries on the shard's new leader.
-        let result = match (result, &self.inner.router) {
-            (Err(InvokeError::Internal(m)), Some(router)) if router.route(&entity_ref) != (Route::Here { epoch }) => {
+        let result = match result {
+            Err(InvokeError::Internal(m)) if self.inner.router.route(&entity_ref) != (Route::Here { epoch }) => {
                 tracing::debug!(entity = %entity_ref, "the shard moved during the turn: {m}");
                 Err(InvokeError::NotHere { leader: None })
             }
-            (result, _) => result,
+            result => result,
         };
         let m = crate::telemetry::metrics();
         m.invocation_seconds.observe(started.elapsed().as_secs_f64());
