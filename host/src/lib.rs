@@ -1,4 +1,5 @@
-//! Conflux host: runs WebAssembly entities durably on one node.
+//! Conflux host: runs WebAssembly entities durably on a cluster of nodes
+//! (a node started alone is a cluster of one).
 //! See ARCHITECTURE.md for the layers and their invariants.
 
 pub mod api;
@@ -17,3 +18,6 @@ pub mod telemetry;
 
 #[cfg(test)]
 mod fuzz_tests;
+
+#[cfg(test)]
+mod layering_tests;

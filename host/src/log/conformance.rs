@@ -1,7 +1,8 @@
 //! Conformance suite for `CommitLog`: each check is an async function generic
-//! over a `LogFactory`, so every provider runs the same suite. The macro at
-//! the bottom instantiates it for the log production commits through: a
-//! shard's `ShardLog` on disk, in a group of one (`cluster::raft::open_solo`).
+//! over a `LogFactory`, so every provider runs the same suite; a provider's
+//! module instantiates it with `commit_log_conformance!` (the log production
+//! commits through, a shard's `ShardLog` on disk, does so in
+//! `cluster::raft::conformance`).
 //!
 //! What a replicated log promises, and so what is checked: a proposal
 //! resolves once its entry is durable and applied to the log's store; one
@@ -22,18 +23,6 @@ pub(crate) trait LogFactory: Send + Sync + 'static {
     type Log: CommitLog;
     /// Opens the log kept in `dir`, with the store it applies to.
     async fn open(&self, dir: &Path, config: LogConfig) -> Result<(Arc<Self::Log>, Arc<dyn StateStore>), String>;
-}
-
-/// The production log: a shard replica's `ShardLog`, in a group of one.
-pub(crate) struct ShardFactory;
-
-impl LogFactory for ShardFactory {
-    type Log = crate::cluster::raft::ShardLog;
-    async fn open(&self, dir: &Path, config: LogConfig) -> Result<(Arc<Self::Log>, Arc<dyn StateStore>), String> {
-        let log = crate::cluster::raft::open_solo(dir, &config).await.map_err(|e| e.to_string())?;
-        let store: Arc<dyn StateStore> = log.store().clone();
-        Ok((Arc::new(log), store))
-    }
 }
 
 fn key(i: u64) -> Vec<u8> {
@@ -274,19 +263,4 @@ macro_rules! commit_log_conformance {
     };
 }
 
-commit_log_conformance!(
-    shard_log,
-    ShardFactory,
-    [
-        indexes_increase_and_resolve_durable_and_applied,
-        concurrent_proposals_all_resolve_and_batch,
-        batches_respect_max_batch_entries,
-        batches_respect_max_batch_bytes,
-        reopen_keeps_everything_acknowledged,
-        state_survives_compactions_and_reopen,
-        propose_after_shutdown_fails_cleanly,
-        second_open_of_same_dir_fails,
-        write_set_is_applied_atomically,
-        timing_10k_proposals_at_concurrency_64,
-    ]
-);
+pub(crate) use commit_log_conformance;

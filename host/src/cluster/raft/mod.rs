@@ -347,4 +347,6 @@ pub enum ReplicaError {
 }
 
 #[cfg(test)]
+mod conformance;
+#[cfg(test)]
 mod tests;

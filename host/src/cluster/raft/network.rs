@@ -141,7 +141,8 @@ impl DispatchError {
     }
 }
 
-/// The transport of a node without peers (single-node mode): a group whose
+/// The transport of a group of one outside any cluster ([`super::open_solo`],
+/// tests): a group whose
 /// only voter is this node never sends, and anything it tries is refused.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoPeers;
@@ -155,7 +156,7 @@ impl Transport for NoPeers {
         _timeout: Duration,
     ) -> BoxFuture<'static, Result<RaftReply, TransportError>> {
         Box::pin(async move {
-            Err(TransportError::Unreachable { node: target, reason: "single-node mode has no peers".into() })
+            Err(TransportError::Unreachable { node: target, reason: "a group of one has no peers".into() })
         })
     }
 }

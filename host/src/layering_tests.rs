@@ -1,0 +1,191 @@
+//! The module house's invariants, stated as absences and checked against
+//! the source (ARCHITECTURE.md, "Invariants"): the top-level modules, and
+//! the parts of the cluster layer, form no cycle; the scheduler knows no Raft and no cluster; only `api` (and the
+//! CLI, through `conflux-client`) knows protobuf; a node started alone has no
+//! code path of its own. Test code is left out: it may reach across layers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Every non-test source file under `host/src`, with its text cut before its
+/// inline test module.
+fn sources() -> Vec<(PathBuf, String)> {
+    fn walk(dir: &Path, out: &mut Vec<(PathBuf, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+                continue;
+            }
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let test_file =
+                matches!(name.as_str(), "tests.rs" | "conformance.rs" | "harness.rs") || name.ends_with("_tests.rs");
+            if !name.ends_with(".rs") || test_file {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code = match text.find("#[cfg(test)]\nmod tests") {
+                Some(at) => &text[..at],
+                None => &text,
+            };
+            // Comments name what they explain, not what the code uses.
+            let code: String =
+                code.lines().filter(|l| !l.trim_start().starts_with("//")).map(|l| format!("{l}\n")).collect();
+            out.push((path, code));
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut out = Vec::new();
+    walk(&root, &mut out);
+    out.into_iter().map(|(p, t)| (p.strip_prefix(&root).unwrap().to_owned(), t)).collect()
+}
+
+/// The top-level module a file belongs to (`scheduler/turn.rs` → `scheduler`).
+fn module_of(path: &Path) -> String {
+    let first = path.components().next().unwrap().as_os_str().to_string_lossy();
+    first.trim_end_matches(".rs").to_owned()
+}
+
+fn mentions(code: &str, what: &str) -> bool {
+    code.lines().filter(|l| !l.trim_start().starts_with("//")).any(|l| l.contains(what))
+}
+
+/// Which top-level modules each one's code names (`crate::x`). `config` is
+/// left out as a user: it is the tree of every module's configuration slice,
+/// and names each module's slice type and validation helpers by design.
+fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (path, code) in sources() {
+        let from = module_of(&path);
+        let entry = graph.entry(from.clone()).or_default();
+        if from == "config" {
+            continue;
+        }
+        for (at, _) in code.match_indices("crate::") {
+            let rest = &code[at + "crate::".len()..];
+            let to: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if !to.is_empty() && to != from {
+                entry.insert(to);
+            }
+        }
+    }
+    graph
+}
+
+/// Which parts of `cluster/` each part names (a part is a file or folder
+/// directly under it: `raft/log_store.rs` is part `raft`).
+fn cluster_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (path, code) in sources() {
+        let mut parts = path.components().map(|c| c.as_os_str().to_string_lossy().into_owned());
+        if parts.next().as_deref() != Some("cluster") {
+            continue;
+        }
+        let Some(part) = parts.next() else { continue };
+        let nested = parts.next().is_some();
+        let from = part.trim_end_matches(".rs").to_owned();
+        if from == "mod" {
+            continue;
+        }
+        let entry = graph.entry(from.clone()).or_default();
+        // In a file directly under cluster/, `super::` is the cluster; in a
+        // nested one it is the part itself.
+        let prefixes: &[&str] = if nested { &["crate::cluster::"] } else { &["crate::cluster::", "super::"] };
+        for prefix in prefixes {
+            for (at, _) in code.match_indices(prefix) {
+                let rest = &code[at + prefix.len()..];
+                let to: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                if !to.is_empty() && to != from && to.chars().next().is_some_and(|c| c.is_ascii_lowercase()) {
+                    entry.insert(to);
+                }
+            }
+        }
+    }
+    graph
+}
+
+/// The modules of `graph` that sit on a cycle (Kahn's algorithm: whatever
+/// cannot be ordered).
+fn on_cycles(graph: &BTreeMap<String, BTreeSet<String>>) -> BTreeMap<String, BTreeSet<String>> {
+    let mut left = graph.clone();
+    loop {
+        let leaves: Vec<String> = left
+            .iter()
+            .filter(|(_, uses)| uses.iter().all(|u| !left.contains_key(u)))
+            .map(|(m, _)| m.clone())
+            .collect();
+        if leaves.is_empty() {
+            return left;
+        }
+        for leaf in leaves {
+            left.remove(&leaf);
+        }
+    }
+}
+
+#[test]
+fn the_parts_of_the_cluster_layer_form_no_cycle() {
+    let graph = cluster_graph();
+    assert!(graph.contains_key("raft") && graph.contains_key("meta"), "{graph:#?}");
+    let left = on_cycles(&graph);
+    assert!(left.is_empty(), "cluster parts on a cycle (part -> what it uses): {left:#?}");
+}
+
+#[test]
+fn the_top_level_modules_form_no_cycle() {
+    let graph = module_graph();
+    // Kahn's algorithm: whatever cannot be ordered sits on a cycle.
+    let mut left = graph.clone();
+    loop {
+        let leaves: Vec<String> = left
+            .iter()
+            .filter(|(_, uses)| uses.iter().all(|u| !left.contains_key(u)))
+            .map(|(m, _)| m.clone())
+            .collect();
+        if leaves.is_empty() {
+            break;
+        }
+        for leaf in leaves {
+            left.remove(&leaf);
+        }
+    }
+    assert!(left.is_empty(), "modules on a cycle (module -> what it uses): {left:#?}");
+}
+
+#[test]
+fn the_scheduler_knows_no_raft_and_no_cluster() {
+    for (path, code) in sources().iter().filter(|(p, _)| module_of(p) == "scheduler") {
+        for word in ["openraft", "crate::cluster", "raft::"] {
+            assert!(!mentions(code, word), "{} names {word}", path.display());
+        }
+    }
+}
+
+#[test]
+fn only_the_api_and_the_cli_know_protobuf() {
+    for (path, code) in sources() {
+        if matches!(module_of(&path).as_str(), "api" | "cli") {
+            continue;
+        }
+        for word in ["pb::", "prost", "tonic::Request", "tonic::Status"] {
+            assert!(!mentions(&code, word), "{} names {word}", path.display());
+        }
+    }
+}
+
+#[test]
+fn a_node_started_alone_has_no_code_path_of_its_own() {
+    // Only where a node is configured and assembled is "alone" known: the
+    // configuration's defaults (node id, shard count, optional secret) and
+    // the node's identity, secret file and warnings. Nothing downstream
+    // branches on it, and nothing is optional for want of a cluster.
+    for (path, code) in sources() {
+        let allowed = matches!(path.to_str().unwrap(), "config.rs" | "node.rs");
+        if !allowed {
+            assert!(!mentions(&code, "started_alone"), "{} branches on a node started alone", path.display());
+        }
+        for word in ["Option<Arc<dyn Router>>", "single-node mode", "not-clustered"] {
+            assert!(!mentions(&code, word), "{} still has {word:?}", path.display());
+        }
+    }
+}
