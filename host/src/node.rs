@@ -160,15 +160,19 @@ fn shards_on_disk(dir: &Path) -> Result<Vec<ShardId>, NodeError> {
     Ok(found)
 }
 
-/// Maps a replica that failed to open to what is wrong with the directory.
+/// What is wrong with the directory a replica failed to open in.
+fn replica_open_error(dir: &Path, source: crate::cluster::raft::ReplicaError) -> NodeError {
+    let path = dir.display().to_string();
+    match source {
+        crate::cluster::raft::ReplicaError::Store(source) => NodeError::StoreOpen { path, source },
+        source => NodeError::LogOpen { path, source: Box::new(source) },
+    }
+}
+
+/// [`replica_open_error`] for a replica the shard set opened.
 fn set_opened(dir: &Path) -> impl Fn(crate::cluster::shards::ShardSetError) -> NodeError + '_ {
     move |e| match e {
-        crate::cluster::shards::ShardSetError::Replica { source, .. } => match *source {
-            crate::cluster::raft::ReplicaError::Store(source) => {
-                NodeError::StoreOpen { path: dir.display().to_string(), source }
-            }
-            source => NodeError::LogOpen { path: dir.display().to_string(), source: Box::new(source) },
-        },
+        crate::cluster::shards::ShardSetError::Replica { source, .. } => replica_open_error(dir, *source),
         e => NodeError::Cluster(format!("data directory {}: cannot open a shard replica: {e}", dir.display())),
     }
 }
@@ -217,14 +221,7 @@ async fn settle_if_solo(raft: &crate::cluster::raft::Raft, me: u64) -> Result<()
     if !solo {
         return Ok(());
     }
-    raft.wait(Some(CATCH_UP_TIMEOUT))
-        .metrics(
-            |m| m.current_leader == Some(me) && m.last_applied.map(|id| id.index) >= m.last_log_index,
-            "the only voter leads and has applied its log",
-        )
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    crate::cluster::raft::led_and_applied(raft, me, CATCH_UP_TIMEOUT).await
 }
 
 /// The secret of a node started alone without one: generated on its first
@@ -440,6 +437,9 @@ impl Node {
             }
             (None, None) => ClusterIdentity::of(c),
         };
+        // A node started alone under another id than the default keeps it
+        // on restarts that do not name it.
+        let me = identity.node_id;
         let founder = !identity.members.is_empty();
         let transport =
             Arc::new(GrpcTransport::new(secret.clone()).with_network(network.clone()).with_tls(peer_tls.as_ref()));
@@ -476,11 +476,7 @@ impl Node {
         };
         let table = ReplicaTable::default();
         let path = || dir.display().to_string();
-        let opened = |source: crate::cluster::raft::ReplicaError| match source {
-            crate::cluster::raft::ReplicaError::Store(source) => NodeError::StoreOpen { path: path(), source },
-            source => NodeError::LogOpen { path: path(), source: Box::new(source) },
-        };
-        let meta_replica = host.open(META_SHARD).await.map_err(opened)?;
+        let meta_replica = host.open(META_SHARD).await.map_err(|e| replica_open_error(&dir, e))?;
         table.insert(META_SHARD, meta_replica.raft.clone());
         // The lowest founding id forms the metadata group with every founder as a voter.
         let forms_meta = founder && identity.members.first() == Some(&me);
@@ -836,30 +832,15 @@ mod tests {
         let record = (Keyspace::Registry, b"conflux-adoption-probe".to_vec(), b"registry".to_vec());
         let state = (Keyspace::State, b"counter\0c1\0$self".to_vec(), b"{\"total\":5}".to_vec());
         {
-            // What the single node of before laid out: shard 0 alone.
-            let sled_dir = dir.path().join("state");
-            let host = ReplicaHost {
-                node: 1,
-                data_dir: dir.path().to_owned(),
-                db: sled::Config::new().path(&sled_dir).open().unwrap(),
-                sled_dir,
-                config: crate::cluster::raft::raft_config("conflux", 1000).unwrap(),
-                transport: Arc::new(crate::cluster::raft::NoPeers),
-                wal_flush_wait: std::time::Duration::ZERO,
-            };
-            let replica = host.open(0).await.unwrap();
-            let me = openraft::BasicNode::new("127.0.0.1:7070");
-            replica.raft.initialize(BTreeMap::from([(1, me)])).await.unwrap();
-            let raft = replica.raft.clone();
-            settle_if_solo(&raft, 1).await.unwrap();
-            let log = ShardLog::new(replica, &crate::log::LogConfig::default());
+            // What the single node of before laid out: shard 0 alone, its
+            // WAL in `shards/0`, its store in `state/` (a group of one).
+            let log = crate::cluster::raft::open_solo(dir.path(), &crate::log::LogConfig::default()).await.unwrap();
             let ops = [&record, &state]
                 .iter()
                 .map(|(keyspace, key, value)| Op::Put { keyspace: *keyspace, key: key.clone(), value: value.clone() })
                 .collect();
             log.propose(WriteSet { ops }).await.unwrap();
             log.shutdown().await.unwrap();
-            raft.shutdown().await.unwrap();
         }
         let mut cfg = Config::default();
         cfg.storage.data_dir = dir.path().to_owned();
@@ -878,6 +859,27 @@ mod tests {
         cfg.cluster.shard_count = Some(8);
         let Err(e) = Node::open(cfg).await else { panic!("opened a single node's data with 8 shards") };
         assert!(e.to_string().contains("single node's data"), "{e}");
+    }
+
+    /// A node started alone under its own id keeps it when it restarts
+    /// without naming it: the id is the data directory's, and every group
+    /// recorded it as their voter.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_started_alone_keeps_its_id_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::default();
+        cfg.storage.data_dir = dir.path().to_owned();
+        cfg.cluster.node_id = 5;
+        let node = Node::open(cfg.clone()).await.unwrap();
+        assert_eq!(node.cluster.member.node, 5);
+        node.log.shutdown().await.unwrap();
+        node.cluster.member.meta.log.shutdown().await.unwrap();
+        drop(node);
+        cfg.cluster.node_id = 0;
+        let node = Node::open(cfg).await.unwrap();
+        assert_eq!(node.cluster.member.node, 5, "restarted under another id than its groups' voter");
+        node.log.shutdown().await.unwrap();
+        node.cluster.member.meta.log.shutdown().await.unwrap();
     }
 
     /// The identity is replaced whole: a reader (a restart after a crash)

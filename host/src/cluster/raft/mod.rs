@@ -246,16 +246,21 @@ pub async fn open_solo(data_dir: &std::path::Path, config: &crate::log::LogConfi
         let me = openraft::BasicNode::new("127.0.0.1:0");
         replica.raft.initialize(std::collections::BTreeMap::from([(ME, me)])).await.map_err(|e| form(&e))?;
     }
-    replica
-        .raft
-        .wait(Some(std::time::Duration::from_secs(60)))
+    led_and_applied(&replica.raft, ME, std::time::Duration::from_secs(60)).await.map_err(|e| form(&e))?;
+    Ok(ShardLog::new(replica, config))
+}
+
+/// Waits (at most `timeout`) until `me` leads `raft`'s group and has applied
+/// every entry its log holds: from then on its store may be read.
+pub async fn led_and_applied(raft: &Raft, me: NodeId, timeout: std::time::Duration) -> Result<(), String> {
+    raft.wait(Some(timeout))
         .metrics(
-            |m| m.current_leader == Some(ME) && m.last_applied.map(|id| id.index) >= m.last_log_index,
-            "the only voter leads and has applied its log",
+            |m| m.current_leader == Some(me) && m.last_applied.map(|id| id.index) >= m.last_log_index,
+            "this node leads and has applied its log",
         )
         .await
-        .map_err(|e| form(&e))?;
-    Ok(ShardLog::new(replica, config))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Everything a node holds for one replica of one shard.
