@@ -50,6 +50,16 @@ fn mentions(code: &str, what: &str) -> bool {
     code.lines().filter(|l| !l.trim_start().starts_with("//")).any(|l| l.contains(what))
 }
 
+/// The names that follow `prefix` in `code` (`crate::scheduler::Route` →
+/// `scheduler` for `crate::`).
+fn named_after<'a>(code: &'a str, prefix: &'a str) -> impl Iterator<Item = String> + 'a {
+    code.match_indices(prefix).filter_map(move |(at, _)| {
+        let rest = &code[at + prefix.len()..];
+        let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        (!name.is_empty()).then_some(name)
+    })
+}
+
 /// Which top-level modules each one's code names (`crate::x`). `config` is
 /// left out as a user: it is the tree of every module's configuration slice,
 /// and names each module's slice type and validation helpers by design.
@@ -61,13 +71,7 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
         if from == "config" {
             continue;
         }
-        for (at, _) in code.match_indices("crate::") {
-            let rest = &code[at + "crate::".len()..];
-            let to: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-            if !to.is_empty() && to != from {
-                entry.insert(to);
-            }
-        }
+        entry.extend(named_after(&code, "crate::").filter(|to| *to != from));
     }
     graph
 }
@@ -92,13 +96,9 @@ fn cluster_graph() -> BTreeMap<String, BTreeSet<String>> {
         // nested one it is the part itself.
         let prefixes: &[&str] = if nested { &["crate::cluster::"] } else { &["crate::cluster::", "super::"] };
         for prefix in prefixes {
-            for (at, _) in code.match_indices(prefix) {
-                let rest = &code[at + prefix.len()..];
-                let to: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-                if !to.is_empty() && to != from && to.chars().next().is_some_and(|c| c.is_ascii_lowercase()) {
-                    entry.insert(to);
-                }
-            }
+            // A module's name, not an item's (`super::Peers`).
+            let modules = named_after(&code, prefix).filter(|to| to.starts_with(|c: char| c.is_ascii_lowercase()));
+            entry.extend(modules.filter(|to| *to != from));
         }
     }
     graph
@@ -133,22 +133,7 @@ fn the_parts_of_the_cluster_layer_form_no_cycle() {
 
 #[test]
 fn the_top_level_modules_form_no_cycle() {
-    let graph = module_graph();
-    // Kahn's algorithm: whatever cannot be ordered sits on a cycle.
-    let mut left = graph.clone();
-    loop {
-        let leaves: Vec<String> = left
-            .iter()
-            .filter(|(_, uses)| uses.iter().all(|u| !left.contains_key(u)))
-            .map(|(m, _)| m.clone())
-            .collect();
-        if leaves.is_empty() {
-            break;
-        }
-        for leaf in leaves {
-            left.remove(&leaf);
-        }
-    }
+    let left = on_cycles(&module_graph());
     assert!(left.is_empty(), "modules on a cycle (module -> what it uses): {left:#?}");
 }
 
