@@ -667,7 +667,7 @@ async fn open_runtime_and_registry(
     let (runtime_cfg, registry_cfg, dir) = (cfg.runtime.clone(), cfg.registry.clone(), cfg.storage.data_dir.clone());
     crate::determinism::blocking(move || {
         let runtime = Arc::new(Runtime::new(&runtime_cfg)?);
-        let registry = Registry::open_member(&registry_cfg, &dir, runtime.clone(), store, log)
+        let registry = Registry::open(&registry_cfg, &dir, runtime.clone(), store, log)
             .map_err(|source| NodeError::RegistryOpen { path: dir.display().to_string(), source })?;
         Ok::<_, NodeError>((runtime, Arc::new(registry)))
     })

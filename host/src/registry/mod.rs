@@ -124,9 +124,6 @@ pub struct Registry {
     runtime: Arc<Runtime>,
     propagation: std::sync::OnceLock<Arc<dyn Propagation>>,
     component_peers: std::sync::OnceLock<Arc<dyn ComponentPeers>>,
-    /// A cluster member: a recorded component missing here is fetched, and
-    /// its type waits (`Loading`) meanwhile. A single node: it is corruption.
-    member: bool,
     /// Bumped whenever a refresh loaded something: what `await_loaded` waits on.
     loads: tokio::sync::watch::Sender<u64>,
     store: Arc<dyn StateStore>,
@@ -157,38 +154,16 @@ use crate::model::unix_ms as now_ms;
 
 impl Registry {
     /// Opens the registry under `data_dir` and loads the active version of
-    /// every type (from cached artifacts when they fit this engine). A
-    /// recorded component missing from `components/` fails the open.
+    /// every type (from cached artifacts when they fit this engine). A type
+    /// whose component this node does not hold yet (recorded by a deploy
+    /// through another member) stays `Loading` until `refresh_in_background`
+    /// has fetched it from the other members.
     pub fn open(
         cfg: &RegistryConfig,
         data_dir: &Path,
         runtime: Arc<Runtime>,
         store: Arc<dyn StateStore>,
         log: Arc<dyn CommitLog>,
-    ) -> Result<Self, RegistryError> {
-        Self::open_with(cfg, data_dir, runtime, store, log, false)
-    }
-
-    /// Opens the registry of a cluster member: like [`Registry::open`], but a
-    /// type whose component this node does not hold yet stays `Loading` until
-    /// `refresh_in_background` has fetched it from the other members.
-    pub fn open_member(
-        cfg: &RegistryConfig,
-        data_dir: &Path,
-        runtime: Arc<Runtime>,
-        store: Arc<dyn StateStore>,
-        log: Arc<dyn CommitLog>,
-    ) -> Result<Self, RegistryError> {
-        Self::open_with(cfg, data_dir, runtime, store, log, true)
-    }
-
-    fn open_with(
-        cfg: &RegistryConfig,
-        data_dir: &Path,
-        runtime: Arc<Runtime>,
-        store: Arc<dyn StateStore>,
-        log: Arc<dyn CommitLog>,
-        member: bool,
     ) -> Result<Self, RegistryError> {
         let components_dir = data_dir.join("components");
         let artifacts_dir = data_dir.join("artifacts");
@@ -198,7 +173,6 @@ impl Registry {
             runtime,
             propagation: std::sync::OnceLock::new(),
             component_peers: std::sync::OnceLock::new(),
-            member,
             loads: tokio::sync::watch::Sender::new(0),
             store: store.clone(),
             log,
@@ -211,8 +185,8 @@ impl Registry {
         // Nobody else holds the registry yet, so no deploy can race the load.
         match reg.refresh_locked() {
             Ok(_) => {}
-            // A member fetches what it lacks once it can reach the others.
-            Err(RegistryError::Loading { name }) if member => {
+            // What this node lacks is fetched once it can reach the others.
+            Err(RegistryError::Loading { name }) => {
                 tracing::info!(entity_type = %name, "a component is not here yet: fetching it from the members");
             }
             Err(e) => return Err(e),
@@ -303,7 +277,7 @@ impl Registry {
     /// cache) first, then switched to, so turns never wait on a compile.
     /// Returns how many types changed. Blocking: compiles. The caller holds
     /// the deploy lock (or the only handle on the registry).
-    /// On a member, a type whose component is not here yet is skipped (it
+    /// A type whose component is not here yet is skipped (it
     /// keeps the version it had, if any) and the first such type is
     /// reported as `Loading` once the others are loaded.
     fn refresh_locked(&self) -> Result<usize, RegistryError> {
@@ -321,7 +295,7 @@ impl Registry {
                 if let std::collections::btree_map::Entry::Vacant(slot) = loaded.entry(v) {
                     match self.load_version(&record, v) {
                         Ok(l) => slot.insert(l),
-                        Err(RegistryError::MissingComponent { .. }) if self.member => {
+                        Err(RegistryError::MissingComponent { .. }) => {
                             pending.get_or_insert_with(|| record.name.clone());
                             continue 'records;
                         }

@@ -29,7 +29,7 @@ pub struct ComponentChunk {
 }
 
 /// Where a cluster member gets components it lacks: the other members, by
-/// digest (the wire lives in `api::cluster`; a single node has none).
+/// digest (the wire lives in `api::cluster`; a node alone has none yet).
 pub trait ComponentPeers: Send + Sync + 'static {
     /// The other members, in the order to ask them.
     fn members(&self) -> Vec<u64>;
@@ -43,8 +43,8 @@ pub trait ComponentPeers: Send + Sync + 'static {
     ) -> futures::future::BoxFuture<'static, Result<ComponentChunk, String>>;
 }
 
-/// How a clustered registry learns that the other members serve a record
-/// (a single node has no others).
+/// How the registry learns that the other members serve a record (a node
+/// alone has no others).
 pub trait Propagation: Send + Sync + 'static {
     /// Resolves once every member that is up serves `record` or a later
     /// revision of it (a concurrent change may have followed); the error
@@ -57,7 +57,7 @@ impl Registry {
     /// `refresh_locked`). The deploy lock is awaited, not blocked on, so no
     /// blocking thread sits waiting for a deploy that itself waits on the
     /// network; then the loading runs on the blocking pool.
-    /// On a member, components the store's records need and this node
+    /// Components the store's records need and this node
     /// lacks are fetched from the other members first (a failure leaves
     /// their types `Loading`, reported as the error, for the next refresh).
     pub async fn refresh_in_background(
