@@ -255,3 +255,17 @@ impl Inner {
         self.epoch.elapsed().as_millis() as u64
     }
 }
+
+/// What the background loops' tests build their outboxes and timers from.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::model::{EntityRef, Message};
+
+    pub(crate) fn entity(id: &str) -> EntityRef {
+        EntityRef::new("t", id).unwrap()
+    }
+
+    pub(crate) fn message(sender: &EntityRef, seq: u64, target: &EntityRef) -> Message {
+        Message { sender: sender.clone(), seq, target: target.clone(), operation: "op".into(), payload: vec![] }
+    }
+}

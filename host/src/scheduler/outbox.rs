@@ -158,15 +158,8 @@ impl Scheduler {
 mod tests {
     use super::*;
     use crate::model::{Op, WriteSet, outbox_key};
+    use crate::scheduler::test_support::{entity, message};
     use crate::storage::MemStore;
-
-    fn entity(id: &str) -> EntityRef {
-        EntityRef::new("t", id).unwrap()
-    }
-
-    fn message(sender: &EntityRef, seq: u64, target: &EntityRef) -> Message {
-        Message { sender: sender.clone(), seq, target: target.clone(), operation: "op".into(), payload: vec![] }
-    }
 
     #[test]
     fn the_outbox_is_read_per_sender_in_sequence_order() {

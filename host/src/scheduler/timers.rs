@@ -254,15 +254,8 @@ impl Inner {
 mod tests {
     use super::*;
     use crate::model::timer_due_key;
+    use crate::scheduler::test_support::{entity, message};
     use crate::storage::MemStore;
-
-    fn entity(id: &str) -> EntityRef {
-        EntityRef::new("t", id).unwrap()
-    }
-
-    fn message(sender: &EntityRef, seq: u64, target: &EntityRef) -> Message {
-        Message { sender: sender.clone(), seq, target: target.clone(), operation: "op".into(), payload: vec![] }
-    }
 
     /// The timer loop's read: undecodable timers and timers of a sender that
     /// backs off, due before the good ones, do not keep the good ones from
