@@ -10,7 +10,7 @@
 use conflux_host::config::RuntimeConfig;
 use conflux_host::model::{EntityRef, Keyspace, Op, WriteSet, state_key};
 use conflux_host::runtime::{NoSlot, Runtime, TurnInput};
-use conflux_host::storage::{MemStore, StateStore};
+use conflux_host::storage::{ApplyStore, MemStore, StateStore};
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::path::PathBuf;
 use std::process::Command;

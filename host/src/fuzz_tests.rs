@@ -5,7 +5,7 @@
 
 use crate::api::pb;
 use crate::model::{EntityRef, Keyspace, Op, WriteSet, validate_entity_id, validate_type_name};
-use crate::storage::{MemStore, SledStore, StateStore};
+use crate::storage::{ApplyStore, MemStore, SledStore};
 use proptest::prelude::*;
 use prost::Message;
 use std::collections::BTreeMap;
@@ -41,7 +41,7 @@ fn model_apply(m: &mut Model, ws: &WriteSet) {
     }
 }
 
-fn check_store_matches(store: &dyn StateStore, sets: &[WriteSet], prefix: &[u8]) -> Result<(), TestCaseError> {
+fn check_store_matches(store: &dyn ApplyStore, sets: &[WriteSet], prefix: &[u8]) -> Result<(), TestCaseError> {
     let mut model = Model::new();
     for (i, ws) in sets.iter().enumerate() {
         store.apply(&[(i as u64 + 1, ws)]).map_err(|e| TestCaseError::fail(e.to_string()))?;

@@ -274,10 +274,6 @@ impl StateStore for LocalShards {
         Ok(crate::storage::merge_pages(pages, limit, max_bytes))
     }
 
-    fn apply(&self, _entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError> {
-        Err(StorageError::Unsupported("shard replicas apply only what their Raft group commits"))
-    }
-
     /// Shards apply independently; there is no node-wide index.
     fn applied_index(&self) -> Result<LogIndex, StorageError> {
         Ok(self.all().iter().map(|s| s.store.applied_index().unwrap_or(0)).sum())

@@ -159,7 +159,7 @@ mod tests {
     use super::*;
     use crate::model::{Op, WriteSet, outbox_key};
     use crate::scheduler::test_support::{entity, message};
-    use crate::storage::MemStore;
+    use crate::storage::{ApplyStore, MemStore};
 
     #[test]
     fn the_outbox_is_read_per_sender_in_sequence_order() {

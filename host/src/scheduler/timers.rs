@@ -255,7 +255,7 @@ mod tests {
     use super::*;
     use crate::model::timer_due_key;
     use crate::scheduler::test_support::{entity, message};
-    use crate::storage::MemStore;
+    use crate::storage::{ApplyStore, MemStore};
 
     /// The timer loop's read: undecodable timers and timers of a sender that
     /// backs off, due before the good ones, do not keep the good ones from

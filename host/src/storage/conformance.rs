@@ -3,12 +3,12 @@
 //! bottom instantiates it for `MemStore` and `SledStore`. Sled-only properties
 //! (reopen, locking) are in `sled_only`.
 
-use super::{MemStore, SledStore, StateStore, StorageError};
+use super::{ApplyStore, MemStore, SledStore, StateStore, StorageError};
 use crate::model::{Keyspace, LogIndex, Op, WriteSet};
 
 /// A store under test plus whatever must outlive it (a temp dir).
 pub(crate) struct Fixture {
-    pub store: Box<dyn StateStore>,
+    pub store: Box<dyn ApplyStore>,
     pub _guard: Option<tempfile::TempDir>,
 }
 
@@ -34,11 +34,11 @@ pub(crate) fn ws(ops: Vec<Op>) -> WriteSet {
     WriteSet { ops }
 }
 
-fn apply1(s: &dyn StateStore, index: LogIndex, w: &WriteSet) {
+fn apply1(s: &dyn ApplyStore, index: LogIndex, w: &WriteSet) {
     s.apply(&[(index, w)]).unwrap();
 }
 
-fn get(s: &dyn StateStore, ks: Keyspace, k: &[u8]) -> Option<Vec<u8>> {
+fn get(s: &dyn ApplyStore, ks: Keyspace, k: &[u8]) -> Option<Vec<u8>> {
     s.get(ks, k).unwrap()
 }
 
@@ -144,7 +144,13 @@ pub(crate) fn scan_semantics(f: impl Fn() -> Fixture) {
 
 /// A store that implements only what `StateStore` requires, so its pages
 /// come from the trait's default `scan_page`.
-struct DefaultPages(std::sync::Arc<dyn StateStore>);
+struct DefaultPages(std::sync::Arc<dyn ApplyStore>);
+
+impl ApplyStore for DefaultPages {
+    fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError> {
+        self.0.apply(entries)
+    }
+}
 
 impl StateStore for DefaultPages {
     fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
@@ -159,9 +165,6 @@ impl StateStore for DefaultPages {
     ) -> Result<super::KvPairs, StorageError> {
         self.0.scan(keyspace, prefix, start_after, limit)
     }
-    fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError> {
-        self.0.apply(entries)
-    }
     fn applied_index(&self) -> Result<LogIndex, StorageError> {
         self.0.applied_index()
     }
@@ -172,7 +175,7 @@ impl StateStore for DefaultPages {
 
 pub(crate) fn scan_pages_are_bounded_by_bytes(f: impl Fn() -> Fixture) {
     let fx = f();
-    let store: std::sync::Arc<dyn StateStore> = std::sync::Arc::from(fx.store);
+    let store: std::sync::Arc<dyn ApplyStore> = std::sync::Arc::from(fx.store);
     // k0..k9 with values of 10, 20, … 100 bytes (keys 2 bytes), and a neighbour prefix.
     let mut ops: Vec<Op> = (0..10u8)
         .map(|i| put(Keyspace::State, format!("k{i}").as_bytes(), &vec![b'v'; 10 * (i as usize + 1)]))
@@ -180,7 +183,7 @@ pub(crate) fn scan_pages_are_bounded_by_bytes(f: impl Fn() -> Fixture) {
     ops.push(put(Keyspace::State, b"l0", &[b'x'; 5]));
     apply1(store.as_ref(), 1, &ws(ops));
     let default_pages = DefaultPages(store.clone());
-    for s in [store.as_ref(), &default_pages as &dyn StateStore] {
+    for s in [store.as_ref(), &default_pages as &dyn ApplyStore] {
         let keys = |p: &super::ScanPage| -> Vec<String> {
             p.entries.iter().map(|(k, _)| String::from_utf8(k.clone()).unwrap()).collect()
         };
@@ -250,7 +253,7 @@ pub(crate) fn applied_index_and_replay(f: impl Fn() -> Fixture) {
 
 pub(crate) fn apply_is_atomic(f: impl Fn() -> Fixture) {
     let fx = f();
-    let s: std::sync::Arc<dyn StateStore> = std::sync::Arc::from(fx.store);
+    let s: std::sync::Arc<dyn ApplyStore> = std::sync::Arc::from(fx.store);
     const N: usize = 2000;
     // One write set with many ops plus a second entry: a concurrent reader must
     // see either nothing or everything (marker key last, first key checked).

@@ -72,6 +72,16 @@ impl StateStore for MemStore {
         super::fill_page(items, limit, max_bytes)
     }
 
+    fn applied_index(&self) -> Result<LogIndex, StorageError> {
+        Ok(self.inner.read().map_err(|_| StorageError::Poisoned)?.applied)
+    }
+
+    fn persist(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
+
+impl super::ApplyStore for MemStore {
     fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError> {
         // One write lock for the whole call: readers see all of it or none of it.
         let mut inner = self.inner.write().map_err(|_| StorageError::Poisoned)?;
@@ -95,14 +105,6 @@ impl StateStore for MemStore {
         if let Some(last) = last {
             inner.applied = last;
         }
-        Ok(())
-    }
-
-    fn applied_index(&self) -> Result<LogIndex, StorageError> {
-        Ok(self.inner.read().map_err(|_| StorageError::Poisoned)?.applied)
-    }
-
-    fn persist(&self) -> Result<(), StorageError> {
         Ok(())
     }
 }

@@ -136,11 +136,18 @@ pub trait StateStore: Send + Sync + 'static {
         });
         fill_page(items, limit, max_bytes)
     }
-    /// Applies committed log entries in order as ONE atomic batch and records the last index as the applied index. Entries with index <= applied_index() are skipped (replay is idempotent). Within and across entries, later ops on a key win.
-    fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError>;
     fn applied_index(&self) -> Result<LogIndex, StorageError>;
     /// Makes everything applied so far durable on disk (sled: flush, then fsync its files and directory); a no-op for memory. Called before the log is purged and at shutdown.
     fn persist(&self) -> Result<(), StorageError>;
+}
+
+/// A store committed entries are applied to: a replica's own store (sled on
+/// disk, or memory in tests). Views that read through to such stores (a
+/// node's shards as one, a point-in-time view) are `StateStore`s only:
+/// what applies to them is their groups' business, not their readers'.
+pub trait ApplyStore: StateStore {
+    /// Applies committed log entries in order as ONE atomic batch and records the last index as the applied index. Entries with index <= applied_index() are skipped (replay is idempotent). Within and across entries, later ops on a key win.
+    fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError>;
 }
 
 /// Ids of the entities of `entity_type` that have state and start with

@@ -319,10 +319,6 @@ impl StateStore for SledStore {
         super::fill_page(items, limit, max_bytes)
     }
 
-    fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError> {
-        self.apply_with_meta(entries, &[])
-    }
-
     fn applied_index(&self) -> Result<LogIndex, StorageError> {
         Ok(*self.applied.lock().map_err(|_| StorageError::Poisoned)?)
     }
@@ -337,9 +333,16 @@ impl StateStore for SledStore {
     }
 }
 
+impl super::ApplyStore for SledStore {
+    fn apply(&self, entries: &[(LogIndex, &WriteSet)]) -> Result<(), StorageError> {
+        self.apply_with_meta(entries, &[])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::ApplyStore;
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
