@@ -313,7 +313,7 @@ pub async fn start_echo(bin: &Path, echo: Echo) -> anyhow::Result<(Running, Echo
     )?;
     let target = match echo {
         // The same client and connections as Conflux (`start_conflux`).
-        Echo::Grpc => EchoTarget::Grpc(ConfluxTarget::connect(&format!("http://{addr}"), 8).await?),
+        Echo::Grpc => EchoTarget::Grpc(Box::new(ConfluxTarget::connect(&format!("http://{addr}"), 8).await?)),
         Echo::Http => EchoTarget::Http(HttpTarget::new(&format!("http://{addr}"))),
     };
     let (version, durability) = match echo {
@@ -337,7 +337,7 @@ pub async fn start_echo(bin: &Path, echo: Echo) -> anyhow::Result<(Running, Echo
 /// The client of an echo server: Conflux's or the HTTP systems'.
 #[derive(Clone)]
 pub enum EchoTarget {
-    Grpc(ConfluxTarget),
+    Grpc(Box<ConfluxTarget>),
     Http(HttpTarget),
 }
 

@@ -212,16 +212,17 @@ async fn adopt_single_node_registry(meta: &LocalShard, data: &BTreeMap<ShardId, 
 /// If this node is the only voter of `raft`'s group, waits until it leads
 /// and has applied its log.
 async fn settle_if_solo(raft: &crate::cluster::raft::Raft, me: u64) -> Result<(), String> {
-    let solo = {
-        let m = raft.metrics();
-        let m = m.borrow();
-        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
-        voters == [me]
-    };
-    if !solo {
+    if !is_solo(raft, me) {
         return Ok(());
     }
     crate::cluster::raft::led_and_applied(raft, me, CATCH_UP_TIMEOUT).await
+}
+
+/// Whether this node is the group's only voter.
+fn is_solo(raft: &crate::cluster::raft::Raft, me: u64) -> bool {
+    let m = raft.metrics();
+    let m = m.borrow();
+    m.membership_config.membership().voter_ids().eq([me])
 }
 
 /// The secret of a node started alone without one: generated on its first
@@ -516,6 +517,17 @@ impl Node {
             meta_replica.state.store().clone(),
             Arc::new(ShardLog::new(meta_replica, &cfg.log)),
         );
+        // A leadership restored on restart is served only once confirmed
+        // (`LocalShard::ready_term`); until then every read across shards
+        // (the outbox, the timers) passes the shard by. A group of one
+        // confirms within a commit: wait for it, or start-up would count
+        // the outbox empty and the loops would find nothing to do.
+        for shard in local.values().chain([&meta]).filter(|s| is_solo(&s.raft, me)) {
+            shard
+                .restored_lead_confirmed(CATCH_UP_TIMEOUT)
+                .await
+                .map_err(|message| NodeError::CatchUp { path: path(), message })?;
+        }
         if single_node_data {
             adopt_single_node_registry(&meta, &local).await.map_err(|e| err(&e))?;
         }
@@ -878,6 +890,39 @@ mod tests {
         cfg.cluster.node_id = 0;
         let node = Node::open(cfg).await.unwrap();
         assert_eq!(node.cluster.member.node, 5, "restarted under another id than its groups' voter");
+        node.log.shutdown().await.unwrap();
+        node.cluster.member.meta.log.shutdown().await.unwrap();
+    }
+
+    /// A restarted node started alone serves once its restored leaderships
+    /// are confirmed: before, every merged read (the outbox, the timers, the
+    /// idempotency records) saw none of its shards, so the outbox counted
+    /// empty at start-up and Status said so while messages waited.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_node_alone_sees_its_outbox_as_soon_as_it_opens() {
+        use crate::model::{EntityRef, Message, Op, Record, WriteSet, outbox_key};
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::default();
+        cfg.storage.data_dir = dir.path().to_owned();
+        let sender = EntityRef::new("account", "a1").unwrap();
+        let message = Message {
+            sender: sender.clone(),
+            seq: 7,
+            target: EntityRef::new("account", "a2").unwrap(),
+            operation: "credit".into(),
+            payload: b"5".to_vec(),
+        };
+        let node = Node::open(cfg.clone()).await.unwrap();
+        let put = Op::Put { keyspace: Keyspace::Outbox, key: outbox_key(&sender, 7), value: message.encode() };
+        node.log.propose(WriteSet { ops: vec![put] }).await.unwrap();
+        node.log.shutdown().await.unwrap();
+        node.cluster.member.meta.log.shutdown().await.unwrap();
+        drop(node);
+        let node = Node::open(cfg).await.unwrap();
+        let waiting = node.store.scan(Keyspace::Outbox, b"", None, 10).unwrap();
+        assert_eq!(waiting.len(), 1, "the outbox looked empty right after the restart");
+        node.scheduler.recover_counts().unwrap();
+        assert_eq!(node.scheduler.stats().outbox_messages, 1);
         node.log.shutdown().await.unwrap();
         node.cluster.member.meta.log.shutdown().await.unwrap();
     }

@@ -18,7 +18,7 @@ use crate::scheduler::{Invocation, InvokeError, Route, Router};
 use crate::storage::{KvPairs, ScanPage, SledStore, StateStore, StorageError};
 use futures::future::BoxFuture;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -30,14 +30,39 @@ use std::time::Duration;
 /// restored term settles both: everything before it has applied, and a
 /// majority still follows this term. If it fails, the term has moved on and
 /// the restored one is never served.
-async fn confirm_restored_lead(raft: Raft, term: u64, unconfirmed: Arc<AtomicU64>) {
-    match raft.client_write(super::raft::ShardWrite::default()).await {
+async fn confirm_restored_lead(raft: Raft, term: u64, check: Arc<tokio::sync::watch::Sender<LeadCheck>>) {
+    let outcome = match raft.client_write(super::raft::ShardWrite::default()).await {
         Ok(r) if r.log_id.leader_id.term == term => {
             tracing::info!(term, "confirmed the leadership restored on restart");
-            unconfirmed.store(0, Ordering::Release);
+            LeadCheck::Confirmed
         }
-        Ok(_) => {}
-        Err(e) => tracing::info!(term, "the leadership restored on restart is over: {e}"),
+        Ok(_) => LeadCheck::Over(term),
+        Err(e) => {
+            tracing::info!(term, "the leadership restored on restart is over: {e}");
+            LeadCheck::Over(term)
+        }
+    };
+    check.send_replace(outcome);
+}
+
+/// Where the check of a leadership restored on restart stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeadCheck {
+    /// Nothing to confirm (no leadership was restored), or confirmed.
+    Confirmed,
+    /// The restored term, while its empty entry is on its way.
+    Pending(u64),
+    /// The restored term, which was not confirmed: never served.
+    Over(u64),
+}
+
+impl LeadCheck {
+    /// The restored term that must not be served (yet).
+    fn unconfirmed_term(self) -> Option<u64> {
+        match self {
+            LeadCheck::Confirmed => None,
+            LeadCheck::Pending(t) | LeadCheck::Over(t) => Some(t),
+        }
     }
 }
 
@@ -59,10 +84,10 @@ pub struct LocalShard {
     /// Set while this node hands the shard's leadership off
     /// ([`super::handoff`]): it runs no turns for it meanwhile.
     handing_off: Arc<AtomicBool>,
-    /// The term of a leadership openraft restored when the replica opened
-    /// ([`super::raft::Replica::restored_lead`]) until an entry proposed
-    /// since then has applied; `0` once it has (terms start at 1).
-    unconfirmed_lead: Arc<AtomicU64>,
+    /// The check of a leadership openraft restored when the replica opened
+    /// ([`super::raft::Replica::restored_lead`]): its term is not served
+    /// until an entry proposed since then has applied.
+    lead_check: Arc<tokio::sync::watch::Sender<LeadCheck>>,
 }
 
 impl LocalShard {
@@ -70,11 +95,29 @@ impl LocalShard {
     /// confirmed by a background write.
     pub fn new(raft: Raft, store: Arc<SledStore>, log: Arc<ShardLog>) -> Self {
         let restored = log.restored_lead();
-        let unconfirmed_lead = Arc::new(AtomicU64::new(restored.unwrap_or(0)));
+        let lead_check =
+            Arc::new(tokio::sync::watch::Sender::new(restored.map_or(LeadCheck::Confirmed, LeadCheck::Pending)));
         if let Some(term) = restored {
-            tokio::spawn(confirm_restored_lead(raft.clone(), term, unconfirmed_lead.clone()));
+            tokio::spawn(confirm_restored_lead(raft.clone(), term, lead_check.clone()));
         }
-        Self { raft, store, log, handing_off: Arc::default(), unconfirmed_lead }
+        Self { raft, store, log, handing_off: Arc::default(), lead_check }
+    }
+
+    /// Waits (at most `timeout`) until the leadership restored on restart,
+    /// if any, is confirmed; an error if it was not (the term moved on) or
+    /// the wait timed out. A group whose only voter is this node is
+    /// confirmed within one commit: a node started alone waits for it
+    /// before it serves, so its first reads see every shard it leads.
+    pub async fn restored_lead_confirmed(&self, timeout: Duration) -> Result<(), String> {
+        let mut check = self.lead_check.subscribe();
+        let settled = tokio::time::timeout(timeout, check.wait_for(|c| !matches!(c, LeadCheck::Pending(_))))
+            .await
+            .map_err(|_| format!("the leadership restored on restart was not confirmed within {timeout:?}"))?
+            .map_err(|e| e.to_string())?;
+        match *settled {
+            LeadCheck::Over(term) => Err(format!("the leadership of term {term} restored on restart is over")),
+            _ => Ok(()),
+        }
     }
 
     /// The term this node leads the shard in, once it has applied an entry of
@@ -87,7 +130,7 @@ impl LocalShard {
         let m = self.raft.metrics();
         let m = m.borrow();
         let caught_up = m.last_applied.is_some_and(|id| id.leader_id.term == m.current_term)
-            && self.unconfirmed_lead.load(Ordering::Acquire) != m.current_term;
+            && self.lead_check.borrow().unconfirmed_term() != Some(m.current_term);
         (super::raft::leader_of(&m) == Some(me) && caught_up).then_some(m.current_term)
     }
 

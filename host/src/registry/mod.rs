@@ -451,12 +451,11 @@ impl Registry {
             return Ok(l.clone());
         }
         // A rollback on a member to a version it never loaded: fetch it first.
-        if let (Some(peers), Some(v)) = (self.component_peers.get(), record.version(version)) {
-            if !self.component_path(&v.digest).exists()
-                && self.store.get(Keyspace::Registry, &component_key(&v.digest))?.is_none()
-            {
-                self.fetch_component(peers.as_ref(), &v.digest, v.size_bytes).await?;
-            }
+        if let (Some(peers), Some(v)) = (self.component_peers.get(), record.version(version))
+            && !self.component_path(&v.digest).exists()
+            && self.store.get(Keyspace::Registry, &component_key(&v.digest))?.is_none()
+        {
+            self.fetch_component(peers.as_ref(), &v.digest, v.size_bytes).await?;
         }
         let this = self.clone();
         let record = record.clone();
