@@ -127,8 +127,16 @@ impl Metrics {
             inflight_invocations: gauge(&r, "conflux_inflight_invocations", "Invocations accepted, not answered."),
             outbox_messages: gauge(&r, "conflux_outbox_messages", "Messages committed, not yet delivered."),
             entity_types: gauge(&r, "conflux_entity_types", "Deployed entity types."),
-            log_applied_index: gauge(&r, "conflux_log_applied_index", "Last log index applied to the store."),
-            log_durable_index: gauge(&r, "conflux_log_durable_index", "Last log index made durable."),
+            log_applied_index: gauge(
+                &r,
+                "conflux_log_applied_index",
+                "Log entries applied, summed over this node's shard replicas.",
+            ),
+            log_durable_index: gauge(
+                &r,
+                "conflux_log_durable_index",
+                "Log entries made durable, summed over this node's shard replicas.",
+            ),
             uptime_seconds: gauge(&r, "conflux_uptime_seconds", "Seconds since the node started."),
         };
         let turns = counter_vec(&r, "conflux_turns_total", "Turns run, by outcome.", "outcome");

@@ -130,7 +130,12 @@ pub(super) fn status(s: &pb::StatusResponse) -> std::io::Result<()> {
         s.messages_delivered,
         s.dead_letters
     );
-    say!("log applied      {} (durable {}, {} syncs)", s.applied_index, s.durable_index, s.log_sync_batches);
+    say!(
+        "log entries      {} applied, {} durable, {} syncs (over this node's replicas)",
+        s.applied_index,
+        s.durable_index,
+        s.log_sync_batches
+    );
     say!("NODE\tADDRESS\tSTATE\tLEADS\tREPLICAS");
     for n in &s.nodes {
         say!("{}\t{}\t{}\t{}\t{}", n.node_id, n.address, n.state, n.shards_led, n.replicas);
