@@ -212,17 +212,20 @@ async fn adopt_single_node_registry(meta: &LocalShard, data: &BTreeMap<ShardId, 
 /// If this node is the only voter of `raft`'s group, waits until it leads
 /// and has applied its log.
 async fn settle_if_solo(raft: &crate::cluster::raft::Raft, me: u64) -> Result<(), String> {
-    if !is_solo(raft, me) {
+    if !is_solo(raft, me).await? {
         return Ok(());
     }
     crate::cluster::raft::led_and_applied(raft, me, CATCH_UP_TIMEOUT).await
 }
 
-/// Whether this node is the group's only voter.
-fn is_solo(raft: &crate::cluster::raft::Raft, me: u64) -> bool {
-    let m = raft.metrics();
-    let m = m.borrow();
-    m.membership_config.membership().voter_ids().eq([me])
+/// Whether this node is the group's only voter. Asked of the Raft core:
+/// its metrics are published a step after it starts, and read before that
+/// they name no voter, so a node started alone under load went on
+/// without waiting for its groups (seen as an empty outbox at start-up).
+async fn is_solo(raft: &crate::cluster::raft::Raft, me: u64) -> Result<bool, String> {
+    raft.with_raft_state(move |st| st.membership_state.effective().membership().voter_ids().eq([me]))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The secret of a node started alone without one: generated on its first
@@ -522,11 +525,11 @@ impl Node {
         // (the outbox, the timers) passes the shard by. A group of one
         // confirms within a commit: wait for it, or start-up would count
         // the outbox empty and the loops would find nothing to do.
-        for shard in local.values().chain([&meta]).filter(|s| is_solo(&s.raft, me)) {
-            shard
-                .restored_lead_confirmed(CATCH_UP_TIMEOUT)
-                .await
-                .map_err(|message| NodeError::CatchUp { path: path(), message })?;
+        for shard in local.values().chain([&meta]) {
+            let catch_up = |message| NodeError::CatchUp { path: path(), message };
+            if is_solo(&shard.raft, me).await.map_err(catch_up)? {
+                shard.restored_lead_confirmed(CATCH_UP_TIMEOUT).await.map_err(catch_up)?;
+            }
         }
         if single_node_data {
             adopt_single_node_registry(&meta, &local).await.map_err(|e| err(&e))?;
@@ -925,6 +928,38 @@ mod tests {
         assert_eq!(node.scheduler.stats().outbox_messages, 1);
         node.log.shutdown().await.unwrap();
         node.cluster.member.meta.log.shutdown().await.unwrap();
+    }
+
+    /// Whether this node is a group's only voter is known as soon as the
+    /// group opens: read from its metrics, it was "no" until the Raft core
+    /// had published them, and start-up skipped waiting for the group.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_of_one_is_known_as_such_the_moment_it_reopens() {
+        use crate::cluster::raft::{NoPeers, ReplicaHost, raft_config};
+        let dir = tempfile::tempdir().unwrap();
+        let sled_dir = dir.path().join("state");
+        let db = sled::Config::new().path(&sled_dir).open().unwrap();
+        let host = || ReplicaHost {
+            node: 1,
+            data_dir: dir.path().to_owned(),
+            db: db.clone(),
+            sled_dir: sled_dir.clone(),
+            config: raft_config("test", 10_000).unwrap(),
+            transport: Arc::new(NoPeers),
+            wal_flush_wait: std::time::Duration::from_micros(100),
+        };
+        {
+            let replica = host().open(0).await.unwrap();
+            let me = BTreeMap::from([(1, openraft::BasicNode::new("127.0.0.1:1"))]);
+            replica.raft.initialize(me).await.unwrap();
+            replica.raft.shutdown().await.unwrap();
+        }
+        for _ in 0..5 {
+            let replica = host().open(0).await.unwrap();
+            assert!(is_solo(&replica.raft, 1).await.unwrap(), "a reopened group of one not seen as one");
+            assert!(!is_solo(&replica.raft, 2).await.unwrap());
+            replica.raft.shutdown().await.unwrap();
+        }
     }
 
     /// The identity is replaced whole: a reader (a restart after a crash)
