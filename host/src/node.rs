@@ -16,18 +16,21 @@
 //! the entity's shard; the `Cluster` service shares the API port.
 
 use crate::api::auth::Authenticator;
-use crate::api::cluster::{
-    ClusterSecret, ClusterService, ClusterView, GrpcTransport, Member, MemberComponents, MemberRegistries, PeerTls,
-};
+use crate::api::cluster::{ClusterSecret, ClusterService, GrpcTransport, PeerTls};
 use crate::api::net::SharedNetwork;
 use crate::api::{self, Api};
 use crate::cluster::driver::{DriverConfig, PlacementDriver};
+use crate::cluster::member::Member;
 use crate::cluster::meta::{META_SHARD, MetaLog};
 use crate::cluster::placement::Placement;
+use crate::cluster::propagation::{MemberComponents, MemberRegistries};
 use crate::cluster::raft::{ReplicaHost, ReplicaTable, ShardId, ShardLog};
+use crate::cluster::service::ClusterNode;
 use crate::cluster::shape::{ClusterShape, DRAINING_KEY_PREFIX, LAYOUT_KEY, Layout, Shape, draining_node};
 use crate::cluster::sharded::{ClusterRouter, LocalShard, LocalShards};
 use crate::cluster::shards::ShardSet;
+use crate::cluster::view::ClusterView;
+use crate::cluster::wire::Wire;
 use crate::config::Config;
 use crate::log::CommitLog;
 use crate::model::Keyspace;
@@ -414,6 +417,8 @@ impl Node {
                 dir.display()
             )));
         }
+        let transport =
+            Arc::new(GrpcTransport::new(secret.clone()).with_network(network.clone()).with_tls(peer_tls.as_ref()));
         let identity = match (stored, &c.join) {
             (Some(s), _) => s,
             (None, Some(join)) => {
@@ -423,16 +428,10 @@ impl Node {
                         cfg.api.listen
                     )));
                 }
-                let (shard_count, replication_factor) = api::cluster::join(
-                    join,
-                    &secret,
-                    peer_tls.as_ref(),
-                    network.clone(),
-                    me,
-                    &cfg.api.listen.to_string(),
-                )
-                .await
-                .map_err(NodeError::Cluster)?;
+                let grant = crate::cluster::join::join(&*transport, join, me, &cfg.api.listen.to_string())
+                    .await
+                    .map_err(NodeError::Cluster)?;
+                let (shard_count, replication_factor) = (grant.shard_count, grant.replication_factor);
                 ClusterIdentity { node_id: me, members: Vec::new(), shard_count, replication_factor }
             }
             (None, None) => ClusterIdentity::of(c),
@@ -441,8 +440,6 @@ impl Node {
         // on restarts that do not name it.
         let me = identity.node_id;
         let founder = !identity.members.is_empty();
-        let transport =
-            Arc::new(GrpcTransport::new(secret.clone()).with_network(network.clone()).with_tls(peer_tls.as_ref()));
         let mut addrs = BTreeMap::new();
         for m in &c.nodes {
             transport.set_peer(m.id, &m.addr).map_err(|e| err(&e))?;
@@ -530,14 +527,15 @@ impl Node {
         let store: Arc<dyn StateStore> = local.clone();
         let log: Arc<dyn CommitLog> = local.clone();
         let (runtime, registry) = open_runtime_and_registry(&cfg, meta.store.clone(), meta_log.clone()).await?;
-        registry.set_propagation(Arc::new(MemberRegistries::new(me, transport.clone(), shape.clone())));
-        registry.set_component_peers(Arc::new(MemberComponents::new(me, transport.clone(), shape.clone())));
+        let wire: Arc<dyn Wire> = transport.clone();
+        registry.set_propagation(Arc::new(MemberRegistries::new(me, wire.clone(), shape.clone())));
+        registry.set_component_peers(Arc::new(MemberComponents::new(me, wire.clone(), shape.clone())));
         let router = Arc::new(ClusterRouter::new(local.clone(), transport.clone(), timeout));
         let scheduler = Scheduler::new(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone(), router);
         let move_timeout = std::time::Duration::from_millis(c.move_timeout_ms);
         let member = Member {
             node: me,
-            transport,
+            wire,
             shape,
             shards,
             local,
@@ -571,11 +569,10 @@ impl Node {
     ) -> Result<(), NodeError> {
         let c = &self.cluster;
         let m = &c.member;
-        let service = ClusterService::new(m.node, c.secret.clone(), c.table.clone()).with_node(
-            self.scheduler.clone(),
-            self.registry.clone(),
-            m.clone(),
-        );
+        let node = ClusterNode::new(m.node, c.table.clone())
+            .serving(self.scheduler.clone(), self.registry.clone(), m.clone())
+            .members_in_clear(c.peer_tls.is_none());
+        let service = ClusterService::new(c.secret.clone(), node);
         let member = api::MemberApi {
             service,
             view: ClusterView::new(m.clone()),
@@ -732,7 +729,7 @@ async fn follow_meta(member: Member, initial: Layout, founders: BTreeMap<u64, St
             let shape = read_shape(&member.meta, &founders, &initial);
             for (node, addr) in &shape.members {
                 if dialled.get(node) != Some(addr) && *node != member.node && !founders.contains_key(node) {
-                    match member.transport.set_peer(*node, addr) {
+                    match member.wire.set_peer(*node, addr) {
                         Ok(()) => {
                             dialled.insert(*node, addr.clone());
                         }

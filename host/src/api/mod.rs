@@ -22,6 +22,7 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("conflux_descriptor");
 }
 
+use crate::cluster::view::{ClusterView, DrainError};
 use crate::config::ApiConfig;
 use crate::log::CommitLog;
 use crate::model::{EntityRef, Keyspace, entity_prefix};
@@ -229,7 +230,7 @@ pub struct Api {
     /// Node-to-node traffic, served on the same port (taken when serving).
     cluster: Option<cluster::ClusterService>,
     /// This member's view of every member, for Status and Drain.
-    cluster_view: Arc<cluster::ClusterView>,
+    cluster_view: Arc<ClusterView>,
     /// Started with peers (founders or a cluster to join), so node-to-node
     /// traffic crosses the network from the start. A node started alone has
     /// none until one joins it, and that join is what it warns about.
@@ -338,7 +339,7 @@ impl Api {
 /// configured, and whether it was started with peers.
 pub struct MemberApi<'a> {
     pub service: cluster::ClusterService,
-    pub view: cluster::ClusterView,
+    pub view: ClusterView,
     pub peer_tls: Option<&'a cluster::PeerTls>,
     pub has_peers: bool,
 }
@@ -649,7 +650,29 @@ impl Conflux for Api {
         let l = self.log.stats();
         let me = self.node_id();
         let g = self.cluster_view.gather().await;
-        let (nodes, shards, moves) = (g.nodes, g.shards, g.moves);
+        let name = |n: u64| n.to_string();
+        let nodes = g
+            .nodes
+            .into_iter()
+            .map(|n| pb::NodeInfo {
+                node_id: name(n.node),
+                address: n.address,
+                state: n.state.to_owned(),
+                shards_led: n.shards_led,
+                replicas: n.replicas,
+            })
+            .collect();
+        let shards = g
+            .shards
+            .into_iter()
+            .map(|s| pb::ShardInfo {
+                shard_id: s.shard,
+                replicas: s.replicas.into_iter().map(name).collect(),
+                leader: s.leader.map(name).unwrap_or_default(),
+                replication_lag: s.lag,
+            })
+            .collect();
+        let moves = g.moves;
         Ok(Response::new(pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
@@ -677,32 +700,17 @@ impl Conflux for Api {
 
     async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
         authorize(&self.auth, Rpc::Drain, &request)?;
-        let view = &self.cluster_view;
         let raw = request.into_inner().node_id;
         let node: u64 =
             raw.parse().map_err(|_| status(ErrorKind::BadNode, format!("field `node_id` {raw:?} is not a node id")))?;
-        let member = view.member();
-        let shape = member.shape.get();
-        if !shape.members.contains_key(&node) {
-            let members: Vec<u64> = shape.members.keys().copied().collect();
-            return Err(status(
-                ErrorKind::NoSuchNode,
-                format!("node {node} is not a member of the cluster (members: {members:?})"),
-            ));
-        }
-        if !shape.draining.contains(&node) {
-            let others = shape.members.keys().filter(|n| **n != node && !shape.draining.contains(n)).count();
-            if others == 0 {
-                return Err(status(ErrorKind::LastNode, "the last member cannot be drained"));
-            }
-            member
-                .meta_log
-                .propose(crate::cluster::shape::draining_write(node, true))
-                .await
-                .map_err(|e| status(ErrorKind::NotCommitted, format!("recording the drain: {e}")))?;
-            tracing::info!(node, "draining");
-        }
-        let replicas = shape.layout.placement.iter().filter(|r| r.contains(&node)).count() as u32;
+        let replicas = self.cluster_view.drain(node).await.map_err(|e| {
+            let kind = match &e {
+                DrainError::NoSuchNode { .. } => ErrorKind::NoSuchNode,
+                DrainError::LastNode => ErrorKind::LastNode,
+                DrainError::NotCommitted(_) => ErrorKind::NotCommitted,
+            };
+            status(kind, e.to_string())
+        })?;
         Ok(Response::new(pb::DrainResponse { replicas }))
     }
 
