@@ -1,8 +1,11 @@
 //! The module house's invariants, stated as absences and checked against
 //! the source (ARCHITECTURE.md, "Invariants"): the top-level modules, and
 //! the parts of the cluster layer, form no cycle; the scheduler knows no Raft and no cluster; only `api` (and the
-//! CLI, through `conflux-client`) knows protobuf; a node started alone has no
-//! code path of its own. Test code is left out: it may reach across layers.
+//! CLI, through `conflux-client`) knows protobuf; the cluster layer owns its
+//! wire (it names neither `api` nor protobuf) and `api` only maps it (it
+//! names the cluster's port and domain types, none of its workings); a node
+//! started alone has no code path of its own. Test code is left out: it may
+//! reach across layers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -165,12 +168,43 @@ fn a_node_started_alone_has_no_code_path_of_its_own() {
     // the node's identity, secret file and warnings. Nothing downstream
     // branches on it, and nothing is optional for want of a cluster.
     for (path, code) in sources() {
-        let allowed = matches!(path.to_str().unwrap(), "config.rs" | "node.rs");
+        let allowed = path.to_str() == Some("config.rs") || module_of(&path) == "node";
         if !allowed {
             assert!(!mentions(&code, "started_alone"), "{} branches on a node started alone", path.display());
         }
         for word in ["Option<Arc<dyn Router>>", "single-node mode", "not-clustered"] {
             assert!(!mentions(&code, word), "{} still has {word:?}", path.display());
+        }
+    }
+}
+
+#[test]
+fn the_cluster_layer_names_no_api_and_no_protobuf() {
+    // The node-to-node port (`cluster/wire.rs`) and everything behind it are
+    // in domain terms; `api::cluster` implements and serves them over gRPC.
+    let cluster: Vec<_> = sources().into_iter().filter(|(p, _)| module_of(p) == "cluster").collect();
+    assert!(cluster.iter().any(|(p, _)| p.ends_with("wire.rs")), "cluster/wire.rs is the cluster's port");
+    for (path, code) in cluster {
+        for word in ["crate::api", "super::super::api", "pb::", "tonic", "prost", "include_proto"] {
+            assert!(!mentions(&code, word), "{} names {word}", path.display());
+        }
+    }
+}
+
+#[test]
+fn the_api_only_maps_the_cluster() {
+    // What `api` may name of the cluster layer: the port it implements and
+    // its errors (`wire`), what a member does when called (`service`), the
+    // operator's view (`view`), and the domain types it maps (`raft`'s ids
+    // and encoded messages, `shards`' reports). Members, moves, handoffs,
+    // the metadata group and Raft itself are the cluster's own.
+    const MAPPED: [&str; 5] = ["raft", "service", "shards", "view", "wire"];
+    for (path, code) in sources().iter().filter(|(p, _)| module_of(p) == "api") {
+        for part in named_after(code, "crate::cluster::") {
+            assert!(MAPPED.contains(&part.as_str()), "{} names cluster::{part}", path.display());
+        }
+        for word in ["openraft", "META_SHARD", "add_learner", "leader_of"] {
+            assert!(!mentions(code, word), "{} names {word}", path.display());
         }
     }
 }

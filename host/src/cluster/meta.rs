@@ -8,7 +8,8 @@
 pub use super::raft::META_SHARD;
 use super::raft::NodeId;
 use super::shape::ClusterShape;
-use super::sharded::{LocalShard, Peers};
+use super::sharded::LocalShard;
+use super::wire::Peers;
 use crate::log::{CommitLog, LogError, LogStats};
 use crate::model::{LogIndex, WriteSet};
 use futures::future::BoxFuture;

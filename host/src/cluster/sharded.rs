@@ -6,12 +6,13 @@
 //! idempotency records, entity listings) merge the shards this node leads and
 //! has caught up on, so background work runs exactly where the turns run.
 //! `ClusterRouter` tells the scheduler where each entity's turns run and
-//! forwards the rest through [`Peers`].
+//! forwards the rest through [`Peers`] (`super::wire`).
 
 use super::placement::shard_of;
 use super::raft::{NodeId, Raft, ShardId, ShardLog};
 use super::shape::ClusterShape;
 use super::shards::{ShardSet, ShardSetError};
+use super::wire::Peers;
 use crate::log::{CommitLog, LogConfig, LogError, LogStats};
 use crate::model::{EntityRef, Keyspace, LogIndex, WriteSet, entity_of_key};
 use crate::scheduler::{Invocation, InvokeError, Route, Router};
@@ -64,15 +65,6 @@ impl LeadCheck {
             LeadCheck::Pending(t) | LeadCheck::Over(t) => Some(t),
         }
     }
-}
-
-/// What a node asks of its peers beyond Raft messages.
-pub trait Peers: Send + Sync + 'static {
-    /// Runs `inv` on `node` if it leads the entity's shard.
-    fn invoke(&self, node: NodeId, inv: Invocation) -> BoxFuture<'static, Result<Vec<u8>, InvokeError>>;
-    /// Commits `ws` in `shard` through `node`, its leader; returns the log index
-    /// (raft index + 1, as `ShardLog` does).
-    fn propose(&self, node: NodeId, shard: ShardId, ws: WriteSet) -> BoxFuture<'static, Result<LogIndex, LogError>>;
 }
 
 /// One replica this node holds.

@@ -14,200 +14,47 @@
 //! group, which holds the registry. Its scheduler sees the replicas as one
 //! store and log (`LocalShards`) and routes each invocation to the leader of
 //! the entity's shard; the `Cluster` service shares the API port.
+//!
+//! [`data_dir`] holds what the data directory says at start-up (its lock,
+//! `cluster.json`, a generated secret, the replicas on disk, a single node's
+//! older data adopted); [`follow`] keeps a member in step with its metadata
+//! group once it runs.
 
 use crate::api::auth::Authenticator;
-use crate::api::cluster::{
-    ClusterSecret, ClusterService, ClusterView, GrpcTransport, Member, MemberComponents, MemberRegistries, PeerTls,
-};
+use crate::api::cluster::{ClusterSecret, ClusterService, GrpcTransport, PeerTls};
 use crate::api::net::SharedNetwork;
 use crate::api::{self, Api};
 use crate::cluster::driver::{DriverConfig, PlacementDriver};
+use crate::cluster::member::Member;
 use crate::cluster::meta::{META_SHARD, MetaLog};
 use crate::cluster::placement::Placement;
-use crate::cluster::raft::{ReplicaHost, ReplicaTable, ShardId, ShardLog};
-use crate::cluster::shape::{ClusterShape, DRAINING_KEY_PREFIX, LAYOUT_KEY, Layout, Shape, draining_node};
+use crate::cluster::propagation::{MemberComponents, MemberRegistries};
+use crate::cluster::raft::{ReplicaHost, ReplicaTable, ShardLog};
+use crate::cluster::service::ClusterNode;
+use crate::cluster::shape::{ClusterShape, Layout};
 use crate::cluster::sharded::{ClusterRouter, LocalShard, LocalShards};
 use crate::cluster::shards::ShardSet;
+use crate::cluster::view::ClusterView;
+use crate::cluster::wire::Wire;
 use crate::config::Config;
 use crate::log::CommitLog;
-use crate::model::Keyspace;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
 use crate::scheduler::Scheduler;
 use crate::storage::StateStore;
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::File;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
-/// Lock file in the data directory, held (flock) while a node has it open.
-const LOCK_FILE: &str = "conflux.lock";
-/// Where a node started alone without a configured secret keeps the one it
-/// generated.
-const SECRET_FILE: &str = "cluster.secret";
-/// Written when a cluster member first opens its data directory: what must
-/// not change for the life of the cluster.
-const CLUSTER_FILE: &str = "cluster.json";
+mod data_dir;
+mod follow;
 
-/// The settings a member's data is laid out by (ids, not addresses: a member
-/// may move). Written once the member's replicas exist.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct ClusterIdentity {
-    node_id: u64,
-    /// The founding members; empty on a member that joined later.
-    members: Vec<u64>,
-    shard_count: u32,
-    replication_factor: usize,
-}
-
-impl ClusterIdentity {
-    /// What `c` founds (a node started alone is its cluster's only founder).
-    fn of(c: &crate::config::ClusterConfig) -> Self {
-        let mut members: Vec<u64> = c.nodes.iter().map(|m| m.id).collect();
-        if c.started_alone() {
-            members.push(c.node_id());
-        }
-        members.sort_unstable();
-        Self { node_id: c.node_id(), members, shard_count: c.shard_count(), replication_factor: c.replication_factor }
-    }
-
-    /// Founded by this node alone (it may have grown since).
-    fn alone(&self) -> bool {
-        self.members == [self.node_id]
-    }
-
-    /// Durably (temp file, fsync, rename, fsync directory): a node whose
-    /// power is cut after this returns restarts as the same member, and one
-    /// cut before finds no identity rather than an empty file.
-    fn write(&self, dir: &Path) -> Result<(), NodeError> {
-        let file = dir.join(CLUSTER_FILE);
-        let json = serde_json::to_vec_pretty(self).expect("serialisable");
-        crate::storage::durable_file::write_durably(&file, &json)
-            .map_err(|source| NodeError::DataDir { path: file.display().to_string(), source })
-    }
-}
-
-/// What the data directory says this node is (`None`: a new directory), after
-/// refusing settings it was not created with: a member's data under another
-/// id; a node started alone restarted with founders (it grows by others
-/// joining it); a founder's under another member list, shard count or
-/// replication factor, or without its cluster settings; a joined member's as
-/// a founder.
-fn check_cluster_identity(
-    dir: &Path,
-    cluster: &crate::config::ClusterConfig,
-) -> Result<Option<ClusterIdentity>, NodeError> {
-    let file = dir.join(CLUSTER_FILE);
-    let bad = |m: String| Err(NodeError::Cluster(format!("data directory {}: {m}", dir.display())));
-    let stored = match std::fs::read(&file) {
-        Ok(bytes) => Some(
-            serde_json::from_slice::<ClusterIdentity>(&bytes)
-                .map_err(|e| NodeError::Cluster(format!("{} is corrupt: {e}", file.display())))?,
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(source) => return Err(NodeError::DataDir { path: file.display().to_string(), source }),
-    };
-    let Some(s) = stored else { return Ok(None) };
-    let wanted = ClusterIdentity::of(cluster);
-    match () {
-        _ if s.node_id != wanted.node_id && !(cluster.started_alone() && cluster.node_id == 0) => {
-            bad(format!("it holds the data of member {}, not {}", s.node_id, wanted.node_id))
-        }
-        _ if s.alone() && !cluster.nodes.is_empty() => bad(format!(
-            "it holds a single node's data (node {}, started alone; see {CLUSTER_FILE}); it grows when other \
-             nodes start with --join pointing at it, not by restarting it with founders (--peer)",
-            s.node_id
-        )),
-        _ if !s.alone() && cluster.started_alone() => bad(format!(
-            "it holds the data of cluster member {} (see {CLUSTER_FILE}); start it with that member's [cluster] \
-             settings",
-            s.node_id
-        )),
-        _ if cluster.join.is_none() && s.members.is_empty() => {
-            bad(format!("member {} joined an existing cluster; restart it with --join, not --peer", s.node_id))
-        }
-        _ if !cluster.nodes.is_empty() && s != wanted => bad(format!(
-            "it was created as {s:?}, but the configuration says {wanted:?}; changing a cluster's founding members, \
-             shard count or replication factor is not supported"
-        )),
-        _ if s.alone() && cluster.shard_count.is_some_and(|n| n != s.shard_count) => bad(format!(
-            "it was created with {} shards, but the configuration says {}; a cluster's shard count is fixed when \
-             it is created",
-            s.shard_count,
-            cluster.shard_count()
-        )),
-        _ => Ok(Some(s)),
-    }
-}
-
-/// The data shards this node has a replica of on disk (`shards/<n>`).
-fn shards_on_disk(dir: &Path) -> Result<Vec<ShardId>, NodeError> {
-    let shards = dir.join("shards");
-    let entries = match std::fs::read_dir(&shards) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(NodeError::DataDir { path: shards.display().to_string(), source }),
-    };
-    let mut found = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|source| NodeError::DataDir { path: shards.display().to_string(), source })?;
-        if let Some(shard) = entry.file_name().to_str().and_then(|n| n.parse::<ShardId>().ok()) {
-            found.push(shard);
-        }
-    }
-    found.sort_unstable();
-    Ok(found)
-}
-
-/// What is wrong with the directory a replica failed to open in.
-fn replica_open_error(dir: &Path, source: crate::cluster::raft::ReplicaError) -> NodeError {
-    let path = dir.display().to_string();
-    match source {
-        crate::cluster::raft::ReplicaError::Store(source) => NodeError::StoreOpen { path, source },
-        source => NodeError::LogOpen { path, source: Box::new(source) },
-    }
-}
-
-/// [`replica_open_error`] for a replica the shard set opened.
-fn set_opened(dir: &Path) -> impl Fn(crate::cluster::shards::ShardSetError) -> NodeError + '_ {
-    move |e| match e {
-        crate::cluster::shards::ShardSetError::Replica { source, .. } => replica_open_error(dir, *source),
-        e => NodeError::Cluster(format!("data directory {}: cannot open a shard replica: {e}", dir.display())),
-    }
-}
-
-/// Moves the registry of a single node's data from before every node was a
-/// member (kept in shard 0) into the metadata group, where every member's
-/// registry lives. Idempotent: a start interrupted before it wrote the
-/// cluster identity copies the same records again.
-async fn adopt_single_node_registry(meta: &LocalShard, data: &BTreeMap<ShardId, LocalShard>) -> Result<(), String> {
-    let Some(shard0) = data.get(&0) else { return Ok(()) };
-    // Bounded: the registry holds records, not components; a page at a time.
-    const PAGE: usize = 256;
-    let mut after: Option<Vec<u8>> = None;
-    let mut copied = 0usize;
-    loop {
-        let rows = shard0
-            .store
-            .scan(Keyspace::Registry, b"", after.as_deref(), PAGE)
-            .map_err(|e| format!("reading the single node's registry: {e}"))?;
-        let Some((last, _)) = rows.last() else { break };
-        after = Some(last.clone());
-        copied += rows.len();
-        let ws = crate::model::WriteSet {
-            ops: rows
-                .into_iter()
-                .map(|(key, value)| crate::model::Op::Put { keyspace: Keyspace::Registry, key, value })
-                .collect(),
-        };
-        meta.log.propose(ws).await.map_err(|e| format!("moving the registry into the metadata group: {e}"))?;
-    }
-    if copied > 0 {
-        tracing::info!(records = copied, "moved a single node's registry into its metadata group");
-    }
-    Ok(())
-}
+use data_dir::{
+    ClusterIdentity, LOCK_FILE, adopt_single_node_registry, check_cluster_identity, lock_data_dir, own_secret,
+    replica_open_error, set_opened, shards_on_disk,
+};
+use follow::{follow_meta, read_shape};
 
 /// If this node is the only voter of `raft`'s group, waits until it leads
 /// and has applied its log.
@@ -226,25 +73,6 @@ async fn is_solo(raft: &crate::cluster::raft::Raft, me: u64) -> Result<bool, Str
     raft.with_raft_state(move |st| st.membership_state.effective().membership().voter_ids().eq([me]))
         .await
         .map_err(|e| e.to_string())
-}
-
-/// The secret of a node started alone without one: generated on its first
-/// start and kept in the data directory (readable by its owner only, as the
-/// temporary file it is written through is), where the operator finds it to
-/// give to nodes joining this one.
-fn own_secret(dir: &Path) -> Result<crate::config::Secret, NodeError> {
-    let file = dir.join(SECRET_FILE);
-    let data_dir = |source| NodeError::DataDir { path: file.display().to_string(), source };
-    match std::fs::read_to_string(&file) {
-        Ok(s) => return Ok(crate::config::Secret::new(s.trim())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(data_dir(e)),
-    }
-    use rand::Rng as _;
-    let secret: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(32).map(char::from).collect();
-    crate::storage::durable_file::write_durably(&file, secret.as_bytes()).map_err(data_dir)?;
-    tracing::info!(file = %file.display(), "generated this node's cluster secret: nodes join it with --cluster-secret set to the file's contents");
-    Ok(crate::config::Secret::new(secret))
 }
 
 /// How long start-up may take to elect itself and apply its log.
@@ -316,22 +144,6 @@ struct ClusterParts {
     /// the metadata group.
     peers: BTreeMap<u64, String>,
     driver: DriverConfig,
-}
-
-/// Takes the data directory's exclusive lock, or says who holds it.
-fn lock_data_dir(dir: &Path) -> Result<File, NodeError> {
-    let path = dir.display().to_string();
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(LOCK_FILE))
-        .map_err(|source| NodeError::Lock { path: path.clone(), source })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => Err(NodeError::InUse { path }),
-        Err(TryLockError::Error(source)) => Err(NodeError::Lock { path, source }),
-    }
 }
 
 impl Node {
@@ -418,6 +230,8 @@ impl Node {
                 dir.display()
             )));
         }
+        let transport =
+            Arc::new(GrpcTransport::new(secret.clone()).with_network(network.clone()).with_tls(peer_tls.as_ref()));
         let identity = match (stored, &c.join) {
             (Some(s), _) => s,
             (None, Some(join)) => {
@@ -427,16 +241,10 @@ impl Node {
                         cfg.api.listen
                     )));
                 }
-                let (shard_count, replication_factor) = api::cluster::join(
-                    join,
-                    &secret,
-                    peer_tls.as_ref(),
-                    network.clone(),
-                    me,
-                    &cfg.api.listen.to_string(),
-                )
-                .await
-                .map_err(NodeError::Cluster)?;
+                let grant = crate::cluster::join::join(&*transport, join, me, &cfg.api.listen.to_string())
+                    .await
+                    .map_err(NodeError::Cluster)?;
+                let (shard_count, replication_factor) = (grant.shard_count, grant.replication_factor);
                 ClusterIdentity { node_id: me, members: Vec::new(), shard_count, replication_factor }
             }
             (None, None) => ClusterIdentity::of(c),
@@ -445,8 +253,6 @@ impl Node {
         // on restarts that do not name it.
         let me = identity.node_id;
         let founder = !identity.members.is_empty();
-        let transport =
-            Arc::new(GrpcTransport::new(secret.clone()).with_network(network.clone()).with_tls(peer_tls.as_ref()));
         let mut addrs = BTreeMap::new();
         for m in &c.nodes {
             transport.set_peer(m.id, &m.addr).map_err(|e| err(&e))?;
@@ -545,14 +351,15 @@ impl Node {
         let store: Arc<dyn StateStore> = local.clone();
         let log: Arc<dyn CommitLog> = local.clone();
         let (runtime, registry) = open_runtime_and_registry(&cfg, meta.store.clone(), meta_log.clone()).await?;
-        registry.set_propagation(Arc::new(MemberRegistries::new(me, transport.clone(), shape.clone())));
-        registry.set_component_peers(Arc::new(MemberComponents::new(me, transport.clone(), shape.clone())));
+        let wire: Arc<dyn Wire> = transport.clone();
+        registry.set_propagation(Arc::new(MemberRegistries::new(me, wire.clone(), shape.clone())));
+        registry.set_component_peers(Arc::new(MemberComponents::new(me, wire.clone(), shape.clone())));
         let router = Arc::new(ClusterRouter::new(local.clone(), transport.clone(), timeout));
         let scheduler = Scheduler::new(&cfg.scheduler, runtime, registry.clone(), store.clone(), log.clone(), router);
         let move_timeout = std::time::Duration::from_millis(c.move_timeout_ms);
         let member = Member {
             node: me,
-            transport,
+            wire,
             shape,
             shards,
             local,
@@ -586,11 +393,10 @@ impl Node {
     ) -> Result<(), NodeError> {
         let c = &self.cluster;
         let m = &c.member;
-        let service = ClusterService::new(m.node, c.secret.clone(), c.table.clone()).with_node(
-            self.scheduler.clone(),
-            self.registry.clone(),
-            m.clone(),
-        );
+        let node = ClusterNode::new(m.node, c.table.clone())
+            .serving(self.scheduler.clone(), self.registry.clone(), m.clone())
+            .members_in_clear(c.peer_tls.is_none());
+        let service = ClusterService::new(c.secret.clone(), node);
         let member = api::MemberApi {
             service,
             view: ClusterView::new(m.clone()),
@@ -690,128 +496,12 @@ async fn open_runtime_and_registry(
     .map_err(|e| NodeError::Background(e.to_string()))?
 }
 
-/// The cluster's shape as this node's metadata replica holds it: members
-/// from the group's membership (`founders` until it has one), the layout
-/// (`initial` until the driver records one) and the drains.
-fn read_shape(meta: &LocalShard, founders: &BTreeMap<u64, String>, initial: &Layout) -> Shape {
-    let m = meta.raft.metrics().borrow().clone();
-    let mut members: BTreeMap<u64, String> =
-        m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
-    if members.is_empty() {
-        members = founders.clone();
-    }
-    let layout = match meta.store.get(Keyspace::Registry, LAYOUT_KEY.as_bytes()) {
-        Ok(Some(bytes)) => Layout::decode(&bytes).unwrap_or_else(|e| {
-            tracing::error!("the recorded cluster layout is unreadable: {e}");
-            initial.clone()
-        }),
-        Ok(None) => initial.clone(),
-        Err(e) => {
-            tracing::error!("reading the cluster layout: {e}");
-            initial.clone()
-        }
-    };
-    // Bounded: one record per member being drained.
-    let draining = match meta.store.scan(Keyspace::Registry, DRAINING_KEY_PREFIX.as_bytes(), None, 4096) {
-        Ok(rows) => rows.iter().filter_map(|(k, _)| draining_node(k)).collect(),
-        Err(e) => {
-            tracing::error!("reading the drained members: {e}");
-            Default::default()
-        }
-    };
-    Shape { members, draining, layout }
-}
-
-/// Keeps this node in step with the metadata group: whenever its replica
-/// applies something, the cluster's shape is re-read (and new members'
-/// addresses handed to the transport), and the registry re-reads its records
-/// and compiles what changed before switching to it.
-async fn follow_meta(member: Member, initial: Layout, founders: BTreeMap<u64, String>, registry: Arc<Registry>) {
-    let mut metrics = member.meta.raft.metrics();
-    let mut seen = (None, None);
-    // The addresses handed to the transport: replacing one drops its pooled
-    // connection, so only a new or moved member's is set. The `--peer` list
-    // says how this node reaches each founder (through a proxy, say), so it
-    // wins over the address the metadata group recorded. Only that list: a
-    // founder restarting after others joined must still dial them (the
-    // simulation found a restarted founder that never could).
-    let mut dialled = founders.clone();
-    let mut registry_loaded = true;
-    loop {
-        let (applied, membership) = {
-            let m = metrics.borrow_and_update();
-            (m.last_applied.map(|id| id.index), m.membership_config.log_id().map(|id| id.index))
-        };
-        if (applied, membership) != seen {
-            seen = (applied, membership);
-            let shape = read_shape(&member.meta, &founders, &initial);
-            for (node, addr) in &shape.members {
-                if dialled.get(node) != Some(addr) && *node != member.node && !founders.contains_key(node) {
-                    match member.transport.set_peer(*node, addr) {
-                        Ok(()) => {
-                            dialled.insert(*node, addr.clone());
-                        }
-                        Err(e) => tracing::error!(node, "a member's address is unusable: {e}"),
-                    }
-                }
-            }
-            member.shape.set(shape);
-            let votes = member
-                .meta
-                .raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .any(|v| v == member.node);
-            let refreshed = match registry.refresh_in_background().await {
-                Ok(Ok(0)) => true,
-                Ok(Ok(n)) => {
-                    tracing::info!(types = n, "registry caught up with the metadata group");
-                    true
-                }
-                Ok(Err(e @ crate::registry::RegistryError::Loading { .. })) => {
-                    tracing::warn!("registry refresh: {e}");
-                    false
-                }
-                Ok(Err(e)) => {
-                    tracing::error!("registry refresh failed: {e}");
-                    false
-                }
-                Err(e) => {
-                    tracing::error!("registry refresh panicked: {e}");
-                    false
-                }
-            };
-            registry_loaded = refreshed;
-            if votes && refreshed && !member.ready.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                tracing::info!("caught up with the metadata group: ready for replicas");
-            }
-        }
-        if registry_loaded {
-            if metrics.changed().await.is_err() {
-                return;
-            }
-        } else {
-            // A component could not be fetched yet (its holders unreachable):
-            // try again even if the metadata group stays quiet.
-            match tokio::time::timeout(REFRESH_RETRY, metrics.changed()).await {
-                Ok(Err(_)) => return,
-                Ok(Ok(())) => {}
-                Err(_) => seen = (None, None),
-            }
-        }
-    }
-}
-
-/// How soon a member retries loading components it could not fetch.
-const REFRESH_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
-
 #[cfg(test)]
 mod tests {
+    use super::data_dir::CLUSTER_FILE;
     use super::*;
     use crate::config::Secret;
+    use crate::model::Keyspace;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_open_node_keeps_token_digests_not_tokens() {

@@ -1,0 +1,127 @@
+use super::client::REDIAL_AFTER_FAILED_CALLS;
+use super::*;
+use crate::cluster::raft::{NodeId, RaftRpc, ReplicaTable, Transport, TransportError};
+use crate::cluster::service::ClusterNode;
+use crate::cluster::tests::{TestNode, applied_everywhere, assert_identical, config, initialize, leader, put, write};
+use crate::cluster::wire::Wire;
+use std::sync::Arc;
+use std::time::Duration;
+
+const SECRET: &str = "correct-horse-battery-staple";
+
+/// Serves `replicas` on 127.0.0.1 and returns the address.
+async fn serve(node: NodeId, secret: &str, replicas: ReplicaTable) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service =
+        ClusterService::new(ClusterSecret::new(secret).unwrap(), ClusterNode::new(node, replicas)).into_server();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    addr
+}
+
+#[test]
+fn short_or_non_ascii_secrets_are_refused() {
+    assert!(matches!(ClusterSecret::new("short"), Err(ClusterApiError::SecretTooShort)));
+    assert!(matches!(ClusterSecret::new("sixteen bytes with spaces"), Err(ClusterApiError::SecretNotAscii)));
+    assert!(ClusterSecret::new(SECRET).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_group_replicates_over_grpc_and_refuses_strangers() {
+    let transports: Vec<Arc<GrpcTransport>> =
+        (0..3).map(|_| Arc::new(GrpcTransport::new(ClusterSecret::new(SECRET).unwrap()))).collect();
+    let mut nodes = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, transport) in transports.iter().enumerate() {
+        let id = i as NodeId + 1;
+        let node = TestNode::open(id, tempfile::tempdir().unwrap(), transport.clone(), config(1000)).await;
+        let table = ReplicaTable::default();
+        table.insert(crate::cluster::tests::SHARD, node.replica().raft.clone());
+        addrs.push(serve(id, SECRET, table).await);
+        nodes.push(node);
+    }
+    for transport in &transports {
+        for (i, addr) in addrs.iter().enumerate() {
+            transport.set_peer(i as NodeId + 1, &addr.to_string()).unwrap();
+        }
+    }
+    initialize(&nodes).await;
+    let mut acked = Vec::new();
+    let mut last = openraft::LogId::default();
+    for i in 0..20 {
+        last = write(&nodes, put(&format!("g{i}"), "1"), Duration::from_secs(10)).await;
+        acked.push(format!("g{i}"));
+    }
+    applied_everywhere(&nodes, last.index, Duration::from_secs(10)).await;
+    assert_identical(&nodes, &acked);
+
+    // A process with the wrong secret asks for votes at a far higher
+    // term. Were it heard, the leader would have to step down.
+    let l = leader(&nodes, Duration::from_secs(5)).await;
+    let term_before = nodes.iter().find(|n| n.id == l).unwrap().replica().raft.metrics().borrow().current_term;
+    let stranger = GrpcTransport::new(ClusterSecret::new("not-the-cluster-secret").unwrap());
+    for (i, addr) in addrs.iter().enumerate() {
+        let target = i as NodeId + 1;
+        stranger.set_peer(target, &addr.to_string()).unwrap();
+        let vote =
+            openraft::raft::VoteRequest { vote: openraft::Vote::new(term_before + 100, 99), last_log_id: Some(last) };
+        let err = stranger
+            .send(target, crate::cluster::tests::SHARD, RaftRpc::Vote(vote), Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, TransportError::Unreachable { reason, .. } if reason.contains("cluster secret")),
+            "{err}"
+        );
+    }
+    // A right secret but no such shard is told so.
+    let err = transports[0]
+        .send(
+            2,
+            999,
+            RaftRpc::Vote(openraft::raft::VoteRequest { vote: openraft::Vote::new(1, 1), last_log_id: None }),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::NoSuchShard { node: 2, shard: 999 }), "{err}");
+    assert_eq!(leader(&nodes, Duration::from_secs(5)).await, l);
+    let term_after = nodes.iter().find(|n| n.id == l).unwrap().replica().raft.metrics().borrow().current_term;
+    assert_eq!(term_before, term_after, "a stranger's vote request changed the term");
+    for n in &mut nodes {
+        n.replica().raft.shutdown().await.unwrap();
+    }
+}
+
+/// A peer whose connection stalls (it accepted, then never answers) is
+/// dialled afresh after `REDIAL_AFTER_FAILED_CALLS` unanswered calls.
+#[tokio::test]
+async fn a_peer_whose_connection_stalls_is_redialled() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            held.push(conn);
+        }
+    });
+    let transport = GrpcTransport::new(ClusterSecret::new(SECRET).unwrap());
+    transport.set_peer(2, &addr.to_string()).unwrap();
+    let vote = || RaftRpc::Vote(openraft::raft::VoteRequest { vote: openraft::Vote::new(1, 1), last_log_id: None });
+    for _ in 0..REDIAL_AFTER_FAILED_CALLS {
+        let err = transport.send(2, 0, vote(), Duration::from_millis(50)).await.unwrap_err();
+        assert!(matches!(err, TransportError::Network { .. }), "{err}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one channel, one connection until the redial");
+    let _ = transport.send(2, 0, vote(), Duration::from_millis(50)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "the stalled connection was not replaced");
+    holder.abort();
+}
