@@ -74,15 +74,6 @@ pub struct RecentError {
     pub message: String,
 }
 
-/// Decrements a counter when dropped (a waiter that leaves, a finished call).
-struct CountGuard<'a>(&'a AtomicUsize);
-
-impl Drop for CountGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Counts one invocation as in flight until dropped.
 struct InflightGuard(Arc<Inner>);
 
@@ -118,6 +109,9 @@ struct Inner {
     log: Arc<dyn CommitLog>,
     router: Arc<dyn Router>,
     cfg: SchedulerConfig,
+    /// Write-set bytes a batch of turns may hold and still take another turn
+    /// ([`Config::commit_room_bytes`](crate::config::Config::commit_room_bytes)).
+    commit_room_bytes: usize,
     slots: Mutex<LruCache<EntityRef, Arc<Slot>>>,
     inflight: AtomicUsize,
     resident: Arc<AtomicUsize>,
@@ -161,13 +155,14 @@ impl Scheduler {
     /// `router` says which entities' turns run here (this node leads their
     /// shard) and forwards the others.
     pub fn new(
-        cfg: &SchedulerConfig,
+        config: &crate::config::Config,
         runtime: Arc<Runtime>,
         registry: Arc<Registry>,
         store: Arc<dyn StateStore>,
         log: Arc<dyn CommitLog>,
         router: Arc<dyn Router>,
     ) -> Self {
+        let cfg = &config.scheduler;
         Self {
             inner: Arc::new(Inner {
                 runtime,
@@ -176,6 +171,7 @@ impl Scheduler {
                 log,
                 router,
                 cfg: cfg.clone(),
+                commit_room_bytes: config.commit_room_bytes(),
                 slots: Mutex::new(LruCache::unbounded()),
                 inflight: AtomicUsize::new(0),
                 resident: Arc::new(AtomicUsize::new(0)),
@@ -256,16 +252,5 @@ impl Inner {
     }
 }
 
-/// What the background loops' tests build their outboxes and timers from.
 #[cfg(test)]
-pub(crate) mod test_support {
-    use crate::model::{EntityRef, Message};
-
-    pub(crate) fn entity(id: &str) -> EntityRef {
-        EntityRef::new("t", id).unwrap()
-    }
-
-    pub(crate) fn message(sender: &EntityRef, seq: u64, target: &EntityRef) -> Message {
-        Message { sender: sender.clone(), seq, target: target.clone(), operation: "op".into(), payload: vec![] }
-    }
-}
+pub(crate) mod test_support;

@@ -6,6 +6,7 @@
 
 pub mod durable_file;
 mod mem_store;
+mod overlay;
 mod point_in_time;
 mod sled_store;
 
@@ -13,6 +14,7 @@ mod sled_store;
 pub(crate) mod conformance;
 
 pub use mem_store::MemStore;
+pub use overlay::Overlay;
 pub use point_in_time::PointInTime;
 pub use sled_store::SledStore;
 
