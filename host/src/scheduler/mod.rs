@@ -15,12 +15,14 @@
 //! - [`dry_run`]: migration dry runs;
 //! - [`outbox`], [`delivery`], [`timers`], [`sweeper`]: the background loops.
 //!
-//! Each entity has a [`Slot`] whose async mutex is its mailbox: waiters are
-//! served in arrival order (tokio's mutex is fair), the number of waiters is
-//! capped, and the lock is held from the start of a turn until its write set is
-//! applied, so the next turn always reads committed state. Every invocation
-//! runs in its own task, so a caller that goes away cannot cut a turn between
-//! its execution and its commit.
+//! Each entity has a [`Slot`]: a bounded mailbox (invocations in arrival
+//! order, each with the channel its answer goes to; at most `mailbox_depth`)
+//! and a lock. The task that holds the lock runs what waits in the mailbox as
+//! one batch — the turns one after another, each reading the earlier ones'
+//! uncommitted writes — commits their write sets as one, and answers each
+//! (see [`turn`]); the next batch therefore reads committed state. Every
+//! invocation runs in its own task, so a caller that goes away cannot cut a
+//! batch between its execution and its commit.
 //!
 //! Hot swap: the version a turn runs is read from the registry when the turn
 //! starts, so a turn in flight finishes on its version and a warm instance of an

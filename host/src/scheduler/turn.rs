@@ -467,7 +467,7 @@ impl Inner {
         .await;
         match ran {
             Ok(ran) => {
-                slot_state.resident = None;
+                // The meta read is committed state unless a turn wrote.
                 if ran.ops.is_empty() {
                     slot_state.meta = ran.meta;
                 }

@@ -1,5 +1,6 @@
 //! Materialized state: the `StateStore` trait and its two implementations
-//! (`SledStore` on disk, `MemStore` in memory). A store holds the result of
+//! (`SledStore` on disk, `MemStore` in memory), and `Overlay`, a store seen
+//! through writes not committed yet. A store holds the result of
 //! applying committed log entries plus the index of the last one applied; it is
 //! not the durability boundary (the commit log is), so it only needs to be made
 //! durable on request (`persist`) before the log is purged.
