@@ -1144,8 +1144,7 @@ async fn relay_and_counter_scheduler(
     };
     registry.deploy("relay", relay, None).await.unwrap();
     registry.deploy("counter", counter, None).await.unwrap();
-    let scheduler =
-        conflux_host::scheduler::Scheduler::new(&cfg, runtime, registry, store, log.clone(), router);
+    let scheduler = conflux_host::scheduler::Scheduler::new(&cfg, runtime, registry, store, log.clone(), router);
     (scheduler, log)
 }
 

@@ -741,7 +741,10 @@ impl Inner {
                 // Nothing of the batch applied: a refusal the caller's
                 // node retries on the current leader.
                 *slot_state = SlotState::default();
-                Committed::No { writer: InvokeError::NotHere { leader: None }, reader: InvokeError::NotHere { leader: None } }
+                Committed::No {
+                    writer: InvokeError::NotHere { leader: None },
+                    reader: InvokeError::NotHere { leader: None },
+                }
             }
             Err(e) => {
                 // The warm instance may hold state the store does not have, and
@@ -945,7 +948,8 @@ mod tests {
         let e = counter("guarded");
         let keyed = |payload: &str| Invocation { idempotency_key: Some("k1".into()), ..call(&e, "add", payload) };
         let sender = counter("sender");
-        let message = |seq| Invocation { caller: Some(sender.clone()), message_seq: Some(seq), ..call(&e, "add", "10") };
+        let message =
+            |seq| Invocation { caller: Some(sender.clone()), message_seq: Some(seq), ..call(&e, "add", "10") };
         let rest = vec![keyed("1"), keyed("1"), keyed("2"), message(7), message(7), message(8), message(7)];
         let (first, replies) = batch(&h, &e, call(&e, "add", "5"), rest, async |_| {}).await;
         assert_eq!(text(&first), "5");

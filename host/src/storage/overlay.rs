@@ -43,7 +43,12 @@ impl Overlay {
 
     /// The pending writes of `keyspace` under `prefix` and after
     /// `start_after` (keys without the keyspace byte), ascending.
-    fn pending_in(&self, keyspace: Keyspace, prefix: &[u8], start_after: Option<&[u8]>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    fn pending_in(
+        &self,
+        keyspace: Keyspace,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         let pending = self.pending.read().unwrap_or_else(|p| p.into_inner());
         let from = physical_key(keyspace, prefix);
         pending
@@ -190,8 +195,10 @@ mod tests {
     #[test]
     fn reads_equal_a_store_with_the_pending_ops_applied() {
         let key = || prop::collection::vec(0u8..4, 1..4);
-        let op = (key(), prop::option::of(prop::collection::vec(any::<u8>(), 0..6)))
-            .prop_map(|(k, v)| match v { Some(v) => put(&k, &v), None => del(&k) });
+        let op = (key(), prop::option::of(prop::collection::vec(any::<u8>(), 0..6))).prop_map(|(k, v)| match v {
+            Some(v) => put(&k, &v),
+            None => del(&k),
+        });
         let cases = (
             prop::collection::vec((key(), prop::collection::vec(any::<u8>(), 0..6)), 0..12),
             prop::collection::vec(op, 0..12),
