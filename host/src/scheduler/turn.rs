@@ -572,7 +572,9 @@ impl Inner {
             now_ms,
             next_seq: meta.next_seq,
         };
-        let reader: Arc<dyn StateStore> = batch.overlay.clone();
+        // The first turn of a batch (often the only one) reads committed state directly.
+        let reader: Arc<dyn StateStore> =
+            if batch.overlay.is_empty() { self.store.clone() } else { batch.overlay.clone() };
         let turn_started = Instant::now();
         let out = r.instance.run_turn(input, reader, migrate_from, Box::new(permit.clone()));
         crate::telemetry::metrics().turn_seconds.observe(turn_started.elapsed().as_secs_f64());
