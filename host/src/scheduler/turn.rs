@@ -80,6 +80,9 @@ impl crate::runtime::TurnSlot for SharedSlot {
     }
 }
 
+/// Where an invocation's answer goes.
+type Answer = oneshot::Sender<Result<Vec<u8>, InvokeError>>;
+
 /// An invocation waiting in its entity's mailbox, and where its answer goes.
 pub(super) struct Queued {
     inv: Invocation,
@@ -88,7 +91,7 @@ pub(super) struct Queued {
     epoch: u64,
     /// Its `invoke` span: its turn runs in it, whichever task runs the batch.
     span: tracing::Span,
-    answer: oneshot::Sender<Result<Vec<u8>, InvokeError>>,
+    answer: Answer,
 }
 
 /// How an invocation left the mailbox.
@@ -149,7 +152,7 @@ struct Batch {
     resident: Option<Resident>,
     /// Messages for the outbox the batch's turns send at once.
     immediate: u64,
-    outcomes: Vec<(oneshot::Sender<Result<Vec<u8>, InvokeError>>, Outcome)>,
+    outcomes: Vec<(Answer, Outcome)>,
     /// Invocations taken that did not fit: they go back to the mailbox.
     left: Vec<Queued>,
 }
@@ -763,7 +766,7 @@ impl Inner {
     /// Answers each turn of a batch as its commit decides: a turn that wrote
     /// or read gets its reply only if the batch committed, else the batch's
     /// error; what was settled before is answered as it was.
-    fn answer(&self, outcomes: Vec<(oneshot::Sender<Result<Vec<u8>, InvokeError>>, Outcome)>, committed: Committed) {
+    fn answer(&self, outcomes: Vec<(Answer, Outcome)>, committed: Committed) {
         for (answer, outcome) in outcomes {
             let result = match (outcome, &committed) {
                 (Outcome::Settled(result), _) => result,
