@@ -146,6 +146,9 @@ struct AfterCommit {
 struct Batch {
     overlay: Arc<Overlay>,
     ops: Vec<Op>,
+    /// How many of `ops` the overlay holds: a turn's writes are laid over
+    /// the store only when another turn follows it.
+    in_overlay: usize,
     /// Bytes of `ops` as the log counts them.
     bytes: usize,
     meta: Option<MetaCache>,
@@ -437,6 +440,7 @@ impl Inner {
         let mut ran = Batch {
             overlay: Arc::new(Overlay::new(self.store.clone())),
             ops: Vec::new(),
+            in_overlay: 0,
             bytes: 0,
             meta: slot_state.meta,
             resident: slot_state.resident.take(),
@@ -503,6 +507,10 @@ impl Inner {
             Err(e) => return Outcome::Settled(Err(InvokeError::UnknownType(e))),
         };
         let warm = batch.resident.take().filter(|r| Arc::ptr_eq(&r.version, &version));
+        if batch.in_overlay < batch.ops.len() {
+            batch.overlay.push(&batch.ops[batch.in_overlay..]);
+            batch.in_overlay = batch.ops.len();
+        }
         let meta = match batch.meta {
             Some(m) => m,
             None => match MetaCache::load(batch.overlay.as_ref(), entity) {
@@ -627,7 +635,6 @@ impl Inner {
                 if ops.is_empty() {
                     return Outcome::Held { result: Ok(after.reply), counted: false };
                 }
-                batch.overlay.push(&ops);
                 let ws = WriteSet { ops };
                 batch.bytes += ws.approx_bytes();
                 batch.immediate += after.immediate;
