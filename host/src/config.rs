@@ -132,6 +132,12 @@ pub struct SchedulerConfig {
     /// Invocations that may wait for one entity; more are refused with
     /// RESOURCE_EXHAUSTED.
     pub mailbox_depth: usize,
+    /// Most turns of one entity that share one commit (1 = every turn
+    /// commits alone). A turn that finds others of its entity waiting runs
+    /// them too, one after another on the same instance, each reading what
+    /// the earlier ones wrote, and commits all their write sets as one; each
+    /// caller is answered once that commit is durable.
+    pub max_turns_per_commit: usize,
     /// Invocations accepted by the node at once (running or waiting).
     pub max_inflight_invocations: usize,
     /// How long a graceful shutdown waits for in-flight turns.
@@ -182,6 +188,7 @@ impl Default for SchedulerConfig {
             max_warm_instance_bytes: 16 << 20,
             idle_timeout_ms: 300_000,
             mailbox_depth: 1024,
+            max_turns_per_commit: 64,
             max_inflight_invocations: 8192,
             shutdown_grace_ms: 10_000,
             turn_threads: 0,
@@ -455,6 +462,19 @@ impl Default for TelemetryConfig {
 pub use conflux_client::Secret;
 
 impl Config {
+    /// Write-set bytes a batch of turns (`scheduler.max_turns_per_commit`)
+    /// may hold and still take another turn: whatever that turn writes, the
+    /// batch's one write set then fits one log entry (`log.max_batch_bytes`),
+    /// which validation keeps at least one turn's worth.
+    pub fn commit_room_bytes(&self) -> usize {
+        let one_turn = self
+            .runtime
+            .max_write_set_bytes
+            .saturating_add(self.runtime.max_reply_bytes)
+            .saturating_add(WRITE_SET_OVERHEAD_BYTES);
+        self.log.max_batch_bytes.saturating_sub(one_turn)
+    }
+
     /// Loads a TOML file; missing sections and fields take their defaults.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text =
@@ -507,8 +527,15 @@ impl Config {
         if s.max_warm_memory_bytes > r.max_total_guest_memory_bytes {
             return bad("scheduler.max_warm_memory_bytes must not exceed runtime.max_total_guest_memory_bytes");
         }
-        if s.max_resident_instances == 0 || s.mailbox_depth == 0 || s.max_inflight_invocations == 0 {
-            return bad("scheduler.max_resident_instances, mailbox_depth and max_inflight_invocations must be > 0");
+        if s.max_resident_instances == 0
+            || s.mailbox_depth == 0
+            || s.max_inflight_invocations == 0
+            || s.max_turns_per_commit == 0
+        {
+            return bad(
+                "scheduler.max_resident_instances, mailbox_depth, max_turns_per_commit and max_inflight_invocations \
+                 must be > 0",
+            );
         }
         if s.delivery_batch == 0
             || s.delivery_concurrency == 0

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub turn_seconds: Histogram,
     /// Write sets made durable by one log sync.
     pub commit_batch_writes: Histogram,
+    /// Turns of one entity that shared one commit (a batch of its mailbox).
+    pub turns_per_commit: Histogram,
     /// Append-to-durable time of one log batch (its fdatasync included).
     pub fsync_seconds: Histogram,
     /// Invocations already waiting for the entity when one arrives.
@@ -159,6 +161,12 @@ impl Metrics {
                 &r,
                 "conflux_commit_batch_writes",
                 "Write sets made durable by one log sync.",
+                COUNT_BUCKETS,
+            ),
+            turns_per_commit: histogram(
+                &r,
+                "conflux_turns_per_commit",
+                "Turns of one entity run back to back and committed as one write set (or one lead confirmation).",
                 COUNT_BUCKETS,
             ),
             fsync_seconds: histogram(

@@ -15,12 +15,14 @@
 //! - [`dry_run`]: migration dry runs;
 //! - [`outbox`], [`delivery`], [`timers`], [`sweeper`]: the background loops.
 //!
-//! Each entity has a [`Slot`] whose async mutex is its mailbox: waiters are
-//! served in arrival order (tokio's mutex is fair), the number of waiters is
-//! capped, and the lock is held from the start of a turn until its write set is
-//! applied, so the next turn always reads committed state. Every invocation
-//! runs in its own task, so a caller that goes away cannot cut a turn between
-//! its execution and its commit.
+//! Each entity has a [`Slot`]: a bounded mailbox (invocations in arrival
+//! order, each with the channel its answer goes to; at most `mailbox_depth`)
+//! and a lock. The task that holds the lock runs what waits in the mailbox as
+//! one batch — the turns one after another, each reading the earlier ones'
+//! uncommitted writes — commits their write sets as one, and answers each
+//! (see [`turn`]); the next batch therefore reads committed state. Every
+//! invocation runs in its own task, so a caller that goes away cannot cut a
+//! batch between its execution and its commit.
 //!
 //! Hot swap: the version a turn runs is read from the registry when the turn
 //! starts, so a turn in flight finishes on its version and a warm instance of an
@@ -74,15 +76,6 @@ pub struct RecentError {
     pub message: String,
 }
 
-/// Decrements a counter when dropped (a waiter that leaves, a finished call).
-struct CountGuard<'a>(&'a AtomicUsize);
-
-impl Drop for CountGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Counts one invocation as in flight until dropped.
 struct InflightGuard(Arc<Inner>);
 
@@ -118,6 +111,9 @@ struct Inner {
     log: Arc<dyn CommitLog>,
     router: Arc<dyn Router>,
     cfg: SchedulerConfig,
+    /// Write-set bytes a batch of turns may hold and still take another turn
+    /// ([`Config::commit_room_bytes`](crate::config::Config::commit_room_bytes)).
+    commit_room_bytes: usize,
     slots: Mutex<LruCache<EntityRef, Arc<Slot>>>,
     inflight: AtomicUsize,
     resident: Arc<AtomicUsize>,
@@ -161,13 +157,14 @@ impl Scheduler {
     /// `router` says which entities' turns run here (this node leads their
     /// shard) and forwards the others.
     pub fn new(
-        cfg: &SchedulerConfig,
+        config: &crate::config::Config,
         runtime: Arc<Runtime>,
         registry: Arc<Registry>,
         store: Arc<dyn StateStore>,
         log: Arc<dyn CommitLog>,
         router: Arc<dyn Router>,
     ) -> Self {
+        let cfg = &config.scheduler;
         Self {
             inner: Arc::new(Inner {
                 runtime,
@@ -176,6 +173,7 @@ impl Scheduler {
                 log,
                 router,
                 cfg: cfg.clone(),
+                commit_room_bytes: config.commit_room_bytes(),
                 slots: Mutex::new(LruCache::unbounded()),
                 inflight: AtomicUsize::new(0),
                 resident: Arc::new(AtomicUsize::new(0)),
@@ -256,16 +254,5 @@ impl Inner {
     }
 }
 
-/// What the background loops' tests build their outboxes and timers from.
 #[cfg(test)]
-pub(crate) mod test_support {
-    use crate::model::{EntityRef, Message};
-
-    pub(crate) fn entity(id: &str) -> EntityRef {
-        EntityRef::new("t", id).unwrap()
-    }
-
-    pub(crate) fn message(sender: &EntityRef, seq: u64, target: &EntityRef) -> Message {
-        Message { sender: sender.clone(), seq, target: target.clone(), operation: "op".into(), payload: vec![] }
-    }
-}
+pub(crate) mod test_support;

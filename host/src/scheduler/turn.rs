@@ -4,7 +4,8 @@
 //! its own task; [`Inner::run`] is the turn itself, in the order a reader
 //! follows it:
 //!
-//! 1. [`admit`](Inner::admit): a place in the entity's mailbox, then its lock;
+//! 1. [`admit`](Inner::admit): a place in the entity's mailbox, then either
+//!    the answer (another invocation's task ran it) or the entity's lock;
 //! 2. [`route`](Inner::route): still this node's turn, in the term it was
 //!    routed in, with any doubt about an earlier commit settled;
 //! 3. [`turn`](Inner::turn): the version to run, the guards (a retried key, a
@@ -14,12 +15,21 @@
 //! 5. [`commit`](Inner::commit): the write set through the log, fenced by the
 //!    term (or, for a read, the lead confirmed);
 //! 6. [`reply`](Inner::reply): wake the loops that have work, count, answer.
+//!
+//! Group commit per entity: the lock's holder runs every invocation waiting
+//! in the mailbox (up to `scheduler.max_turns_per_commit`, and while the write
+//! set still fits one log entry) as one *batch*: steps 3–4 repeat per turn, on
+//! the same warm instance, each turn reading the earlier ones' writes through
+//! an [`Overlay`] of the batch's pending write set; step 5 commits them all as
+//! one write set; step 6 answers each. A failed turn adds nothing (and its
+//! instance is dropped); nobody is answered before the commit, and if it
+//! fails every turn of the batch gets the error its own commit would have.
 
 use super::guard::{GuardKeys, TurnGuard};
 use super::meta::{MetaCache, StoredVersion};
 use super::warm::{Resident, ResidentCount, Slot, SlotState};
 use super::{
-    CountGuard, ErrorKind, InflightGuard, Inner, Invocation, InvokeError, RECENT_ERRORS, RecentError, Route, Scheduler,
+    ErrorKind, InflightGuard, Inner, Invocation, InvokeError, RECENT_ERRORS, RecentError, Route, Scheduler,
     valid_operation, wall_ms,
 };
 use crate::log::LogError;
@@ -28,8 +38,10 @@ use crate::model::{
     state_key, timer_due_key, timer_id_key,
 };
 use crate::runtime::{TurnError, TurnInput, TurnOutput};
+use crate::storage::{Overlay, StateStore};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -53,12 +65,55 @@ impl crate::runtime::TurnSlot for PermitSlot {
     }
 }
 
-/// How [`Inner::turn`] ended when it did not fail.
-enum Turn {
-    /// Answered without running: a stored idempotent reply, or an already
-    /// processed message (empty reply).
-    Early(Vec<u8>),
-    Ran(Ran),
+/// The permit of a batch's turns, shared by them in turn: each turn's
+/// runtime gets it as its [`TurnSlot`](crate::runtime::TurnSlot).
+#[derive(Clone)]
+struct SharedSlot(Arc<std::sync::Mutex<PermitSlot>>);
+
+impl crate::runtime::TurnSlot for SharedSlot {
+    fn release(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).release();
+    }
+
+    fn reacquire(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).reacquire();
+    }
+}
+
+/// Where an invocation's answer goes.
+type Answer = oneshot::Sender<Result<Vec<u8>, InvokeError>>;
+
+/// An invocation waiting in its entity's mailbox, and where its answer goes.
+pub(super) struct Queued {
+    inv: Invocation,
+    invocation_id: String,
+    /// The term it was routed in.
+    epoch: u64,
+    /// Its `invoke` span: its turn runs in it, whichever task runs the batch.
+    span: tracing::Span,
+    answer: Answer,
+}
+
+/// How an invocation left the mailbox.
+enum Admitted<'a> {
+    /// The lock's holder ran it in a batch and answered.
+    Answered(Result<Vec<u8>, InvokeError>),
+    /// It holds the entity's lock, and waits for its answer like the others.
+    Holding(tokio::sync::MutexGuard<'a, SlotState>, oneshot::Receiver<Result<Vec<u8>, InvokeError>>),
+}
+
+/// How one turn of a batch ended, which decides when and how it is answered.
+enum Outcome {
+    /// Answered whatever the batch's commit does: a refusal before the guest
+    /// ran, or the answer of a guard record already committed.
+    Settled(Result<Vec<u8>, InvokeError>),
+    /// It wrote: answered (and counted) only once the batch's write set commits.
+    Wrote(AfterCommit),
+    /// Answered once the batch's commit (or, if nothing wrote, a lead
+    /// confirmation) shows this node still led when it read: a read, the
+    /// entity's refusal, an answer from a guard record of this batch.
+    /// `counted`: it failed and was counted as it did.
+    Held { result: Result<Vec<u8>, InvokeError>, counted: bool },
 }
 
 /// A turn that ran and is to be committed.
@@ -83,6 +138,49 @@ struct AfterCommit {
     immediate: u64,
     timers: u64,
     stores_reply: bool,
+}
+
+/// The turns of one batch as they run: their write set so far, the
+/// entity's meta and warm instance after the last of them, and each turn's
+/// outcome with its caller's answer.
+struct Batch {
+    overlay: Arc<Overlay>,
+    ops: Vec<Op>,
+    /// How many of `ops` the overlay holds: a turn's writes are laid over
+    /// the store only when another turn follows it.
+    in_overlay: usize,
+    /// Bytes of `ops` as the log counts them.
+    bytes: usize,
+    meta: Option<MetaCache>,
+    resident: Option<Resident>,
+    /// Messages for the outbox the batch's turns send at once.
+    immediate: u64,
+    outcomes: Vec<(Answer, Outcome)>,
+    /// Invocations taken that did not fit: they go back to the mailbox.
+    left: Vec<Queued>,
+}
+
+/// How a batch's commit (or lead confirmation) ended, for its answers.
+enum Committed {
+    Yes,
+    /// Nothing of the batch applied, and (unless in doubt) never will.
+    No {
+        /// For the turns that wrote: their own commit's error.
+        writer: InvokeError,
+        /// For reads and refusals: nothing of theirs was written (safe to retry).
+        reader: InvokeError,
+    },
+}
+
+/// A copy of a batch-wide error for each of its turns (errors carry no
+/// `Clone`: most are one caller's).
+fn each(e: &InvokeError) -> InvokeError {
+    match e {
+        InvokeError::Commit(e) => InvokeError::Commit(e.clone()),
+        InvokeError::NotHere { leader } => InvokeError::NotHere { leader: *leader },
+        InvokeError::ShuttingDown => InvokeError::ShuttingDown,
+        e => InvokeError::Internal(e.to_string()),
+    }
 }
 
 impl Scheduler {
@@ -206,7 +304,10 @@ impl Inner {
     }
 
     /// The turn of one invocation on this node, in the term `epoch` it was
-    /// routed in: the steps below, in order.
+    /// routed in. It waits in the entity's mailbox until either the lock's
+    /// holder has run it and answered, or it holds the lock itself: then it
+    /// runs what waits, its own invocation among it, a batch at a time,
+    /// until its own is answered (the next waiter then takes the lock).
     pub(super) async fn run(
         self: Arc<Self>,
         inv: Invocation,
@@ -215,189 +316,347 @@ impl Inner {
     ) -> Result<Vec<u8>, InvokeError> {
         let entity = inv.entity.clone();
         let slot = self.slot(&entity);
-        let mut slot_state = self.admit(&slot, &entity).await?;
-        self.route(&entity, epoch, &mut slot_state).await?;
-        let ran = match self.turn(inv, invocation_id, epoch, &mut slot_state).await? {
-            Turn::Early(reply) => return Ok(reply),
-            Turn::Ran(ran) => ran,
+        let (mut slot_state, mut answer) = match self.admit(&slot, inv, invocation_id, epoch).await? {
+            Admitted::Answered(result) => return result,
+            Admitted::Holding(slot_state, answer) => (slot_state, answer),
         };
-        let (ops, after) = self.write_set(&entity, ran, &mut slot_state)?;
-        self.commit(&entity, epoch, ops, after.meta, &mut slot_state).await?;
-        drop(slot_state);
-        Ok(self.reply(after))
+        loop {
+            // Every invocation a batch takes is answered or put back before
+            // the lock is released, so the own one is still waiting here.
+            let batch = slot.take_batch(self.cfg.max_turns_per_commit);
+            if batch.is_empty() {
+                return Err(InvokeError::Internal("the invocation left its mailbox unanswered".into()));
+            }
+            let left = self.run_batch(&entity, batch, &mut slot_state).await;
+            slot.put_back(left);
+            match answer.try_recv() {
+                Ok(result) => return result,
+                Err(oneshot::error::TryRecvError::Empty) => continue,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Err(InvokeError::Internal("the invocation's batch ended without an answer".into()));
+                }
+            }
+        }
+    }
+
+    /// One batch of the entity's mailbox, under its lock: the steps below,
+    /// turn and write set repeated per invocation. Answers every invocation
+    /// it ran; returns those that did not fit, for the mailbox.
+    async fn run_batch(
+        self: &Arc<Self>,
+        entity: &EntityRef,
+        batch: Vec<Queued>,
+        slot_state: &mut SlotState,
+    ) -> Vec<Queued> {
+        let Some((epoch, batch)) = self.route(entity, batch, slot_state).await else { return Vec::new() };
+        let Some(mut ran) = self.turns(entity, batch, slot_state).await else { return Vec::new() };
+        let committed = self.commit(entity, epoch, &mut ran, slot_state).await;
+        self.answer(ran.outcomes, committed);
+        ran.left
     }
 
     /// Admits the invocation to the entity's mailbox (refused when
-    /// `mailbox_depth` callers wait already) and waits for its lock, which
-    /// the turn holds until its write set is applied.
+    /// `mailbox_depth` invocations wait already) and waits for its answer or
+    /// the entity's lock, whichever comes first.
     async fn admit<'a>(
         &self,
         slot: &'a Slot,
-        entity: &EntityRef,
-    ) -> Result<tokio::sync::MutexGuard<'a, SlotState>, InvokeError> {
-        let depth = slot.waiting.fetch_add(1, Ordering::AcqRel);
-        crate::telemetry::metrics().mailbox_depth.observe(depth as f64);
-        let waiting = CountGuard(&slot.waiting);
-        if depth >= self.cfg.mailbox_depth {
-            return Err(InvokeError::MailboxFull { entity: entity.to_string(), depth });
+        inv: Invocation,
+        invocation_id: String,
+        epoch: u64,
+    ) -> Result<Admitted<'a>, InvokeError> {
+        let (answer, mut answered) = oneshot::channel();
+        {
+            let mut mailbox = slot.mailbox.lock().unwrap_or_else(|p| p.into_inner());
+            let depth = mailbox.len();
+            crate::telemetry::metrics().mailbox_depth.observe(depth as f64);
+            if depth >= self.cfg.mailbox_depth {
+                return Err(InvokeError::MailboxFull { entity: inv.entity.to_string(), depth });
+            }
+            mailbox.push_back(Queued { inv, invocation_id, epoch, span: tracing::Span::current(), answer });
         }
-        let slot_state = slot.state.lock().await;
-        drop(waiting);
-        Ok(slot_state)
+        // The answer first: once the holder answered this invocation, the
+        // lock (which it released after answering) is of no use to it.
+        tokio::select! {
+            biased;
+            result = &mut answered => Ok(Admitted::Answered(result.unwrap_or_else(|_| {
+                Err(InvokeError::Internal("the invocation's batch ended without an answer".into()))
+            }))),
+            slot_state = slot.state.lock() => Ok(Admitted::Holding(slot_state, answered)),
+        }
     }
 
-    /// Checks the turn still runs here in `epoch` and readies the slot for it.
-    async fn route(&self, entity: &EntityRef, epoch: u64, slot_state: &mut SlotState) -> Result<(), InvokeError> {
-        // The turn may have waited in the mailbox while leadership moved
+    /// Keeps the invocations that still run here in the term they were routed
+    /// in (refusing the others) and readies the slot for that term. `None`
+    /// when none is left to run (all answered).
+    async fn route(
+        &self,
+        entity: &EntityRef,
+        batch: Vec<Queued>,
+        slot_state: &mut SlotState,
+    ) -> Option<(u64, Vec<Queued>)> {
+        // An invocation may have waited in the mailbox while leadership moved
         // away (and maybe back): it runs only in the term it was routed in.
-        if self.epoch_of(entity) != Some(epoch) {
-            return Err(InvokeError::NotHere { leader: None });
+        let current = self.epoch_of(entity);
+        let (batch, moved): (Vec<Queued>, Vec<Queued>) = batch.into_iter().partition(|q| current == Some(q.epoch));
+        for q in moved {
+            let _ = q.answer.send(Err(InvokeError::NotHere { leader: None }));
         }
+        let epoch = current.filter(|_| !batch.is_empty())?;
         // Another leader may have run turns of this entity since the slot was
         // filled: under a new term, start from the store.
         if slot_state.epoch != epoch {
             *slot_state = SlotState { epoch, in_doubt: slot_state.in_doubt, ..SlotState::default() };
         }
-        self.resolve_doubt(entity, slot_state).await
+        if let Err(e) = self.resolve_doubt(entity, slot_state).await {
+            for q in batch {
+                let _ = q.answer.send(Err(each(&e)));
+            }
+            return None;
+        }
+        Some((epoch, batch))
     }
 
-    /// Runs the guest, unless a guard answers first. The slot gets back the
-    /// instance (if it may stay warm) and the meta it read. A failed turn is
-    /// counted here; an entity's refusal is answered only once the lead is
-    /// confirmed.
-    async fn turn(
+    /// Runs the batch's turns one after another on one blocking thread and
+    /// one turn permit, each on the entity's warm instance (a fresh one after
+    /// a failed turn) and reading through the batch's pending writes. The
+    /// slot gets back the instance (if it may stay warm) and, if nothing was
+    /// written, the meta read. `None` if no turn could run (all answered).
+    async fn turns(
         self: &Arc<Self>,
+        entity: &EntityRef,
+        batch: Vec<Queued>,
+        slot_state: &mut SlotState,
+    ) -> Option<Batch> {
+        let permit = match self.turn_slot().await {
+            Ok(permit) => SharedSlot(Arc::new(std::sync::Mutex::new(permit))),
+            Err(e) => {
+                for q in batch {
+                    let _ = q.answer.send(Err(each(&e)));
+                }
+                return None;
+            }
+        };
+        let mut ran = Batch {
+            overlay: Arc::new(Overlay::new(self.store.clone())),
+            ops: Vec::new(),
+            in_overlay: 0,
+            bytes: 0,
+            meta: slot_state.meta,
+            resident: slot_state.resident.take(),
+            immediate: 0,
+            outcomes: Vec::with_capacity(batch.len()),
+            left: Vec::new(),
+        };
+        let (this, entity2) = (self.clone(), entity.clone());
+        let ran = crate::determinism::blocking(move || {
+            let mut rest = batch.into_iter();
+            while let Some(q) = rest.next() {
+                // Whatever the next turn writes, the batch's write set must
+                // still fit one log entry.
+                if !ran.outcomes.is_empty() {
+                    if ran.bytes > this.commit_room_bytes {
+                        ran.left.push(q);
+                        ran.left.extend(rest);
+                        break;
+                    }
+                    // Between turns, another entity waiting for a permit goes first.
+                    let mut slot = permit.clone();
+                    crate::runtime::TurnSlot::release(&mut slot);
+                    crate::runtime::TurnSlot::reacquire(&mut slot);
+                }
+                let Queued { inv, invocation_id, span, answer, .. } = q;
+                let outcome = span.in_scope(|| this.turn(&entity2, inv, invocation_id, &mut ran, &permit));
+                ran.outcomes.push((answer, outcome));
+            }
+            ran
+        })
+        .await;
+        match ran {
+            Ok(ran) => {
+                // The meta read is committed state unless a turn wrote.
+                if ran.ops.is_empty() {
+                    slot_state.meta = ran.meta;
+                }
+                Some(ran)
+            }
+            // The thread's end dropped the invocations it held: their
+            // tasks get "ended without an answer".
+            Err(e) => {
+                tracing::error!(entity = %entity, "turn thread failed: {e}");
+                None
+            }
+        }
+    }
+
+    /// One turn of the batch, unless a guard answers first; its write set
+    /// joins the batch's. A failed turn is counted here and adds nothing; its
+    /// instance is dropped.
+    fn turn(
+        self: &Arc<Self>,
+        entity: &EntityRef,
         inv: Invocation,
         invocation_id: String,
-        epoch: u64,
-        slot_state: &mut SlotState,
-    ) -> Result<Turn, InvokeError> {
+        batch: &mut Batch,
+        permit: &SharedSlot,
+    ) -> Outcome {
         // The version is read at the start of each turn: a deploy takes effect
         // between turns, and a turn in flight finishes on its version.
-        let version = self.registry.version_for(&inv.entity).map_err(InvokeError::UnknownType)?;
-        let warm = slot_state.resident.take().filter(|r| Arc::ptr_eq(&r.version, &version));
-        let cached = slot_state.meta;
+        let version = match self.registry.version_for(&inv.entity) {
+            Ok(v) => v,
+            Err(e) => return Outcome::Settled(Err(InvokeError::UnknownType(e))),
+        };
+        let warm = batch.resident.take().filter(|r| Arc::ptr_eq(&r.version, &version));
+        if batch.in_overlay < batch.ops.len() {
+            batch.overlay.push(&batch.ops[batch.in_overlay..]);
+            batch.in_overlay = batch.ops.len();
+        }
+        let meta = match batch.meta {
+            Some(m) => m,
+            None => match MetaCache::load(batch.overlay.as_ref(), entity) {
+                Ok(m) => m,
+                Err(e) => {
+                    batch.resident = warm;
+                    self.count_turn(false);
+                    return Outcome::Settled(Err(e));
+                }
+            },
+        };
+        batch.meta = Some(meta);
         let now_ms = wall_ms();
         // Hashed only when a key needs it: payloads may be a MiB.
         let idempotency =
             inv.idempotency_key.as_deref().map(|k| (k, crate::model::request_digest(&inv.operation, &inv.payload)));
+        let guard = TurnGuard { idempotency, message_seq: inv.message_seq };
+        let guard_keys = guard.keys(entity, inv.caller.as_ref());
+        // Answered before any guest code runs: a retried key, a redelivered
+        // message — from a committed record at once, from one an earlier turn
+        // of this batch wrote only once that commits.
+        match guard_keys.check(self.store.as_ref(), now_ms) {
+            Ok(Some(early)) => {
+                batch.resident = warm;
+                self.count_turn(true);
+                return Outcome::Settled(Ok(early));
+            }
+            Err(e) => {
+                batch.resident = warm;
+                self.count_turn(false);
+                return Outcome::Settled(Err(e));
+            }
+            Ok(None) => {}
+        }
+        if !batch.overlay.is_empty() {
+            match guard_keys.check(batch.overlay.as_ref(), now_ms) {
+                Ok(Some(early)) => {
+                    batch.resident = warm;
+                    return Outcome::Held { result: Ok(early), counted: false };
+                }
+                Err(e) => {
+                    batch.resident = warm;
+                    self.count_turn(false);
+                    return Outcome::Held { result: Err(e), counted: true };
+                }
+                Ok(None) => {}
+            }
+        }
+        let mut r = match warm {
+            Some(r) => r,
+            None => {
+                self.instantiations.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::metrics().activations.inc();
+                match self.instantiate_with_room(&version.prepared, entity) {
+                    Ok(instance) => Resident { version, instance, _count: ResidentCount::new(&self.resident) },
+                    Err(e) => {
+                        self.count_turn(false);
+                        return Outcome::Settled(Err(InvokeError::Instantiate(e)));
+                    }
+                }
+            }
+        };
+        let to_version = r.version.version;
+        let migrate_from = meta.stored.migrate_from(to_version);
         let input = TurnInput {
             operation: inv.operation,
             payload: inv.payload,
             invocation_id,
-            caller: inv.caller.clone(),
+            caller: inv.caller,
             now_ms,
-            next_seq: 0,
+            next_seq: meta.next_seq,
         };
-        let guard = TurnGuard { idempotency, message_seq: inv.message_seq };
-        let guard_keys = guard.keys(&inv.entity, inv.caller.as_ref());
-        let this = self.clone();
-        let entity = inv.entity.clone();
-        let to_version = version.version;
-        let turn_slot = self.turn_slot().await?;
-        let span = tracing::Span::current();
-        let (back, meta, result) = crate::determinism::blocking(move || {
-            let _span = span.enter();
-            let meta = match cached {
-                Some(m) => m,
-                None => match MetaCache::load(this.store.as_ref(), &entity) {
-                    Ok(m) => m,
-                    Err(e) => return (warm, None, Err(e)),
-                },
-            };
-            // Answered before any guest code runs: a retried key, a redelivered message.
-            match guard_keys.check(this.store.as_ref(), now_ms) {
-                Ok(Some(early)) => return (warm, Some(meta), Ok(Turn::Early(early))),
-                Ok(None) => {}
-                Err(e) => return (warm, Some(meta), Err(e)),
-            }
-            let mut r = match warm {
-                Some(r) => r,
-                None => {
-                    this.instantiations.fetch_add(1, Ordering::Relaxed);
-                    crate::telemetry::metrics().activations.inc();
-                    match this.instantiate_with_room(&version.prepared, &entity) {
-                        Ok(instance) => Resident { version, instance, _count: ResidentCount::new(&this.resident) },
-                        Err(e) => return (None, Some(meta), Err(InvokeError::Instantiate(e))),
-                    }
-                }
-            };
-            let migrate_from = meta.stored.migrate_from(to_version);
-            let input = TurnInput { next_seq: meta.next_seq, ..input };
-            let turn_started = Instant::now();
-            let out = r.instance.run_turn(input, this.store.clone(), migrate_from, Box::new(turn_slot));
-            crate::telemetry::metrics().turn_seconds.observe(turn_started.elapsed().as_secs_f64());
-            let out = out.map_err(|e| match e {
-                TurnError::MigrationFailed { from_version, cause } => {
-                    InvokeError::MigrationFailed { entity: entity.to_string(), from_version, to_version, cause: *cause }
-                }
-                e => InvokeError::Turn(e),
-            });
-            // Only an instance whose turn is about to commit stays warm: a
-            // failed turn's instance may remember what was not committed (and a
-            // trapped one is unusable), and one that grew large gives its memory back.
-            let keep = out.is_ok()
-                && !r.instance.is_poisoned()
-                && r.instance.memory_bytes() as u64 <= this.cfg.max_warm_instance_bytes;
-            let back = keep.then_some(r);
-            this.bound_warm_memory();
-            let ran = |output| {
-                Turn::Ran(Ran {
-                    output,
-                    migrated: migrate_from.is_some(),
-                    meta,
-                    version: to_version,
-                    guard_keys,
-                    now_ms,
-                })
-            };
-            (back, Some(meta), out.map(ran))
-        })
-        .await
-        .map_err(|e| InvokeError::Internal(format!("turn thread failed: {e}")))?;
-        slot_state.resident = back;
-        slot_state.meta = meta;
-        match result {
-            Ok(Turn::Early(reply)) => {
-                self.count_turn(true);
-                Ok(Turn::Early(reply))
-            }
-            Ok(ran) => Ok(ran),
+        // The first turn of a batch (often the only one) reads committed state directly.
+        let reader: Arc<dyn StateStore> =
+            if batch.overlay.is_empty() { self.store.clone() } else { batch.overlay.clone() };
+        let turn_started = Instant::now();
+        let out = r.instance.run_turn(input, reader, migrate_from, Box::new(permit.clone()));
+        crate::telemetry::metrics().turn_seconds.observe(turn_started.elapsed().as_secs_f64());
+        // Only an instance whose turn is about to commit stays warm: a
+        // failed turn's instance may remember what was not committed (and a
+        // trapped one is unusable), and one that grew large gives its memory back.
+        let keep = out.is_ok()
+            && !r.instance.is_poisoned()
+            && r.instance.memory_bytes() as u64 <= self.cfg.max_warm_instance_bytes;
+        if keep {
+            batch.resident = Some(r);
+        } else {
+            drop(r);
+        }
+        self.bound_warm_memory();
+        let output = match out {
+            Ok(output) => output,
             Err(e) => {
                 self.count_turn(false);
+                let e = match e {
+                    TurnError::MigrationFailed { from_version, cause } => InvokeError::MigrationFailed {
+                        entity: entity.to_string(),
+                        from_version,
+                        to_version,
+                        cause: *cause,
+                    },
+                    e => InvokeError::Turn(e),
+                };
                 // An entity's refusal is an answer read from its state, like
                 // a read's: a deposed leader's stale store could refuse what
                 // the entity would accept (a message refused this way is
                 // dead-lettered for good), so it too is given only once the
                 // lead is confirmed.
-                if matches!(e, InvokeError::Turn(_) | InvokeError::MigrationFailed { .. }) {
-                    self.confirm_or_refuse(&inv.entity, epoch, slot_state).await?;
+                return Outcome::Held { result: Err(e), counted: true };
+            }
+        };
+        let ran = Ran { output, migrated: migrate_from.is_some(), meta, version: to_version, guard_keys, now_ms };
+        match self.write_set(entity, ran, batch.immediate) {
+            Err(e) => {
+                self.count_turn(false);
+                // Discarded after it ran: the instance may remember what was not committed.
+                batch.resident = None;
+                Outcome::Settled(Err(e))
+            }
+            Ok((ops, after)) => {
+                batch.meta = Some(after.meta);
+                if ops.is_empty() {
+                    return Outcome::Held { result: Ok(after.reply), counted: false };
                 }
-                Err(e)
+                let ws = WriteSet { ops };
+                batch.bytes += ws.approx_bytes();
+                batch.immediate += after.immediate;
+                batch.ops.extend(ws.ops);
+                Outcome::Wrote(after)
             }
         }
     }
 
     /// The write set of a turn that ran: its state writes, the entity's meta
     /// if it changed, its messages (outbox) and timers, and the guard records
-    /// that make a retry answer early. Refuses (and drops the instance) when
-    /// the node's outbox has no room for its messages.
-    fn write_set(
-        &self,
-        entity: &EntityRef,
-        ran: Ran,
-        slot_state: &mut SlotState,
-    ) -> Result<(Vec<Op>, AfterCommit), InvokeError> {
+    /// that make a retry answer early. Refuses when the node's outbox has no
+    /// room for its messages, counting the `pending` ones the batch's earlier
+    /// turns send.
+    fn write_set(&self, entity: &EntityRef, ran: Ran, pending: u64) -> Result<(Vec<Op>, AfterCommit), InvokeError> {
         let Ran { output, migrated, meta, version: to_version, guard_keys, now_ms } = ran;
         let effects = output.effects;
         let immediate = effects.sent.iter().filter(|m| m.due_at_ms.is_none()).count() as u64;
         let timers = effects.sent.len() as u64 - immediate;
         if immediate > 0 {
-            let queued = self.outbox_len.load(Ordering::Relaxed);
+            let queued = self.outbox_len.load(Ordering::Relaxed) + pending;
             if queued + immediate > self.cfg.max_outbox_messages {
-                self.count_turn(false);
-                // Discarded after it ran: the instance may remember what was not committed.
-                slot_state.resident = None;
                 return Err(InvokeError::OutboxFull(queued));
             }
         }
@@ -459,52 +718,90 @@ impl Inner {
         Ok((ops, AfterCommit { meta: new_meta, reply: output.reply, immediate, timers, stores_reply }))
     }
 
-    /// Commits the write set, fenced by `epoch`; a turn that wrote nothing
-    /// (a read) instead confirms this node still leads. On success the slot
-    /// caches `new_meta`; on failure it is reset (and marked in doubt when the
-    /// write set may still commit).
-    async fn commit(
-        &self,
-        entity: &EntityRef,
-        epoch: u64,
-        ops: Vec<Op>,
-        new_meta: MetaCache,
-        slot_state: &mut SlotState,
-    ) -> Result<(), InvokeError> {
+    /// Commits the batch's write set, fenced by `epoch`; a batch that wrote
+    /// nothing but holds answers read from state (reads, refusals) instead
+    /// confirms this node still leads. On success the slot caches the meta
+    /// after the last turn; on failure it is reset (and marked in doubt when
+    /// the write set may still commit).
+    async fn commit(&self, entity: &EntityRef, epoch: u64, batch: &mut Batch, slot_state: &mut SlotState) -> Committed {
+        let ops = std::mem::take(&mut batch.ops);
         if ops.is_empty() {
-            // A read: answered only once this node is known to have led in
-            // `epoch` after it read (a deposed leader cut off from the rest
-            // would answer from a stale store).
-            if let Err(e) = self.confirm_or_refuse(entity, epoch, slot_state).await {
-                self.count_turn(false);
-                return Err(e);
+            slot_state.resident = batch.resident.take();
+            if !batch.outcomes.iter().any(|(_, o)| matches!(o, Outcome::Held { .. })) {
+                return Committed::Yes;
             }
-            return Ok(());
+            crate::telemetry::metrics().turns_per_commit.observe(batch.outcomes.len() as f64);
+            // Reads: answered only once this node is known to have led in
+            // `epoch` after they read (a deposed leader cut off from the rest
+            // would answer from a stale store).
+            return match self.confirm_or_refuse(entity, epoch, slot_state).await {
+                Ok(()) => Committed::Yes,
+                Err(e) => Committed::No { writer: each(&e), reader: e },
+            };
         }
-        // Fenced: if this node lost the lead while the turn ran and won
-        // it again, the state it read may be stale and the write set is
+        crate::telemetry::metrics().turns_per_commit.observe(batch.outcomes.len() as f64);
+        // Fenced: if this node lost the lead while the turns ran and won
+        // it again, the state they read may be stale and the write set is
         // skipped (the seeds' fencing token, with the term as token).
-        if let Err(e) = self.commit_in(WriteSet { ops }, epoch).await {
-            self.count_turn(false);
-            if let LogError::Fenced { .. } = e {
-                // Nothing of the turn applied: a refusal the caller's
+        match self.commit_in(WriteSet { ops }, epoch).await {
+            Ok(_) => {
+                slot_state.resident = batch.resident.take();
+                slot_state.meta = batch.meta;
+                Committed::Yes
+            }
+            Err(LogError::Fenced { .. }) => {
+                // Nothing of the batch applied: a refusal the caller's
                 // node retries on the current leader.
                 *slot_state = SlotState::default();
-                return Err(InvokeError::NotHere { leader: None });
+                Committed::No {
+                    writer: InvokeError::NotHere { leader: None },
+                    reader: InvokeError::NotHere { leader: None },
+                }
             }
-            // The warm instance may hold state the store does not have, and
-            // whether the write set lands is unknown (unless it was never
-            // queued): reload both, after the outcome is known.
-            let in_doubt = !e.never_written();
-            *slot_state = SlotState { epoch, in_doubt, ..SlotState::default() };
-            return Err(InvokeError::Commit(e));
+            Err(e) => {
+                // The warm instance may hold state the store does not have, and
+                // whether the write set lands is unknown (unless it was never
+                // queued): reload both, after the outcome is known. Its reads
+                // and refusals wrote nothing: retried, they run after the doubt.
+                let in_doubt = !e.never_written();
+                *slot_state = SlotState { epoch, in_doubt, ..SlotState::default() };
+                Committed::No { writer: InvokeError::Commit(e), reader: InvokeError::NotHere { leader: None } }
+            }
         }
-        slot_state.meta = Some(new_meta);
-        Ok(())
     }
 
-    /// After the commit (and the mailbox lock released): wakes the deliverer
-    /// and the timer loop if the turn gave them work, counts, and answers.
+    /// Answers each turn of a batch as its commit decides: a turn that wrote
+    /// or read gets its reply only if the batch committed, else the batch's
+    /// error; what was settled before is answered as it was.
+    fn answer(&self, outcomes: Vec<(Answer, Outcome)>, committed: Committed) {
+        for (answer, outcome) in outcomes {
+            let result = match (outcome, &committed) {
+                (Outcome::Settled(result), _) => result,
+                (Outcome::Wrote(after), Committed::Yes) => Ok(self.reply(after)),
+                (Outcome::Wrote(_), Committed::No { writer, .. }) => {
+                    self.count_turn(false);
+                    Err(each(writer))
+                }
+                (Outcome::Held { result, counted }, Committed::Yes) => {
+                    if !counted {
+                        self.count_turn(result.is_ok());
+                    }
+                    result
+                }
+                (Outcome::Held { counted, .. }, Committed::No { reader, .. }) => {
+                    if !counted {
+                        self.count_turn(false);
+                    }
+                    Err(each(reader))
+                }
+            };
+            // A caller whose task is gone (its runtime shutting down) hears nothing.
+            let _ = answer.send(result);
+        }
+    }
+
+    /// After the commit: wakes the deliverer and the timer loop if the turn
+    /// gave them work, counts, and returns the reply.
     fn reply(&self, after: AfterCommit) -> Vec<u8> {
         if after.immediate > 0 {
             self.outbox_len.fetch_add(after.immediate, Ordering::Relaxed);
@@ -518,5 +815,212 @@ impl Inner {
         }
         self.count_turn(true);
         after.reply
+    }
+}
+
+#[cfg(test)]
+impl Scheduler {
+    /// Invocations waiting in `entity`'s mailbox (not taken by a batch).
+    pub(crate) fn mailbox_len(&self, entity: &EntityRef) -> usize {
+        let slots = self.inner.slots.lock().expect("slots lock");
+        slots.peek(entity).map_or(0, |s| s.mailbox.lock().expect("mailbox lock").len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::scheduler::test_support::{Harness, call};
+    use tokio::task::JoinHandle;
+
+    type Reply = JoinHandle<Result<Vec<u8>, InvokeError>>;
+
+    fn counter(id: &str) -> EntityRef {
+        EntityRef::new("counter", id).unwrap()
+    }
+
+    fn text(reply: &Result<Vec<u8>, InvokeError>) -> String {
+        match reply {
+            Ok(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+            Err(e) => format!("error {}: {e}", e.kind().as_str()),
+        }
+    }
+
+    /// Holds the log, runs `first` until its commit waits at the gate, queues
+    /// `rest` behind it in the entity's mailbox, then lets `before_release`
+    /// script the log and releases it: `rest` is one batch. Replies in order.
+    async fn batch(
+        h: &Harness,
+        entity: &EntityRef,
+        first: Invocation,
+        rest: Vec<Invocation>,
+        before_release: impl AsyncFnOnce(&Harness),
+    ) -> (Result<Vec<u8>, InvokeError>, Vec<Result<Vec<u8>, InvokeError>>) {
+        let base = h.log.proposals();
+        h.log.hold();
+        let s = h.scheduler.clone();
+        let first: Reply = tokio::spawn(async move { s.invoke_here(first).await });
+        h.until("the first turn's commit waits", || h.log.proposals() == base + 1).await;
+        let mut queued: Vec<Reply> = Vec::new();
+        for (i, inv) in rest.into_iter().enumerate() {
+            let s = h.scheduler.clone();
+            queued.push(tokio::spawn(async move { s.invoke_here(inv).await }));
+            // One at a time, so the mailbox holds them in this order.
+            h.until("the invocation waits in the mailbox", || h.scheduler.mailbox_len(entity) == i + 1).await;
+        }
+        before_release(h).await;
+        h.log.release();
+        let first = first.await.unwrap();
+        let mut replies = Vec::new();
+        for q in queued {
+            replies.push(q.await.unwrap());
+        }
+        (first, replies)
+    }
+
+    async fn counter_harness(max_turns_per_commit: usize) -> Harness {
+        let mut cfg = Config::default();
+        cfg.scheduler.max_turns_per_commit = max_turns_per_commit;
+        Harness::new(cfg, &[("counter", "counter"), ("faulty", "faulty")]).await
+    }
+
+    /// The hot-key lever: adds queued behind a commit run as one batch — one
+    /// proposal for all of them, each reading the previous one's total — and
+    /// the total is exact. With `max_turns_per_commit = 1` each commits alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn adds_queued_on_one_entity_commit_together() {
+        const N: usize = 24;
+        for (max, commits) in [(64, 1), (1, N as u64 - 1), (8, 3)] {
+            let h = counter_harness(max).await;
+            let e = counter("hot");
+            let base = h.log.proposals();
+            let rest = (1..N).map(|_| call(&e, "add", "1")).collect();
+            let (first, replies) = batch(&h, &e, call(&e, "add", "1"), rest, async |_| {}).await;
+            assert_eq!(text(&first), "1");
+            // In mailbox order, each turn saw the writes of the ones before it.
+            let totals: Vec<String> = replies.iter().map(text).collect();
+            let expected: Vec<String> = (2..=N).map(|n| n.to_string()).collect();
+            assert_eq!(totals, expected, "max_turns_per_commit = {max}");
+            assert_eq!(h.log.proposals() - base, 1 + commits, "max_turns_per_commit = {max}");
+            let confirmations = h.log.confirmations();
+            assert_eq!(text(&h.scheduler.invoke_here(call(&e, "get", "")).await), N.to_string());
+            assert_eq!(h.log.confirmations(), confirmations + 1, "a read alone confirms the lead once");
+            let stats = h.scheduler.stats();
+            assert_eq!((stats.turns_ok, stats.turns_failed), (N as u64 + 1, 0));
+        }
+    }
+
+    /// A turn that fails in the middle of a batch (a guest error after a
+    /// write, a trap after a write) contributes nothing: the turns after it
+    /// read (and commit) as if it never ran, each on a fresh instance, and
+    /// its neighbours' writes commit. Reads in the batch are answered after
+    /// the commit, without a lead confirmation of their own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_turn_in_a_batch_adds_nothing_and_its_neighbours_commit() {
+        let h = counter_harness(64).await;
+        let e = EntityRef::new("faulty", "f").unwrap();
+        let base = h.log.proposals();
+        let rest = vec![
+            call(&e, "put", r#""one""#),
+            call(&e, "set_then_fail", ""),
+            call(&e, "get", ""),
+            call(&e, "set_then_panic", ""),
+            call(&e, "get", ""),
+            call(&e, "seed", ""),
+            call(&e, "read_your_writes", ""),
+        ];
+        let (first, replies) = batch(&h, &e, call(&e, "put", r#""zero""#), rest, async |_| {}).await;
+        assert_eq!(text(&first), "null");
+        let replies: Vec<String> = replies.iter().map(text).collect();
+        assert_eq!(replies[0], "null");
+        assert!(replies[1].starts_with("error failed"), "{}", replies[1]);
+        assert_eq!(replies[2], r#""one""#);
+        assert!(replies[3].starts_with("error trap"), "{}", replies[3]);
+        assert_eq!(replies[4], r#""one""#);
+        assert_eq!(replies[5], "null");
+        // `list` through the batch's pending writes: `seed`'s keys, not committed yet.
+        assert_eq!(replies[6], r#"["a=Some(1)","a=None","list=p/0,p/1,p/3","after=p/1"]"#);
+        assert_eq!(h.log.proposals() - base, 2, "the batch committed as one write set");
+        assert_eq!(h.log.confirmations(), 0, "the fenced commit confirmed the batch's reads");
+        assert_eq!(text(&h.scheduler.invoke_here(call(&e, "get", "")).await), r#""one""#);
+        let stats = h.scheduler.stats();
+        // The first instance, one after the error, one after the trap.
+        assert_eq!(stats.instantiations, 3);
+        assert_eq!((stats.turns_ok, stats.turns_failed), (7, 2));
+    }
+
+    /// The guards see the batch's own records: the same idempotency key
+    /// twice in one batch runs once and both get the first reply (another
+    /// call under it is refused); a message sequence redelivered in one batch
+    /// is dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn guards_see_the_records_of_their_own_batch() {
+        let h = counter_harness(64).await;
+        let e = counter("guarded");
+        let keyed = |payload: &str| Invocation { idempotency_key: Some("k1".into()), ..call(&e, "add", payload) };
+        let sender = counter("sender");
+        let message =
+            |seq| Invocation { caller: Some(sender.clone()), message_seq: Some(seq), ..call(&e, "add", "10") };
+        let rest = vec![keyed("1"), keyed("1"), keyed("2"), message(7), message(7), message(8), message(7)];
+        let (first, replies) = batch(&h, &e, call(&e, "add", "5"), rest, async |_| {}).await;
+        assert_eq!(text(&first), "5");
+        let replies: Vec<String> = replies.iter().map(text).collect();
+        assert_eq!(replies[..2], ["6", "6"]);
+        assert!(replies[2].starts_with("error idempotency-key-reused"), "{}", replies[2]);
+        assert_eq!(replies[3..], ["16", "", "26", ""]);
+        assert_eq!(text(&h.scheduler.invoke_here(call(&e, "get", "")).await), "26");
+        // And across commits, as before.
+        assert_eq!(text(&h.scheduler.invoke_here(keyed("1")).await), "6");
+        assert_eq!(text(&h.scheduler.invoke_here(message(8)).await), "");
+    }
+
+    /// A batch whose commit fails answers every turn with the error its own
+    /// commit would have given — fenced: not here (nothing applied); unknown
+    /// outcome: the commit error for writers, not-here for its read — and
+    /// leaves nothing cached: the next turn reads the store (after a barrier
+    /// when in doubt).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_batch_commit_fails_every_turn_and_keeps_nothing() {
+        for fenced in [true, false] {
+            let h = counter_harness(64).await;
+            let e = counter("c");
+            let rest = vec![call(&e, "add", "1"), call(&e, "get", ""), call(&e, "add", "1")];
+            let (first, replies) = batch(&h, &e, call(&e, "add", "1"), rest, async |h: &Harness| {
+                h.log.fail_next(if fenced {
+                    LogError::Fenced { fence_term: 1, entry_term: 2 }
+                } else {
+                    LogError::Aborted("lost".into())
+                })
+            })
+            .await;
+            assert_eq!(text(&first), "1");
+            let kinds: Vec<&str> = replies.iter().map(|r| r.as_ref().unwrap_err().kind().as_str()).collect();
+            let writer = if fenced { "not-leader" } else { "commit" };
+            assert_eq!(kinds, [writer, "not-leader", writer], "fenced: {fenced}");
+            let proposals = h.log.proposals();
+            assert_eq!(text(&h.scheduler.invoke_here(call(&e, "get", "")).await), "1", "fenced: {fenced}");
+            // In doubt, a barrier was committed before the store was read again.
+            assert_eq!(h.log.proposals() - proposals, u64::from(!fenced));
+            let stats = h.scheduler.stats();
+            assert_eq!((stats.turns_ok, stats.turns_failed), (2, 3), "fenced: {fenced}");
+        }
+    }
+
+    /// The mailbox stays bounded: with `mailbox_depth` invocations waiting
+    /// behind a turn, the next is refused, and the waiting ones still run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_mailbox_refuses() {
+        let mut cfg = Config::default();
+        cfg.scheduler.mailbox_depth = 3;
+        let h = Harness::new(cfg, &[("counter", "counter")]).await;
+        let e = counter("c");
+        let rest = (0..3).map(|_| call(&e, "add", "1")).collect();
+        let (_, replies) = batch(&h, &e, call(&e, "add", "1"), rest, async |h: &Harness| {
+            let refused = h.scheduler.invoke_here(call(&e, "add", "1")).await;
+            assert!(matches!(refused, Err(InvokeError::MailboxFull { depth: 3, .. })), "{refused:?}");
+        })
+        .await;
+        assert_eq!(replies.iter().map(text).collect::<Vec<_>>(), ["2", "3", "4"]);
     }
 }

@@ -1,15 +1,17 @@
 //! The mailboxes and the warm-instance cache: one [`Slot`] per active
-//! entity (its mailbox lock, what it caches under that lock — a warm
+//! entity (its bounded queue of waiting invocations, its lock, what it caches under that lock — a warm
 //! [`Resident`] instance and the entity's meta — and whether a commit of it is
 //! in doubt), kept in an LRU bounded by count; warm instances are also bounded
 //! by the guest memory they hold and evicted when idle. An instantiation that
 //! finds the node full evicts idle instances first.
 
 use super::meta::MetaCache;
+use super::turn::Queued;
 use super::{Inner, Scheduler};
 use crate::model::EntityRef;
 use crate::registry::LoadedVersion;
 use crate::runtime::{Instance, RuntimeError};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -23,13 +25,31 @@ const EVICT_BATCH: usize = 16;
 const EVICT_HEADROOM_BYTES: usize = 64 << 20;
 
 pub(super) struct Slot {
-    /// The mailbox: held for a whole turn, execution to commit.
+    /// The entity's lock: held for a whole batch of turns, execution to
+    /// commit and answers. Only its holder takes invocations out of `mailbox`.
     pub(super) state: tokio::sync::Mutex<SlotState>,
-    pub(super) waiting: AtomicUsize,
+    /// Invocations waiting for a turn, in arrival order (at most
+    /// `scheduler.mailbox_depth`): the lock's holder runs them in batches.
+    pub(super) mailbox: std::sync::Mutex<VecDeque<Queued>>,
     pub(super) last_used_ms: AtomicU64,
 }
 
 impl Slot {
+    /// Takes up to `max` waiting invocations, oldest first (by the lock's holder).
+    pub(super) fn take_batch(&self, max: usize) -> Vec<Queued> {
+        let mut mailbox = self.mailbox.lock().unwrap_or_else(|p| p.into_inner());
+        let n = max.min(mailbox.len());
+        mailbox.drain(..n).collect()
+    }
+
+    /// Puts invocations a batch had no room for back at the front, in order.
+    pub(super) fn put_back(&self, left: Vec<Queued>) {
+        let mut mailbox = self.mailbox.lock().unwrap_or_else(|p| p.into_inner());
+        for q in left.into_iter().rev() {
+            mailbox.push_front(q);
+        }
+    }
+
     /// Idle (no turn holds it) and not in doubt: a slot in doubt must be
     /// kept until a turn resolves the doubt.
     pub(super) fn evictable(&self) -> bool {
@@ -101,7 +121,7 @@ impl Inner {
         }
         let s = Arc::new(Slot {
             state: tokio::sync::Mutex::new(SlotState::default()),
-            waiting: AtomicUsize::new(0),
+            mailbox: std::sync::Mutex::new(VecDeque::new()),
             last_used_ms: AtomicU64::new(now),
         });
         slots.put(entity.clone(), s.clone());

@@ -1,11 +1,13 @@
 //! Materialized state: the `StateStore` trait and its two implementations
-//! (`SledStore` on disk, `MemStore` in memory). A store holds the result of
+//! (`SledStore` on disk, `MemStore` in memory), and `Overlay`, a store seen
+//! through writes not committed yet. A store holds the result of
 //! applying committed log entries plus the index of the last one applied; it is
 //! not the durability boundary (the commit log is), so it only needs to be made
 //! durable on request (`persist`) before the log is purged.
 
 pub mod durable_file;
 mod mem_store;
+mod overlay;
 mod point_in_time;
 mod sled_store;
 
@@ -13,6 +15,7 @@ mod sled_store;
 pub(crate) mod conformance;
 
 pub use mem_store::MemStore;
+pub use overlay::Overlay;
 pub use point_in_time::PointInTime;
 pub use sled_store::SledStore;
 
