@@ -1,0 +1,197 @@
+//! The batch tests of [`super`]: turns queued on one entity commit
+//! together, each atomic, guards seeing their batch, a failed commit
+//! failing every turn.
+
+use super::*;
+use crate::config::Config;
+use crate::scheduler::test_support::{Harness, call};
+use tokio::task::JoinHandle;
+
+type Reply = JoinHandle<Result<Vec<u8>, InvokeError>>;
+
+fn counter(id: &str) -> EntityRef {
+    EntityRef::new("counter", id).unwrap()
+}
+
+fn text(reply: &Result<Vec<u8>, InvokeError>) -> String {
+    match reply {
+        Ok(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        Err(e) => format!("error {}: {e}", e.kind().as_str()),
+    }
+}
+
+/// Holds the log, runs `first` until its commit waits at the gate, queues
+/// `rest` behind it in the entity's mailbox, then lets `before_release`
+/// script the log and releases it: `rest` is one batch. Replies in order.
+async fn batch(
+    h: &Harness,
+    entity: &EntityRef,
+    first: Invocation,
+    rest: Vec<Invocation>,
+    before_release: impl AsyncFnOnce(&Harness),
+) -> (Result<Vec<u8>, InvokeError>, Vec<Result<Vec<u8>, InvokeError>>) {
+    let base = h.log.proposals();
+    h.log.hold();
+    let s = h.scheduler.clone();
+    let first: Reply = tokio::spawn(async move { s.invoke_here(first).await });
+    h.until("the first turn's commit waits", || h.log.proposals() == base + 1).await;
+    let mut queued: Vec<Reply> = Vec::new();
+    for (i, inv) in rest.into_iter().enumerate() {
+        let s = h.scheduler.clone();
+        queued.push(tokio::spawn(async move { s.invoke_here(inv).await }));
+        // One at a time, so the mailbox holds them in this order.
+        h.until("the invocation waits in the mailbox", || h.scheduler.mailbox_len(entity) == i + 1).await;
+    }
+    before_release(h).await;
+    h.log.release();
+    let first = first.await.unwrap();
+    let mut replies = Vec::new();
+    for q in queued {
+        replies.push(q.await.unwrap());
+    }
+    (first, replies)
+}
+
+async fn counter_harness(max_turns_per_commit: usize) -> Harness {
+    let mut cfg = Config::default();
+    cfg.scheduler.max_turns_per_commit = max_turns_per_commit;
+    Harness::new(cfg, &[("counter", "counter"), ("faulty", "faulty")]).await
+}
+
+/// The hot-key lever: adds queued behind a commit run as one batch — one
+/// proposal for all of them, each reading the previous one's total — and
+/// the total is exact. With `max_turns_per_commit = 1` each commits alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adds_queued_on_one_entity_commit_together() {
+    const N: usize = 24;
+    for (max, commits) in [(64, 1), (1, N as u64 - 1), (8, 3)] {
+        let h = counter_harness(max).await;
+        let e = counter("hot");
+        let base = h.log.proposals();
+        let rest = (1..N).map(|_| call(&e, "add", "1")).collect();
+        let (first, replies) = batch(&h, &e, call(&e, "add", "1"), rest, async |_| {}).await;
+        assert_eq!(text(&first), "1");
+        // In mailbox order, each turn saw the writes of the ones before it.
+        let totals: Vec<String> = replies.iter().map(text).collect();
+        let expected: Vec<String> = (2..=N).map(|n| n.to_string()).collect();
+        assert_eq!(totals, expected, "max_turns_per_commit = {max}");
+        assert_eq!(h.log.proposals() - base, 1 + commits, "max_turns_per_commit = {max}");
+        let confirmations = h.log.confirmations();
+        assert_eq!(text(&h.scheduler.invoke_here(call(&e, "get", "")).await), N.to_string());
+        assert_eq!(h.log.confirmations(), confirmations + 1, "a read alone confirms the lead once");
+        let stats = h.scheduler.stats();
+        assert_eq!((stats.turns_ok, stats.turns_failed), (N as u64 + 1, 0));
+    }
+}
+
+/// A turn that fails in the middle of a batch (a guest error after a
+/// write, a trap after a write) contributes nothing: the turns after it
+/// read (and commit) as if it never ran, each on a fresh instance, and
+/// its neighbours' writes commit. Reads in the batch are answered after
+/// the commit, without a lead confirmation of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_turn_in_a_batch_adds_nothing_and_its_neighbours_commit() {
+    let h = counter_harness(64).await;
+    let e = EntityRef::new("faulty", "f").unwrap();
+    let base = h.log.proposals();
+    let rest = vec![
+        call(&e, "put", r#""one""#),
+        call(&e, "set_then_fail", ""),
+        call(&e, "get", ""),
+        call(&e, "set_then_panic", ""),
+        call(&e, "get", ""),
+        call(&e, "seed", ""),
+        call(&e, "read_your_writes", ""),
+    ];
+    let (first, replies) = batch(&h, &e, call(&e, "put", r#""zero""#), rest, async |_| {}).await;
+    assert_eq!(text(&first), "null");
+    let replies: Vec<String> = replies.iter().map(text).collect();
+    assert_eq!(replies[0], "null");
+    assert!(replies[1].starts_with("error failed"), "{}", replies[1]);
+    assert_eq!(replies[2], r#""one""#);
+    assert!(replies[3].starts_with("error trap"), "{}", replies[3]);
+    assert_eq!(replies[4], r#""one""#);
+    assert_eq!(replies[5], "null");
+    // `list` through the batch's pending writes: `seed`'s keys, not committed yet.
+    assert_eq!(replies[6], r#"["a=Some(1)","a=None","list=p/0,p/1,p/3","after=p/1"]"#);
+    assert_eq!(h.log.proposals() - base, 2, "the batch committed as one write set");
+    assert_eq!(h.log.confirmations(), 0, "the fenced commit confirmed the batch's reads");
+    assert_eq!(text(&h.scheduler.invoke_here(call(&e, "get", "")).await), r#""one""#);
+    let stats = h.scheduler.stats();
+    // The first instance, one after the error, one after the trap.
+    assert_eq!(stats.instantiations, 3);
+    assert_eq!((stats.turns_ok, stats.turns_failed), (7, 2));
+}
+
+/// The guards see the batch's own records: the same idempotency key
+/// twice in one batch runs once and both get the first reply (another
+/// call under it is refused); a message sequence redelivered in one batch
+/// is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guards_see_the_records_of_their_own_batch() {
+    let h = counter_harness(64).await;
+    let e = counter("guarded");
+    let keyed = |payload: &str| Invocation { idempotency_key: Some("k1".into()), ..call(&e, "add", payload) };
+    let sender = counter("sender");
+    let message = |seq| Invocation { caller: Some(sender.clone()), message_seq: Some(seq), ..call(&e, "add", "10") };
+    let rest = vec![keyed("1"), keyed("1"), keyed("2"), message(7), message(7), message(8), message(7)];
+    let (first, replies) = batch(&h, &e, call(&e, "add", "5"), rest, async |_| {}).await;
+    assert_eq!(text(&first), "5");
+    let replies: Vec<String> = replies.iter().map(text).collect();
+    assert_eq!(replies[..2], ["6", "6"]);
+    assert!(replies[2].starts_with("error idempotency-key-reused"), "{}", replies[2]);
+    assert_eq!(replies[3..], ["16", "", "26", ""]);
+    assert_eq!(text(&h.scheduler.invoke_here(call(&e, "get", "")).await), "26");
+    // And across commits, as before.
+    assert_eq!(text(&h.scheduler.invoke_here(keyed("1")).await), "6");
+    assert_eq!(text(&h.scheduler.invoke_here(message(8)).await), "");
+}
+
+/// A batch whose commit fails answers every turn with the error its own
+/// commit would have given — fenced: not here (nothing applied); unknown
+/// outcome: the commit error for writers, not-here for its read — and
+/// leaves nothing cached: the next turn reads the store (after a barrier
+/// when in doubt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_commit_fails_every_turn_and_keeps_nothing() {
+    for fenced in [true, false] {
+        let h = counter_harness(64).await;
+        let e = counter("c");
+        let rest = vec![call(&e, "add", "1"), call(&e, "get", ""), call(&e, "add", "1")];
+        let (first, replies) = batch(&h, &e, call(&e, "add", "1"), rest, async |h: &Harness| {
+            h.log.fail_next(if fenced {
+                LogError::Fenced { fence_term: 1, entry_term: 2 }
+            } else {
+                LogError::Aborted("lost".into())
+            })
+        })
+        .await;
+        assert_eq!(text(&first), "1");
+        let kinds: Vec<&str> = replies.iter().map(|r| r.as_ref().unwrap_err().kind().as_str()).collect();
+        let writer = if fenced { "not-leader" } else { "commit" };
+        assert_eq!(kinds, [writer, "not-leader", writer], "fenced: {fenced}");
+        let proposals = h.log.proposals();
+        assert_eq!(text(&h.scheduler.invoke_here(call(&e, "get", "")).await), "1", "fenced: {fenced}");
+        // In doubt, a barrier was committed before the store was read again.
+        assert_eq!(h.log.proposals() - proposals, u64::from(!fenced));
+        let stats = h.scheduler.stats();
+        assert_eq!((stats.turns_ok, stats.turns_failed), (2, 3), "fenced: {fenced}");
+    }
+}
+
+/// The mailbox stays bounded: with `mailbox_depth` invocations waiting
+/// behind a turn, the next is refused, and the waiting ones still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_refuses() {
+    let mut cfg = Config::default();
+    cfg.scheduler.mailbox_depth = 3;
+    let h = Harness::new(cfg, &[("counter", "counter")]).await;
+    let e = counter("c");
+    let rest = (0..3).map(|_| call(&e, "add", "1")).collect();
+    let (_, replies) = batch(&h, &e, call(&e, "add", "1"), rest, async |h: &Harness| {
+        let refused = h.scheduler.invoke_here(call(&e, "add", "1")).await;
+        assert!(matches!(refused, Err(InvokeError::MailboxFull { depth: 3, .. })), "{refused:?}");
+    })
+    .await;
+    assert_eq!(replies.iter().map(text).collect::<Vec<_>>(), ["2", "3", "4"]);
+}
