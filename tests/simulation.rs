@@ -965,7 +965,8 @@ fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
         registry.deploy("account", bank, None).await.unwrap();
         let routes = Arc::new(Routes::default());
         let router: Arc<dyn Router> = routes.clone();
-        let scheduler = Scheduler::new(&cfg, runtime, registry, store, log.clone(), router);
+        let scheduler =
+            Scheduler::new(&cfg.scheduler, cfg.commit_room_bytes(), runtime, registry, store, log.clone(), router);
         let invoke = |op: &str, payload: &str| Invocation {
             entity: EntityRef::new("account", "a0").unwrap(),
             operation: op.into(),
@@ -1144,7 +1145,15 @@ async fn relay_and_counter_scheduler(
     };
     registry.deploy("relay", relay, None).await.unwrap();
     registry.deploy("counter", counter, None).await.unwrap();
-    let scheduler = conflux_host::scheduler::Scheduler::new(&cfg, runtime, registry, store, log.clone(), router);
+    let scheduler = conflux_host::scheduler::Scheduler::new(
+        &cfg.scheduler,
+        cfg.commit_room_bytes(),
+        runtime,
+        registry,
+        store,
+        log.clone(),
+        router,
+    );
     (scheduler, log)
 }
 

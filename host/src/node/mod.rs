@@ -355,7 +355,15 @@ impl Node {
         registry.set_propagation(Arc::new(MemberRegistries::new(me, wire.clone(), shape.clone())));
         registry.set_component_peers(Arc::new(MemberComponents::new(me, wire.clone(), shape.clone())));
         let router = Arc::new(ClusterRouter::new(local.clone(), transport.clone(), timeout));
-        let scheduler = Scheduler::new(&cfg, runtime, registry.clone(), store.clone(), log.clone(), router);
+        let scheduler = Scheduler::new(
+            &cfg.scheduler,
+            cfg.commit_room_bytes(),
+            runtime,
+            registry.clone(),
+            store.clone(),
+            log.clone(),
+            router,
+        );
         let move_timeout = std::time::Duration::from_millis(c.move_timeout_ms);
         let member = Member {
             node: me,

@@ -156,15 +156,17 @@ fn valid_operation(op: &str) -> bool {
 impl Scheduler {
     /// `router` says which entities' turns run here (this node leads their
     /// shard) and forwards the others.
+    /// `commit_room_bytes`: see [`Config::commit_room_bytes`](crate::config::Config::commit_room_bytes),
+    /// the one number the scheduler needs from other modules' slices.
     pub fn new(
-        config: &crate::config::Config,
+        cfg: &SchedulerConfig,
+        commit_room_bytes: usize,
         runtime: Arc<Runtime>,
         registry: Arc<Registry>,
         store: Arc<dyn StateStore>,
         log: Arc<dyn CommitLog>,
         router: Arc<dyn Router>,
     ) -> Self {
-        let cfg = &config.scheduler;
         Self {
             inner: Arc::new(Inner {
                 runtime,
@@ -173,7 +175,7 @@ impl Scheduler {
                 log,
                 router,
                 cfg: cfg.clone(),
-                commit_room_bytes: config.commit_room_bytes(),
+                commit_room_bytes,
                 slots: Mutex::new(LruCache::unbounded()),
                 inflight: AtomicUsize::new(0),
                 resident: Arc::new(AtomicUsize::new(0)),

@@ -165,7 +165,15 @@ impl Harness {
         for (type_name, name) in types {
             registry.deploy(type_name, guest(name), None).await.unwrap();
         }
-        let scheduler = Scheduler::new(&cfg, runtime, registry, store, log.clone(), Arc::new(Here));
+        let scheduler = Scheduler::new(
+            &cfg.scheduler,
+            cfg.commit_room_bytes(),
+            runtime,
+            registry,
+            store,
+            log.clone(),
+            Arc::new(Here),
+        );
         Self { scheduler, log, _dir: dir }
     }
 
