@@ -47,7 +47,21 @@ impl TestNode {
         config: Arc<openraft::Config>,
     ) -> Self {
         let sled_dir = dir.path().join("sled");
-        let db = sled::Config::new().path(&sled_dir).open().unwrap();
+        // A snapshot being built when the crashed replica shut down lets go
+        // of the database only when it finishes on its blocking thread (see
+        // `raft::conformance`): a restart in the same process may find it
+        // locked for a moment.
+        let mut tries = 0;
+        let db = loop {
+            match sled::Config::new().path(&sled_dir).open() {
+                Ok(db) => break db,
+                Err(e) if tries < 50 && e.to_string().contains("could not acquire lock") => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("opening {sled_dir:?}: {e}"),
+            }
+        };
         let host = raft::ReplicaHost {
             node: id,
             data_dir: dir.path().to_path_buf(),
