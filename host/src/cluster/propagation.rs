@@ -1,7 +1,7 @@
 //! The registry's view of the other members, through the [`Wire`]:
-//! [`MemberRegistries`] (its `Propagation`: a deploy waits until every member
-//! that is up serves it) and [`MemberComponents`] (its `ComponentPeers`: the
-//! members it fetches a component it lacks from, asked in turn).
+//! [`OtherMembers`], both its `Propagation` (a deploy waits until every
+//! member that is up serves it) and its `ComponentPeers` (the members it
+//! fetches a component it lacks from, asked in turn).
 
 use super::raft::NodeId;
 use super::shape::ClusterShape;
@@ -18,20 +18,22 @@ const PROPAGATION_POLL: Duration = Duration::from_millis(50);
 /// How long one such question may take.
 const LOADED_TYPE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The other members of a cluster, asked whether they serve a record.
-pub struct MemberRegistries {
+/// The other members of a cluster, as the registry sees them: asked
+/// whether they serve a record ([`Propagation`]) and for the components
+/// this node lacks ([`ComponentPeers`]).
+pub struct OtherMembers {
     node: NodeId,
     wire: Arc<dyn Wire>,
     shape: Arc<ClusterShape>,
 }
 
-impl MemberRegistries {
+impl OtherMembers {
     pub fn new(node: NodeId, wire: Arc<dyn Wire>, shape: Arc<ClusterShape>) -> Self {
         Self { node, wire, shape }
     }
 }
 
-impl Propagation for MemberRegistries {
+impl Propagation for OtherMembers {
     fn await_members(&self, record: &TypeRecord) -> BoxFuture<'static, Result<(), String>> {
         let others: Vec<NodeId> = self.shape.members().into_iter().filter(|n| *n != self.node).collect();
         let waits: Vec<_> = others
@@ -72,20 +74,7 @@ impl Propagation for MemberRegistries {
     }
 }
 
-/// The other members, as the registry's source of components it lacks.
-pub struct MemberComponents {
-    node: NodeId,
-    wire: Arc<dyn Wire>,
-    shape: Arc<ClusterShape>,
-}
-
-impl MemberComponents {
-    pub fn new(node: NodeId, wire: Arc<dyn Wire>, shape: Arc<ClusterShape>) -> Self {
-        Self { node, wire, shape }
-    }
-}
-
-impl ComponentPeers for MemberComponents {
+impl ComponentPeers for OtherMembers {
     /// Starting after this node, so members do not all ask the same one.
     fn members(&self) -> Vec<u64> {
         let members = self.shape.members();

@@ -28,7 +28,7 @@ use crate::cluster::driver::{DriverConfig, PlacementDriver};
 use crate::cluster::member::Member;
 use crate::cluster::meta::{META_SHARD, MetaLog};
 use crate::cluster::placement::Placement;
-use crate::cluster::propagation::{MemberComponents, MemberRegistries};
+use crate::cluster::propagation::OtherMembers;
 use crate::cluster::raft::{ReplicaHost, ReplicaTable, ShardLog};
 use crate::cluster::service::ClusterNode;
 use crate::cluster::shape::{ClusterShape, Layout};
@@ -352,8 +352,9 @@ impl Node {
         let log: Arc<dyn CommitLog> = local.clone();
         let (runtime, registry) = open_runtime_and_registry(&cfg, meta.store.clone(), meta_log.clone()).await?;
         let wire: Arc<dyn Wire> = transport.clone();
-        registry.set_propagation(Arc::new(MemberRegistries::new(me, wire.clone(), shape.clone())));
-        registry.set_component_peers(Arc::new(MemberComponents::new(me, wire.clone(), shape.clone())));
+        let others = Arc::new(OtherMembers::new(me, wire.clone(), shape.clone()));
+        registry.set_propagation(others.clone());
+        registry.set_component_peers(others);
         let router = Arc::new(ClusterRouter::new(local.clone(), transport.clone(), timeout));
         let scheduler = Scheduler::new(
             &cfg.scheduler,

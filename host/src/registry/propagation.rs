@@ -29,7 +29,7 @@ pub struct ComponentChunk {
 }
 
 /// Where a cluster member gets components it lacks: the other members, by
-/// digest (`cluster::propagation::MemberComponents`, over the cluster's wire).
+/// digest (`cluster::propagation::OtherMembers`, over the cluster's wire).
 pub trait ComponentPeers: Send + Sync + 'static {
     /// The other members, in the order to ask them.
     fn members(&self) -> Vec<u64>;
