@@ -212,6 +212,11 @@ impl Runtime {
             .table_elements(cfg.max_table_elements as usize)
             .linear_memory_keep_resident(256 << 10)
             .table_keep_resident(16 << 10)
+            // A slot given back is reset page by page where the guest wrote
+            // (Linux ≥ 6.7): without it, every slot ever used keeps its whole
+            // keep-resident prefix, and a node that evicts and re-instantiates
+            // grew to 1.6 GB on 10,000 counters (≈ 550 MB with it).
+            .pagemap_scan(wasmtime::Enabled::Auto)
             .max_memories_per_component(4)
             .max_tables_per_component(8);
         let mut c = Config::new();
