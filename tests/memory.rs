@@ -8,6 +8,7 @@ use conflux_host::config::RuntimeConfig;
 use conflux_host::model::EntityRef;
 use conflux_host::runtime::{NoSlot, Runtime, TurnInput};
 use conflux_host::storage::{MemStore, StateStore};
+use futures::executor::block_on;
 use std::sync::Arc;
 use support::guest_wasm;
 
@@ -49,10 +50,12 @@ fn an_evicted_instance_leaves_its_slot_holding_only_the_pages_its_guest_touched(
     };
     // All alive at once, so each holds a slot of its own.
     let mut warm: Vec<_> = (0..N)
-        .map(|i| runtime.instantiate(&prepared, &EntityRef::new("counter", &format!("c{i}")).unwrap()).unwrap())
+        .map(|i| {
+            block_on(runtime.instantiate(&prepared, &EntityRef::new("counter", &format!("c{i}")).unwrap())).unwrap()
+        })
         .collect();
     for instance in &mut warm {
-        instance.run_turn(turn(), store.clone(), None, Box::new(NoSlot)).unwrap();
+        block_on(instance.run_turn(turn(), store.clone(), None, Box::new(NoSlot))).unwrap();
     }
     let before = pss_kib();
     drop(warm);

@@ -12,6 +12,7 @@ use conflux_host::model::{EntityRef, Keyspace, Op, WriteSet, state_key};
 use conflux_host::runtime::{NoSlot, Runtime, TurnInput};
 use conflux_host::storage::{ApplyStore, MemStore, StateStore};
 use criterion::{Criterion, criterion_group, criterion_main};
+use futures::executor::block_on;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -58,10 +59,10 @@ fn turns(c: &mut Criterion) {
     store.apply(&[(1, &seed)]).unwrap();
     let store: Arc<dyn StateStore> = store;
 
-    let mut warm = runtime.instantiate(&prepared, &entity).unwrap();
+    let mut warm = block_on(runtime.instantiate(&prepared, &entity)).unwrap();
     c.bench_function("warm turn: counter add (wasm, get+set)", |b| {
         b.iter(|| {
-            let out = warm.run_turn(input(), store.clone(), None, Box::new(NoSlot)).unwrap();
+            let out = block_on(warm.run_turn(input(), store.clone(), None, Box::new(NoSlot))).unwrap();
             assert_eq!(out.reply, b"42");
         })
     });
@@ -77,8 +78,8 @@ fn turns(c: &mut Criterion) {
 
     c.bench_function("cold activation: instantiate + first turn", |b| {
         b.iter(|| {
-            let mut i = runtime.instantiate(&prepared, &entity).unwrap();
-            let out = i.run_turn(input(), store.clone(), None, Box::new(NoSlot)).unwrap();
+            let mut i = block_on(runtime.instantiate(&prepared, &entity)).unwrap();
+            let out = block_on(i.run_turn(input(), store.clone(), None, Box::new(NoSlot))).unwrap();
             assert_eq!(out.reply, b"42");
         })
     });
@@ -105,9 +106,9 @@ fn limits(c: &mut Criterion) {
         let cfg =
             RuntimeConfig { max_instances: 100, fuel_per_turn: fuel, turn_timeout_ms: timeout, ..Default::default() };
         let (runtime, prepared) = counter_setup(&cfg);
-        let mut warm = runtime.instantiate(&prepared, &entity).unwrap();
+        let mut warm = block_on(runtime.instantiate(&prepared, &entity)).unwrap();
         group.bench_function(name, |b| {
-            b.iter(|| warm.run_turn(input(), store.clone(), None, Box::new(NoSlot)).unwrap())
+            b.iter(|| block_on(warm.run_turn(input(), store.clone(), None, Box::new(NoSlot))).unwrap())
         });
     }
     group.finish();
@@ -126,9 +127,9 @@ fn limits(c: &mut Criterion) {
         let prepared = runtime.prepare(&component).unwrap();
         group.bench_function(name, |b| {
             b.iter(|| {
-                let mut i = runtime.instantiate(&prepared, &faulty).unwrap();
+                let mut i = block_on(runtime.instantiate(&prepared, &faulty)).unwrap();
                 let inp = TurnInput { operation: "infinite_loop".into(), payload: vec![], ..input() };
-                assert!(i.run_turn(inp, store.clone(), None, Box::new(NoSlot)).is_err());
+                assert!(block_on(i.run_turn(inp, store.clone(), None, Box::new(NoSlot))).is_err());
             })
         });
     }

@@ -3,7 +3,7 @@
 //! election timeouts — and the switch that pins all three for a simulation.
 //!
 //! A daemon never flips the switch: it reads the system clock, runs blocking
-//! work (turns, store scans, compiles) on tokio's blocking pool, lets the Raft
+//! work (store scans, compiles) on tokio's blocking pool, lets the Raft
 //! log's flush worker call back when a write is on disk, and draws election
 //! timeouts from an entropy-seeded generator.
 //!
@@ -11,7 +11,8 @@
 //! time) calls [`simulate`] on that thread first. From then on, on that
 //! thread only: the clock is the simulation's; blocking work runs inline, so
 //! it ends in the simulated instant it began in however fast the real
-//! machine is; the Raft log waits for its own writes; and election timeouts
+//! machine is; guest code does not yield its thread at the real epoch
+//! ticks; the Raft log waits for its own writes; and election timeouts
 //! come from a generator seeded by the simulation's seed. With turmoil's
 //! seeded network and seeded tokio runtimes (the workspace builds with
 //! `--cfg tokio_unstable` for that), a seed then replays exactly. Node code

@@ -1,14 +1,18 @@
 //! The Wasm runtime: wasmtime engine and linker, the host side of the `entity`
 //! world's imports, resource limits, and running one turn on one instance.
 //!
-//! A turn runs synchronously on the calling thread (the scheduler puts it on a
-//! blocking thread). Its writes are buffered in [`TurnState`] and returned as a
+//! A turn is a future (the export is called with `call_async`): guest code
+//! yields its thread at every epoch tick and waits suspend, so turns run on
+//! the node's async threads with no hand-off. Its writes are buffered in [`TurnState`] and returned as a
 //! [`TurnOutput`]; nothing here touches the commit log. An instance whose turn
 //! trapped is poisoned and must be dropped.
 
 mod host;
 mod output;
 mod wasi;
+
+#[cfg(test)]
+mod tests;
 
 use crate::config::RuntimeConfig;
 use crate::model::EntityRef;
@@ -25,6 +29,10 @@ wasmtime::component::bindgen!({
     world: "entity",
     path: "../wit",
     imports: { default: trappable },
+    // A turn is a future on the node's async threads: the guest yields at
+    // every epoch tick (see `arm_turn_limits`), so no thread hand-off is
+    // needed to keep a long turn from holding an async thread.
+    exports: { default: async },
 });
 
 use conflux::entity::types::CallError;
@@ -218,17 +226,24 @@ impl Runtime {
             // grew to 1.6 GB on 10,000 counters (≈ 550 MB with it).
             .pagemap_scan(wasmtime::Enabled::Auto)
             .max_memories_per_component(4)
+            // A store keeps the stack of its last async call for the next one:
+            // every live instance may hold one.
+            .total_stacks(n)
             .max_tables_per_component(8);
         let mut c = Config::new();
         c.wasm_component_model(true)
             .consume_fuel(cfg.fuel_per_turn > 0)
-            .epoch_interruption(cfg.turn_timeout_ms > 0)
+            // Also without a wall-clock budget: the ticks are where a running
+            // guest yields its thread to other tasks.
+            .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             // Guard pages stay, but reservations are sized to the memory limit so
             // ten thousand resident instances fit in the address space.
             .memory_reservation(cfg.max_memory_bytes.next_power_of_two().max(1 << 30))
             .memory_guard_size(32 << 20)
             .max_wasm_stack(512 << 10)
+            // Beyond the guest's share, what host calls may use on the turn's stack.
+            .async_stack_size((512 << 10) + (512 << 10))
             // A deploy compiles on one thread, so running turns keep the other
             // cores: a hot swap must not spike foreground latency.
             .parallel_compilation(false);
@@ -239,9 +254,7 @@ impl Runtime {
         wasi::add_to_linker(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         Entity::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-        if cfg.turn_timeout_ms > 0 {
-            spawn_epoch_ticker(&engine);
-        }
+        spawn_epoch_ticker(&engine);
         let guest_logs = Arc::new(GuestLogs::new(cfg.guest_log_lines));
         let memory = Arc::new(MemoryBudget::new(cfg.max_total_guest_memory_bytes as usize));
         Ok(Self { engine, linker, cfg: Arc::new(cfg.clone()), guest_logs, memory })
@@ -278,7 +291,8 @@ impl Runtime {
         let prepared = Prepared { pre, migrate };
         if prepared.migrate.is_some() {
             let probe = EntityRef::new("conflux-check", "migrate-signature").expect("valid ref");
-            self.instantiate(&prepared, &probe).map_err(|e| match e {
+            // Instantiation runs no guest code that waits: nothing here needs a runtime.
+            futures::executor::block_on(self.instantiate(&prepared, &probe)).map_err(|e| match e {
                 RuntimeError::Instantiate { message, .. } => RuntimeError::Link(message),
                 other => other,
             })?;
@@ -287,7 +301,7 @@ impl Runtime {
     }
 
     /// Creates a fresh instance for one entity.
-    pub fn instantiate(&self, prepared: &Prepared, entity: &EntityRef) -> Result<Instance, RuntimeError> {
+    pub async fn instantiate(&self, prepared: &Prepared, entity: &EntityRef) -> Result<Instance, RuntimeError> {
         let tag: Arc<str> = entity.to_string().into();
         let stdout = output::GuestOutput::new(tag.clone(), "stdout", self.guest_logs.clone());
         let stderr = output::GuestOutput::new(tag, "stderr", self.guest_logs.clone());
@@ -318,10 +332,27 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        arm_cpu_limits(&mut store, &self.cfg).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        // Instantiation runs no turn: its deadline is far, and it never
+        // yields; its start code gets a turn's fuel.
+        if self.cfg.fuel_per_turn > 0 {
+            store.set_fuel(self.cfg.fuel_per_turn).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        }
+        store.set_epoch_deadline(INSTANTIATION_EPOCH_TICKS);
+        store.epoch_deadline_callback(|store| {
+            let past = store.data().waits.deadline.is_some_and(|d| std::time::Instant::now() >= d);
+            Ok(if past {
+                wasmtime::UpdateDeadline::Interrupt
+            } else if crate::determinism::simulated() {
+                // A yield at a real clock's tick would order a simulation's
+                // tasks differently on every replay.
+                wasmtime::UpdateDeadline::Continue(1)
+            } else {
+                wasmtime::UpdateDeadline::Yield(1)
+            })
+        });
         let failed =
             |e: wasmtime::Error| RuntimeError::Instantiate { entity: entity.to_string(), message: format!("{e:#}") };
-        let instance = prepared.pre.instance_pre().instantiate(&mut store).map_err(|e| {
+        let instance = prepared.pre.instance_pre().instantiate_async(&mut store).await.map_err(|e| {
             let exhausted = e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some()
                 || store.data().limits.breached() == Some(host::MemoryBreach::Node);
             match exhausted {
@@ -368,9 +399,9 @@ impl Instance {
     /// Runs one turn. Reads go to the turn's own writes first, then `reader`. With
     /// `migrate_from`, the guest's migration (if it exports one) runs first, in the
     /// same turn: its writes and the handler's form one write set, and both
-    /// share the turn's one fuel and time budget. `slot` is the turn's hold on a
-    /// turn thread, given back while the guest waits in a host call.
-    pub fn run_turn(
+    /// share the turn's one fuel and time budget. `slot` is the turn's hold on one
+    /// of the node's turn slots, given back while the guest waits in a host call.
+    pub async fn run_turn(
         &mut self,
         input: TurnInput,
         reader: Arc<dyn StateStore>,
@@ -379,13 +410,13 @@ impl Instance {
     ) -> Result<TurnOutput, TurnError> {
         let cfg = self.begin_turn(input.invocation_id, input.caller, input.now_ms, input.next_seq, reader, slot)?;
         if let Some(from_version) = migrate_from
-            && let Err(cause) = self.migrate(from_version)
+            && let Err(cause) = self.migrate(from_version).await
         {
             self.end_turn();
             return Err(TurnError::MigrationFailed { from_version, cause: Box::new(cause) });
         }
         let result =
-            self.bindings.conflux_entity_handler().call_handle(&mut self.store, &input.operation, &input.payload);
+            self.bindings.conflux_entity_handler().call_handle(&mut self.store, &input.operation, &input.payload).await;
         let turn = self.end_turn().expect("turn state set by begin_turn");
         match result {
             Ok(Ok(reply)) => {
@@ -411,7 +442,7 @@ impl Instance {
     /// Runs only the migration from `from_version`, as a turn whose writes are
     /// returned and never committed (a dry run). Without a migration export the
     /// result is an empty write set.
-    pub fn run_migration(
+    pub async fn run_migration(
         &mut self,
         from_version: u32,
         invocation_id: String,
@@ -420,7 +451,7 @@ impl Instance {
         slot: Box<dyn TurnSlot>,
     ) -> Result<TurnOutput, TurnError> {
         self.begin_turn(invocation_id, None, now_ms, 0, reader, slot)?;
-        let result = self.migrate(from_version);
+        let result = self.migrate(from_version).await;
         let turn = self.end_turn().expect("turn state set by begin_turn");
         result.map(|()| TurnOutput { reply: Vec::new(), effects: turn.into_effects() })
     }
@@ -453,7 +484,7 @@ impl Instance {
         data.stderr.start_turn(&invocation_id);
         data.waits.slot = Some(slot);
         data.turn = Some(TurnState::new(data.entity.clone(), invocation_id, caller, now_ms, next_seq, reader));
-        if let Err(e) = arm_cpu_limits(&mut self.store, &cfg) {
+        if let Err(e) = arm_turn_limits(&mut self.store, &cfg) {
             return Err(self.fail_setup(e));
         }
         Ok(cfg)
@@ -474,9 +505,9 @@ impl Instance {
     }
 
     /// Calls the guest's `migrate` inside the current turn; a no-op without one.
-    fn migrate(&mut self, from_version: u32) -> Result<(), TurnError> {
+    async fn migrate(&mut self, from_version: u32) -> Result<(), TurnError> {
         let Some(func) = self.migrate else { return Ok(()) };
-        match func.call(&mut self.store, (from_version,)) {
+        match func.call_async(&mut self.store, (from_version,)).await {
             Ok((Ok(()),)) => Ok(()),
             Ok((Err(e),)) => Err(call_error(e)),
             Err(err) => {
@@ -536,8 +567,12 @@ impl Instance {
     }
 }
 
-/// Granularity of the wall-clock turn budget.
+/// Granularity of the wall-clock turn budget, and how long guest code runs
+/// at most before it yields its async thread.
 const EPOCH_TICK_MS: u64 = 10;
+
+/// Epoch deadline while an instance is made (a year of ticks: never).
+const INSTANTIATION_EPOCH_TICKS: u64 = 365 * 24 * 3600 * 1000 / EPOCH_TICK_MS;
 
 /// Advances the engine's epoch every tick for as long as the engine lives.
 fn spawn_epoch_ticker(engine: &Engine) {
@@ -556,14 +591,16 @@ fn spawn_epoch_ticker(engine: &Engine) {
 }
 
 /// Refills the fuel and re-arms the wall-clock deadline (for guest code and
-/// for its waits in host calls) for the next turn.
-fn arm_cpu_limits(store: &mut Store<HostState>, cfg: &RuntimeConfig) -> wasmtime::Result<()> {
+/// for its waits in host calls) for the next turn. Guest code meets the epoch
+/// deadline at the next tick; the instance's callback then yields (the turn
+/// gives its async thread to other tasks for a moment) or, once the turn's
+/// wall-clock budget is spent, interrupts it.
+fn arm_turn_limits(store: &mut Store<HostState>, cfg: &RuntimeConfig) -> wasmtime::Result<()> {
     if cfg.fuel_per_turn > 0 {
         store.set_fuel(cfg.fuel_per_turn)?;
     }
+    store.set_epoch_deadline(1);
     if cfg.turn_timeout_ms > 0 {
-        store.set_epoch_deadline(cfg.turn_timeout_ms.div_ceil(EPOCH_TICK_MS) + 1);
-        store.epoch_deadline_trap();
         store.data_mut().waits.deadline =
             Some(std::time::Instant::now() + std::time::Duration::from_millis(cfg.turn_timeout_ms));
     }

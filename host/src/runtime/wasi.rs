@@ -15,20 +15,24 @@
 //! with `timeout`. With no wall-clock budget (`turn_timeout_ms = 0`) nothing
 //! bounds a wait, so every wait that would block traps at once.
 //!
+//! Turns are futures on the node's async threads, so every wait is async:
+//! a waiting guest suspends, its thread runs other tasks.
+//!
 //! The other inert interfaces come from `wasmtime-wasi` unchanged: they never
 //! block here (stdin is closed, stdout/stderr accept every write at once) and
 //! their allocations are bounded (random bytes by `MAX_RANDOM_BYTES`, stream
 //! writes by `check-write`, resources by the instance's table capacity).
 
 use super::{HostState, TrapKind};
+use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
-use wasmtime_wasi::p2::bindings::io::poll::HostPollable as AsyncPollable;
-use wasmtime_wasi::p2::bindings::{cli, clocks, random, sync::io as sync_io};
+use wasmtime_wasi::p2::bindings::io::poll::{Host as AsyncPoll, HostPollable as AsyncPollable};
+use wasmtime_wasi::p2::bindings::{cli, clocks, io, random};
 use wasmtime_wasi::p2::{DynPollable, Pollable};
 use wasmtime_wasi::{HostMonotonicClock, WasiView};
 
@@ -46,8 +50,8 @@ pub(super) const MAX_RESOURCES: usize = 4096;
 pub trait TurnSlot: Send {
     /// The guest is about to wait: let another turn run meanwhile.
     fn release(&mut self);
-    /// The wait is over: hold a slot again (blocks until one is free).
-    fn reacquire(&mut self);
+    /// The wait is over: hold a slot again (resolves once one is free).
+    fn reacquire(&mut self) -> BoxFuture<'_, ()>;
 }
 
 /// A slot that is not shared with anything (dry runs, tests, benches).
@@ -56,7 +60,9 @@ pub struct NoSlot;
 
 impl TurnSlot for NoSlot {
     fn release(&mut self) {}
-    fn reacquire(&mut self) {}
+    fn reacquire(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// The instance's monotonic clock: nanoseconds since the instance was made.
@@ -151,8 +157,8 @@ pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     use wasmtime_wasi::random::WasiRandom;
     let l = linker;
     wasmtime_wasi::p2::bindings::io::error::add_to_linker::<HostState, Table>(l, |s| &mut s.table)?;
-    sync_io::streams::add_to_linker::<HostState, Table>(l, |s| &mut s.table)?;
-    sync_io::poll::add_to_linker::<HostState, TurnWaits>(l, view)?;
+    io::streams::add_to_linker::<HostState, Table>(l, |s| &mut s.table)?;
+    io::poll::add_to_linker::<HostState, TurnWaits>(l, view)?;
     clocks::monotonic_clock::add_to_linker::<HostState, TurnWaits>(l, view)?;
     clocks::wall_clock::add_to_linker::<HostState, WasiClocks>(l, |s| {
         wasmtime_wasi::clocks::WasiClocksView::clocks(s)
@@ -197,8 +203,8 @@ impl TurnWaitsView<'_> {
     }
 
     /// Runs a wait on `pollables` (readiness future `wait`) within the turn's
-    /// deadline, with the turn's slot released while it blocks.
-    fn bounded_wait<T>(
+    /// deadline, with the turn's slot released while it waits.
+    async fn bounded_wait<T>(
         table: &mut ResourceTable,
         waits: &mut Waits,
         earliest_wake: Option<Instant>,
@@ -206,24 +212,22 @@ impl TurnWaitsView<'_> {
     ) -> Result<wasmtime::Result<T>, WaitRefused> {
         let deadline = waits.deadline;
         let slot = &mut waits.slot;
-        wasmtime_wasi::runtime::in_tokio(async move {
-            let mut fut = pin!(wait(table));
-            if let Poll::Ready(r) = futures::poll!(fut.as_mut()) {
-                return Ok(r);
-            }
-            let Some(deadline) = deadline else { return Err(WaitRefused::NoBudget) };
-            if earliest_wake.is_some_and(|at| at > deadline) {
-                return Err(WaitRefused::PastDeadline);
-            }
-            if let Some(s) = slot.as_mut() {
-                s.release();
-            }
-            let r = tokio::time::timeout_at(deadline.into(), fut).await;
-            if let Some(s) = slot.as_mut() {
-                s.reacquire();
-            }
-            r.map_err(|_| WaitRefused::DeadlineReached)
-        })
+        let mut fut = pin!(wait(table));
+        if let Poll::Ready(r) = futures::poll!(fut.as_mut()) {
+            return Ok(r);
+        }
+        let Some(deadline) = deadline else { return Err(WaitRefused::NoBudget) };
+        if earliest_wake.is_some_and(|at| at > deadline) {
+            return Err(WaitRefused::PastDeadline);
+        }
+        if let Some(s) = slot.as_mut() {
+            s.release();
+        }
+        let r = tokio::time::timeout_at(deadline.into(), fut).await;
+        if let Some(s) = slot.as_mut() {
+            s.reacquire().await;
+        }
+        r.map_err(|_| WaitRefused::DeadlineReached)
     }
 
     /// When the earliest of `pollables` becomes ready, if all of them are
@@ -277,26 +281,27 @@ impl clocks::monotonic_clock::Host for TurnWaitsView<'_> {
     }
 }
 
-impl sync_io::poll::Host for TurnWaitsView<'_> {
-    fn poll(&mut self, pollables: Vec<Resource<DynPollable>>) -> wasmtime::Result<Vec<u32>> {
-        use wasmtime_wasi::p2::bindings::io::poll::Host as AsyncPoll;
+impl io::poll::Host for TurnWaitsView<'_> {
+    async fn poll(&mut self, pollables: Vec<Resource<DynPollable>>) -> wasmtime::Result<Vec<u32>> {
         let reps: Vec<u32> = pollables.iter().map(Resource::rep).collect();
         let earliest = self.earliest_wake(&reps);
-        match Self::bounded_wait(self.table, self.waits, earliest, |t| Box::pin(AsyncPoll::poll(t, pollables))) {
+        match Self::bounded_wait(self.table, self.waits, earliest, |t| Box::pin(AsyncPoll::poll(t, pollables))).await {
             Ok(r) => r,
             Err(why) => Err(self.refused(why)),
         }
     }
 }
 
-impl sync_io::poll::HostPollable for TurnWaitsView<'_> {
-    fn ready(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<bool> {
-        wasmtime_wasi::runtime::in_tokio(AsyncPollable::ready(self.table, pollable))
+impl io::poll::HostPollable for TurnWaitsView<'_> {
+    async fn ready(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<bool> {
+        AsyncPollable::ready(self.table, pollable).await
     }
 
-    fn block(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+    async fn block(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
         let earliest = self.earliest_wake(&[pollable.rep()]);
-        match Self::bounded_wait(self.table, self.waits, earliest, |t| Box::pin(AsyncPollable::block(t, pollable))) {
+        let wait =
+            Self::bounded_wait(self.table, self.waits, earliest, |t| Box::pin(AsyncPollable::block(t, pollable)));
+        match wait.await {
             Ok(r) => r,
             Err(why) => Err(self.refused(why)),
         }

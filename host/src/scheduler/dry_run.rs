@@ -51,10 +51,7 @@ impl Scheduler {
         for id in ids {
             let entity = EntityRef { entity_type: candidate.type_name.clone(), id };
             let slot = inner.turn_slot().await?;
-            let (inner2, candidate2, entity2) = (inner.clone(), candidate.clone(), entity.clone());
-            let outcome = crate::determinism::blocking(move || inner2.dry_run_one(&candidate2, &entity2, slot))
-                .await
-                .map_err(|e| InvokeError::Internal(format!("dry-run thread failed: {e}")))?;
+            let outcome = inner.dry_run_one(&candidate, &entity, slot).await;
             report.sampled += 1;
             match outcome {
                 Ok(None) => report.up_to_date += 1,
@@ -74,7 +71,7 @@ impl Scheduler {
 impl Inner {
     /// One entity of a dry run: `Ok(None)` if nothing to migrate, `Ok(Some(from))`
     /// if the migration succeeded, `Err((from, why))` if it failed.
-    fn dry_run_one(
+    async fn dry_run_one(
         &self,
         candidate: &LoadedVersion,
         entity: &EntityRef,
@@ -83,11 +80,12 @@ impl Inner {
         let meta = MetaCache::load(self.store.as_ref(), entity).map_err(|e| (0, e.to_string()))?;
         let Some(from) = meta.stored.migrate_from(candidate.version) else { return Ok(None) };
         let mut instance =
-            self.instantiate_with_room(&candidate.prepared, entity).map_err(|e| (from, e.to_string()))?;
+            self.instantiate_with_room(&candidate.prepared, entity).await.map_err(|e| (from, e.to_string()))?;
         let seq = self.next_invocation.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{seq:x}-dry-run", self.invocation_prefix);
         instance
             .run_migration(from, id, wall_ms(), self.store.clone(), Box::new(slot))
+            .await
             .map(|_| Some(from))
             .map_err(|e| (from, e.to_string()))
     }

@@ -9,7 +9,7 @@
 //! 2. [`route`](Inner::route): still this node's turn, in the term it was
 //!    routed in, with any doubt about an earlier commit settled;
 //! 3. [`turn`](Inner::turn): the version to run, the guards (a retried key, a
-//!    redelivered message), then the guest on a blocking thread;
+//!    redelivered message), then the guest, in this task;
 //! 4. [`write_set`](Inner::write_set): its writes, meta, messages, timers and
 //!    guard records as one write set;
 //! 5. [`commit`](Inner::commit): the write set through the log, fenced by the
@@ -61,11 +61,12 @@ impl crate::runtime::TurnSlot for PermitSlot {
         self.permit = None;
     }
 
-    fn reacquire(&mut self) {
-        if self.permit.is_none() {
-            // Runs on the turn's blocking thread; tokio's semaphore needs no runtime.
-            self.permit = futures::executor::block_on(self.permits.clone().acquire_owned()).ok();
-        }
+    fn reacquire(&mut self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.permit.is_none() {
+                self.permit = self.permits.clone().acquire_owned().await.ok();
+            }
+        })
     }
 }
 
@@ -79,8 +80,19 @@ impl crate::runtime::TurnSlot for SharedSlot {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).release();
     }
 
-    fn reacquire(&mut self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).reacquire();
+    fn reacquire(&mut self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // The lock is not held across the wait for a permit.
+            let permits = {
+                let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+                if slot.permit.is_some() {
+                    return;
+                }
+                slot.permits.clone()
+            };
+            let permit = permits.acquire_owned().await.ok();
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).permit = permit;
+        })
     }
 }
 
@@ -421,8 +433,9 @@ impl Inner {
         Some((epoch, batch))
     }
 
-    /// Runs the batch's turns one after another on one blocking thread and
-    /// one turn permit, each on the entity's warm instance (a fresh one after
+    /// Runs the batch's turns one after another in this task (a guest yields
+    /// its thread at every epoch tick, so no hand-off to another thread is
+    /// needed) on one turn permit, each on the entity's warm instance (a fresh one after
     /// a failed turn) and reading through the batch's pending writes. The
     /// slot gets back the instance (if it may stay warm) and, if nothing was
     /// written, the meta read. `None` if no turn could run (all answered).
@@ -452,51 +465,36 @@ impl Inner {
             outcomes: Vec::with_capacity(batch.len()),
             left: Vec::new(),
         };
-        let (this, entity2) = (self.clone(), entity.clone());
-        let ran = crate::determinism::blocking(move || {
-            let mut rest = batch.into_iter();
-            while let Some(q) = rest.next() {
-                // Whatever the next turn writes, the batch's write set must
-                // still fit one log entry.
-                if !ran.outcomes.is_empty() {
-                    if ran.bytes > this.commit_room_bytes {
-                        ran.left.push(q);
-                        ran.left.extend(rest);
-                        break;
-                    }
-                    // Between turns, another entity waiting for a permit goes first.
-                    let mut slot = permit.clone();
-                    crate::runtime::TurnSlot::release(&mut slot);
-                    crate::runtime::TurnSlot::reacquire(&mut slot);
+        let mut rest = batch.into_iter();
+        while let Some(q) = rest.next() {
+            // Whatever the next turn writes, the batch's write set must
+            // still fit one log entry.
+            if !ran.outcomes.is_empty() {
+                if ran.bytes > self.commit_room_bytes {
+                    ran.left.push(q);
+                    ran.left.extend(rest);
+                    break;
                 }
-                let Queued { inv, invocation_id, span, answer, .. } = q;
-                let outcome = span.in_scope(|| this.turn(&entity2, inv, invocation_id, &mut ran, &permit));
-                ran.outcomes.push((answer, outcome));
+                // Between turns, another entity waiting for a permit goes first.
+                let mut slot = permit.clone();
+                crate::runtime::TurnSlot::release(&mut slot);
+                crate::runtime::TurnSlot::reacquire(&mut slot).await;
             }
-            ran
-        })
-        .await;
-        match ran {
-            Ok(ran) => {
-                // The meta read is committed state unless a turn wrote.
-                if ran.ops.is_empty() {
-                    slot_state.meta = ran.meta;
-                }
-                Some(ran)
-            }
-            // The thread's end dropped the invocations it held: their
-            // tasks get "ended without an answer".
-            Err(e) => {
-                tracing::error!(entity = %entity, "turn thread failed: {e}");
-                None
-            }
+            let Queued { inv, invocation_id, span, answer, .. } = q;
+            let outcome = self.turn(entity, inv, invocation_id, &mut ran, &permit).instrument(span).await;
+            ran.outcomes.push((answer, outcome));
         }
+        // The meta read is committed state unless a turn wrote.
+        if ran.ops.is_empty() {
+            slot_state.meta = ran.meta;
+        }
+        Some(ran)
     }
 
     /// One turn of the batch, unless a guard answers first; its write set
     /// joins the batch's. A failed turn is counted here and adds nothing; its
     /// instance is dropped.
-    fn turn(
+    async fn turn(
         self: &Arc<Self>,
         entity: &EntityRef,
         inv: Invocation,
@@ -568,7 +566,7 @@ impl Inner {
             None => {
                 self.instantiations.fetch_add(1, Ordering::Relaxed);
                 crate::telemetry::metrics().activations.inc();
-                match self.instantiate_with_room(&version.prepared, entity) {
+                match self.instantiate_with_room(&version.prepared, entity).await {
                     Ok(instance) => Resident { version, instance, _count: ResidentCount::new(&self.resident) },
                     Err(e) => {
                         self.count_turn(false);
@@ -591,7 +589,7 @@ impl Inner {
         let reader: Arc<dyn StateStore> =
             if batch.overlay.is_empty() { self.store.clone() } else { batch.overlay.clone() };
         let turn_started = Instant::now();
-        let out = r.instance.run_turn(input, reader, migrate_from, Box::new(permit.clone()));
+        let out = r.instance.run_turn(input, reader, migrate_from, Box::new(permit.clone())).await;
         crate::telemetry::metrics().turn_seconds.observe(turn_started.elapsed().as_secs_f64());
         // Only an instance whose turn is about to commit stays warm: a
         // failed turn's instance may remember what was not committed (and a

@@ -1,6 +1,6 @@
 //! The batch tests of [`super`]: turns queued on one entity commit
 //! together, each atomic, guards seeing their batch, a failed commit
-//! failing every turn.
+//! failing every turn; and a turn sharing its async thread while it runs.
 
 use super::*;
 use crate::config::Config;
@@ -194,4 +194,26 @@ async fn a_full_mailbox_refuses() {
     })
     .await;
     assert_eq!(replies.iter().map(text).collect::<Vec<_>>(), ["2", "3", "4"]);
+}
+
+/// Turns run as futures on the node's async threads: a guest that spins
+/// yields at every epoch tick, so on a runtime of one thread a task that
+/// became ready meanwhile (here a timer) runs before the turn's deadline
+/// ends it, not after.
+#[tokio::test(flavor = "current_thread")]
+async fn a_spinning_turn_yields_its_thread_at_every_tick() {
+    let mut cfg = Config::default();
+    cfg.runtime.turn_timeout_ms = 2_000;
+    cfg.runtime.fuel_per_turn = 0;
+    let h = Harness::new(cfg, &[("faulty", "faulty")]).await;
+    let woke = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let woke2 = woke.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        woke2.store(true, Ordering::SeqCst);
+    });
+    let spun = h.scheduler.invoke_here(call(&EntityRef::new("faulty", "spin").unwrap(), "infinite_loop", "")).await;
+    let woke_during_the_turn = woke.load(Ordering::SeqCst);
+    assert!(text(&spun).starts_with("error timeout"), "{}", text(&spun));
+    assert!(woke_during_the_turn, "the timer's task waited for the spinning turn to end");
 }

@@ -160,19 +160,19 @@ impl Inner {
 
     /// Instantiates `prepared` for `entity`; when the node has no room (pool
     /// slots or guest memory), evicts idle warm instances and tries again.
-    pub(super) fn instantiate_with_room(
+    pub(super) async fn instantiate_with_room(
         &self,
         prepared: &crate::runtime::Prepared,
         entity: &EntityRef,
     ) -> Result<Instance, RuntimeError> {
         let mut tries = 0;
         loop {
-            match self.runtime.instantiate(prepared, entity) {
+            match self.runtime.instantiate(prepared, entity).await {
                 Err(RuntimeError::Exhausted { .. }) if tries < 3 => {
                     tries += 1;
                     let room = self.runtime.guest_memory().limit().saturating_sub(EVICT_HEADROOM_BYTES);
                     if self.evict_warm(room, EVICT_BATCH) == 0 {
-                        return self.runtime.instantiate(prepared, entity);
+                        return self.runtime.instantiate(prepared, entity).await;
                     }
                 }
                 other => return other,
