@@ -31,7 +31,8 @@ fn sled_fixture_with(limits: ApplyBuffer) -> Fixture {
 
 /// An apply buffer no apply fills: only `persist` (or a view, or drop)
 /// writes to sled.
-pub(crate) const UNBOUNDED: ApplyBuffer = ApplyBuffer { max_keys: usize::MAX, max_bytes: usize::MAX, max_age_ms: u64::MAX };
+pub(crate) const UNBOUNDED: ApplyBuffer =
+    ApplyBuffer { max_keys: usize::MAX, max_bytes: usize::MAX, max_age_ms: u64::MAX };
 
 fn sled_write_through_fixture() -> Fixture {
     sled_fixture_with(ApplyBuffer::WRITE_THROUGH)

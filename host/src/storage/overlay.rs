@@ -183,7 +183,8 @@ impl StateStore for Overlay {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<KvPairs, StorageError> {
-        let pending = pending_in(&self.pending.read().unwrap_or_else(|p| p.into_inner()), keyspace, prefix, start_after);
+        let pending =
+            pending_in(&self.pending.read().unwrap_or_else(|p| p.into_inner()), keyspace, prefix, start_after);
         merged_scan(pending, |after, n| self.base.scan(keyspace, prefix, after, n), start_after, limit)
     }
 
@@ -195,7 +196,8 @@ impl StateStore for Overlay {
         limit: usize,
         max_bytes: usize,
     ) -> Result<ScanPage, StorageError> {
-        let pending = pending_in(&self.pending.read().unwrap_or_else(|p| p.into_inner()), keyspace, prefix, start_after);
+        let pending =
+            pending_in(&self.pending.read().unwrap_or_else(|p| p.into_inner()), keyspace, prefix, start_after);
         merged_scan_page(pending, |after, n| self.base.scan(keyspace, prefix, after, n), start_after, limit, max_bytes)
     }
 

@@ -759,7 +759,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = |i: u8| [(&b"\0m"[..], vec![i])];
         let writes: Vec<WriteSet> = (1..=6u8)
-            .map(|i| WriteSet { ops: [put(b"x", &[i]).ops, del(&[b'd', i - 1]).ops, put(&[b'd', i], b"v").ops].concat() })
+            .map(|i| WriteSet {
+                ops: [put(b"x", &[i]).ops, del(&[b'd', i - 1]).ops, put(&[b'd', i], b"v").ops].concat(),
+            })
             .collect();
         {
             let store = SledStore::open(dir.path()).unwrap().with_apply_buffer(crate::storage::conformance::UNBOUNDED);
@@ -778,10 +780,12 @@ mod tests {
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(store.applied_index().unwrap(), 3, "older");
         assert_eq!(store.get_meta(b"\0m").unwrap(), Some(vec![3]), "meta as of the same index");
-        let expected: BTreeMap<Vec<u8>, Vec<u8>> = [(b"x".to_vec(), vec![3]), (b"d\x03".to_vec(), b"v".to_vec())].into();
+        let expected: BTreeMap<Vec<u8>, Vec<u8>> =
+            [(b"x".to_vec(), vec![3]), (b"d\x03".to_vec(), b"v".to_vec())].into();
         assert_eq!(state_of(&store), expected, "data as of the same index");
         // Replaying the log from there ends where the crashed store was.
-        let entries: Vec<(LogIndex, &WriteSet)> = writes.iter().enumerate().map(|(i, w)| (i as LogIndex + 1, w)).collect();
+        let entries: Vec<(LogIndex, &WriteSet)> =
+            writes.iter().enumerate().map(|(i, w)| (i as LogIndex + 1, w)).collect();
         store.apply(&entries).unwrap();
         assert_eq!(store.applied_index().unwrap(), 6);
         assert_eq!(state_of(&store), [(b"x".to_vec(), vec![6]), (b"d\x06".to_vec(), b"v".to_vec())].into());
@@ -810,19 +814,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let unbounded = crate::storage::conformance::UNBOUNDED;
-        let by_keys = SledStore::in_db(&db, "k", dir.path()).unwrap().with_apply_buffer(ApplyBuffer { max_keys: 3, ..unbounded });
+        let by_keys =
+            SledStore::in_db(&db, "k", dir.path()).unwrap().with_apply_buffer(ApplyBuffer { max_keys: 3, ..unbounded });
         by_keys.apply(&[(1, &put(b"a", b"1")), (2, &put(b"a", b"2"))]).unwrap();
         by_keys.apply(&[(3, &put(b"b", b"1"))]).unwrap();
         assert_eq!((in_sled(&by_keys), by_keys.applied_index().unwrap()), (0, 3), "two distinct keys stay buffered");
         by_keys.apply(&[(4, &put(b"c", b"1"))]).unwrap();
         assert_eq!(in_sled(&by_keys), 4);
-        let by_bytes = SledStore::in_db(&db, "b", dir.path()).unwrap().with_apply_buffer(ApplyBuffer { max_bytes: 100, ..unbounded });
+        let by_bytes = SledStore::in_db(&db, "b", dir.path())
+            .unwrap()
+            .with_apply_buffer(ApplyBuffer { max_bytes: 100, ..unbounded });
         by_bytes.apply(&[(1, &put(b"a", &[0; 50]))]).unwrap();
         by_bytes.apply(&[(2, &put(b"a", &[0; 60]))]).unwrap();
         assert_eq!(in_sled(&by_bytes), 0, "an overwritten value counts once");
         by_bytes.apply(&[(3, &put(b"b", &[0; 60]))]).unwrap();
         assert_eq!(in_sled(&by_bytes), 3);
-        let by_age = SledStore::in_db(&db, "t", dir.path()).unwrap().with_apply_buffer(ApplyBuffer { max_age_ms: 0, ..unbounded });
+        let by_age = SledStore::in_db(&db, "t", dir.path())
+            .unwrap()
+            .with_apply_buffer(ApplyBuffer { max_age_ms: 0, ..unbounded });
         by_age.apply(&[(1, &put(b"a", b"1"))]).unwrap();
         assert_eq!(in_sled(&by_age), 1);
         let through = SledStore::in_db(&db, "w", dir.path()).unwrap().with_apply_buffer(ApplyBuffer::WRITE_THROUGH);
@@ -840,13 +849,23 @@ mod tests {
         let store = SledStore::open(dir.path()).unwrap().with_apply_buffer(crate::storage::conformance::UNBOUNDED);
         store.apply_with_meta(&[(1, &put(b"a", b"1")), (2, &put(b"b", b"1"))], &[(b"\0m", b"2".to_vec())]).unwrap();
         store.write_out().unwrap();
-        store.apply_with_meta(&[(3, &put(b"a", b"3")), (4, &del(b"b")), (5, &put(b"c", b"5"))], &[(b"\0m", b"5".to_vec())]).unwrap();
+        store
+            .apply_with_meta(
+                &[(3, &put(b"a", b"3")), (4, &del(b"b")), (5, &put(b"c", b"5"))],
+                &[(b"\0m", b"5".to_vec())],
+            )
+            .unwrap();
         let at_point = state_of(&store);
         // A view scans once: one to scan before the later applies reach
         // sled, one after.
         let (view, later_view) = (store.point_in_time(&[b"\0m"]).unwrap(), store.point_in_time(&[]).unwrap());
         assert_eq!((view.applied_index, view.meta.clone()), (5, vec![Some(b"5".to_vec())]));
-        store.apply_with_meta(&[(6, &put(b"a", b"6")), (7, &put(b"b", b"7")), (8, &del(b"c")), (9, &put(b"d", b"9"))], &[(b"\0m", b"9".to_vec())]).unwrap();
+        store
+            .apply_with_meta(
+                &[(6, &put(b"a", b"6")), (7, &put(b"b", b"7")), (8, &del(b"c")), (9, &put(b"d", b"9"))],
+                &[(b"\0m", b"9".to_vec())],
+            )
+            .unwrap();
         assert_eq!(logical(scan_all(&view)), at_point, "buffered applies after the point");
         store.write_out().unwrap();
         assert_eq!(store.get_meta(b"\0m").unwrap().as_deref(), Some(&b"9"[..]));

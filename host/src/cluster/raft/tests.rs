@@ -310,7 +310,8 @@ async fn entries_a_crash_took_from_the_apply_buffer_are_applied_again_on_restart
         let db = sled::Config::new().path(&sled_dir).open().unwrap();
         let store = crate::storage::SledStore::in_db(&db, "shard-0", &sled_dir).unwrap();
         assert_eq!(store.applied_index().unwrap(), written_at);
-        let last: Option<LogId> = postcard::from_bytes(&store.get_meta(b"\0raft_last_applied").unwrap().unwrap()).unwrap();
+        let last: Option<LogId> =
+            postcard::from_bytes(&store.get_meta(b"\0raft_last_applied").unwrap().unwrap()).unwrap();
         assert_eq!(last.map(|id| id.index + 1), Some(written_at), "raft's applied log id agrees with the store's");
         let keys = store.scan(Keyspace::State, b"", None, 100).unwrap();
         assert_eq!(keys.len(), 5, "the five early keys, none of the late: {keys:?}");
