@@ -86,7 +86,7 @@ impl TestNode {
     async fn crash(&mut self, net: &LocalNet) -> tempfile::TempDir {
         net.remove_node(self.id);
         let replica = self.replica.take().expect("node is running");
-        replica.state.store().crash();
+        replica.state.store().close_discarding();
         replica.raft.shutdown().await.unwrap();
         drop(replica);
         std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())

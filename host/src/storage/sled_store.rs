@@ -83,10 +83,8 @@ struct Buffer {
     written: LogIndex,
     /// When (Unix ms, the node's clock) the oldest buffered apply was made.
     since_ms: Option<u64>,
-    /// Test hook: a simulated crash lost the buffer; nothing reaches sled
-    /// any more, as if the process were gone.
-    #[cfg(test)]
-    crashed: bool,
+    /// Closed by [`SledStore::close_discarding`]: nothing reaches sled any more.
+    closed: bool,
 }
 
 impl Buffer {
@@ -245,11 +243,7 @@ impl SledStore {
     /// first save the values the batch overwrites. The caller holds the
     /// apply lock (`buffer`'s write lock).
     fn write_buffer(&self, buffer: &mut Buffer) -> Result<(), StorageError> {
-        #[cfg(test)]
-        if buffer.crashed {
-            return Ok(());
-        }
-        if !buffer.dirty() {
+        if buffer.closed || !buffer.dirty() {
             return Ok(());
         }
         {
@@ -285,13 +279,14 @@ impl SledStore {
         self.write_buffer(&mut buffer)
     }
 
-    /// Test hook: simulates a crash of the process as far as this store is
-    /// concerned. The buffered applies are lost and nothing more reaches
-    /// sled, whatever is applied, persisted or dropped afterwards.
-    #[cfg(test)]
-    pub(crate) fn crash(&self) {
+    /// Drops what is buffered and writes nothing to sled any more, whatever
+    /// is applied, persisted or dropped afterwards: for a store whose tree
+    /// is about to be deleted (a replica moved away; a late write, say by
+    /// the drop of a store a snapshot build still holds, must not reach a
+    /// dropped tree), and, in tests, to simulate a crash of the process.
+    pub fn close_discarding(&self) {
         let mut buffer = self.buffer.write().unwrap_or_else(|p| p.into_inner());
-        buffer.crashed = true;
+        buffer.closed = true;
     }
 
     /// A host meta key's value (see `apply_with_meta`).
@@ -774,7 +769,7 @@ mod tests {
             }
             assert_eq!(store.applied_index().unwrap(), 6);
             assert_eq!(store.get(Keyspace::State, b"x").unwrap(), Some(vec![6]), "reads see the buffer");
-            store.crash();
+            store.close_discarding();
             store.persist().unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();

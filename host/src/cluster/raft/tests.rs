@@ -300,7 +300,7 @@ async fn entries_a_crash_took_from_the_apply_buffer_are_applied_again_on_restart
         }
         assert!(log.store().get(Keyspace::State, b"late19").unwrap().is_some());
         assert!(log.store().applied_index().unwrap() >= written_at + 20);
-        log.store().crash();
+        log.store().close_discarding();
         log.shutdown().await.unwrap();
         written_at
     };
