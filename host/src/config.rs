@@ -45,11 +45,51 @@ pub struct Config {
 pub struct StorageConfig {
     /// Directory holding the state store, the write-ahead log and components.
     pub data_dir: PathBuf,
+    /// A shard replica's store buffers applied entries in memory and writes
+    /// them to sled in one batch when the buffer holds this many distinct
+    /// keys (0 with the other two: every apply goes to sled at once).
+    pub apply_buffer_max_keys: usize,
+    /// … or this many bytes of keys and values (one apply may overshoot it
+    /// by its own size). Per shard replica: a node's bound is this times
+    /// the replicas it holds.
+    pub apply_buffer_max_bytes: usize,
+    /// … or when its oldest apply is this old, checked at each apply.
+    pub apply_buffer_max_age_ms: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("./conflux-data") }
+        let buffer = crate::storage::ApplyBuffer::default();
+        Self {
+            data_dir: PathBuf::from("./conflux-data"),
+            apply_buffer_max_keys: buffer.max_keys,
+            apply_buffer_max_bytes: buffer.max_bytes,
+            apply_buffer_max_age_ms: buffer.max_age_ms,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The bounds of each store's apply buffer.
+    pub fn apply_buffer(&self) -> crate::storage::ApplyBuffer {
+        crate::storage::ApplyBuffer {
+            max_keys: self.apply_buffer_max_keys,
+            max_bytes: self.apply_buffer_max_bytes,
+            max_age_ms: self.apply_buffer_max_age_ms,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.apply_buffer_max_keys > 1 << 20 {
+            return Err(ConfigError::Invalid("storage.apply_buffer_max_keys must be at most 1048576".into()));
+        }
+        if self.apply_buffer_max_bytes > 256 << 20 {
+            return Err(ConfigError::Invalid("storage.apply_buffer_max_bytes must be at most 256 MiB".into()));
+        }
+        if self.apply_buffer_max_age_ms > 60_000 {
+            return Err(ConfigError::Invalid("storage.apply_buffer_max_age_ms must be at most 60000".into()));
+        }
+        Ok(())
     }
 }
 
@@ -513,6 +553,7 @@ impl Config {
     /// Checks cross-field rules once, so modules can trust their slice.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        self.storage.validate()?;
         let r = &self.runtime;
         let s = &self.scheduler;
         if r.fuel_per_turn == 0 && r.turn_timeout_ms == 0 {
@@ -646,6 +687,24 @@ mod tests {
         assert!(e.contains("runtime.max_write_set_bytes") && e.contains("log.max_batch_bytes"), "{e}");
         c.log.max_batch_bytes += c.runtime.max_reply_bytes + WRITE_SET_OVERHEAD_BYTES;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_apply_buffer_is_bounded() {
+        let c: Config = toml::from_str("[storage]\napply_buffer_max_keys = 10\napply_buffer_max_age_ms = 5\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.storage.apply_buffer(),
+            crate::storage::ApplyBuffer { max_keys: 10, max_bytes: 4 << 20, max_age_ms: 5 }
+        );
+        let invalid = |edit: &dyn Fn(&mut Config)| {
+            let mut c = Config::default();
+            edit(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(invalid(&|c| c.storage.apply_buffer_max_keys = 2 << 20).contains("apply_buffer_max_keys"));
+        assert!(invalid(&|c| c.storage.apply_buffer_max_bytes = 1 << 30).contains("apply_buffer_max_bytes"));
+        assert!(invalid(&|c| c.storage.apply_buffer_max_age_ms = 600_000).contains("apply_buffer_max_age_ms"));
     }
 
     #[test]

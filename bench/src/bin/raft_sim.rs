@@ -76,6 +76,7 @@ async fn build(nodes: u64, shard_count: u32, replication_factor: usize) -> anyho
             config: config.clone(),
             transport: net.transport(id),
             wal_flush_wait: Duration::from_micros(100),
+            apply_buffer: conflux_host::storage::ApplyBuffer::default(),
         };
         let table = ReplicaTable::default();
         net.attach(id, table.clone());

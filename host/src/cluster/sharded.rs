@@ -535,6 +535,7 @@ mod tests {
             config: crate::cluster::raft::raft_config("test", 10_000).unwrap(),
             transport: Arc::new(NoPeers),
             wal_flush_wait: Duration::from_micros(100),
+            apply_buffer: crate::storage::ApplyBuffer::default(),
         };
         // Node 1 holds shards 0..3 alone; shard 3 lives on nodes 2 and 3.
         let mut shape = crate::cluster::shape::Shape::default();

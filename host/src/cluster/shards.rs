@@ -184,6 +184,9 @@ impl ShardSet {
         if let Err(e) = replica.raft.shutdown().await {
             tracing::warn!(shard, "stopping shard replica: {e}");
         }
+        // Its data is deleted: the store's apply buffer must not be written
+        // to the dropped tree when the store's last handle goes.
+        replica.state.store().close_discarding();
         let delete = |message: String| ShardSetError::Delete { shard, message };
         self.host.db.drop_tree(format!("shard-{shard}")).map_err(|e| delete(e.to_string()))?;
         let dir = super::raft::replica_dir(&self.host.data_dir, shard);

@@ -70,6 +70,7 @@ impl TestNode {
             config,
             transport,
             wal_flush_wait: Duration::from_micros(100),
+            apply_buffer: crate::storage::ApplyBuffer::default(),
         };
         let replica = host.open(SHARD).await.unwrap();
         Self { id, dir, replica: Some(replica) }
@@ -80,10 +81,12 @@ impl TestNode {
     }
 
     /// kill -9 as far as the network and the disk can tell: off the network,
-    /// Raft stopped, files closed. What was synced stays.
+    /// the store's apply buffer lost (nothing reaches sled any more), Raft
+    /// stopped, files closed. What was synced stays.
     async fn crash(&mut self, net: &LocalNet) -> tempfile::TempDir {
         net.remove_node(self.id);
         let replica = self.replica.take().expect("node is running");
+        replica.state.store().close_discarding();
         replica.raft.shutdown().await.unwrap();
         drop(replica);
         std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
@@ -465,6 +468,7 @@ async fn open_sets(
             config: config(1000),
             transport: net.transport(id),
             wal_flush_wait: Duration::from_micros(100),
+            apply_buffer: crate::storage::ApplyBuffer::default(),
         };
         let table = raft::ReplicaTable::default();
         net.attach(id, table.clone());

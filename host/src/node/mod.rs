@@ -283,6 +283,7 @@ impl Node {
             config: raft_config,
             transport: transport.clone(),
             wal_flush_wait: std::time::Duration::from_micros(cfg.log.wal_flush_wait_micros),
+            apply_buffer: cfg.storage.apply_buffer(),
         };
         let table = ReplicaTable::default();
         let path = || dir.display().to_string();
@@ -646,6 +647,7 @@ mod tests {
             config: raft_config("test", 10_000).unwrap(),
             transport: Arc::new(NoPeers),
             wal_flush_wait: std::time::Duration::from_micros(100),
+            apply_buffer: crate::storage::ApplyBuffer::default(),
         };
         {
             let replica = host().open(0).await.unwrap();

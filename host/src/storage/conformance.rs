@@ -1,9 +1,12 @@
 //! Conformance suite for `StateStore`: every implementation must pass the same
 //! tests. Each check is a function generic over a factory; the macro at the
-//! bottom instantiates it for `MemStore` and `SledStore`. Sled-only properties
+//! bottom instantiates it for `MemStore` and for `SledStore` three ways: with
+//! the default apply buffer, writing every apply through to sled, and
+//! buffering everything (nothing reaches sled unless something asks: reads
+//! see only the buffer over what `persist` wrote). Sled-only properties
 //! (reopen, locking) are in `sled_only`.
 
-use super::{ApplyStore, MemStore, SledStore, StateStore, StorageError};
+use super::{ApplyBuffer, ApplyStore, MemStore, SledStore, StateStore, StorageError};
 use crate::model::{Keyspace, LogIndex, Op, WriteSet};
 
 /// A store under test plus whatever must outlive it (a temp dir).
@@ -17,9 +20,26 @@ pub(crate) fn mem_fixture() -> Fixture {
 }
 
 pub(crate) fn sled_fixture() -> Fixture {
+    sled_fixture_with(ApplyBuffer::default())
+}
+
+fn sled_fixture_with(limits: ApplyBuffer) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = SledStore::open(dir.path()).unwrap().with_apply_buffer(limits);
     Fixture { store: Box::new(store), _guard: Some(dir) }
+}
+
+/// An apply buffer no apply fills: only `persist` (or a view, or drop)
+/// writes to sled.
+pub(crate) const UNBOUNDED: ApplyBuffer =
+    ApplyBuffer { max_keys: usize::MAX, max_bytes: usize::MAX, max_age_ms: u64::MAX };
+
+fn sled_write_through_fixture() -> Fixture {
+    sled_fixture_with(ApplyBuffer::WRITE_THROUGH)
+}
+
+fn sled_buffered_fixture() -> Fixture {
+    sled_fixture_with(UNBOUNDED)
 }
 
 pub(crate) fn put(ks: Keyspace, k: &[u8], v: &[u8]) -> Op {
@@ -317,6 +337,49 @@ pub(crate) fn entity_ids_skip_entities(f: impl Fn() -> Fixture) {
     assert_eq!(super::entity_ids(s, "t", "b", Some("a"), 100).unwrap(), ["b"]);
 }
 
+/// Reads merge what is in the store's lower layer (written by `persist`)
+/// with later applies that overwrite, delete and add keys on both sides of
+/// it: get, scans (with deletes hiding persisted rows) and byte-bounded pages.
+pub(crate) fn reads_merge_persisted_and_later_applies(f: impl Fn() -> Fixture) {
+    let fx = f();
+    let s = fx.store.as_ref();
+    let ks = Keyspace::State;
+    let persisted: Vec<Op> = (0..20u8).map(|i| put(ks, format!("k{i:02}").as_bytes(), b"old")).collect();
+    apply1(s, 1, &ws(persisted));
+    s.persist().unwrap();
+    let mut later = vec![put(ks, b"k00", b"new"), del(ks, b"k01"), del(ks, b"k02"), put(ks, b"k05a", b"added")];
+    later.extend((10..19u8).map(|i| del(ks, format!("k{i:02}").as_bytes())));
+    later.extend([put(ks, b"k19", b"new"), put(ks, b"k20", b"added"), del(ks, b"never-there")]);
+    apply1(s, 2, &ws(later));
+    let mut expected: Vec<(Vec<u8>, Vec<u8>)> = vec![(b"k00".to_vec(), b"new".to_vec())];
+    expected.extend((3..10u8).map(|i| (format!("k{i:02}").into_bytes(), b"old".to_vec())));
+    expected.insert(4, (b"k05a".to_vec(), b"added".to_vec()));
+    expected.extend([(b"k19".to_vec(), b"new".to_vec()), (b"k20".to_vec(), b"added".to_vec())]);
+    assert_eq!(s.applied_index().unwrap(), 2);
+    assert_eq!(get(s, ks, b"k00"), Some(b"new".to_vec()));
+    assert_eq!(get(s, ks, b"k01"), None, "a delete hides the persisted value");
+    assert_eq!(get(s, ks, b"k03"), Some(b"old".to_vec()));
+    assert_eq!(s.scan(ks, b"k", None, 100).unwrap(), expected);
+    assert_eq!(s.scan(ks, b"k", None, 3).unwrap(), expected[..3].to_vec(), "deletes do not eat the limit");
+    assert_eq!(s.scan(ks, b"k", Some(b"k09"), 1).unwrap(), expected[9..10].to_vec(), "past nine deleted keys");
+    assert_eq!(s.scan(ks, b"k1", None, 100).unwrap(), expected[9..10].to_vec());
+    let mut paged = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = s.scan_page(ks, b"k", after.as_deref(), 2, 12).unwrap();
+        assert!(page.entries.len() <= 2);
+        after = page.entries.last().map(|(k, _)| k.clone());
+        paged.extend(page.entries);
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(paged, expected);
+    // And once written down again, the same.
+    s.persist().unwrap();
+    assert_eq!(s.scan(ks, b"k", None, 100).unwrap(), expected);
+}
+
 macro_rules! state_store_conformance {
     ($name:ident, $factory:expr) => {
         mod $name {
@@ -349,12 +412,18 @@ macro_rules! state_store_conformance {
             fn entity_ids_skip_entities() {
                 super::entity_ids_skip_entities($factory)
             }
+            #[test]
+            fn reads_merge_persisted_and_later_applies() {
+                super::reads_merge_persisted_and_later_applies($factory)
+            }
         }
     };
 }
 
 state_store_conformance!(mem, mem_fixture);
 state_store_conformance!(sled, sled_fixture);
+state_store_conformance!(sled_write_through, sled_write_through_fixture);
+state_store_conformance!(sled_buffered, sled_buffered_fixture);
 
 mod sled_only {
     use super::*;

@@ -17,7 +17,7 @@ pub(crate) mod conformance;
 pub use mem_store::MemStore;
 pub use overlay::Overlay;
 pub use point_in_time::PointInTime;
-pub use sled_store::SledStore;
+pub use sled_store::{ApplyBuffer, SledStore};
 
 use crate::model::{Keyspace, LogIndex, Op, WriteSet};
 use std::path::PathBuf;

@@ -4,6 +4,10 @@
 //! `scan`, `scan_page`) sees the pending writes first, so a later turn of the
 //! batch reads what the earlier ones wrote, exactly as if they had committed.
 //! Nothing is ever applied through it: the batch's write set goes to the log.
+//!
+//! The merging itself (pending writes over a store's rows, for `scan` and
+//! `scan_page`) is shared with `SledStore`, whose apply buffer is laid over
+//! sled the same way.
 
 use super::{KvPairs, ScanPage, StateStore, StorageError, fill_page, op_write, physical_key};
 use crate::model::{Keyspace, LogIndex, Op};
@@ -17,7 +21,7 @@ const SCAN_CHUNK: usize = 64;
 /// Pending writes (by physical key; `None` = deleted) over a store.
 pub struct Overlay {
     base: Arc<dyn StateStore>,
-    pending: RwLock<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    pending: RwLock<Pending>,
 }
 
 impl Overlay {
@@ -40,75 +44,124 @@ impl Overlay {
     pub fn is_empty(&self) -> bool {
         self.pending.read().unwrap_or_else(|p| p.into_inner()).is_empty()
     }
+}
 
-    /// The pending writes of `keyspace` under `prefix` and after
-    /// `start_after` (keys without the keyspace byte), ascending.
-    fn pending_in(
-        &self,
-        keyspace: Keyspace,
-        prefix: &[u8],
-        start_after: Option<&[u8]>,
-    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-        let pending = self.pending.read().unwrap_or_else(|p| p.into_inner());
-        let from = physical_key(keyspace, prefix);
-        pending
-            .range(from.clone()..)
-            .take_while(|(k, _)| k.starts_with(&from))
-            .map(|(k, v)| (k[1..].to_vec(), v.clone()))
-            .filter(|(k, _)| start_after.is_none_or(|a| k.as_slice() > a))
-            .collect()
-    }
+/// Pending writes by physical key; `None` = deleted. Laid over a store by
+/// an [`Overlay`] (a batch's uncommitted turns) and by a `SledStore`'s apply
+/// buffer (applied entries not yet written to sled).
+pub(crate) type Pending = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
-    /// Visits the merged entries of the range in ascending key order until
-    /// `emit` returns false: pending writes replace (or, deleted, hide) the
-    /// store's entries of the same key. The store is read `chunk` rows at a
-    /// time, so a range hiding many deleted keys still ends.
-    fn walk(
-        &self,
-        keyspace: Keyspace,
-        prefix: &[u8],
-        start_after: Option<&[u8]>,
-        chunk: usize,
-        mut emit: impl FnMut(Vec<u8>, Vec<u8>) -> bool,
-    ) -> Result<(), StorageError> {
-        let mut pending = self.pending_in(keyspace, prefix, start_after).into_iter().peekable();
-        let mut after = start_after.map(<[u8]>::to_vec);
-        loop {
-            let rows = self.base.scan(keyspace, prefix, after.as_deref(), chunk)?;
-            let exhausted = rows.len() < chunk;
-            if let Some((k, _)) = rows.last() {
-                after = Some(k.clone());
-            }
-            for (k, v) in rows {
-                // Pending keys the store does not have, up to this one.
-                while let Some((pk, pv)) = pending.next_if(|(pk, _)| *pk < k) {
-                    if let Some(pv) = pv
-                        && !emit(pk, pv)
-                    {
-                        return Ok(());
-                    }
-                }
-                let row = match pending.next_if(|(pk, _)| *pk == k) {
-                    Some((_, None)) => continue,
-                    Some((pk, Some(pv))) => (pk, pv),
-                    None => (k, v),
-                };
-                if !emit(row.0, row.1) {
+/// The pending writes of `keyspace` under `prefix` and after `start_after`
+/// (keys without the keyspace byte), ascending.
+pub(crate) fn pending_in(
+    pending: &Pending,
+    keyspace: Keyspace,
+    prefix: &[u8],
+    start_after: Option<&[u8]>,
+) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let from = physical_key(keyspace, prefix);
+    pending
+        .range(from.clone()..)
+        .take_while(|(k, _)| k.starts_with(&from))
+        .map(|(k, v)| (k[1..].to_vec(), v.clone()))
+        .filter(|(k, _)| start_after.is_none_or(|a| k.as_slice() > a))
+        .collect()
+}
+
+/// Visits the merged entries of the range in ascending key order until
+/// `emit` returns false: `pending` (the range's pending writes, from
+/// [`pending_in`]) replace (or, deleted, hide) the entries of the same key
+/// that `base` yields. `base(after, n)` scans the store's range after `after`
+/// for at most `n` rows; it is read `chunk` rows at a time, so a range
+/// hiding many deleted keys still ends.
+fn walk(
+    pending: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    mut base: impl FnMut(Option<&[u8]>, usize) -> Result<KvPairs, StorageError>,
+    start_after: Option<&[u8]>,
+    chunk: usize,
+    mut emit: impl FnMut(Vec<u8>, Vec<u8>) -> bool,
+) -> Result<(), StorageError> {
+    let mut pending = pending.into_iter().peekable();
+    let mut after = start_after.map(<[u8]>::to_vec);
+    loop {
+        let rows = base(after.as_deref(), chunk)?;
+        let exhausted = rows.len() < chunk;
+        if let Some((k, _)) = rows.last() {
+            after = Some(k.clone());
+        }
+        for (k, v) in rows {
+            // Pending keys the store does not have, up to this one.
+            while let Some((pk, pv)) = pending.next_if(|(pk, _)| *pk < k) {
+                if let Some(pv) = pv
+                    && !emit(pk, pv)
+                {
                     return Ok(());
                 }
             }
-            if exhausted {
-                for (pk, pv) in pending {
-                    if let Some(pv) = pv
-                        && !emit(pk, pv)
-                    {
-                        return Ok(());
-                    }
-                }
+            let row = match pending.next_if(|(pk, _)| *pk == k) {
+                Some((_, None)) => continue,
+                Some((pk, Some(pv))) => (pk, pv),
+                None => (k, v),
+            };
+            if !emit(row.0, row.1) {
                 return Ok(());
             }
         }
+        if exhausted {
+            for (pk, pv) in pending {
+                if let Some(pv) = pv
+                    && !emit(pk, pv)
+                {
+                    return Ok(());
+                }
+            }
+            return Ok(());
+        }
     }
+}
+
+/// [`StateStore::scan`] of `pending` (from [`pending_in`], same range) laid
+/// over the rows `base` yields (see [`walk`]).
+pub(crate) fn merged_scan(
+    pending: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    base: impl FnMut(Option<&[u8]>, usize) -> Result<KvPairs, StorageError>,
+    start_after: Option<&[u8]>,
+    limit: usize,
+) -> Result<KvPairs, StorageError> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    // Pending deletes hide at most this many stored rows: one read of
+    // the store usually covers the whole page.
+    let hidden = pending.iter().filter(|(_, v)| v.is_none()).count();
+    let mut out = Vec::new();
+    walk(pending, base, start_after, limit.saturating_add(hidden), |k, v| {
+        out.push((k, v));
+        out.len() < limit
+    })?;
+    Ok(out)
+}
+
+/// [`StateStore::scan_page`] of `pending` laid over `base` (see
+/// [`merged_scan`]).
+pub(crate) fn merged_scan_page(
+    pending: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    base: impl FnMut(Option<&[u8]>, usize) -> Result<KvPairs, StorageError>,
+    start_after: Option<&[u8]>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<ScanPage, StorageError> {
+    // Collects up to the entry that ends the page (one past the count,
+    // or past the bytes — the first entry always fits), which is what
+    // `fill_page` needs to say `more`.
+    let mut rows = Vec::new();
+    let mut bytes = 0usize;
+    walk(pending, base, start_after, SCAN_CHUNK, |k, v| {
+        bytes = bytes.saturating_add(k.len() + v.len());
+        rows.push((k, v));
+        !(rows.len() > limit || (rows.len() > 1 && bytes > max_bytes))
+    })?;
+    fill_page(rows.into_iter().map(Ok::<_, StorageError>), limit, max_bytes)
 }
 
 impl StateStore for Overlay {
@@ -130,18 +183,9 @@ impl StateStore for Overlay {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<KvPairs, StorageError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        // Pending deletes hide at most this many stored rows: one read of
-        // the store usually covers the whole page.
-        let hidden = self.pending_in(keyspace, prefix, start_after).iter().filter(|(_, v)| v.is_none()).count();
-        let mut out = Vec::new();
-        self.walk(keyspace, prefix, start_after, limit.saturating_add(hidden), |k, v| {
-            out.push((k, v));
-            out.len() < limit
-        })?;
-        Ok(out)
+        let pending =
+            pending_in(&self.pending.read().unwrap_or_else(|p| p.into_inner()), keyspace, prefix, start_after);
+        merged_scan(pending, |after, n| self.base.scan(keyspace, prefix, after, n), start_after, limit)
     }
 
     fn scan_page(
@@ -152,17 +196,9 @@ impl StateStore for Overlay {
         limit: usize,
         max_bytes: usize,
     ) -> Result<ScanPage, StorageError> {
-        // Collects up to the entry that ends the page (one past the count,
-        // or past the bytes — the first entry always fits), which is what
-        // `fill_page` needs to say `more`.
-        let mut rows = Vec::new();
-        let mut bytes = 0usize;
-        self.walk(keyspace, prefix, start_after, SCAN_CHUNK, |k, v| {
-            bytes = bytes.saturating_add(k.len() + v.len());
-            rows.push((k, v));
-            !(rows.len() > limit || (rows.len() > 1 && bytes > max_bytes))
-        })?;
-        fill_page(rows.into_iter().map(Ok::<_, StorageError>), limit, max_bytes)
+        let pending =
+            pending_in(&self.pending.read().unwrap_or_else(|p| p.into_inner()), keyspace, prefix, start_after);
+        merged_scan_page(pending, |after, n| self.base.scan(keyspace, prefix, after, n), start_after, limit, max_bytes)
     }
 
     fn applied_index(&self) -> Result<LogIndex, StorageError> {

@@ -225,6 +225,15 @@ pub const META_SHARD: ShardId = u32::MAX;
 /// time this returns: the production log without a cluster around it, for
 /// the commit-log conformance suite and in-process tests of what commits.
 pub async fn open_solo(data_dir: &std::path::Path, config: &crate::log::LogConfig) -> Result<ShardLog, ReplicaError> {
+    open_solo_with(data_dir, config, crate::storage::ApplyBuffer::default()).await
+}
+
+/// [`open_solo`] with `apply_buffer` bounding its store's apply buffer.
+pub async fn open_solo_with(
+    data_dir: &std::path::Path,
+    config: &crate::log::LogConfig,
+    apply_buffer: crate::storage::ApplyBuffer,
+) -> Result<ShardLog, ReplicaError> {
     const ME: NodeId = 1;
     let sled_dir = data_dir.join("state");
     let db = sled::Config::new()
@@ -240,6 +249,7 @@ pub async fn open_solo(data_dir: &std::path::Path, config: &crate::log::LogConfi
         config: raft_config("conflux", config.compact_every_entries).map_err(|e| form(&e))?,
         transport: std::sync::Arc::new(NoPeers),
         wal_flush_wait: std::time::Duration::from_micros(config.wal_flush_wait_micros),
+        apply_buffer,
     };
     let replica = host.open(0).await?;
     if !replica.raft.is_initialized().await.map_err(|e| form(&e))? {
@@ -305,6 +315,8 @@ pub struct ReplicaHost {
     pub transport: std::sync::Arc<dyn Transport>,
     /// How long a shard's WAL waits to merge syncs (group commit).
     pub wal_flush_wait: std::time::Duration,
+    /// The bounds of each replica store's apply buffer.
+    pub apply_buffer: crate::storage::ApplyBuffer,
 }
 
 impl std::fmt::Debug for ReplicaHost {
@@ -328,8 +340,9 @@ impl ReplicaHost {
             .await
             .map_err(|e| ReplicaError::Wal(std::io::Error::other(e.to_string())))?;
         let restored_lead = vote.filter(|v| v.committed && v.leader_id.node_id == self.node).map(|v| v.leader_id.term);
-        let store =
-            std::sync::Arc::new(crate::storage::SledStore::in_db(&self.db, &format!("shard-{shard}"), &self.sled_dir)?);
+        let store = crate::storage::SledStore::in_db(&self.db, &format!("shard-{shard}"), &self.sled_dir)?
+            .with_apply_buffer(self.apply_buffer);
+        let store = std::sync::Arc::new(store);
         let state = ShardStateMachine::open(store, &dir)?;
         let network = ShardNetworkFactory::new(shard, self.transport.clone());
         let raft = Raft::new(self.node, self.config.clone(), network, log, state.clone()).await?;

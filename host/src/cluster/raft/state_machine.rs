@@ -1,8 +1,10 @@
 //! `ShardStateMachine`: openraft's `RaftStateMachine` for one shard replica,
 //! on a `SledStore` tree. Applying an entry applies its write set (blank and
-//! membership entries apply nothing but advance the index) and, in the same
-//! sled batch, records the last applied log id and membership, so data and
-//! raft metadata can never disagree after a crash.
+//! membership entries apply nothing but advance the index) and, with the
+//! same atomicity, records the last applied log id and membership, so data
+//! and raft metadata can never disagree after a crash: the store buffers
+//! applies in memory and writes data, meta and applied index to sled only
+//! together, in one batch (see `storage::SledStore`).
 //!
 //! Snapshots stream: a snapshot is a file (see [`super::snapshot_file`]),
 //! built from a point-in-time view of the store taken when openraft asks for
@@ -12,8 +14,9 @@
 //! installed pair by pair. No step holds the shard in memory or the apply
 //! lock for a scan.
 //!
-//! Durability: sled is not synced per apply; the raft log is the durability
-//! boundary and openraft re-applies what sled lost. Two moments need the
+//! Durability: sled is not synced per apply, nor even written per apply (the
+//! store's apply buffer); the raft log is the durability boundary and
+//! openraft re-applies what sled lost or never got. Two moments need the
 //! store itself durable, because the log behind them is purged: building a
 //! snapshot (sled is persisted before the snapshot file is published) and
 //! installing one (the received file is made durable and published first,
