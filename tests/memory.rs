@@ -51,7 +51,7 @@ fn an_evicted_instance_leaves_its_slot_holding_only_the_pages_its_guest_touched(
     // All alive at once, so each holds a slot of its own.
     let mut warm: Vec<_> = (0..N)
         .map(|i| {
-            block_on(runtime.instantiate(&prepared, &EntityRef::new("counter", &format!("c{i}")).unwrap())).unwrap()
+            block_on(runtime.instantiate(&prepared, &EntityRef::new("counter", format!("c{i}")).unwrap())).unwrap()
         })
         .collect();
     for instance in &mut warm {

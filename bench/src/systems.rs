@@ -314,7 +314,7 @@ pub async fn start_echo(bin: &Path, echo: Echo) -> anyhow::Result<(Running, Echo
     let target = match echo {
         // The same client and connections as Conflux (`start_conflux`).
         Echo::Grpc => EchoTarget::Grpc(Box::new(ConfluxTarget::connect(&format!("http://{addr}"), 8).await?)),
-        Echo::Http => EchoTarget::Http(HttpTarget::new(&format!("http://{addr}"))),
+        Echo::Http => EchoTarget::Http(Box::new(HttpTarget::new(&format!("http://{addr}")))),
     };
     let (version, durability) = match echo {
         Echo::Grpc => ("tonic gRPC server, Conflux's Invoke protobuf; state in a HashMap behind a mutex", "none"),
@@ -338,7 +338,7 @@ pub async fn start_echo(bin: &Path, echo: Echo) -> anyhow::Result<(Running, Echo
 #[derive(Clone)]
 pub enum EchoTarget {
     Grpc(Box<ConfluxTarget>),
-    Http(HttpTarget),
+    Http(Box<HttpTarget>),
 }
 
 impl crate::target::Target for EchoTarget {

@@ -27,7 +27,7 @@ async fn more_warm_instances_than_wasmtimes_default_stack_pool_all_take_turns() 
     let store: Arc<dyn StateStore> = Arc::new(MemStore::new());
     let mut warm = Vec::new();
     for i in 0..1_050 {
-        let entity = EntityRef::new("counter", &format!("c{i}")).unwrap();
+        let entity = EntityRef::new("counter", format!("c{i}")).unwrap();
         let mut instance =
             runtime.instantiate(&prepared, &entity).await.unwrap_or_else(|e| panic!("instance {i}: {e}"));
         instance

@@ -270,7 +270,6 @@ impl CommitLog for ShardLog {
             largest_batch: c.largest_batch.load(Ordering::Relaxed),
             largest_batch_bytes: c.largest_batch_bytes.load(Ordering::Relaxed),
             bytes_written: c.bytes.load(Ordering::Relaxed),
-            ..LogStats::default()
         }
     }
 
