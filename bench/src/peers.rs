@@ -215,18 +215,28 @@ async fn run_cells<T: Target>(
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
     let mut cell = 0;
+    let mut counter = async |keys: u64, callers: usize, op: CounterOp| -> anyhow::Result<()> {
+        cell += 1;
+        let spec = LoadSpec { concurrency: callers, duration: opts.duration, max_requests: opts.max_requests };
+        mem.take_peak_mb();
+        let before = probe.read().await;
+        let (m, check) = counter_cell(t, &format!("{system}-c{cell}"), keys, op, spec).await?;
+        let rates = rates(before, probe.read().await, &m);
+        let workload = if op == CounterOp::Get { "counter-get" } else { "counter" };
+        let r = row(system, workload, keys, callers, &m, mem.take_peak_mb(), rates, check);
+        print_row(&r);
+        rows.push(r);
+        Ok(())
+    };
     for &keys in &opts.keys {
         for &callers in &opts.callers {
-            cell += 1;
-            let spec = LoadSpec { concurrency: callers, duration: opts.duration, max_requests: opts.max_requests };
-            mem.take_peak_mb();
-            let before = probe.read().await;
-            let (m, check) = counter_cell(t, &format!("{system}-c{cell}"), keys, CounterOp::Add, spec).await?;
-            let rates = rates(before, probe.read().await, &m);
-            let r = row(system, "counter", keys, callers, &m, mem.take_peak_mb(), rates, check);
-            print_row(&r);
-            rows.push(r);
+            counter(keys, callers, CounterOp::Add).await?;
         }
+    }
+    // The read path alone: a read-only call, nothing to commit, at the
+    // largest cell.
+    if let (Some(&keys), Some(&callers)) = (opts.keys.iter().max(), opts.callers.iter().max()) {
+        counter(keys, callers, CounterOp::Get).await?;
     }
     let spec = LoadSpec {
         concurrency: opts.team_callers,

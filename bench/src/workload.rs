@@ -78,9 +78,18 @@ pub async fn counter_cell<T: Target>(
     })
     .await;
     let total = sum_counters(t, prefix, m.issued.min(keys)).await?;
-    let acked = if op == CounterOp::Add { m.ok as i64 } else { 0 };
-    let unsure = if op == CounterOp::Add { m.errors as i64 } else { 0 };
-    Ok((m, counter_check(total, acked, unsure)))
+    let check = match op {
+        CounterOp::Add => counter_check(total, m.ok as i64, m.errors as i64),
+        CounterOp::Get if total == 0 => {
+            Check { correct: true, violations: 0, detail: "read-only: every total is still 0".into() }
+        }
+        CounterOp::Get => Check {
+            correct: false,
+            violations: total.unsigned_abs(),
+            detail: format!("read-only calls changed the totals to {total}"),
+        },
+    };
+    Ok((m, check))
 }
 
 /// Judges a counter cell: `total` read back, `acked` acknowledged adds, and
