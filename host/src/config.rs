@@ -112,6 +112,8 @@ pub struct RuntimeConfig {
     pub max_table_elements: u32,
     /// Upper bound of concurrently existing instances (pool size). Must exceed
     /// `scheduler.max_resident_instances` by the number of turns that may run at once.
+    /// Each costs the process about six memory mappings: a node refuses to
+    /// start with more than the kernel's `vm.max_map_count` allows.
     pub max_instances: u32,
     /// Largest reply a turn may return.
     pub max_reply_bytes: usize,
@@ -140,7 +142,7 @@ impl Default for RuntimeConfig {
             max_memory_bytes: 64 << 20,
             max_total_guest_memory_bytes: 8 << 30,
             max_table_elements: 20_000,
-            max_instances: 10_500,
+            max_instances: 8_192,
             max_reply_bytes: 1 << 20,
             max_state_key_bytes: 1024,
             max_state_value_bytes: 1 << 20,
@@ -223,7 +225,7 @@ impl SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
-            max_resident_instances: 10_000,
+            max_resident_instances: 8_000,
             max_warm_memory_bytes: 4 << 30,
             max_warm_instance_bytes: 16 << 20,
             idle_timeout_ms: 300_000,

@@ -209,6 +209,7 @@ impl Prepared {
 
 impl Runtime {
     pub fn new(cfg: &RuntimeConfig) -> Result<Self, RuntimeError> {
+        check_map_count(cfg.max_instances, kernel_max_map_count())?;
         let mut pool = PoolingAllocationConfig::default();
         let n = cfg.max_instances;
         // A wit-bindgen Rust component is about three core instances.
@@ -565,6 +566,37 @@ impl Instance {
         }
         TurnError::Trapped { kind, message }
     }
+}
+
+/// Memory mappings one pool slot costs the process at most: its stack and
+/// the stack's guard page (made when the pool is), its linear memory split
+/// into image, rest and guard, and its tables. Measured: 61,149 mappings with
+/// 10,000 warm counters and 10,500 stacks.
+const MAPPINGS_PER_INSTANCE: u64 = 6;
+
+/// Mappings the rest of the process needs besides the pool (threads, heap,
+/// sled, the WAL), with room to spare.
+const MAPPINGS_BESIDES_THE_POOL: u64 = 8_192;
+
+/// The kernel's bound on one process's memory mappings, if it says.
+fn kernel_max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok()?.trim().parse().ok()
+}
+
+/// A pool the kernel cannot map is refused at start, not met as `ENOMEM`
+/// when the last slots are first used.
+fn check_map_count(max_instances: u32, kernel_limit: Option<u64>) -> Result<(), RuntimeError> {
+    let Some(limit) = kernel_limit else { return Ok(()) };
+    let needed = u64::from(max_instances) * MAPPINGS_PER_INSTANCE + MAPPINGS_BESIDES_THE_POOL;
+    if needed > limit {
+        return Err(RuntimeError::Engine(format!(
+            "runtime.max_instances = {max_instances} needs about {needed} memory mappings, and this kernel allows \
+             {limit} (vm.max_map_count): lower runtime.max_instances (and scheduler.max_resident_instances) to at \
+             most {} or raise vm.max_map_count",
+            (limit.saturating_sub(MAPPINGS_BESIDES_THE_POOL)) / MAPPINGS_PER_INSTANCE
+        )));
+    }
+    Ok(())
 }
 
 /// Granularity of the wall-clock turn budget, and how long guest code runs

@@ -37,3 +37,17 @@ async fn more_warm_instances_than_wasmtimes_default_stack_pool_all_take_turns() 
         warm.push(instance);
     }
 }
+
+/// A pool larger than the kernel lets one process map is refused when the
+/// node starts, naming the setting to change; the default fits Linux's
+/// default limit (65,530). 10,500 instances, the old default, ran into
+/// `ENOMEM` once a node had cycled through its slots.
+#[test]
+fn a_pool_the_kernel_cannot_map_is_refused_at_start() {
+    let default = RuntimeConfig::default().max_instances;
+    assert!(check_map_count(default, Some(65_530)).is_ok());
+    assert!(check_map_count(10_500, Some(65_530)).is_err());
+    let err = check_map_count(20_000, Some(65_530)).unwrap_err().to_string();
+    assert!(err.contains("vm.max_map_count") && err.contains("runtime.max_instances"), "{err}");
+    assert!(check_map_count(20_000, None).is_ok(), "an unknown limit is not guessed");
+}
