@@ -3,8 +3,9 @@
 //!
 //! A turn is a future (the export is called with `call_async`): guest code
 //! yields its thread at every epoch tick and waits suspend, so turns run on
-//! the node's async threads with no hand-off. Its writes are buffered in [`TurnState`] and returned as a
-//! [`TurnOutput`]; nothing here touches the commit log. An instance whose turn
+//! the node's async threads with no hand-off. Its writes are buffered in
+//! [`TurnState`] and returned as a [`TurnOutput`]; nothing here touches the
+//! commit log. An instance whose turn
 //! trapped is poisoned and must be dropped.
 
 mod host;
