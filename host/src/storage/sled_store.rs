@@ -295,6 +295,12 @@ impl SledStore {
     /// A host meta key's value (see `apply_with_meta`).
     pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         check_meta_key(key)?;
+        self.get_physical(key)
+    }
+
+    /// The value of a physical key (keyspace data or host meta): the
+    /// buffer's if it holds the key, else sled's.
+    fn get_physical(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         let buffer = self.read()?;
         if let Some(v) = buffer.pending.get(key) {
             return Ok(v.clone());
@@ -475,12 +481,7 @@ fn fsync_tree(dir: &Path) -> Result<(), StorageError> {
 
 impl StateStore for SledStore {
     fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        let key = physical_key(keyspace, key);
-        let buffer = self.read()?;
-        if let Some(v) = buffer.pending.get(&key) {
-            return Ok(v.clone());
-        }
-        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+        self.get_physical(&physical_key(keyspace, key))
     }
 
     fn scan(
