@@ -219,8 +219,15 @@ fn a_second_daemon_on_the_same_data_dir_is_refused() {
 
 #[test]
 fn a_corrupt_data_dir_is_refused_with_a_clear_message() {
-    // A garbage file where the WAL directory belongs (the single node's data
-    // is shard 0).
+    // A garbage file where the node's WAL directory belongs.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("wal"), b"\x00garbage\xff").unwrap();
+    let line = error_line(&serve_expecting_failure(dir.path(), &[]));
+    let prefix = format!("error: data directory {}: cannot open the commit log", dir.path().display());
+    assert!(line.starts_with(&prefix), "{line}");
+
+    // The same where a replica's WAL of the older layout (moved into the
+    // node's WAL on start) belongs.
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("shards/0")).unwrap();
     std::fs::write(dir.path().join("shards/0/wal"), b"\x00garbage\xff").unwrap();
@@ -247,7 +254,7 @@ fn a_corrupt_data_dir_is_refused_with_a_clear_message() {
         assert!(d.terminate().success());
     }
     let mut clobbered = 0;
-    for entry in std::fs::read_dir(dir.path().join("shards/0/wal")).unwrap() {
+    for entry in std::fs::read_dir(dir.path().join("wal")).unwrap() {
         let path = entry.unwrap().path();
         if path.is_file() && std::fs::metadata(&path).unwrap().len() > 0 {
             std::fs::write(&path, vec![0xA5u8; 4096]).unwrap();

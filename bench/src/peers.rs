@@ -110,7 +110,7 @@ pub struct Report {
 struct Probe {
     /// Processes whose CPU is the system's (none: in-process).
     pids: Option<Vec<u32>>,
-    /// Conflux's Prometheus endpoint, for `conflux_fsync_duration_seconds_count`.
+    /// Conflux's Prometheus endpoint, for `conflux_wal_fdatasyncs`.
     metrics: Option<(HttpTarget, String)>,
 }
 
@@ -126,7 +126,7 @@ impl Probe {
         let fsyncs = match &self.metrics {
             Some((client, url)) => client.get_text(url).await.ok().and_then(|text| {
                 text.lines()
-                    .find_map(|l| l.strip_prefix("conflux_fsync_duration_seconds_count "))
+                    .find_map(|l| l.strip_prefix("conflux_wal_fdatasyncs "))
                     .and_then(|v| v.trim().parse::<f64>().ok())
             }),
             None => None,

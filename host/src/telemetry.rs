@@ -65,6 +65,7 @@ struct Gauges {
     entity_types: IntGauge,
     log_applied_index: IntGauge,
     log_durable_index: IntGauge,
+    wal_fdatasyncs: IntGauge,
     uptime_seconds: IntGauge,
 }
 
@@ -79,6 +80,7 @@ pub struct NodeGauges {
     pub entity_types: u64,
     pub log_applied_index: u64,
     pub log_durable_index: u64,
+    pub wal_fdatasyncs: u64,
     pub uptime_seconds: u64,
 }
 
@@ -138,6 +140,11 @@ impl Metrics {
                 &r,
                 "conflux_log_durable_index",
                 "Log entries made durable, summed over this node's shard replicas.",
+            ),
+            wal_fdatasyncs: gauge(
+                &r,
+                "conflux_wal_fdatasyncs",
+                "fdatasyncs of the node's WAL since it started; one covers every shard group's appends waiting on it.",
             ),
             uptime_seconds: gauge(&r, "conflux_uptime_seconds", "Seconds since the node started."),
         };
@@ -208,6 +215,7 @@ impl Metrics {
         set(&g.entity_types, now.entity_types);
         set(&g.log_applied_index, now.log_applied_index);
         set(&g.log_durable_index, now.log_durable_index);
+        set(&g.wal_fdatasyncs, now.wal_fdatasyncs);
         set(&g.uptime_seconds, now.uptime_seconds);
         prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_else(|e| {
             // Only a non-UTF-8 label could fail; ours are fixed strings.

@@ -68,6 +68,7 @@ async fn build(nodes: u64, shard_count: u32, replication_factor: usize) -> anyho
         let data_dir = dir.path().join(format!("node-{id}"));
         let sled_dir = data_dir.join("sled");
         let db = sled::Config::new().path(&sled_dir).open()?;
+        let wal = raft::open_node_wal(&data_dir, Duration::from_micros(100))?;
         let host = ReplicaHost {
             node: id,
             data_dir,
@@ -75,7 +76,7 @@ async fn build(nodes: u64, shard_count: u32, replication_factor: usize) -> anyho
             sled_dir,
             config: config.clone(),
             transport: net.transport(id),
-            wal_flush_wait: Duration::from_micros(100),
+            wal,
             apply_buffer: conflux_host::storage::ApplyBuffer::default(),
         };
         let table = ReplicaTable::default();

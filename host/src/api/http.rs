@@ -513,6 +513,7 @@ async fn metrics(State(api): ApiState, headers: HeaderMap) -> Response {
         entity_types: api.registry.list().len() as u64,
         log_applied_index: api.log.applied_index(),
         log_durable_index: api.log.last_durable_index(),
+        wal_fdatasyncs: api.log.stats().wal_fdatasyncs,
         uptime_seconds: api.started.elapsed().as_secs(),
     };
     let text = crate::telemetry::metrics().render(gauges);

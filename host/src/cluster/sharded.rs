@@ -391,6 +391,7 @@ impl CommitLog for LocalShards {
             total.largest_batch_bytes = total.largest_batch_bytes.max(one.largest_batch_bytes);
             total.bytes_written += one.bytes_written;
         }
+        total.wal_fdatasyncs = self.set.as_ref().map_or(0, |set| set.wal_fdatasyncs());
         total
     }
 
@@ -534,7 +535,7 @@ mod tests {
             sled_dir,
             config: crate::cluster::raft::raft_config("test", 10_000).unwrap(),
             transport: Arc::new(NoPeers),
-            wal_flush_wait: Duration::from_micros(100),
+            wal: crate::cluster::raft::open_node_wal(dir.path(), Duration::from_micros(100)).unwrap(),
             apply_buffer: crate::storage::ApplyBuffer::default(),
         };
         // Node 1 holds shards 0..3 alone; shard 3 lives on nodes 2 and 3.

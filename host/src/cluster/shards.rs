@@ -26,6 +26,8 @@ pub enum ShardSetError {
     AddedBack { shard: ShardId, known: u64 },
     #[error("shard {shard}: cannot delete the replica's data: {message}")]
     Delete { shard: ShardId, message: String },
+    #[error("the node's WAL: {0}")]
+    Wal(#[source] std::io::Error),
 }
 
 /// One shard as this node sees it.
@@ -198,11 +200,33 @@ impl ShardSet {
         // The removal must reach the disk: a replica directory that comes
         // back after a power cut is opened again as a member of the group.
         match dir.parent().map(std::fs::File::open) {
-            Some(Ok(parent)) => parent.sync_all().map_err(|e| delete(format!("{}: fsync: {e}", dir.display()))),
-            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Some(Err(e)) => Err(delete(format!("{}: {e}", dir.display()))),
-            None => Ok(()),
+            Some(Ok(parent)) => parent.sync_all().map_err(|e| delete(format!("{}: fsync: {e}", dir.display())))?,
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Some(Err(e)) => return Err(delete(format!("{}: {e}", dir.display()))),
+            None => {}
         }
+        // Only then is its log dropped from the node's WAL: a power cut in
+        // between leaves a log without a directory, which the next start
+        // forgets (`NodeWal::retain_shards`), never a member without its log.
+        self.host.wal.remove_shard(shard).map_err(|e| delete(format!("WAL: {e}")))?;
+        self.host.wal.sync().await.map_err(|e| delete(format!("WAL: {e}")))
+    }
+
+    /// How many fdatasyncs the node's WAL has made.
+    pub fn wal_fdatasyncs(&self) -> u64 {
+        self.host.wal.fdatasyncs()
+    }
+
+    /// Forgets, in the node's WAL, the logs of shards this set has no
+    /// replica of (and that are not `also`): removals a power cut cut short.
+    pub fn forget_other_logs(&self, also: &[ShardId]) -> Result<(), ShardSetError> {
+        let mut keep = self.shards();
+        keep.extend_from_slice(also);
+        let forgotten = self.host.wal.retain_shards(&keep).map_err(ShardSetError::Wal)?;
+        if !forgotten.is_empty() {
+            tracing::info!(?forgotten, "dropped the WAL logs of replicas whose removal a crash interrupted");
+        }
+        Ok(())
     }
 
     /// Forms the groups this node is the first replica of, once: a group that

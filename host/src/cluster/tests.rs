@@ -69,7 +69,7 @@ impl TestNode {
             sled_dir,
             config,
             transport,
-            wal_flush_wait: Duration::from_micros(100),
+            wal: raft::open_node_wal(dir.path(), Duration::from_micros(100)).unwrap(),
             apply_buffer: crate::storage::ApplyBuffer::default(),
         };
         let replica = host.open(SHARD).await.unwrap();
@@ -467,7 +467,7 @@ async fn open_sets(
             sled_dir,
             config: config(1000),
             transport: net.transport(id),
-            wal_flush_wait: Duration::from_micros(100),
+            wal: raft::open_node_wal(dir.path(), Duration::from_micros(100)).unwrap(),
             apply_buffer: crate::storage::ApplyBuffer::default(),
         };
         let table = raft::ReplicaTable::default();

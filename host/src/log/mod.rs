@@ -83,6 +83,9 @@ pub struct LogStats {
     /// Most payload bytes (write sets) in one batch: on a cluster, one Raft
     /// entry, bounded by `max_batch_bytes` unless one write set is larger.
     pub largest_batch_bytes: u64,
+    /// fdatasyncs of the node's WAL (one covers the appends of every group
+    /// waiting on it; 0 where no WAL is in view).
+    pub wal_fdatasyncs: u64,
 }
 
 /// Tuning of the commit log (each shard's `ShardLog`). Every field has a default; in a config file any may

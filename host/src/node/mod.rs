@@ -282,7 +282,11 @@ impl Node {
             sled_dir,
             config: raft_config,
             transport: transport.clone(),
-            wal_flush_wait: std::time::Duration::from_micros(cfg.log.wal_flush_wait_micros),
+            wal: crate::cluster::raft::open_node_wal(
+                &dir,
+                std::time::Duration::from_micros(cfg.log.wal_flush_wait_micros),
+            )
+            .map_err(|e| replica_open_error(&dir, e))?,
             apply_buffer: cfg.storage.apply_buffer(),
         };
         let table = ReplicaTable::default();
@@ -302,6 +306,7 @@ impl Node {
         for shard in shards_on_disk(&dir)? {
             shards.open_replica(shard).await.map_err(set_opened(&dir))?;
         }
+        shards.forget_other_logs(&[META_SHARD]).map_err(set_opened(&dir))?;
         if fresh {
             shards.bootstrap(&forming, &addrs).await.map_err(|e| err(&e))?;
             identity.write(&dir)?;
@@ -646,7 +651,7 @@ mod tests {
             sled_dir: sled_dir.clone(),
             config: raft_config("test", 10_000).unwrap(),
             transport: Arc::new(NoPeers),
-            wal_flush_wait: std::time::Duration::from_micros(100),
+            wal: crate::cluster::raft::open_node_wal(dir.path(), std::time::Duration::from_micros(100)).unwrap(),
             apply_buffer: crate::storage::ApplyBuffer::default(),
         };
         {

@@ -88,7 +88,14 @@ impl PowercutMount {
 
     fn unmount(&mut self) -> Result<(), MountError> {
         match self.session.take() {
-            Some(s) => s.umount_and_join().map_err(|source| MountError::Unmount { path: self.path.clone(), source }),
+            Some(s) => match s.umount_and_join() {
+                Ok(()) => Ok(()),
+                // The session's read of /dev/fuse failed with ECONNABORTED
+                // as the kernel tore the connection down: it is unmounted
+                // all the same (seen once in ~100 runs of this crate's tests).
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => Ok(()),
+                Err(source) => Err(MountError::Unmount { path: self.path.clone(), source }),
+            },
             None => Ok(()),
         }
     }

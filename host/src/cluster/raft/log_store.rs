@@ -1,64 +1,28 @@
-//! `WalLogStore`: openraft's `RaftLogStorage` for one shard replica, on its
-//! own raft-log WAL (an fdatasync'd, group-committing write-ahead log).
-//! raft-log keeps the vote, the entries and the
-//! purge point; openraft's ordering rules map onto raft-log's checks because
-//! the ids are stored as tuples that order the way openraft's do:
+//! `WalLogStore`: openraft's `RaftLogStorage` for one shard replica, a view
+//! of its node's shared WAL ([`super::node_wal::NodeWal`]): every group on a
+//! node appends to the same raft-log WAL, so one fdatasync covers them all.
+//! openraft's ordering rules map onto the node WAL's checks because the ids
+//! are stored as tuples that order the way openraft's do:
 //! log id = ((term, leader), index), vote = ((term, node), committed).
 //!
 //! Durability: `append` hands openraft's `LogFlushed` callback to raft-log's
 //! flush worker, which calls it only after fdatasync; `save_vote` and
 //! `truncate` wait for their own sync before returning.
 
-use super::{Entry, LogId, NodeId, ShardTypes, StorageError, Vote, storage_err};
+use super::node_wal::{NodeWal, WalLogId, WalVote};
+use super::{Entry, LogId, ShardId, ShardTypes, StorageError, Vote, storage_err};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{CommittedLeaderId, EntryPayload, ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader};
-use raft_log::api::raft_log_writer::RaftLogWriter;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
-use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-/// Closed WAL chunks are removed after a purge; 16 MiB keeps what a purge
-/// leaves behind small for a shard (a node hosts dozens).
-const WAL_CHUNK_MAX_BYTES: usize = 16 * 1024 * 1024;
-/// Followers and lagging replication read recent entries back; a small cache
-/// per shard serves them without disk reads.
-const WAL_CACHE_MAX_ITEMS: usize = 1024;
-const WAL_CACHE_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// Payload bytes one AppendEntries carries (at least one entry, whatever
 /// its size). openraft gives each AppendEntries `heartbeat_interval` (50 ms)
 /// to be sent, written and fsynced; unbounded, a replica catching up from a
 /// log of large entries was sent hundreds of them at once, timed out, and
 /// was sent them all again.
 pub const MAX_APPEND_BYTES: usize = 256 * 1024;
-
-/// raft-log type parameters of a shard log.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ShardWalTypes;
-
-/// ((term, leader node), index).
-type WalLogId = ((u64, u64), u64);
-/// ((term, voted-for node), committed).
-type WalVote = ((u64, u64), bool);
-
-impl raft_log::Types for ShardWalTypes {
-    type LogId = WalLogId;
-    /// postcard-encoded `EntryPayload` (the log id is the record's key).
-    type LogPayload = Vec<u8>;
-    type Vote = WalVote;
-    type Callback = Flushed;
-    type UserData = Vec<u8>;
-
-    fn log_index(log_id: &Self::LogId) -> u64 {
-        log_id.1
-    }
-
-    fn payload_size(payload: &Self::LogPayload) -> u64 {
-        payload.len() as u64
-    }
-}
 
 /// Who is told when a flush has reached the disk.
 pub enum Flushed {
@@ -91,8 +55,6 @@ impl raft_log::Callback for Flushed {
     }
 }
 
-type Wal = raft_log::RaftLog<ShardWalTypes>;
-
 fn to_wal_log_id(id: &LogId) -> WalLogId {
     ((id.leader_id.term, id.leader_id.node_id), id.index)
 }
@@ -109,70 +71,39 @@ fn from_wal_vote(v: &WalVote) -> Vote {
     if v.1 { Vote::new_committed(v.0.0, v.0.1) } else { Vote::new(v.0.0, v.0.1) }
 }
 
-/// The log of one shard replica. Clones share the WAL (openraft's log reader
-/// is a clone).
+/// The log of one shard replica. Clones share the node's WAL (openraft's
+/// log reader is a clone).
 #[derive(Clone)]
 pub struct WalLogStore {
-    wal: Arc<Mutex<Wal>>,
+    wal: NodeWal,
+    shard: ShardId,
 }
 
 impl Debug for WalLogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WalLogStore").finish_non_exhaustive()
+        f.debug_struct("WalLogStore").field("shard", &self.shard).finish_non_exhaustive()
     }
 }
 
 impl WalLogStore {
-    /// Opens (creating if needed) the WAL in `dir`. raft-log locks the
-    /// directory, so a second opener fails. `flush_wait` is how long the flush
-    /// worker waits to merge syncs (group commit across concurrent turns).
-    pub fn open(dir: &Path, flush_wait: Duration) -> io::Result<Self> {
-        // raft-log syncs the directory's own entries (chunk files); the
-        // directories above it must be durable before anything is appended.
-        crate::storage::durable_file::create_dir_all_durably(dir)?;
-        let dir_str = dir
-            .to_str()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{dir:?} is not valid UTF-8")))?;
-        let config = raft_log::Config {
-            wal: raft_log::chunked_wal::Config {
-                dir: dir_str.to_owned(),
-                chunk_max_size: Some(WAL_CHUNK_MAX_BYTES),
-                flush_batch_wait: Some(flush_wait),
-                ..Default::default()
-            },
-            log_cache_max_items: Some(WAL_CACHE_MAX_ITEMS),
-            log_cache_capacity: Some(WAL_CACHE_MAX_BYTES),
-        };
-        let wal = Wal::open(Arc::new(config))?;
-        Ok(Self { wal: Arc::new(Mutex::new(wal)) })
-    }
-
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Wal>, StorageError> {
-        self.wal.lock().map_err(|_| storage_err(ErrorSubject::Logs, ErrorVerb::Read, "WAL lock poisoned"))
-    }
-
-    /// Writes what is buffered and blocks this thread until the flush worker
-    /// has (`sync`: fdatasynced it too). Only a simulation does this: its
-    /// crashes drop a node's process state but not the machine's page cache,
-    /// so a write need not be synced to survive one, but it must be done
-    /// before the simulation moves on, whatever the real disk's speed.
-    fn write_through(&self, sync: bool) -> io::Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.wal.lock().map_err(|_| io::Error::other("WAL lock poisoned"))?.flush(sync, Some(Flushed::Block(tx)))?;
-        rx.recv().map_err(|_| io::Error::other("WAL flush worker stopped"))?
+    /// The log of `shard` in the node's `wal` (an empty one if the node
+    /// never held the shard).
+    pub fn open(wal: &NodeWal, shard: ShardId) -> io::Result<Self> {
+        wal.open_shard(shard)?;
+        Ok(Self { wal: wal.clone(), shard })
     }
 
     /// Syncs everything written so far and waits for it.
-    async fn sync(&self, subject: ErrorSubject<NodeId>, verb: ErrorVerb) -> Result<(), StorageError> {
-        if crate::determinism::simulated() {
-            return self.write_through(true).map_err(|e| storage_err(subject, verb, e));
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.lock()?.flush(true, Some(Flushed::Wait(tx))).map_err(|e| storage_err(subject.clone(), verb, e))?;
-        match rx.await {
-            Ok(res) => res.map_err(|e| storage_err(subject, verb, e)),
-            Err(_) => Err(storage_err(subject, verb, "WAL flush worker stopped")),
-        }
+    async fn sync(&self, subject: ErrorSubject<super::NodeId>, verb: ErrorVerb) -> Result<(), StorageError> {
+        self.wal.sync().await.map_err(|e| storage_err(subject, verb, e))
+    }
+
+    fn read(&self, from: u64, to: u64, max_bytes: usize) -> Result<Vec<Entry>, StorageError> {
+        let records = self
+            .wal
+            .read(self.shard, from, to, max_bytes)
+            .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        records.iter().map(|(id, payload)| decode_entry(id, payload)).collect()
     }
 }
 
@@ -198,29 +129,13 @@ impl RaftLogReader<ShardTypes> for WalLogStore {
             Bound::Excluded(i) => *i,
             Bound::Unbounded => u64::MAX,
         };
-        let wal = self.lock()?;
-        wal.read(from, to)
-            .map(|item| {
-                let (id, payload) = item.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-                decode_entry(&id, &payload)
-            })
-            .collect()
+        self.read(from, to, usize::MAX)
     }
 
     /// The entries from `start`, up to `end` or [`MAX_APPEND_BYTES`] of
     /// payload, whichever comes first (never none).
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
-        let wal = self.lock()?;
-        let (mut entries, mut bytes) = (Vec::new(), 0usize);
-        for item in wal.read(start, end) {
-            let (id, payload) = item.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            bytes += payload.len();
-            if !entries.is_empty() && bytes > MAX_APPEND_BYTES {
-                break;
-            }
-            entries.push(decode_entry(&id, &payload)?);
-        }
-        Ok(entries)
+        self.read(start, end, MAX_APPEND_BYTES)
     }
 }
 
@@ -228,10 +143,10 @@ impl RaftLogStorage<ShardTypes> for WalLogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<ShardTypes>, StorageError> {
-        let wal = self.lock()?;
-        let state = wal.log_state();
-        let last_purged_log_id = state.purged().map(from_wal_log_id);
-        let last_log_id = state.last().map(from_wal_log_id).or(last_purged_log_id);
+        let (purged, last) =
+            self.wal.log_state(self.shard).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        let last_purged_log_id = purged.as_ref().map(from_wal_log_id);
+        let last_log_id = last.as_ref().map(from_wal_log_id);
         Ok(LogState { last_purged_log_id, last_log_id })
     }
 
@@ -240,13 +155,16 @@ impl RaftLogStorage<ShardTypes> for WalLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        self.lock()?.save_vote(to_wal_vote(vote)).map_err(|e| storage_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        self.wal
+            .save_vote(self.shard, to_wal_vote(vote))
+            .map_err(|e| storage_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
         // A vote must be on disk before it is granted.
         self.sync(ErrorSubject::Vote, ErrorVerb::Write).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        Ok(self.lock()?.log_state().vote().map(from_wal_vote))
+        let vote = self.wal.vote(self.shard).map_err(|e| storage_err(ErrorSubject::Vote, ErrorVerb::Read, e))?;
+        Ok(vote.as_ref().map(from_wal_vote))
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<ShardTypes>) -> Result<(), StorageError>
@@ -260,28 +178,111 @@ impl RaftLogStorage<ShardTypes> for WalLogStore {
                 .map_err(|e| storage_err(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
             records.push((to_wal_log_id(&entry.log_id), payload));
         }
-        let mut wal = self.lock()?;
-        wal.append(records).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        let write_err = |e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e);
         if crate::determinism::simulated() {
-            drop(wal);
-            callback.log_io_completed(self.write_through(false));
+            self.wal.append(self.shard, records, false, None).map_err(write_err)?;
+            callback.log_io_completed(self.wal.write_through(false));
             return Ok(());
         }
-        // raft-log's flush worker fdatasyncs, then calls openraft back.
-        wal.flush(true, Some(Flushed::Raft(callback, std::time::Instant::now())))
-            .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))
+        // raft-log's flush worker fdatasyncs (once for every group's appends
+        // waiting on it), then calls openraft back.
+        let flushed = Flushed::Raft(callback, std::time::Instant::now());
+        self.wal.append(self.shard, records, true, Some(flushed)).map_err(write_err)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.lock()?.truncate(log_id.index).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        self.wal
+            .truncate(self.shard, log_id.index)
+            .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         self.sync(ErrorSubject::Logs, ErrorVerb::Delete).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut wal = self.lock()?;
-        wal.purge(to_wal_log_id(&log_id)).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        // A purge need not be durable at once (a lost purge only keeps
-        // entries longer); a sync flush is what removes the freed chunk files.
-        wal.flush(true, None).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+        self.wal
+            .purge(self.shard, to_wal_log_id(&log_id))
+            .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+}
+
+/// Data directories written before the node WAL kept one raft-log WAL per
+/// replica, in `shards/<n>/wal`. Opening such a replica moves its log into
+/// the node WAL once and deletes the old directory.
+pub mod legacy {
+    use super::{Flushed, NodeWal, WalLogId, WalVote};
+    use std::io;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    /// raft-log type parameters of a per-replica WAL.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct ShardWalTypes;
+
+    impl raft_log::Types for ShardWalTypes {
+        type LogId = WalLogId;
+        /// postcard-encoded `EntryPayload` (the log id is the record's key).
+        type LogPayload = Vec<u8>;
+        type Vote = WalVote;
+        type Callback = Flushed;
+        type UserData = Vec<u8>;
+
+        fn log_index(log_id: &Self::LogId) -> u64 {
+            log_id.1
+        }
+
+        fn payload_size(payload: &Self::LogPayload) -> u64 {
+            payload.len() as u64
+        }
+    }
+
+    pub type ShardWal = raft_log::RaftLog<ShardWalTypes>;
+
+    /// Opens a per-replica WAL in `dir`.
+    pub fn open(dir: &Path) -> io::Result<ShardWal> {
+        let dir = dir
+            .to_str()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{dir:?} is not valid UTF-8")))?;
+        let wal = raft_log::chunked_wal::Config { dir: dir.to_owned(), ..Default::default() };
+        ShardWal::open(Arc::new(raft_log::Config { wal, ..Default::default() }))
+    }
+
+    /// Entries moved per append while importing.
+    const IMPORT_BATCH: usize = 1024;
+
+    /// Moves the per-replica WAL in `dir` into `wal` as `shard`'s log (its
+    /// vote, purge point and entries), syncs it, then deletes `dir`. A
+    /// crash before the deletion leaves `dir` in place, and the next start
+    /// imports it again from scratch.
+    pub fn import(wal: &NodeWal, shard: super::ShardId, dir: &Path) -> io::Result<usize> {
+        let old = open(dir)?;
+        let state = old.log_state().clone();
+        // An earlier import a crash cut short left a partial log.
+        wal.remove_shard(shard)?;
+        wal.open_shard(shard)?;
+        if let Some(vote) = state.vote() {
+            wal.save_vote(shard, *vote)?;
+        }
+        if let Some(purged) = state.purged() {
+            wal.purge(shard, *purged)?;
+        }
+        let from = state.purged().map_or(0, |p| p.1 + 1);
+        let to = state.last().map_or(from, |l| l.1 + 1);
+        let mut batch = Vec::with_capacity(IMPORT_BATCH);
+        let mut moved = 0;
+        for item in old.read(from, to) {
+            batch.push(item?);
+            if batch.len() == IMPORT_BATCH {
+                moved += batch.len();
+                wal.append(shard, std::mem::take(&mut batch), false, None)?;
+            }
+        }
+        moved += batch.len();
+        wal.append(shard, batch, false, None)?;
+        wal.write_through(true)?;
+        drop(old);
+        std::fs::remove_dir_all(dir)?;
+        if let Some(parent) = dir.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(moved)
     }
 }

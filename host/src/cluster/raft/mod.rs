@@ -11,6 +11,7 @@
 
 pub mod log_store;
 pub mod network;
+pub mod node_wal;
 pub mod shard_log;
 pub mod snapshot_file;
 pub mod state_machine;
@@ -19,6 +20,7 @@ pub use log_store::WalLogStore;
 pub use network::{
     DispatchError, NoPeers, RaftReply, RaftRpc, ReplicaTable, ShardNetworkFactory, Transport, TransportError,
 };
+pub use node_wal::{NodeWal, NodeWalOptions};
 pub use shard_log::ShardLog;
 pub use state_machine::ShardStateMachine;
 
@@ -248,7 +250,7 @@ pub async fn open_solo_with(
         sled_dir,
         config: raft_config("conflux", config.compact_every_entries).map_err(|e| form(&e))?,
         transport: std::sync::Arc::new(NoPeers),
-        wal_flush_wait: std::time::Duration::from_micros(config.wal_flush_wait_micros),
+        wal: open_node_wal(data_dir, std::time::Duration::from_micros(config.wal_flush_wait_micros))?,
         apply_buffer,
     };
     let replica = host.open(0).await?;
@@ -292,8 +294,13 @@ impl std::fmt::Debug for Replica {
     }
 }
 
-/// Where a replica of `shard` keeps its WAL and snapshot under a node's
-/// data directory.
+/// Opens the WAL every replica of the node in `data_dir` shares.
+pub fn open_node_wal(data_dir: &std::path::Path, flush_wait: std::time::Duration) -> Result<NodeWal, ReplicaError> {
+    NodeWal::open(&data_dir.join("wal"), NodeWalOptions::new(flush_wait)).map_err(ReplicaError::Wal)
+}
+
+/// Where a replica of `shard` keeps its snapshot under a node's data
+/// directory (its log is in the node's WAL).
 pub fn replica_dir(data_dir: &std::path::Path, shard: ShardId) -> std::path::PathBuf {
     if shard == META_SHARD {
         return data_dir.join("shards").join("meta");
@@ -313,8 +320,8 @@ pub struct ReplicaHost {
     pub sled_dir: std::path::PathBuf,
     pub config: std::sync::Arc<openraft::Config>,
     pub transport: std::sync::Arc<dyn Transport>,
-    /// How long a shard's WAL waits to merge syncs (group commit).
-    pub wal_flush_wait: std::time::Duration,
+    /// The WAL all the node's replicas append to.
+    pub wal: NodeWal,
     /// The bounds of each replica store's apply buffer.
     pub apply_buffer: crate::storage::ApplyBuffer,
 }
@@ -329,13 +336,18 @@ impl std::fmt::Debug for ReplicaHost {
 }
 
 impl ReplicaHost {
-    /// Opens (or creates) this node's replica of `shard`: the WAL and
-    /// snapshot in `replica_dir`, the data in tree `shard-N` of the node's
-    /// database. The group starts as a non-member until `initialize` or a
+    /// Opens (or creates) this node's replica of `shard`: its log in the
+    /// node's WAL, its snapshot in `replica_dir`, the data in tree `shard-N`
+    /// of the node's database. The group starts as a non-member until `initialize` or a
     /// leader adds it.
     pub async fn open(&self, shard: ShardId) -> Result<Replica, ReplicaError> {
         let dir = replica_dir(&self.data_dir, shard);
-        let mut log = WalLogStore::open(&dir.join("wal"), self.wal_flush_wait).map_err(ReplicaError::Wal)?;
+        let legacy_wal = dir.join("wal");
+        if legacy_wal.exists() {
+            let moved = log_store::legacy::import(&self.wal, shard, &legacy_wal).map_err(ReplicaError::Wal)?;
+            tracing::info!(shard, entries = moved, "moved a replica's own WAL into the node's WAL");
+        }
+        let mut log = WalLogStore::open(&self.wal, shard).map_err(ReplicaError::Wal)?;
         let vote = openraft::storage::RaftLogStorage::read_vote(&mut log)
             .await
             .map_err(|e| ReplicaError::Wal(std::io::Error::other(e.to_string())))?;

@@ -270,6 +270,7 @@ impl CommitLog for ShardLog {
             largest_batch: c.largest_batch.load(Ordering::Relaxed),
             largest_batch_bytes: c.largest_batch_bytes.load(Ordering::Relaxed),
             bytes_written: c.bytes.load(Ordering::Relaxed),
+            wal_fdatasyncs: 0,
         }
     }
 

@@ -16,8 +16,18 @@ struct Guard {
     _dir: tempfile::TempDir,
 }
 
+/// The shard under test shares its node WAL with a neighbour that has
+/// entries of its own, so every check below also checks that the groups'
+/// logs stay apart.
 fn open_stores(dir: &std::path::Path) -> (WalLogStore, ShardStateMachine) {
-    let log = WalLogStore::open(&dir.join("wal"), Duration::from_micros(100)).unwrap();
+    let wal = NodeWal::open(&dir.join("wal"), NodeWalOptions::new(Duration::from_micros(100))).unwrap();
+    let neighbour = 9;
+    wal.open_shard(neighbour).unwrap();
+    if wal.log_state(neighbour).unwrap().1.is_none() {
+        let records = (0..3).map(|i| (((1, 1), i), vec![i as u8; 10])).collect();
+        wal.append(neighbour, records, false, None).unwrap();
+    }
+    let log = WalLogStore::open(&wal, 0).unwrap();
     let sled_dir = dir.join("sled");
     let db = sled::Config::new().path(&sled_dir).open().unwrap();
     // Nothing reaches sled unless something needs it there (a snapshot, a
@@ -322,4 +332,40 @@ async fn entries_a_crash_took_from_the_apply_buffer_are_applied_again_on_restart
         assert!(log.store().get(Keyspace::State, key.as_bytes()).unwrap().is_some(), "{key} was not applied again");
     }
     log.shutdown().await.unwrap();
+}
+
+/// A replica written before the node WAL (its own raft-log WAL in
+/// `shards/<n>/wal`) is moved into the node WAL, vote, purge point and
+/// entries, and its old directory goes.
+#[tokio::test]
+async fn a_replica_wal_of_the_older_layout_is_moved_into_the_node_wal() {
+    use raft_log::api::raft_log_writer::RaftLogWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let old_dir = dir.path().join("shards").join("3").join("wal");
+    std::fs::create_dir_all(&old_dir).unwrap();
+    let entries: Vec<Entry> = (0..6).map(|i| entry(2, i, put(&format!("k{i}"), "v"))).collect();
+    {
+        let mut old = log_store::legacy::open(&old_dir).unwrap();
+        old.save_vote(((2, 1), true)).unwrap();
+        let records = entries.iter().map(|e| {
+            (
+                ((e.log_id.leader_id.term, e.log_id.leader_id.node_id), e.log_id.index),
+                postcard::to_allocvec(&e.payload).unwrap(),
+            )
+        });
+        old.append(records).unwrap();
+        old.purge(((2, 1), 1)).unwrap();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        old.flush(true, Some(log_store::Flushed::Block(tx))).unwrap();
+        rx.recv().unwrap().unwrap();
+    }
+    let wal = NodeWal::open(&dir.path().join("wal"), NodeWalOptions::new(Duration::from_micros(100))).unwrap();
+    assert_eq!(log_store::legacy::import(&wal, 3, &old_dir).unwrap(), 4);
+    assert!(!old_dir.exists(), "the old WAL directory is deleted once moved");
+    let mut log = WalLogStore::open(&wal, 3).unwrap();
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(2, 1)));
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(1));
+    assert_eq!(state.last_log_id.map(|l| l.index), Some(5));
+    assert_eq!(log.try_get_log_entries(0..10).await.unwrap(), entries[2..].to_vec());
 }
