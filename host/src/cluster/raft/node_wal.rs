@@ -201,6 +201,10 @@ fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
+fn not_open(shard: ShardId) -> io::Error {
+    io::Error::other(format!("shard {shard} is not open in the WAL"))
+}
+
 fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     postcard::to_allocvec(value).map_err(|e| io::Error::other(format!("encoding a WAL record: {e}")))
 }
@@ -488,14 +492,11 @@ impl NodeWal {
 
 impl Inner {
     fn shard_meta(&self, shard: ShardId) -> io::Result<&ShardMeta> {
-        self.meta.shards.get(&shard).ok_or_else(|| io::Error::other(format!("shard {shard} is not open in the WAL")))
+        self.meta.shards.get(&shard).ok_or_else(|| not_open(shard))
     }
 
     fn shard_meta_mut(&mut self, shard: ShardId) -> io::Result<&mut ShardMeta> {
-        self.meta
-            .shards
-            .get_mut(&shard)
-            .ok_or_else(|| io::Error::other(format!("shard {shard} is not open in the WAL")))
+        self.meta.shards.get_mut(&shard).ok_or_else(|| not_open(shard))
     }
 
     fn save_meta(&mut self) -> io::Result<()> {
