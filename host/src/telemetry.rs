@@ -38,6 +38,8 @@ pub struct Metrics {
     pub commit_batch_writes: Histogram,
     /// Turns of one entity that shared one commit (a batch of its mailbox).
     pub turns_per_commit: Histogram,
+    /// Raft messages to one peer that shared one call (all shard groups').
+    pub raft_messages_per_call: Histogram,
     /// Append-to-durable time of one log batch (its fdatasync included).
     pub fsync_seconds: Histogram,
     /// Invocations already waiting for the entity when one arrives.
@@ -168,6 +170,12 @@ impl Metrics {
                 &r,
                 "conflux_commit_batch_writes",
                 "Write sets made durable by one log sync.",
+                COUNT_BUCKETS,
+            ),
+            raft_messages_per_call: histogram(
+                &r,
+                "conflux_raft_messages_per_call",
+                "Raft messages of this node's shard groups to one peer that shared one call.",
                 COUNT_BUCKETS,
             ),
             turns_per_commit: histogram(

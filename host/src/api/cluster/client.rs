@@ -5,6 +5,7 @@
 //! call to protobuf and each status back to the cluster's [`WireError`].
 
 use super::pb::cluster_client::ClusterClient;
+use super::raft_batch::{RaftQueue, send_alone};
 use super::{
     ClusterSecret, MAX_MESSAGE_BYTES, PeerTls, SECRET_HEADER, answered, invocation_to_pb, invoke_error_of, never_sent,
     pb, report_from_pb, wire_error,
@@ -21,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 /// How long connecting to a peer may take before the message fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,13 +37,15 @@ pub struct GrpcTransport {
 /// The peers' channels; clones share them, so a call's future can note its
 /// outcome after the transport's borrow ended.
 #[derive(Clone, Default)]
-struct PeerBook {
+pub(super) struct PeerBook {
     /// `None`: the OS's TCP.
     network: Option<crate::api::net::SharedNetwork>,
     /// `None`: plain HTTP/2.
     tls: Option<ClientTlsConfig>,
     /// Bounded by the cluster's membership: one entry per known peer.
     peers: Arc<Mutex<BTreeMap<NodeId, Peer>>>,
+    /// `Raft` and `RaftBatch` calls made, to all peers.
+    raft_calls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One peer's channel, where it was dialled, and how many calls in a row
@@ -51,6 +54,8 @@ struct Peer {
     client: ClusterClient<Channel>,
     addr: String,
     failed_in_a_row: u32,
+    /// Raft messages to this peer, started by the first one sent.
+    raft: Option<RaftQueue>,
 }
 
 /// Calls in a row that may fail without an answer (timeouts, transport
@@ -87,9 +92,13 @@ impl GrpcTransport {
         self.book.peers()
     }
 
-    /// Where `node` listens (`host:port`). Replaces an earlier address.
+    /// Calls that carried Raft messages so far (a batch counts once).
+    pub fn raft_calls(&self) -> u64 {
+        self.book.raft_calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn client(&self, node: NodeId) -> Option<ClusterClient<Channel>> {
-        self.peers().get(&node).map(|p| p.client.clone())
+        self.book.client(node)
     }
 
     fn request<T>(&self, msg: T) -> Request<T> {
@@ -135,7 +144,7 @@ impl GrpcTransport {
 impl Wire for GrpcTransport {
     fn set_peer(&self, node: NodeId, addr: &str) -> Result<(), WireError> {
         let client = self.book.dial(node, addr)?;
-        self.peers().insert(node, Peer { client, addr: addr.to_owned(), failed_in_a_row: 0 });
+        self.peers().insert(node, Peer { client, addr: addr.to_owned(), failed_in_a_row: 0, raft: None });
         Ok(())
     }
 
@@ -303,18 +312,24 @@ impl Peers for GrpcTransport {
     }
 }
 
-fn transport_error(node: NodeId, shard: ShardId, status: &Status) -> TransportError {
-    match status.code() {
-        Code::NotFound => TransportError::NoSuchShard { node, shard },
-        // Refused or not connected: nothing was delivered.
-        Code::Unauthenticated | Code::Unavailable => {
-            TransportError::Unreachable { node, reason: format!("{}: {}", status.code(), status.message()) }
-        }
-        _ => TransportError::Network { node, reason: format!("{}: {}", status.code(), status.message()) },
-    }
-}
-
 impl PeerBook {
+    /// The channel to `node`, if its address is known.
+    pub(super) fn client(&self, node: NodeId) -> Option<ClusterClient<Channel>> {
+        self.peers().get(&node).map(|p| p.client.clone())
+    }
+
+    /// Counts a call that carries Raft messages.
+    pub(super) fn count_raft_call(&self) {
+        self.raft_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `node`'s Raft queue, started on first use (on the current runtime).
+    fn raft_queue(&self, node: NodeId, secret: &tonic::metadata::AsciiMetadataValue) -> Option<RaftQueue> {
+        let mut peers = self.peers();
+        let peer = peers.get_mut(&node)?;
+        Some(peer.raft.get_or_insert_with(|| RaftQueue::start(node, self.clone(), secret.clone())).clone())
+    }
+
     fn peers(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Peer>> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -322,7 +337,7 @@ impl PeerBook {
     /// Notes how a call to `node` ended: `answered` if the peer replied at
     /// all (an error status included). Replaces the channel after
     /// `REDIAL_AFTER_FAILED_CALLS` unanswered calls in a row.
-    fn note_call(&self, node: NodeId, answered: bool) {
+    pub(super) fn note_call(&self, node: NodeId, answered: bool) {
         let mut peers = self.peers();
         let Some(peer) = peers.get_mut(&node) else { return };
         if answered {
@@ -370,24 +385,20 @@ impl Transport for GrpcTransport {
         rpc: RaftRpc,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<RaftReply, TransportError>> {
-        let client = self.client(target);
+        let bytes = rpc.encode().map_err(|e| TransportError::Network { node: target, reason: e.to_string() });
+        // A snapshot chunk may take its receiver a while to write: it goes
+        // in a call of its own, past the queue other groups' messages use.
+        let queued = !matches!(rpc, RaftRpc::InstallSnapshot(_));
         let secret = self.secret.raw.clone();
         let book = self.book.clone();
         Box::pin(async move {
-            let Some(mut client) = client else {
-                return Err(TransportError::Unreachable { node: target, reason: "address unknown".into() });
+            let bytes = bytes?;
+            let queue = if queued { book.raft_queue(target, &secret) } else { None };
+            let reply = match queue {
+                Some(queue) => queue.send(shard, bytes, timeout).await?,
+                None => send_alone(&book, secret, target, shard, bytes, timeout).await?,
             };
-            let bytes = rpc.encode().map_err(|e| TransportError::Network { node: target, reason: e.to_string() })?;
-            let mut req = Request::new(pb::RaftMessage { shard, rpc: bytes });
-            req.metadata_mut().insert(SECRET_HEADER, secret);
-            req.set_timeout(timeout);
-            let reply = tokio::time::timeout(timeout, client.raft(req)).await;
-            book.note_call(target, matches!(&reply, Ok(Ok(_))) || matches!(&reply, Ok(Err(s)) if answered(s)));
-            let reply = reply
-                .map_err(|_| TransportError::Network { node: target, reason: format!("no reply within {timeout:?}") })?
-                .map_err(|s| transport_error(target, shard, &s))?;
-            RaftReply::decode(&reply.into_inner().reply)
-                .map_err(|e| TransportError::Network { node: target, reason: e.to_string() })
+            RaftReply::decode(&reply).map_err(|e| TransportError::Network { node: target, reason: e.to_string() })
         })
     }
 }

@@ -21,6 +21,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerT
 use tonic::{Code, Request, Status};
 
 mod client;
+mod raft_batch;
 mod server;
 #[cfg(test)]
 mod tests;
@@ -39,6 +40,9 @@ pub const MIN_SECRET_BYTES: usize = 16;
 /// Largest Raft message a node accepts (a snapshot chunk or a batch of
 /// entries; openraft chunks snapshots well below this).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Most Raft messages one `RaftBatch` call carries: bounds the work one call
+/// starts on the receiver.
+const MAX_RAFT_BATCH_MESSAGES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterApiError {

@@ -4,7 +4,10 @@
 //! layer's.
 
 use super::pb::cluster_server::{Cluster, ClusterServer};
-use super::{ClusterSecret, MAX_MESSAGE_BYTES, failure_of, invocation_from_pb, pb, refusal_status, report_to_pb};
+use super::{
+    ClusterSecret, MAX_MESSAGE_BYTES, MAX_RAFT_BATCH_MESSAGES, failure_of, invocation_from_pb, pb, refusal_status,
+    report_to_pb,
+};
 use crate::cluster::raft::DispatchError;
 use crate::cluster::service::ClusterNode;
 use crate::log::LogError;
@@ -32,6 +35,15 @@ impl ClusterService {
     }
 }
 
+/// How a Raft message this node could not take is refused.
+fn dispatch_status(e: DispatchError) -> Status {
+    match e {
+        e @ DispatchError::NoSuchShard { .. } => Status::not_found(e.to_string()),
+        e @ DispatchError::Decode(_) => Status::invalid_argument(e.to_string()),
+        e @ DispatchError::Encode(_) => Status::internal(e.to_string()),
+    }
+}
+
 fn empty<T>(outcome: Result<(), crate::cluster::wire::Refusal>, reply: T) -> Result<Response<T>, Status> {
     outcome.map_err(refusal_status)?;
     Ok(Response::new(reply))
@@ -44,10 +56,38 @@ impl Cluster for ClusterService {
         let msg = req.into_inner();
         match self.node.raft(msg.shard, &msg.rpc).await {
             Ok(reply) => Ok(Response::new(pb::RaftMessageReply { reply })),
-            Err(e @ DispatchError::NoSuchShard { .. }) => Err(Status::not_found(e.to_string())),
-            Err(e @ DispatchError::Decode(_)) => Err(Status::invalid_argument(e.to_string())),
-            Err(e @ DispatchError::Encode(_)) => Err(Status::internal(e.to_string())),
+            Err(e) => Err(dispatch_status(e)),
         }
+    }
+
+    async fn raft_batch(&self, req: Request<pb::RaftBatchRequest>) -> Result<Response<pb::RaftBatchReply>, Status> {
+        self.secret.admit(&req)?;
+        let messages = req.into_inner().messages;
+        if messages.len() > MAX_RAFT_BATCH_MESSAGES {
+            return Err(Status::invalid_argument(format!(
+                "{} raft messages in one batch; at most {MAX_RAFT_BATCH_MESSAGES}",
+                messages.len()
+            )));
+        }
+        // Concurrently: one group's append waiting for its sync must not
+        // hold back another group's vote.
+        let outcomes = futures::future::join_all(messages.iter().map(|m| self.node.raft(m.shard, &m.rpc))).await;
+        let outcomes = outcomes
+            .into_iter()
+            .map(|o| pb::RaftOutcome {
+                outcome: Some(match o {
+                    Ok(reply) => pb::raft_outcome::Outcome::Reply(reply),
+                    Err(e) => {
+                        let status = dispatch_status(e);
+                        pb::raft_outcome::Outcome::Refused(pb::RaftRefusal {
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        })
+                    }
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::RaftBatchReply { outcomes }))
     }
 
     async fn invoke(&self, req: Request<pb::ForwardedInvocation>) -> Result<Response<pb::ForwardedReply>, Status> {

@@ -125,3 +125,72 @@ async fn a_peer_whose_connection_stalls_is_redialled() {
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "the stalled connection was not replaced");
     holder.abort();
 }
+
+fn vote() -> RaftRpc {
+    RaftRpc::Vote(openraft::raft::VoteRequest { vote: openraft::Vote::new(1, 1), last_log_id: None })
+}
+
+/// Messages of many shard groups to one peer share calls, and each sender
+/// gets its own message's answer (here: the refusal naming its shard).
+#[tokio::test]
+async fn raft_messages_of_many_groups_to_one_peer_share_calls() {
+    let addr = serve(2, SECRET, ReplicaTable::default()).await;
+    let transport = GrpcTransport::new(ClusterSecret::new(SECRET).unwrap());
+    transport.set_peer(2, &addr.to_string()).unwrap();
+    let shards: Vec<u32> = (1000..1064).collect();
+    let answers =
+        futures::future::join_all(shards.iter().map(|&shard| transport.send(2, shard, vote(), Duration::from_secs(5))))
+            .await;
+    for (shard, answer) in shards.iter().zip(answers) {
+        let err = answer.unwrap_err();
+        assert!(matches!(err, TransportError::NoSuchShard { node: 2, shard: s } if s == *shard), "{shard}: {err}");
+    }
+    let calls = transport.raft_calls();
+    assert!(calls <= 4, "64 messages took {calls} calls");
+}
+
+/// A peer of an older version, which has no `RaftBatch`, is sent one
+/// message per call after its first refusal.
+#[tokio::test]
+async fn a_peer_without_raft_batches_is_sent_one_message_per_call() {
+    use tower::Service;
+    /// The cluster service without `RaftBatch`, as an older node serves it.
+    #[derive(Clone)]
+    struct Older(pb::cluster_server::ClusterServer<ClusterService>);
+    impl tonic::server::NamedService for Older {
+        const NAME: &'static str = "conflux.cluster.v1.Cluster";
+    }
+    impl Service<tonic::codegen::http::Request<tonic::body::Body>> for Older {
+        type Response = tonic::codegen::http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+        fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+            Service::<tonic::codegen::http::Request<tonic::body::Body>>::poll_ready(&mut self.0, cx)
+        }
+        fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+            if req.uri().path().ends_with("/RaftBatch") {
+                return Box::pin(async { Ok(tonic::Status::unimplemented("no such method").into_http()) });
+            }
+            let call = self.0.call(req);
+            Box::pin(call)
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let inner = ClusterService::new(ClusterSecret::new(SECRET).unwrap(), ClusterNode::new(2, ReplicaTable::default()))
+        .into_server();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(Older(inner))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let transport = GrpcTransport::new(ClusterSecret::new(SECRET).unwrap());
+    transport.set_peer(2, &addr.to_string()).unwrap();
+    let first = transport.send(2, 7, vote(), Duration::from_secs(5)).await.unwrap_err();
+    assert!(matches!(first, TransportError::Network { .. }), "{first}");
+    for shard in [7, 8] {
+        let err = transport.send(2, shard, vote(), Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(err, TransportError::NoSuchShard { node: 2, shard: s } if s == shard), "{err}");
+    }
+    assert_eq!(transport.raft_calls(), 3, "one refused batch, then a call per message");
+}
