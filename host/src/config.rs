@@ -158,8 +158,10 @@ impl Default for RuntimeConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SchedulerConfig {
-    /// Warm instances kept between turns; the least recently used idle one is
-    /// evicted beyond this.
+    /// Warm instances kept between turns. When they are this many, a new
+    /// entity takes the place of the least recently used idle one only if
+    /// it was called more often lately (TinyLFU admission); otherwise its
+    /// instance is dropped after its turns.
     pub max_resident_instances: usize,
     /// Linear memory warm instances may hold between turns, all together; the
     /// least recently used idle ones are evicted beyond it (re-instantiating

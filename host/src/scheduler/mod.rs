@@ -32,6 +32,7 @@
 //! the new version number is committed with the turn's writes — so each entity
 //! migrates lazily and exactly once per version change.
 
+mod admission;
 mod delivery;
 mod dry_run;
 mod error;
@@ -50,16 +51,13 @@ pub use route::{Route, Router};
 
 use crate::config::SchedulerConfig;
 use crate::log::CommitLog;
-use crate::model::EntityRef;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
 use crate::storage::StateStore;
-use lru::LruCache;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
-use warm::Slot;
 
 /// Failed invocations the node remembers for its dashboard.
 const RECENT_ERRORS: usize = 64;
@@ -114,7 +112,7 @@ struct Inner {
     /// Write-set bytes a batch of turns may hold and still take another turn
     /// ([`Config::commit_room_bytes`](crate::config::Config::commit_room_bytes)).
     commit_room_bytes: usize,
-    slots: Mutex<LruCache<EntityRef, Arc<Slot>>>,
+    slots: Mutex<warm::Slots>,
     inflight: AtomicUsize,
     resident: Arc<AtomicUsize>,
     shutting_down: AtomicBool,
@@ -176,7 +174,7 @@ impl Scheduler {
                 router,
                 cfg: cfg.clone(),
                 commit_room_bytes,
-                slots: Mutex::new(LruCache::unbounded()),
+                slots: Mutex::new(warm::Slots::new(cfg.max_resident_instances)),
                 inflight: AtomicUsize::new(0),
                 resident: Arc::new(AtomicUsize::new(0)),
                 shutting_down: AtomicBool::new(false),

@@ -4,14 +4,23 @@
 //! in doubt), kept in an LRU bounded by count; warm instances are also bounded
 //! by the guest memory they hold and evicted when idle. An instantiation that
 //! finds the node full evicts idle instances first.
+//!
+//! A full warm set admits a newcomer in place of its least recently used
+//! entity only if the newcomer was called more often lately
+//! ([`FrequencySketch`], TinyLFU). One that is not admitted still gets a
+//! slot for its turns, among the passing ones, which go once idle: a cycle
+//! of calls over more entities than the warm set holds keeps the warm set
+//! warm instead of flushing it.
 
+use super::admission::FrequencySketch;
 use super::meta::MetaCache;
 use super::turn::Queued;
 use super::{Inner, Scheduler};
 use crate::model::EntityRef;
 use crate::registry::LoadedVersion;
 use crate::runtime::{Instance, RuntimeError};
-use std::collections::VecDeque;
+use lru::LruCache;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -23,6 +32,61 @@ const EVICT_SCAN: usize = 4096;
 const EVICT_BATCH: usize = 16;
 /// Guest memory an instantiation that found no room frees at least.
 const EVICT_HEADROOM_BYTES: usize = 64 << 20;
+
+/// Every active entity's slot: the warm ones, and the passing ones the
+/// admission policy gave no warm place.
+pub(super) struct Slots {
+    /// Least recently used last; at most `scheduler.max_resident_instances`
+    /// (more only while every slot near the end is busy).
+    warm: LruCache<EntityRef, Arc<Slot>>,
+    /// Slots of entities running turns without a warm place. Each goes at
+    /// the next placement or eviction pass after it became idle, so this
+    /// holds about as many as there are turns running (and in-doubt ones).
+    passing: HashMap<EntityRef, Arc<Slot>>,
+    calls: FrequencySketch,
+}
+
+impl Slots {
+    pub(super) fn new(warm_capacity: usize) -> Self {
+        Self { warm: LruCache::unbounded(), passing: HashMap::new(), calls: FrequencySketch::new(warm_capacity) }
+    }
+
+    /// Slots of active entities, warm and passing.
+    pub(super) fn len(&self) -> usize {
+        self.warm.len() + self.passing.len()
+    }
+
+    #[cfg(test)]
+    pub(super) fn peek(&self, entity: &EntityRef) -> Option<&Arc<Slot>> {
+        self.warm.peek(entity).or_else(|| self.passing.get(entity))
+    }
+
+    /// Takes the idle passing slots out, to be dropped outside the lock.
+    fn sweep_passing(&mut self, gone: &mut Vec<Arc<Slot>>) {
+        let idle: Vec<EntityRef> = self
+            .passing
+            .iter()
+            .filter(|(_, s)| Arc::strong_count(s) == 1 && s.evictable())
+            .map(|(k, _)| k.clone())
+            .collect();
+        gone.extend(idle.iter().filter_map(|k| self.passing.remove(k)));
+    }
+
+    /// The least recently used idle warm entity among the last
+    /// [`VICTIM_SCAN`] (the one a newcomer would replace).
+    fn victim(&self) -> Option<EntityRef> {
+        self.warm
+            .iter()
+            .rev()
+            .take(VICTIM_SCAN)
+            .find(|(_, s)| Arc::strong_count(s) == 1 && s.evictable())
+            .map(|(k, _)| k.clone())
+    }
+}
+
+/// Warm slots from the least recently used end a placement looks at for
+/// one it may replace: the look runs under the slot map's lock.
+const VICTIM_SCAN: usize = 64;
 
 pub(super) struct Slot {
     /// The entity's lock: held for a whole batch of turns, execution to
@@ -110,40 +174,63 @@ impl Scheduler {
 }
 
 impl Inner {
-    /// The entity's slot, created if needed; evicts least recently used idle
-    /// slots beyond the resident bound.
+    /// The entity's slot, created if needed. A full warm set gives a new
+    /// entity a warm place only if it was called more often lately than the
+    /// least recently used idle warm entity, which then goes; otherwise the
+    /// new slot is a passing one. Slots that go are dropped after the lock is
+    /// released (a warm instance's drop is most of an eviction's cost).
     pub(super) fn slot(&self, entity: &EntityRef) -> Arc<Slot> {
         let now = self.now_ms();
-        let mut slots = self.slots.lock().expect("slots lock");
-        if let Some(s) = slots.get(entity) {
-            s.last_used_ms.store(now, Ordering::Relaxed);
-            return s.clone();
-        }
-        let s = Arc::new(Slot {
-            state: tokio::sync::Mutex::new(SlotState::default()),
-            mailbox: std::sync::Mutex::new(VecDeque::new()),
-            last_used_ms: AtomicU64::new(now),
-        });
-        slots.put(entity.clone(), s.clone());
-        // Busy slots (someone else holds a clone) are skipped; the number of
-        // attempts is bounded so a node full of busy entities stays cheap.
-        let mut attempts = 0;
-        while slots.len() > self.cfg.max_resident_instances && attempts < 16 {
-            attempts += 1;
-            let Some((k, v)) = slots.pop_lru() else { break };
-            if Arc::strong_count(&v) > 1 || !v.evictable() {
-                slots.put(k, v);
-            } else {
-                crate::telemetry::metrics().evictions.inc();
+        let mut gone = Vec::new();
+        let s = {
+            let mut slots = self.slots.lock().expect("slots lock");
+            slots.calls.record(entity);
+            if let Some(s) = slots.warm.get(entity) {
+                s.last_used_ms.store(now, Ordering::Relaxed);
+                return s.clone();
             }
-        }
+            // Its own passing slot is taken first: its instance may still be warm.
+            let own = slots.passing.remove(entity);
+            slots.sweep_passing(&mut gone);
+            let s = match own {
+                Some(s) => s,
+                None => Arc::new(Slot {
+                    state: tokio::sync::Mutex::new(SlotState::default()),
+                    mailbox: std::sync::Mutex::new(VecDeque::new()),
+                    last_used_ms: AtomicU64::new(now),
+                }),
+            };
+            s.last_used_ms.store(now, Ordering::Relaxed);
+            self.place(&mut slots, entity, s.clone(), &mut gone);
+            s
+        };
+        crate::telemetry::metrics().evictions.inc_by(gone.len() as u64);
+        drop(gone);
         s
+    }
+
+    /// Gives `slot` (of `entity`, in neither map) a warm place, or a passing one.
+    fn place(&self, slots: &mut Slots, entity: &EntityRef, slot: Arc<Slot>, gone: &mut Vec<Arc<Slot>>) {
+        let max = self.cfg.max_resident_instances;
+        // Over the bound only while every slot near the end was busy.
+        while slots.warm.len() >= max {
+            let Some(victim) = slots.victim() else { break };
+            if slots.calls.frequency(entity) <= slots.calls.frequency(&victim) {
+                slots.passing.insert(entity.clone(), slot);
+                return;
+            }
+            gone.extend(slots.warm.pop(&victim));
+        }
+        slots.warm.put(entity.clone(), slot);
     }
 
     pub(super) fn evict_idle(&self, idle_ms: u64) -> usize {
         let now = self.now_ms();
+        let mut gone = Vec::new();
         let mut slots = self.slots.lock().expect("slots lock");
+        slots.sweep_passing(&mut gone);
         let victims: Vec<EntityRef> = slots
+            .warm
             .iter()
             .rev()
             .take(4096)
@@ -151,11 +238,10 @@ impl Inner {
             .filter(|(_, s)| Arc::strong_count(s) == 1 && s.evictable())
             .map(|(k, _)| k.clone())
             .collect();
-        for k in &victims {
-            slots.pop(k);
-        }
-        crate::telemetry::metrics().evictions.inc_by(victims.len() as u64);
-        victims.len()
+        gone.extend(victims.iter().filter_map(|k| slots.warm.pop(k)));
+        drop(slots);
+        crate::telemetry::metrics().evictions.inc_by(gone.len() as u64);
+        gone.len()
     }
 
     /// Instantiates `prepared` for `entity`; when the node has no room (pool
@@ -195,9 +281,16 @@ impl Inner {
     pub(super) fn evict_warm(&self, target_bytes: usize, min_count: usize) -> usize {
         let memory = self.runtime.guest_memory();
         let mut slots = self.slots.lock().expect("slots lock");
-        let mut victims = Vec::new();
+        let mut passing = Vec::new();
+        slots.sweep_passing(&mut passing);
         let mut dropped = 0;
-        for (entity, slot) in slots.iter().rev().take(EVICT_SCAN) {
+        for slot in passing {
+            if slot.state.try_lock().is_ok_and(|mut s| s.resident.take().is_some()) {
+                dropped += 1;
+            }
+        }
+        let mut victims = Vec::new();
+        for (entity, slot) in slots.warm.iter().rev().take(EVICT_SCAN) {
             if memory.used() <= target_bytes && dropped >= min_count {
                 break;
             }
@@ -216,9 +309,55 @@ impl Inner {
             victims.push(entity.clone());
         }
         for entity in &victims {
-            slots.pop(entity);
+            slots.warm.pop(entity);
         }
         crate::telemetry::metrics().evictions.inc_by(dropped as u64);
         dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::scheduler::test_support::{Harness, call};
+
+    fn counter(i: usize) -> EntityRef {
+        EntityRef::new("counter", format!("c{i}")).unwrap()
+    }
+
+    /// Calls in a cycle over more entities than the warm set holds keep the
+    /// warm set warm (plain LRU made every call instantiate), and an entity
+    /// called more often than the warm ones gets a warm place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cycle_longer_than_the_warm_set_keeps_it_warm_and_a_hot_newcomer_gets_in() {
+        const WARM: usize = 32;
+        const CYCLE: usize = 48;
+        const ROUNDS: usize = 10;
+        let mut cfg = Config::default();
+        cfg.scheduler.max_resident_instances = WARM;
+        let h = Harness::new(cfg, &[("counter", "counter")]).await;
+        for _ in 0..ROUNDS {
+            for i in 0..CYCLE {
+                h.scheduler.invoke_here(call(&counter(i), "get", "")).await.unwrap();
+            }
+        }
+        let made = h.scheduler.stats().instantiations as usize;
+        // The first round makes every instance; then about only the
+        // entities without a warm place make theirs again (the sketch's
+        // estimates are approximate: a few more may change places).
+        assert!(
+            made <= CYCLE + (ROUNDS - 1) * (CYCLE - WARM) + CYCLE,
+            "{made} instantiations for {} calls (LRU makes one per call)",
+            ROUNDS * CYCLE
+        );
+        let hot = counter(1000);
+        for _ in 0..2 * ROUNDS {
+            h.scheduler.invoke_here(call(&hot, "get", "")).await.unwrap();
+        }
+        let slots = h.scheduler.inner.slots.lock().unwrap();
+        assert!(slots.warm.contains(&hot), "an entity called more than any warm one was not admitted");
+        assert!(slots.warm.len() <= WARM, "{} warm slots", slots.warm.len());
+        assert!(slots.passing.len() <= 1, "{} passing slots left", slots.passing.len());
     }
 }
