@@ -346,7 +346,10 @@ impl Inner {
             let left = self.run_batch(&entity, batch, &mut slot_state).await;
             slot.put_back(left);
             match answer.try_recv() {
-                Ok(result) => return result,
+                Ok(result) => {
+                    slot.release_instance_if_passing(&mut slot_state);
+                    return result;
+                }
                 Err(oneshot::error::TryRecvError::Empty) => continue,
                 Err(oneshot::error::TryRecvError::Closed) => {
                     return Err(InvokeError::Internal("the invocation's batch ended without an answer".into()));

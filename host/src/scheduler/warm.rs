@@ -22,7 +22,7 @@ use crate::runtime::{Instance, RuntimeError};
 use lru::LruCache;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Slots one eviction pass looks at, least recently used first: the pass
@@ -96,6 +96,9 @@ pub(super) struct Slot {
     /// `scheduler.mailbox_depth`): the lock's holder runs them in batches.
     pub(super) mailbox: std::sync::Mutex<VecDeque<Queued>>,
     pub(super) last_used_ms: AtomicU64,
+    /// Among the passing slots: the lock's last holder drops its instance
+    /// (the warm set's bound counts only warm slots' instances).
+    pub(super) passing: AtomicBool,
 }
 
 impl Slot {
@@ -111,6 +114,14 @@ impl Slot {
         let mut mailbox = self.mailbox.lock().unwrap_or_else(|p| p.into_inner());
         for q in left.into_iter().rev() {
             mailbox.push_front(q);
+        }
+    }
+
+    /// Called by the lock's holder before it lets go: a passing slot's
+    /// instance goes unless more invocations wait for it.
+    pub(super) fn release_instance_if_passing(&self, state: &mut SlotState) {
+        if self.passing.load(Ordering::Relaxed) && self.mailbox.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            state.resident = None;
         }
     }
 
@@ -198,6 +209,7 @@ impl Inner {
                     state: tokio::sync::Mutex::new(SlotState::default()),
                     mailbox: std::sync::Mutex::new(VecDeque::new()),
                     last_used_ms: AtomicU64::new(now),
+                    passing: AtomicBool::new(false),
                 }),
             };
             s.last_used_ms.store(now, Ordering::Relaxed);
@@ -216,11 +228,13 @@ impl Inner {
         while slots.warm.len() >= max {
             let Some(victim) = slots.victim() else { break };
             if slots.calls.frequency(entity) <= slots.calls.frequency(&victim) {
+                slot.passing.store(true, Ordering::Relaxed);
                 slots.passing.insert(entity.clone(), slot);
                 return;
             }
             gone.extend(slots.warm.pop(&victim));
         }
+        slot.passing.store(false, Ordering::Relaxed);
         slots.warm.put(entity.clone(), slot);
     }
 
@@ -351,6 +365,8 @@ mod tests {
             "{made} instantiations for {} calls (LRU makes one per call)",
             ROUNDS * CYCLE
         );
+        let resident = h.scheduler.stats().resident_instances;
+        assert!(resident <= WARM, "{resident} instances kept: a passing entity's was not dropped");
         let hot = counter(1000);
         for _ in 0..2 * ROUNDS {
             h.scheduler.invoke_here(call(&hot, "get", "")).await.unwrap();
