@@ -63,25 +63,26 @@ impl Slots {
 
     /// Takes the idle passing slots out, to be dropped outside the lock.
     fn sweep_passing(&mut self, gone: &mut Vec<Arc<Slot>>) {
-        let idle: Vec<EntityRef> = self
-            .passing
-            .iter()
-            .filter(|(_, s)| Arc::strong_count(s) == 1 && s.evictable())
-            .map(|(k, _)| k.clone())
-            .collect();
+        let idle: Vec<EntityRef> = self.passing.iter().filter(|(_, s)| idle(s)).map(|(k, _)| k.clone()).collect();
         gone.extend(idle.iter().filter_map(|k| self.passing.remove(k)));
     }
 
     /// The least recently used idle warm entity among the last
     /// [`VICTIM_SCAN`] (the one a newcomer would replace).
     fn victim(&self) -> Option<EntityRef> {
-        self.warm
-            .iter()
-            .rev()
-            .take(VICTIM_SCAN)
-            .find(|(_, s)| Arc::strong_count(s) == 1 && s.evictable())
-            .map(|(k, _)| k.clone())
+        self.warm.iter().rev().take(VICTIM_SCAN).find(|(_, s)| idle(s)).map(|(k, _)| k.clone())
     }
+}
+
+/// No one holds the slot (no turn, no waiter) and it is not in doubt: it
+/// may leave the slot maps.
+fn idle(slot: &Arc<Slot>) -> bool {
+    Arc::strong_count(slot) == 1 && slot.evictable()
+}
+
+/// An idle slot that still keeps a warm instance.
+fn holds_instance(slot: &Slot) -> bool {
+    slot.state.try_lock().is_ok_and(|s| s.resident.is_some())
 }
 
 /// Warm slots from the least recently used end a placement looks at for
@@ -204,7 +205,10 @@ impl Inner {
             let own = slots.passing.remove(entity);
             slots.sweep_passing(&mut gone);
             let s = match own {
-                Some(s) => s,
+                Some(s) => {
+                    s.last_used_ms.store(now, Ordering::Relaxed);
+                    s
+                }
                 None => Arc::new(Slot {
                     state: tokio::sync::Mutex::new(SlotState::default()),
                     mailbox: std::sync::Mutex::new(VecDeque::new()),
@@ -212,12 +216,11 @@ impl Inner {
                     passing: AtomicBool::new(false),
                 }),
             };
-            s.last_used_ms.store(now, Ordering::Relaxed);
             self.place(&mut slots, entity, s.clone(), &mut gone);
             s
         };
         // Passing slots usually gave their instance back when their turn ended.
-        let evicted = gone.iter().filter(|g| g.state.try_lock().is_ok_and(|st| st.resident.is_some())).count();
+        let evicted = gone.iter().filter(|g| holds_instance(g)).count();
         crate::telemetry::metrics().evictions.inc_by(evicted as u64);
         drop(gone);
         s
@@ -251,13 +254,14 @@ impl Inner {
             .rev()
             .take(4096)
             .take_while(|(_, s)| now.saturating_sub(s.last_used_ms.load(Ordering::Relaxed)) >= idle_ms)
-            .filter(|(_, s)| Arc::strong_count(s) == 1 && s.evictable())
+            .filter(|(_, s)| idle(s))
             .map(|(k, _)| k.clone())
             .collect();
+        let evicted = gone.iter().filter(|g| holds_instance(g)).count() + victims.len();
         gone.extend(victims.iter().filter_map(|k| slots.warm.pop(k)));
         drop(slots);
-        crate::telemetry::metrics().evictions.inc_by(gone.len() as u64);
-        gone.len()
+        crate::telemetry::metrics().evictions.inc_by(evicted as u64);
+        evicted
     }
 
     /// Instantiates `prepared` for `entity`; when the node has no room (pool

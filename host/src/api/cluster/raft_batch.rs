@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::metadata::AsciiMetadataValue;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Request, Response, Status};
 
 /// Batch calls to one peer at a time. While they are all out, messages
 /// gather for the next: the wait for a free call is what batches them.
@@ -82,7 +82,7 @@ impl RaftQueue {
             Ok(Err(_)) => {
                 Err(TransportError::Network { node, reason: "the batch carrying the message was lost".into() })
             }
-            Err(_) => Err(TransportError::Network { node, reason: format!("no reply within {timeout:?}") }),
+            Err(_) => Err(no_reply(node, timeout)),
         }
     }
 }
@@ -138,11 +138,6 @@ impl Sender {
     /// Sends `batch` in one call and answers each message's sender.
     async fn deliver(&self, node: NodeId, batch: Vec<Queued>) {
         crate::telemetry::metrics().raft_messages_per_call.observe(batch.len() as f64);
-        let Some(client) = self.book.client(node) else {
-            let e = TransportError::Unreachable { node, reason: "address unknown".into() };
-            let waiting = batch.into_iter().map(|q| (q.shard, q.reply)).collect();
-            return answer_each(waiting, |_| Err(e.clone()));
-        };
         if self.unbatched.load(Ordering::Relaxed) {
             return self.deliver_one_by_one(node, batch).await;
         }
@@ -150,18 +145,13 @@ impl Sender {
         let timeout = batch.iter().map(|q| q.deadline.saturating_duration_since(now)).max().unwrap_or_default();
         let (messages, waiting): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|q| (pb::RaftMessage { shard: q.shard, rpc: q.rpc }, (q.shard, q.reply))).unzip();
-        let mut req = Request::new(pb::RaftBatchRequest { messages });
-        req.metadata_mut().insert(SECRET_HEADER, self.secret.clone());
-        req.set_timeout(timeout);
-        let mut client = client;
-        self.book.count_raft_call();
-        let reply = tokio::time::timeout(timeout, client.raft_batch(req)).await;
-        self.book.note_call(node, matches!(&reply, Ok(Ok(_))) || matches!(&reply, Ok(Err(s)) if answered(s)));
+        let Some(mut client) = self.book.client(node) else {
+            return answer_each(waiting, |_| Err(address_unknown(node)));
+        };
+        let req = request(pb::RaftBatchRequest { messages }, self.secret.clone(), timeout);
+        let reply = raft_call(&self.book, node, timeout, client.raft_batch(req)).await;
         let reply = match reply {
-            Err(_) => {
-                let e = TransportError::Network { node, reason: format!("no reply within {timeout:?}") };
-                return answer_each(waiting, |_| Err(e.clone()));
-            }
+            Err(_) => return answer_each(waiting, |_| Err(no_reply(node, timeout))),
             Ok(Err(s)) if s.code() == Code::Unimplemented => {
                 tracing::info!(node, "the peer takes no raft batches (an older version): one message per call");
                 self.unbatched.store(true, Ordering::Relaxed);
@@ -211,20 +201,44 @@ pub(super) async fn send_alone(
     rpc: Vec<u8>,
     timeout: Duration,
 ) -> Result<Vec<u8>, TransportError> {
-    let Some(mut client) = book.client(node) else {
-        return Err(TransportError::Unreachable { node, reason: "address unknown".into() });
-    };
-    let mut req = Request::new(pb::RaftMessage { shard, rpc });
-    req.metadata_mut().insert(SECRET_HEADER, secret);
-    req.set_timeout(timeout);
-    book.count_raft_call();
-    let reply = tokio::time::timeout(timeout, client.raft(req)).await;
-    book.note_call(node, matches!(&reply, Ok(Ok(_))) || matches!(&reply, Ok(Err(s)) if answered(s)));
+    let Some(mut client) = book.client(node) else { return Err(address_unknown(node)) };
+    let req = request(pb::RaftMessage { shard, rpc }, secret, timeout);
+    let reply = raft_call(book, node, timeout, client.raft(req)).await;
     match reply {
-        Err(_) => Err(TransportError::Network { node, reason: format!("no reply within {timeout:?}") }),
+        Err(_) => Err(no_reply(node, timeout)),
         Ok(Err(s)) => Err(transport_error(node, shard, &s)),
         Ok(Ok(r)) => Ok(r.into_inner().reply),
     }
+}
+
+/// A Raft request carrying the cluster secret and `timeout`.
+fn request<T>(msg: T, secret: AsciiMetadataValue, timeout: Duration) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(SECRET_HEADER, secret);
+    req.set_timeout(timeout);
+    req
+}
+
+/// Runs one call carrying Raft messages to `node` within `timeout`, counts
+/// it, and notes whether the peer answered (towards redialling it).
+async fn raft_call<R>(
+    book: &PeerBook,
+    node: NodeId,
+    timeout: Duration,
+    call: impl Future<Output = Result<Response<R>, Status>>,
+) -> Result<Result<Response<R>, Status>, tokio::time::error::Elapsed> {
+    book.count_raft_call();
+    let reply = tokio::time::timeout(timeout, call).await;
+    book.note_call(node, matches!(&reply, Ok(Ok(_))) || matches!(&reply, Ok(Err(s)) if answered(s)));
+    reply
+}
+
+fn address_unknown(node: NodeId) -> TransportError {
+    TransportError::Unreachable { node, reason: "address unknown".into() }
+}
+
+fn no_reply(node: NodeId, timeout: Duration) -> TransportError {
+    TransportError::Network { node, reason: format!("no reply within {timeout:?}") }
 }
 
 /// Answers every waiting sender with what `answer` says for its shard.
@@ -235,7 +249,7 @@ fn answer_each(waiting: Vec<(ShardId, Answer)>, answer: impl Fn(ShardId) -> Resu
 }
 
 /// A refused Raft call as the sending replica sees it.
-pub(super) fn transport_error(node: NodeId, shard: ShardId, status: &Status) -> TransportError {
+fn transport_error(node: NodeId, shard: ShardId, status: &Status) -> TransportError {
     match status.code() {
         Code::NotFound => TransportError::NoSuchShard { node, shard },
         // Refused or not connected: nothing was delivered.
