@@ -182,6 +182,14 @@ pub struct SchedulerConfig {
     /// the earlier ones wrote, and commits all their write sets as one; each
     /// caller is answered once that commit is durable.
     pub max_turns_per_commit: usize,
+    /// Batches of one entity's turns whose commits may be in flight at once
+    /// (1 = none overlaps). The next batch runs against the earlier ones'
+    /// writes before they are durable; every reply is held until its own
+    /// write set and every one before it have committed, in order, and if
+    /// one fails, no later batch's turn is acknowledged: those that read its
+    /// effects fail with it (the log never commits a later write set
+    /// without it).
+    pub pipelined_commits: usize,
     /// Invocations accepted by the node at once (running or waiting).
     pub max_inflight_invocations: usize,
     /// How long a graceful shutdown waits for in-flight turns.
@@ -233,6 +241,7 @@ impl Default for SchedulerConfig {
             idle_timeout_ms: 300_000,
             mailbox_depth: 1024,
             max_turns_per_commit: 64,
+            pipelined_commits: 4,
             max_inflight_invocations: 8192,
             shutdown_grace_ms: 10_000,
             turn_threads: 0,
@@ -576,10 +585,11 @@ impl Config {
             || s.mailbox_depth == 0
             || s.max_inflight_invocations == 0
             || s.max_turns_per_commit == 0
+            || s.pipelined_commits == 0
         {
             return bad(
-                "scheduler.max_resident_instances, mailbox_depth, max_turns_per_commit and max_inflight_invocations \
-                 must be > 0",
+                "scheduler.max_resident_instances, mailbox_depth, max_turns_per_commit, pipelined_commits and \
+                 max_inflight_invocations must be > 0",
             );
         }
         if s.delivery_batch == 0

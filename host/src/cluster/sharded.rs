@@ -366,6 +366,29 @@ impl CommitLog for LocalShards {
         self.propose_parts(ws, Some(epoch))
     }
 
+    /// A turn's write set names one entity, so one shard: placed in that
+    /// shard's log. One spanning shards has no single order to hold a place
+    /// in; it is proposed whole before it counts as placed.
+    fn propose_in_order(&self, ws: WriteSet, epoch: u64) -> BoxFuture<'static, crate::log::Placed> {
+        let mut shards = ws.ops.iter().map(|op| self.shard_of_key(op.keyspace(), op.key()));
+        let first = shards.next().flatten();
+        let one = first.filter(|&s| shards.all(|t| t == Some(s)));
+        match one.map(|shard| (shard, self.replica(shard))) {
+            Some((_, Some(s))) => s.log.propose_in_order(ws, epoch),
+            Some((shard, None)) => {
+                let leader = self.shape.replicas(shard).first().copied();
+                Box::pin(async move { Err(LogError::NotLeader { leader }) })
+            }
+            None => {
+                let outcome = self.propose_parts(ws, Some(epoch));
+                Box::pin(async move {
+                    let outcome = outcome.await;
+                    Ok(Box::pin(async move { outcome }) as BoxFuture<'static, _>)
+                })
+            }
+        }
+    }
+
     fn confirm_lead(&self, entity: &EntityRef, epoch: u64) -> BoxFuture<'static, Result<(), LogError>> {
         match self.replica(self.shard_of(entity)) {
             Some(s) => s.log.confirm_lead(entity, epoch),

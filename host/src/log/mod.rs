@@ -151,6 +151,10 @@ impl LogConfig {
     }
 }
 
+/// What [`CommitLog::propose_in_order`] gives once the proposal holds its
+/// place in the log (or why it never will): the future of its outcome.
+pub type Placed = Result<futures::future::BoxFuture<'static, Result<LogIndex, LogError>>, LogError>;
+
 /// An ordered, durable log of write sets that applies each committed entry to
 /// a state store.
 pub trait CommitLog: Send + Sync + 'static {
@@ -172,6 +176,23 @@ pub trait CommitLog: Send + Sync + 'static {
     ) -> futures::future::BoxFuture<'static, Result<LogIndex, LogError>> {
         let _ = epoch;
         self.propose(ws)
+    }
+    /// [`propose_fenced`](Self::propose_fenced) in two steps, for a
+    /// proposer that computes its next write set from this one's effects
+    /// before they commit (pipelined turns). The outer future resolves once
+    /// the proposal holds its place in the log's order: whatever is proposed
+    /// after that enters the log after it, and it is proposed even if nobody
+    /// waits for its outcome any more, so a later proposal never commits
+    /// without it. The inner future resolves with its outcome.
+    ///
+    /// The default, for a log without a queue, resolves the outer future
+    /// only once the proposal's outcome is known: correct, without overlap.
+    fn propose_in_order(&self, ws: WriteSet, epoch: u64) -> futures::future::BoxFuture<'static, Placed> {
+        let outcome = self.propose_fenced(ws, epoch);
+        Box::pin(async move {
+            let outcome = outcome.await;
+            Ok(Box::pin(async move { outcome }) as futures::future::BoxFuture<'static, _>)
+        })
     }
     /// After a read-only turn of `entity` computed in leadership term
     /// `epoch`: confirms this replica still leads in that term, so its reply

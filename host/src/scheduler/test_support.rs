@@ -32,6 +32,9 @@ pub(crate) struct MemLog {
     open: tokio::sync::watch::Sender<bool>,
     /// The error the next proposal to arrive fails with (nothing applied).
     fail_next: Mutex<Option<LogError>>,
+    /// How the last proposal placed in order ended (`None`: applied), for
+    /// the next one: it applies only after that one, and only if it did.
+    last_placed: Mutex<Option<tokio::sync::oneshot::Receiver<Option<LogError>>>>,
 }
 
 impl MemLog {
@@ -43,6 +46,7 @@ impl MemLog {
             confirmations: AtomicU64::new(0),
             open: tokio::sync::watch::channel(true).0,
             fail_next: Mutex::new(None),
+            last_placed: Mutex::new(None),
         }
     }
 
@@ -85,6 +89,42 @@ impl CommitLog for MemLog {
             *index += 1;
             store.apply(&[(*index, &ws)])?;
             Ok(*index)
+        })
+    }
+
+    /// Placed at once; applied in placement order once the gate is open, by
+    /// a task of its own (nobody need wait for it). A proposal placed after
+    /// one that failed fails with its error: like a replicated log, this one
+    /// never commits an entry whose predecessor it could not write.
+    fn propose_in_order(&self, ws: WriteSet, _: u64) -> BoxFuture<'static, crate::log::Placed> {
+        self.proposals.fetch_add(1, Ordering::SeqCst);
+        let failure = self.fail_next.lock().unwrap().take();
+        let mut open = self.open.subscribe();
+        let (store, applied) = (self.store.clone(), self.applied.clone());
+        let (done, next) = tokio::sync::oneshot::channel();
+        let before = self.last_placed.lock().unwrap().replace(next);
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let earlier = match before {
+                Some(before) => before.await.unwrap_or(Some(LogError::ShutDown)),
+                None => None,
+            };
+            let result = async {
+                open.wait_for(|open| *open).await.map_err(|_| LogError::ShutDown)?;
+                if let Some(e) = earlier.or(failure) {
+                    return Err(e);
+                }
+                let mut index = applied.lock().unwrap();
+                *index += 1;
+                store.apply(&[(*index, &ws)])?;
+                Ok(*index)
+            }
+            .await;
+            let _ = done.send(result.as_ref().err().cloned());
+            let _ = reply.send(result);
+        });
+        Box::pin(async move {
+            Ok(Box::pin(async move { outcome.await.unwrap_or(Err(LogError::ShutDown)) }) as BoxFuture<'static, _>)
         })
     }
 

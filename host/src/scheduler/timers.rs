@@ -195,6 +195,9 @@ impl Inner {
     ) -> Result<(), InvokeError> {
         let slot = self.slot(&sender);
         let mut st = slot.state.lock().await;
+        // What follows reads the store: the sender's batches in flight
+        // (which may cancel these timers) settle first.
+        self.settle_all(&mut st).await;
         // As for a turn: only where the sender's turns run, and from the
         // store under a new term.
         let Some(epoch) = self.epoch_of(&sender) else {

@@ -25,6 +25,14 @@
 //! instance is dropped); nobody is answered before the commit, and if it
 //! fails every turn of the batch gets the error its own commit would have.
 //!
+//! Pipelined commits: step 5 only places the write set in the log's order
+//! ([`CommitLog::propose_in_order`](crate::log::CommitLog::propose_in_order))
+//! and leaves the batch in flight in the slot; the next batch runs at once,
+//! reading the writes in flight through the slot's `uncommitted` overlay (up
+//! to `scheduler.pipelined_commits` in flight). [`settled`](Inner::settled)
+//! answers the batches oldest first as their commits end; a failure there
+//! ends the pipeline (see there).
+//!
 //! Above the ~700-line guide (its tests are in `turn_tests.rs`) because
 //! it is the one path a call takes from mailbox to answer, batch included:
 //! split, a reader would chase the steps above across files.
@@ -160,7 +168,11 @@ struct AfterCommit {
 /// entity's meta and warm instance after the last of them, and each turn's
 /// outcome with its caller's answer.
 struct Batch {
+    /// What its turns read through: the writes of the slot's batches in
+    /// flight, then its own earlier turns'.
     overlay: Arc<Overlay>,
+    /// The tag of its writes in `overlay`.
+    tag: u64,
     ops: Vec<Op>,
     /// How many of `ops` the overlay holds: a turn's writes are laid over
     /// the store only when another turn follows it.
@@ -186,6 +198,64 @@ enum Committed {
         /// For reads and refusals: nothing of theirs was written (safe to retry).
         reader: InvokeError,
     },
+}
+
+/// A batch whose write set holds its place in the log: its outcome, and
+/// its turns' answers, given once that is known.
+pub(super) struct InFlight {
+    outcome: futures::future::BoxFuture<'static, Result<crate::model::LogIndex, LogError>>,
+    outcomes: Vec<(Answer, Outcome)>,
+    /// The tag of its writes in the slot's `uncommitted` overlay.
+    tag: u64,
+}
+
+/// How a commit that failed leaves the slot: whether it may still land
+/// (the store cannot be read for the entity until that is settled), and
+/// whether it was fenced (the slot's term is over).
+#[derive(Clone, Copy, Default)]
+struct Failed {
+    in_doubt: bool,
+    fenced: bool,
+}
+
+impl Failed {
+    /// What a turn's commit that failed with `e` answers, and how the slot is left.
+    fn of(e: LogError) -> (Committed, Failed) {
+        match e {
+            // Nothing of the batch applied: a refusal the caller's node
+            // retries on the current leader.
+            LogError::Fenced { .. } => (
+                Committed::No {
+                    writer: InvokeError::NotHere { leader: None },
+                    reader: InvokeError::NotHere { leader: None },
+                },
+                Failed { in_doubt: false, fenced: true },
+            ),
+            // Whether the write set lands is unknown (unless it was never
+            // queued). Its reads and refusals wrote nothing: retried, they
+            // run after the doubt.
+            e => {
+                let in_doubt = !e.never_written();
+                (
+                    Committed::No { writer: InvokeError::Commit(e), reader: InvokeError::NotHere { leader: None } },
+                    Failed { in_doubt, fenced: false },
+                )
+            }
+        }
+    }
+
+    fn and(self, other: Failed) -> Failed {
+        Failed { in_doubt: self.in_doubt || other.in_doubt, fenced: self.fenced || other.fenced }
+    }
+
+    /// The slot after the failure: the warm instance may hold state the
+    /// store does not have, so it and the meta are reloaded; a fenced slot
+    /// starts over in the next term.
+    fn reset(self, slot_state: &mut SlotState) {
+        let epoch = if self.fenced { 0 } else { slot_state.epoch };
+        let in_doubt = self.in_doubt || slot_state.in_doubt;
+        *slot_state = SlotState { epoch, in_doubt, ..SlotState::default() };
+    }
 }
 
 /// A copy of a batch-wide error for each of its turns (errors carry no
@@ -337,25 +407,110 @@ impl Inner {
             Admitted::Holding(slot_state, answer) => (slot_state, answer),
         };
         loop {
-            // Every invocation a batch takes is answered or put back before
-            // the lock is released, so the own one is still waiting here.
-            let batch = slot.take_batch(self.cfg.max_turns_per_commit);
-            if batch.is_empty() {
-                return Err(InvokeError::Internal("the invocation left its mailbox unanswered".into()));
-            }
-            let left = self.run_batch(&entity, batch, &mut slot_state).await;
-            slot.put_back(left);
+            self.settle_committed(&mut slot_state).await;
             match answer.try_recv() {
                 Ok(result) => {
                     slot.release_instance_if_passing(&mut slot_state);
                     return result;
                 }
-                Err(oneshot::error::TryRecvError::Empty) => continue,
+                Err(oneshot::error::TryRecvError::Empty) => {}
                 Err(oneshot::error::TryRecvError::Closed) => {
                     return Err(InvokeError::Internal("the invocation's batch ended without an answer".into()));
                 }
             }
+            if slot_state.in_flight.len() >= self.cfg.pipelined_commits {
+                self.settle_oldest(&mut slot_state).await;
+                continue;
+            }
+            // Every invocation a batch takes is answered, put back or in
+            // flight before the lock is released, so the own one is still
+            // waiting in one of them.
+            let batch = slot.take_batch(self.cfg.max_turns_per_commit);
+            if batch.is_empty() {
+                if slot_state.in_flight.is_empty() {
+                    return Err(InvokeError::Internal("the invocation left its mailbox unanswered".into()));
+                }
+                // The own turn's commit is in flight: wait for the oldest
+                // commit, or run a newcomer meanwhile.
+                let front = slot_state.in_flight.front_mut().expect("a batch in flight");
+                let settled = tokio::select! {
+                    biased;
+                    result = &mut front.outcome => Some(result),
+                    () = slot.arrived.notified() => None,
+                };
+                if let Some(result) = settled {
+                    self.settled(result, &mut slot_state).await;
+                }
+                continue;
+            }
+            let left = self.run_batch(&entity, batch, &mut slot_state).await;
+            slot.put_back(left);
         }
+    }
+
+    /// Answers the batches in flight whose commits are done, oldest first,
+    /// without waiting for any.
+    async fn settle_committed(&self, slot_state: &mut SlotState) {
+        while let Some(front) = slot_state.in_flight.front_mut() {
+            let Some(result) = futures::FutureExt::now_or_never(&mut front.outcome) else { break };
+            self.settled(result, slot_state).await;
+        }
+    }
+
+    /// Waits for the oldest batch in flight to commit (or fail), and answers it.
+    async fn settle_oldest(&self, slot_state: &mut SlotState) {
+        if let Some(front) = slot_state.in_flight.front_mut() {
+            let result = (&mut front.outcome).await;
+            self.settled(result, slot_state).await;
+        }
+    }
+
+    /// Waits for every batch in flight and answers it: before anything
+    /// reads the entity's committed state (or starts over from it). Whether
+    /// all committed.
+    pub(super) async fn settle_all(&self, slot_state: &mut SlotState) -> bool {
+        let mut all = true;
+        while let Some(front) = slot_state.in_flight.front_mut() {
+            let result = (&mut front.outcome).await;
+            all &= result.is_ok();
+            self.settled(result, slot_state).await;
+        }
+        all
+    }
+
+    /// Answers the oldest batch in flight, whose commit ended with `result`.
+    /// A failure ends the pipeline: every later batch read this one's
+    /// writes, and the log commits none of them without it, so each is
+    /// answered as its own outcome says (committed only if this one was in
+    /// fact); then the slot starts over from the store.
+    async fn settled(&self, result: Result<crate::model::LogIndex, LogError>, slot_state: &mut SlotState) {
+        let done = slot_state.in_flight.pop_front().expect("the batch that settled");
+        let e = match result {
+            Ok(_) => {
+                if slot_state.in_flight.is_empty() {
+                    slot_state.uncommitted = None;
+                } else if let Some(overlay) = &slot_state.uncommitted {
+                    overlay.retire(done.tag);
+                }
+                self.answer(done.outcomes, Committed::Yes);
+                return;
+            }
+            Err(e) => e,
+        };
+        let (committed, mut failed) = Failed::of(e);
+        self.answer(done.outcomes, committed);
+        while let Some(later) = slot_state.in_flight.pop_front() {
+            let committed = match later.outcome.await {
+                Ok(_) => Committed::Yes,
+                Err(e) => {
+                    let (committed, f) = Failed::of(e);
+                    failed = failed.and(f);
+                    committed
+                }
+            };
+            self.answer(later.outcomes, committed);
+        }
+        failed.reset(slot_state);
     }
 
     /// One batch of the entity's mailbox, under its lock: the steps below,
@@ -369,9 +524,9 @@ impl Inner {
     ) -> Vec<Queued> {
         let Some((epoch, batch)) = self.route(entity, batch, slot_state).await else { return Vec::new() };
         let Some(mut ran) = self.turns(entity, batch, slot_state).await else { return Vec::new() };
-        let committed = self.commit(entity, epoch, &mut ran, slot_state).await;
-        self.answer(ran.outcomes, committed);
-        ran.left
+        let left = std::mem::take(&mut ran.left);
+        self.commit(entity, epoch, ran, slot_state).await;
+        left
     }
 
     /// Admits the invocation to the entity's mailbox (refused when
@@ -394,6 +549,7 @@ impl Inner {
             }
             mailbox.push_back(Queued { inv, invocation_id, epoch, span: tracing::Span::current(), answer });
         }
+        slot.arrived.notify_one();
         // The answer first: once the holder answered this invocation, the
         // lock (which it released after answering) is of no use to it.
         tokio::select! {
@@ -425,6 +581,7 @@ impl Inner {
         // Another leader may have run turns of this entity since the slot was
         // filled: under a new term, start from the store.
         if slot_state.epoch != epoch {
+            self.settle_all(slot_state).await;
             *slot_state = SlotState { epoch, in_doubt: slot_state.in_doubt, ..SlotState::default() };
         }
         if let Err(e) = self.resolve_doubt(entity, slot_state).await {
@@ -457,8 +614,10 @@ impl Inner {
                 return None;
             }
         };
+        slot_state.batches += 1;
         let mut ran = Batch {
-            overlay: Arc::new(Overlay::new(self.store.clone())),
+            overlay: slot_state.uncommitted.clone().unwrap_or_else(|| Arc::new(Overlay::new(self.store.clone()))),
+            tag: slot_state.batches,
             ops: Vec::new(),
             in_overlay: 0,
             bytes: 0,
@@ -513,7 +672,7 @@ impl Inner {
         };
         let warm = batch.resident.take().filter(|r| Arc::ptr_eq(&r.version, &version));
         if batch.in_overlay < batch.ops.len() {
-            batch.overlay.push(&batch.ops[batch.in_overlay..]);
+            batch.overlay.push(&batch.ops[batch.in_overlay..], batch.tag);
             batch.in_overlay = batch.ops.len();
         }
         let meta = match batch.meta {
@@ -723,54 +882,57 @@ impl Inner {
         Ok((ops, AfterCommit { meta: new_meta, reply: output.reply, immediate, timers, stores_reply }))
     }
 
-    /// Commits the batch's write set, fenced by `epoch`; a batch that wrote
-    /// nothing but holds answers read from state (reads, refusals) instead
-    /// confirms this node still leads. On success the slot caches the meta
-    /// after the last turn; on failure it is reset (and marked in doubt when
-    /// the write set may still commit).
-    async fn commit(&self, entity: &EntityRef, epoch: u64, batch: &mut Batch, slot_state: &mut SlotState) -> Committed {
+    /// Puts the batch's write set in the log, fenced by `epoch`, and leaves
+    /// it in flight: its answers wait for its commit (see
+    /// [`settled`](Self::settled)), and the slot caches the instance, meta
+    /// and writes after its last turn for the next batch. A batch that wrote
+    /// nothing but holds answers read from state (reads, refusals) is
+    /// answered once the batches in flight (whose writes it may have read)
+    /// have committed and this node is confirmed to lead still.
+    async fn commit(&self, entity: &EntityRef, epoch: u64, mut batch: Batch, slot_state: &mut SlotState) {
         let ops = std::mem::take(&mut batch.ops);
         if ops.is_empty() {
             slot_state.resident = batch.resident.take();
             if !batch.outcomes.iter().any(|(_, o)| matches!(o, Outcome::Held { .. })) {
-                return Committed::Yes;
+                self.answer(batch.outcomes, Committed::Yes);
+                return;
             }
             crate::telemetry::metrics().turns_per_commit.observe(batch.outcomes.len() as f64);
+            if !self.settle_all(slot_state).await {
+                let refused = InvokeError::NotHere { leader: None };
+                self.answer(batch.outcomes, Committed::No { writer: each(&refused), reader: refused });
+                return;
+            }
             // Reads: answered only once this node is known to have led in
             // `epoch` after they read (a deposed leader cut off from the rest
             // would answer from a stale store).
-            return match self.confirm_or_refuse(entity, epoch, slot_state).await {
+            let committed = match self.confirm_or_refuse(entity, epoch, slot_state).await {
                 Ok(()) => Committed::Yes,
                 Err(e) => Committed::No { writer: each(&e), reader: e },
             };
+            self.answer(batch.outcomes, committed);
+            return;
         }
         crate::telemetry::metrics().turns_per_commit.observe(batch.outcomes.len() as f64);
+        // The next batch reads through these writes until they are applied.
+        batch.overlay.push(&ops[batch.in_overlay..], batch.tag);
         // Fenced: if this node lost the lead while the turns ran and won
         // it again, the state they read may be stale and the write set is
         // skipped (the seeds' fencing token, with the term as token).
-        match self.commit_in(WriteSet { ops }, epoch).await {
-            Ok(_) => {
+        match self.log.propose_in_order(WriteSet { ops }, epoch).await {
+            Ok(outcome) => {
                 slot_state.resident = batch.resident.take();
                 slot_state.meta = batch.meta;
-                Committed::Yes
-            }
-            Err(LogError::Fenced { .. }) => {
-                // Nothing of the batch applied: a refusal the caller's
-                // node retries on the current leader.
-                *slot_state = SlotState::default();
-                Committed::No {
-                    writer: InvokeError::NotHere { leader: None },
-                    reader: InvokeError::NotHere { leader: None },
-                }
+                slot_state.uncommitted = Some(batch.overlay);
+                slot_state.in_flight.push_back(InFlight { outcome, outcomes: batch.outcomes, tag: batch.tag });
             }
             Err(e) => {
-                // The warm instance may hold state the store does not have, and
-                // whether the write set lands is unknown (unless it was never
-                // queued): reload both, after the outcome is known. Its reads
-                // and refusals wrote nothing: retried, they run after the doubt.
-                let in_doubt = !e.never_written();
-                *slot_state = SlotState { epoch, in_doubt, ..SlotState::default() };
-                Committed::No { writer: InvokeError::Commit(e), reader: InvokeError::NotHere { leader: None } }
+                // Never in the log, so the batches before it are unaffected;
+                // but the slot caches what this one's turns did.
+                self.settle_all(slot_state).await;
+                let (committed, failed) = Failed::of(e);
+                self.answer(batch.outcomes, committed);
+                failed.reset(slot_state);
             }
         }
     }

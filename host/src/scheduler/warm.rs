@@ -14,11 +14,12 @@
 
 use super::admission::FrequencySketch;
 use super::meta::MetaCache;
-use super::turn::Queued;
+use super::turn::{InFlight, Queued};
 use super::{Inner, Scheduler};
 use crate::model::EntityRef;
 use crate::registry::LoadedVersion;
 use crate::runtime::{Instance, RuntimeError};
+use crate::storage::Overlay;
 use lru::LruCache;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -91,7 +92,8 @@ const VICTIM_SCAN: usize = 64;
 
 pub(super) struct Slot {
     /// The entity's lock: held for a whole batch of turns, execution to
-    /// commit and answers. Only its holder takes invocations out of `mailbox`.
+    /// placing its write set in the log, and while answering batches whose
+    /// commits ended. Only its holder takes invocations out of `mailbox`.
     pub(super) state: tokio::sync::Mutex<SlotState>,
     /// Invocations waiting for a turn, in arrival order (at most
     /// `scheduler.mailbox_depth`): the lock's holder runs them in batches.
@@ -100,6 +102,9 @@ pub(super) struct Slot {
     /// Among the passing slots: the lock's last holder drops its instance
     /// (the warm set's bound counts only warm slots' instances).
     pub(super) passing: AtomicBool,
+    /// Signalled when an invocation joins the mailbox: a holder waiting for
+    /// a commit in flight runs the newcomer meanwhile.
+    pub(super) arrived: tokio::sync::Notify,
 }
 
 impl Slot {
@@ -129,7 +134,7 @@ impl Slot {
     /// Idle (no turn holds it) and not in doubt: a slot in doubt must be
     /// kept until a turn resolves the doubt.
     pub(super) fn evictable(&self) -> bool {
-        self.state.try_lock().is_ok_and(|s| !s.in_doubt)
+        self.state.try_lock().is_ok_and(|s| !s.in_doubt && s.in_flight.is_empty())
     }
 }
 
@@ -145,6 +150,14 @@ pub(super) struct SlotState {
     /// it, the store may lack it, and a turn reading the store would write
     /// over it — a lost update (found by the cluster simulation).
     pub(super) in_doubt: bool,
+    /// Batches whose write sets hold their place in the log and have not
+    /// been answered, oldest first (`scheduler.pipelined_commits` at most).
+    pub(super) in_flight: VecDeque<InFlight>,
+    /// Their writes, which the next batch reads through (each retired once
+    /// applied); `None` when none is in flight.
+    pub(super) uncommitted: Option<Arc<Overlay>>,
+    /// Batches of this slot that wrote: the tag of the next one's writes.
+    pub(super) batches: u64,
 }
 
 /// A warm instance and the version it was made from.
@@ -214,6 +227,7 @@ impl Inner {
                     mailbox: std::sync::Mutex::new(VecDeque::new()),
                     last_used_ms: AtomicU64::new(now),
                     passing: AtomicBool::new(false),
+                    arrived: tokio::sync::Notify::new(),
                 }),
             };
             self.place(&mut slots, entity, s.clone(), &mut gone);

@@ -4,6 +4,9 @@
 //! `scan`, `scan_page`) sees the pending writes first, so a later turn of the
 //! batch reads what the earlier ones wrote, exactly as if they had committed.
 //! Nothing is ever applied through it: the batch's write set goes to the log.
+//! With pipelined commits it also holds the write sets of the entity's
+//! earlier batches still on their way through the log, each retired once
+//! applied.
 //!
 //! The merging itself (pending writes over a store's rows, for `scan` and
 //! `scan_page`) is shared with `SledStore`, whose apply buffer is laid over
@@ -18,26 +21,47 @@ use std::sync::{Arc, RwLock};
 /// count in advance (a byte-bounded page).
 const SCAN_CHUNK: usize = 64;
 
-/// Pending writes (by physical key; `None` = deleted) over a store.
+/// Pending writes (by physical key; `None` = deleted) over a store, each
+/// tagged with the write set (a caller's number) that wrote it last.
 pub struct Overlay {
     base: Arc<dyn StateStore>,
     pending: RwLock<Pending>,
+    /// Each pending key's last writer, for [`Overlay::retire`].
+    writers: std::sync::Mutex<std::collections::HashMap<Vec<u8>, u64>>,
 }
 
 impl Overlay {
     pub fn new(base: Arc<dyn StateStore>) -> Self {
-        Self { base, pending: RwLock::new(BTreeMap::new()) }
+        Self { base, pending: RwLock::new(BTreeMap::new()), writers: Default::default() }
     }
 
-    /// Lays `ops` over what is pending (later ops on a key win, as when
-    /// applied); preconditions change nothing.
-    pub fn push(&self, ops: &[Op]) {
+    /// Lays the ops of write set `tag` over what is pending (later ops on a
+    /// key win, as when applied); preconditions change nothing. Tags grow.
+    pub fn push(&self, ops: &[Op], tag: u64) {
         let mut pending = self.pending.write().unwrap_or_else(|p| p.into_inner());
+        let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         for op in ops {
             if let Some((key, value)) = op_write(op) {
+                writers.insert(key.clone(), tag);
                 pending.insert(key, value.map(<[u8]>::to_vec));
             }
         }
+    }
+
+    /// Forgets the writes of write sets up to `tag` that no later one
+    /// overwrote: the store has applied them, and reads go to it again
+    /// (a key the store changed since, such as a delivered message's outbox
+    /// entry, reads as it is now).
+    pub fn retire(&self, tag: u64) {
+        let mut pending = self.pending.write().unwrap_or_else(|p| p.into_inner());
+        let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        writers.retain(|key, &mut by| {
+            let keep = by > tag;
+            if !keep {
+                pending.remove(key);
+            }
+            keep
+        });
     }
 
     /// Whether nothing is pending: reads go straight to the store.
@@ -250,7 +274,7 @@ mod tests {
             let expected = MemStore::new();
             expected.apply(&[(1, &seed), (2, &WriteSet { ops: ops.clone() })]).unwrap();
             let overlay = Overlay::new(base);
-            overlay.push(&ops);
+            overlay.push(&ops, 1);
             let ks = Keyspace::State;
             let keys = committed.iter().map(|(k, _)| k.clone()).chain(ops.iter().map(|o| match o {
                 Op::Put { key, .. } | Op::Delete { key, .. } | Op::Expect { key, .. } => key.clone(),
@@ -276,9 +300,28 @@ mod tests {
         base.apply(&[(1, &WriteSet { ops: vec![put(b"a", b"1"), put(b"b", b"2")] })]).unwrap();
         let overlay = Overlay::new(base);
         assert!(overlay.is_empty());
-        overlay.push(&[del(b"a"), Op::Put { keyspace: Keyspace::Inbox, key: b"a".to_vec(), value: b"9".to_vec() }]);
+        overlay.push(&[del(b"a"), Op::Put { keyspace: Keyspace::Inbox, key: b"a".to_vec(), value: b"9".to_vec() }], 1);
         assert_eq!(overlay.get(Keyspace::State, b"a").unwrap(), None);
         assert_eq!(overlay.get(Keyspace::Inbox, b"a").unwrap(), Some(b"9".to_vec()));
         assert_eq!(overlay.scan(Keyspace::State, b"", None, 10).unwrap(), vec![(b"b".to_vec(), b"2".to_vec())]);
+    }
+
+    /// Retiring a write set forgets exactly the keys no later write set
+    /// overwrote: those read the store again, the others stay pending.
+    #[test]
+    fn retiring_a_write_set_forgets_only_what_no_later_one_overwrote() {
+        let base = Arc::new(MemStore::new());
+        let overlay = Overlay::new(base.clone());
+        overlay.push(&[put(b"a", b"1"), put(b"b", b"1")], 1);
+        overlay.push(&[put(b"b", b"2"), put(b"c", b"2")], 2);
+        // The store applies write set 1, then something else changes `a`.
+        base.apply(&[(1, &WriteSet { ops: vec![put(b"a", b"1"), put(b"b", b"1")] })]).unwrap();
+        base.apply(&[(2, &WriteSet { ops: vec![del(b"a")] })]).unwrap();
+        overlay.retire(1);
+        assert_eq!(overlay.get(Keyspace::State, b"a").unwrap(), None, "retired: read from the store");
+        assert_eq!(overlay.get(Keyspace::State, b"b").unwrap(), Some(b"2".to_vec()), "write set 2's value");
+        assert_eq!(overlay.get(Keyspace::State, b"c").unwrap(), Some(b"2".to_vec()));
+        overlay.retire(2);
+        assert!(overlay.is_empty());
     }
 }

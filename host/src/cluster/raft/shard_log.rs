@@ -24,7 +24,7 @@
 //! before the batcher took it is dropped unproposed.
 
 use super::{Raft, Replica, ShardApplied, ShardWrite};
-use crate::log::{CommitLog, LogConfig, LogError, LogStats};
+use crate::log::{CommitLog, LogConfig, LogError, LogStats, Placed};
 use crate::model::{EntityRef, LogIndex, WriteSet};
 use crate::storage::StateStore;
 use futures::future::BoxFuture;
@@ -41,8 +41,21 @@ const MAX_INFLIGHT_BATCHES: usize = 4;
 type Reply = oneshot::Sender<Result<LogIndex, LogError>>;
 
 /// One proposal waiting for the batcher: its write set, its fence, where the
-/// outcome goes.
-type Proposal = (WriteSet, Option<u64>, Reply);
+/// outcome goes, and whether it is proposed even once nobody waits for it
+/// (one placed in order: a later proposal may depend on it).
+struct Proposal {
+    ws: WriteSet,
+    fence_term: Option<u64>,
+    reply: Reply,
+    keep: bool,
+}
+
+impl Proposal {
+    /// Its proposer stopped waiting, and nothing depends on it.
+    fn abandoned(&self) -> bool {
+        !self.keep && self.reply.is_closed()
+    }
+}
 
 #[derive(Default)]
 struct Counters {
@@ -114,26 +127,27 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, counters: Arc<Cou
         // queue was told the outcome is unknown; not proposing it at all is
         // one of the outcomes it allowed for, and spares a log that could
         // not keep up.
-        if first.2.is_closed() {
+        if first.abandoned() {
             continue;
         }
-        let fence_term = first.1;
-        let mut bytes = first.0.approx_bytes();
+        let fence_term = first.fence_term;
+        let mut bytes = first.ws.approx_bytes();
         // A conditional write set is skipped whole when its precondition
         // fails, so it never shares an entry with others.
-        let alone = first.0.is_conditional();
+        let alone = first.ws.is_conditional();
         let mut batch = vec![first];
         while !alone && batch.len() < config.max_batch_entries {
             let Ok(next) = rx.try_recv() else { break };
-            if next.2.is_closed() {
+            if next.abandoned() {
                 continue;
             }
             // An entry never grows past `max_batch_bytes` (one write set
             // alone excepted, which configuration keeps below it): every
             // entry must reach the followers within openraft's per-message
             // budget, one heartbeat interval.
-            let next_bytes = next.0.approx_bytes();
-            if next.1 != fence_term || next.0.is_conditional() || bytes + next_bytes > config.max_batch_bytes {
+            let next_bytes = next.ws.approx_bytes();
+            if next.fence_term != fence_term || next.ws.is_conditional() || bytes + next_bytes > config.max_batch_bytes
+            {
                 held = Some(next);
                 break;
             }
@@ -142,16 +156,16 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>, counters: Arc<Cou
         }
         let Ok(permit) = inflight.clone().acquire_owned().await else { break };
         // The wait for a permit may have outlasted some proposers.
-        batch.retain(|p| !p.2.is_closed());
+        batch.retain(|p| !p.abandoned());
         if batch.is_empty() {
             continue;
         }
-        let bytes: usize = batch.iter().map(|p| p.0.approx_bytes()).sum();
+        let bytes: usize = batch.iter().map(|p| p.ws.approx_bytes()).sum();
         let mut ws = WriteSet::default();
         let mut replies = Vec::with_capacity(batch.len());
-        for (w, _, reply) in batch {
-            ws.ops.extend(w.ops);
-            replies.push(reply);
+        for p in batch {
+            ws.ops.extend(p.ws.ops);
+            replies.push(p.reply);
         }
         crate::telemetry::metrics().commit_batch_writes.observe(replies.len() as f64);
         counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -204,21 +218,31 @@ impl ShardLog {
     /// room in the queue (a leader without a majority stops draining it,
     /// and its callers hold entity mailboxes meanwhile) and for the commit.
     fn submit(&self, ws: WriteSet, fence_term: Option<u64>) -> BoxFuture<'static, Result<LogIndex, LogError>> {
+        let placed = self.place(ws, fence_term, false);
+        Box::pin(async move { placed.await?.await })
+    }
+
+    /// Queues a proposal (`keep`: proposed even once nobody waits for its
+    /// outcome); resolves once it is in the queue, whose order is the log's,
+    /// with the future of its outcome. Both waits end at one deadline.
+    fn place(&self, ws: WriteSet, fence_term: Option<u64>, keep: bool) -> BoxFuture<'static, Placed> {
         let (tx, timeout) = (self.tx.clone(), self.commit_timeout);
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + timeout;
             let (reply, rx) = oneshot::channel();
-            match tokio::time::timeout_at(deadline, tx.send((ws, fence_term, reply))).await {
+            match tokio::time::timeout_at(deadline, tx.send(Proposal { ws, fence_term, reply, keep })).await {
                 Ok(sent) => sent.map_err(|_| LogError::ShutDown)?,
                 Err(_) => return Err(LogError::QueueTimeout { waited_ms: timeout.as_millis() as u64 }),
             }
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(reply) => reply.map_err(|_| LogError::ShutDown)?,
-                Err(_) => Err(LogError::Aborted(format!(
-                    "not committed within {timeout:?}: the shard may have lost its majority (the write may still \
-                     commit later)"
-                ))),
-            }
+            Ok(Box::pin(async move {
+                match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(reply) => reply.map_err(|_| LogError::ShutDown)?,
+                    Err(_) => Err(LogError::Aborted(format!(
+                        "not committed within {timeout:?}: the shard may have lost its majority (the write may \
+                         still commit later)"
+                    ))),
+                }
+            }) as BoxFuture<'static, _>)
         })
     }
 }
@@ -230,6 +254,13 @@ impl CommitLog for ShardLog {
 
     fn propose_fenced(&self, ws: WriteSet, epoch: u64) -> BoxFuture<'static, Result<LogIndex, LogError>> {
         self.submit(ws, Some(epoch))
+    }
+
+    /// The queue is the log's order (the batcher proposes in it, each entry
+    /// queued in Raft before the next is taken), and a kept proposal is
+    /// never dropped: one placed after it commits only if it does.
+    fn propose_in_order(&self, ws: WriteSet, epoch: u64) -> BoxFuture<'static, Placed> {
+        self.place(ws, Some(epoch), true)
     }
 
     /// Heartbeats a quorum (openraft's `ensure_linearizable`), then checks
