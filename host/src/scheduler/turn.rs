@@ -422,21 +422,29 @@ impl Inner {
                 self.settle_oldest(&mut slot_state).await;
                 continue;
             }
-            // Every invocation a batch takes is answered, put back or in
-            // flight before the lock is released, so the own one is still
-            // waiting in one of them.
-            let batch = slot.take_batch(self.cfg.max_turns_per_commit);
+            // Behind a commit in flight, only a full batch starts: a smaller
+            // one gathers more while it waits, and shares its commit with
+            // them (overlapping small commits costs more per turn than it
+            // saves).
+            let max = self.cfg.max_turns_per_commit;
+            let batch = if slot_state.in_flight.is_empty() || slot.waiting() >= max {
+                slot.take_batch(max)
+            } else {
+                Vec::new()
+            };
             if batch.is_empty() {
+                // Every invocation a batch takes is answered, put back or
+                // in flight before the lock is released: the own one waits
+                // in the mailbox or in flight.
                 if slot_state.in_flight.is_empty() {
                     return Err(InvokeError::Internal("the invocation left its mailbox unanswered".into()));
                 }
-                // The own turn's commit is in flight: wait for the oldest
-                // commit, or run a newcomer meanwhile.
+                // Wait for the oldest commit, or for a full batch to run meanwhile.
                 let front = slot_state.in_flight.front_mut().expect("a batch in flight");
                 let settled = tokio::select! {
                     biased;
                     result = &mut front.outcome => Some(result),
-                    () = slot.arrived.notified() => None,
+                    () = slot.full.notified() => None,
                 };
                 if let Some(result) = settled {
                     self.settled(result, &mut slot_state).await;
@@ -548,8 +556,10 @@ impl Inner {
                 return Err(InvokeError::MailboxFull { entity: inv.entity.to_string(), depth });
             }
             mailbox.push_back(Queued { inv, invocation_id, epoch, span: tracing::Span::current(), answer });
+            if depth + 1 == self.cfg.max_turns_per_commit {
+                slot.full.notify_one();
+            }
         }
-        slot.arrived.notify_one();
         // The answer first: once the holder answered this invocation, the
         // lock (which it released after answering) is of no use to it.
         tokio::select! {

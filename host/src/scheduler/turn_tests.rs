@@ -53,7 +53,8 @@ async fn batch(
 }
 
 /// Batches commit one at a time here (no pipelining), so invocations
-/// queued behind a held commit stay in the mailbox until it commits.
+/// queued behind a held commit stay in the mailbox until it commits,
+/// however many.
 async fn counter_harness(max_turns_per_commit: usize) -> Harness {
     let mut cfg = Config::default();
     cfg.scheduler.max_turns_per_commit = max_turns_per_commit;
@@ -209,15 +210,16 @@ async fn placed(h: &Harness, e: &EntityRef, operation: &str, proposals: u64) -> 
     reply
 }
 
-/// Pipelined commits: while one batch's commit is held, the next
-/// invocations of the hot entity run (each reading the writes in flight)
-/// and are placed in the log behind it, up to `pipelined_commits` in
-/// flight; the next waits in the mailbox. Nobody is answered before the
-/// commit, then all are, in order, with exact totals.
+/// Pipelined commits: while one batch's commit is held, the next full
+/// batches of the hot entity (one turn each here) run, each reading the
+/// writes in flight, and are placed in the log behind it, up to
+/// `pipelined_commits` in flight; the next waits in the mailbox. Nobody is
+/// answered before the commit, then all are, in order, with exact totals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_entitys_next_batches_run_while_the_first_commits() {
     let mut cfg = Config::default();
     cfg.scheduler.pipelined_commits = 3;
+    cfg.scheduler.max_turns_per_commit = 1;
     let h = Harness::new(cfg, &[("counter", "counter")]).await;
     let e = counter("hot");
     let base = h.log.proposals();
@@ -241,6 +243,38 @@ async fn a_hot_entitys_next_batches_run_while_the_first_commits() {
     assert_eq!(text(&h.scheduler.invoke_here(call(&e, "get", "")).await), "4");
 }
 
+/// Behind a commit in flight, invocations gather in the mailbox until they
+/// fill a batch (`max_turns_per_commit`): then that batch runs and goes in
+/// flight too, while a smaller one waits for the commit and shares the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_commit_in_flight_only_a_full_batch_starts() {
+    let mut cfg = Config::default();
+    cfg.scheduler.max_turns_per_commit = 3;
+    let h = Harness::new(cfg, &[("counter", "counter")]).await;
+    let e = counter("hot");
+    let base = h.log.proposals();
+    h.log.hold();
+    let mut replies = vec![placed(&h, &e, "add", base + 1).await];
+    for n in 1..=4 {
+        let (s, inv) = (h.scheduler.clone(), call(&e, "add", "1"));
+        replies.push(tokio::spawn(async move { s.invoke_here(inv).await }));
+        if n < 3 {
+            h.until("the invocation waits in the mailbox", || h.scheduler.mailbox_len(&e) == n).await;
+            assert_eq!(h.log.proposals(), base + 1, "a partial batch started behind the commit");
+        } else {
+            h.until("a full batch is placed", || h.log.proposals() == base + 2).await;
+        }
+    }
+    h.until("the fifth waits in the mailbox", || h.scheduler.mailbox_len(&e) == 1).await;
+    h.log.release();
+    let mut totals = Vec::new();
+    for r in replies {
+        totals.push(text(&r.await.unwrap()));
+    }
+    assert_eq!(totals, ["1", "2", "3", "4", "5"]);
+    assert_eq!(h.log.proposals(), base + 3, "the fifth committed alone, after the commits in flight");
+}
+
 /// A batch in flight whose commit fails takes every batch after it with
 /// it: those read its writes, so none is acknowledged (the log commits
 /// none of them without it), and the entity starts over from the store —
@@ -248,7 +282,9 @@ async fn a_hot_entitys_next_batches_run_while_the_first_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_commit_in_flight_fails_every_batch_that_read_it() {
     for fenced in [true, false] {
-        let h = Harness::new(Config::default(), &[("counter", "counter")]).await;
+        let mut cfg = Config::default();
+        cfg.scheduler.max_turns_per_commit = 1;
+        let h = Harness::new(cfg, &[("counter", "counter")]).await;
         let e = counter("c");
         assert_eq!(text(&h.scheduler.invoke_here(call(&e, "add", "1")).await), "1");
         let base = h.log.proposals();

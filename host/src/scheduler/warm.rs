@@ -102,9 +102,10 @@ pub(super) struct Slot {
     /// Among the passing slots: the lock's last holder drops its instance
     /// (the warm set's bound counts only warm slots' instances).
     pub(super) passing: AtomicBool,
-    /// Signalled when an invocation joins the mailbox: a holder waiting for
-    /// a commit in flight runs the newcomer meanwhile.
-    pub(super) arrived: tokio::sync::Notify,
+    /// Signalled when the mailbox fills a batch
+    /// (`scheduler.max_turns_per_commit`): a holder waiting for a commit in
+    /// flight runs it meanwhile.
+    pub(super) full: tokio::sync::Notify,
 }
 
 impl Slot {
@@ -113,6 +114,11 @@ impl Slot {
         let mut mailbox = self.mailbox.lock().unwrap_or_else(|p| p.into_inner());
         let n = max.min(mailbox.len());
         mailbox.drain(..n).collect()
+    }
+
+    /// Invocations waiting in the mailbox.
+    pub(super) fn waiting(&self) -> usize {
+        self.mailbox.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Puts invocations a batch had no room for back at the front, in order.
@@ -227,7 +233,7 @@ impl Inner {
                     mailbox: std::sync::Mutex::new(VecDeque::new()),
                     last_used_ms: AtomicU64::new(now),
                     passing: AtomicBool::new(false),
-                    arrived: tokio::sync::Notify::new(),
+                    full: tokio::sync::Notify::new(),
                 }),
             };
             self.place(&mut slots, entity, s.clone(), &mut gone);
