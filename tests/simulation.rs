@@ -135,6 +135,9 @@ fn node_config(root: &Path, n: u64, founders: u64, join: Option<u64>) -> Config 
     // 20 entities, and several nodes share this process.
     c.scheduler.max_resident_instances = 64;
     c.runtime.max_instances = 256;
+    // Two waiting turns fill a batch, so under the faults turns share
+    // commits and, behind a commit in flight, pipeline.
+    c.scheduler.max_turns_per_commit = 2;
     c
 }
 
@@ -756,7 +759,12 @@ fn seeded_crashes_partitions_joins_and_drains_lose_and_duplicate_nothing() {
 fn run_seeds(faults: Faults) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     prepare();
+    let pipelined = || conflux_host::telemetry::metrics().pipelined_batches.get();
+    let before = pipelined();
     let failed: Vec<u64> = seeds().into_iter().filter(|seed| run(*seed, faults).outcome.is_err()).collect();
+    // The checks hold with turns pipelined behind commits in flight (a
+    // dozen or more batches per run), not only without.
+    assert!(pipelined() > before, "no batch was pipelined: the run did not test pipelined commits");
     assert!(
         failed.is_empty(),
         "seeds {failed:?} failed; replay one with CONFLUX_SIM_SEED=<seed> cargo test -p conflux-host --test simulation \

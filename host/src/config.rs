@@ -183,8 +183,9 @@ pub struct SchedulerConfig {
     /// caller is answered once that commit is durable.
     pub max_turns_per_commit: usize,
     /// Batches of one entity's turns whose commits may be in flight at once
-    /// (1 = none overlaps). The next batch runs against the earlier ones'
-    /// writes before they are durable; every reply is held until its own
+    /// (1 = none overlaps). The next batch — only a full one
+    /// (`max_turns_per_commit` waiting): fewer wait and share the next
+    /// commit — runs against the earlier ones' writes before they are durable; every reply is held until its own
     /// write set and every one before it have committed, in order, and if
     /// one fails, no later batch's turn is acknowledged: those that read its
     /// effects fail with it (the log never commits a later write set

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub fsync_seconds: Histogram,
     /// Invocations already waiting for the entity when one arrives.
     pub mailbox_depth: Histogram,
+    /// Batches placed in the log behind another of their entity's commits
+    /// still in flight (pipelined).
+    pub pipelined_batches: IntCounter,
     /// Instances created (activations of an entity that was not resident).
     pub activations: IntCounter,
     /// Resident instances dropped to make room or because they were idle.
@@ -195,6 +198,11 @@ impl Metrics {
                 "conflux_mailbox_depth",
                 "Invocations already waiting for the entity when one arrives.",
                 COUNT_BUCKETS,
+            ),
+            pipelined_batches: counter(
+                &r,
+                "conflux_pipelined_batches_total",
+                "Batches of turns placed in the log while an earlier commit of their entity was in flight.",
             ),
             activations: counter(&r, "conflux_activations_total", "Entity instances created."),
             evictions: counter(&r, "conflux_evictions_total", "Resident instances evicted."),

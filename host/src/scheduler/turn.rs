@@ -931,6 +931,9 @@ impl Inner {
         // skipped (the seeds' fencing token, with the term as token).
         match self.log.propose_in_order(WriteSet { ops }, epoch).await {
             Ok(outcome) => {
+                if !slot_state.in_flight.is_empty() {
+                    crate::telemetry::metrics().pipelined_batches.inc();
+                }
                 slot_state.resident = batch.resident.take();
                 slot_state.meta = batch.meta;
                 slot_state.uncommitted = Some(batch.overlay);
