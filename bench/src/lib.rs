@@ -12,7 +12,9 @@
 //!   in a temporary directory on 127.0.0.1) and sampling their memory.
 //! - [`peers`]: the side-by-side run that `cargo xtask bench-peers` drives.
 //! - [`scenarios`]: Conflux-only measurements: hot swap under load, messaging.
+//! - [`cluster`]: one node against three, and shard counts, in one run.
 
+pub mod cluster;
 pub mod conflux;
 pub mod http;
 pub mod load;

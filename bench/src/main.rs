@@ -36,6 +36,8 @@ enum Cmd {
     Peers(PeersArgs),
     /// Deploy and roll back the counter under load: swap latency and p99 vs steady state.
     Swap(NodeArgs),
+    /// The counter against one node, then against three founders (RF 3) per shard count.
+    Cluster(ClusterArgs),
     /// Messages per second between entities, and bank transfer latency.
     Messaging(NodeArgs),
     /// Other entities' p99 while guests sleep in their turns (steady and hostile phases alternate).
@@ -96,6 +98,32 @@ struct CounterArgs {
     /// gRPC connections shared by the callers.
     #[arg(long, default_value_t = 8)]
     connections: usize,
+}
+
+#[derive(Debug, Args)]
+struct ClusterArgs {
+    /// The conflux binary [default: next to this executable].
+    #[arg(long)]
+    conflux_bin: Option<PathBuf>,
+    /// The counter component [default: built from examples/counter].
+    #[arg(long)]
+    counter_wasm: Option<PathBuf>,
+    /// Comma-separated shard counts of the 3-node setups.
+    #[arg(long, default_value = "64,8", value_delimiter = ',')]
+    shards: Vec<u32>,
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    #[arg(long, default_value_t = 64)]
+    callers: usize,
+    /// Seconds per setup.
+    #[arg(long, default_value_t = 5.0)]
+    duration_secs: f64,
+    /// Request budget per setup.
+    #[arg(long, default_value_t = 2_000_000)]
+    max_requests: u64,
+    /// Also write the rows as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -263,6 +291,53 @@ fn start_node(bin: Option<&PathBuf>) -> anyhow::Result<((conflux_bench::procs::P
     Ok(((proc, dir), addr))
 }
 
+async fn cluster_command(a: ClusterArgs) -> anyhow::Result<()> {
+    ensure!(a.callers > 0 && a.keys > 0 && a.duration_secs > 0.0, "--callers, --keys and --duration-secs must be > 0");
+    let opts = conflux_bench::cluster::ClusterOpts {
+        conflux_bin: match a.conflux_bin {
+            Some(b) => b,
+            None => sibling("conflux")?,
+        },
+        counter_wasm: match a.counter_wasm {
+            Some(w) => w,
+            None => build_guest("counter", "counter.wasm")?,
+        },
+        shards: a.shards,
+        keys: a.keys,
+        callers: a.callers,
+        duration: Duration::from_secs_f64(a.duration_secs),
+        max_requests: a.max_requests,
+    };
+    let rows = conflux_bench::cluster::run(&opts).await?;
+    println!("| setup | keys | callers | ok calls | errors | calls/s | ÷ 1 node | p50 µs | p99 µs | correctness |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let solo = rows.first().map_or(0.0, |r| r.rate);
+    for r in &rows {
+        let setup = match r.shards {
+            None => "1 node".to_owned(),
+            Some(s) => format!("{} nodes, {s} shards", r.nodes),
+        };
+        println!(
+            "| {setup} | {} | {} | {} | {} | {:.0} | {:.2}× | {} | {} | {} |",
+            r.keys,
+            r.callers,
+            r.ok,
+            r.errors,
+            r.rate,
+            r.rate / solo.max(1e-9),
+            r.p50_us,
+            r.p99_us,
+            r.detail
+        );
+    }
+    if let Some(path) = a.json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&rows)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let wrong: Vec<&str> = rows.iter().filter(|r| !r.correct).map(|r| r.detail.as_str()).collect();
+    ensure!(wrong.is_empty(), "lost updates: {}", wrong.join("; "));
+    Ok(())
+}
+
 async fn swap_command(a: NodeArgs) -> anyhow::Result<()> {
     let (_node, addr) = start_node(a.conflux_bin.as_ref())?;
     let target = ConfluxTarget::connect(&addr, 8).await?;
@@ -358,6 +433,7 @@ async fn main() -> anyhow::Result<()> {
         match cli.command {
             Some(Cmd::Peers(a)) => peers_command(a).await,
             Some(Cmd::Swap(a)) => swap_command(a).await,
+            Some(Cmd::Cluster(a)) => cluster_command(a).await,
             Some(Cmd::Messaging(a)) => messaging_command(a).await,
             Some(Cmd::Sleepers(a)) => sleepers_command(a).await,
             None => counter_command(cli.counter).await,

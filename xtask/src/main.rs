@@ -56,6 +56,18 @@ struct BenchPeers {
     /// (e.g. that something else was running).
     #[arg(long)]
     note: Option<String>,
+    /// Skip the replication part (one node against three, shard counts, the
+    /// commit log's sequential latency at 1 and 3 replicas).
+    #[arg(long)]
+    no_cluster: bool,
+}
+
+/// The replication part of a run: `conflux-bench cluster` rows and
+/// `conflux-raft-sim`'s commit-log rows, as they wrote them.
+#[derive(Default)]
+struct Replication {
+    cluster: Option<Value>,
+    commit_log: Option<Value>,
 }
 
 const BEGIN: &str = "<!-- bench-peers:begin -->";
@@ -236,7 +248,7 @@ fn cell<'a>(rows: &'a [Value], system: &str, workload: &str, keys: Option<u64>, 
 }
 
 /// The generated section of docs/BENCHMARKS.md.
-fn render(report: &Value, cx: &RunInfo) -> String {
+fn render(report: &Value, replication: &Replication, cx: &RunInfo) -> String {
     let rows = report["rows"].as_array().cloned().unwrap_or_default();
     let systems = report["systems"].as_array().cloned().unwrap_or_default();
     let mut s = String::new();
@@ -385,8 +397,180 @@ fn render(report: &Value, cx: &RunInfo) -> String {
         ));
     }
     line("");
+    render_replication(&mut line, replication);
+    render_targets(&mut line, &rows, &systems, replication);
     line(END);
     s
+}
+
+/// The replication rows: one node against three founders per shard count.
+fn render_replication(line: &mut impl FnMut(&str), r: &Replication) {
+    let Some(rows) = r.cluster.as_ref().and_then(Value::as_array) else { return };
+    line("### Replication on this machine (`conflux-bench cluster`, this run)");
+    line("");
+    line(
+        "The counter, `add 1` over the keys below from 64 callers, against one node, then against node 1 of three \
+         founders (replication factor 3) per shard count, each setup fresh; a call whose shard node 1 does not \
+         lead is forwarded. All three nodes share this machine's cores with the load generator.",
+    );
+    line("");
+    line("| setup | keys | callers | ok | errors | calls/s | ÷ 1 node | p50 ms | p99 ms | correctness |");
+    line("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let solo = rows.first().and_then(|r| r["rate"].as_f64()).unwrap_or(0.0);
+    for row in rows {
+        let setup = match row["shards"].as_u64() {
+            None => "1 node".to_owned(),
+            Some(s) => format!("{} nodes, {s} shards", row["nodes"]),
+        };
+        let rate = row["rate"].as_f64().unwrap_or(0.0);
+        let verdict = if row["correct"].as_bool() == Some(true) { "ok" } else { "**VIOLATED**" };
+        line(&format!(
+            "| {setup} | {} | {} | {} | {} | {rate:.0} | {:.2}× | {} | {} | {verdict}: {} |",
+            row["keys"],
+            row["callers"],
+            row["ok"],
+            row["errors"],
+            rate / solo.max(1e-9),
+            ms(&row["p50_us"]),
+            ms(&row["p99_us"]),
+            row["detail"].as_str().unwrap_or(""),
+        ));
+    }
+    line("");
+    if let Some(rows) = r.commit_log.as_ref().and_then(|c| c["commit_log"].as_array()) {
+        line(
+            "`conflux-raft-sim --nodes 3 --writes 300 --commit-log-proposals 5000 --failover-trials 0`: one shard's \
+             `ShardLog` on real WALs and the in-process network, proposals one after another (sequential) and from \
+             64 proposers.",
+        );
+        line("");
+        line("| replicas | sequential commit ms | proposals/s (64 proposers) | largest batch |");
+        line("|---:|---:|---:|---:|");
+        for row in rows {
+            line(&format!(
+                "| {} | {:.2} | {:.0} | {} |",
+                row["replicas"],
+                row["sequential_ms"].as_f64().unwrap_or(0.0),
+                row["proposals_per_sec"].as_f64().unwrap_or(0.0),
+                row["largest_batch"]
+            ));
+        }
+        line("");
+    }
+}
+
+/// Issue 23's targets, each from this run.
+fn render_targets(line: &mut impl FnMut(&str), rows: &[Value], systems: &[Value], r: &Replication) {
+    let top = rows.iter().filter_map(|r| r["callers"].as_u64()).max().unwrap_or(0) as usize;
+    let keys = rows.iter().filter_map(|r| r["keys"].as_u64()).filter(|k| *k > 1).max().unwrap_or(0);
+    let rate = |sys: &str, w: &str, k: u64| cell(rows, sys, w, Some(k), top).and_then(|c| c["rate"].as_f64());
+    let field = |sys: &str, w: &str, k: u64, f: &str| cell(rows, sys, w, Some(k), top).and_then(|c| c[f].as_f64());
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let mut out: Vec<String> = Vec::new();
+    let mut row = |measure: String, value: Option<(f64, String)>, aim: &str, ok: &dyn Fn(f64) -> bool| {
+        out.push(match value {
+            Some((x, shown)) => format!("| {measure} | {shown} | {aim} | {} |", verdict(ok(x))),
+            None => format!("| {measure} | not measured | {aim} | – |"),
+        });
+    };
+    for (k, echo_aim, restate_aim) in [(keys, 0.5, 25.0), (1, 0.3, 50.0)] {
+        let what = if k == 1 { "one hot key".to_owned() } else { format!("{k} keys") };
+        let c = rate("conflux", "counter", k);
+        let ratio = |other: Option<f64>| c.zip(other).map(|(c, o)| c / o.max(1e-9));
+        row(
+            format!("durable counter, {what}, {top} callers ÷ grpc-echo"),
+            ratio(rate("grpc-echo", "counter", k)).map(|x| (x, format!("{:.0} %", x * 100.0))),
+            &format!("≥ {:.0} %", echo_aim * 100.0),
+            &|x| x >= echo_aim,
+        );
+        row(
+            format!("durable counter, {what}, {top} callers ÷ Restate"),
+            ratio(rate("restate", "counter", k)).map(|x| (x, format!("{x:.1}×"))),
+            &format!("≥ {restate_aim:.0}×"),
+            &|x| x >= restate_aim,
+        );
+    }
+    let p99 = |sys: &str| field(sys, "counter", keys, "p99_us");
+    row(
+        format!("p99, {keys} keys, {top} callers ÷ grpc-echo's"),
+        p99("conflux").zip(p99("grpc-echo")).map(|(c, e)| {
+            let x = c / e.max(1.0);
+            (x, format!("{x:.1}× ({:.1} ms)", c / 1000.0))
+        }),
+        "≤ 2×",
+        &|x| x <= 2.0,
+    );
+    let get = |sys: &str| rate(sys, "counter-get", keys);
+    row(
+        format!("read-only get, {top} callers ÷ grpc-echo"),
+        get("conflux").zip(get("grpc-echo")).map(|(c, e)| {
+            let x = c / e.max(1e-9);
+            (x, format!("{:.0} %", x * 100.0))
+        }),
+        "≥ 70 %",
+        &|x| x >= 0.7,
+    );
+    row(
+        format!("server CPU per durable add ({keys} keys)"),
+        field("conflux", "counter", keys, "cpu_us_per_call").map(|x| (x, format!("{x:.0} µs"))),
+        "≤ 40 µs",
+        &|x| x <= 40.0,
+    );
+    let peak = |name: &str| systems.iter().find(|s| s["name"] == name).and_then(|s| s["peak_rss_mb"].as_f64());
+    row(
+        "peak memory (PSS, whole run) ÷ Restate's".to_owned(),
+        peak("conflux").zip(peak("restate")).map(|(c, r)| {
+            let x = c / r.max(1e-9);
+            (x, format!("{x:.2}× ({c:.0} MB)"))
+        }),
+        "≤ 0.2×",
+        &|x| x <= 0.2,
+    );
+    let cluster = r.cluster.as_ref().and_then(Value::as_array).cloned().unwrap_or_default();
+    let setup = |shards: u64| {
+        cluster.iter().find(|c| c["shards"].as_u64() == Some(shards)).and_then(|c| c["rate"].as_f64())
+    };
+    let solo = cluster.iter().find(|c| c["shards"].is_null()).and_then(|c| c["rate"].as_f64());
+    row(
+        "3 nodes (RF 3, 64 shards) ÷ 1 node, same machine".to_owned(),
+        setup(64).zip(solo).map(|(c, s)| {
+            let x = c / s.max(1e-9);
+            (x, format!("{x:.2}×"))
+        }),
+        "≥ 0.5×",
+        &|x| x >= 0.5,
+    );
+    row(
+        "3 nodes: 64 shards ÷ 8 shards".to_owned(),
+        setup(64).zip(setup(8)).map(|(a, b)| {
+            let x = a / b.max(1e-9);
+            (x, format!("{x:.2}×"))
+        }),
+        "≥ 0.9×",
+        &|x| x >= 0.9,
+    );
+    let sequential = |replicas: u64| {
+        r.commit_log.as_ref().and_then(|c| c["commit_log"].as_array()).and_then(|rows| {
+            rows.iter().find(|x| x["replicas"].as_u64() == Some(replicas)).and_then(|x| x["sequential_ms"].as_f64())
+        })
+    };
+    row(
+        "sequential commit, 3 replicas ÷ 1".to_owned(),
+        sequential(3).zip(sequential(1)).map(|(t, o)| {
+            let x = t / o.max(1e-9);
+            (x, format!("{x:.1}× ({t:.2} ms ÷ {o:.2} ms)"))
+        }),
+        "≤ 2×",
+        &|x| x <= 2.0,
+    );
+    line("### Against issue 23's targets (this run)");
+    line("");
+    line("| measure | this run | target | verdict |");
+    line("|---|---:|---:|---|");
+    for l in &out {
+        line(l);
+    }
+    line("");
 }
 
 /// Replaces the marked section of `doc` (or appends it).
@@ -428,7 +612,7 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let _cleanup = RemoveOnDrop(work.clone());
-    for bin in ["conflux", "conflux-bench", "conflux-bench-pg-service", "conflux-bench-echo"] {
+    for bin in ["conflux", "conflux-bench", "conflux-bench-pg-service", "conflux-bench-echo", "conflux-raft-sim"] {
         std::fs::copy(target.join("release").join(bin), work.join(bin))
             .with_context(|| format!("copying {bin} from {}", target.display()))?;
     }
@@ -469,11 +653,39 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
     }
     eprintln!("xtask: running {bench:?}");
     let status = bench.status().context("running conflux-bench")?;
-    let run_secs = t.elapsed().as_secs_f64();
     let report: Value = match std::fs::read(&json) {
         Ok(bytes) => serde_json::from_slice(&bytes)?,
         Err(_) => bail!("conflux-bench peers failed ({status}) before writing its report"),
     };
+    let mut replication = Replication::default();
+    let mut replication_ok = true;
+    if !(a.quick || a.no_cluster || a.systems.is_some()) {
+        let cluster_json = work.join("cluster.json");
+        let mut cluster = Command::new(work.join("conflux-bench"));
+        cluster
+            .arg("cluster")
+            .arg("--conflux-bin")
+            .arg(work.join("conflux"))
+            .arg("--counter-wasm")
+            .arg(work.join("counter.wasm"))
+            .arg("--json")
+            .arg(&cluster_json);
+        if let Some(d) = a.duration_secs {
+            cluster.arg("--duration-secs").arg(d.to_string());
+        }
+        eprintln!("xtask: running {cluster:?}");
+        replication_ok &= cluster.status().context("running conflux-bench cluster")?.success();
+        let commit_json = work.join("commit_log.json");
+        let mut sim = Command::new(work.join("conflux-raft-sim"));
+        sim.args(["--nodes", "3", "--writes", "300", "--idle-secs", "1", "--failover-trials", "0"])
+            .args(["--commit-log-proposals", "5000", "--json"])
+            .arg(&commit_json);
+        eprintln!("xtask: running {sim:?}");
+        replication_ok &= sim.status().context("running conflux-raft-sim")?.success();
+        let read = |p: &Path| std::fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        replication = Replication { cluster: read(&cluster_json), commit_log: read(&commit_json) };
+    }
+    let run_secs = t.elapsed().as_secs_f64();
 
     let commit = capture(Command::new("git").current_dir(&root).args(["rev-parse", "--short=12", "HEAD"]))
         .unwrap_or_else(|| "?".into());
@@ -492,7 +704,7 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
         build_secs,
         run_secs,
     };
-    let section = render(&report, &cx);
+    let section = render(&report, &replication, &cx);
     if a.no_doc || a.quick {
         println!("{section}");
     } else {
@@ -503,6 +715,7 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
     }
     eprintln!("xtask: install {install_secs:.0} s, build {build_secs:.0} s, run {run_secs:.0} s");
     ensure!(status.success(), "conflux-bench peers reported a failure ({status}); see the table");
+    ensure!(replication_ok, "the replication part (conflux-bench cluster or conflux-raft-sim) failed; see above");
     Ok(())
 }
 

@@ -46,6 +46,9 @@ struct Opts {
     /// acknowledged write to that shard.
     #[arg(long, default_value_t = 10)]
     failover_trials: u32,
+    /// Also write the commit-log rows as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 struct Cluster {
@@ -277,9 +280,20 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "\n| ShardLog, 1 shard | proposals/s (64 proposers) | sequential latency | largest batch |\n|---|---|---|---|"
         );
+        let mut rows = Vec::new();
         for replicas in [1, 3] {
             let (rate, latency, largest) = commit_log_row(replicas, opts.commit_log_proposals).await?;
             println!("| {replicas} replica(s) | {rate:.0} | {:.2} ms | {largest} |", latency.as_secs_f64() * 1000.0);
+            rows.push(serde_json::json!({
+                "replicas": replicas,
+                "proposals_per_sec": rate,
+                "sequential_ms": latency.as_secs_f64() * 1000.0,
+                "largest_batch": largest,
+            }));
+        }
+        if let Some(path) = &opts.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&serde_json::json!({ "commit_log": rows }))?)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
     }
     if opts.failover_trials > 0 {
