@@ -331,7 +331,8 @@ async fn cluster_command(a: ClusterArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(path) = a.json {
-        std::fs::write(&path, serde_json::to_vec_pretty(&rows)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, serde_json::to_vec_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     let wrong: Vec<&str> = rows.iter().filter(|r| !r.correct).map(|r| r.detail.as_str()).collect();
     ensure!(wrong.is_empty(), "lost updates: {}", wrong.join("; "));

@@ -527,9 +527,8 @@ fn render_targets(line: &mut impl FnMut(&str), rows: &[Value], systems: &[Value]
         &|x| x <= 0.2,
     );
     let cluster = r.cluster.as_ref().and_then(Value::as_array).cloned().unwrap_or_default();
-    let setup = |shards: u64| {
-        cluster.iter().find(|c| c["shards"].as_u64() == Some(shards)).and_then(|c| c["rate"].as_f64())
-    };
+    let setup =
+        |shards: u64| cluster.iter().find(|c| c["shards"].as_u64() == Some(shards)).and_then(|c| c["rate"].as_f64());
     let solo = cluster.iter().find(|c| c["shards"].is_null()).and_then(|c| c["rate"].as_f64());
     row(
         "3 nodes (RF 3, 64 shards) ÷ 1 node, same machine".to_owned(),
