@@ -746,4 +746,50 @@ mod tests {
         assert_eq!(splice(&once, &section), once);
         assert_eq!(splice("# B\n", &section), format!("# B\n\n{section}"));
     }
+
+    /// Each target is scored from the run's own rows: ratios against
+    /// grpc-echo, Restate, one node and one replica, with the verdict the
+    /// aim gives, and "not measured" where the run has no such row.
+    #[test]
+    fn targets_are_scored_from_the_runs_rows() {
+        let cell = |system: &str, workload: &str, keys: u64, rate: f64, p99: f64| {
+            serde_json::json!({ "system": system, "workload": workload, "keys": keys, "callers": 64,
+                                "rate": rate, "p99_us": p99, "cpu_us_per_call": 30.0 })
+        };
+        let rows = vec![
+            cell("grpc-echo", "counter", 10_000, 60_000.0, 4_000.0),
+            cell("grpc-echo", "counter", 1, 60_000.0, 3_000.0),
+            cell("grpc-echo", "counter-get", 10_000, 60_000.0, 4_000.0),
+            cell("conflux", "counter", 10_000, 6_000.0, 20_000.0),
+            cell("conflux", "counter", 1, 24_000.0, 6_000.0),
+            cell("restate", "counter", 1, 400.0, 200_000.0),
+        ];
+        let systems = vec![serde_json::json!({ "name": "conflux", "peak_rss_mb": 100.0 })];
+        let replication = Replication {
+            cluster: Some(serde_json::json!([
+                { "nodes": 1, "shards": null, "rate": 8_000.0 },
+                { "nodes": 3, "shards": 64, "rate": 4_400.0 },
+                { "nodes": 3, "shards": 8, "rate": 4_000.0 },
+            ])),
+            commit_log: Some(serde_json::json!({ "commit_log": [
+                { "replicas": 1, "sequential_ms": 1.0 }, { "replicas": 3, "sequential_ms": 2.5 },
+            ] })),
+        };
+        let mut out = String::new();
+        render_targets(&mut |l: &str| out.push_str(&format!("{l}\n")), &rows, &systems, &replication);
+        let row = |measure: &str| {
+            out.lines().find(|l| l.starts_with(&format!("| {measure}"))).unwrap_or_else(|| panic!("{measure}: {out}"))
+        };
+        assert!(row("durable counter, 10000 keys, 64 callers ÷ grpc-echo").contains("| 10 % | ≥ 50 % | **missed** |"));
+        assert!(row("durable counter, 10000 keys, 64 callers ÷ Restate").contains("| not measured |"));
+        assert!(row("durable counter, one hot key, 64 callers ÷ grpc-echo").contains("| 40 % | ≥ 30 % | met |"));
+        assert!(row("durable counter, one hot key, 64 callers ÷ Restate").contains("| 60.0× | ≥ 50× | met |"));
+        assert!(row("p99, 10000 keys").contains("| 5.0× (20.0 ms) | ≤ 2× | **missed** |"));
+        assert!(row("read-only get").contains("| not measured |"));
+        assert!(row("server CPU per durable add").contains("| 30 µs | ≤ 40 µs | met |"));
+        assert!(row("peak memory").contains("| not measured |"));
+        assert!(row("3 nodes (RF 3, 64 shards) ÷ 1 node").contains("| 0.55× | ≥ 0.5× | met |"));
+        assert!(row("3 nodes: 64 shards ÷ 8 shards").contains("| 1.10× | ≥ 0.9× | met |"));
+        assert!(row("sequential commit").contains("| 2.5× (2.50 ms ÷ 1.00 ms) | ≤ 2× | **missed** |"));
+    }
 }
