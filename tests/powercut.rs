@@ -33,6 +33,10 @@ const CLIENTS: usize = 16;
 /// Snapshots, store persists and WAL purges happen often, so a cut can land
 /// around any of them.
 const COMPACT: &str = "log.compact_every_entries=300";
+/// On the cluster, every waiting turn fills a batch: a turn that finds its
+/// entity's commit in flight runs at once and is placed behind it
+/// (pipelined), so cuts also land between pipelined commits.
+const PIPELINE: &str = "scheduler.max_turns_per_commit=1";
 
 fn mount(root: &Path, name: &str, names: Names) -> PowercutMount {
     let dir = root.join(name);
@@ -230,6 +234,8 @@ impl PowerCluster {
             "cluster.shard_count=4",
             "--set",
             COMPACT,
+            "--set",
+            PIPELINE,
         ];
         Daemon::start_logging_to(&data, &self.logs[i], &self.addrs[i], &args)
     }
