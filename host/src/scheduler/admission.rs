@@ -4,6 +4,13 @@
 //! admits an entity in place of its least recently used one only if the
 //! newcomer was called more often. Plain LRU keeps nothing of a cycle of
 //! calls longer than itself; with admission the warm set keeps what fits.
+//!
+//! A shift of the whole working set is told apart from such a cycle by how
+//! many calls the warm set refuses: when more than three in four of the
+//! last warm set's worth of calls were refused, the warm entities are no
+//! longer the ones called, and their old counts would keep the new ones out
+//! for several periods; the next warm set's worth admits every newcomer
+//! (plain LRU) instead.
 
 use crate::model::EntityRef;
 use std::hash::BuildHasher;
@@ -24,6 +31,13 @@ pub(super) struct FrequencySketch {
     /// Records between two halvings: ten per entity the warm set holds, so
     /// an estimate reflects about the last ten passes over the warm set.
     sample: u64,
+    /// Records per look at the refusals: the warm set's size.
+    window: u64,
+    /// Records and refused admissions since the last look.
+    in_window: u64,
+    refused: u64,
+    /// The last window refused most calls: the working set moved.
+    shifted: bool,
 }
 
 impl FrequencySketch {
@@ -37,7 +51,23 @@ impl FrequencySketch {
             hasher: std::collections::hash_map::RandomState::new(),
             recorded: 0,
             sample: 10 * capacity.max(16) as u64,
+            window: capacity.max(16) as u64,
+            in_window: 0,
+            refused: 0,
+            shifted: false,
         }
+    }
+
+    /// Counts an entity the warm set did not admit.
+    pub(super) fn refused(&mut self) {
+        self.refused += 1;
+    }
+
+    /// Whether the working set moved: the last warm set's worth of calls
+    /// was refused three in four times or more; newcomers are admitted
+    /// regardless of their counts until a window refuses less.
+    pub(super) fn shifted(&self) -> bool {
+        self.shifted
     }
 
     fn slots(&self, entity: &EntityRef) -> [usize; DEPTH] {
@@ -53,6 +83,13 @@ impl FrequencySketch {
             self.counters[i] = (self.counters[i] + 1).min(COUNTER_MAX);
         }
         self.recorded += 1;
+        self.in_window += 1;
+        if self.in_window >= self.window {
+            // A cycle longer than the warm set is refused far less: one call
+            // in five for 10,000 keys over 8,000 warm.
+            self.shifted = self.refused * 4 > self.in_window * 3;
+            (self.in_window, self.refused) = (0, 0);
+        }
         if self.recorded >= self.sample {
             for c in &mut self.counters {
                 *c /= 2;
@@ -91,5 +128,30 @@ mod tests {
             s.record(&e(100 + i % 5000));
         }
         assert!(s.frequency(&e(1)) < 8, "old heat did not fade: {}", s.frequency(&e(1)));
+    }
+
+    /// A warm set's worth of calls refused more than three in four times
+    /// marks the working set as moved, until a window refuses less; a
+    /// cycle refused one call in three never does.
+    #[test]
+    fn most_calls_refused_for_a_window_mark_a_shift_until_one_is_not() {
+        const CAP: usize = 100;
+        let mut s = FrequencySketch::new(CAP);
+        for n in 0..10 * CAP {
+            s.record(&e(n % 150));
+            if n % 3 == 0 {
+                s.refused();
+            }
+            assert!(!s.shifted(), "a cycle refused one call in three marked a shift");
+        }
+        for n in 0..CAP {
+            s.record(&e(1000 + n));
+            s.refused();
+        }
+        assert!(s.shifted());
+        for n in 0..CAP {
+            s.record(&e(1000 + n));
+        }
+        assert!(!s.shifted(), "a window that refused nothing kept the shift");
     }
 }

@@ -10,7 +10,8 @@
 //! ([`FrequencySketch`], TinyLFU). One that is not admitted still gets a
 //! slot for its turns, among the passing ones, which go once idle: a cycle
 //! of calls over more entities than the warm set holds keeps the warm set
-//! warm instead of flushing it.
+//! warm instead of flushing it; a shift of the whole working set (most calls
+//! refused) admits newcomers as LRU would for a while.
 
 use super::admission::FrequencySketch;
 use super::meta::MetaCache;
@@ -252,7 +253,8 @@ impl Inner {
         // Over the bound only while every slot near the end was busy.
         while slots.warm.len() >= max {
             let Some(victim) = slots.victim() else { break };
-            if slots.calls.frequency(entity) <= slots.calls.frequency(&victim) {
+            if !slots.calls.shifted() && slots.calls.frequency(entity) <= slots.calls.frequency(&victim) {
+                slots.calls.refused();
                 slot.passing.store(true, Ordering::Relaxed);
                 slots.passing.insert(entity.clone(), slot);
                 return;
@@ -401,5 +403,35 @@ mod tests {
         assert!(slots.warm.contains(&hot), "an entity called more than any warm one was not admitted");
         assert!(slots.warm.len() <= WARM, "{} warm slots", slots.warm.len());
         assert!(slots.passing.len() <= 1, "{} passing slots left", slots.passing.len());
+    }
+
+    /// When the whole working set moves (every call now goes to entities the
+    /// warm set does not hold), the new entities are warm within a few passes
+    /// instead of waiting until their counts outgrow the old ones'.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_working_set_is_warm_within_a_few_passes() {
+        const WARM: usize = 32;
+        let mut cfg = Config::default();
+        cfg.scheduler.max_resident_instances = WARM;
+        let h = Harness::new(cfg, &[("counter", "counter")]).await;
+        let pass = |base: usize| {
+            let h = &h;
+            async move {
+                for i in base..base + WARM {
+                    h.scheduler.invoke_here(call(&counter(i), "get", "")).await.unwrap();
+                }
+            }
+        };
+        // The old set, called often enough to saturate its counts.
+        for _ in 0..15 {
+            pass(0).await;
+        }
+        for _ in 0..3 {
+            pass(1000).await;
+        }
+        let before = h.scheduler.stats().instantiations;
+        pass(1000).await;
+        let made = h.scheduler.stats().instantiations - before;
+        assert_eq!(made, 0, "the fourth pass over the new set still instantiated {made} of {WARM}");
     }
 }
