@@ -21,7 +21,9 @@
 //! commit, ends at `commit_timeout_ms` from the call. One that never got into
 //! the queue fails with `LogError::QueueTimeout` (certainly not written);
 //! one that did may still commit. A proposal whose caller stopped waiting
-//! before the batcher took it is dropped unproposed.
+//! before the batcher took it is dropped unproposed, unless it was placed in
+//! order (`propose_in_order`: a later proposal of its proposer may have read
+//! its writes, so it is always proposed).
 
 use super::{Raft, Replica, ShardApplied, ShardWrite};
 use crate::log::{CommitLog, LogConfig, LogError, LogStats, Placed};
