@@ -122,6 +122,12 @@ async fn a_peer_whose_connection_stalls_is_redialled() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "one channel, one connection until the redial");
     let _ = transport.send(2, 0, vote(), Duration::from_millis(50)).await;
+    // The new connection may still be on its way when the call times out
+    // (a loaded machine): it must arrive, and be the only new one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while accepted.load(Ordering::SeqCst) < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "the stalled connection was not replaced");
     holder.abort();
 }
