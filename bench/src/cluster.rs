@@ -7,7 +7,7 @@
 
 use crate::conflux::ConfluxTarget;
 use crate::load::LoadSpec;
-use crate::procs::{Proc, free_port, spawn_conflux_serve};
+use crate::procs::{Founders, Proc, spawn_conflux_serve};
 use crate::workload::{CounterOp, counter_cell, sum_counters};
 use anyhow::Context;
 use serde::Serialize;
@@ -62,29 +62,16 @@ pub async fn run(opts: &ClusterOpts) -> anyhow::Result<Vec<ClusterRow>> {
 
 async fn measure(opts: &ClusterOpts, nodes: usize, shards: Option<u32>) -> anyhow::Result<ClusterRow> {
     let root = tempfile::Builder::new().prefix("bench-cluster-").tempdir()?;
-    let addrs: Vec<String> =
-        (0..nodes).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<anyhow::Result<_>>()?;
-    let peers = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+    let founders = Founders::new(nodes, SECRET, shards.unwrap_or_default())?;
     let mut procs: Vec<Proc> = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let args: Vec<String> = match shards {
-            None => Vec::new(),
-            Some(s) => vec![
-                "--node-id".into(),
-                (i + 1).to_string(),
-                "--peer".into(),
-                peers.clone(),
-                "--cluster-secret".into(),
-                SECRET.into(),
-                "--set".into(),
-                format!("cluster.shard_count={s}"),
-            ],
-        };
+    for (i, addr) in founders.addrs.iter().enumerate() {
+        // The single node runs alone: no cluster flags, the default shard count.
+        let args = if shards.is_some() { founders.args(i) } else { Vec::new() };
         let mut cmd = Command::new(&opts.conflux_bin);
         cmd.env("RUST_LOG", "warn");
         procs.push(spawn_conflux_serve(cmd, addr, &root.path().join(format!("n{}", i + 1)), &args)?.0);
     }
-    let target = ConfluxTarget::connect(&format!("http://{}", addrs[0]), 8).await?;
+    let target = ConfluxTarget::connect(&format!("http://{}", founders.addrs[0]), 8).await?;
     // Founders elect their shard groups' leaders after they start: deploy,
     // then read keys of every shard, until both go through.
     let deadline = Instant::now() + READY_WITHIN;

@@ -172,6 +172,39 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The founders of a cluster on 127.0.0.1: their addresses (ports free a
+/// moment ago) and the `conflux serve` flags that make each one of them.
+pub struct Founders {
+    pub addrs: Vec<String>,
+    /// `--peer`'s value: `1=addr,2=addr,…`.
+    peers: String,
+    secret: String,
+    shards: u32,
+}
+
+impl Founders {
+    pub fn new(nodes: usize, secret: &str, shards: u32) -> anyhow::Result<Self> {
+        let addrs: Vec<String> =
+            (0..nodes).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<anyhow::Result<_>>()?;
+        let peers = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+        Ok(Self { addrs, peers, secret: secret.to_owned(), shards })
+    }
+
+    /// The flags of founder `i` (node id `i + 1`).
+    pub fn args(&self, i: usize) -> Vec<String> {
+        vec![
+            "--node-id".into(),
+            (i + 1).to_string(),
+            "--peer".into(),
+            self.peers.clone(),
+            "--cluster-secret".into(),
+            self.secret.clone(),
+            "--set".into(),
+            format!("cluster.shard_count={}", self.shards),
+        ]
+    }
+}
+
 /// Whether this process runs as root (PostgreSQL refuses to).
 pub fn is_root() -> bool {
     rustix::process::getuid().is_root()

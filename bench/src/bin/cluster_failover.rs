@@ -9,7 +9,7 @@
 
 use anyhow::{Context, ensure};
 use clap::Parser;
-use conflux_bench::procs::{Proc, free_port, spawn_conflux_serve};
+use conflux_bench::procs::{Founders, Proc, spawn_conflux_serve};
 use conflux_client::pb;
 use conflux_host::cluster::placement::shard_of;
 use rustix::process::Signal;
@@ -94,25 +94,15 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| conflux_bench::workspace_root().join("target/guests/wasm32-wasip2/release/counter.wasm"));
     ensure!(wasm.exists(), "{} is missing: build examples/counter for wasm32-wasip2 or pass --wasm", wasm.display());
     let root = tempfile::tempdir()?;
-    let addrs: Vec<String> =
-        (0..a.nodes).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<anyhow::Result<_>>()?;
-    let peers = addrs.iter().enumerate().map(|(i, x)| format!("{}={x}", i + 1)).collect::<Vec<_>>().join(",");
+    let founders = Founders::new(a.nodes, SECRET, a.shards)?;
+    let addrs = founders.addrs.clone();
     let mut members: Vec<Member> = addrs
         .iter()
         .enumerate()
         .map(|(i, addr)| Member {
             addr: addr.clone(),
             dir: root.path().join(format!("n{}", i + 1)),
-            args: vec![
-                "--node-id".into(),
-                (i + 1).to_string(),
-                "--peer".into(),
-                peers.clone(),
-                "--cluster-secret".into(),
-                SECRET.into(),
-                "--set".into(),
-                format!("cluster.shard_count={}", a.shards),
-            ],
+            args: founders.args(i),
             proc: None,
         })
         .collect();

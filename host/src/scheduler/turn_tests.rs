@@ -201,13 +201,27 @@ async fn a_full_mailbox_refuses() {
     assert_eq!(replies.iter().map(text).collect::<Vec<_>>(), ["2", "3", "4"]);
 }
 
-/// Starts `operation` on `e` and waits until its batch is in the log
+/// Starts `add 1` on `e` in a task of its own.
+fn add(h: &Harness, e: &EntityRef) -> Reply {
+    let (s, inv) = (h.scheduler.clone(), call(e, "add", "1"));
+    tokio::spawn(async move { s.invoke_here(inv).await })
+}
+
+/// Starts `add 1` on `e` and waits until its batch is in the log
 /// (`proposals` in all).
-async fn placed(h: &Harness, e: &EntityRef, operation: &str, proposals: u64) -> Reply {
-    let (s, inv) = (h.scheduler.clone(), call(e, operation, "1"));
-    let reply = tokio::spawn(async move { s.invoke_here(inv).await });
+async fn placed(h: &Harness, e: &EntityRef, proposals: u64) -> Reply {
+    let reply = add(h, e);
     h.until("the batch is placed in the log", || h.log.proposals() == proposals).await;
     reply
+}
+
+/// The replies, in order, as text.
+async fn texts(replies: Vec<Reply>) -> Vec<String> {
+    let mut out = Vec::with_capacity(replies.len());
+    for r in replies {
+        out.push(text(&r.await.unwrap()));
+    }
+    out
 }
 
 /// Pipelined commits: while one batch's commit is held, the next full
@@ -226,20 +240,14 @@ async fn a_hot_entitys_next_batches_run_while_the_first_commits() {
     h.log.hold();
     let mut replies = Vec::new();
     for n in 1..=3 {
-        replies.push(placed(&h, &e, "add", base + n).await);
+        replies.push(placed(&h, &e, base + n).await);
     }
-    let s = h.scheduler.clone();
-    let (s2, inv) = (h.scheduler.clone(), call(&e, "add", "1"));
-    replies.push(tokio::spawn(async move { s2.invoke_here(inv).await }));
-    h.until("the fourth waits in the mailbox", || s.mailbox_len(&e) == 1).await;
+    replies.push(add(&h, &e));
+    h.until("the fourth waits in the mailbox", || h.scheduler.mailbox_len(&e) == 1).await;
     assert_eq!(h.log.proposals(), base + 3, "three batches in flight at most");
     assert!(replies.iter().all(|r| !r.is_finished()), "answered before the commit");
     h.log.release();
-    let mut totals = Vec::new();
-    for r in replies {
-        totals.push(text(&r.await.unwrap()));
-    }
-    assert_eq!(totals, ["1", "2", "3", "4"]);
+    assert_eq!(texts(replies).await, ["1", "2", "3", "4"]);
     assert_eq!(text(&h.scheduler.invoke_here(call(&e, "get", "")).await), "4");
 }
 
@@ -254,10 +262,9 @@ async fn behind_a_commit_in_flight_only_a_full_batch_starts() {
     let e = counter("hot");
     let base = h.log.proposals();
     h.log.hold();
-    let mut replies = vec![placed(&h, &e, "add", base + 1).await];
+    let mut replies = vec![placed(&h, &e, base + 1).await];
     for n in 1..=4 {
-        let (s, inv) = (h.scheduler.clone(), call(&e, "add", "1"));
-        replies.push(tokio::spawn(async move { s.invoke_here(inv).await }));
+        replies.push(add(&h, &e));
         if n < 3 {
             h.until("the invocation waits in the mailbox", || h.scheduler.mailbox_len(&e) == n).await;
             assert_eq!(h.log.proposals(), base + 1, "a partial batch started behind the commit");
@@ -267,11 +274,7 @@ async fn behind_a_commit_in_flight_only_a_full_batch_starts() {
     }
     h.until("the fifth waits in the mailbox", || h.scheduler.mailbox_len(&e) == 1).await;
     h.log.release();
-    let mut totals = Vec::new();
-    for r in replies {
-        totals.push(text(&r.await.unwrap()));
-    }
-    assert_eq!(totals, ["1", "2", "3", "4", "5"]);
+    assert_eq!(texts(replies).await, ["1", "2", "3", "4", "5"]);
     assert_eq!(h.log.proposals(), base + 3, "the fifth committed alone, after the commits in flight");
 }
 
@@ -294,8 +297,8 @@ async fn a_failed_commit_in_flight_fails_every_batch_that_read_it() {
         } else {
             LogError::Aborted("lost".into())
         });
-        let first = placed(&h, &e, "add", base + 1).await;
-        let second = placed(&h, &e, "add", base + 2).await;
+        let first = placed(&h, &e, base + 1).await;
+        let second = placed(&h, &e, base + 2).await;
         h.log.release();
         let kind = if fenced { "not-leader" } else { "commit" };
         for r in [first, second] {
