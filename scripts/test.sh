@@ -15,7 +15,7 @@ if cargo tree -p conflux-client -e normal | grep -E 'wasmtime|openraft|sled'; th
 fi
 echo "==> building guest components (wasm32-wasip2)"
 CARGO_TARGET_DIR=target/guests cargo build --release --target wasm32-wasip2 \
-    -p counter -p team-joiner -p faulty -p forbidden -p no-handler -p unknown-imports \
+    -p counter -p team-joiner -p faulty -p escape -p no-handler -p unknown-imports \
     -p counter-v2 -p tally-v1 -p tally-v2 -p relay -p team -p bank -p lock -p blob -p raw-waits
 echo "==> building everything, benchmarks and bench tools included (built, not run: they are not tests)"
 # One package selection for every host build: cargo unifies features per

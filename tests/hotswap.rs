@@ -339,7 +339,7 @@ fn bad_deploys_never_change_the_active_version() {
         (write("text.wasm", b"definitely not wasm"), "not a WebAssembly binary"),
         (write("core.wasm", b"\0asm\x01\0\0\0"), "core WebAssembly module, not a component"),
         (guest_wasm("no-handler").to_str().unwrap().to_owned(), "does not export `conflux:entity/handler@0.1.0`"),
-        (guest_wasm("forbidden").to_str().unwrap().to_owned(), "imports interfaces the host does not allow"),
+        (guest_wasm("unknown-imports").to_str().unwrap().to_owned(), "imports interfaces the host does not allow"),
         (write("truncated.wasm", &bytes[..bytes.len() * 2 / 3]), "not a valid component"),
     ];
     let runtime = rt();

@@ -5,6 +5,7 @@
 mod support;
 
 use conflux_client::pb;
+use serde_json::json;
 use support::*;
 use tonic::Code;
 
@@ -377,20 +378,60 @@ fn an_instance_with_four_memories_is_held_to_one_memory_limit() {
 
 /// The allow-list of imports holds wherever a component is linked, not only
 /// at upload: the runtime links nothing but the inert WASI interfaces, so a
-/// component importing `wasi:filesystem` cannot be prepared even when the
-/// registry's upload check is bypassed.
+/// component importing `wasi:http` (or any unknown package) cannot be
+/// prepared even when the registry's upload check is bypassed.
 #[test]
 fn the_runtime_cannot_link_a_forbidden_import() {
     let cfg = conflux_host::config::RuntimeConfig::default();
     let runtime = conflux_host::runtime::Runtime::new(&cfg).unwrap();
-    let bytes = std::fs::read(guest_wasm("forbidden")).unwrap();
+    let bytes = std::fs::read(guest_wasm("unknown-imports")).unwrap();
     let component = wasmtime::component::Component::new(runtime.engine(), &bytes).unwrap();
     let e = runtime.prepare(&component).err().expect("a forbidden import must not link");
-    assert!(e.to_string().contains("wasi:filesystem"), "{e}");
+    assert!(e.to_string().contains("acme:evil/thing") || e.to_string().contains("wasi:http"), "{e}");
+}
+
+/// A guest may import `wasi:filesystem`, `wasi:cli/environment` and
+/// `wasi:sockets` (Rust's std does, and so do the TypeScript and Python
+/// interpreters), but nothing stands behind them: no directory is preopened,
+/// the environment is empty, and every socket or name lookup is refused. Each
+/// attempt is an error the guest sees, never access — here against a file
+/// that exists and a port that listens on this machine.
+#[test]
+fn files_environment_and_sockets_are_errors_not_access() {
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "secret").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    deploy(&d, "escape", &guest_wasm("escape"));
+    let outside = dir.path().join("escaped.txt");
+    rt().block_on(async {
+        let mut c = d.client().await;
+        let path = secret.path().to_str().unwrap();
+        for (op, arg) in [
+            ("read_file", json!(path)),
+            ("read_file", json!("/etc/passwd")),
+            ("read_file", json!("secret")),
+            ("write_file", json!(outside.to_str().unwrap())),
+            ("list_dir", json!("/")),
+            ("list_dir", json!(".")),
+            ("connect", json!(format!("127.0.0.1:{port}"))),
+            ("resolve", json!("localhost")),
+            ("bind", json!("127.0.0.1:0")),
+        ] {
+            let e = call(&mut c, "escape", "e", op, &arg.to_string()).await.expect_err(op);
+            assert_eq!(kind(&e), "failed", "{op}({arg}) must be the guest's own error: {e:?}");
+        }
+        assert_eq!(call(&mut c, "escape", "e", "env", "").await.unwrap(), json!([]));
+    });
+    assert!(!outside.exists(), "the guest wrote a file");
+    assert!(listener.accept().is_err(), "the guest reached a listening socket");
 }
 
 /// Component bytes loaded at start-up are checked like an upload: bytes that
-/// do not hash to the recorded digest (here: a forbidden component put in
+/// do not hash to the recorded digest (here: a refused component put in
 /// place of a deployed one) stop the node instead of being served.
 #[test]
 fn a_swapped_component_file_is_refused_at_start_up() {
@@ -399,7 +440,7 @@ fn a_swapped_component_file_is_refused_at_start_up() {
     deploy(&d, "counter", &guest_wasm("counter"));
     d.terminate();
     let components = dir.path().join("components");
-    let forbidden = std::fs::read(guest_wasm("forbidden")).unwrap();
+    let forbidden = std::fs::read(guest_wasm("unknown-imports")).unwrap();
     for entry in std::fs::read_dir(&components).unwrap() {
         std::fs::write(entry.unwrap().path(), &forbidden).unwrap();
     }

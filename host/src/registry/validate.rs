@@ -88,10 +88,12 @@ mod tests {
         assert!(import_allowed("wasi:io/streams@0.2.6"));
         assert!(import_allowed("wasi:cli/environment@0.2.0"));
         assert!(import_allowed("wasi:clocks/wall-clock@0.2.3"));
-        assert!(!import_allowed("wasi:filesystem/types@0.2.3"));
-        assert!(!import_allowed("wasi:filesystem/preopens@0.2.3"));
-        assert!(!import_allowed("wasi:sockets/tcp@0.2.3"));
+        // Linked with nothing behind them: no preopens, every socket refused.
+        assert!(import_allowed("wasi:filesystem/types@0.2.3"));
+        assert!(import_allowed("wasi:filesystem/preopens@0.2.12"));
+        assert!(import_allowed("wasi:sockets/tcp@0.2.9"));
         assert!(!import_allowed("wasi:http/outgoing-handler@0.2.3"));
+        assert!(!import_allowed("wasi:http/types@0.2.3"));
         assert!(!import_allowed("acme:evil/thing"));
         assert!(!import_allowed("conflux:entity/state@9.9.9"));
         assert!(!import_allowed("wasi:io/streams@0.3.0"));

@@ -38,8 +38,13 @@ wasmtime::component::bindgen!({
 
 use conflux::entity::types::CallError;
 
-/// WIT interfaces a plain `cargo build --target wasm32-wasip2` guest imports and
-/// that the host provides locked down (DESIGN.md §5a). Matched without version.
+/// WASI interfaces the host provides locked down (DESIGN.md §5a), matched
+/// without version: what a plain `cargo build --target wasm32-wasip2` guest
+/// imports, and what interpreter-based guests (componentize-js, componentize-py)
+/// import on top — `wasi:filesystem` with no preopened directory, so no path
+/// can ever be opened, and `wasi:sockets` with every socket and name lookup
+/// refused with `access-denied`. `wasi:http` and anything else stay unlinked:
+/// a component importing them is refused at upload.
 pub const INERT_WASI_INTERFACES: &[&str] = &[
     "wasi:io/error",
     "wasi:io/poll",
@@ -59,6 +64,15 @@ pub const INERT_WASI_INTERFACES: &[&str] = &[
     "wasi:random/insecure-seed",
     "wasi:clocks/monotonic-clock",
     "wasi:clocks/wall-clock",
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
+    "wasi:sockets/network",
+    "wasi:sockets/instance-network",
+    "wasi:sockets/tcp",
+    "wasi:sockets/tcp-create-socket",
+    "wasi:sockets/udp",
+    "wasi:sockets/udp-create-socket",
+    "wasi:sockets/ip-name-lookup",
 ];
 
 /// The `conflux:entity` imports an entity may use.

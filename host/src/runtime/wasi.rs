@@ -32,7 +32,9 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::p2::bindings::io::poll::{Host as AsyncPoll, HostPollable as AsyncPollable};
-use wasmtime_wasi::p2::bindings::{cli, clocks, io, random};
+use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView as _};
+use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, io, random, sockets};
+use wasmtime_wasi::sockets::{WasiSockets, WasiSocketsView as _};
 use wasmtime_wasi::p2::{DynPollable, Pollable};
 use wasmtime_wasi::{HostMonotonicClock, WasiView};
 
@@ -176,6 +178,20 @@ pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     cli::terminal_stdin::add_to_linker::<HostState, WasiCli>(l, cli_view)?;
     cli::terminal_stdout::add_to_linker::<HostState, WasiCli>(l, cli_view)?;
     cli::terminal_stderr::add_to_linker::<HostState, WasiCli>(l, cli_view)?;
+    // The context has no preopened directory: without one, no descriptor can
+    // ever be obtained, so every filesystem call has nothing to act on.
+    filesystem::types::add_to_linker::<HostState, WasiFilesystem>(l, |s| s.filesystem())?;
+    filesystem::preopens::add_to_linker::<HostState, WasiFilesystem>(l, |s| s.filesystem())?;
+    // The context allows no TCP, no UDP and no name lookup (see
+    // `Runtime::instantiate`): creating a socket or resolving a name fails
+    // with `access-denied` before any OS socket exists.
+    sockets::tcp::add_to_linker::<HostState, WasiSockets>(l, |s| s.sockets())?;
+    sockets::udp::add_to_linker::<HostState, WasiSockets>(l, |s| s.sockets())?;
+    sockets::tcp_create_socket::add_to_linker::<HostState, WasiSockets>(l, |s| s.sockets())?;
+    sockets::udp_create_socket::add_to_linker::<HostState, WasiSockets>(l, |s| s.sockets())?;
+    sockets::instance_network::add_to_linker::<HostState, WasiSockets>(l, |s| s.sockets())?;
+    sockets::network::add_to_linker::<HostState, WasiSockets>(l, &Default::default(), |s| s.sockets())?;
+    sockets::ip_name_lookup::add_to_linker::<HostState, WasiSockets>(l, |s| s.sockets())?;
     Ok(())
 }
 
