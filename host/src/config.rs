@@ -132,6 +132,12 @@ pub struct RuntimeConfig {
     /// Lines of guest output the node keeps for `conflux logs` (newer ones
     /// push out older ones; `--follow` sees every new line).
     pub guest_log_lines: usize,
+    /// Directory of a compiled-code cache that nodes on one machine may share,
+    /// keyed by the component's bytes and the engine's settings. Without it a
+    /// node still compiles each component once (the registry keeps the result
+    /// in its data directory), but a fresh node compiles everything again —
+    /// about 20 s for a 12–18 MB TypeScript or Python component on one core.
+    pub compile_cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -151,6 +157,7 @@ impl Default for RuntimeConfig {
             max_messages_per_turn: 1000,
             max_timer_delay_ms: 365 * 24 * 3_600_000,
             guest_log_lines: 1000,
+            compile_cache_dir: None,
         }
     }
 }

@@ -263,6 +263,13 @@ impl Runtime {
             // A deploy compiles on one thread, so running turns keep the other
             // cores: a hot swap must not spike foreground latency.
             .parallel_compilation(false);
+        if let Some(dir) = &cfg.compile_cache_dir {
+            let dir = std::path::absolute(dir).map_err(|e| RuntimeError::Engine(format!("{}: {e}", dir.display())))?;
+            let mut cache = wasmtime::CacheConfig::new();
+            cache.with_directory(dir);
+            let cache = wasmtime::Cache::new(cache).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+            c.cache(Some(cache));
+        }
         let engine = Engine::new(&c).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         // Only the inert WASI interfaces are linked: a component importing
