@@ -1,0 +1,195 @@
+// @conflux/sdk — write Conflux entities in TypeScript. See README.md.
+
+import { CallError, failed } from "./errors";
+import { host, installHost, type EntityRef, type Host } from "./host";
+import { fromUtf8, toJsonBytes, utf8 } from "./json";
+import { dispatch, migrate as runMigrate, operationNames, type EntityClass } from "./entity";
+
+export { CallError, badRequest, failed, isCallError, unknownOperation, type CallErrorKind } from "./errors";
+export { SELF_KEY, operationNames, type ArgType, type EntityClass } from "./entity";
+export type { EntityRef } from "./host";
+/** Compares strings by UTF-8 byte order (the host's key order; Rust's String order). */
+export { compareBytes } from "./json";
+
+/** Builds an EntityRef. */
+export function entityRef(entityType: string, id: string): EntityRef {
+  return { entityType, id };
+}
+
+/** `type/id`, as the Rust SDK prints a ref. */
+export function refToString(ref: EntityRef): string {
+  return `${ref.entityType}/${ref.id}`;
+}
+
+function decode<T>(key: string, bytes: Uint8Array): T {
+  try {
+    return JSON.parse(fromUtf8(bytes)) as T;
+  } catch (e) {
+    throw failed(`state key '${key}' does not hold the expected JSON: ${e instanceof Error ? e.message : String(e)}`);
+  }
+}
+
+function bytesOf(value: string | Uint8Array): Uint8Array {
+  return typeof value === "string" ? utf8(value) : value;
+}
+
+function encode(what: string, value: unknown): Uint8Array {
+  try {
+    return toJsonBytes(value);
+  } catch (e) {
+    throw failed(`cannot serialise ${what}: ${e instanceof Error ? e.message : String(e)}`);
+  }
+}
+
+/**
+ * The entity's own key/value state, buffered in the turn and committed atomically
+ * with it. Values are JSON (`get`/`set`/`list`) or raw bytes (`*Raw`). The entity's
+ * fields live under `$self` ({@link SELF_KEY}); keep other data under other keys.
+ */
+export const state = {
+  /** The JSON value under `key`, or undefined. A value that is not JSON fails the turn (`failed`). */
+  get<T = unknown>(key: string): T | undefined {
+    const raw = host().stateGet(key);
+    return raw === undefined ? undefined : decode<T>(key, raw);
+  },
+  /** Stores `value` as JSON under `key` (undefined → null). */
+  set(key: string, value: unknown): void {
+    host().stateSet(key, encode(`state key '${key}'`, value));
+  },
+  /** Removes `key`. */
+  delete(key: string): void {
+    host().stateDelete(key);
+  },
+  /**
+   * Keys starting with `prefix`, in UTF-8 byte order, strictly after `startAfter`
+   * (if given), at most `limit` (default 100), with their JSON values parsed.
+   */
+  list<T = unknown>(prefix: string, startAfter?: string | null, limit = 100): Array<[string, T]> {
+    return state.listRaw(prefix, startAfter, limit).map(([k, v]) => [k, decode<T>(k, v)]);
+  },
+  /** The bytes under `key`, or undefined. */
+  getRaw(key: string): Uint8Array | undefined {
+    return host().stateGet(key);
+  },
+  /** Stores bytes (a string is stored as its UTF-8) under `key`. */
+  setRaw(key: string, value: string | Uint8Array): void {
+    host().stateSet(key, bytesOf(value));
+  },
+  /** Like `list`, with the raw bytes. */
+  listRaw(prefix: string, startAfter?: string | null, limit = 100): Array<[string, Uint8Array]> {
+    return host().stateList(prefix, startAfter ?? undefined, Math.max(0, Math.min(limit, 0xffffffff)) >>> 0);
+  },
+};
+
+/** Facts about the current turn. */
+export const context = {
+  /** This entity's ref. */
+  selfRef(): EntityRef {
+    return host().selfRef();
+  },
+  /** The entity that sent this invocation, or undefined for a client call. */
+  caller(): EntityRef | undefined {
+    return host().caller();
+  },
+  /** Unique id of this invocation. */
+  invocationId(): string {
+    return host().invocationId();
+  },
+  /** Host wall-clock time in ms since the Unix epoch, fixed for the whole turn. */
+  nowMs(): number {
+    return host().nowMs();
+  },
+};
+
+/** Log levels, as numbers on the wire (WIT `context.log`). */
+export const LogLevel = { trace: 0, debug: 1, info: 2, warn: 3, error: 4 } as const;
+export type LogLevelName = keyof typeof LogLevel;
+
+/** The host log, tagged with the entity ref. (console.log/console.error go to the component's stdout/stderr instead.) */
+export const log = {
+  trace(message: string): void { host().log(0, message); },
+  debug(message: string): void { host().log(1, message); },
+  info(message: string): void { host().log(2, message); },
+  warn(message: string): void { host().log(3, message); },
+  error(message: string): void { host().log(4, message); },
+};
+
+/**
+ * Messages to other entities, committed with the turn (an aborted turn sends nothing).
+ * The receiver sees this entity as `context.caller()`; replies are discarded.
+ */
+export const messaging = {
+  /** Queues `operation(arg)` for `target`; `arg` is sent as JSON (undefined → null). */
+  send(target: EntityRef, operation: string, arg?: unknown): void {
+    host().send(target, operation, encode(`the payload of '${operation}'`, arg));
+  },
+  /** Like `send` with raw payload bytes. */
+  sendRaw(target: EntityRef, operation: string, payload: string | Uint8Array): void {
+    host().send(target, operation, bytesOf(payload));
+  },
+  /** Like `send`, delivered after `delayMs` (durably). Returns the timer id for `cancel`. */
+  sendAfter(delayMs: number, target: EntityRef, operation: string, arg?: unknown): string {
+    return host().sendAfter(clampDelay(delayMs), target, operation, encode(`the payload of '${operation}'`, arg));
+  },
+  /** Like `sendAfter` with raw payload bytes. */
+  sendAfterRaw(delayMs: number, target: EntityRef, operation: string, payload: string | Uint8Array): string {
+    return host().sendAfter(clampDelay(delayMs), target, operation, bytesOf(payload));
+  },
+  /** Cancels one of this entity's pending timers: true if it was pending. */
+  cancel(timerId: string): boolean {
+    return host().cancel(timerId);
+  },
+};
+
+function clampDelay(ms: number): number {
+  return Number.isFinite(ms) && ms > 0 ? Math.floor(ms) : 0;
+}
+
+function describeError(e: unknown): string {
+  if (e instanceof Error) {
+    const head = `${e.name}: ${e.message}`;
+    // SpiderMonkey's stack has no message line; V8's starts with it.
+    return e.stack ? (e.stack.startsWith(head) ? e.stack : `${head}\n${e.stack}`) : head;
+  }
+  try {
+    return `non-Error value thrown: ${typeof e === "string" ? e : JSON.stringify(e)}`;
+  } catch {
+    return `non-Error value thrown: ${String(e)}`;
+  }
+}
+
+/**
+ * Runs `body` at the component boundary: a CallError propagates (componentize-js turns
+ * it into `err(call-error)`); any other exception is printed to stderr and rethrown as
+ * an Error, which makes the component trap.
+ */
+function guard<T>(what: string, body: () => T): T {
+  try {
+    return body();
+  } catch (e) {
+    if (e instanceof CallError) throw e;
+    console.error(`conflux entity: uncaught exception in ${what} (the turn traps): ${describeError(e)}`);
+    throw e instanceof Error ? e : new Error(describeError(e));
+  }
+}
+
+/**
+ * Internal wiring for the entry module generated by `conflux-build` and for the test
+ * harness. Not a stable API.
+ */
+export const __runtime = {
+  installHost,
+  dispatch,
+  migrate: runMigrate,
+  operationNames,
+  guard,
+  describeError,
+  checkEntityClass(cls: unknown): EntityClass {
+    if (typeof cls !== "function" || !(cls as { prototype?: unknown }).prototype) {
+      throw new Error("conflux-build: the entity module's default export must be the entity class");
+    }
+    return cls as EntityClass;
+  },
+};
+
+export type { Host };
