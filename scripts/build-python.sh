@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Python SDK's components from a clean clone (idempotent):
-#   1. makes sure python3 (>= 3.10) with its venv module is there (Debian apt otherwise),
+#   1. finds python3 (>= 3.10) with its venv module (scripts/setup.sh installs it),
 #   2. creates/reuses the venv target/py-venv with pinned componentize-py and pytest and the
 #      SDK (editable; pip is skipped while the stamp says it is up to date),
 #   3. runs pytest for the SDK and each Python example,
@@ -38,20 +38,8 @@ for candidate in python3 python3.13 python3.12 python3.11 python3.10 /usr/bin/py
   if python_ok "$candidate"; then PY="$candidate"; break; fi
 done
 if [ -z "$PY" ]; then
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "error: python3 >= 3.10 with the venv module is needed and apt-get is not available" >&2
-    exit 1
-  fi
-  SUDO=""
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null 2>&1 || { echo "error: need root or sudo to apt-get install python3 python3-venv" >&2; exit 1; }
-    SUDO="sudo"
-  fi
-  echo "    installing python3 python3-venv with apt-get"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-venv >/dev/null
-  python_ok /usr/bin/python3 || { echo "error: apt's python3 is older than 3.10 or lacks venv" >&2; exit 1; }
-  PY=/usr/bin/python3
+  echo "error: Python >= 3.10 with venv is needed: run scripts/setup.sh (it installs Debian's python3-venv)" >&2
+  exit 1
 fi
 echo "    using $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
 done_step

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the TypeScript SDK, its examples and test guests (issue 24), from a clean clone:
-#   1. installs Node.js >= 20 if missing (Debian apt-get, as root or with sudo);
+#   1. checks for Node.js >= 20 (scripts/setup.sh installs it);
 #   2. `npm ci` at the repo root (skipped when node_modules matches package-lock.json);
 #   3. `npm test` in the SDK and every example/guest workspace;
 #   4. builds the components into target/polyglot/: counter-ts, user-ts, team-ts,
@@ -26,23 +26,10 @@ node_ok() {
     [ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ]
 }
 if node_ok; then
-  echo "    node $(node --version), npm $(npm --version): nothing to install"
+  echo "    node $(node --version), npm $(npm --version)"
 else
-  echo "    node/npm missing or older than 20: installing Node.js with apt-get"
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-      echo "error: need root or sudo to apt-get install nodejs npm; install Node.js >= 20 yourself" >&2; exit 1
-    fi
-  fi
-  $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm
-  if ! node_ok; then
-    echo "error: apt-get installed node $(node --version 2>/dev/null || echo none), but >= 20 is needed;" >&2
-    echo "       install a newer Node.js (e.g. from nodejs.org or NodeSource) and rerun" >&2
-    exit 1
-  fi
-  echo "    installed node $(node --version), npm $(npm --version) with apt-get"
+  echo "error: Node.js >= 20 with npm is needed: run scripts/setup.sh (it installs Debian's nodejs)" >&2
+  exit 1
 fi
 done_step
 

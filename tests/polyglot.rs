@@ -1,0 +1,355 @@
+//! End to end with the real binary: entities written in TypeScript
+//! (componentize-js) and Python (componentize-py) next to Rust ones — exact
+//! totals under concurrency, `kill -9`, the Team Joiner race across languages,
+//! hot swaps between languages, and the sandbox seen from an interpreter.
+//!
+//! The components are built by `scripts/build-ts.sh` and
+//! `scripts/build-python.sh` (which `scripts/test.sh` runs first) into
+//! `target/polyglot/`. Every daemon here shares one compiled-code cache
+//! (`runtime.compile_cache_dir`), so each 12–18 MB component is compiled once
+//! per machine rather than once per test.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use support::*;
+use tonic::Code;
+
+/// A component built by `scripts/build-{ts,python}.sh`.
+fn polyglot_wasm(name: &str) -> PathBuf {
+    let path = workspace_root().join("target/polyglot").join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} missing: run scripts/build-ts.sh and scripts/build-python.sh (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+fn cache_flag() -> String {
+    format!("runtime.compile_cache_dir={}", workspace_root().join("target/compile-cache").display())
+}
+
+fn daemon(dir: &Path, extra: &[&str]) -> Daemon {
+    let cache = cache_flag();
+    let mut args = vec!["--set", cache.as_str()];
+    args.extend_from_slice(extra);
+    Daemon::start_with(dir, &args)
+}
+
+/// 32 callers adding to one entity, then 16 callers over 40 entities until a
+/// `kill -9`: totals are exact, and after the restart every entity holds at
+/// least its acknowledged adds and at most its attempted ones.
+fn counter_is_exact_and_survives_kill_dash_nine(wasm: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = daemon(dir.path(), &[]);
+    deploy(&d, "counter", wasm);
+    let runtime = rt();
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let mut c = d.client().await;
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..50 {
+                    call(&mut c, "counter", "hot", "add", "1").await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut c = d.client().await;
+        assert_eq!(call(&mut c, "counter", "hot", "get", "").await.unwrap(), json!(32 * 50));
+        let e = call(&mut c, "counter", "hot", "add", "\"five\"").await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let e = call(&mut c, "counter", "hot", "reset", "").await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(e.message().contains("offered: add, get"), "{e:?}");
+    });
+
+    const ENTITIES: usize = 40;
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..ENTITIES).map(|_| AtomicU64::new(0)).collect());
+    let attempted: Arc<Vec<AtomicU64>> = Arc::new((0..ENTITIES).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for client in 0..16usize {
+        let addr = d.addr.clone();
+        let (acked, attempted, stop) = (acked.clone(), attempted.clone(), stop.clone());
+        tasks.push(runtime.spawn(async move {
+            let mut c = conflux_client::connect(&addr).await.unwrap();
+            let mut i = client;
+            // Bounded: stops on the flag, on the first error (the kill), or after 100k calls.
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let e = i % ENTITIES;
+                attempted[e].fetch_add(1, Ordering::SeqCst);
+                match call(&mut c, "counter", &format!("k{e}"), "add", "1").await {
+                    Ok(_) => acked[e].fetch_add(1, Ordering::SeqCst),
+                    Err(_) => break,
+                };
+                i += 7;
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    d.kill9();
+    stop.store(true, Ordering::Relaxed);
+    runtime.block_on(async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let total_acked: u64 = acked.iter().map(|a| a.load(Ordering::SeqCst)).sum();
+    assert!(total_acked > 100, "the load did not get going: {total_acked} acks");
+    let d = daemon(dir.path(), &[]);
+    runtime.block_on(async {
+        let mut c = d.client().await;
+        assert_eq!(call(&mut c, "counter", "hot", "get", "").await.unwrap(), json!(32 * 50));
+        for e in 0..ENTITIES {
+            let got = call(&mut c, "counter", &format!("k{e}"), "get", "").await.unwrap().as_u64().unwrap();
+            let (a, t) = (acked[e].load(Ordering::SeqCst), attempted[e].load(Ordering::SeqCst));
+            assert!(got >= a, "entity k{e}: {got} < {a} acknowledged adds — an acknowledged write was lost");
+            assert!(got <= t, "entity k{e}: {got} > {t} attempted adds — an add was applied twice");
+        }
+    });
+}
+
+#[test]
+fn a_typescript_counter_is_exact_and_survives_kill_dash_nine() {
+    counter_is_exact_and_survives_kill_dash_nine(&polyglot_wasm("counter-ts"));
+}
+
+#[test]
+fn a_python_counter_is_exact_and_survives_kill_dash_nine() {
+    counter_is_exact_and_survives_kill_dash_nine(&polyglot_wasm("counter-py"));
+}
+
+/// The seeds' race, across languages: 24 concurrent joins of one user to 24
+/// teams, where `user` and `team` are written in different languages. Exactly
+/// one join wins, and only the winning team — in the other language — lists
+/// the user, which proves the message crossed languages with its caller.
+#[test]
+fn the_team_joiner_race_is_fixed_across_languages() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path(), &[]);
+    let pairs = [
+        ("ts-user+rust-team", polyglot_wasm("user-ts"), guest_wasm("team")),
+        ("py-user+ts-team", polyglot_wasm("user-py"), polyglot_wasm("team-ts")),
+        ("rust-user+py-team", guest_wasm("team-joiner"), polyglot_wasm("team-py")),
+    ];
+    let runtime = rt();
+    for (round, (pair, user_wasm, team_wasm)) in pairs.iter().enumerate() {
+        // Each round deploys new versions over the last: a hot swap between languages too.
+        deploy(&d, "user", user_wasm);
+        deploy(&d, "team", team_wasm);
+        runtime.block_on(async {
+            let user = format!("sue{round}");
+            let mut tasks = Vec::new();
+            for t in 0..24 {
+                let mut c = d.client().await;
+                let (user, team) = (user.clone(), format!("r{round}-team-{t}"));
+                tasks.push(tokio::spawn(async move {
+                    call(&mut c, "user", &user, "join", &json!(team).to_string()).await.map(|_| team)
+                }));
+            }
+            let mut winners = Vec::new();
+            for task in tasks {
+                match task.await.unwrap() {
+                    Ok(team) => winners.push(team),
+                    Err(s) => {
+                        assert_eq!(s.code(), Code::FailedPrecondition, "{pair}: {s:?}");
+                        assert!(s.message().contains("already on team"), "{pair}: {}", s.message());
+                    }
+                }
+            }
+            assert_eq!(winners.len(), 1, "{pair}: exactly one join must win: {winners:?}");
+            let mut c = d.client().await;
+            assert_eq!(call(&mut c, "user", &user, "team", "").await.unwrap(), json!(winners[0]), "{pair}");
+            let winner = winners[0].clone();
+            let members = eventually(30, "the add_member message", async || {
+                let m = call(&mut c, "team", &winner, "members", "").await.unwrap();
+                (m != json!([])).then_some(m)
+            })
+            .await;
+            assert_eq!(members, json!([user]), "{pair}");
+            for t in 0..24 {
+                let team = format!("r{round}-team-{t}");
+                if team != winner {
+                    let m = call(&mut c, "team", &team, "members", "").await.unwrap();
+                    assert_eq!(m, json!([]), "{pair}: {team} lists a user who is not on it");
+                }
+            }
+            // Only the user itself may add itself: the check on `context.caller` holds in every language.
+            let e = call(&mut c, "team", &winner, "add_member", "\"mallory\"").await.unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{pair}: {e:?}");
+        });
+    }
+    let dead = stdout(&d.cli(&["dead-letters"]));
+    assert!(!dead.contains("add_member"), "no message was lost to a dead letter: {dead}");
+}
+
+/// 16 clients add to 32 counters while the type moves Rust → TypeScript →
+/// Python, then rolls back to Rust: no call fails, every acknowledged add is
+/// counted once, and each language reads the state the other wrote.
+#[test]
+fn a_hot_swap_between_languages_fails_no_call_and_keeps_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path(), &[]);
+    deploy(&d, "counter", &guest_wasm("counter"));
+    let runtime = rt();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    runtime.block_on(async {
+        for client in 0..16usize {
+            let mut c = d.client().await;
+            let (stop, acked) = (stop.clone(), acked.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut errors = Vec::new();
+                for j in 0..200_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match call(&mut c, "counter", &format!("k{}", (client * 7 + j) % 32), "add", "1").await {
+                        Ok(_) => {
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+                errors
+            }));
+        }
+    });
+    let cli = |args: &[&str]| {
+        let out = d.cli(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    };
+    // Each SDK words a bad payload its own way: which code answers shows in the message.
+    let refusal = || {
+        runtime.block_on(async {
+            let mut c = d.client().await;
+            let e = call(&mut c, "counter", "k0", "add", "\"x\"").await.unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+            e.message().to_owned()
+        })
+    };
+    let settle = || std::thread::sleep(Duration::from_millis(1200));
+    settle();
+    let before_ts = acked.load(Ordering::SeqCst);
+    let rust_says = refusal();
+    cli(&["deploy", "counter", polyglot_wasm("counter-ts").to_str().unwrap()]);
+    let ts_says = refusal();
+    settle();
+    let before_py = acked.load(Ordering::SeqCst);
+    cli(&["deploy", "counter", polyglot_wasm("counter-py").to_str().unwrap()]);
+    let py_says = refusal();
+    settle();
+    let before_rollback = acked.load(Ordering::SeqCst);
+    cli(&["rollback", "counter", "1"]);
+    assert_eq!(refusal(), rust_says, "Rust answers again after the rollback");
+    assert!(rust_says != ts_says && ts_says != py_says && py_says != rust_says, "{rust_says} / {ts_says} / {py_says}");
+    settle();
+    stop.store(true, Ordering::Relaxed);
+    runtime.block_on(async {
+        for t in tasks {
+            let errors = t.await.unwrap();
+            assert!(errors.is_empty(), "{} calls failed across the swaps, e.g. {:?}", errors.len(), errors[0]);
+        }
+        let total = acked.load(Ordering::SeqCst);
+        assert!(before_ts > 100, "the load did not get going: {before_ts}");
+        assert!(
+            before_py > before_ts && before_rollback > before_py && total > before_rollback,
+            "every version served: {before_ts} / {before_py} / {before_rollback} / {total}"
+        );
+        let mut c = d.client().await;
+        let mut sum = 0;
+        for k in 0..32 {
+            sum += call(&mut c, "counter", &format!("k{k}"), "get", "").await.unwrap().as_u64().unwrap();
+        }
+        assert_eq!(sum, total, "every acknowledged add is counted once");
+    });
+    let versions = stdout(&d.cli(&["versions", "counter"]));
+    assert!(versions.lines().any(|l| l.contains("active") && l.trim_start().starts_with('1')), "{versions}");
+}
+
+/// An interpreter guest has no way out either: the Python one sees no file,
+/// no environment and no socket; the JavaScript runtime has no file or socket
+/// API, and its `fetch` has nothing behind it (the call traps). A build that
+/// imports `wasi:http` is refused at upload. An unexpected exception traps
+/// the turn like a Rust panic, and the next call gets a fresh instance.
+#[test]
+fn interpreter_guests_get_errors_not_access() {
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "secret").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path(), &[]);
+    deploy(&d, "escape_py", &polyglot_wasm("escape-py"));
+    deploy(&d, "escape_ts", &polyglot_wasm("escape-ts"));
+    let out = d.cli(&["deploy", "http_ts", polyglot_wasm("http-ts").to_str().unwrap()]);
+    assert!(!out.status.success(), "a component importing wasi:http was accepted");
+    let err = stderr(&out);
+    assert!(err.contains("imports interfaces the host does not allow") && err.contains("wasi:http/"), "{err}");
+    assert!(!err.contains("wasi:filesystem") && !err.contains("wasi:sockets"), "inert imports are not blamed: {err}");
+
+    rt().block_on(async {
+        let mut c = d.client().await;
+        let refused = |v: Value, what: &str| {
+            assert_eq!(v["ok"], json!(false), "{what} must fail: {v}");
+        };
+        let path = json!(secret.path().to_str().unwrap()).to_string();
+        for ty in ["escape_py", "escape_ts"] {
+            refused(call(&mut c, ty, "e", "read_file", &path).await.unwrap(), "{ty} read_file");
+            refused(call(&mut c, ty, "e", "read_file", "\"/etc/passwd\"").await.unwrap(), "{ty} read_file");
+            assert_eq!(call(&mut c, ty, "e", "env", "").await.unwrap(), json!({}), "{ty} sees an environment");
+            refused(call(&mut c, ty, "e", "connect", &json!(addr).to_string()).await.unwrap(), "{ty} connect");
+            refused(call(&mut c, ty, "e", "preopens", "").await.unwrap(), "{ty} preopens");
+        }
+        let listed = call(&mut c, "escape_py", "e", "listdir", "\".\"").await.unwrap();
+        refused(listed, "listdir .");
+        let e = call(&mut c, "escape_ts", "e", "fetch", &json!(addr).to_string()).await.unwrap_err();
+        assert_eq!(kind(&e), "trap", "fetch without wasi:http: {e:?}");
+        // An unexpected exception is a trap, and the entity is served again by a fresh instance.
+        for op in ["boom", "throw_value"] {
+            let e = call(&mut c, "escape_ts", "e", op, "").await.unwrap_err();
+            assert_eq!(kind(&e), "trap", "{op}: {e:?}");
+            assert_eq!(call(&mut c, "escape_ts", "e", "env", "").await.unwrap(), json!({}));
+        }
+    });
+    assert!(listener.accept().is_err(), "a guest reached a listening socket");
+    let logs = stdout(&d.cli(&["logs", "escape_ts/e"]));
+    assert!(logs.contains("boom: an unexpected exception"), "the exception reached the guest's log: {logs}");
+}
+
+/// Warm instances are bounded by bytes, not by count: a Python instance holds
+/// about 12 MiB, so 24 Python counters under a 64 MiB warm budget keep only a
+/// handful warm — and all of them keep their state.
+#[test]
+fn warm_python_instances_are_bounded_by_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget: u64 = 64 << 20;
+    let d = daemon(dir.path(), &["--set", &format!("scheduler.max_warm_memory_bytes={budget}")]);
+    deploy(&d, "counter", &polyglot_wasm("counter-py"));
+    rt().block_on(async {
+        let mut c = d.client().await;
+        for round in 1..=2 {
+            for i in 0..24 {
+                assert_eq!(call(&mut c, "counter", &format!("p{i}"), "add", "1").await.unwrap(), json!(round));
+            }
+        }
+        let s = c.status(conflux_client::pb::StatusRequest::default()).await.unwrap().into_inner();
+        assert!(s.guest_memory_bytes <= budget, "warm instances hold {} bytes > {budget}", s.guest_memory_bytes);
+        assert!(s.resident_instances >= 1 && s.resident_instances < 24, "{} of 24 kept warm", s.resident_instances);
+        let per_instance = s.guest_memory_bytes / s.resident_instances.max(1);
+        assert!(per_instance > 4 << 20, "a Python instance is bigger than this: {per_instance} bytes");
+    });
+}
