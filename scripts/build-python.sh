@@ -4,7 +4,7 @@
 #   2. creates/reuses the venv target/py-venv with pinned componentize-py and pytest and the
 #      SDK (editable; pip is skipped while the stamp says it is up to date),
 #   3. runs pytest for the SDK and each Python example,
-#   4. builds target/polyglot/{counter-py,user-py,team-py,escape-py}.wasm.
+#   4. builds target/polyglot/{counter-py,user-py,team-py,escape-py,timer-py}.wasm.
 # Usage: scripts/build-python.sh [--no-tests]
 set -euo pipefail
 
@@ -65,7 +65,7 @@ done_step
 
 # --- 3. tests --------------------------------------------------------------------------------
 if [ "$RUN_TESTS" = 1 ]; then
-  for dir in guest-sdk/python examples/counter-py examples/team-joiner-py; do
+  for dir in guest-sdk/python examples/counter-py examples/team-joiner-py tests/guests/timer-py; do
     step "pytest $dir"
     (cd "$ROOT/$dir" && "$VENV/bin/python" -m pytest -q -p no:cacheprovider)
     done_step
@@ -84,4 +84,5 @@ build counter-py examples/counter-py/counter.py
 build user-py examples/team-joiner-py/user.py
 build team-py examples/team-joiner-py/team.py
 build escape-py tests/guests/escape-py/escape.py
+build timer-py tests/guests/timer-py/timer.py
 echo "==> done: $(ls "$OUT"/*-py.wasm | xargs -n1 basename | tr '\n' ' ')"

@@ -4,7 +4,7 @@
 #   2. `npm ci` at the repo root (skipped when node_modules matches package-lock.json);
 #   3. `npm test` in the SDK and every example/guest workspace;
 #   4. builds the components into target/polyglot/: counter-ts, user-ts, team-ts,
-#      escape-ts and http-ts (the latter imports wasi:http ON PURPOSE: the host must
+#      escape-ts, timer-ts and http-ts (the latter imports wasi:http ON PURPOSE: the host must
 #      refuse it). A component whose inputs did not change is not rebuilt.
 # Idempotent; run it as often as you like. Set CONFLUX_TS_FORCE=1 to rebuild everything.
 set -euo pipefail
@@ -85,6 +85,7 @@ build user-ts examples/team-joiner-ts src/user.ts
 build team-ts examples/team-joiner-ts src/team.ts
 build escape-ts tests/guests/escape-ts src/escape.ts
 build http-ts tests/guests/escape-ts src/escape.ts --allow-http
+build timer-ts tests/guests/timer-ts src/timer.ts
 
 echo "==> components:"
 ls -l "$OUT"/*-ts.wasm | awk '{printf "    %-60s %6.1f MiB\n", $9, $5/1048576}'

@@ -353,3 +353,78 @@ fn warm_python_instances_are_bounded_by_bytes() {
         assert!(per_instance > 4 << 20, "a Python instance is bigger than this: {per_instance} bytes");
     });
 }
+
+/// Timers, idempotency keys and messages behave the same in every language:
+/// a TypeScript `timer` and a Python `timer_peer` (the same entity, one per
+/// SDK) arm timers that fire once, across a `kill -9` too; a cancelled timer
+/// never fires; an `arm` retried with one idempotency key arms one timer; and
+/// a TypeScript turn's message reaches the Python entity.
+#[test]
+fn timers_idempotency_keys_and_messages_behave_the_same_in_every_language() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = daemon(dir.path(), &[]);
+    deploy(&d, "timer", &polyglot_wasm("timer-ts"));
+    deploy(&d, "timer_peer", &polyglot_wasm("timer-py"));
+    let types = ["timer", "timer_peer"];
+    let runtime = rt();
+    runtime.block_on(async {
+        let mut c = d.client().await;
+        for ty in types {
+            call(&mut c, ty, "a", "arm", "300").await.unwrap();
+            call(&mut c, ty, "b", "arm", "600").await.unwrap();
+            assert_eq!(call(&mut c, ty, "b", "disarm", "").await.unwrap(), json!(true), "{ty}");
+            let e = call(&mut c, ty, "a", "fire", "").await.unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{ty}: only its own timer fires it: {e:?}");
+            // One idempotency key, three attempts: one turn, one timer, the same reply.
+            let mut replies = Vec::new();
+            for _ in 0..3 {
+                let mut req = invoke_req(ty, "c", "arm", "300");
+                req.idempotency_key = format!("{ty}-arm-c");
+                replies.push(c.invoke(req).await.unwrap().into_inner().reply);
+            }
+            assert!(replies.iter().all(|r| *r == replies[0]), "{ty}: {replies:?}");
+        }
+        assert_eq!(call(&mut c, "timer", "a", "ping", "3").await.unwrap(), json!(3));
+        for ty in types {
+            for id in ["a", "c"] {
+                let s = eventually(10, "the timer", async || {
+                    let s = call(&mut c, ty, id, "status", "").await.unwrap();
+                    (s["fired"] != json!(0)).then_some(s)
+                })
+                .await;
+                assert_eq!(s["armed"], Value::Null, "{ty}/{id}: {s}");
+            }
+        }
+        let pongs = eventually(10, "the pong", async || {
+            let s = call(&mut c, "timer_peer", "a", "status", "").await.unwrap();
+            (s["pongs"] != json!(0)).then_some(s["pongs"].clone())
+        })
+        .await;
+        assert_eq!(pongs, json!(3), "the TypeScript entity's message reached the Python one once");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        for ty in types {
+            for (id, fired) in [("a", 1), ("b", 0), ("c", 1)] {
+                let s = call(&mut c, ty, id, "status", "").await.unwrap();
+                assert_eq!(s["fired"], json!(fired), "{ty}/{id} fired {s}");
+            }
+            call(&mut c, ty, "d", "arm", "1500").await.unwrap();
+        }
+    });
+    // Timers armed before a crash fire after it, once.
+    d.kill9();
+    let d = daemon(dir.path(), &[]);
+    runtime.block_on(async {
+        let mut c = d.client().await;
+        for ty in types {
+            eventually(15, "a timer armed before the crash", async || {
+                let s = call(&mut c, ty, "d", "status", "").await.unwrap();
+                (s["fired"] != json!(0)).then_some(())
+            })
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for ty in types {
+            assert_eq!(call(&mut c, ty, "d", "status", "").await.unwrap()["fired"], json!(1), "{ty}");
+        }
+    });
+}
