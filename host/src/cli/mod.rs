@@ -1,5 +1,5 @@
 //! The `conflux` command line: `serve` runs a node, `new` scaffolds an entity
-//! crate; every other command is a gRPC client of a node (`--addr` /
+//! (Rust, TypeScript or Python); every other command is a gRPC client of a node (`--addr` /
 //! `CONFLUX_ADDR`) through conflux-client. Output for humans on stdout (or,
 //! with `--json`, JSON: one document per command, one object per line for
 //! streams), one-line reasons on stderr, non-zero exit on failure. Client
@@ -8,7 +8,7 @@
 //!
 //! This file holds the clap definitions and the dispatch; [`serve`] starts
 //! the daemon, [`commands`] makes the client calls, [`render`] prints their
-//! replies, [`scaffold`] writes `conflux new`'s crate.
+//! replies, [`scaffold`] writes `conflux new`'s project.
 
 /// `println!` for results. Unlike it, a closed stdout (`conflux status | head
 /// -1`) is an error, which `main` turns into a quiet exit instead of a panic.
@@ -158,14 +158,18 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         tail: u32,
     },
-    /// Create a new entity crate: `conflux new my-entity`.
+    /// Create a new entity project: `conflux new my-entity [--lang rust|ts|python]`.
     New {
-        /// Crate name (letters, digits, `-`, `_`); the entity type is its snake_case form.
+        /// Project name (letters, digits, `-`, `_`); the entity type is its snake_case form.
         name: String,
+        /// The language to write the entity in.
+        #[arg(long, value_enum, default_value_t = scaffold::Lang::Rust)]
+        lang: scaffold::Lang,
         /// Directory to create [default: ./NAME].
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// The conflux-sdk crate to build against [default: the SDK this conflux was built with].
+        /// The SDK to build against: the conflux-sdk crate, guest-sdk/typescript or
+        /// guest-sdk/python [default: the SDK for --lang this conflux was built with].
         #[arg(long, env = "CONFLUX_SDK_PATH", value_name = "DIR")]
         sdk_path: Option<PathBuf>,
     },
@@ -211,7 +215,7 @@ fn one_line(e: &anyhow::Error) -> String {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { args } => serve::serve(args, cli.json).await,
-        Command::New { name, dir, sdk_path } => scaffold::new_crate(&name, dir, sdk_path, cli.json),
+        Command::New { name, lang, dir, sdk_path } => scaffold::new_crate(&name, lang, dir, sdk_path, cli.json),
         command => {
             let opts = ClientOptions { token: cli.token, ca_cert: cli.ca_cert };
             let out = render::Output { json: cli.json };
@@ -244,6 +248,24 @@ mod tests {
         let io = std::io::Error::other("disk on fire");
         let e = anyhow::Error::new(crate::log::LogError::from(io)).context("opening\nthe log");
         assert_eq!(one_line(&e), "opening the log: commit log I/O failed: disk on fire");
+    }
+
+    #[test]
+    fn new_takes_a_language() {
+        use scaffold::Lang;
+        let lang = |args: &[&str]| match Cli::try_parse_from([&["conflux", "new", "shop"], args].concat()) {
+            Ok(Cli { command: Command::New { lang, .. }, .. }) => Ok(lang),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(lang(&[]), Ok(Lang::Rust));
+        assert_eq!(lang(&["--lang", "rust"]), Ok(Lang::Rust));
+        assert_eq!(lang(&["--lang", "ts"]), Ok(Lang::TypeScript));
+        assert_eq!(lang(&["--lang", "typescript"]), Ok(Lang::TypeScript));
+        assert_eq!(lang(&["--lang", "python"]), Ok(Lang::Python));
+        assert_eq!(lang(&["--lang=py"]), Ok(Lang::Python));
+        let e = lang(&["--lang", "go"]).unwrap_err();
+        assert!(e.contains("invalid value 'go'") && e.contains("[possible values: rust, ts, python]"), "{e}");
     }
 
     #[test]

@@ -1,47 +1,230 @@
-//! `conflux new NAME`: the templates of a ready-to-build entity crate, the checks on its
-//! name, and writing it into a fresh directory. [`Scaffold::files`] renders everything
-//! without touching the disk; [`Scaffold::write`] puts it on disk; [`new_crate`]
-//! is the command around them.
+//! `conflux new NAME [--lang rust|ts|python]`: the templates of a ready-to-build entity
+//! (a Cargo crate, an npm package or a Python project), the checks on its name, and writing
+//! it into a fresh directory. [`Scaffold::files`] renders everything without touching the
+//! disk; [`Scaffold::write`] puts it on disk; [`new_crate`] is the command around them.
+//!
+//! The Rust templates live here; the TypeScript and Python ones are the files under
+//! `guest-sdk/typescript/template/` and `guest-sdk/python/template/`, embedded at build
+//! time (one source of truth) and rendered the same way.
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 
 /// `conflux new`: writes the scaffold and says what to do next.
-pub(super) fn new_crate(name: &str, dir: Option<PathBuf>, sdk_path: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+pub(super) fn new_crate(
+    name: &str,
+    lang: Lang,
+    dir: Option<PathBuf>,
+    sdk_path: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
     let dir = dir.unwrap_or_else(|| PathBuf::from(name));
     let sdk = match sdk_path {
         Some(p) => p,
         None => {
-            let built_with = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk/conflux-sdk");
+            let built_with = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk").join(lang.sdk_dir_name());
             anyhow::ensure!(
-                built_with.join("Cargo.toml").is_file(),
-                "cannot find the conflux-sdk sources this conflux was built with ({}); pass --sdk-path DIR",
+                built_with.join(lang.sdk_marker()).is_file(),
+                "cannot find the {} SDK sources this conflux was built with ({}); pass --sdk-path DIR",
+                lang.label(),
                 built_with.display()
             );
             built_with
         }
     };
     let sdk_path = sdk.canonicalize().with_context(|| format!("--sdk-path {}", sdk.display()))?;
-    let scaffold = Scaffold { name: name.to_owned(), sdk_path, sdk_version: env!("CARGO_PKG_VERSION").to_owned() };
+    // CONFLUX_SDK_PATH may name another language's SDK: say so now, not at build time.
+    anyhow::ensure!(
+        sdk_path.join(lang.sdk_marker()).is_file(),
+        "--sdk-path {} is not the {} SDK (it has no {})",
+        sdk_path.display(),
+        lang.label(),
+        lang.sdk_marker()
+    );
+    let scaffold =
+        Scaffold { name: name.to_owned(), lang, sdk_path, sdk_version: env!("CARGO_PKG_VERSION").to_owned() };
     let files = scaffold.write(&dir)?;
     if json {
         let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         say!("{}", serde_json::json!({ "created": dir.display().to_string(), "files": files }));
     } else {
-        let wasm = name.replace('-', "_");
-        let ty = scaffold.entity_type();
         say!("created {} ({} files)", dir.display(), files.len());
         say!("next:");
-        say!("  cd {}", dir.display());
-        say!("  cargo test");
-        say!("  cargo build --release --target wasm32-wasip2");
-        say!("  conflux deploy {ty} target/wasm32-wasip2/release/{wasm}.wasm");
-        say!("  conflux invoke {ty}/first add 5");
+        for step in scaffold.next_steps(&dir) {
+            say!("  {step}");
+        }
+    }
+    if lang == Lang::TypeScript && !ts_build_tools_installed(&scaffold.sdk_path) {
+        note!(
+            "note: `npm run build` needs esbuild and componentize-js next to the SDK ({}): run `npm ci` at the \
+             root of the Conflux checkout (or scripts/build-ts.sh) once",
+            scaffold.sdk_path.display()
+        );
     }
     Ok(())
 }
 
-/// Longest crate name `conflux new` accepts, in bytes (also the host's type-name limit).
+/// Whether the TypeScript SDK's `conflux-build` can load its tools: it resolves them
+/// from its own real path, i.e. from a `node_modules` in the SDK or one of its parents.
+fn ts_build_tools_installed(sdk: &Path) -> bool {
+    sdk.ancestors().any(|d| d.join("node_modules/@bytecodealliance/componentize-js").is_dir())
+}
+
+/// The language of the entity `conflux new` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Lang {
+    /// A Cargo crate using the conflux-sdk crate.
+    #[default]
+    Rust,
+    /// An npm package using @conflux/sdk (alias: typescript).
+    #[value(name = "ts", alias = "typescript")]
+    TypeScript,
+    /// A Python project using the conflux-sdk package (alias: py).
+    #[value(name = "python", alias = "py")]
+    Python,
+}
+
+impl Lang {
+    /// The SDK's directory under `guest-sdk/` in the Conflux checkout.
+    fn sdk_dir_name(self) -> &'static str {
+        match self {
+            Lang::Rust => "conflux-sdk",
+            Lang::TypeScript => "typescript",
+            Lang::Python => "python",
+        }
+    }
+
+    /// A file every copy of the SDK has at its root.
+    fn sdk_marker(self) -> &'static str {
+        match self {
+            Lang::Rust => "Cargo.toml",
+            Lang::TypeScript => "package.json",
+            Lang::Python => "pyproject.toml",
+        }
+    }
+
+    /// The language's name in messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            Lang::Rust => "Rust",
+            Lang::TypeScript => "TypeScript",
+            Lang::Python => "Python",
+        }
+    }
+
+    /// The files of a new project, before rendering.
+    fn templates(self) -> &'static [Template] {
+        match self {
+            Lang::Rust => RUST_TEMPLATES,
+            Lang::TypeScript => TS_TEMPLATES,
+            Lang::Python => PYTHON_TEMPLATES,
+        }
+    }
+
+    /// Names (compared after `-` → `_`) that this language's project cannot have, on top
+    /// of [`RESERVED`]: for TypeScript, the package's own dependencies (npm refuses to
+    /// install a package into one of the same name).
+    fn reserved(self) -> &'static str {
+        match self {
+            Lang::Rust | Lang::Python => "",
+            Lang::TypeScript => "typescript tsx",
+        }
+    }
+
+    /// Entity class names the generated code of this language uses for something else,
+    /// on top of [`TAKEN_TYPE_NAMES`]: `Number` in `src/entity.ts`; `BadRequest` and the
+    /// keywords `True`/`False` in `entity.py`.
+    fn taken_type_names(self) -> &'static str {
+        match self {
+            Lang::Rust => "",
+            Lang::TypeScript => "Number",
+            Lang::Python => "BadRequest True False",
+        }
+    }
+}
+
+/// One file of a template: where it goes, its text with `{{placeholders}}`, and how the
+/// SDK path is quoted in it.
+struct Template {
+    path: &'static str,
+    text: &'static str,
+    /// Written with mode 0755 (on Unix).
+    executable: bool,
+    quote: Quote,
+}
+
+/// How a value is written into a file: as is, or escaped for the syntax around it.
+#[derive(Clone, Copy)]
+enum Quote {
+    /// Prose (README) and code that never holds a path.
+    Verbatim,
+    /// Inside a TOML basic string.
+    Toml,
+    /// Inside a JSON string.
+    Json,
+    /// A pip requirements option (`-e PATH`): pip splits it like a POSIX shell.
+    Shell,
+}
+
+impl Quote {
+    fn apply(self, s: &str) -> String {
+        match self {
+            Quote::Verbatim => s.to_owned(),
+            Quote::Toml => toml_escape(s),
+            Quote::Json => {
+                let quoted = serde_json::Value::from(s).to_string();
+                quoted[1..quoted.len() - 1].to_owned()
+            }
+            Quote::Shell
+                if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+:,=@%".contains(c)) =>
+            {
+                s.to_owned()
+            }
+            Quote::Shell => format!("'{}'", s.replace('\'', r"'\''")),
+        }
+    }
+}
+
+const fn template(path: &'static str, text: &'static str, quote: Quote) -> Template {
+    Template { path, text, executable: false, quote }
+}
+
+const RUST_TEMPLATES: &[Template] = &[
+    template("Cargo.toml", CARGO_TOML, Quote::Toml),
+    template("rust-toolchain.toml", RUST_TOOLCHAIN_TOML, Quote::Toml),
+    template(".gitignore", "/target\n", Quote::Verbatim),
+    template("src/lib.rs", LIB_RS, Quote::Verbatim),
+    template("README.md", README_MD, Quote::Verbatim),
+];
+
+/// `guest-sdk/typescript/template/`, file by file.
+const TS_TEMPLATES: &[Template] = &[
+    template("package.json", include_str!("../../../guest-sdk/typescript/template/package.json"), Quote::Json),
+    template("tsconfig.json", include_str!("../../../guest-sdk/typescript/template/tsconfig.json"), Quote::Json),
+    template("src/entity.ts", include_str!("../../../guest-sdk/typescript/template/src/entity.ts"), Quote::Verbatim),
+    template(
+        "test/entity.test.ts",
+        include_str!("../../../guest-sdk/typescript/template/test/entity.test.ts"),
+        Quote::Verbatim,
+    ),
+    template("README.md", include_str!("../../../guest-sdk/typescript/template/README.md"), Quote::Verbatim),
+    template(".gitignore", include_str!("../../../guest-sdk/typescript/template/.gitignore"), Quote::Verbatim),
+];
+
+/// `guest-sdk/python/template/`, file by file.
+const PYTHON_TEMPLATES: &[Template] = &[
+    template("entity.py", include_str!("../../../guest-sdk/python/template/entity.py"), Quote::Verbatim),
+    template("test_entity.py", include_str!("../../../guest-sdk/python/template/test_entity.py"), Quote::Verbatim),
+    template("requirements.txt", include_str!("../../../guest-sdk/python/template/requirements.txt"), Quote::Shell),
+    Template {
+        executable: true,
+        ..template("build.sh", include_str!("../../../guest-sdk/python/template/build.sh"), Quote::Shell)
+    },
+    template("README.md", include_str!("../../../guest-sdk/python/template/README.md"), Quote::Verbatim),
+    template(".gitignore", include_str!("../../../guest-sdk/python/template/.gitignore"), Quote::Verbatim),
+];
+
+/// Longest name `conflux new` accepts, in bytes (also the host's type-name limit).
 const MAX_NAME_LEN: usize = 64;
 
 /// Names Rust or Cargo reserve, or the crate's own dependencies use (compared after `-` → `_`).
@@ -68,15 +251,20 @@ pub enum ScaffoldError {
     Io { path: PathBuf, source: std::io::Error },
 }
 
-/// A new entity crate: its name and the `conflux-sdk` it depends on.
+/// A new entity project: its name, language and the SDK it depends on.
 #[derive(Debug, Clone)]
 pub struct Scaffold {
-    /// Crate name, e.g. `my-shop` (struct `MyShop`, entity type `my_shop`).
+    /// Project (crate, npm package) name, e.g. `my-shop` (struct or class `MyShop`, entity
+    /// type `my_shop`).
     pub name: String,
-    /// Path of the `conflux-sdk` crate, written verbatim into Cargo.toml (relative paths
-    /// are relative to the new crate, so prefer an absolute one).
+    /// The language, i.e. which templates are rendered.
+    pub lang: Lang,
+    /// Path of the SDK: the `conflux-sdk` crate (written into Cargo.toml), or
+    /// `guest-sdk/typescript` (a `file:` dependency in package.json), or `guest-sdk/python`
+    /// (`-e` in requirements.txt). Relative paths are relative to the new project, so
+    /// prefer an absolute one.
     pub sdk_path: PathBuf,
-    /// The exact `conflux-sdk` version to pin, e.g. `0.1.0`.
+    /// The exact `conflux-sdk` version to pin, e.g. `0.1.0` (Rust only).
     pub sdk_version: String,
 }
 
@@ -86,37 +274,55 @@ impl Scaffold {
         type_name(&self.name)
     }
 
-    /// The entity struct's name: the name in UpperCamelCase (`my-shop` → `MyShop`).
+    /// The entity struct's (or class's) name: the name in UpperCamelCase (`my-shop` → `MyShop`).
     pub fn struct_name(&self) -> String {
         upper_camel_case(&self.name)
     }
 
-    /// Every file of the crate as (path relative to the crate directory, contents). No I/O.
+    /// Every file of the project as (path relative to its directory, contents). No I/O.
     pub fn files(&self) -> Result<Vec<(PathBuf, String)>, ScaffoldError> {
-        validate_name(&self.name)?;
-        let render = |template: &str| {
-            template
+        validate_name_for(&self.name, self.lang)?;
+        let render = |t: &Template| {
+            t.text
                 .replace("{{crate_name}}", &self.name)
+                .replace("{{name}}", &self.name)
                 .replace("{{wasm_name}}", &self.name.replace('-', "_"))
                 .replace("{{Entity}}", &self.struct_name())
                 .replace("{{entity_type}}", &self.entity_type())
-                .replace("{{sdk_version}}", &toml_escape(&self.sdk_version))
-                .replace("{{sdk_path}}", &toml_escape(&self.sdk_path.to_string_lossy()))
+                .replace("{{sdk_version}}", &t.quote.apply(&self.sdk_version))
+                .replace("{{sdk_path}}", &t.quote.apply(&self.sdk_path.to_string_lossy()))
         };
-        Ok([
-            ("Cargo.toml", CARGO_TOML),
-            ("rust-toolchain.toml", RUST_TOOLCHAIN_TOML),
-            (".gitignore", "/target\n"),
-            ("src/lib.rs", LIB_RS),
-            ("README.md", README_MD),
-        ]
-        .into_iter()
-        .map(|(path, template)| (PathBuf::from(path), render(template)))
-        .collect())
+        Ok(self.lang.templates().iter().map(|t| (PathBuf::from(t.path), render(t))).collect())
     }
 
-    /// Writes the crate into `dir` (created if missing; refused unless empty) and returns
-    /// the paths written.
+    /// The commands to run next, from the directory the project was written into as `dir`.
+    pub fn next_steps(&self, dir: &Path) -> Vec<String> {
+        let ty = self.entity_type();
+        let mut steps = vec![format!("cd {}", dir.display())];
+        match self.lang {
+            Lang::Rust => {
+                let wasm = self.name.replace('-', "_");
+                steps.push("cargo test".into());
+                steps.push("cargo build --release --target wasm32-wasip2".into());
+                steps.push(format!("conflux deploy {ty} target/wasm32-wasip2/release/{wasm}.wasm"));
+            }
+            Lang::TypeScript => {
+                steps.push("npm install".into());
+                steps.push("npm test".into());
+                steps.push("npm run build".into());
+                steps.push(format!("conflux deploy {ty} entity.wasm"));
+            }
+            Lang::Python => {
+                steps.push("./build.sh    # creates .venv, runs the tests (pytest), builds entity.wasm".into());
+                steps.push(format!("conflux deploy {ty} entity.wasm"));
+            }
+        }
+        steps.push(format!("conflux invoke {ty}/first add 5"));
+        steps
+    }
+
+    /// Writes the project into `dir` (created if missing; refused unless empty) and returns
+    /// the paths written. Scripts (`build.sh`) are made executable.
     pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, ScaffoldError> {
         let files = self.files()?;
         let io = |path: &Path| {
@@ -130,12 +336,19 @@ impl Scaffold {
             }
         }
         let mut written = Vec::with_capacity(files.len());
-        for (relative, contents) in files {
+        for ((relative, contents), template) in files.into_iter().zip(self.lang.templates()) {
             let path = dir.join(relative);
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(io(parent))?;
             }
             std::fs::write(&path, contents).map_err(io(&path))?;
+            #[cfg(unix)]
+            if template.executable {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(io(&path))?;
+            }
+            #[cfg(not(unix))]
+            let _ = template;
             written.push(path);
         }
         Ok(written)
@@ -143,16 +356,17 @@ impl Scaffold {
 }
 
 /// Checks that `name` works as a crate name, a Rust struct name and an entity type name.
+/// Every language gets these rules, so an entity type's name never depends on its SDK.
 pub fn validate_name(name: &str) -> Result<(), ScaffoldError> {
     let invalid = |reason: &str| Err(ScaffoldError::InvalidName { name: name.to_string(), reason: reason.to_string() });
     if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
-        return invalid("a crate name must start with an ASCII letter");
+        return invalid("a name must start with an ASCII letter");
     }
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return invalid("a crate name may only contain ASCII letters, digits, '-' and '_'");
+        return invalid("a name may only contain ASCII letters, digits, '-' and '_'");
     }
     if name.len() > MAX_NAME_LEN || type_name(name).len() > MAX_NAME_LEN {
-        return invalid(&format!("a crate name (and its snake_case entity type) must be at most {MAX_NAME_LEN} bytes"));
+        return invalid(&format!("a name (and its snake_case entity type) must be at most {MAX_NAME_LEN} bytes"));
     }
     let snake = name.replace('-', "_");
     if RESERVED.split(' ').any(|k| k == snake) {
@@ -161,6 +375,25 @@ pub fn validate_name(name: &str) -> Result<(), ScaffoldError> {
     let struct_name = upper_camel_case(name);
     if TAKEN_TYPE_NAMES.split(' ').any(|t| t == struct_name) {
         return invalid(&format!("the entity struct `{struct_name}` would shadow a type the generated code uses"));
+    }
+    Ok(())
+}
+
+/// [`validate_name`], plus what `lang`'s templates need on top (see [`Lang::reserved`] and
+/// [`Lang::taken_type_names`]).
+pub fn validate_name_for(name: &str, lang: Lang) -> Result<(), ScaffoldError> {
+    validate_name(name)?;
+    let invalid = |reason: String| Err(ScaffoldError::InvalidName { name: name.to_string(), reason });
+    let snake = name.replace('-', "_");
+    if lang.reserved().split(' ').any(|k| k == snake) {
+        return invalid(format!("that is a dependency of the new {} package", lang.label()));
+    }
+    let class = upper_camel_case(name);
+    if lang.taken_type_names().split(' ').any(|t| t == class) {
+        return invalid(format!(
+            "the entity class `{class}` would shadow a name the generated {} code uses",
+            lang.label()
+        ));
     }
     Ok(())
 }
@@ -348,7 +581,20 @@ mod tests {
     use super::*;
 
     fn scaffold(name: &str) -> Scaffold {
-        Scaffold { name: name.into(), sdk_path: PathBuf::from("/opt/conflux/sdk"), sdk_version: "1.2.3".into() }
+        scaffold_in(Lang::Rust, name)
+    }
+
+    fn scaffold_in(lang: Lang, name: &str) -> Scaffold {
+        Scaffold { name: name.into(), lang, sdk_path: PathBuf::from("/opt/conflux/sdk"), sdk_version: "1.2.3".into() }
+    }
+
+    /// The rendered text of `path` in `files`.
+    fn file<'a>(files: &'a [(PathBuf, String)], path: &str) -> &'a str {
+        &files.iter().find(|(p, _)| p == Path::new(path)).unwrap_or_else(|| panic!("no {path}")).1
+    }
+
+    fn paths(files: &[(PathBuf, String)]) -> Vec<&str> {
+        files.iter().map(|(p, _)| p.to_str().unwrap()).collect()
     }
 
     #[test]
@@ -394,6 +640,175 @@ mod tests {
     }
 
     #[test]
+    fn typescript_renders_the_template_dir() {
+        let mut s = scaffold_in(Lang::TypeScript, "my-shop");
+        s.sdk_path = PathBuf::from(r#"/odd "dir"\sdk"#);
+        let files = s.files().unwrap();
+        assert_eq!(
+            paths(&files),
+            ["package.json", "tsconfig.json", "src/entity.ts", "test/entity.test.ts", "README.md", ".gitignore"]
+        );
+        let package: serde_json::Value = serde_json::from_str(file(&files, "package.json")).unwrap();
+        assert_eq!(package["name"], "my-shop");
+        assert_eq!(package["dependencies"]["@conflux/sdk"], r#"file:/odd "dir"\sdk"#);
+        assert_eq!(package["scripts"]["build"], "conflux-build src/entity.ts -o entity.wasm");
+        serde_json::from_str::<serde_json::Value>(file(&files, "tsconfig.json")).unwrap();
+        assert!(file(&files, "src/entity.ts").contains("export default class MyShop {"));
+        let test = file(&files, "test/entity.test.ts");
+        assert!(test.contains(r#"import MyShop from "../src/entity";"#), "{test}");
+        assert!(test.contains(r#"new TestHarness(MyShop, "my_shop", "t1")"#), "{test}");
+        let readme = file(&files, "README.md");
+        assert!(readme.starts_with("# my-shop\n") && readme.contains("conflux deploy my_shop entity.wasm"), "{readme}");
+        assert!(files.iter().all(|(_, text)| !text.contains("{{")), "unreplaced placeholder");
+        assert!(!s.lang.templates().iter().any(|t| t.executable));
+    }
+
+    #[test]
+    fn python_renders_the_template_dir() {
+        let mut s = scaffold_in(Lang::Python, "order_book2");
+        s.sdk_path = PathBuf::from("/opt/my sdk's/python");
+        let files = s.files().unwrap();
+        assert_eq!(
+            paths(&files),
+            ["entity.py", "test_entity.py", "requirements.txt", "build.sh", "README.md", ".gitignore"]
+        );
+        assert!(file(&files, "entity.py").contains("class OrderBook2:"));
+        let test = file(&files, "test_entity.py");
+        assert!(test.contains("from entity import OrderBook2\n"), "{test}");
+        assert!(test.contains(r#"TestHarness(OrderBook2, "order_book2", "t1")"#), "{test}");
+        // pip splits a requirements option line like a POSIX shell.
+        let requirements = file(&files, "requirements.txt");
+        assert!(requirements.contains("\n-e '/opt/my sdk'\\''s/python'\n"), "{requirements}");
+        s.sdk_path = PathBuf::from("/opt/conflux/guest-sdk/python");
+        assert!(file(&s.files().unwrap(), "requirements.txt").contains("\n-e /opt/conflux/guest-sdk/python\n"));
+        let build = file(&files, "build.sh");
+        assert!(build.starts_with("#!/usr/bin/env bash\n") && build.contains("conflux-build entity.py -o entity.wasm"));
+        let executable: Vec<&str> = s.lang.templates().iter().filter(|t| t.executable).map(|t| t.path).collect();
+        assert_eq!(executable, ["build.sh"]);
+        let readme = file(&files, "README.md");
+        assert!(readme.contains("conflux deploy order_book2 entity.wasm") && readme.contains("`OrderBook2`"));
+        assert!(files.iter().all(|(_, text)| !text.contains("{{")), "unreplaced placeholder");
+    }
+
+    #[test]
+    fn every_language_keeps_the_name_rules_and_adds_its_own() {
+        for lang in [Lang::Rust, Lang::TypeScript, Lang::Python] {
+            for bad in ["", "2shop", "my shop", "self", "crate", "test", "serde", "error", "test-harness"] {
+                assert!(validate_name_for(bad, lang).is_err(), "{bad} in {lang:?}");
+                assert!(scaffold_in(lang, bad).files().is_err(), "{bad} in {lang:?}");
+            }
+            assert!(validate_name_for("hello-shop", lang).is_ok());
+        }
+        // `Number` is used by src/entity.ts; `BadRequest`, `True` and `False` by entity.py.
+        for (name, rust, ts, python) in [
+            ("number", true, false, true),
+            ("typescript", true, false, true),
+            ("tsx", true, false, true),
+            ("bad-request", true, true, false),
+            ("True", true, true, false),
+            ("false_", true, true, false),
+        ] {
+            assert_eq!(validate_name_for(name, Lang::Rust).is_ok(), rust, "{name}");
+            assert_eq!(validate_name_for(name, Lang::TypeScript).is_ok(), ts, "{name}");
+            assert_eq!(validate_name_for(name, Lang::Python).is_ok(), python, "{name}");
+        }
+    }
+
+    #[test]
+    fn next_steps_per_language() {
+        let dir = Path::new("shops/hello-shop");
+        let steps = |lang| scaffold_in(lang, "hello-shop").next_steps(dir);
+        assert_eq!(
+            steps(Lang::Rust),
+            [
+                "cd shops/hello-shop",
+                "cargo test",
+                "cargo build --release --target wasm32-wasip2",
+                "conflux deploy hello_shop target/wasm32-wasip2/release/hello_shop.wasm",
+                "conflux invoke hello_shop/first add 5",
+            ]
+        );
+        assert_eq!(
+            steps(Lang::TypeScript),
+            [
+                "cd shops/hello-shop",
+                "npm install",
+                "npm test",
+                "npm run build",
+                "conflux deploy hello_shop entity.wasm",
+                "conflux invoke hello_shop/first add 5",
+            ]
+        );
+        let python = steps(Lang::Python);
+        assert_eq!(python.len(), 4, "{python:?}");
+        assert!(python[1].starts_with("./build.sh "), "{python:?}");
+        assert_eq!(python[2..], ["conflux deploy hello_shop entity.wasm", "conflux invoke hello_shop/first add 5"]);
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(Quote::Json.apply(r#"C:\a "b""#), r#"C:\\a \"b\""#);
+        assert_eq!(Quote::Toml.apply(r#"C:\a "b""#), r#"C:\\a \"b\""#);
+        assert_eq!(Quote::Shell.apply("/srv/conflux-1.0/guest-sdk/python"), "/srv/conflux-1.0/guest-sdk/python");
+        assert_eq!(Quote::Shell.apply("/a b/it's"), r"'/a b/it'\''s'");
+        assert_eq!(Quote::Shell.apply("$HOME"), "'$HOME'");
+        assert_eq!(Quote::Verbatim.apply("/a b"), "/a b");
+    }
+
+    /// Every `conflux …` command a generated README or the next steps show is one this
+    /// `conflux` accepts.
+    #[test]
+    fn documented_conflux_commands_parse() {
+        use clap::Parser as _;
+        for lang in [Lang::Rust, Lang::TypeScript, Lang::Python] {
+            let s = scaffold_in(lang, "my-shop");
+            let files = s.files().unwrap();
+            let readme = file(&files, "README.md");
+            let steps = s.next_steps(Path::new("my-shop"));
+            let commands: Vec<&str> = readme
+                .lines()
+                .chain(steps.iter().map(String::as_str))
+                .filter(|l| l.starts_with("conflux "))
+                .map(|l| l.split(" #").next().unwrap())
+                .collect();
+            assert!(commands.len() >= 3, "{lang:?}: {commands:?}");
+            for c in commands {
+                if let Err(e) = super::super::Cli::try_parse_from(c.split_whitespace()) {
+                    panic!("{lang:?}: `{c}` does not parse: {e}");
+                }
+            }
+        }
+    }
+
+    /// The embedded list is the template directory: a file added there is not left out.
+    #[test]
+    fn embedded_templates_are_the_template_dirs() {
+        fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, base, out);
+                } else {
+                    out.push(path.strip_prefix(base).unwrap().to_str().unwrap().to_owned());
+                }
+            }
+        }
+        for lang in [Lang::TypeScript, Lang::Python] {
+            let dir =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk").join(lang.sdk_dir_name()).join("template");
+            let mut on_disk = Vec::new();
+            walk(&dir, &dir, &mut on_disk);
+            on_disk.sort();
+            let mut embedded: Vec<&str> = lang.templates().iter().map(|t| t.path).collect();
+            embedded.sort();
+            assert_eq!(on_disk, embedded, "{}", dir.display());
+            for t in lang.templates() {
+                assert_eq!(std::fs::read_to_string(dir.join(t.path)).unwrap(), t.text, "{}", t.path);
+            }
+        }
+    }
+
+    #[test]
     fn write_creates_files_and_refuses_a_non_empty_dir() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("my-shop");
@@ -405,5 +820,19 @@ mod tests {
         let empty = tmp.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
         assert!(scaffold("my-shop").write(&empty).is_ok());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&dir.join("src/lib.rs")) & 0o111, 0, "not executable");
+            let py = tmp.path().join("py");
+            let written = scaffold_in(Lang::Python, "my-shop").write(&py).unwrap();
+            assert_eq!(written.len(), 6);
+            assert_eq!(mode(&py.join("build.sh")), 0o755);
+            assert_eq!(mode(&py.join("entity.py")) & 0o111, 0, "not executable");
+            let ts = tmp.path().join("ts");
+            scaffold_in(Lang::TypeScript, "my-shop").write(&ts).unwrap();
+            assert!(ts.join("src/entity.ts").is_file() && ts.join("test/entity.test.ts").is_file());
+        }
     }
 }

@@ -31,11 +31,11 @@ use std::pin::pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
-use wasmtime_wasi::p2::bindings::io::poll::{Host as AsyncPoll, HostPollable as AsyncPollable};
 use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView as _};
+use wasmtime_wasi::p2::bindings::io::poll::{Host as AsyncPoll, HostPollable as AsyncPollable};
 use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, io, random, sockets};
-use wasmtime_wasi::sockets::{WasiSockets, WasiSocketsView as _};
 use wasmtime_wasi::p2::{DynPollable, Pollable};
+use wasmtime_wasi::sockets::{WasiSockets, WasiSocketsView as _};
 use wasmtime_wasi::{HostMonotonicClock, WasiView};
 
 /// Largest `get-random-bytes` / `get-insecure-random-bytes` request: the host
