@@ -428,3 +428,41 @@ fn timers_idempotency_keys_and_messages_behave_the_same_in_every_language() {
         }
     });
 }
+
+/// A componentize-js instance grows about 1 KB per call however little the
+/// entity allocates (upstream: bytecodealliance/ComponentizeJS#279), and would
+/// trap `out-of-memory` after some 40,000 calls. The scheduler drops an
+/// instance that outgrew `scheduler.max_warm_instance_bytes` after its turn,
+/// so a hot TypeScript entity is re-instantiated now and then and no call
+/// ever fails.
+#[test]
+fn a_hot_typescript_entity_outgrowing_its_instance_never_fails_a_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path(), &[]);
+    deploy(&d, "counter", &polyglot_wasm("counter-ts"));
+    const CALLERS: usize = 16;
+    const ADDS: usize = 750;
+    rt().block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..CALLERS {
+            let mut c = d.client().await;
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..ADDS {
+                    call(&mut c, "counter", "hot", "add", "1").await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut c = d.client().await;
+        assert_eq!(call(&mut c, "counter", "hot", "get", "").await.unwrap(), json!(CALLERS * ADDS));
+    });
+    let metrics = ureq::get(format!("{}/metrics", d.url())).call().unwrap().body_mut().read_to_string().unwrap();
+    let outgrown: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("conflux_instances_outgrown_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("conflux_instances_outgrown_total");
+    assert!(outgrown >= 1, "{} calls should outgrow 16 MiB at least once: {outgrown}", CALLERS * ADDS);
+}

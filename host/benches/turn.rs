@@ -3,11 +3,15 @@
 //! code called natively through the SDK's harness, and a cold activation
 //! (instantiate from the pooling allocator + first turn); then the cost of the
 //! CPU limits (fuel, epoch deadline) on a warm turn and how long a runaway
-//! turn runs before it is stopped.
+//! turn runs before it is stopped; and the same counter written in Rust,
+//! TypeScript and Python side by side (warm turn, cold activation, and, printed
+//! once, component size, first compile and linear memory per warm instance).
 //!
-//! Run: `cargo bench -p conflux-host --bench turn`
+//! Run: `cargo bench -p conflux-host --bench turn` (the TypeScript and Python
+//! rows need `scripts/build-ts.sh` and `scripts/build-python.sh` first; without
+//! their components they are skipped with a note).
 
-use conflux_host::config::RuntimeConfig;
+use conflux_host::config::{RuntimeConfig, SchedulerConfig};
 use conflux_host::model::{EntityRef, Keyspace, Op, WriteSet, state_key};
 use conflux_host::runtime::{NoSlot, Runtime, TurnInput};
 use conflux_host::storage::{ApplyStore, MemStore, StateStore};
@@ -136,5 +140,70 @@ fn limits(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, turns, limits);
+/// The counter in each SDK's language: same operations, same `$self` JSON.
+fn languages(c: &mut Criterion) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
+    let polyglot = |name: &str| root.join("target/polyglot").join(format!("{name}.wasm"));
+    let components =
+        [("rust", guest_wasm("counter")), ("typescript", polyglot("counter-ts")), ("python", polyglot("counter-py"))];
+    let mut group = c.benchmark_group("counter by language");
+    group.sample_size(20);
+    for (language, path) in components {
+        let Ok(bytes) = std::fs::read(&path) else {
+            eprintln!(
+                "{language}: {} missing (scripts/build-ts.sh, build-python.sh build it): skipped",
+                path.display()
+            );
+            continue;
+        };
+        let cfg = RuntimeConfig { max_instances: 1000, ..Default::default() };
+        let runtime = Runtime::new(&cfg).unwrap();
+        let compiling = std::time::Instant::now();
+        let component = wasmtime::component::Component::new(runtime.engine(), &bytes).unwrap();
+        let compile = compiling.elapsed();
+        let prepared = runtime.prepare(&component).unwrap();
+        let entity = EntityRef::new("counter", "bench").unwrap();
+        let store = Arc::new(MemStore::new());
+        let seed = WriteSet {
+            ops: vec![Op::Put {
+                keyspace: Keyspace::State,
+                key: state_key(&entity, "$self"),
+                value: br#"{"total":41}"#.to_vec(),
+            }],
+        };
+        store.apply(&[(1, &seed)]).unwrap();
+        let store: Arc<dyn StateStore> = store;
+        let mut warm = block_on(runtime.instantiate(&prepared, &entity)).unwrap();
+        block_on(warm.run_turn(input(), store.clone(), None, Box::new(NoSlot))).unwrap();
+        eprintln!(
+            "{language}: component {:.1} MiB, first compile {:.1} s (one thread), warm instance {:.1} MiB of linear memory",
+            bytes.len() as f64 / (1 << 20) as f64,
+            compile.as_secs_f64(),
+            warm.memory_bytes() as f64 / (1 << 20) as f64
+        );
+        // As the scheduler does, an instance that outgrew the warm bound is
+        // replaced (componentize-js grows ~1 KB per call): its amortised
+        // re-instantiation is part of what a warm turn costs.
+        let warm_bound = SchedulerConfig::default().max_warm_instance_bytes as usize;
+        group.bench_function(format!("{language}: warm turn (add: get+set)"), |b| {
+            b.iter(|| {
+                let out = block_on(warm.run_turn(input(), store.clone(), None, Box::new(NoSlot))).unwrap();
+                assert_eq!(out.reply, b"42");
+                if warm.memory_bytes() > warm_bound {
+                    warm = block_on(runtime.instantiate(&prepared, &entity)).unwrap();
+                }
+            })
+        });
+        group.bench_function(format!("{language}: cold activation (instantiate + first turn)"), |b| {
+            b.iter(|| {
+                let mut i = block_on(runtime.instantiate(&prepared, &entity)).unwrap();
+                let out = block_on(i.run_turn(input(), store.clone(), None, Box::new(NoSlot))).unwrap();
+                assert_eq!(out.reply, b"42");
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, turns, limits, languages);
 criterion_main!(benches);

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub activations: IntCounter,
     /// Resident instances dropped to make room or because they were idle.
     pub evictions: IntCounter,
+    /// Instances dropped after a successful turn because they grew past
+    /// `scheduler.max_warm_instance_bytes`: a guest whose runtime leaks a
+    /// little per call (componentize-js does) is re-instantiated, not failed.
+    pub instances_outgrown: IntCounter,
     /// Traps by kind (`trap`, `out-of-fuel`, `timeout`, …).
     pub traps: IntCounterVec,
     /// Failed invocations by error kind (the API's `conflux-error-kind`).
@@ -206,6 +210,11 @@ impl Metrics {
             ),
             activations: counter(&r, "conflux_activations_total", "Entity instances created."),
             evictions: counter(&r, "conflux_evictions_total", "Resident instances evicted."),
+            instances_outgrown: counter(
+                &r,
+                "conflux_instances_outgrown_total",
+                "Instances dropped after their turn for holding more than scheduler.max_warm_instance_bytes.",
+            ),
             traps: counter_vec(&r, "conflux_traps_total", "Turns that trapped, by kind.", "kind"),
             errors: counter_vec(&r, "conflux_invocation_errors_total", "Failed invocations, by error kind.", "kind"),
             messages_delivered: counter(

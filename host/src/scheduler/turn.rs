@@ -766,9 +766,11 @@ impl Inner {
         // Only an instance whose turn is about to commit stays warm: a
         // failed turn's instance may remember what was not committed (and a
         // trapped one is unusable), and one that grew large gives its memory back.
-        let keep = out.is_ok()
-            && !r.instance.is_poisoned()
-            && r.instance.memory_bytes() as u64 <= self.cfg.max_warm_instance_bytes;
+        let outgrown = r.instance.memory_bytes() as u64 > self.cfg.max_warm_instance_bytes;
+        if outgrown && out.is_ok() {
+            crate::telemetry::metrics().instances_outgrown.inc();
+        }
+        let keep = out.is_ok() && !r.instance.is_poisoned() && !outgrown;
         if keep {
             batch.resident = Some(r);
         } else {
