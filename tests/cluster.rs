@@ -185,6 +185,64 @@ fn three_processes_serve_every_entity_from_every_node_through_a_hot_swap() {
     });
 }
 
+/// An 18 MB Python component (and a 12 MB TypeScript one) deployed through
+/// one member travels to the others outside the Raft log, compiles there off
+/// the hot path, and serves from every node; the Rust counter keeps serving
+/// through all three while they compile.
+#[test]
+fn interpreter_components_replicate_and_serve_from_every_member() {
+    let _one = one_cluster_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let cache = compile_cache_setting();
+    let cluster = Cluster::start_extra(root.path(), 3, &["--set", &cache]);
+    deploy(cluster.node(0), "counter", &guest_wasm("counter"));
+    let runtime = rt();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    runtime.block_on(async {
+        for i in 0..3 {
+            let mut c = cluster.node(i).client().await;
+            let stop = stop.clone();
+            load.push(tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                for k in 0..100_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match call(&mut c, "counter", &format!("c{}", k % 10), "add", "1").await {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e),
+                    }
+                }
+                (ok, failed)
+            }));
+        }
+    });
+    deploy(cluster.node(1), "counter_py", &polyglot_wasm("counter-py"));
+    deploy(cluster.node(2), "user", &polyglot_wasm("user-ts"));
+    stop.store(true, Ordering::Relaxed);
+    runtime.block_on(async {
+        let mut acked = 0;
+        for t in load {
+            let (ok, failed) = t.await.unwrap();
+            assert!(failed.is_empty(), "{} calls failed while members compiled, e.g. {:?}", failed.len(), failed[0]);
+            acked += ok;
+        }
+        assert!(acked > 0, "the Rust load ran");
+        for i in 0..3 {
+            let mut c = cluster.node(i).client().await;
+            assert_eq!(
+                call(&mut c, "counter_py", "p", "add", "1").await.unwrap(),
+                json!(i + 1),
+                "through node {}",
+                i + 1
+            );
+            let team = call(&mut c, "user", &format!("u{i}"), "join", "\"red\"").await.unwrap();
+            assert_eq!(team, json!("red"), "through node {}", i + 1);
+        }
+    });
+}
+
 async fn cluster_status(d: &Daemon) -> pb::StatusResponse {
     d.client().await.status(pb::StatusRequest {}).await.unwrap().into_inner()
 }

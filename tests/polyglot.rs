@@ -12,30 +12,15 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use support::*;
 use tonic::Code;
 
-/// A component built by `scripts/build-{ts,python}.sh`.
-fn polyglot_wasm(name: &str) -> PathBuf {
-    let path = workspace_root().join("target/polyglot").join(format!("{name}.wasm"));
-    assert!(
-        path.is_file(),
-        "{} missing: run scripts/build-ts.sh and scripts/build-python.sh (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
-
-fn cache_flag() -> String {
-    format!("runtime.compile_cache_dir={}", workspace_root().join("target/compile-cache").display())
-}
-
 fn daemon(dir: &Path, extra: &[&str]) -> Daemon {
-    let cache = cache_flag();
+    let cache = compile_cache_setting();
     let mut args = vec!["--set", cache.as_str()];
     args.extend_from_slice(extra);
     Daemon::start_with(dir, &args)

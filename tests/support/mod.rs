@@ -44,6 +44,24 @@ pub fn guest_wasm(package: &str) -> PathBuf {
     path
 }
 
+/// A TypeScript or Python component built by `scripts/build-ts.sh` or
+/// `scripts/build-python.sh` (`scripts/test.sh` runs both first).
+pub fn polyglot_wasm(name: &str) -> PathBuf {
+    let path = workspace_root().join("target/polyglot").join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} missing: run scripts/build-ts.sh and scripts/build-python.sh (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// `--set` value pointing nodes at one compiled-code cache for the whole test
+/// run, so a 12–18 MB interpreter component compiles once, not once per node.
+pub fn compile_cache_setting() -> String {
+    format!("runtime.compile_cache_dir={}", workspace_root().join("target/compile-cache").display())
+}
+
 /// `conflux serve` on a free 127.0.0.1 port with `data_dir` and `extra` flags.
 fn serve_command(data_dir: &Path, extra: &[&str]) -> Command {
     serve_command_at(data_dir, "127.0.0.1:0", extra)
