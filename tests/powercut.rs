@@ -15,10 +15,9 @@ mod support;
 use powercut_fs::{Names, PowercutMount};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use support::*;
-use tonic::Code;
 
 /// One test at a time: each loads the machine's cores, and a cluster's
 /// elections starve beside another test's load.
@@ -28,8 +27,6 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const ENTITIES: usize = 40;
-const CLIENTS: usize = 16;
 /// Snapshots, store persists and WAL purges happen often, so a cut can land
 /// around any of them.
 const COMPACT: &str = "log.compact_every_entries=300";
@@ -61,82 +58,6 @@ impl Drop for ShowLogsOnFailure {
                 }
             }
         }
-    }
-}
-
-/// Acknowledged and attempted adds per entity.
-struct Tally {
-    acked: Vec<AtomicU64>,
-    attempted: Vec<AtomicU64>,
-}
-
-impl Tally {
-    fn new() -> Arc<Tally> {
-        Arc::new(Tally {
-            acked: (0..ENTITIES).map(|_| AtomicU64::new(0)).collect(),
-            attempted: (0..ENTITIES).map(|_| AtomicU64::new(0)).collect(),
-        })
-    }
-
-    fn total_acked(&self) -> u64 {
-        self.acked.iter().map(|a| a.load(Ordering::SeqCst)).sum()
-    }
-}
-
-/// `CLIENTS` callers adding 1 to the `ENTITIES` counters through `addrs`
-/// (round robin) until `stop` or their first error (the cut).
-fn start_adds(
-    runtime: &tokio::runtime::Runtime,
-    addrs: &[String],
-    tally: &Arc<Tally>,
-    stop: &Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..CLIENTS)
-        .map(|client| {
-            let addr = addrs[client % addrs.len()].clone();
-            let (tally, stop) = (tally.clone(), stop.clone());
-            runtime.spawn(async move {
-                let mut c = conflux_client::connect(&addr).await.unwrap();
-                let mut i = client;
-                // Bounded: the flag, the first error, or 100k calls.
-                for _ in 0..100_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let e = i % ENTITIES;
-                    tally.attempted[e].fetch_add(1, Ordering::SeqCst);
-                    match call(&mut c, "counter", &format!("k{e}"), "add", "1").await {
-                        Ok(_) => {
-                            tally.acked[e].fetch_add(1, Ordering::SeqCst);
-                        }
-                        Err(_) => break,
-                    }
-                    i += 7;
-                }
-            })
-        })
-        .collect()
-}
-
-/// Reads every counter through `addr` (retrying while shards elect
-/// leaders) and checks it against the tally.
-async fn check_counters(addr: &str, tally: &Tally) {
-    let mut c = conflux_client::connect(addr).await.unwrap();
-    for e in 0..ENTITIES {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let got = loop {
-            match call(&mut c, "counter", &format!("k{e}"), "get", "").await {
-                Ok(v) => break v.as_u64().unwrap(),
-                Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(s) => panic!("reading k{e} after the power cut: {s:?}"),
-            }
-        };
-        let a = tally.acked[e].load(Ordering::SeqCst);
-        let t = tally.attempted[e].load(Ordering::SeqCst);
-        assert!(got >= a, "entity k{e}: {got} < {a} acknowledged adds — an acknowledged write was lost");
-        assert!(got <= t, "entity k{e}: {got} > {t} attempted adds — an add was applied twice");
     }
 }
 

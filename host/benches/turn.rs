@@ -34,6 +34,20 @@ fn guest_wasm(package: &str) -> PathBuf {
     target.join("wasm32-wasip2/release").join(format!("{package}.wasm"))
 }
 
+/// A store where the counter `entity` holds 41.
+fn seeded_store(entity: &EntityRef) -> Arc<dyn StateStore> {
+    let store = Arc::new(MemStore::new());
+    let seed = WriteSet {
+        ops: vec![Op::Put {
+            keyspace: Keyspace::State,
+            key: state_key(entity, "$self"),
+            value: br#"{"total":41}"#.to_vec(),
+        }],
+    };
+    store.apply(&[(1, &seed)]).unwrap();
+    store
+}
+
 fn input() -> TurnInput {
     TurnInput {
         operation: "add".into(),
@@ -52,16 +66,7 @@ fn turns(c: &mut Criterion) {
     let component = wasmtime::component::Component::new(runtime.engine(), &bytes).unwrap();
     let prepared = runtime.prepare(&component).unwrap();
     let entity = EntityRef::new("counter", "bench").unwrap();
-    let store = Arc::new(MemStore::new());
-    let seed = WriteSet {
-        ops: vec![Op::Put {
-            keyspace: Keyspace::State,
-            key: state_key(&entity, "$self"),
-            value: br#"{"total":41}"#.to_vec(),
-        }],
-    };
-    store.apply(&[(1, &seed)]).unwrap();
-    let store: Arc<dyn StateStore> = store;
+    let store = seeded_store(&entity);
 
     let mut warm = block_on(runtime.instantiate(&prepared, &entity)).unwrap();
     c.bench_function("warm turn: counter add (wasm, get+set)", |b| {
@@ -163,16 +168,7 @@ fn languages(c: &mut Criterion) {
         let compile = compiling.elapsed();
         let prepared = runtime.prepare(&component).unwrap();
         let entity = EntityRef::new("counter", "bench").unwrap();
-        let store = Arc::new(MemStore::new());
-        let seed = WriteSet {
-            ops: vec![Op::Put {
-                keyspace: Keyspace::State,
-                key: state_key(&entity, "$self"),
-                value: br#"{"total":41}"#.to_vec(),
-            }],
-        };
-        store.apply(&[(1, &seed)]).unwrap();
-        let store: Arc<dyn StateStore> = store;
+        let store = seeded_store(&entity);
         let mut warm = block_on(runtime.instantiate(&prepared, &entity)).unwrap();
         block_on(warm.run_turn(input(), store.clone(), None, Box::new(NoSlot))).unwrap();
         eprintln!(

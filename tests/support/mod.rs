@@ -6,8 +6,10 @@ use conflux_client::pb::{self, conflux_client::ConfluxClient};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tonic::Code;
 use tonic::transport::Channel;
 
 pub fn workspace_root() -> PathBuf {
@@ -409,4 +411,109 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0 % n
     }
+}
+
+/// Counters `k0…k39` that the crash tests add to.
+pub const TALLY_COUNTERS: usize = 40;
+/// Callers adding to them at once.
+pub const TALLY_CLIENTS: usize = 16;
+
+/// Acknowledged and attempted adds per entity.
+pub struct Tally {
+    pub acked: Vec<AtomicU64>,
+    pub attempted: Vec<AtomicU64>,
+}
+
+impl Tally {
+    pub fn new() -> Arc<Tally> {
+        Arc::new(Tally {
+            acked: (0..TALLY_COUNTERS).map(|_| AtomicU64::new(0)).collect(),
+            attempted: (0..TALLY_COUNTERS).map(|_| AtomicU64::new(0)).collect(),
+        })
+    }
+
+    pub fn total_acked(&self) -> u64 {
+        self.acked.iter().map(|a| a.load(Ordering::SeqCst)).sum()
+    }
+}
+
+/// `TALLY_CLIENTS` callers adding 1 to the `TALLY_COUNTERS` counters through `addrs`
+/// (round robin) until `stop` or their first error (the cut).
+pub fn start_adds(
+    runtime: &tokio::runtime::Runtime,
+    addrs: &[String],
+    tally: &Arc<Tally>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..TALLY_CLIENTS)
+        .map(|client| {
+            let addr = addrs[client % addrs.len()].clone();
+            let (tally, stop) = (tally.clone(), stop.clone());
+            runtime.spawn(async move {
+                let mut c = conflux_client::connect(&addr).await.unwrap();
+                let mut i = client;
+                // Bounded: the flag, the first error, or 100k calls.
+                for _ in 0..100_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let e = i % TALLY_COUNTERS;
+                    tally.attempted[e].fetch_add(1, Ordering::SeqCst);
+                    match call(&mut c, "counter", &format!("k{e}"), "add", "1").await {
+                        Ok(_) => {
+                            tally.acked[e].fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(_) => break,
+                    }
+                    i += 7;
+                }
+            })
+        })
+        .collect()
+}
+
+/// Reads every counter through `addr` (retrying while shards elect
+/// leaders) and checks it against the tally.
+pub async fn check_counters(addr: &str, tally: &Tally) {
+    let mut c = conflux_client::connect(addr).await.unwrap();
+    for e in 0..TALLY_COUNTERS {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let got = loop {
+            match call(&mut c, "counter", &format!("k{e}"), "get", "").await {
+                Ok(v) => break v.as_u64().unwrap(),
+                Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(s) => panic!("reading k{e} after the power cut: {s:?}"),
+            }
+        };
+        let a = tally.acked[e].load(Ordering::SeqCst);
+        let t = tally.attempted[e].load(Ordering::SeqCst);
+        assert!(got >= a, "entity k{e}: {got} < {a} acknowledged adds — an acknowledged write was lost");
+        assert!(got <= t, "entity k{e}: {got} > {t} attempted adds — an add was applied twice");
+    }
+}
+
+/// A counter component deployed on a fresh node gets `TALLY_CLIENTS` callers
+/// adding until the node is killed with `kill -9`; after a restart on the same
+/// directory, every counter holds at least its acknowledged adds and at most
+/// its attempted ones. `extra` goes to both `serve`s.
+pub fn kill_dash_nine_during_adds_loses_no_acknowledged_add(wasm: &Path, extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start_with(dir.path(), extra);
+    deploy(&d, "counter", wasm);
+    let (tally, stop) = (Tally::new(), Arc::new(AtomicBool::new(false)));
+    let runtime = rt();
+    let clients = start_adds(&runtime, std::slice::from_ref(&d.addr), &tally, &stop);
+    std::thread::sleep(Duration::from_millis(1500));
+    d.kill9();
+    stop.store(true, Ordering::Relaxed);
+    runtime.block_on(async {
+        for c in clients {
+            c.await.unwrap();
+        }
+    });
+    assert!(tally.total_acked() > 100, "the load did not get going: {} acks", tally.total_acked());
+    let d = Daemon::start_with(dir.path(), extra);
+    runtime.block_on(check_counters(&d.addr, &tally));
 }
