@@ -13,15 +13,24 @@ if cargo tree -p conflux-client -e normal | grep -E 'wasmtime|openraft|sled'; th
     echo "conflux-client depends on a daemon crate (above)" >&2
     exit 1
 fi
+echo "==> TypeScript and Python SDKs: native tests, then their components (target/polyglot), in the background"
+# Independent of cargo and of each other, and mostly single-threaded: they
+# run beside the Rust builds below, which leave a core idle in their serial
+# phases. Their output is shown once they are done.
+mkdir -p target/polyglot
+scripts/build-ts.sh >target/polyglot/build-ts.log 2>&1 & ts=$!
+scripts/build-python.sh >target/polyglot/build-python.log 2>&1 & py=$!
 echo "==> building guest components (wasm32-wasip2)"
 CARGO_TARGET_DIR=target/guests cargo build --release --target wasm32-wasip2 \
     -p counter -p team-joiner -p faulty -p escape -p no-handler -p unknown-imports \
     -p counter-v2 -p tally-v1 -p tally-v2 -p relay -p team -p bank -p lock -p blob -p raw-waits
-echo "==> TypeScript and Python SDKs: native tests, then their components (target/polyglot)"
-# Independent of each other and mostly single-threaded: run side by side.
-mkdir -p target/polyglot
-scripts/build-ts.sh >target/polyglot/build-ts.log 2>&1 & ts=$!
-scripts/build-python.sh >target/polyglot/build-python.log 2>&1 & py=$!
+echo "==> building everything, benchmarks and bench tools included (built, not run: they are not tests)"
+# One package selection for every host build: cargo unifies features per
+# selection, so `-p` subsets would each compile their own wasmtime. The
+# side-by-side suite (`cargo xtask bench-peers`) needs PostgreSQL, Node.js and
+# minutes of quiet machine: CI only makes sure it builds.
+cargo build --workspace --all-targets
+echo "==> TypeScript and Python SDKs (started above)"
 ts_rc=0; py_rc=0
 wait $ts || ts_rc=$?
 wait $py || py_rc=$?
@@ -30,11 +39,5 @@ if [ $ts_rc -ne 0 ] || [ $py_rc -ne 0 ]; then
     echo "the TypeScript ($ts_rc) or Python ($py_rc) SDK build failed (above)" >&2
     exit 1
 fi
-echo "==> building everything, benchmarks and bench tools included (built, not run: they are not tests)"
-# One package selection for every host build: cargo unifies features per
-# selection, so `-p` subsets would each compile their own wasmtime. The
-# side-by-side suite (`cargo xtask bench-peers`) needs PostgreSQL, Node.js and
-# minutes of quiet machine: CI only makes sure it builds.
-cargo build --workspace --all-targets
 echo "==> tests"
 cargo test --workspace "$@"

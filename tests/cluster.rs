@@ -185,10 +185,10 @@ fn three_processes_serve_every_entity_from_every_node_through_a_hot_swap() {
     });
 }
 
-/// An 18 MB Python component (and a 12 MB TypeScript one) deployed through
-/// one member travels to the others outside the Raft log, compiles there off
-/// the hot path, and serves from every node; the Rust counter keeps serving
-/// through all three while they compile.
+/// An 18 MB Python component (the largest of the interpreter guests) deployed
+/// through one member travels to the others outside the Raft log, compiles
+/// there off the hot path, and serves from every node; the Rust counter keeps
+/// serving through all three while they compile.
 #[test]
 fn interpreter_components_replicate_and_serve_from_every_member() {
     let _one = one_cluster_at_a_time();
@@ -219,7 +219,6 @@ fn interpreter_components_replicate_and_serve_from_every_member() {
         }
     });
     deploy(cluster.node(1), "counter_py", &polyglot_wasm("counter-py"));
-    deploy(cluster.node(2), "user", &polyglot_wasm("user-ts"));
     stop.store(true, Ordering::Relaxed);
     runtime.block_on(async {
         let mut acked = 0;
@@ -237,8 +236,6 @@ fn interpreter_components_replicate_and_serve_from_every_member() {
                 "through node {}",
                 i + 1
             );
-            let team = call(&mut c, "user", &format!("u{i}"), "join", "\"red\"").await.unwrap();
-            assert_eq!(team, json!("red"), "through node {}", i + 1);
         }
     });
 }

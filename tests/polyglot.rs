@@ -236,6 +236,10 @@ fn interpreter_guests_get_errors_not_access() {
     let d = daemon(dir.path(), &[]);
     deploy(&d, "escape_py", &polyglot_wasm("escape-py"));
     deploy(&d, "escape_ts", &polyglot_wasm("escape-ts"));
+    for ok in ["counter-ts", "counter-py", "user-ts", "user-py", "escape-ts", "escape-py", "timer-ts", "timer-py"] {
+        let bytes = std::fs::read(polyglot_wasm(ok)).unwrap();
+        conflux_host::registry::check_declared_imports(&bytes).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
     let out = d.cli(&["deploy", "http_ts", polyglot_wasm("http-ts").to_str().unwrap()]);
     assert!(!out.status.success(), "a component importing wasi:http was accepted");
     let err = stderr(&out);

@@ -390,6 +390,27 @@ fn the_runtime_cannot_link_a_forbidden_import() {
     assert!(e.to_string().contains("acme:evil/thing") || e.to_string().contains("wasi:http"), "{e}");
 }
 
+/// The allow-list is also read from the bytes before anything is compiled,
+/// so a refused upload costs no compile; a nested core module's imports (from
+/// its parent component) are not the host's business.
+#[test]
+fn imports_are_checked_before_compiling() {
+    use conflux_host::registry::{ValidationError, check_declared_imports};
+    let bytes = std::fs::read(guest_wasm("unknown-imports")).unwrap();
+    match check_declared_imports(&bytes) {
+        Err(ValidationError::ForbiddenImports(names)) => {
+            assert_eq!(names, ["acme:evil/thing", "wasi:http/outgoing-handler@1.0.0"], "exactly the refused ones")
+        }
+        other => panic!("expected the forbidden imports, got {other:?}"),
+    }
+    for ok in ["counter", "escape", "relay"] {
+        check_declared_imports(&std::fs::read(guest_wasm(ok)).unwrap()).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    let counter = std::fs::read(guest_wasm("counter")).unwrap();
+    let e = check_declared_imports(&counter[..counter.len() / 2]).unwrap_err();
+    assert!(e.to_string().contains("not a valid component"), "{e}");
+}
+
 /// A guest may import `wasi:filesystem`, `wasi:cli/environment` and
 /// `wasi:sockets` (Rust's std does, and so do the TypeScript and Python
 /// interpreters), but nothing stands behind them: no directory is preopened,

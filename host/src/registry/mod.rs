@@ -45,7 +45,7 @@ use std::sync::{Arc, RwLock};
 use components::{background_compile, publish};
 use propagation::Propagated;
 pub use propagation::{ComponentChunk, ComponentPeers, FETCH_CHUNK_BYTES, LOADING_WAIT, Propagation};
-pub use validate::ValidationError;
+pub use validate::{ValidationError, check_declared_imports};
 pub use versions::{ActivateOutcome, CanaryRecord, DeployOutcome, MAX_CANARY_IDS, TypeRecord, VersionRecord};
 
 #[derive(Debug, thiserror::Error)]
@@ -361,6 +361,7 @@ impl Registry {
             return Err(RegistryError::TooLarge { size: bytes.len(), limit: self.cfg.max_component_bytes });
         }
         validate::check_header(bytes)?;
+        validate::check_declared_imports(bytes)?;
         Ok(hex::encode(Sha256::digest(bytes)))
     }
 
