@@ -137,6 +137,7 @@ pub struct RuntimeConfig {
     /// node still compiles each component once (the registry keeps the result
     /// in its data directory), but a fresh node compiles everything again —
     /// about 20 s for a 12–18 MB TypeScript or Python component on one core.
+    /// Bounded by wasmtime's cache cleanup (512 MiB, 65,536 files: oldest go).
     pub compile_cache_dir: Option<std::path::PathBuf>,
 }
 

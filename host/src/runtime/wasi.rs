@@ -22,6 +22,11 @@
 //! block here (stdin is closed, stdout/stderr accept every write at once) and
 //! their allocations are bounded (random bytes by `MAX_RANDOM_BYTES`, stream
 //! writes by `check-write`, resources by the instance's table capacity).
+//! `wasi:filesystem` and `wasi:sockets` are among them because Rust's std and
+//! the TypeScript and Python interpreters import them, but nothing stands
+//! behind them: the context preopens no directory (so no descriptor can be
+//! had) and allows no TCP, UDP or name lookup (so every socket is refused
+//! with `access-denied` before one exists); neither can block or do I/O.
 
 use super::{HostState, TrapKind};
 use futures::future::BoxFuture;
