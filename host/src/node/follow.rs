@@ -65,9 +65,9 @@ pub(super) async fn follow_meta(
     let mut dialled = founders.clone();
     let mut registry_loaded = true;
     loop {
-        let (applied, membership) = {
+        let (applied, membership, last_log) = {
             let m = metrics.borrow_and_update();
-            (m.last_applied.map(|id| id.index), m.membership_config.log_id().map(|id| id.index))
+            (m.last_applied.map(|id| id.index), m.membership_config.log_id().map(|id| id.index), m.last_log_index)
         };
         if (applied, membership) != seen {
             seen = (applied, membership);
@@ -114,6 +114,12 @@ pub(super) async fn follow_meta(
             registry_loaded = refreshed;
             if votes && refreshed && !member.ready.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 tracing::info!("caught up with the metadata group: ready for replicas");
+            }
+            // Every record this replica holds is applied and loaded: an
+            // unknown type is unknown (a learner, which never votes, gets
+            // there by applying its whole log).
+            if refreshed && (member.ready.load(std::sync::atomic::Ordering::SeqCst) || applied >= last_log) {
+                registry.set_synced(true);
             }
         }
         if registry_loaded {

@@ -439,6 +439,9 @@ impl Node {
             Arc::new(m.clone()),
             c.driver.clone(),
         );
+        // Until the metadata replica has caught up, a type this node does
+        // not know may exist: `follow_meta` says when it has.
+        self.registry.set_synced(false);
         let watchers = [
             tokio::spawn(follow_meta(m.clone(), c.initial.clone(), c.peers.clone(), self.registry.clone())),
             tokio::spawn(driver.run()),
@@ -619,6 +622,7 @@ mod tests {
             target: EntityRef::new("account", "a2").unwrap(),
             operation: "credit".into(),
             payload: b"5".to_vec(),
+            kind: crate::model::MessageKind::Send,
         };
         let node = Node::open(cfg.clone()).await.unwrap();
         let put = Op::Put { keyspace: Keyspace::Outbox, key: outbox_key(&sender, 7), value: message.encode() };

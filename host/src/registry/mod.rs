@@ -134,6 +134,12 @@ pub struct Registry {
     types: RwLock<BTreeMap<String, TypeState>>,
     /// Deploys are serialised so version numbers are assigned without races.
     deploy_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Whether the store holds every record the metadata group committed. A
+    /// member that restarted re-applies its metadata log after the API is up
+    /// (after a power cut, records not yet flushed are missing until then):
+    /// meanwhile a type it does not know may exist, so it is `Loading`
+    /// (retryable), never `UnknownType`.
+    synced: std::sync::atomic::AtomicBool,
 }
 
 const TYPE_KEY_PREFIX: &str = "type/";
@@ -181,6 +187,7 @@ impl Registry {
             artifacts_dir,
             types: RwLock::new(BTreeMap::new()),
             deploy_lock: Arc::new(tokio::sync::Mutex::new(())),
+            synced: std::sync::atomic::AtomicBool::new(true),
         };
         // Nobody else holds the registry yet, so no deploy can race the load.
         match reg.refresh_locked() {
@@ -266,8 +273,18 @@ impl Registry {
     fn not_loaded(&self, type_name: &str) -> RegistryError {
         match self.store.get(Keyspace::Registry, &type_key(type_name)) {
             Ok(Some(_)) => RegistryError::Loading { name: type_name.to_owned() },
+            _ if !self.synced.load(std::sync::atomic::Ordering::Acquire) => {
+                RegistryError::Loading { name: type_name.to_owned() }
+            }
             _ => RegistryError::UnknownType(type_name.to_owned()),
         }
+    }
+
+    /// Says whether the store holds everything the metadata group committed
+    /// (see `synced`). A registry opens synced; a cluster member clears it
+    /// until its metadata replica has caught up.
+    pub fn set_synced(&self, synced: bool) {
+        self.synced.store(synced, std::sync::atomic::Ordering::Release);
     }
 
     /// Loads what the store records that is not loaded yet: every type at

@@ -332,3 +332,19 @@ async fn a_spinning_turn_yields_its_thread_at_every_tick() {
     assert!(text(&spun).starts_with("error timeout"), "{}", text(&spun));
     assert!(woke_during_the_turn, "the timer's task waited for the spinning turn to end");
 }
+
+/// A member whose metadata replica has not caught up (after a power cut it
+/// re-applies the registry's records after the API is up) may not know a
+/// type that exists: the call is retryable (`component-loading`), not
+/// `unknown-type`, until the registry is synced.
+#[tokio::test]
+async fn an_unknown_type_is_loading_until_the_registry_has_caught_up() {
+    let h = Harness::new(Config::default(), &[("counter", "counter")]).await;
+    let registry = &h.scheduler.inner.registry;
+    let ghost = EntityRef::new("ghost", "g").unwrap();
+    registry.set_synced(false);
+    assert!(matches!(registry.version_for(&ghost), Err(crate::registry::RegistryError::Loading { .. })));
+    assert!(registry.version_for(&counter("c")).is_ok(), "a loaded type is served meanwhile");
+    registry.set_synced(true);
+    assert!(matches!(registry.version_for(&ghost), Err(crate::registry::RegistryError::UnknownType(_))));
+}
