@@ -22,8 +22,12 @@ scripts/build-ts.sh >target/polyglot/build-ts.log 2>&1 & ts=$!
 scripts/build-python.sh >target/polyglot/build-python.log 2>&1 & py=$!
 echo "==> building guest components (wasm32-wasip2)"
 CARGO_TARGET_DIR=target/guests cargo build --release --target wasm32-wasip2 \
-    -p counter -p team-joiner -p faulty -p escape -p no-handler -p unknown-imports \
-    -p counter-v2 -p tally-v1 -p tally-v2 -p relay -p team -p bank -p lock -p blob -p raw-waits
+    -p counter -p team -p faulty -p escape -p no-handler -p unknown-imports \
+    -p counter-v2 -p tally-v1 -p tally-v2 -p relay -p asker -p bank -p lock -p blob -p raw-waits
+# Apart: team-joiner uses team's typed client, building team as a dependency
+# with feature `client` (no handler export) into a component of the same file
+# name as team's own (tests/support's guest_target_dir).
+CARGO_TARGET_DIR=target/guests-clients cargo build --release --target wasm32-wasip2 -p team-joiner
 echo "==> building everything, benchmarks and bench tools included (built, not run: they are not tests)"
 # One package selection for every host build: cargo unifies features per
 # selection, so `-p` subsets would each compile their own wasmtime. The

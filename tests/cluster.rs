@@ -1223,3 +1223,85 @@ fn total_of(v: Value) -> Value {
 fn cluster_status_blocking(runtime: &tokio::runtime::Runtime, d: &Daemon) -> pb::StatusResponse {
     runtime.block_on(cluster_status(d))
 }
+
+/// Asks between entities whose shards are led by different members: a member
+/// is killed with -9 while asks are made and answered (it leads some askers'
+/// and some callees' shards), then restarted. Counted by state: every
+/// acknowledged ask's continuation ran exactly once, and no continuation ran
+/// for an ask that was not answered exactly once.
+#[test]
+fn asks_across_members_get_exactly_one_continuation_each_through_a_kill_dash_nine() {
+    let _one = one_cluster_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path(), 3);
+    deploy(cluster.node(0), "a", &guest_wasm("asker"));
+    deploy(cluster.node(0), "b", &guest_wasm("asker"));
+    const ASKERS: usize = 6;
+    let runtime = rt();
+    let ask_round = |cluster: &Cluster, via: usize, round: usize| {
+        let url = cluster.node(via).url();
+        runtime.block_on(async move {
+            let mut acked = Vec::new();
+            let mut c = conflux_client::connect(&url).await.unwrap();
+            for a in 0..ASKERS {
+                let req = json!({"target": format!("b/{}", (a + round) % ASKERS), "operation": "echo",
+                                 "payload": round, "count": 3});
+                match call(&mut c, "a", &a.to_string(), "ask_for", &req.to_string()).await {
+                    Ok(ids) => acked.push((a, serde_json::from_value::<Vec<String>>(ids).unwrap())),
+                    Err(e) => eprintln!("ask through node {} failed (may or may not have committed): {e}", via + 1),
+                }
+            }
+            acked
+        })
+    };
+    let mut acked = Vec::new();
+    for round in 0..3 {
+        acked.extend(ask_round(&cluster, round % 3, round));
+    }
+    cluster.kill9(0);
+    for round in 3..6 {
+        acked.extend(ask_round(&cluster, 1 + round % 2, round));
+    }
+    cluster.restart(0);
+    for round in 6..8 {
+        acked.extend(ask_round(&cluster, round % 3, round));
+    }
+    runtime.block_on(async {
+        let mut c = cluster.node(1).client().await;
+        let mut want: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for (a, ids) in &acked {
+            want.entry(*a).or_default().extend(ids.iter().cloned());
+        }
+        // Settled: no outbox anywhere holds an ask or a reply.
+        eventually(120, "every reply delivered", async || {
+            let mut done = true;
+            for i in 0..3 {
+                let s = cluster_status(cluster.node(i)).await;
+                done &= s.outbox_messages == 0;
+            }
+            done.then_some(())
+        })
+        .await;
+        let mut continuations = 0u64;
+        for a in 0..ASKERS {
+            let got = call(&mut c, "a", &a.to_string(), "replies", "").await.unwrap();
+            let mut seen: Vec<String> =
+                got.as_array().unwrap().iter().map(|g| g["ask_id"].as_str().unwrap().to_owned()).collect();
+            seen.sort();
+            let unique: std::collections::BTreeSet<&String> = seen.iter().collect();
+            assert_eq!(unique.len(), seen.len(), "a/{a}: a continuation ran twice: {seen:?}");
+            for id in want.get(&a).into_iter().flatten() {
+                assert!(unique.contains(id), "a/{a}: acknowledged ask {id} got no continuation");
+            }
+            assert!(got.as_array().unwrap().iter().all(|g| g["error"].is_null()), "a/{a}: {got}");
+            continuations += seen.len() as u64;
+        }
+        let mut answered = 0u64;
+        for b in 0..ASKERS {
+            answered += call(&mut c, "b", &b.to_string(), "answered", "").await.unwrap().as_u64().unwrap();
+        }
+        assert_eq!(continuations, answered, "one continuation per answered ask");
+        let acked_asks: usize = want.values().map(Vec::len).sum();
+        assert!(continuations as usize >= acked_asks && acked_asks > 0);
+    });
+}

@@ -47,6 +47,7 @@ fn an_evicted_instance_leaves_its_slot_holding_only_the_pages_its_guest_touched(
         caller: None,
         now_ms: 0,
         next_seq: 0,
+        reply: None,
     };
     // All alive at once, so each holds a slot of its own.
     let mut warm: Vec<_> = (0..N)

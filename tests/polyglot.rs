@@ -110,8 +110,12 @@ fn the_team_joiner_race_is_fixed_across_languages() {
                 }
             }
             assert_eq!(winners.len(), 1, "{pair}: exactly one join must win: {winners:?}");
+            // A Rust user is on its team once the team accepted its ask.
             let mut c = d.client().await;
-            assert_eq!(call(&mut c, "user", &user, "team", "").await.unwrap(), json!(winners[0]), "{pair}");
+            eventually(30, "the user on its team", async || {
+                (call(&mut c, "user", &user, "team", "").await.unwrap() == json!(winners[0])).then_some(())
+            })
+            .await;
             let winner = winners[0].clone();
             let members = eventually(30, "the add_member message", async || {
                 let m = call(&mut c, "team", &winner, "members", "").await.unwrap();

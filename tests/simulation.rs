@@ -982,6 +982,7 @@ fn a_deposed_leader_neither_reads_nor_refuses_from_its_stale_store() {
             caller: None,
             idempotency_key: None,
             message_seq: None,
+            kind: conflux_host::model::MessageKind::Send,
         };
         let broke = r#"{"to": "a1", "amount": 50}"#;
 
@@ -1121,6 +1122,7 @@ fn plain_invocation(entity: (&str, &str), op: &str, payload: String) -> conflux_
         caller: None,
         idempotency_key: None,
         message_seq: None,
+        kind: conflux_host::model::MessageKind::Send,
     }
 }
 
@@ -1213,6 +1215,7 @@ fn undecodable_and_unfireable_timers_do_not_starve_the_ones_behind_them() {
                 target: target.clone(),
                 operation: "add".into(),
                 payload: b"100".to_vec(),
+                kind: conflux_host::model::MessageKind::Send,
             };
             ops.push(Op::Put { keyspace: Keyspace::Timers, key: timer_due_key(2, &elsewhere, seq), value: m.encode() });
             ops.push(Op::Put {

@@ -56,6 +56,7 @@ fn input() -> TurnInput {
         caller: None,
         now_ms: 0,
         next_seq: 0,
+        reply: None,
     }
 }
 

@@ -124,10 +124,15 @@ pub enum Keyspace {
     Idempotency = 7,
     /// Messages that could not be delivered: [`dead_letter_key`] → [`DeadLetter`].
     DeadLetters = 8,
+    /// An entity's asks still waiting for their reply: [`ask_key`] → [`PendingAsk`].
+    /// A reply is processed only while its ask is here, and processing it
+    /// removes it: that makes the continuation run once per ask, whichever
+    /// comes first of the reply, a failure report and the timeout.
+    Asks = 9,
 }
 
 impl Keyspace {
-    pub const ALL: [Keyspace; 8] = [
+    pub const ALL: [Keyspace; 9] = [
         Keyspace::State,
         Keyspace::Registry,
         Keyspace::EntityMeta,
@@ -136,6 +141,7 @@ impl Keyspace {
         Keyspace::Inbox,
         Keyspace::Idempotency,
         Keyspace::DeadLetters,
+        Keyspace::Asks,
     ];
 
     pub fn as_byte(self) -> u8 {
@@ -248,7 +254,7 @@ pub fn entity_prefix(entity: &EntityRef) -> Vec<u8> {
 pub fn entity_of_key(keyspace: Keyspace, key: &[u8]) -> Option<(&str, &str)> {
     let offset = match keyspace {
         Keyspace::Registry => return None,
-        Keyspace::State | Keyspace::EntityMeta | Keyspace::Outbox | Keyspace::Inbox => 0,
+        Keyspace::State | Keyspace::EntityMeta | Keyspace::Outbox | Keyspace::Inbox | Keyspace::Asks => 0,
         Keyspace::DeadLetters => 8,
         Keyspace::Timers => match key.first()? {
             b'd' => 9,
@@ -336,14 +342,90 @@ pub struct Message {
     pub target: EntityRef,
     pub operation: String,
     pub payload: Vec<u8>,
+    /// Last, so that a record written before kinds existed decodes as a `Send`.
+    pub kind: MessageKind,
+}
+
+/// What a message asks of its receiver besides running its operation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MessageKind {
+    /// One-way: the receiver's answer is discarded.
+    #[default]
+    Send,
+    /// An ask: the receiver's answer (or refusal) goes back to the sender as a
+    /// `Reply` committed with the receiver's turn.
+    Ask,
+    /// The answer to the receiver's ask `ask_seq` (the ask's sequence in the
+    /// receiver's own outbox). Its operation is empty: the receiver's
+    /// [`PendingAsk`] names the continuation it runs.
+    Reply { ask_seq: u64, outcome: Result<Vec<u8>, AskFailure> },
+}
+
+/// Why an ask got no value back (WIT `ask-error`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AskFailure {
+    /// The callee's operation returned this error.
+    Refused { kind: RefusalKind, message: String },
+    /// The ask's timeout passed first.
+    TimedOut,
+    /// The ask could not be processed (unknown type, a callee that kept trapping).
+    Undeliverable(String),
+}
+
+/// Which WIT `call-error` a callee returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalKind {
+    BadRequest,
+    UnknownOperation,
+    Failed,
+}
+
+impl fmt::Display for AskFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AskFailure::Refused { kind, message } => write!(f, "refused ({kind:?}): {message}"),
+            AskFailure::TimedOut => f.write_str("timed out"),
+            AskFailure::Undeliverable(why) => write!(f, "undeliverable: {why}"),
+        }
+    }
+}
+
+/// A [`Message`] as written before [`MessageKind`] existed.
+#[derive(Deserialize)]
+struct MessageV1 {
+    sender: EntityRef,
+    seq: u64,
+    target: EntityRef,
+    operation: String,
+    payload: Vec<u8>,
+}
+
+impl From<MessageV1> for Message {
+    fn from(m: MessageV1) -> Self {
+        Message {
+            sender: m.sender,
+            seq: m.seq,
+            target: m.target,
+            operation: m.operation,
+            payload: m.payload,
+            kind: MessageKind::Send,
+        }
+    }
 }
 
 impl Record for Message {
     const WHAT: &str = "message";
+
+    fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
+        // A record written before kinds existed ends where `kind` would start.
+        postcard::from_bytes::<Message>(bytes)
+            .or_else(|_| postcard::from_bytes::<MessageV1>(bytes).map(Message::from))
+            .map_err(|e| ModelError::Corrupt(format!("{}: {e}", Self::WHAT)))
+    }
 }
 
 /// A message given up on, with why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
     pub message: Message,
     pub reason: String,
@@ -351,8 +433,90 @@ pub struct DeadLetter {
     pub at_ms: u64,
 }
 
-impl Record for DeadLetter {
-    const WHAT: &str = "dead letter";
+/// How a [`DeadLetter`] is stored: the message's kind goes last, after the
+/// fields a letter written before kinds existed ends with.
+#[derive(Serialize, Deserialize)]
+struct DeadLetterWire {
+    sender: EntityRef,
+    seq: u64,
+    target: EntityRef,
+    operation: String,
+    payload: Vec<u8>,
+    reason: String,
+    attempts: u32,
+    at_ms: u64,
+    kind: Option<MessageKind>,
+}
+
+impl DeadLetter {
+    pub fn encode(&self) -> Vec<u8> {
+        let m = self.message.clone();
+        let wire = DeadLetterWire {
+            sender: m.sender,
+            seq: m.seq,
+            target: m.target,
+            operation: m.operation,
+            payload: m.payload,
+            reason: self.reason.clone(),
+            attempts: self.attempts,
+            at_ms: self.at_ms,
+            kind: Some(m.kind),
+        };
+        postcard::to_allocvec(&wire).expect("host records always serialise")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
+        #[derive(Deserialize)]
+        struct V1 {
+            message: MessageV1,
+            reason: String,
+            attempts: u32,
+            at_ms: u64,
+        }
+        let wire = match postcard::from_bytes::<DeadLetterWire>(bytes) {
+            Ok(w) => w,
+            Err(_) => {
+                let v1 =
+                    postcard::from_bytes::<V1>(bytes).map_err(|e| ModelError::Corrupt(format!("dead letter: {e}")))?;
+                return Ok(DeadLetter {
+                    message: v1.message.into(),
+                    reason: v1.reason,
+                    attempts: v1.attempts,
+                    at_ms: v1.at_ms,
+                });
+            }
+        };
+        Ok(DeadLetter {
+            message: Message {
+                sender: wire.sender,
+                seq: wire.seq,
+                target: wire.target,
+                operation: wire.operation,
+                payload: wire.payload,
+                kind: wire.kind.unwrap_or_default(),
+            },
+            reason: wire.reason,
+            attempts: wire.attempts,
+            at_ms: wire.at_ms,
+        })
+    }
+}
+
+/// An ask waiting for its reply, kept by the asking entity ([`Keyspace::Asks`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingAsk {
+    /// Who was asked.
+    pub callee: EntityRef,
+    /// The operation of the asking entity its reply runs.
+    pub continuation: String,
+    /// The caller's bytes, handed to the continuation unchanged.
+    pub context: Vec<u8>,
+    /// The timeout's timer in the asker's timers: its sequence and due time.
+    pub timer: Option<(u64, u64)>,
+}
+
+impl Record for PendingAsk {
+    const WHAT: &str = "pending ask";
 }
 
 /// A stored reply of an idempotent invocation.
@@ -410,6 +574,11 @@ pub fn outbox_key(sender: &EntityRef, seq: u64) -> Vec<u8> {
 /// The sequence at the end of an outbox, timer-id or dead-letter key.
 pub fn seq_of_key(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.get(key.len().checked_sub(8)?..)?.try_into().ok()?))
+}
+
+/// [`Keyspace::Asks`] key: `asker \0 id \0 ask-seq(be)`.
+pub fn ask_key(asker: &EntityRef, ask_seq: u64) -> Vec<u8> {
+    outbox_key(asker, ask_seq)
 }
 
 /// [`Keyspace::Timers`] key ordered by due time: `d due(be) sender \0 id \0 seq(be)`.

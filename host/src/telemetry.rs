@@ -62,6 +62,9 @@ pub struct Metrics {
     /// Messages delivered from outboxes, and dead-lettered.
     pub messages_delivered: IntCounter,
     pub dead_letters: IntCounter,
+    /// Replies that found their ask already settled (a reply after the ask's
+    /// timeout fired, or the timeout after the reply): dropped, not run.
+    pub ask_replies_dropped: IntCounter,
     gauges: Gauges,
 }
 
@@ -223,6 +226,11 @@ impl Metrics {
                 "Outbox messages delivered (or answered as duplicates).",
             ),
             dead_letters: counter(&r, "conflux_dead_letters_total", "Outbox messages dead-lettered."),
+            ask_replies_dropped: counter(
+                &r,
+                "conflux_ask_replies_dropped_total",
+                "Replies (or timeouts) that arrived after their ask was settled, dropped.",
+            ),
             gauges,
             registry: r,
         }

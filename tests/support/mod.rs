@@ -22,13 +22,21 @@ pub fn conflux_bin() -> PathBuf {
 
 static GUEST_BUILD: Mutex<()> = Mutex::new(());
 
+/// Where `package` is built (under `target/`). A crate that uses another entity
+/// crate's typed client builds it as a dependency with feature `client`, whose
+/// component has the same file name as the callee's own: it builds apart, so
+/// the callee's component is never overwritten (`scripts/test.sh` does the same).
+pub fn guest_target_dir(package: &str) -> &'static str {
+    if package == "team-joiner" { "guests-clients" } else { "guests" }
+}
+
 /// Builds the guest crate `package` for wasm32-wasip2 (once; later calls are
 /// no-ops for cargo) and returns the component's path. A separate target dir
 /// keeps this from waiting on the lock of the `cargo test` that runs us.
 pub fn guest_wasm(package: &str) -> PathBuf {
     let _g = GUEST_BUILD.lock().unwrap_or_else(|p| p.into_inner());
     let root = workspace_root();
-    let target = root.join("target").join("guests");
+    let target = root.join("target").join(guest_target_dir(package));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let out = Command::new(cargo)
         .current_dir(&root)

@@ -60,7 +60,9 @@
 //! Generic and `async` methods are rejected at compile time.
 //!
 //! **Only one `#[entity]` per crate**: a crate compiles to one component exporting one
-//! handler, so a second `#[entity]` fails to link on `wasm32` (duplicate export).
+//! handler, so a second `#[entity]` fails to link on `wasm32` (duplicate export). To
+//! address another entity type with its typed client, depend on its crate with
+//! feature `client` (see "Asking other entities").
 //!
 //! The user crate must depend on `conflux-sdk` under that name (the macro refers to
 //! `::conflux_sdk`), plus `serde` for the derives. Set `crate-type = ["cdylib", "rlib"]`.
@@ -149,6 +151,65 @@
 //! --dry-run` runs a new version's migration against existing entities without
 //! committing anything.
 //!
+//! # Asking other entities
+//!
+//! A turn never waits for another entity. To use an answer, *ask*: the ask is a
+//! message committed with the turn, and the callee's reply (or its error, a
+//! timeout, a failure to deliver) runs a `#[continuation]` of the asker later, as
+//! a turn of its own, effectively once per ask. `#[entity]` generates a typed
+//! client per entity, `Type::ask(id).operation(&arg)`, and a constant per
+//! continuation (`on_done` → `Self::ON_DONE`) that `then` takes:
+//!
+//! ```
+//! use conflux_sdk::prelude::*;
+//! use conflux_sdk::testing::TestHarness;
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! pub struct Counter { total: i64 }
+//!
+//! #[entity]
+//! impl Counter {
+//!     pub fn add(&mut self, n: i64) -> i64 { self.total += n; self.total }
+//! }
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! pub struct Auditor { seen: Vec<i64> }
+//!
+//! #[entity]
+//! impl Auditor {
+//!     pub fn bump(&mut self, id: String) -> Result<AskId, Error> {
+//!         Counter::ask(id).add(&1).context("bump").then(Self::ON_ADDED)
+//!     }
+//!
+//!     #[continuation]
+//!     pub fn on_added(&mut self, reply: Result<i64, AskError>, ask: AskContext) -> Result<(), Error> {
+//!         assert_eq!(ask.context::<String>()?, "bump");
+//!         self.seen.push(reply?);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let mut auditor = TestHarness::new("auditor", "a");
+//! let mut counter = TestHarness::new("counter", "c");
+//! let id = auditor.call::<Auditor, _, AskId>("bump", "c")?;
+//! assert_eq!(auditor.asks()[0].operation, "add");
+//! auditor.answer::<Auditor, Counter>(&id, &mut counter)?; // runs `add` on `counter`, then `on_added`
+//! assert_eq!(auditor.entity::<Auditor>().seen, [1]);
+//! assert!(auditor.asks().is_empty());
+//! // A continuation runs only for a reply.
+//! assert!(matches!(auditor.invoke::<Auditor>("on_added", b""), Err(Error::BadRequest(_))));
+//! # Ok::<(), conflux_sdk::Error>(())
+//! ```
+//!
+//! A continuation takes the reply as `Result<T, AskError>` — `T` the callee
+//! operation's reply type; [`AskError`](messaging::AskError) is the callee's
+//! refusal (its `Error`), a timeout ([`Ask::timeout`](messaging::Ask::timeout)),
+//! an undeliverable ask, or a reply that does not parse — and optionally an
+//! [`AskContext`](messaging::AskContext). To use another crate's typed client,
+//! depend on it with its feature `client` (the callee crate declares
+//! `[features] client = []`): its handler export then stays out of your
+//! component. Only one `#[entity]` exports per component.
+//!
 //! # Building
 //!
 //! ```text
@@ -184,7 +245,7 @@ mod sys;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
-pub use conflux_sdk_macros::{entity, migrate};
+pub use conflux_sdk_macros::{continuation, entity, migrate};
 pub use entity_ref::EntityRef;
 pub use error::Error;
 pub use serde;
@@ -216,8 +277,8 @@ pub trait Entity: Default + serde::Serialize + serde::de::DeserializeOwned {
 
 /// Everything an entity crate usually needs: `use conflux_sdk::prelude::*;`.
 pub mod prelude {
-    pub use crate::messaging::{self, TimerId};
-    pub use crate::{EntityRef, Error, context, entity, log, migrate, state};
+    pub use crate::messaging::{self, AskContext, AskError, AskId, TimerId};
+    pub use crate::{EntityRef, Error, context, continuation, entity, log, migrate, state};
     pub use serde::{Deserialize, Serialize};
 }
 
@@ -230,6 +291,16 @@ pub mod __private {
     use crate::{Error, SELF_KEY, state};
 
     pub use wit_bindgen;
+
+    /// The typed reply and ask context of a continuation turn; a bad request
+    /// when `op` was called other than by a reply.
+    pub fn continuation_input<R: crate::messaging::FromReply>(
+        op: &str,
+    ) -> Result<(R, crate::messaging::AskContext), Error> {
+        let reply = crate::messaging::reply()
+            .ok_or_else(|| Error::bad_request(format!("'{op}' is a continuation: only the reply to an ask runs it")))?;
+        Ok((R::from_reply(reply.outcome), reply.ask))
+    }
 
     /// Parses the operation's argument; an empty payload is JSON `null`.
     pub fn parse_payload<A: DeserializeOwned>(op: &str, payload: &[u8]) -> Result<A, Error> {

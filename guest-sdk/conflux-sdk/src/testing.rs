@@ -14,8 +14,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::log::Level;
-use crate::messaging::TimerId;
-use crate::sys::native::{self, Sent, Turn};
+use crate::messaging::{AskContext, AskError, AskId, RawReply, TimerId};
+use crate::sys::native::{self, Asked, Sent, Turn};
 use crate::{Entity, EntityRef, Error, SELF_KEY};
 
 /// One line logged by the entity during a harness call.
@@ -57,6 +57,45 @@ fn sent_message(s: Sent) -> SentMessage {
     }
 }
 
+/// An ask an entity made (committed) that has had no reply yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingAsk {
+    /// Its id, as `then` returned it.
+    pub id: AskId,
+    /// The callee.
+    pub target: EntityRef,
+    /// The operation asked for.
+    pub operation: String,
+    /// Its payload (JSON when built with [`crate::messaging::ask`] or a typed client).
+    pub payload: Vec<u8>,
+    /// The operation of this entity its reply runs.
+    pub continuation: String,
+    /// The context the continuation gets back.
+    pub context: Vec<u8>,
+    /// Its timeout in milliseconds, if it has one.
+    pub timeout_ms: Option<u64>,
+}
+
+impl PendingAsk {
+    /// The payload parsed as JSON `T`. Panics if it is not (this is a test helper).
+    pub fn arg<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.payload)
+            .unwrap_or_else(|e| panic!("payload of ask '{}' is not valid JSON for the type: {e}", self.operation))
+    }
+}
+
+fn pending_ask(a: Asked) -> PendingAsk {
+    PendingAsk {
+        id: AskId(a.id),
+        target: a.target,
+        operation: a.operation,
+        payload: a.payload,
+        continuation: a.continuation,
+        context: a.context,
+        timeout_ms: a.timeout_ms,
+    }
+}
+
 /// Runs operations of one entity instance (`entity_type/id`) against an in-memory store.
 ///
 /// ```
@@ -83,6 +122,8 @@ pub struct TestHarness {
     /// Timers set by committed turns and not cancelled, by id.
     timers: BTreeMap<String, Sent>,
     next_timer: u64,
+    /// Asks made by committed turns and not yet answered, by id.
+    asks: BTreeMap<String, PendingAsk>,
 }
 
 impl TestHarness {
@@ -99,6 +140,7 @@ impl TestHarness {
             sent: Vec::new(),
             timers: BTreeMap::new(),
             next_timer: 1,
+            asks: BTreeMap::new(),
         }
     }
 
@@ -122,18 +164,56 @@ impl TestHarness {
     /// The turn's writes are committed only if the result is `Ok`. If the operation
     /// panics, the writes are discarded and the panic is resumed.
     pub fn invoke<E: Entity>(&mut self, op: &str, payload: &[u8]) -> Result<Vec<u8>, Error> {
-        self.turn(|| E::dispatch(op, payload))
+        self.turn(None, || E::dispatch(op, payload))
+    }
+
+    /// Delivers the reply to pending ask `id` as the host does: one turn of its
+    /// continuation, after which the ask is settled — even if the continuation
+    /// returns an error (its writes are discarded, as on the host). Panics if
+    /// no such ask is pending (a test helper).
+    pub fn reply<E: Entity>(&mut self, id: &AskId, outcome: Result<Vec<u8>, AskError>) -> Result<Vec<u8>, Error> {
+        let ask =
+            self.asks.remove(&id.0).unwrap_or_else(|| panic!("no pending ask {id} (pending: {:?})", self.asks.keys()));
+        let reply =
+            RawReply { ask: AskContext::new(ask.id.0.clone(), ask.target.clone(), ask.context.clone()), outcome };
+        let caller = std::mem::replace(&mut self.caller, Some(ask.target.clone()));
+        let result = self.turn(Some(reply), || E::dispatch(&ask.continuation, b""));
+        self.caller = caller;
+        result
+    }
+
+    /// Delivers the reply `value` (as JSON) to pending ask `id`; see [`reply`](Self::reply).
+    pub fn reply_ok<E: Entity, T: Serialize + ?Sized>(&mut self, id: &AskId, value: &T) -> Result<Vec<u8>, Error> {
+        let bytes =
+            serde_json::to_vec(value).map_err(|e| Error::bad_request(format!("cannot serialise reply: {e}")))?;
+        self.reply::<E>(id, Ok(bytes))
+    }
+
+    /// Runs pending ask `id` on `callee` (another harness, as its entity `C`,
+    /// seeing this entity as its caller), then delivers its answer or refusal to
+    /// this entity's continuation: an ask's round trip with both turns atomic.
+    pub fn answer<E: Entity, C: Entity>(&mut self, id: &AskId, callee: &mut TestHarness) -> Result<Vec<u8>, Error> {
+        let ask = self.asks.get(&id.0).unwrap_or_else(|| panic!("no pending ask {id}")).clone();
+        let caller = std::mem::replace(&mut callee.caller, Some(self.self_ref.clone()));
+        let answer = callee.invoke::<C>(&ask.operation, &ask.payload);
+        callee.caller = caller;
+        self.reply::<E>(id, answer.map_err(AskError::Refused))
+    }
+
+    /// Asks made by committed turns that have had no reply yet, in id order.
+    pub fn asks(&self) -> Vec<PendingAsk> {
+        self.asks.values().cloned().collect()
     }
 
     /// Runs the entity's `#[migrate]` function (a no-op without one) as one turn, as the
     /// host does before the first turn on a new version, with the registry version that
     /// last committed the state. Its writes are committed only if it returns `Ok`.
     pub fn migrate<E: Entity>(&mut self, from_version: u32) -> Result<(), Error> {
-        self.turn(|| E::migrate(from_version))
+        self.turn(None, || E::migrate(from_version))
     }
 
     /// Runs `body` as one turn with the host's commit-or-discard semantics.
-    fn turn<T>(&mut self, body: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    fn turn<T>(&mut self, reply: Option<RawReply>, body: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
         self.invocations += 1;
         native::begin(Turn {
             store: std::mem::take(&mut self.store),
@@ -147,6 +227,8 @@ impl TestHarness {
             sent: Vec::new(),
             cancelled: Vec::new(),
             next_timer: self.next_timer,
+            asked: Vec::new(),
+            reply,
         });
         let outcome = catch_unwind(AssertUnwindSafe(body));
         let turn = native::end().expect("conflux-sdk: the harness turn vanished during a call");
@@ -171,6 +253,9 @@ impl TestHarness {
                         self.timers.insert(id.clone(), s.clone());
                     }
                     self.sent.push(sent_message(s));
+                }
+                for a in turn.asked {
+                    self.asks.insert(a.id.clone(), pending_ask(a));
                 }
                 Ok(value)
             }

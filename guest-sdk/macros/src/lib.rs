@@ -37,6 +37,28 @@ pub fn migrate(_attr: TokenStream, item: TokenStream) -> TokenStream {
     quote!(#err #item).into()
 }
 
+/// Marks an operation of an `#[entity]` impl block as a continuation: it runs
+/// when the reply to an ask arrives, taking `Result<T, AskError>` (and
+/// optionally an `AskContext`). See the `conflux-sdk` crate documentation.
+#[proc_macro_attribute]
+pub fn continuation(_attr: TokenStream, item: TokenStream) -> TokenStream {
+    let item: TokenStream2 = item.into();
+    let err = syn::Error::new_spanned(&item, "#[continuation] only works on a method inside an `#[entity]` impl block")
+        .to_compile_error();
+    quote!(#err #item).into()
+}
+
+/// A `#[continuation]` method of an entity.
+struct ContinuationFn {
+    name: String,
+    method: syn::Ident,
+    receiver: Receiver,
+    reply_ty: Type,
+    takes_context: bool,
+    returns_result: bool,
+    span: Span,
+}
+
 /// The `#[migrate]` function of an entity.
 struct Migration {
     method: syn::Ident,
@@ -57,6 +79,8 @@ struct Operation {
     receiver: Receiver,
     arg: Option<Type>,
     returns_result: bool,
+    /// What a typed ask of it brings back.
+    reply: TokenStream2,
     span: Span,
 }
 
@@ -77,15 +101,90 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     };
     check_impl(&imp)?;
     let migration = take_migration(&mut imp)?;
+    let continuations = take_continuations(&mut imp)?;
     let mut ops = Vec::new();
     for item in &imp.items {
         if let ImplItem::Fn(f) = item
+            && !continuations.iter().any(|c| c.method == f.sig.ident)
             && let Some(op) = operation(f)?
         {
             ops.push(op);
         }
     }
-    Ok(generate(&imp, &ops, migration.as_ref()))
+    Ok(generate(&imp, &ops, &continuations, migration.as_ref()))
+}
+
+fn is_continuation_attr(a: &syn::Attribute) -> bool {
+    a.path().is_ident("continuation") || a.path().segments.last().is_some_and(|s| s.ident == "continuation")
+}
+
+/// Finds the methods marked `#[continuation]`, checks their signatures and
+/// removes the attribute.
+fn take_continuations(imp: &mut ItemImpl) -> syn::Result<Vec<ContinuationFn>> {
+    let mut found = Vec::new();
+    for item in &mut imp.items {
+        let ImplItem::Fn(f) = item else { continue };
+        let Some(pos) = f.attrs.iter().position(is_continuation_attr) else { continue };
+        let attr = f.attrs.remove(pos);
+        if !matches!(attr.meta, syn::Meta::Path(_)) {
+            return Err(syn::Error::new_spanned(attr, "#[continuation] takes no arguments"));
+        }
+        let sig = &f.sig;
+        let shape = "a continuation looks like `fn on_x(&mut self, reply: Result<T, AskError>, ask: AskContext)`                      (the `ask` argument is optional)";
+        let Some(FnArg::Receiver(recv)) = sig.inputs.first() else {
+            return Err(syn::Error::new_spanned(sig, shape));
+        };
+        if !sig.generics.params.is_empty() || sig.asyncness.is_some() || recv.colon_token.is_some() {
+            return Err(syn::Error::new_spanned(sig, shape));
+        }
+        let receiver = match (&recv.reference, &recv.mutability) {
+            (None, _) => Receiver::Value,
+            (Some(_), Some(_)) => Receiver::Mut,
+            (Some(_), None) => Receiver::Ref,
+        };
+        let mut args = sig.inputs.iter().skip(1);
+        let reply_ty = match args.next() {
+            Some(FnArg::Typed(pt)) if is_result(&pt.ty) => (*pt.ty).clone(),
+            _ => return Err(syn::Error::new_spanned(sig, shape)),
+        };
+        let takes_context = match args.next() {
+            None => false,
+            Some(FnArg::Typed(_)) => true,
+            Some(other) => return Err(syn::Error::new_spanned(other, shape)),
+        };
+        if let Some(extra) = args.next() {
+            return Err(syn::Error::new_spanned(extra, shape));
+        }
+        let returns_result = match &sig.output {
+            ReturnType::Default => false,
+            ReturnType::Type(_, ty) => is_result(ty),
+        };
+        found.push(ContinuationFn {
+            name: sig.ident.unraw().to_string(),
+            method: sig.ident.clone(),
+            receiver,
+            reply_ty,
+            takes_context,
+            returns_result,
+            span: sig.ident.span(),
+        });
+    }
+    Ok(found)
+}
+
+/// The success type of an operation's reply: `T` of `Result<T, E>`, the
+/// type itself otherwise, `()` without one.
+fn reply_type(output: &ReturnType) -> TokenStream2 {
+    let ReturnType::Type(_, ty) = output else { return quote!(()) };
+    if is_result(ty)
+        && let Type::Path(p) = &**ty
+        && let Some(last) = p.path.segments.last()
+        && let syn::PathArguments::AngleBracketed(args) = &last.arguments
+        && let Some(syn::GenericArgument::Type(t)) = args.args.first()
+    {
+        return quote!(#t);
+    }
+    quote!(#ty)
 }
 
 fn is_migrate_attr(a: &syn::Attribute) -> bool {
@@ -212,6 +311,7 @@ fn operation(f: &ImplItemFn) -> syn::Result<Option<Operation>> {
         receiver,
         arg,
         returns_result,
+        reply: reply_type(&sig.output),
         span: sig.ident.span(),
     }))
 }
@@ -260,7 +360,46 @@ fn is_result(ty: &Type) -> bool {
     }
 }
 
-fn generate(imp: &ItemImpl, ops: &[Operation], migration: Option<&Migration>) -> TokenStream2 {
+/// The call of a method and the reply it makes: the value of an `Ok`, an
+/// early return with the error of an `Err`.
+fn call_and_unwrap(call: TokenStream2, returns_result: bool, span: Span) -> TokenStream2 {
+    if !returns_result {
+        return call;
+    }
+    quote_spanned! {span=>
+        match #call {
+            ::core::result::Result::Ok(__v) => __v,
+            ::core::result::Result::Err(__e) => {
+                return ::core::result::Result::Err(
+                    ::core::convert::Into::<::conflux_sdk::Error>::into(__e),
+                );
+            }
+        }
+    }
+}
+
+/// Loads the entity for `receiver`, runs `call`, saves a `&mut self` change.
+fn with_entity(receiver: &Receiver, call: TokenStream2, span: Span) -> TokenStream2 {
+    match receiver {
+        Receiver::Mut => quote_spanned! {span=>
+            let (mut __this, __before) =
+                ::conflux_sdk::__private::load_for_update::<Self>()?;
+            let __out = #call;
+            ::conflux_sdk::__private::save_if_changed(&__this, &__before)?;
+        },
+        Receiver::Ref | Receiver::Value => quote_spanned! {span=>
+            let __this = ::conflux_sdk::__private::load::<Self>()?;
+            let __out = #call;
+        },
+    }
+}
+
+fn generate(
+    imp: &ItemImpl,
+    ops: &[Operation],
+    continuations: &[ContinuationFn],
+    migration: Option<&Migration>,
+) -> TokenStream2 {
     let ty = &imp.self_ty;
     let type_name = quote!(#ty).to_string().replace(' ', "");
     let names: Vec<&str> = ops.iter().map(|o| o.name.as_str()).collect();
@@ -277,39 +416,44 @@ fn generate(imp: &ItemImpl, ops: &[Operation], migration: Option<&Migration>) ->
             },
         };
         let call_args = if op.arg.is_some() { quote!(__arg) } else { quote!() };
-        let call = quote_spanned! {span=> __this.#method(#call_args) };
-        let call = if op.returns_result {
-            quote_spanned! {span=>
-                match #call {
-                    ::core::result::Result::Ok(__v) => __v,
-                    ::core::result::Result::Err(__e) => {
-                        return ::core::result::Result::Err(
-                            ::core::convert::Into::<::conflux_sdk::Error>::into(__e),
-                        );
-                    }
-                }
-            }
-        } else {
-            call
-        };
-        let body = match op.receiver {
-            Receiver::Mut => quote_spanned! {span=>
-                let (mut __this, __before) =
-                    ::conflux_sdk::__private::load_for_update::<Self>()?;
-                let __out = #call;
-                ::conflux_sdk::__private::save_if_changed(&__this, &__before)?;
-            },
-            Receiver::Ref | Receiver::Value => quote_spanned! {span=>
-                let __this = ::conflux_sdk::__private::load::<Self>()?;
-                let __out = #call;
-            },
-        };
+        let call = call_and_unwrap(quote_spanned! {span=> __this.#method(#call_args) }, op.returns_result, span);
+        let body = with_entity(&op.receiver, call, span);
         quote! {
             #name => {
                 #parse
                 #body
                 ::conflux_sdk::__private::reply(__op, &__out)
             }
+        }
+    });
+    let continuation_arms = continuations.iter().map(|c| {
+        let name = &c.name;
+        let method = &c.method;
+        let span = c.span;
+        let reply_ty = &c.reply_ty;
+        let args = if c.takes_context { quote!(__reply, __ask) } else { quote!(__reply) };
+        let call = call_and_unwrap(quote_spanned! {span=> __this.#method(#args) }, c.returns_result, span);
+        let body = with_entity(&c.receiver, call, span);
+        quote! {
+            #name => {
+                #[allow(unused_variables)]
+                let (__reply, __ask): (#reply_ty, ::conflux_sdk::messaging::AskContext) =
+                    ::conflux_sdk::__private::continuation_input(__op)?;
+                #body
+                ::conflux_sdk::__private::reply(__op, &__out)
+            }
+        }
+    });
+    let continuation_consts = continuations.iter().map(|c| {
+        let name = &c.name;
+        let reply_ty = &c.reply_ty;
+        let konst = format_ident!("{}", c.name.to_uppercase());
+        let doc = format!("The continuation `{name}`, for `Ask::then`.");
+        quote! {
+            #[doc = #doc]
+            #[allow(dead_code)]
+            pub const #konst: ::conflux_sdk::messaging::Continuation<#reply_ty> =
+                ::conflux_sdk::messaging::Continuation::new(#name);
         }
     });
     let migrate_fn = migration.map(|m| {
@@ -341,6 +485,10 @@ fn generate(imp: &ItemImpl, ops: &[Operation], migration: Option<&Migration>) ->
 
         #senders
 
+        impl #ty {
+            #(#continuation_consts)*
+        }
+
         impl ::conflux_sdk::Entity for #ty {
             const OPERATIONS: &'static [&'static str] = &[#(#names),*];
 
@@ -351,6 +499,7 @@ fn generate(imp: &ItemImpl, ops: &[Operation], migration: Option<&Migration>) ->
             ) -> ::core::result::Result<::std::vec::Vec<u8>, ::conflux_sdk::Error> {
                 match __op {
                     #(#arms)*
+                    #(#continuation_arms)*
                     _ => ::core::result::Result::Err(::conflux_sdk::__private::unknown_operation(
                         __op,
                         #type_name,
@@ -362,8 +511,13 @@ fn generate(imp: &ItemImpl, ops: &[Operation], migration: Option<&Migration>) ->
             #migrate_fn
         }
 
-        #[cfg(target_arch = "wasm32")]
+        // A crate that depends on this one for its typed client (feature
+        // `client`) exports its own handler, not this one. Most entity
+        // crates declare no such feature: the allow keeps them quiet.
         #[doc(hidden)]
+        #[allow(unexpected_cfgs)]
+        const _: () = {
+        #[cfg(all(target_arch = "wasm32", not(feature = "client")))]
         #[allow(unsafe_code)]
         const _: () = {
             struct #export_struct;
@@ -391,6 +545,7 @@ fn generate(imp: &ItemImpl, ops: &[Operation], migration: Option<&Migration>) ->
             }
 
             ::conflux_sdk::bindings::export!(#export_struct);
+        };
         };
     }
 }
@@ -449,6 +604,22 @@ fn senders(imp: &ItemImpl, ops: &[Operation]) -> TokenStream2 {
     };
     let send_methods = methods(false);
     let timer_methods = methods(true);
+    let asker = format_ident!("{}Ask", ident);
+    let ask_methods = ops.iter().map(|op| {
+        let name = &op.name;
+        let method = &op.method;
+        let reply = &op.reply;
+        let (param, arg) = match &op.arg {
+            Some(t) => (quote!(arg: &#t), quote!(arg)),
+            None => (quote!(), quote!(&())),
+        };
+        quote! {
+            #[doc = concat!("Asks for `", #name, "`; name the continuation its reply runs with `.then(..)`.")]
+            pub fn #method(&self, #param) -> ::conflux_sdk::messaging::Ask<#reply> {
+                ::conflux_sdk::messaging::ask(&self.target, #name, #arg)
+            }
+        }
+    });
     let doc_to =
         format!("Sends messages to `{type_name}/<id>` (the type name this entity is assumed to be deployed as).");
     quote! {
@@ -473,6 +644,16 @@ fn senders(imp: &ItemImpl, ops: &[Operation]) -> TokenStream2 {
             #(#timer_methods)*
         }
 
+        #[doc = #doc_to]
+        #[derive(Debug, Clone)]
+        pub struct #asker {
+            target: ::conflux_sdk::EntityRef,
+        }
+
+        impl #asker {
+            #(#ask_methods)*
+        }
+
         impl #ty {
             /// The deployed type name the typed senders address.
             pub const TYPE_NAME: &'static str = #type_name;
@@ -481,6 +662,13 @@ fn senders(imp: &ItemImpl, ops: &[Operation]) -> TokenStream2 {
             #[allow(dead_code)]
             pub fn send_to(id: impl ::core::convert::Into<::std::string::String>) -> #sender {
                 #sender { target: ::conflux_sdk::EntityRef::new(#type_name, id) }
+            }
+
+            /// Asks of entity `id` of this type: each operation's reply comes back
+            /// to a continuation of the asking entity.
+            #[allow(dead_code)]
+            pub fn ask(id: impl ::core::convert::Into<::std::string::String>) -> #asker {
+                #asker { target: ::conflux_sdk::EntityRef::new(#type_name, id) }
             }
 
             /// Timers that send to entity `id` of this type after `delay`.

@@ -267,6 +267,7 @@ impl Conflux for Api {
             caller: None,
             idempotency_key,
             message_seq: None,
+            kind: crate::model::MessageKind::Send,
         };
         let reply = self.scheduler.invoke(inv).await.map_err(invoke_status)?;
         Ok(Response::new(pb::InvokeResponse { reply }))

@@ -7,7 +7,9 @@
 use super::HostState;
 use super::conflux::entity::{context, messaging, state, types};
 use crate::config::RuntimeConfig;
-use crate::model::{EntityRef, Keyspace, entity_prefix, state_key, timer_id_key};
+use crate::model::{
+    AskFailure, EntityRef, Keyspace, MessageKind, PendingAsk, RefusalKind, entity_prefix, state_key, timer_id_key,
+};
 use crate::storage::StateStore;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,6 +29,17 @@ pub struct OutgoingMessage {
     pub payload: Vec<u8>,
     /// For a timer: when it is due (Unix ms).
     pub due_at_ms: Option<u64>,
+    pub kind: MessageKind,
+}
+
+/// The reply a continuation turn runs for (what WIT `reply` returns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyIn {
+    /// The ask's sequence in this entity's outbox: its id.
+    pub ask_seq: u64,
+    pub callee: EntityRef,
+    pub outcome: Result<Vec<u8>, AskFailure>,
+    pub context: Vec<u8>,
 }
 
 /// A pending timer a turn cancelled: its sequence and due time.
@@ -48,6 +61,9 @@ pub struct TurnState {
     next_seq: u64,
     sent: Vec<OutgoingMessage>,
     cancelled: Vec<CancelledTimer>,
+    asks: Vec<(u64, PendingAsk)>,
+    /// Set for a continuation turn.
+    pub(super) reply: Option<ReplyIn>,
 }
 
 /// What a finished turn leaves to commit.
@@ -56,6 +72,8 @@ pub struct TurnEffects {
     pub writes: BTreeMap<String, Option<Vec<u8>>>,
     pub sent: Vec<OutgoingMessage>,
     pub cancelled: Vec<CancelledTimer>,
+    /// The asks this turn made, by their sequence: recorded as pending.
+    pub asks: Vec<(u64, PendingAsk)>,
     /// The sender's next outbox sequence after this turn.
     pub next_seq: u64,
 }
@@ -80,11 +98,19 @@ impl TurnState {
             next_seq,
             sent: Vec::new(),
             cancelled: Vec::new(),
+            asks: Vec::new(),
+            reply: None,
         }
     }
 
     pub fn into_effects(self) -> TurnEffects {
-        TurnEffects { writes: self.writes, sent: self.sent, cancelled: self.cancelled, next_seq: self.next_seq }
+        TurnEffects {
+            writes: self.writes,
+            sent: self.sent,
+            cancelled: self.cancelled,
+            asks: self.asks,
+            next_seq: self.next_seq,
+        }
     }
 }
 
@@ -158,12 +184,13 @@ impl HostState {
         operation: String,
         payload: Vec<u8>,
         due_at_ms: Option<u64>,
+        kind: MessageKind,
     ) -> wasmtime::Result<u64> {
         let target = match EntityRef::new(target.entity_type, target.id) {
             Ok(t) => t,
             Err(e) => return Err(self.breach(format!("message target is invalid: {e}"))),
         };
-        if operation.is_empty() || operation.len() > 128 || operation.chars().any(char::is_control) {
+        if !valid_name(&operation) {
             return Err(self.breach("message operation must be 1..=128 printable characters".into()));
         }
         let max = self.cfg.max_messages_per_turn;
@@ -184,14 +211,27 @@ impl HostState {
         let turn = self.turn()?;
         let seq = turn.next_seq;
         turn.next_seq += 1;
-        turn.sent.push(OutgoingMessage { seq, target, operation, payload, due_at_ms });
+        turn.sent.push(OutgoingMessage { seq, target, operation, payload, due_at_ms, kind });
         Ok(seq)
+    }
+}
+
+/// An operation (or continuation) name a message may carry.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && !name.chars().any(char::is_control)
+}
+
+fn wit_call_error(kind: RefusalKind, message: String) -> types::CallError {
+    match kind {
+        RefusalKind::BadRequest => types::CallError::BadRequest(message),
+        RefusalKind::UnknownOperation => types::CallError::UnknownOperation(message),
+        RefusalKind::Failed => types::CallError::Failed(message),
     }
 }
 
 impl messaging::Host for HostState {
     fn send(&mut self, target: types::EntityRef, operation: String, payload: Vec<u8>) -> wasmtime::Result<()> {
-        self.queue_message(target, operation, payload, None).map(|_| ())
+        self.queue_message(target, operation, payload, None, MessageKind::Send).map(|_| ())
     }
 
     fn send_after(
@@ -203,7 +243,74 @@ impl messaging::Host for HostState {
     ) -> wasmtime::Result<String> {
         let delay = delay_ms.min(self.cfg.max_timer_delay_ms);
         let due = self.turn()?.now_ms.saturating_add(delay);
-        self.queue_message(target, operation, payload, Some(due)).map(|seq| seq.to_string())
+        self.queue_message(target, operation, payload, Some(due), MessageKind::Send).map(|seq| seq.to_string())
+    }
+
+    fn ask(
+        &mut self,
+        target: types::EntityRef,
+        operation: String,
+        payload: Vec<u8>,
+        continuation: String,
+        context: Vec<u8>,
+        timeout_ms: Option<u64>,
+    ) -> wasmtime::Result<String> {
+        if !valid_name(&continuation) {
+            return Err(self.breach("an ask's continuation must be 1..=128 printable characters".into()));
+        }
+        if context.len() > self.cfg.max_state_value_bytes {
+            return Err(self.breach(format!(
+                "an ask's context is {} bytes; the limit is {}",
+                context.len(),
+                self.cfg.max_state_value_bytes
+            )));
+        }
+        let callee_ref = target.clone();
+        let seq = self.queue_message(target, operation.clone(), payload, None, MessageKind::Ask)?;
+        let callee = EntityRef::new(callee_ref.entity_type, callee_ref.id).expect("checked by queue_message");
+        // The timeout is a timer to this entity itself carrying the failure,
+        // guarded like any reply by the pending record.
+        let timer = match timeout_ms {
+            None => None,
+            Some(ms) => {
+                let due = self.turn()?.now_ms.saturating_add(ms.min(self.cfg.max_timer_delay_ms));
+                let me = wit_ref(&self.entity);
+                let kind = MessageKind::Reply { ask_seq: seq, outcome: Err(AskFailure::TimedOut) };
+                let timer_seq = self.queue_message(me, operation, Vec::new(), Some(due), kind)?;
+                Some((timer_seq, due))
+            }
+        };
+        // The pending record: its key (the entity prefix and a sequence) and
+        // its value (callee, continuation, context, timer).
+        let prefix = self.entity_prefix_bytes()?;
+        self.add_written(
+            prefix
+                + MESSAGE_RECORD_OVERHEAD_BYTES
+                + callee.entity_type.len()
+                + callee.id.len()
+                + continuation.len()
+                + context.len(),
+        )?;
+        self.turn()?.asks.push((seq, PendingAsk { callee, continuation, context, timer }));
+        Ok(seq.to_string())
+    }
+
+    fn reply(&mut self) -> wasmtime::Result<Option<messaging::AskReply>> {
+        let Some(r) = self.turn()?.reply.clone() else { return Ok(None) };
+        let outcome = match r.outcome {
+            Ok(value) => Ok(value),
+            Err(AskFailure::Refused { kind, message }) => {
+                Err(messaging::AskError::Refused(wit_call_error(kind, message)))
+            }
+            Err(AskFailure::TimedOut) => Err(messaging::AskError::TimedOut),
+            Err(AskFailure::Undeliverable(why)) => Err(messaging::AskError::Undeliverable(why)),
+        };
+        Ok(Some(messaging::AskReply {
+            ask_id: r.ask_seq.to_string(),
+            callee: wit_ref(&r.callee),
+            outcome,
+            context: r.context,
+        }))
     }
 
     fn cancel(&mut self, timer_id: String) -> wasmtime::Result<bool> {
@@ -211,6 +318,10 @@ impl messaging::Host for HostState {
         let turn = self.turn()?;
         // A timer set earlier in this same turn simply never leaves.
         if let Some(pos) = turn.sent.iter().position(|m| m.seq == seq && m.due_at_ms.is_some()) {
+            // An ask's timeout stays with its ask.
+            if matches!(turn.sent[pos].kind, MessageKind::Reply { .. }) {
+                return Ok(false);
+            }
             turn.sent.remove(pos);
             return Ok(true);
         }

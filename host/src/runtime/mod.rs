@@ -22,7 +22,7 @@ use std::sync::Arc;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
-pub use host::{CancelledTimer, MemoryBudget, OutgoingMessage, TurnEffects, TurnState};
+pub use host::{CancelledTimer, MemoryBudget, OutgoingMessage, ReplyIn, TurnEffects, TurnState};
 pub use output::{GuestLogLine, GuestLogs};
 pub use wasi::{NoSlot, TurnSlot};
 
@@ -166,6 +166,8 @@ pub struct TurnInput {
     pub now_ms: u64,
     /// The entity's next outbox sequence (from its meta record).
     pub next_seq: u64,
+    /// For a continuation turn: the reply it runs for.
+    pub reply: Option<ReplyIn>,
 }
 
 /// The result of a successful turn: its reply and everything it left to commit.
@@ -432,6 +434,9 @@ impl Instance {
         slot: Box<dyn TurnSlot>,
     ) -> Result<TurnOutput, TurnError> {
         let cfg = self.begin_turn(input.invocation_id, input.caller, input.now_ms, input.next_seq, reader, slot)?;
+        if let Some(turn) = self.store.data_mut().turn.as_mut() {
+            turn.reply = input.reply;
+        }
         if let Some(from_version) = migrate_from
             && let Err(cause) = self.migrate(from_version).await
         {

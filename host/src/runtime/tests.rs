@@ -13,6 +13,7 @@ fn add() -> TurnInput {
         caller: None,
         now_ms: 0,
         next_seq: 0,
+        reply: None,
     }
 }
 

@@ -19,7 +19,7 @@
 
 use super::outbox::{Outgoing, Pair, read_outbox, skip_of};
 use super::{Disposition, Invocation, InvokeError, Scheduler, wall_ms};
-use crate::model::{DeadLetter, Keyspace, Message, Op, Record, WriteSet, dead_letter_key};
+use crate::model::{AskFailure, DeadLetter, Keyspace, Message, MessageKind, Op, WriteSet, dead_letter_key};
 use futures::FutureExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
@@ -264,6 +264,26 @@ impl Scheduler {
                     break;
                 }
             };
+            // An ask that cannot be processed is answered with why: the
+            // asker's continuation hears it instead of an operator.
+            let reason = if o.message.kind == MessageKind::Ask {
+                match self.tell_asker(&o.message, &reason).await {
+                    Ok(()) => {
+                        tracing::info!(sender = %o.message.sender, seq = o.message.seq, target = %o.message.target,
+                            %reason, "an ask was undeliverable; its asker was told");
+                        ops.push(Op::Delete { keyspace: Keyspace::Outbox, key: o.key });
+                        delivered += 1;
+                        continue;
+                    }
+                    Err(e) if e.disposition() == Disposition::Unavailable => {
+                        stuck = Some(Stuck { key: o.key, faults: attempts, failures: failures + 1 });
+                        break;
+                    }
+                    Err(e) => format!("{reason}; then the asker's continuation failed: {e}"),
+                }
+            } else {
+                reason
+            };
             let message = o.message;
             tracing::warn!(sender = %message.sender, seq = message.seq, target = %message.target,
                 operation = %message.operation, %reason, "message dead-lettered");
@@ -299,6 +319,22 @@ impl Scheduler {
             caller: Some(m.sender.clone()),
             idempotency_key: None,
             message_seq: Some(m.seq),
+            kind: m.kind.clone(),
+        };
+        self.invoke(inv).await.map(|_| ())
+    }
+
+    /// Runs the continuation of the ask `m` with why it could not be
+    /// processed. Its pending record makes this once, like any reply.
+    async fn tell_asker(&self, m: &Message, why: &str) -> Result<(), InvokeError> {
+        let inv = Invocation {
+            entity: m.sender.clone(),
+            operation: m.operation.clone(),
+            payload: Vec::new(),
+            caller: Some(m.target.clone()),
+            idempotency_key: None,
+            message_seq: None,
+            kind: MessageKind::Reply { ask_seq: m.seq, outcome: Err(AskFailure::Undeliverable(why.to_owned())) },
         };
         self.invoke(inv).await.map(|_| ())
     }

@@ -303,6 +303,9 @@ pub struct Invocation {
     /// Set when this invocation delivers a message from an outbox: the sender's
     /// sequence, by which the receiver drops duplicates.
     pub message_seq: Option<u64>,
+    /// What the delivered message is: a plain send (also every client call),
+    /// an ask to answer, or a reply that runs a continuation.
+    pub kind: crate::model::MessageKind,
 }
 
 #[derive(Debug, thiserror::Error)]

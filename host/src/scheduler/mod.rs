@@ -100,6 +100,9 @@ pub struct SchedulerStats {
     pub messages_delivered: u64,
     pub dead_letters: u64,
     pub idempotency_keys: u64,
+    /// Replies that arrived after their ask was settled (see
+    /// `conflux_ask_replies_dropped_total`).
+    pub ask_replies_dropped: u64,
 }
 
 struct Inner {
@@ -136,6 +139,7 @@ struct Inner {
     idempotency_len: AtomicU64,
     messages_delivered: AtomicU64,
     dead_letters: AtomicU64,
+    ask_replies_dropped: AtomicU64,
     /// The last [`RECENT_ERRORS`] failed invocations, oldest first.
     recent_errors: Mutex<std::collections::VecDeque<RecentError>>,
 }
@@ -191,6 +195,7 @@ impl Scheduler {
                 idempotency_len: AtomicU64::new(0),
                 messages_delivered: AtomicU64::new(0),
                 dead_letters: AtomicU64::new(0),
+                ask_replies_dropped: AtomicU64::new(0),
                 recent_errors: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_ERRORS)),
             }),
         }
@@ -221,6 +226,7 @@ impl Scheduler {
             messages_delivered: i.messages_delivered.load(Ordering::Relaxed),
             dead_letters: i.dead_letters.load(Ordering::Relaxed),
             idempotency_keys: i.idempotency_len.load(Ordering::Relaxed),
+            ask_replies_dropped: i.ask_replies_dropped.load(Ordering::Relaxed),
         }
     }
 

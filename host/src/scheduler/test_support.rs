@@ -19,7 +19,14 @@ pub(crate) fn entity(id: &str) -> EntityRef {
 }
 
 pub(crate) fn message(sender: &EntityRef, seq: u64, target: &EntityRef) -> Message {
-    Message { sender: sender.clone(), seq, target: target.clone(), operation: "op".into(), payload: vec![] }
+    Message {
+        sender: sender.clone(),
+        seq,
+        target: target.clone(),
+        operation: "op".into(),
+        payload: vec![],
+        kind: Default::default(),
+    }
 }
 
 /// A commit log in memory: each proposal applies to the store in order, once
@@ -236,5 +243,6 @@ pub(crate) fn call(entity: &EntityRef, operation: &str, payload: &str) -> Invoca
         caller: None,
         idempotency_key: None,
         message_seq: None,
+        kind: crate::model::MessageKind::Send,
     }
 }

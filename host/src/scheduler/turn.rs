@@ -46,10 +46,10 @@ use super::{
 };
 use crate::log::LogError;
 use crate::model::{
-    EntityMeta, EntityRef, Keyspace, Message, Op, Record, WriteSet, entity_prefix, idempotency_key, outbox_key,
-    state_key, timer_due_key, timer_id_key,
+    AskFailure, EntityMeta, EntityRef, Keyspace, Message, MessageKind, Op, PendingAsk, Record, RefusalKind, WriteSet,
+    ask_key, entity_prefix, idempotency_key, outbox_key, state_key, timer_due_key, timer_id_key,
 };
-use crate::runtime::{TurnError, TurnInput, TurnOutput};
+use crate::runtime::{OutgoingMessage, ReplyIn, TurnError, TurnInput, TurnOutput};
 use crate::storage::{Overlay, StateStore};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -151,6 +151,22 @@ struct Ran {
     version: u32,
     guard_keys: GuardKeys,
     now_ms: u64,
+    /// The exchange the turn took part in.
+    exchange: Exchange,
+}
+
+/// A turn's part in an ask: what its write set owes besides the guest's writes.
+#[derive(Default)]
+struct Exchange {
+    /// It answers an ask: the asker, the ask's sequence and operation. Its
+    /// reply (or refusal) goes back as a message committed with the turn.
+    answers: Option<(EntityRef, u64, String)>,
+    /// It runs a continuation: the records that settle the ask (the pending
+    /// ask, its timeout's timer) are removed with the turn.
+    settles: Vec<Op>,
+    /// The guest refused: nothing it wrote is kept, but the exchange still
+    /// commits — the refusal goes back to the asker, or the ask is settled.
+    refused: Option<(RefusalKind, String, InvokeError)>,
 }
 
 /// What follows a turn's commit: the slot's new meta, the reply, and the
@@ -162,6 +178,8 @@ struct AfterCommit {
     immediate: u64,
     timers: u64,
     stores_reply: bool,
+    /// The guest's refusal, answered after the commit that recorded it.
+    refused: Option<InvokeError>,
 }
 
 /// The turns of one batch as they run: their write set so far, the
@@ -733,6 +751,45 @@ impl Inner {
                 Ok(None) => {}
             }
         }
+        // A reply runs its ask's continuation only while the ask is pending.
+        let mut exchange = Exchange::default();
+        let mut operation = inv.operation;
+        let mut reply = None;
+        match inv.kind {
+            MessageKind::Send => {}
+            MessageKind::Ask => {
+                if let (Some(asker), Some(seq)) = (&inv.caller, inv.message_seq) {
+                    exchange.answers = Some((asker.clone(), seq, operation.clone()));
+                }
+            }
+            MessageKind::Reply { ask_seq, outcome } => {
+                let pending = match self.pending_ask(entity, ask_seq, batch) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => {
+                        batch.resident = warm;
+                        self.count_turn(true);
+                        self.ask_replies_dropped.fetch_add(1, Ordering::Relaxed);
+                        crate::telemetry::metrics().ask_replies_dropped.inc();
+                        tracing::debug!(%entity, ask_seq, "a reply to a settled ask was dropped");
+                        return Outcome::Held { result: Ok(Vec::new()), counted: true };
+                    }
+                    Err(e) => {
+                        batch.resident = warm;
+                        self.count_turn(false);
+                        return Outcome::Settled(Err(e));
+                    }
+                };
+                exchange.settles.push(Op::Delete { keyspace: Keyspace::Asks, key: ask_key(entity, ask_seq) });
+                if let Some((seq, due)) = pending.timer {
+                    exchange
+                        .settles
+                        .push(Op::Delete { keyspace: Keyspace::Timers, key: timer_due_key(due, entity, seq) });
+                    exchange.settles.push(Op::Delete { keyspace: Keyspace::Timers, key: timer_id_key(entity, seq) });
+                }
+                operation = pending.continuation;
+                reply = Some(ReplyIn { ask_seq, callee: pending.callee, outcome, context: pending.context });
+            }
+        }
         let mut r = match warm {
             Some(r) => r,
             None => {
@@ -750,12 +807,13 @@ impl Inner {
         let to_version = r.version.version;
         let migrate_from = meta.stored.migrate_from(to_version);
         let input = TurnInput {
-            operation: inv.operation,
+            operation,
             payload: inv.payload,
             invocation_id,
             caller: inv.caller,
             now_ms,
             next_seq: meta.next_seq,
+            reply,
         };
         // The first turn of a batch (often the only one) reads committed state directly.
         let reader: Arc<dyn StateStore> =
@@ -779,6 +837,21 @@ impl Inner {
         self.bound_warm_memory();
         let output = match out {
             Ok(output) => output,
+            // The guest refused its part in an exchange: its writes are
+            // dropped, the exchange's own records still commit.
+            Err(e @ (TurnError::BadRequest(_) | TurnError::UnknownOperation(_) | TurnError::Failed(_)))
+                if exchange.answers.is_some() || !exchange.settles.is_empty() =>
+            {
+                let (kind, message) = match &e {
+                    TurnError::BadRequest(m) => (RefusalKind::BadRequest, m.clone()),
+                    TurnError::UnknownOperation(m) => (RefusalKind::UnknownOperation, m.clone()),
+                    TurnError::Failed(m) => (RefusalKind::Failed, m.clone()),
+                    _ => unreachable!("matched above"),
+                };
+                exchange.refused = Some((kind, message, InvokeError::Turn(e)));
+                let effects = crate::runtime::TurnEffects { next_seq: meta.next_seq, ..Default::default() };
+                TurnOutput { reply: Vec::new(), effects }
+            }
             Err(e) => {
                 self.count_turn(false);
                 let e = match e {
@@ -798,7 +871,8 @@ impl Inner {
                 return Outcome::Held { result: Err(e), counted: true };
             }
         };
-        let ran = Ran { output, migrated: migrate_from.is_some(), meta, version: to_version, guard_keys, now_ms };
+        let ran =
+            Ran { output, migrated: migrate_from.is_some(), meta, version: to_version, guard_keys, now_ms, exchange };
         match self.write_set(entity, ran, batch.immediate) {
             Err(e) => {
                 self.count_turn(false);
@@ -826,8 +900,29 @@ impl Inner {
     /// room for its messages, counting the `pending` ones the batch's earlier
     /// turns send.
     fn write_set(&self, entity: &EntityRef, ran: Ran, pending: u64) -> Result<(Vec<Op>, AfterCommit), InvokeError> {
-        let Ran { output, migrated, meta, version: to_version, guard_keys, now_ms } = ran;
-        let effects = output.effects;
+        let Ran { output, migrated, meta, version: to_version, guard_keys, now_ms, exchange } = ran;
+        let mut effects = output.effects;
+        let Exchange { answers, settles, refused } = exchange;
+        // The answer to an ask leaves as a message with the turn's others.
+        if let Some((asker, ask_seq, operation)) = answers {
+            let outcome = match &refused {
+                None => Ok(output.reply.clone()),
+                Some((kind, message, _)) => Err(AskFailure::Refused { kind: *kind, message: message.clone() }),
+            };
+            let seq = effects.next_seq;
+            effects.next_seq += 1;
+            effects.sent.push(OutgoingMessage {
+                seq,
+                target: asker,
+                operation,
+                payload: Vec::new(),
+                due_at_ms: None,
+                kind: MessageKind::Reply { ask_seq, outcome },
+            });
+        }
+        // A refused ask is answered (delivered); a refused continuation is
+        // answered with its error once its ask is settled.
+        let refused = refused.filter(|_| !settles.is_empty()).map(|(_, _, e)| e);
         let immediate = effects.sent.iter().filter(|m| m.due_at_ms.is_none()).count() as u64;
         let timers = effects.sent.len() as u64 - immediate;
         if immediate > 0 {
@@ -865,6 +960,7 @@ impl Inner {
                 target: m.target,
                 operation: m.operation,
                 payload: m.payload,
+                kind: m.kind,
             };
             match m.due_at_ms {
                 None => ops.push(Op::Put {
@@ -890,8 +986,12 @@ impl Inner {
             ops.push(Op::Delete { keyspace: Keyspace::Timers, key: timer_due_key(c.due_at_ms, entity, c.seq) });
             ops.push(Op::Delete { keyspace: Keyspace::Timers, key: timer_id_key(entity, c.seq) });
         }
+        for (seq, pending) in effects.asks {
+            ops.push(Op::Put { keyspace: Keyspace::Asks, key: ask_key(entity, seq), value: pending.encode() });
+        }
+        ops.extend(settles);
         let stores_reply = guard_keys.record(&mut ops, &output.reply, now_ms, self.cfg.idempotency_retention_ms);
-        Ok((ops, AfterCommit { meta: new_meta, reply: output.reply, immediate, timers, stores_reply }))
+        Ok((ops, AfterCommit { meta: new_meta, reply: output.reply, immediate, timers, stores_reply, refused }))
     }
 
     /// Puts the batch's write set in the log, fenced by `epoch`, and leaves
@@ -959,7 +1059,7 @@ impl Inner {
         for (answer, outcome) in outcomes {
             let result = match (outcome, &committed) {
                 (Outcome::Settled(result), _) => result,
-                (Outcome::Wrote(after), Committed::Yes) => Ok(self.reply(after)),
+                (Outcome::Wrote(after), Committed::Yes) => self.reply(after),
                 (Outcome::Wrote(_), Committed::No { writer, .. }) => {
                     self.count_turn(false);
                     Err(each(writer))
@@ -983,8 +1083,9 @@ impl Inner {
     }
 
     /// After the commit: wakes the deliverer and the timer loop if the turn
-    /// gave them work, counts, and returns the reply.
-    fn reply(&self, after: AfterCommit) -> Vec<u8> {
+    /// gave them work, counts, and returns the reply (or the refusal the
+    /// commit recorded).
+    fn reply(&self, after: AfterCommit) -> Result<Vec<u8>, InvokeError> {
         if after.immediate > 0 {
             self.outbox_len.fetch_add(after.immediate, Ordering::Relaxed);
             self.outbox_ready.notify_one();
@@ -995,8 +1096,23 @@ impl Inner {
         if after.stores_reply {
             self.idempotency_len.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(refused) = after.refused {
+            self.count_turn(false);
+            return Err(refused);
+        }
         self.count_turn(true);
-        after.reply
+        Ok(after.reply)
+    }
+
+    /// The pending record of `entity`'s ask `ask_seq`, as this turn sees it
+    /// (through the batch's earlier turns), or `None` once it is settled.
+    fn pending_ask(&self, entity: &EntityRef, ask_seq: u64, batch: &Batch) -> Result<Option<PendingAsk>, InvokeError> {
+        let internal = |e: &dyn std::fmt::Display| InvokeError::Internal(format!("reading a pending ask: {e}"));
+        let reader: &dyn StateStore = batch.overlay.as_ref();
+        match reader.get(Keyspace::Asks, &ask_key(entity, ask_seq)).map_err(|e| internal(&e))? {
+            Some(bytes) => PendingAsk::decode(&bytes).map(Some).map_err(|e| internal(&e)),
+            None => Ok(None),
+        }
     }
 }
 

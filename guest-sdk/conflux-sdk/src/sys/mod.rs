@@ -14,6 +14,6 @@ pub(crate) use wasm::*;
 pub(crate) mod native;
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) use native::{
-    caller, cancel, invocation_id, log, now_ms, self_ref, send, send_after, state_delete, state_get, state_list,
-    state_set,
+    ask, caller, cancel, invocation_id, log, now_ms, reply, self_ref, send, send_after, state_delete, state_get,
+    state_list, state_set,
 };

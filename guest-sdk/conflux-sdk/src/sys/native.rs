@@ -30,6 +30,18 @@ pub(crate) struct Sent {
     pub(crate) delay_ms: Option<u64>,
 }
 
+/// An ask a turn made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Asked {
+    pub(crate) id: String,
+    pub(crate) target: EntityRef,
+    pub(crate) operation: String,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) continuation: String,
+    pub(crate) context: Vec<u8>,
+    pub(crate) timeout_ms: Option<u64>,
+}
+
 /// Everything a running turn can see and touch.
 #[derive(Debug)]
 pub(crate) struct Turn {
@@ -50,6 +62,10 @@ pub(crate) struct Turn {
     pub(crate) invocation_id: String,
     pub(crate) now_ms: u64,
     pub(crate) logs: Vec<LogLine>,
+    /// Asks this turn made.
+    pub(crate) asked: Vec<Asked>,
+    /// For a continuation turn, its reply.
+    pub(crate) reply: Option<crate::messaging::RawReply>,
 }
 
 thread_local! {
@@ -193,6 +209,35 @@ pub(crate) fn cancel(timer_id: &str) -> bool {
         }
         false
     })
+}
+
+pub(crate) fn ask(
+    target: &EntityRef,
+    operation: &str,
+    payload: &[u8],
+    continuation: &str,
+    context: &[u8],
+    timeout_ms: Option<u64>,
+) -> String {
+    with(|t| {
+        // Ask ids share the timers' sequence, as on the host.
+        let id = t.next_timer.to_string();
+        t.next_timer += 1;
+        t.asked.push(Asked {
+            id: id.clone(),
+            target: target.clone(),
+            operation: operation.to_owned(),
+            payload: payload.to_vec(),
+            continuation: continuation.to_owned(),
+            context: context.to_vec(),
+            timeout_ms,
+        });
+        id
+    })
+}
+
+pub(crate) fn reply() -> Option<crate::messaging::RawReply> {
+    with(|t| t.reply.clone())
 }
 
 #[cfg(test)]

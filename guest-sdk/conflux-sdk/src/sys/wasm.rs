@@ -58,3 +58,29 @@ pub(crate) fn send_after(delay_ms: u64, target: &EntityRef, operation: &str, pay
 pub(crate) fn cancel(timer_id: &str) -> bool {
     messaging::cancel(timer_id)
 }
+
+pub(crate) fn ask(
+    target: &EntityRef,
+    operation: &str,
+    payload: &[u8],
+    continuation: &str,
+    context: &[u8],
+    timeout_ms: Option<u64>,
+) -> String {
+    messaging::ask(&to_wit(target), operation, payload, continuation, context, timeout_ms)
+}
+
+pub(crate) fn reply() -> Option<crate::messaging::RawReply> {
+    use crate::messaging::{AskContext, AskError, RawReply};
+    let r = messaging::reply()?;
+    let outcome = r.outcome.map_err(|e| match e {
+        messaging::AskError::Refused(c) => AskError::Refused(match c {
+            types::CallError::BadRequest(m) => crate::Error::BadRequest(m),
+            types::CallError::UnknownOperation(m) => crate::Error::UnknownOperation(m),
+            types::CallError::Failed(m) => crate::Error::Failed(m),
+        }),
+        messaging::AskError::TimedOut => AskError::TimedOut,
+        messaging::AskError::Undeliverable(why) => AskError::Undeliverable(why),
+    });
+    Some(RawReply { ask: AskContext::new(r.ask_id, from_wit(r.callee), r.context), outcome })
+}

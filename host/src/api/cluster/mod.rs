@@ -13,7 +13,7 @@
 use crate::cluster::raft::NodeId;
 use crate::cluster::shards::ShardStatus;
 use crate::cluster::wire::{Refusal, WireError};
-use crate::model::EntityRef;
+use crate::model::{AskFailure, EntityRef, MessageKind, RefusalKind};
 use crate::scheduler::{ErrorKind, Invocation, InvokeError};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -201,7 +201,53 @@ fn invocation_from_pb(p: pb::ForwardedInvocation) -> Result<Invocation, Status> 
         caller,
         idempotency_key: p.idempotency_key,
         message_seq: p.message_seq,
+        kind: kind_from_pb(p.ask, p.reply)?,
     })
+}
+
+fn kind_from_pb(ask: bool, reply: Option<pb::AskReply>) -> Result<MessageKind, Status> {
+    use pb::ask_reply::Outcome;
+    let refused = |kind, message| Err(AskFailure::Refused { kind, message });
+    Ok(match (ask, reply) {
+        (false, None) => MessageKind::Send,
+        (true, None) => MessageKind::Ask,
+        (false, Some(r)) => {
+            let outcome = match r.outcome {
+                Some(Outcome::Value(v)) => Ok(v),
+                Some(Outcome::RefusedBadRequest(m)) => refused(RefusalKind::BadRequest, m),
+                Some(Outcome::RefusedUnknownOperation(m)) => refused(RefusalKind::UnknownOperation, m),
+                Some(Outcome::RefusedFailed(m)) => refused(RefusalKind::Failed, m),
+                Some(Outcome::TimedOut(_)) => Err(AskFailure::TimedOut),
+                Some(Outcome::Undeliverable(m)) => Err(AskFailure::Undeliverable(m)),
+                None => return Err(Status::invalid_argument("a reply needs an outcome")),
+            };
+            MessageKind::Reply { ask_seq: r.ask_seq, outcome }
+        }
+        (true, Some(_)) => return Err(Status::invalid_argument("an invocation is an ask or a reply, not both")),
+    })
+}
+
+fn kind_to_pb(kind: MessageKind) -> (bool, Option<pb::AskReply>) {
+    use pb::ask_reply::Outcome;
+    match kind {
+        MessageKind::Send => (false, None),
+        MessageKind::Ask => (true, None),
+        MessageKind::Reply { ask_seq, outcome } => {
+            let outcome = match outcome {
+                Ok(v) => Outcome::Value(v),
+                Err(AskFailure::Refused { kind: RefusalKind::BadRequest, message }) => {
+                    Outcome::RefusedBadRequest(message)
+                }
+                Err(AskFailure::Refused { kind: RefusalKind::UnknownOperation, message }) => {
+                    Outcome::RefusedUnknownOperation(message)
+                }
+                Err(AskFailure::Refused { kind: RefusalKind::Failed, message }) => Outcome::RefusedFailed(message),
+                Err(AskFailure::TimedOut) => Outcome::TimedOut(true),
+                Err(AskFailure::Undeliverable(m)) => Outcome::Undeliverable(m),
+            };
+            (false, Some(pb::AskReply { ask_seq, outcome: Some(outcome) }))
+        }
+    }
 }
 
 fn invocation_to_pb(inv: Invocation) -> pb::ForwardedInvocation {
@@ -209,7 +255,10 @@ fn invocation_to_pb(inv: Invocation) -> pb::ForwardedInvocation {
         Some(c) => (Some(c.entity_type), Some(c.id)),
         None => (None, None),
     };
+    let (ask, reply) = kind_to_pb(inv.kind);
     pb::ForwardedInvocation {
+        ask,
+        reply,
         entity_type: inv.entity.entity_type,
         id: inv.entity.id,
         operation: inv.operation,
