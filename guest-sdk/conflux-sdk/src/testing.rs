@@ -176,7 +176,7 @@ impl TestHarness {
             self.asks.remove(&id.0).unwrap_or_else(|| panic!("no pending ask {id} (pending: {:?})", self.asks.keys()));
         let reply =
             RawReply { ask: AskContext::new(ask.id.0.clone(), ask.target.clone(), ask.context.clone()), outcome };
-        let caller = std::mem::replace(&mut self.caller, Some(ask.target.clone()));
+        let caller = self.caller.replace(ask.target.clone());
         let result = self.turn(Some(reply), || E::dispatch(&ask.continuation, b""));
         self.caller = caller;
         result
@@ -194,7 +194,7 @@ impl TestHarness {
     /// this entity's continuation: an ask's round trip with both turns atomic.
     pub fn answer<E: Entity, C: Entity>(&mut self, id: &AskId, callee: &mut TestHarness) -> Result<Vec<u8>, Error> {
         let ask = self.asks.get(&id.0).unwrap_or_else(|| panic!("no pending ask {id}")).clone();
-        let caller = std::mem::replace(&mut callee.caller, Some(self.self_ref.clone()));
+        let caller = callee.caller.replace(self.self_ref.clone());
         let answer = callee.invoke::<C>(&ask.operation, &ask.payload);
         callee.caller = caller;
         self.reply::<E>(id, answer.map_err(AskError::Refused))
