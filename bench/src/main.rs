@@ -167,9 +167,14 @@ struct PeersArgs {
     /// The counter component [default: built from examples/counter].
     #[arg(long)]
     counter_wasm: Option<PathBuf>,
-    /// The team-joiner component [default: built from examples/team-joiner].
+    /// The team-joiner component, type `user` [default: built from examples/team-joiner].
     #[arg(long)]
     team_wasm: Option<PathBuf>,
+    /// The team side, type `team`, which each join asks [default: built from
+    /// examples/team-joiner/team, after team-joiner: that build leaves a
+    /// client-only `team.wasm` in the same directory].
+    #[arg(long)]
+    team_side_wasm: Option<PathBuf>,
     /// The PostgreSQL service [default: conflux-bench-pg-service next to this executable].
     #[arg(long)]
     pg_service_bin: Option<PathBuf>,
@@ -255,6 +260,10 @@ async fn peers_command(a: PeersArgs) -> anyhow::Result<()> {
         team_wasm: match a.team_wasm {
             Some(w) => w,
             None => build_guest("team-joiner", "team_joiner.wasm")?,
+        },
+        team_side_wasm: match a.team_side_wasm {
+            Some(w) => w,
+            None => build_guest("team", "team.wasm")?,
         },
         pg_service_bin: match a.pg_service_bin {
             Some(b) => b,

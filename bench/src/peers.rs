@@ -43,6 +43,7 @@ pub struct PeersOpts {
     pub conflux_bin: PathBuf,
     pub counter_wasm: PathBuf,
     pub team_wasm: PathBuf,
+    pub team_side_wasm: PathBuf,
     pub pg_service_bin: PathBuf,
     pub echo_bin: PathBuf,
     pub pg_bin_dir: PathBuf,
@@ -270,7 +271,8 @@ async fn run_system(name: &str, opts: &PeersOpts, rows: &mut Vec<Row>) -> anyhow
             Ok((running.version.clone(), running.durability.clone(), peak(rows)))
         }
         "conflux" => {
-            let (running, t) = start_conflux(&opts.conflux_bin, &opts.counter_wasm, &opts.team_wasm).await?;
+            let (running, t) =
+                start_conflux(&opts.conflux_bin, &opts.counter_wasm, &opts.team_wasm, &opts.team_side_wasm).await?;
             let mem = MemSampler::start(running.pids.clone());
             run_cells(&t, name, opts, &mem, &probe_of(&running), rows).await?;
             Ok((running.version.clone(), running.durability.clone(), peak(rows)))

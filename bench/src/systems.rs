@@ -49,13 +49,19 @@ pub fn spawn_conflux(bin: &Path) -> anyhow::Result<(Proc, String, TempDir)> {
 }
 
 /// `conflux serve` on a fresh data directory, with the counter (type `counter`)
-/// and team-joiner (type `user`) components deployed.
-pub async fn start_conflux(bin: &Path, counter: &Path, team: &Path) -> anyhow::Result<(Running, ConfluxTarget)> {
+/// and team-joiner (types `user`, and `team`, which a join asks) components deployed.
+pub async fn start_conflux(
+    bin: &Path,
+    counter: &Path,
+    team: &Path,
+    team_side: &Path,
+) -> anyhow::Result<(Running, ConfluxTarget)> {
     let (proc, addr, dir) = spawn_conflux(bin)?;
     let version = output(Command::new(bin).arg("--version")).unwrap_or_else(|e| format!("unknown ({e})"));
     let target = ConfluxTarget::connect(&addr, 8).await?;
     target.deploy("counter", counter).await.context("deploying the counter")?;
     target.deploy("user", team).await.context("deploying team-joiner")?;
+    target.deploy("team", team_side).await.context("deploying team-joiner's team")?;
     let durability = "single node, default config: each acknowledged turn's write set is in the WAL (raft-log) and \
                       fdatasync'd before the reply, group commit (up to 1024 write sets per fdatasync, 100 µs \
                       flush wait); sled holds the materialized state"

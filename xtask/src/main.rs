@@ -180,6 +180,15 @@ fn build(target: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
         "-p",
         "team-joiner",
     ]))?;
+    // After team-joiner, whose build leaves a client-only team.wasm here.
+    run(cargo().current_dir(root()).env("CARGO_TARGET_DIR", &guests).args([
+        "build",
+        "--release",
+        "--target",
+        "wasm32-wasip2",
+        "-p",
+        "team",
+    ]))?;
     let out = guests.join("wasm32-wasip2/release");
     Ok((out.join("counter.wasm"), out.join("team_joiner.wasm")))
 }
@@ -615,7 +624,8 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
         std::fs::copy(target.join("release").join(bin), work.join(bin))
             .with_context(|| format!("copying {bin} from {}", target.display()))?;
     }
-    for (wasm, name) in [(&counter, "counter.wasm"), (&team, "team_joiner.wasm")] {
+    let team_side = team.with_file_name("team.wasm");
+    for (wasm, name) in [(&counter, "counter.wasm"), (&team, "team_joiner.wasm"), (&team_side, "team.wasm")] {
         std::fs::copy(wasm, work.join(name)).with_context(|| format!("copying {}", wasm.display()))?;
     }
     let build_secs = t.elapsed().as_secs_f64();
@@ -635,6 +645,8 @@ fn bench_peers(a: BenchPeers) -> anyhow::Result<()> {
         .arg(work.join("counter.wasm"))
         .arg("--team-wasm")
         .arg(work.join("team_joiner.wasm"))
+        .arg("--team-side-wasm")
+        .arg(work.join("team.wasm"))
         .arg("--pg-bin-dir")
         .arg(&pg_bin)
         .arg("--restate-dir")
