@@ -26,6 +26,15 @@ async fn ask(c: &mut Client, from: (&str, &str), request: Value) -> Vec<String> 
     serde_json::from_value(ids).unwrap()
 }
 
+/// A node serving the asker as types `a` and `b`: one component under two
+/// type names, so the asks cross types.
+fn askers(dir: &std::path::Path, extra: &[&str]) -> Daemon {
+    let d = Daemon::start_with(dir, extra);
+    deploy(&d, "a", &guest_wasm("asker"));
+    deploy(&d, "b", &guest_wasm("asker"));
+    d
+}
+
 fn metric(d: &Daemon, name: &str) -> f64 {
     let body = ureq::get(format!("{}/metrics", d.url())).call().unwrap().body_mut().read_to_string().unwrap();
     body.lines()
@@ -36,13 +45,10 @@ fn metric(d: &Daemon, name: &str) -> f64 {
 #[test]
 fn replies_and_refusals_reach_the_continuation_once_with_the_callees_error_kind() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start_with(
+    let d = askers(
         dir.path(),
         &["--set", "scheduler.delivery_max_attempts=2", "--set", "scheduler.delivery_retry_base_ms=20"],
     );
-    // One component under two type names: the asks cross types.
-    deploy(&d, "a", &guest_wasm("asker"));
-    deploy(&d, "b", &guest_wasm("asker"));
     rt().block_on(async {
         let mut c = d.client().await;
         let asks = [
@@ -86,9 +92,7 @@ fn replies_and_refusals_reach_the_continuation_once_with_the_callees_error_kind(
 #[test]
 fn a_timeout_fires_once_and_the_late_reply_is_dropped_and_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path());
-    deploy(&d, "a", &guest_wasm("asker"));
-    deploy(&d, "b", &guest_wasm("asker"));
+    let d = askers(dir.path(), &[]);
     rt().block_on(async {
         let mut c = d.client().await;
         let before = metric(&d, "conflux_ask_replies_dropped_total");
@@ -123,9 +127,7 @@ fn a_timeout_fires_once_and_the_late_reply_is_dropped_and_counted() {
 #[test]
 fn an_asker_serves_calls_while_it_waits_so_a_to_b_to_a_completes() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path());
-    deploy(&d, "a", &guest_wasm("asker"));
-    deploy(&d, "b", &guest_wasm("asker"));
+    let d = askers(dir.path(), &[]);
     rt().block_on(async {
         let mut c = d.client().await;
         // a/1 asks b/1 to bounce; b/1 answers and asks a/1 to echo "pong".
@@ -141,9 +143,7 @@ fn an_asker_serves_calls_while_it_waits_so_a_to_b_to_a_completes() {
 #[test]
 fn many_concurrent_asks_get_exactly_one_continuation_each() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path());
-    deploy(&d, "a", &guest_wasm("asker"));
-    deploy(&d, "b", &guest_wasm("asker"));
+    let d = askers(dir.path(), &[]);
     rt().block_on(async {
         let mut tasks = Vec::new();
         for caller in 0..8 {

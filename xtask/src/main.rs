@@ -170,25 +170,16 @@ fn target_dir() -> anyhow::Result<PathBuf> {
 fn build(target: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     run(cargo().current_dir(root()).args(["build", "--release", "-p", "conflux-host", "-p", "conflux-bench"]))?;
     let guests = target.join("guests");
-    run(cargo().current_dir(root()).env("CARGO_TARGET_DIR", &guests).args([
-        "build",
-        "--release",
-        "--target",
-        "wasm32-wasip2",
-        "-p",
-        "counter",
-        "-p",
-        "team-joiner",
-    ]))?;
+    let wasm = |packages: &[&str]| {
+        let mut args = vec!["build", "--release", "--target", "wasm32-wasip2"];
+        for p in packages {
+            args.extend(["-p", *p]);
+        }
+        run(cargo().current_dir(root()).env("CARGO_TARGET_DIR", &guests).args(args))
+    };
+    wasm(&["counter", "team-joiner"])?;
     // After team-joiner, whose build leaves a client-only team.wasm here.
-    run(cargo().current_dir(root()).env("CARGO_TARGET_DIR", &guests).args([
-        "build",
-        "--release",
-        "--target",
-        "wasm32-wasip2",
-        "-p",
-        "team",
-    ]))?;
+    wasm(&["team"])?;
     let out = guests.join("wasm32-wasip2/release");
     Ok((out.join("counter.wasm"), out.join("team_joiner.wasm")))
 }
