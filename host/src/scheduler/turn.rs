@@ -871,8 +871,9 @@ impl Inner {
                 return Outcome::Held { result: Err(e), counted: true };
             }
         };
-        let ran =
-            Ran { output, migrated: migrate_from.is_some(), meta, version: to_version, guard_keys, now_ms, exchange };
+        // A refused turn's migration wrote nothing that commits: it runs again.
+        let migrated = migrate_from.is_some() && exchange.refused.is_none();
+        let ran = Ran { output, migrated, meta, version: to_version, guard_keys, now_ms, exchange };
         match self.write_set(entity, ran, batch.immediate) {
             Err(e) => {
                 self.count_turn(false);
