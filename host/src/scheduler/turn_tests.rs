@@ -348,3 +348,48 @@ async fn an_unknown_type_is_loading_until_the_registry_has_caught_up() {
     registry.set_synced(true);
     assert!(matches!(registry.version_for(&ghost), Err(crate::registry::RegistryError::UnknownType(_))));
 }
+
+/// A callee that refuses an ask still answers it (the refusal goes back in
+/// its outbox), but nothing else of its turn commits — not even the
+/// migration that turn ran first: the next turn migrates again.
+#[tokio::test]
+async fn a_refused_ask_answers_but_does_not_record_the_migration_its_turn_ran() {
+    use crate::model::{Message, MessageKind, Record};
+    let h = Harness::new(Config::default(), &[("tally", "tally_v1")]).await;
+    let t = EntityRef::new("tally", "t").unwrap();
+    h.scheduler.invoke_here(call(&t, "add", "5")).await.unwrap();
+    let v2 = crate::scheduler::test_support::guest("tally_v2");
+    h.scheduler.inner.registry.deploy("tally", v2, None).await.unwrap();
+    let asker = EntityRef::new("asker", "a").unwrap();
+    let ask = Invocation {
+        caller: Some(asker.clone()),
+        message_seq: Some(1),
+        kind: MessageKind::Ask,
+        ..call(&t, "nope", "")
+    };
+    h.scheduler.invoke_here(ask).await.expect("a refusal is an answer to the asker");
+    let outbox = h.scheduler.inner.store.scan(Keyspace::Outbox, b"", None, 10).unwrap();
+    let answers: Vec<Message> = outbox.iter().map(|(_, v)| Message::decode(v).unwrap()).collect();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0].target, asker);
+    assert!(
+        matches!(
+            &answers[0].kind,
+            MessageKind::Reply {
+                ask_seq: 1,
+                outcome: Err(crate::model::AskFailure::Refused {
+                    kind: crate::model::RefusalKind::UnknownOperation,
+                    ..
+                })
+            }
+        ),
+        "{:?}",
+        answers[0].kind
+    );
+    let got = h.scheduler.invoke_here(call(&t, "get", "")).await.unwrap();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&got).unwrap(),
+        serde_json::json!({"count": 5, "migrated_from": 1, "migrations": 1}),
+        "the migration ran on the first turn that committed"
+    );
+}
