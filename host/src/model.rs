@@ -643,6 +643,13 @@ pub fn dead_letter_key(at_ms: u64, sender: &EntityRef, seq: u64) -> Vec<u8> {
     k
 }
 
+/// Whether `name` may name an operation (or an ask's continuation): 1..=128
+/// bytes, no control characters. Checked where a client calls and where a
+/// guest sends.
+pub fn valid_operation_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && !name.chars().any(char::is_control)
+}
+
 /// Longest idempotency key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 

@@ -9,6 +9,7 @@ use super::conflux::entity::{context, messaging, state, types};
 use crate::config::RuntimeConfig;
 use crate::model::{
     AskFailure, EntityRef, Keyspace, MessageKind, PendingAsk, RefusalKind, entity_prefix, state_key, timer_id_key,
+    valid_operation_name,
 };
 use crate::storage::StateStore;
 use std::collections::BTreeMap;
@@ -190,7 +191,7 @@ impl HostState {
             Ok(t) => t,
             Err(e) => return Err(self.breach(format!("message target is invalid: {e}"))),
         };
-        if !valid_name(&operation) {
+        if !valid_operation_name(&operation) {
             return Err(self.breach("message operation must be 1..=128 printable characters".into()));
         }
         let max = self.cfg.max_messages_per_turn;
@@ -214,11 +215,6 @@ impl HostState {
         turn.sent.push(OutgoingMessage { seq, target, operation, payload, due_at_ms, kind });
         Ok(seq)
     }
-}
-
-/// An operation (or continuation) name a message may carry.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 128 && !name.chars().any(char::is_control)
 }
 
 fn wit_call_error(kind: RefusalKind, message: String) -> types::CallError {
@@ -255,7 +251,7 @@ impl messaging::Host for HostState {
         context: Vec<u8>,
         timeout_ms: Option<u64>,
     ) -> wasmtime::Result<String> {
-        if !valid_name(&continuation) {
+        if !valid_operation_name(&continuation) {
             return Err(self.breach("an ask's continuation must be 1..=128 printable characters".into()));
         }
         if context.len() > self.cfg.max_state_value_bytes {
@@ -265,9 +261,8 @@ impl messaging::Host for HostState {
                 self.cfg.max_state_value_bytes
             )));
         }
-        let callee_ref = target.clone();
         let seq = self.queue_message(target, operation.clone(), payload, None, MessageKind::Ask)?;
-        let callee = EntityRef::new(callee_ref.entity_type, callee_ref.id).expect("checked by queue_message");
+        let callee = self.turn()?.sent.last().expect("queued just now").target.clone();
         // The timeout is a timer to this entity itself carrying the failure,
         // guarded like any reply by the pending record.
         let timer = match timeout_ms {

@@ -151,10 +151,6 @@ pub struct Scheduler {
 
 use crate::model::unix_ms as wall_ms;
 
-fn valid_operation(op: &str) -> bool {
-    !op.is_empty() && op.len() <= 128 && !op.chars().any(char::is_control)
-}
-
 impl Scheduler {
     /// `router` says which entities' turns run here (this node leads their
     /// shard) and forwards the others.

@@ -41,8 +41,7 @@ use super::guard::{GuardKeys, TurnGuard};
 use super::meta::{MetaCache, StoredVersion};
 use super::warm::{Resident, ResidentCount, Slot, SlotState};
 use super::{
-    ErrorKind, InflightGuard, Inner, Invocation, InvokeError, RECENT_ERRORS, RecentError, Route, Scheduler,
-    valid_operation, wall_ms,
+    ErrorKind, InflightGuard, Inner, Invocation, InvokeError, RECENT_ERRORS, RecentError, Route, Scheduler, wall_ms,
 };
 use crate::log::LogError;
 use crate::model::{
@@ -345,7 +344,7 @@ impl Scheduler {
         if inner.shutting_down.load(Ordering::Acquire) {
             return Err(InvokeError::ShuttingDown);
         }
-        if !valid_operation(&inv.operation) {
+        if !crate::model::valid_operation_name(&inv.operation) {
             return Err(InvokeError::BadOperation);
         }
         if let Some(k) = &inv.idempotency_key {
