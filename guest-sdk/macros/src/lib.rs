@@ -73,6 +73,16 @@ enum Receiver {
     Value,
 }
 
+impl Receiver {
+    fn of(recv: &syn::Receiver) -> Self {
+        match (&recv.reference, &recv.mutability) {
+            (None, _) => Receiver::Value,
+            (Some(_), Some(_)) => Receiver::Mut,
+            (Some(_), None) => Receiver::Ref,
+        }
+    }
+}
+
 struct Operation {
     name: String,
     method: syn::Ident,
@@ -137,11 +147,7 @@ fn take_continuations(imp: &mut ItemImpl) -> syn::Result<Vec<ContinuationFn>> {
         if !sig.generics.params.is_empty() || sig.asyncness.is_some() || recv.colon_token.is_some() {
             return Err(syn::Error::new_spanned(sig, shape));
         }
-        let receiver = match (&recv.reference, &recv.mutability) {
-            (None, _) => Receiver::Value,
-            (Some(_), Some(_)) => Receiver::Mut,
-            (Some(_), None) => Receiver::Ref,
-        };
+        let receiver = Receiver::of(recv);
         let mut args = sig.inputs.iter().skip(1);
         let reply_ty = match args.next() {
             Some(FnArg::Typed(pt)) if is_result(&pt.ty) => (*pt.ty).clone(),
@@ -277,11 +283,7 @@ fn operation(f: &ImplItemFn) -> syn::Result<Option<Operation>> {
             "entity operations take `&self`, `&mut self` or `self`, not a typed receiver",
         ));
     }
-    let receiver = match (&recv.reference, &recv.mutability) {
-        (None, _) => Receiver::Value,
-        (Some(_), Some(_)) => Receiver::Mut,
-        (Some(_), None) => Receiver::Ref,
-    };
+    let receiver = Receiver::of(recv);
     let mut args = sig.inputs.iter().skip(1);
     let arg = match args.next() {
         None => None,
