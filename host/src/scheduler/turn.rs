@@ -163,9 +163,21 @@ struct Exchange {
     /// It runs a continuation: the records that settle the ask (the pending
     /// ask, its timeout's timer) are removed with the turn.
     settles: Vec<Op>,
-    /// The guest refused: nothing it wrote is kept, but the exchange still
-    /// commits — the refusal goes back to the asker, or the ask is settled.
-    refused: Option<(RefusalKind, String, InvokeError)>,
+    /// The guest refused (a [`refusal`]): nothing it wrote is kept, but the
+    /// exchange still commits — the refusal goes back to the asker, or the
+    /// ask is settled.
+    refused: Option<TurnError>,
+}
+
+/// The `call-error` a guest returned, as an ask's answer carries it; `None`
+/// for a failure that is not the guest's answer (a trap, a limit).
+fn refusal(e: &TurnError) -> Option<(RefusalKind, &str)> {
+    match e {
+        TurnError::BadRequest(m) => Some((RefusalKind::BadRequest, m)),
+        TurnError::UnknownOperation(m) => Some((RefusalKind::UnknownOperation, m)),
+        TurnError::Failed(m) => Some((RefusalKind::Failed, m)),
+        _ => None,
+    }
 }
 
 /// What follows a turn's commit: the slot's new meta, the reply, and the
@@ -838,16 +850,8 @@ impl Inner {
             Ok(output) => output,
             // The guest refused its part in an exchange: its writes are
             // dropped, the exchange's own records still commit.
-            Err(e @ (TurnError::BadRequest(_) | TurnError::UnknownOperation(_) | TurnError::Failed(_)))
-                if exchange.answers.is_some() || !exchange.settles.is_empty() =>
-            {
-                let (kind, message) = match &e {
-                    TurnError::BadRequest(m) => (RefusalKind::BadRequest, m.clone()),
-                    TurnError::UnknownOperation(m) => (RefusalKind::UnknownOperation, m.clone()),
-                    TurnError::Failed(m) => (RefusalKind::Failed, m.clone()),
-                    _ => unreachable!("matched above"),
-                };
-                exchange.refused = Some((kind, message, InvokeError::Turn(e)));
+            Err(e) if refusal(&e).is_some() && (exchange.answers.is_some() || !exchange.settles.is_empty()) => {
+                exchange.refused = Some(e);
                 let effects = crate::runtime::TurnEffects { next_seq: meta.next_seq, ..Default::default() };
                 TurnOutput { reply: Vec::new(), effects }
             }
@@ -905,9 +909,9 @@ impl Inner {
         let Exchange { answers, settles, refused } = exchange;
         // The answer to an ask leaves as a message with the turn's others.
         if let Some((asker, ask_seq, operation)) = answers {
-            let outcome = match &refused {
+            let outcome = match refused.as_ref().and_then(refusal) {
                 None => Ok(output.reply.clone()),
-                Some((kind, message, _)) => Err(AskFailure::Refused { kind: *kind, message: message.clone() }),
+                Some((kind, message)) => Err(AskFailure::Refused { kind, message: message.to_owned() }),
             };
             let seq = effects.next_seq;
             effects.next_seq += 1;
@@ -922,7 +926,7 @@ impl Inner {
         }
         // A refused ask is answered (delivered); a refused continuation is
         // answered with its error once its ask is settled.
-        let refused = refused.filter(|_| !settles.is_empty()).map(|(_, _, e)| e);
+        let refused = refused.filter(|_| !settles.is_empty()).map(InvokeError::Turn);
         let immediate = effects.sent.iter().filter(|m| m.due_at_ms.is_none()).count() as u64;
         let timers = effects.sent.len() as u64 - immediate;
         if immediate > 0 {
