@@ -86,7 +86,7 @@ import { __runtime as rt } from "@conflux/sdk";
 import UserEntity from ${JSON.stringify(input)};
 
 const Entity = rt.checkEntityClass(UserEntity);
-rt.operationNames(Entity);
+rt.operationNames(Entity); // checks the class (and its static continuations) at build time
 
 rt.installHost({
   stateGet: (key) => state.get(key) ?? undefined,
@@ -101,6 +101,9 @@ rt.installHost({
   send: (target, operation, payload) => messaging.send(target, operation, payload),
   sendAfter: (delayMs, target, operation, payload) => messaging.sendAfter(BigInt(delayMs), target, operation, payload),
   cancel: (timerId) => messaging.cancel(timerId),
+  ask: (target, operation, payload, continuation, context, timeoutMs) =>
+    messaging.ask(target, operation, payload, continuation, context, timeoutMs === undefined ? undefined : BigInt(timeoutMs)),
+  reply: () => messaging.reply() ?? undefined,
 });
 
 export const handler = {

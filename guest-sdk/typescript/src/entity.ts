@@ -1,6 +1,7 @@
 // The entity runtime: operation discovery, payload parsing, `$self` load/save,
 // reply encoding. Used by the generated component entry and by TestHarness.
 
+import { AskError, continuationInput } from "./ask";
 import { CallError, badRequest, failed, unknownOperation } from "./errors";
 import { host } from "./host";
 import { fromUtf8, toJsonText, utf8 } from "./json";
@@ -30,6 +31,12 @@ export interface EntityClass<T extends object = object> {
   readonly rename?: Readonly<Record<string, string>>;
   /** Optional: argument checks per operation name. */
   readonly args?: Readonly<Record<string, ArgType>>;
+  /**
+   * Optional: the operations (by operation name) that are *continuations*: each runs
+   * only for the reply to an ask of this entity (`messaging.ask(..., { continuation })`),
+   * called with `(result, ask)` — the reply value or an `AskError`, and an `AskContext`.
+   */
+  readonly continuations?: readonly string[];
   /** Optional: migrates state written by registry version `fromVersion`. */
   migrate?(fromVersion: number): void;
 }
@@ -62,9 +69,50 @@ export function operations(cls: EntityClass): Map<string, Function> {
   return ops;
 }
 
-/** The operation names of an entity class, in declaration order. */
+const continuationCache = new WeakMap<Function, Set<string>>();
+
+/** The class's `static continuations`, checked: each names an operation that has no `static args`. */
+function continuationSet(cls: EntityClass): Set<string> {
+  let set = continuationCache.get(cls);
+  if (set !== undefined) return set;
+  const declared: unknown = cls.continuations ?? [];
+  if (!Array.isArray(declared) || declared.some((c) => typeof c !== "string")) {
+    throw new Error(`@conflux/sdk: static continuations of ${cls.name} must be an array of operation names`);
+  }
+  const ops = operations(cls);
+  set = new Set<string>();
+  for (const name of declared as string[]) {
+    if (!ops.has(name)) {
+      throw new Error(`@conflux/sdk: static continuations of ${cls.name} names '${name}', which is not one of its operations (${[...ops.keys()].join(", ")})`);
+    }
+    if (cls.args?.[name] !== undefined) {
+      throw new Error(`@conflux/sdk: continuation '${name}' of ${cls.name} takes the reply, not an argument: remove it from static args`);
+    }
+    set.add(name);
+  }
+  continuationCache.set(cls, set);
+  return set;
+}
+
+/**
+ * The operation names of an entity class, in declaration order: what clients call.
+ * Continuations are left out (as in the Rust SDK): only a reply runs them.
+ */
 export function operationNames(cls: EntityClass): string[] {
-  return [...operations(cls).keys()];
+  const continuations = continuationSet(cls);
+  return [...operations(cls).keys()].filter((op) => !continuations.has(op));
+}
+
+/** The continuation names of an entity class (`static continuations`), checked. */
+export function continuationNames(cls: EntityClass): string[] {
+  return [...continuationSet(cls)];
+}
+
+let running: EntityClass | undefined;
+
+/** The entity class whose operation is running (undefined outside `dispatch`). */
+export function runningEntity(): EntityClass | undefined {
+  return running;
 }
 
 function describe(value: unknown): string {
@@ -155,12 +203,29 @@ function isThenable(v: unknown): boolean {
  * reply. Throws CallError for reported failures; anything else it throws is a bug.
  */
 export function dispatch(cls: EntityClass, op: string, payload: Uint8Array): Uint8Array {
+  const outer = running;
+  running = cls;
+  try {
+    return dispatchIn(cls, op, payload);
+  } finally {
+    running = outer;
+  }
+}
+
+function dispatchIn(cls: EntityClass, op: string, payload: Uint8Array): Uint8Array {
   const ops = operations(cls);
   const method = ops.get(op);
   if (method === undefined) {
     throw unknownOperation(
-      `unknown operation '${op}' for entity type ${cls.name}; offered: ${[...ops.keys()].join(", ")}`,
+      `unknown operation '${op}' for entity type ${cls.name}; offered: ${operationNames(cls).join(", ")}`,
     );
+  }
+  if (continuationSet(cls).has(op)) {
+    // Like Rust: the payload is not looked at; the reply is the input.
+    const reply = host().reply();
+    if (reply === undefined) throw badRequest(`'${op}' is a continuation: only the reply to an ask runs it`);
+    const { result, ask } = continuationInput(reply);
+    return run(cls, op, (entity) => method.call(entity, result, ask));
   }
   let arg = parsePayload(op, payload);
   const spec = cls.args?.[op];
@@ -172,8 +237,20 @@ export function dispatch(cls: EntityClass, op: string, payload: Uint8Array): Uin
   } else if (spec !== undefined) {
     arg = checkArg(op, spec, arg);
   }
+  return run(cls, op, (entity) => (takesArg ? method.call(entity, arg) : method.call(entity)));
+}
+
+/** Loads the entity, runs `body` on it, saves it if it changed, and returns the JSON reply. */
+function run(cls: EntityClass, op: string, body: (entity: object) => unknown): Uint8Array {
   const { entity, json: before } = load(cls);
-  const result: unknown = takesArg ? method.call(entity, arg) : method.call(entity);
+  let result: unknown;
+  try {
+    result = body(entity);
+  } catch (e) {
+    // An ask's failure thrown on (Rust: `?`) fails the turn.
+    if (e instanceof AskError) throw failed(e.message);
+    throw e;
+  }
   if (isThenable(result)) {
     throw new Error(`@conflux/sdk: operation '${op}' returned a Promise; operations must be synchronous`);
   }

@@ -3,10 +3,26 @@
 // by the real `conflux:entity/*` imports, and `TestHarness` installs an in-memory one
 // around each call. So the same entity code runs in both.
 
+import type { CallErrorKind } from "./errors";
+
 /** An entity's address: its type and id (the WIT `entity-ref` record). */
 export interface EntityRef {
   entityType: string;
   id: string;
+}
+
+/** The WIT `ask-error` as componentize-js lifts it. */
+export type WitAskError =
+  | { tag: "refused"; val: { tag: CallErrorKind; val: string } }
+  | { tag: "timed-out" }
+  | { tag: "undeliverable"; val: string };
+
+/** The WIT `ask-reply` as componentize-js lifts it. */
+export interface WitAskReply {
+  askId: string;
+  callee: EntityRef;
+  outcome: { tag: "ok"; val: Uint8Array } | { tag: "err"; val: WitAskError };
+  context: Uint8Array;
 }
 
 /** The platform calls the SDK needs (thin mirror of the WIT imports). Internal. */
@@ -23,6 +39,9 @@ export interface Host {
   send(target: EntityRef, operation: string, payload: Uint8Array): void;
   sendAfter(delayMs: number, target: EntityRef, operation: string, payload: Uint8Array): string;
   cancel(timerId: string): boolean;
+  ask(target: EntityRef, operation: string, payload: Uint8Array, continuation: string, context: Uint8Array, timeoutMs: number | undefined): string;
+  /** In a continuation turn, the reply it runs for; undefined in any other turn. */
+  reply(): WitAskReply | undefined;
 }
 
 const OUTSIDE_TURN =

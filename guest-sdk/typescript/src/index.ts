@@ -3,10 +3,11 @@
 import { CallError, failed } from "./errors";
 import { host, installHost, type EntityRef, type Host } from "./host";
 import { fromUtf8, toJsonBytes, utf8 } from "./json";
-import { dispatch, migrate as runMigrate, operationNames, type EntityClass } from "./entity";
+import { continuationNames, dispatch, migrate as runMigrate, operationNames, runningEntity, type EntityClass } from "./entity";
 
 export { CallError, badRequest, failed, isCallError, unknownOperation, type CallErrorKind } from "./errors";
-export { SELF_KEY, operationNames, type ArgType, type EntityClass } from "./entity";
+export { SELF_KEY, continuationNames, operationNames, type ArgType, type EntityClass } from "./entity";
+export { AskContext, AskError, type AskErrorKind, type AskResult } from "./ask";
 export type { EntityRef } from "./host";
 /** Compares strings by UTF-8 byte order (the host's key order; Rust's String order). */
 export { compareBytes } from "./json";
@@ -114,9 +115,34 @@ export const log = {
   error(message: string): void { host().log(4, message); },
 };
 
+/** How `messaging.ask` sends an ask and where its answer goes. */
+export interface AskOptions {
+  /** The operation of THIS entity, listed in its `static continuations`, that the answer runs. */
+  continuation: string;
+  /** A value handed back to the continuation unchanged (`ask.context()`), as JSON. */
+  context?: unknown;
+  /** If no answer came within this many ms, the continuation gets `AskError` `timedOut` (durably: a timer). */
+  timeoutMs?: number;
+}
+
+function checkContinuation(continuation: unknown): string {
+  if (typeof continuation !== "string" || continuation === "") {
+    throw new Error("@conflux/sdk: messaging.ask needs { continuation: '<a continuation operation of this entity>' }");
+  }
+  const cls = runningEntity();
+  if (cls !== undefined && !continuationNames(cls).includes(continuation)) {
+    throw new Error(
+      `@conflux/sdk: '${continuation}' is not a continuation of ${cls.name}: list it in its static continuations ` +
+        `(now: ${JSON.stringify(continuationNames(cls))}), or its reply would find no operation to run`,
+    );
+  }
+  return continuation;
+}
+
 /**
  * Messages to other entities, committed with the turn (an aborted turn sends nothing).
- * The receiver sees this entity as `context.caller()`; replies are discarded.
+ * The receiver sees this entity as `context.caller()`; a `send`'s reply is discarded,
+ * an `ask`'s comes back to a continuation.
  */
 export const messaging = {
   /** Queues `operation(arg)` for `target`; `arg` is sent as JSON (undefined → null). */
@@ -138,6 +164,20 @@ export const messaging = {
   /** Cancels one of this entity's pending timers: true if it was pending. */
   cancel(timerId: string): boolean {
     return host().cancel(timerId);
+  },
+  /**
+   * Asks `target` to run `operation(arg)` (`arg` as JSON; undefined → null) when this
+   * turn commits. Its answer — the reply value, or an `AskError` — later runs the
+   * continuation `options.continuation` of this entity as a turn of its own,
+   * effectively once, with `options.context` back in its `AskContext`. This turn does
+   * not wait. Returns the ask's id.
+   */
+  ask(target: EntityRef, operation: string, arg: unknown, options: AskOptions): string {
+    const continuation = checkContinuation(options?.continuation);
+    const payload = encode(`the payload of '${operation}'`, arg);
+    const context = options.context === undefined ? new Uint8Array() : encode(`the context of '${operation}'`, options.context);
+    const timeoutMs = options.timeoutMs === undefined ? undefined : clampDelay(options.timeoutMs);
+    return host().ask(target, operation, payload, continuation, context, timeoutMs);
   },
 };
 
@@ -182,6 +222,7 @@ export const __runtime = {
   dispatch,
   migrate: runMigrate,
   operationNames,
+  continuationNames,
   guard,
   describeError,
   checkEntityClass(cls: unknown): EntityClass {

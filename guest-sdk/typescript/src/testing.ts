@@ -1,8 +1,9 @@
 // A native test harness: run entity operations under `node --test`, no host, no wasm.
 // Same turn semantics as the Rust SDK's TestHarness (conflux_sdk::testing).
 
+import { AskError, witAskError } from "./ask";
 import { CallError } from "./errors";
-import { installHost, hasHost, type EntityRef, type Host } from "./host";
+import { installHost, hasHost, type EntityRef, type Host, type WitAskReply } from "./host";
 import { compareBytes, fromUtf8, toJsonBytes, utf8 } from "./json";
 import { SELF_KEY, dispatch, migrate, type EntityClass } from "./entity";
 
@@ -32,20 +33,47 @@ export interface SentMessage {
   timerId?: string;
 }
 
+/** An ask made by a committed turn that has had no reply yet. */
+export interface PendingAsk {
+  /** Its id, as `messaging.ask` returned it ("1", "2", …: the timers' sequence, as on the host). */
+  id: string;
+  /** The callee. */
+  target: EntityRef;
+  /** The operation asked for. */
+  operation: string;
+  /** The raw payload bytes. */
+  payload: Uint8Array;
+  /** The payload parsed as JSON (undefined if it is not JSON). */
+  arg: unknown;
+  /** The operation of this entity its answer runs. */
+  continuation: string;
+  /** The context's raw bytes (empty when the ask gave none). */
+  contextRaw: Uint8Array;
+  /** The context parsed as JSON (undefined when there is none). */
+  context: unknown;
+  /** Its timeout, if it has one. */
+  timeoutMs?: number;
+}
+
 interface Turn {
   writes: Map<string, Uint8Array | null>;
   logs: LogRecord[];
   sent: SentMessage[];
   cancelled: string[];
+  asked: PendingAsk[];
+  reply: WitAskReply | undefined;
+}
+
+function parsed(payload: Uint8Array): unknown {
+  try {
+    return JSON.parse(fromUtf8(payload));
+  } catch {
+    return undefined;
+  }
 }
 
 function sentMessage(target: EntityRef, operation: string, payload: Uint8Array, delayMs?: number, timerId?: string): SentMessage {
-  let arg: unknown;
-  try {
-    arg = JSON.parse(fromUtf8(payload));
-  } catch {
-    arg = undefined;
-  }
+  const arg = parsed(payload);
   const m: SentMessage = { target: { ...target }, operation, payload: payload.slice(), arg };
   if (delayMs !== undefined) m.delayMs = delayMs;
   if (timerId !== undefined) m.timerId = timerId;
@@ -59,13 +87,16 @@ function bytes(value: string | Uint8Array): Uint8Array {
 /**
  * Runs operations of one entity instance (`entityType/id`) against an in-memory store.
  * Each call is a turn: writes are buffered, reads see the turn's own writes, and
- * state writes, sent messages and timers are committed only if the operation returns
- * normally. Logs are kept even for failed calls (as in Rust).
+ * state writes, sent messages, timers and asks are committed only if the operation
+ * returns normally. Logs are kept even for failed calls (as in Rust).
  *
  * ```ts
  * const h = new TestHarness(Counter, "counter", "c1");
  * assert.equal(h.call("add", 5), 5);
  * ```
+ *
+ * Asks are recorded (`asks()`); `replyOk`/`reply` deliver an answer to the asker's
+ * continuation, and `answer` runs the asked operation on another harness first.
  */
 export class TestHarness<E extends object = object> {
   readonly entityClass: EntityClass<E>;
@@ -78,6 +109,7 @@ export class TestHarness<E extends object = object> {
   #timers = new Map<string, SentMessage>();
   #nextTimer = 1;
   #invocations = 0;
+  #asks = new Map<string, PendingAsk>();
 
   constructor(entityClass: EntityClass<E>, entityType: string, id: string) {
     this.entityClass = entityClass;
@@ -110,7 +142,74 @@ export class TestHarness<E extends object = object> {
 
   /** Runs `op` with a raw payload (a string is taken as its UTF-8) and returns the raw reply. */
   invoke(op: string, payload: string | Uint8Array = new Uint8Array()): Uint8Array {
-    return this.#turn(() => dispatch(this.entityClass, op, bytes(payload)));
+    return this.#turn(undefined, () => dispatch(this.entityClass, op, bytes(payload)));
+  }
+
+  /**
+   * Delivers an answer to pending ask `askId` as the host does: one turn of its
+   * continuation (seeing the callee as its caller), after which the ask is settled —
+   * even if the continuation throws (its writes are discarded, as on the host).
+   * `outcome` is the callee's reply bytes (a string is taken as its UTF-8 JSON text)
+   * or an `AskError` (`AskError.refused(failed("full"))`, `AskError.timedOut()`,
+   * `AskError.undeliverable("why")`). Returns the continuation's parsed JSON reply.
+   * Throws if no such ask is pending.
+   */
+  reply<R = any>(askId: string, outcome: string | Uint8Array | AskError): R {
+    const ask = this.#asks.get(askId);
+    if (ask === undefined) {
+      throw new Error(`no pending ask ${askId} (pending: ${JSON.stringify([...this.#asks.keys()])})`);
+    }
+    const reply: WitAskReply = {
+      askId: ask.id,
+      callee: { ...ask.target },
+      outcome: outcome instanceof AskError ? { tag: "err", val: witAskError(outcome) } : { tag: "ok", val: bytes(outcome) },
+      context: ask.contextRaw.slice(),
+    };
+    this.#asks.delete(askId);
+    const caller = this.#caller;
+    this.#caller = { ...ask.target };
+    try {
+      const out = this.#turn(reply, () => dispatch(this.entityClass, ask.continuation, new Uint8Array()));
+      return JSON.parse(fromUtf8(out)) as R;
+    } finally {
+      this.#caller = caller;
+    }
+  }
+
+  /** Delivers the reply `value` (as JSON; undefined → null) to pending ask `askId`; see `reply`. */
+  replyOk<R = any>(askId: string, value?: unknown): R {
+    return this.reply<R>(askId, toJsonBytes(value));
+  }
+
+  /**
+   * Runs pending ask `askId` on `callee` (another harness, seeing this entity as its
+   * caller), then delivers its reply — or its CallError, as `AskError` `refused` — to
+   * this entity's continuation: an ask's round trip, both turns atomic. Any other
+   * exception of the callee propagates and the ask stays pending. Returns the
+   * continuation's parsed JSON reply.
+   */
+  answer<R = any>(askId: string, callee: TestHarness<any>): R {
+    const ask = this.#asks.get(askId);
+    if (ask === undefined) throw new Error(`no pending ask ${askId}`);
+    const caller = callee.#caller;
+    callee.#caller = { ...this.#self };
+    let outcome: Uint8Array | AskError;
+    try {
+      outcome = callee.invoke(ask.operation, ask.payload);
+    } catch (e) {
+      if (!(e instanceof CallError)) throw e;
+      outcome = AskError.refused(e);
+    } finally {
+      callee.#caller = caller;
+    }
+    return this.reply<R>(askId, outcome);
+  }
+
+  /** Asks made by committed turns that have had no reply yet, in id order. */
+  asks(): PendingAsk[] {
+    return [...this.#asks.values()]
+      .sort((a, b) => Number(a.id) - Number(b.id))
+      .map((a) => ({ ...a, target: { ...a.target }, payload: a.payload.slice(), contextRaw: a.contextRaw.slice() }));
   }
 
   /** Like `invoke`, with the reply decoded as UTF-8 text. */
@@ -120,15 +219,15 @@ export class TestHarness<E extends object = object> {
 
   /** Runs the class's static `migrate(fromVersion)` (a no-op without one) as one turn. */
   migrate(fromVersion: number): void {
-    this.#turn(() => migrate(this.entityClass, fromVersion));
+    this.#turn(undefined, () => migrate(this.entityClass, fromVersion));
   }
 
-  #turn<T>(body: () => T): T {
+  #turn<T>(reply: WitAskReply | undefined, body: () => T): T {
     if (hasHost()) {
       throw new Error("@conflux/sdk: a turn is already running (harness calls cannot be nested)");
     }
     this.#invocations += 1;
-    const turn: Turn = { writes: new Map(), logs: [], sent: [], cancelled: [] };
+    const turn: Turn = { writes: new Map(), logs: [], sent: [], cancelled: [], asked: [], reply };
     const self = this.#self;
     const caller = this.#caller;
     const nowMs = this.#nowMs;
@@ -177,6 +276,18 @@ export class TestHarness<E extends object = object> {
         }
         return false;
       },
+      ask: (target, operation, payload, continuation, context, timeoutMs) => {
+        // Ask ids share the timers' sequence, as on the host.
+        const id = String(this.#nextTimer++);
+        const a: PendingAsk = {
+          id, target: { ...target }, operation, payload: payload.slice(), arg: parsed(payload), continuation,
+          contextRaw: context.slice(), context: context.length === 0 ? undefined : parsed(context),
+        };
+        if (timeoutMs !== undefined) a.timeoutMs = timeoutMs;
+        turn.asked.push(a);
+        return id;
+      },
+      reply: () => turn.reply,
     };
     installHost(host);
     let value: T;
@@ -195,6 +306,7 @@ export class TestHarness<E extends object = object> {
       if (s.timerId !== undefined) timers.set(s.timerId, s);
       this.#sent.push(s);
     }
+    for (const a of turn.asked) this.#asks.set(a.id, a);
     return value;
   }
 
@@ -261,4 +373,4 @@ export class TestHarness<E extends object = object> {
   }
 }
 
-export { CallError };
+export { AskError, CallError };
