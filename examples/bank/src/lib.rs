@@ -1,14 +1,15 @@
 //! The `bank` example (deployed as type `account`): money moves between accounts as
-//! a saga of messages, so no operation ever touches two accounts at once.
+//! a saga over asks, so no operation ever touches two accounts at once.
 //!
-//! `transfer` debits this account and messages the other one to `credit`; the
-//! receiver either credits and answers `settled`, or — if it is closed — answers
-//! `refund`, and the sender puts the money back (the compensation). Each message is
+//! `transfer` debits this account and *asks* the other one to `credit`; the
+//! receiver either credits (its reply) or, if it is closed, refuses. The reply
+//! runs this account's continuation `on_credit`, which completes the transfer or
+//! puts the money back (the compensation). The ask and its reply are each
 //! processed effectively once, so the total money in the system never changes.
 //! See README.md.
 
 use conflux_sdk::prelude::*;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// One account. Its state is the struct itself, stored under `$self`.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -18,8 +19,10 @@ pub struct Account {
     next_transfer: u64,
     /// Transfers this account started, by transfer id.
     pub outgoing: BTreeMap<String, Outgoing>,
-    /// Transfer ids this account was credited for.
-    pub credited: BTreeSet<String>,
+    /// Transfer ids this account was credited for, in order. A list, not a
+    /// set: the platform delivers each ask once, and an audit would see a
+    /// duplicate here (and in the books) if it did not.
+    pub credited: Vec<String>,
 }
 
 /// A transfer out of an account and how far it got.
@@ -33,11 +36,11 @@ pub struct Outgoing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TransferStatus {
-    /// Debited here; the credit message is on its way.
+    /// Debited here; the other account has not answered yet.
     Pending,
     /// The other account credited it.
     Completed,
-    /// The other account refused it and the money came back.
+    /// The other account refused it (or could not be asked) and the money came back.
     Refunded,
 }
 
@@ -48,19 +51,11 @@ pub struct Transfer {
     pub amount: i64,
 }
 
-/// The `credit` message one account sends another.
+/// What one account asks another to `credit`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Credit {
     pub transfer_id: String,
     pub amount: i64,
-}
-
-/// The sending account, for operations only accounts may send.
-fn calling_account(op: &str) -> Result<String, Error> {
-    match context::caller() {
-        Some(c) if c.entity_type == Account::TYPE_NAME => Ok(c.id),
-        _ => Err(Error::bad_request(format!("'{op}' is sent by another account, not called directly"))),
-    }
 }
 
 #[entity]
@@ -81,7 +76,7 @@ impl Account {
         self.balance
     }
 
-    /// Debits `amount` and sends it to account `to`. Returns the transfer id.
+    /// Debits `amount` and asks account `to` to credit it. Returns the transfer id.
     pub fn transfer(&mut self, t: Transfer) -> Result<String, Error> {
         let me = context::self_ref().id;
         if t.amount <= 0 {
@@ -98,36 +93,66 @@ impl Account {
         }
         self.next_transfer += 1;
         let transfer_id = format!("{me}:{}", self.next_transfer);
+        // Committed with the debit, or not at all. No timeout: a credit may land
+        // after any deadline, so only the receiver's answer may decide a refund.
+        Account::ask(t.to.clone())
+            .credit(&Credit { transfer_id: transfer_id.clone(), amount: t.amount })
+            .context(&transfer_id)
+            .then(Self::ON_CREDIT)?;
         self.balance -= t.amount;
-        let out = Outgoing { to: t.to.clone(), amount: t.amount, status: TransferStatus::Pending };
+        let out = Outgoing { to: t.to, amount: t.amount, status: TransferStatus::Pending };
         self.outgoing.insert(transfer_id.clone(), out);
-        Account::send_to(t.to).credit(&Credit { transfer_id: transfer_id.clone(), amount: t.amount })?;
         Ok(transfer_id)
     }
 
-    /// (From another account.) Takes the money, or sends it back if closed.
+    /// (Asked by another account.) Takes the money, or refuses if closed — and
+    /// the asker puts it back.
     pub fn credit(&mut self, c: Credit) -> Result<(), Error> {
-        let from = calling_account("credit")?;
+        match context::caller() {
+            Some(from) if from.entity_type == Account::TYPE_NAME => {}
+            _ => return Err(Error::bad_request("'credit' is asked by another account, not called directly")),
+        }
         if self.closed {
-            log::info(&format!("refusing transfer {} from {from}: closed", c.transfer_id));
-            return Account::send_to(from).refund(&c.transfer_id);
+            return Err(Error::failed(format!("account closed: transfer {} refused", c.transfer_id)));
         }
-        if self.credited.insert(c.transfer_id.clone()) {
-            self.balance += c.amount;
+        if c.amount <= 0 {
+            return Err(Error::bad_request("a credit must be positive"));
         }
-        Account::send_to(from).settled(&c.transfer_id)
+        self.balance += c.amount;
+        self.credited.push(c.transfer_id);
+        Ok(())
     }
 
-    /// (From the receiving account.) The transfer arrived.
-    pub fn settled(&mut self, transfer_id: String) -> Result<(), Error> {
-        calling_account("settled")?;
-        self.finish(&transfer_id, TransferStatus::Completed)
+    /// The receiver's answer to a transfer's credit: completed, or refunded.
+    #[continuation]
+    pub fn on_credit(&mut self, reply: Result<(), AskError>, ask: AskContext) -> Result<(), Error> {
+        let transfer_id: String = ask.context()?;
+        let Some(t) = self.outgoing.get_mut(&transfer_id) else {
+            return Err(Error::failed(format!("unknown transfer {transfer_id}")));
+        };
+        if t.status != TransferStatus::Pending {
+            return Ok(());
+        }
+        match reply {
+            // `()` is the only answer `credit` gives, so a reply that does not
+            // parse as one still means the receiver credited.
+            Ok(()) | Err(AskError::BadReply(_)) => t.status = TransferStatus::Completed,
+            // The receiver's turn did not commit (it refused, its type is not
+            // deployed, or it failed every attempt): nothing was credited.
+            Err(e @ (AskError::Refused(_) | AskError::Undeliverable(_))) => {
+                log::info(&format!("transfer {transfer_id} refunded: {e}"));
+                t.status = TransferStatus::Refunded;
+                self.balance += t.amount;
+            }
+            // Not asked with a timeout; were it, the credit could still land.
+            Err(AskError::TimedOut) => log::warn(&format!("transfer {transfer_id}: timed out, left pending")),
+        }
+        Ok(())
     }
 
-    /// (From the receiving account.) The transfer was refused: put the money back.
-    pub fn refund(&mut self, transfer_id: String) -> Result<(), Error> {
-        calling_account("refund")?;
-        self.finish(&transfer_id, TransferStatus::Refunded)
+    /// Where transfer `id` of this account stands, or `null` if there is none.
+    pub fn transfer_status(&self, id: String) -> Option<TransferStatus> {
+        self.outgoing.get(&id).map(|t| t.status)
     }
 
     /// Closes the account: it keeps its balance but refuses deposits, transfers and credits.
@@ -141,80 +166,86 @@ impl Account {
     }
 }
 
-impl Account {
-    fn finish(&mut self, transfer_id: &str, status: TransferStatus) -> Result<(), Error> {
-        let Some(t) = self.outgoing.get_mut(transfer_id) else {
-            return Err(Error::failed(format!("unknown transfer {transfer_id}")));
-        };
-        if t.status == TransferStatus::Pending {
-            t.status = status;
-            if status == TransferStatus::Refunded {
-                self.balance += t.amount;
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use conflux_sdk::testing::{SentMessage, TestHarness};
+    use conflux_sdk::testing::TestHarness;
 
     fn account(id: &str) -> TestHarness {
         TestHarness::new("account", id)
     }
 
-    /// Delivers `m` to `to` as a message from `from`.
-    fn deliver(to: &mut TestHarness, from: &str, m: &SentMessage) -> Result<Vec<u8>, Error> {
-        to.set_caller(Some(EntityRef::new("account", from)));
-        to.invoke::<Account>(&m.operation, &m.payload)
+    fn transfer(from: &mut TestHarness, to: &str, amount: i64) -> Result<String, Error> {
+        from.call::<Account, _, String>("transfer", &Transfer { to: to.into(), amount })
     }
 
     #[test]
-    fn a_transfer_debits_credits_and_settles() {
+    fn a_transfer_debits_asks_for_the_credit_and_completes_on_the_reply() {
         let (mut a, mut b) = (account("a"), account("b"));
         a.call::<Account, _, i64>("deposit", &100).unwrap();
-        let id: String = a.call::<Account, _, String>("transfer", &Transfer { to: "b".into(), amount: 30 }).unwrap();
+        let id = transfer(&mut a, "b", 30).unwrap();
         assert_eq!(a.entity::<Account>().balance, 70);
-        let credit = a.take_sent().remove(0);
-        assert_eq!((credit.target.id.as_str(), credit.operation.as_str()), ("b", "credit"));
-        deliver(&mut b, "a", &credit).unwrap();
+        assert_eq!(
+            a.call::<Account, _, Option<TransferStatus>>("transfer_status", &id).unwrap(),
+            Some(TransferStatus::Pending)
+        );
+        let ask = a.asks().remove(0);
+        assert_eq!((ask.target.to_string().as_str(), ask.operation.as_str()), ("account/b", "credit"));
+        a.answer::<Account, Account>(&ask.id, &mut b).unwrap();
         assert_eq!(b.entity::<Account>().balance, 30);
-        let settled = b.take_sent().remove(0);
-        deliver(&mut a, "b", &settled).unwrap();
+        assert_eq!(b.entity::<Account>().credited, vec![id.clone()]);
         assert_eq!(a.entity::<Account>().outgoing[&id].status, TransferStatus::Completed);
+        assert_eq!(a.entity::<Account>().balance, 70);
     }
 
     #[test]
-    fn a_closed_account_refunds_and_money_is_conserved() {
+    fn a_closed_account_refuses_and_the_money_comes_back() {
         let (mut a, mut b) = (account("a"), account("b"));
         a.call::<Account, _, i64>("deposit", &50).unwrap();
         b.call::<Account, _, ()>("close", &()).unwrap();
-        let id: String = a.call::<Account, _, String>("transfer", &Transfer { to: "b".into(), amount: 50 }).unwrap();
-        deliver(&mut b, "a", &a.take_sent()[0]).unwrap();
-        let refund = b.take_sent().remove(0);
-        assert_eq!(refund.operation, "refund");
-        deliver(&mut a, "b", &refund).unwrap();
+        let id = transfer(&mut a, "b", 50).unwrap();
+        assert_eq!(a.entity::<Account>().balance, 0);
+        let ask = a.asks().remove(0);
+        a.answer::<Account, Account>(&ask.id, &mut b).unwrap();
         let st = a.entity::<Account>();
         assert_eq!((st.balance, st.outgoing[&id].status), (50, TransferStatus::Refunded));
         assert_eq!(b.entity::<Account>().balance, 0);
+        assert!(b.entity::<Account>().credited.is_empty());
     }
 
     #[test]
-    fn bad_transfers_are_refused_and_send_nothing() {
+    fn an_undeliverable_credit_is_refunded_and_a_timeout_never_is() {
+        let mut a = account("a");
+        a.call::<Account, _, i64>("deposit", &20).unwrap();
+        let gone = transfer(&mut a, "b", 5).unwrap();
+        let late = transfer(&mut a, "c", 7).unwrap();
+        let asks = a.asks();
+        let id_of = |to: &str| asks.iter().find(|k| k.target.id == to).unwrap().id.clone();
+        a.reply::<Account>(&id_of("b"), Err(AskError::Undeliverable("type 'account' is not deployed".into()))).unwrap();
+        a.reply::<Account>(&id_of("c"), Err(AskError::TimedOut)).unwrap();
+        let st = a.entity::<Account>();
+        assert_eq!(st.outgoing[&gone].status, TransferStatus::Refunded);
+        assert_eq!(
+            st.outgoing[&late].status,
+            TransferStatus::Pending,
+            "a timeout must not refund: the credit may land"
+        );
+        assert_eq!(st.balance, 20 - 7);
+    }
+
+    #[test]
+    fn bad_transfers_are_refused_and_ask_nothing() {
         let mut a = account("a");
         a.call::<Account, _, i64>("deposit", &10).unwrap();
-        for t in [
-            Transfer { to: "b".into(), amount: 11 },
-            Transfer { to: "a".into(), amount: 1 },
-            Transfer { to: "b".into(), amount: 0 },
-        ] {
-            assert!(a.call::<Account, _, String>("transfer", &t).is_err());
+        for (to, amount) in [("b", 11), ("a", 1), ("b", 0)] {
+            assert!(transfer(&mut a, to, amount).is_err());
         }
-        assert!(a.sent().is_empty());
+        assert!(a.asks().is_empty());
         assert_eq!(a.entity::<Account>().balance, 10);
-        // Saga steps only come from accounts.
-        assert!(matches!(a.call::<Account, _, ()>("refund", "x"), Err(Error::BadRequest(_))));
+        // Credits come from accounts, and continuations only from replies.
+        let credit = Credit { transfer_id: "x:1".into(), amount: 5 };
+        assert!(matches!(a.call::<Account, _, ()>("credit", &credit), Err(Error::BadRequest(_))));
+        assert!(matches!(a.call::<Account, _, ()>("on_credit", &()), Err(Error::BadRequest(_))));
+        assert_eq!(a.entity::<Account>().balance, 10);
     }
 }
