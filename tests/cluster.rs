@@ -1,6 +1,7 @@
 //! End-to-end tests of a cluster of real `conflux` processes on 127.0.0.1:
 //! deploy through one node, invoke through every node, hot swap under load,
-//! `kill -9` of a member (a shard leader) under load with bank transfers, a
+//! `kill -9` of a member (a shard leader) under load with bank transfers,
+//! asks through `kill -9` of the caller's and the callee's leaders, a
 //! partition, and the cluster changing shape under load: growing by joins,
 //! draining a member, and re-replicating a member that stays down.
 
@@ -1224,50 +1225,123 @@ fn cluster_status_blocking(runtime: &tokio::runtime::Runtime, d: &Daemon) -> pb:
     runtime.block_on(cluster_status(d))
 }
 
-/// Asks between entities whose shards are led by different members: a member
-/// is killed with -9 while asks are made and answered (it leads some askers'
-/// and some callees' shards), then restarted. Counted by state: every
-/// acknowledged ask's continuation ran exactly once, and no continuation ran
-/// for an ask that was not answered exactly once.
+/// The member (index) leading the shard of `entity_type/id`, as member `via` sees it.
+async fn leader_of(cluster: &Cluster, via: usize, entity_type: &str, id: &str) -> Option<usize> {
+    let shard = conflux_host::cluster::placement::shard_of(entity_type, id, 8);
+    let status = cluster_status(cluster.node(via)).await;
+    let sh = status.shards.iter().find(|s| s.shard_id == shard)?;
+    sh.leader.parse::<usize>().ok().map(|n| n - 1)
+}
+
+/// Askers `a/0…a/5` keep asking callees `b/…` (three asks per call) through
+/// the surviving members while `kill -9` takes down, first, the member leading
+/// asker `a/0`'s shard and, once it is back, the member leading the shard of
+/// the callees asked then. Counted by state: every acknowledged ask's
+/// continuation ran exactly once, no continuation ran twice, and there are as
+/// many continuations as answers.
 #[test]
-fn asks_across_members_get_exactly_one_continuation_each_through_a_kill_dash_nine() {
+fn asks_get_exactly_one_continuation_each_through_kill_dash_nine_of_the_callers_and_the_callees_leaders() {
     let _one = one_cluster_at_a_time();
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path(), 3);
     deploy(cluster.node(0), "a", &guest_wasm("asker"));
     deploy(cluster.node(0), "b", &guest_wasm("asker"));
     const ASKERS: usize = 6;
+    const CALLEES: usize = 12;
     let runtime = rt();
-    let ask_round = |cluster: &Cluster, via: usize, round: usize| {
-        let url = cluster.node(via).url();
-        runtime.block_on(async move {
-            let mut acked = Vec::new();
-            let mut c = conflux_client::connect(&url).await.unwrap();
-            for a in 0..ASKERS {
-                let req = json!({"target": format!("b/{}", (a + round) % ASKERS), "operation": "echo",
-                                 "payload": round, "count": 3});
-                match call(&mut c, "a", &a.to_string(), "ask_for", &req.to_string()).await {
-                    Ok(ids) => acked.push((a, serde_json::from_value::<Vec<String>>(ids).unwrap())),
-                    Err(e) => eprintln!("ask through node {} failed (may or may not have committed): {e}", via + 1),
+    let acked: Arc<Mutex<Vec<(usize, Vec<String>)>>> = Arc::default();
+    // Asks through `via` to `targets` until `stop`; returns how many calls were acknowledged.
+    let ask_load = |cluster: &Cluster, via: Vec<usize>, targets: Vec<String>, phase: usize| {
+        let urls: Vec<String> = via.iter().map(|i| cluster.node(*i).url()).collect();
+        let (acked, stop) = (acked.clone(), Arc::new(AtomicBool::new(false)));
+        let s = stop.clone();
+        let task = runtime.spawn(async move {
+            let mut calls = 0usize;
+            let mut n = 0usize;
+            while !s.load(Ordering::SeqCst) {
+                let mut c = conflux_client::connect(&urls[n % urls.len()]).await.unwrap();
+                let a = n % ASKERS;
+                let req = json!({"target": format!("b/{}", targets[n % targets.len()]), "operation": "echo",
+                                 "payload": n, "count": 3});
+                let key = format!("p{phase}-{n}");
+                match call_keyed(&mut c, "a", &a.to_string(), "ask_for", &req.to_string(), &key).await.0 {
+                    Ok(ids) => {
+                        acked.lock().unwrap().push((a, serde_json::from_value::<Vec<String>>(ids).unwrap()));
+                        calls += 1;
+                    }
+                    Err(e) => eprintln!("ask {key} failed (it may or may not have committed): {e}"),
+                }
+                n += 1;
+            }
+            calls
+        });
+        (stop, task)
+    };
+    let callee_ids: Vec<String> = (0..CALLEES).map(|b| b.to_string()).collect();
+
+    // The caller's leader: a/0's shard. Its callees are led elsewhere, so the
+    // replies coming back are what the kill interrupts.
+    let (caller_leader, away) = runtime.block_on(async {
+        eventually(30, "a/0's shard to have a leader", async || {
+            let l = leader_of(&cluster, 0, "a", "0").await?;
+            let mut away = Vec::new();
+            for b in &callee_ids {
+                if leader_of(&cluster, 0, "b", b).await.is_some_and(|m| m != l) {
+                    away.push(b.clone());
                 }
             }
-            acked
+            (!away.is_empty()).then_some((l, away))
         })
-    };
-    let mut acked = Vec::new();
-    for round in 0..3 {
-        acked.extend(ask_round(&cluster, round % 3, round));
-    }
-    cluster.kill9(0);
-    for round in 3..6 {
-        acked.extend(ask_round(&cluster, 1 + round % 2, round));
-    }
-    cluster.restart(0);
-    for round in 6..8 {
-        acked.extend(ask_round(&cluster, round % 3, round));
-    }
+        .await
+    });
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != caller_leader).collect();
+    let (stop, task) = ask_load(&cluster, survivors, away, 1);
+    std::thread::sleep(Duration::from_millis(1000));
+    cluster.kill9(caller_leader);
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.restart(caller_leader);
+    runtime.block_on(eventually(60, "the caller's leader to catch up", async || {
+        caught_up(&cluster_status(cluster.node(caller_leader)).await).then_some(())
+    }));
+    stop.store(true, Ordering::SeqCst);
+    let calls = runtime.block_on(task).unwrap();
+    assert!(calls > 5, "only {calls} ask calls acknowledged around the caller's leader's kill");
+
+    // The callee's leader: the member leading most of the callees' shards now.
+    let callee_leader = runtime.block_on(async {
+        let mut led = [0usize; 3];
+        for b in &callee_ids {
+            if let Some(m) = leader_of(&cluster, 0, "b", b).await {
+                led[m] += 1;
+            }
+        }
+        (0..3).max_by_key(|m| led[*m]).unwrap()
+    });
+    let mine: Vec<String> = runtime.block_on(async {
+        let mut mine = Vec::new();
+        for b in &callee_ids {
+            if leader_of(&cluster, 0, "b", b).await == Some(callee_leader) {
+                mine.push(b.clone());
+            }
+        }
+        mine
+    });
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != callee_leader).collect();
+    let (stop, task) = ask_load(&cluster, survivors, mine, 2);
+    std::thread::sleep(Duration::from_millis(1000));
+    cluster.kill9(callee_leader);
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.restart(callee_leader);
+    runtime.block_on(eventually(60, "the callee's leader to catch up", async || {
+        caught_up(&cluster_status(cluster.node(callee_leader)).await).then_some(())
+    }));
+    stop.store(true, Ordering::SeqCst);
+    let calls = runtime.block_on(task).unwrap();
+    assert!(calls > 5, "only {calls} ask calls acknowledged around the callee's leader's kill");
+
+    let acked = acked.lock().unwrap().clone();
     runtime.block_on(async {
-        let mut c = cluster.node(1).client().await;
+        let mut c = cluster.node(0).client().await;
         let mut want: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         for (a, ids) in &acked {
             want.entry(*a).or_default().extend(ids.iter().cloned());
@@ -1297,11 +1371,12 @@ fn asks_across_members_get_exactly_one_continuation_each_through_a_kill_dash_nin
             continuations += seen.len() as u64;
         }
         let mut answered = 0u64;
-        for b in 0..ASKERS {
+        for b in 0..CALLEES {
             answered += call(&mut c, "b", &b.to_string(), "answered", "").await.unwrap().as_u64().unwrap();
         }
         assert_eq!(continuations, answered, "one continuation per answered ask");
         let acked_asks: usize = want.values().map(Vec::len).sum();
         assert!(continuations as usize >= acked_asks && acked_asks > 0);
+        eprintln!("{acked_asks} acknowledged asks, {continuations} continuations, {answered} answers");
     });
 }
