@@ -141,7 +141,8 @@ async fn await_received(target: &ConfluxTarget, receivers: &[String], per_receiv
     Ok(())
 }
 
-/// Message throughput (one pair, many pairs) and bank transfer latency.
+/// Message throughput (one pair, many pairs), and asks: bank transfer latency
+/// (sequential) and throughput (64 senders at once).
 pub async fn messaging(target: &ConfluxTarget, relay: &Path, bank: &Path, transfers: u32) -> anyhow::Result<()> {
     target.deploy("relay", relay).await.context("deploying relay")?;
     target.deploy("account", bank).await.context("deploying bank")?;
@@ -174,33 +175,93 @@ pub async fn messaging(target: &ConfluxTarget, relay: &Path, bank: &Path, transf
         let n = pairs * per_pair;
         println!("| {label} | {n} | {secs:.2} | {:.0} |", n as f64 / secs);
     }
-    // A transfer: one turn on a1 (debit + message), then one on a2 (credit).
-    let call = |id: &'static str, op: &'static str, body: String| {
-        let t = target.clone();
-        async move { t.invoke("account", id, op, body.into_bytes()).await.map_err(|e| anyhow::anyhow!("{e:?}")) }
+    // A transfer is an ask and its answer: one turn on a1 (debit + ask), one
+    // on a2 (credit + answer), one on a1 (the continuation marks it completed).
+    let owned = target.clone();
+    let call = move |id: String, op: &'static str, body: String| {
+        let t = owned.clone();
+        async move { t.invoke("account", &id, op, body.into_bytes()).await.map_err(|e| anyhow::anyhow!("{e:?}")) }
     };
-    call("a1", "deposit", (transfers as i64 * 10).to_string()).await?;
-    let mut h = new_histogram();
+    let call_for_status = call.clone();
+    let status = move |id: String, transfer: String| {
+        let call = call_for_status.clone();
+        async move {
+            let s = call(id, "transfer_status", serde_json::to_string(&transfer)?).await?;
+            anyhow::Ok(serde_json::from_slice::<Option<String>>(&s)?)
+        }
+    };
+    call("a1".into(), "deposit", (transfers as i64 * 10).to_string()).await?;
+    let (mut credited, mut settled) = (new_histogram(), new_histogram());
     for i in 1..=transfers {
         let start = Instant::now();
-        call("a1", "transfer", r#"{"to": "a2", "amount": 1}"#.to_owned()).await?;
+        let reply = call("a1".into(), "transfer", r#"{"to": "a2", "amount": 1}"#.to_owned()).await?;
+        let transfer: String = serde_json::from_slice(&reply)?;
+        let mut seen_credit = false;
         loop {
-            let b: i64 = serde_json::from_slice(&call("a2", "balance", String::new()).await?)?;
-            if b == i as i64 {
+            if !seen_credit {
+                let b: i64 = serde_json::from_slice(&call("a2".into(), "balance", String::new()).await?)?;
+                if b == i as i64 {
+                    seen_credit = true;
+                    let _ = credited.record(start.elapsed().as_micros() as u64);
+                }
+            }
+            if seen_credit && status("a1".into(), transfer.clone()).await?.as_deref() == Some("completed") {
+                let _ = settled.record(start.elapsed().as_micros() as u64);
                 break;
             }
-            ensure!(start.elapsed() < Duration::from_secs(30), "transfer {i} not credited after 30 s");
+            ensure!(start.elapsed() < Duration::from_secs(30), "transfer {transfer} not completed after 30 s");
         }
-        let _ = h.record(start.elapsed().as_micros() as u64);
+    }
+    // Many at once: 64 senders each ask a receiver of their own, 50 transfers
+    // each; the clock stops when every sender's continuations have run.
+    const SENDERS: usize = 64;
+    const PER_SENDER: usize = 50;
+    let start = Instant::now();
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        let (call, status) = (call.clone(), status.clone());
+        senders.push(tokio::spawn(async move {
+            let (from, to) = (format!("m{s}"), format!("n{s}"));
+            call(from.clone(), "deposit", (PER_SENDER * 10).to_string()).await?;
+            let body = serde_json::json!({"to": to, "amount": 1}).to_string();
+            let mut last = String::new();
+            for _ in 0..PER_SENDER {
+                last = serde_json::from_slice(&call(from.clone(), "transfer", body.clone()).await?)?;
+            }
+            // Replies come back in order per pair: the last one settles the rest.
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while status(from.clone(), last.clone()).await?.as_deref() != Some("completed") {
+                ensure!(Instant::now() < deadline, "{from}'s transfer {last} not completed after 300 s");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for s in senders {
+        s.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = SENDERS * PER_SENDER;
+    println!();
+    println!("| bank transfer a1 → a2 (an ask and its answer) | transfers | p50 µs | p99 µs | max µs |");
+    println!("|---|---:|---:|---:|---:|");
+    for (label, h) in
+        [("call → credited (a2's balance shows it)", &credited), ("call → continuation ran (completed)", &settled)]
+    {
+        println!(
+            "| {label} | {transfers} | {} | {} | {} |",
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.max()
+        );
     }
     println!();
-    println!("| transfer a1 → a2 (call + delivery + credit, polled) | transfers | p50 µs | p99 µs | max µs |");
+    println!("| asks, many at once | transfers | seconds | transfers/s | turns/s |");
     println!("|---|---:|---:|---:|---:|");
     println!(
-        "| sequential, one at a time | {transfers} | {} | {} | {} |",
-        h.value_at_quantile(0.5),
-        h.value_at_quantile(0.99),
-        h.max()
+        "| {SENDERS} senders × {PER_SENDER} transfers (3 turns each) | {n} | {secs:.2} | {:.0} | {:.0} |",
+        n as f64 / secs,
+        3.0 * n as f64 / secs
     );
     Ok(())
 }
