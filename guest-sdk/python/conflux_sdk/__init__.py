@@ -25,6 +25,7 @@ Test natively with :class:`conflux_sdk.testing.TestHarness`; build a component w
 """
 
 from . import context, log, messaging, state
+from ._ask import AskContext, AskError
 from ._core import (
     SELF_KEY,
     BadRequest,
@@ -35,18 +36,34 @@ from ._core import (
     current_host,
     install_host,
 )
-from ._runtime import dispatch, entity, find_entity, is_entity, migrate, operation, operations, readonly
+from ._runtime import (
+    continuation,
+    continuations,
+    dispatch,
+    entity,
+    find_entity,
+    is_entity,
+    migrate,
+    operation,
+    operations,
+    readonly,
+    skip_if_none,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SELF_KEY",
+    "AskContext",
+    "AskError",
     "BadRequest",
     "CallError",
     "EntityRef",
     "Failed",
     "UnknownOperation",
     "context",
+    "continuation",
+    "continuations",
     "current_host",
     "dispatch",
     "entity",
@@ -59,5 +76,6 @@ __all__ = [
     "operation",
     "operations",
     "readonly",
+    "skip_if_none",
     "state",
 ]

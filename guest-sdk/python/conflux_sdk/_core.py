@@ -13,6 +13,8 @@ forwards to the real WIT imports) or by :class:`conflux_sdk.testing.TestHarness`
     send(target: EntityRef, operation, payload: bytes)
     send_after(delay_ms, target, operation, payload) -> str
     cancel(timer_id) -> bool
+    ask(target, operation, payload, continuation, context: bytes, timeout_ms: int | None) -> str
+    reply() -> RawReply | None              (the reply a continuation turn runs for)
 """
 
 from __future__ import annotations

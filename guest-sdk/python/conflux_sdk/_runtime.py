@@ -1,4 +1,5 @@
-"""The entity runtime: ``@entity``, ``@readonly``, dispatching an operation as one turn."""
+"""The entity runtime: ``@entity``, ``@readonly``, ``@continuation``, dispatching an
+operation as one turn."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import dataclasses
 import inspect
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ._ask import AskError, continuation_input
 from ._core import SELF_KEY, BadRequest, Failed, UnknownOperation, current_host, from_json, to_json
 
 _MARK = "__conflux_entity__"
+_SKIP_IF_NONE = "conflux_skip_if_none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +22,8 @@ class Operation:
     takes_arg: bool
     arg_optional: bool  # the parameter has a default: a null/empty payload calls without it
     readonly: bool
+    continuation: bool = False  # run only by the reply to an ask
+    takes_ask: bool = False  # a continuation that also takes the AskContext
 
 
 def operation(name: str) -> Callable[[Callable], Callable]:
@@ -43,6 +48,29 @@ def readonly(func: Callable) -> Callable:
     return func
 
 
+def continuation(func: Callable) -> Callable:
+    """Marks a method as a *continuation*: an operation run only by the answer to an ask
+    of this entity (``messaging.ask(..., continuation="on_added")``), called as
+    ``method(result)`` or ``method(result, ask)`` — ``result`` the reply value
+    (JSON-decoded) or an :class:`AskError`, ``ask`` the :class:`AskContext`. Clients
+    cannot call it (bad-request), and it is not listed among the operations::
+
+        @continuation
+        def on_added(self, result, ask): ...
+    """
+    func.__conflux_continuation__ = True  # type: ignore[attr-defined]
+    return func
+
+
+def skip_if_none() -> Any:
+    """A dataclass field defaulting to None and left out of the stored JSON while None,
+    like a Rust field with ``#[serde(skip_serializing_if = "Option::is_none")]``::
+
+        joining: Optional[str] = skip_if_none()
+    """
+    return dataclasses.field(default=None, metadata={_SKIP_IF_NONE: True})
+
+
 def _operations(cls: type) -> List[Operation]:
     names: List[str] = []
     for klass in reversed(cls.__mro__[:-1]):  # bases first, object excluded
@@ -59,15 +87,24 @@ def _operations(cls: type) -> List[Operation]:
             continue  # staticmethod, classmethod, property, data, migrate hook
         params = list(inspect.signature(attr).parameters.values())[1:]  # drop self
         params = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        op_name = getattr(attr, "__conflux_name__", name)
+        if any(o.name == op_name for o in ops):
+            raise TypeError(f"{cls.__name__} has two operations named '{op_name}'")
+        if getattr(attr, "__conflux_continuation__", False):
+            if not 1 <= len(params) <= 2:
+                raise TypeError(
+                    f"continuation '{name}' of {cls.__name__} takes {len(params)} arguments; a continuation "
+                    "takes the result, and optionally the AskContext: def on_x(self, result, ask)"
+                )
+            ops.append(Operation(name=op_name, attr=name, takes_arg=False, arg_optional=False, readonly=False,
+                                 continuation=True, takes_ask=len(params) == 2))
+            continue
         if len(params) > 1:
             raise TypeError(
                 f"operation '{name}' of {cls.__name__} takes {len(params)} arguments; an operation "
                 "takes zero or one (bundle several values into a dict, list or dataclass)"
             )
         takes = len(params) == 1
-        op_name = getattr(attr, "__conflux_name__", name)
-        if any(o.name == op_name for o in ops):
-            raise TypeError(f"{cls.__name__} has two operations named '{op_name}'")
         ops.append(
             Operation(
                 name=op_name,
@@ -105,8 +142,32 @@ def is_entity(obj: Any) -> bool:
 
 
 def operations(cls: type) -> List[str]:
-    """The operation names of an entity class, in declaration order."""
-    return list(_ops(cls))
+    """The operation names of an entity class, in declaration order: what clients call.
+    Continuations are left out (as in the Rust SDK): only a reply runs them."""
+    return [name for name, op in _ops(cls).items() if not op.continuation]
+
+
+def continuations(cls: type) -> List[str]:
+    """The continuation names (``@continuation`` methods) of an entity class."""
+    return [name for name, op in _ops(cls).items() if op.continuation]
+
+
+_running: List[type] = []  # the entity classes whose operations are running (innermost last)
+
+
+def check_continuation(name: Any) -> str:
+    """Refuses (ValueError: a bug) an ask whose continuation is not one of the running
+    entity's ``@continuation`` operations: its reply would find nothing to run."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("conflux_sdk: messaging.ask needs continuation='<a @continuation operation of this entity>'")
+    if _running:
+        cls = _running[-1]
+        if name not in continuations(cls):
+            raise ValueError(
+                f"conflux_sdk: '{name}' is not a continuation of {cls.__name__} (its @continuation "
+                f"operations: {continuations(cls)}), so its reply would find no operation to run"
+            )
+    return name
 
 
 def _ops(cls: type) -> Dict[str, Operation]:
@@ -141,8 +202,17 @@ def field_names(instance: Any) -> List[str]:
     return names
 
 
+def _skipped_if_none(cls: type) -> List[str]:
+    if not dataclasses.is_dataclass(cls):
+        return []
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get(_SKIP_IF_NONE)]
+
+
 def fields_of(instance: Any) -> Dict[str, Any]:
-    return {name: getattr(instance, name) for name in field_names(instance)}
+    """The fields to store, in order; a ``skip_if_none()`` field is left out while None."""
+    skip = _skipped_if_none(type(instance))
+    values = {name: getattr(instance, name) for name in field_names(instance)}
+    return {name: v for name, v in values.items() if not (v is None and name in skip)}
 
 
 def dump_state(instance: Any) -> bytes:
@@ -206,28 +276,50 @@ def dispatch(cls: type, op: str, payload: bytes) -> bytes:
     """Runs operation ``op`` of entity class ``cls`` with the JSON ``payload`` inside the
     current turn and returns the JSON reply. Raises CallError subclasses for refusals;
     any other exception is a bug in the entity and propagates."""
+    _running.append(cls)
+    try:
+        return _dispatch(cls, op, bytes(payload))
+    finally:
+        _running.pop()
+
+
+def _dispatch(cls: type, op: str, payload: bytes) -> bytes:
     ops = _ops(cls)
     spec = ops.get(op)
     if spec is None:
         raise UnknownOperation(
-            f"unknown operation '{op}' for entity type {cls.__name__}; offered: {', '.join(ops)}"
+            f"unknown operation '{op}' for entity type {cls.__name__}; offered: {', '.join(operations(cls))}"
         )
-    payload = bytes(payload)
+    host = current_host()
+    if spec.continuation:
+        # Like Rust: the payload is not looked at; the reply is the input.
+        reply = host.reply()
+        if reply is None:
+            raise BadRequest(f"'{op}' is a continuation: only the reply to an ask runs it")
+        result, ask = continuation_input(reply)
+        args: tuple = (result, ask) if spec.takes_ask else (result,)
+        return _run(cls, op, spec, args)
     arg = parse_payload(op, payload)
     if not spec.takes_arg and arg is not None:
         raise BadRequest(
             f"invalid payload for operation '{op}': it takes no argument (expected an empty payload or null)"
         )
+    return _run(cls, op, spec, (arg,) if spec.takes_arg and not (arg is None and spec.arg_optional) else ())
+
+
+def _run(cls: type, op: str, spec: Operation, args: tuple) -> bytes:
+    """Loads the instance, calls the operation with ``args``, saves the instance if it
+    changed and returns the JSON reply."""
     host = current_host()
     before = host.state_get(SELF_KEY)
     instance = instance_from_json(cls, None if before is None else bytes(before))
     if before is None and not spec.readonly:
         before = dump_state(instance)
-    method = getattr(instance, spec.attr)
-    if spec.takes_arg and not (arg is None and spec.arg_optional):
-        result = method(arg)
-    else:
-        result = method()
+    try:
+        result = getattr(instance, spec.attr)(*args)
+    except AskError as e:
+        # An ask's failure raised on (Rust: `?`) fails the turn.
+        raise Failed(str(e)) from None
     if not spec.readonly:
         after = dump_state(instance)
         if after != bytes(before):

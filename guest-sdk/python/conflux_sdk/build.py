@@ -39,6 +39,7 @@ import sys as _sys
 import encodings.idna  # noqa: F401
 
 from componentize_py_types import Err as _Err
+from componentize_py_types import Ok as _Ok
 from wit_world import exports as _exports
 from wit_world.imports import context as _context
 from wit_world.imports import messaging as _messaging
@@ -46,7 +47,15 @@ from wit_world.imports import state as _state
 from wit_world.imports import types as _types
 
 import conflux_sdk as _sdk
-from conflux_sdk import _core, _runtime
+from conflux_sdk import _ask, _core, _runtime
+
+
+def _call_error_from_wit(e):
+    if isinstance(e, _types.CallError_BadRequest):
+        return _core.BadRequest(e.value)
+    if isinstance(e, _types.CallError_UnknownOperation):
+        return _core.UnknownOperation(e.value)
+    return _core.Failed(e.value)
 
 
 class _WitHost:
@@ -89,6 +98,27 @@ class _WitHost:
 
     def cancel(self, timer_id):
         return _messaging.cancel(timer_id)
+
+    def ask(self, target, operation, payload, continuation, context, timeout_ms):
+        return _messaging.ask(_types.EntityRef(target.entity_type, target.id), operation, payload, continuation,
+                              context, timeout_ms)
+
+    def reply(self):
+        r = _messaging.reply()
+        if r is None:
+            return None
+        if isinstance(r.outcome, _Ok):
+            outcome = bytes(r.outcome.value)
+        else:
+            e = r.outcome.value
+            if isinstance(e, _messaging.AskError_Refused):
+                outcome = _ask.AskError.refused(_call_error_from_wit(e.value))
+            elif isinstance(e, _messaging.AskError_Undeliverable):
+                outcome = _ask.AskError.undeliverable(e.value)
+            else:
+                outcome = _ask.AskError.timed_out()
+        callee = _core.EntityRef(r.callee.entity_type, r.callee.id)
+        return _ask.RawReply(r.ask_id, callee, outcome, bytes(r.context))
 
 
 _core.install_host(_WitHost())

@@ -6,18 +6,24 @@ writes, and the buffer (plus sent messages and timers) is committed only if the
 operation returns normally. On a :class:`~conflux_sdk.CallError` or any other exception
 it is discarded and the exception re-raised. Log lines are kept either way (like the
 host, which writes them immediately).
+
+Asks made by committed turns are recorded (:meth:`TestHarness.asks`);
+:meth:`~TestHarness.reply_ok` / :meth:`~TestHarness.reply` deliver an answer to the
+asker's continuation, and :meth:`~TestHarness.answer` runs the asked operation on
+another harness first.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 from . import _core
-from ._core import SELF_KEY, EntityRef, from_json, to_json
+from ._ask import AskError, RawReply
+from ._core import SELF_KEY, CallError, EntityRef, from_json, to_json
 from ._runtime import dispatch, instance_from_json, migrate as _migrate
 
-__all__ = ["TestHarness", "LogRecord", "SentMessage"]
+__all__ = ["TestHarness", "LogRecord", "SentMessage", "PendingAsk"]
 
 T = TypeVar("T")
 
@@ -46,14 +52,42 @@ class SentMessage:
         return None if not self.payload else from_json(self.payload)
 
 
+@dataclasses.dataclass(frozen=True)
+class PendingAsk:
+    """An ask made by a committed turn that has had no reply yet."""
+
+    id: str
+    """Its id, as ``messaging.ask`` returned it ("1", "2", …: the timers' sequence, as on the host)."""
+    target: EntityRef
+    operation: str
+    payload: bytes
+    continuation: str
+    """The operation of this entity its answer runs."""
+    context_raw: bytes
+    """The context's bytes (empty when the ask gave none)."""
+    timeout_ms: Optional[int] = None
+
+    @property
+    def arg(self) -> Any:
+        """The payload parsed as JSON (an empty payload is None)."""
+        return None if not self.payload else from_json(self.payload)
+
+    @property
+    def context(self) -> Any:
+        """The context parsed as JSON (None when there is none)."""
+        return None if not self.context_raw else from_json(self.context_raw)
+
+
 class _Turn:
     """The in-memory host for one turn."""
 
-    def __init__(self, h: "TestHarness") -> None:
+    def __init__(self, h: "TestHarness", reply: Optional[RawReply] = None) -> None:
         self.h = h
         self.writes: Dict[str, Optional[bytes]] = {}
         self.sent: List[SentMessage] = []
         self.cancelled: List[str] = []
+        self.asked: List[PendingAsk] = []
+        self._reply = reply
         self.inv = f"test-{h._self_ref}-{h._invocations}"
 
     # state
@@ -117,6 +151,18 @@ class _Turn:
             return True
         return False
 
+    def ask(self, target: EntityRef, operation: str, payload: bytes, continuation: str, context: bytes,
+            timeout_ms: Optional[int]) -> str:
+        # Ask ids share the timers' sequence, as on the host.
+        ask_id = str(self.h._next_timer)
+        self.h._next_timer += 1
+        self.asked.append(PendingAsk(ask_id, target, operation, bytes(payload), continuation, bytes(context),
+                                     None if timeout_ms is None else int(timeout_ms)))
+        return ask_id
+
+    def reply(self) -> Optional[RawReply]:
+        return self._reply
+
 
 class TestHarness:
     """Runs operations of one entity instance (``entity_type/id``) against an in-memory store.
@@ -139,15 +185,16 @@ class TestHarness:
         self._sent: List[SentMessage] = []
         self._timers: Dict[str, SentMessage] = {}
         self._next_timer = 1
+        self._asks: Dict[str, PendingAsk] = {}
         self._running = False
 
     # ------------------------------------------------------------------ turns
 
-    def _turn(self, body: Callable[[], T]) -> T:
+    def _turn(self, body: Callable[[], T], reply: Optional[RawReply] = None) -> T:
         if self._running or _core._host is not None and isinstance(_core._host, _Turn):
             raise RuntimeError("conflux_sdk: a TestHarness turn is already running (harness calls cannot be nested)")
         self._invocations += 1
-        turn = _Turn(self)
+        turn = _Turn(self, reply)
         previous = _core.install_host(turn)
         self._running = True
         try:
@@ -167,6 +214,8 @@ class TestHarness:
             if s.timer_id is not None:
                 self._timers[s.timer_id] = s
             self._sent.append(s)
+        for a in turn.asked:
+            self._asks[a.id] = a
         return value
 
     def invoke(self, op: str, payload: bytes | str = b"") -> bytes:
@@ -181,6 +230,61 @@ class TestHarness:
         parsed JSON reply."""
         reply = self.invoke(op, to_json(arg))
         return from_json(reply)
+
+    # ------------------------------------------------------------------ asks
+
+    def asks(self) -> List[PendingAsk]:
+        """Asks made by committed turns that have had no reply yet, in id order."""
+        return [self._asks[k] for k in sorted(self._asks, key=lambda k: (len(k), k))]
+
+    def reply(self, ask_id: str, outcome: Union[bytes, str, AskError]) -> Any:
+        """Delivers an answer to pending ask ``ask_id`` as the host does: one turn of its
+        continuation (seeing the callee as its caller), after which the ask is settled —
+        even if the continuation raises (its writes are discarded, as on the host).
+        ``outcome`` is the callee's raw reply (a str is its UTF-8 JSON text) or an
+        :class:`AskError` (``AskError.refused(Failed("full"))``, ``AskError.timed_out()``,
+        ``AskError.undeliverable("why")``). Returns the continuation's parsed JSON reply.
+        Raises KeyError if no such ask is pending."""
+        if ask_id not in self._asks:
+            raise KeyError(f"no pending ask {ask_id} (pending: {sorted(self._asks)})")
+        if isinstance(outcome, AskError):
+            if outcome.kind == AskError.BAD_REPLY:
+                raise ValueError("bad_reply is the SDK's verdict on a reply's bytes, not an outcome the host "
+                                 "delivers: pass the bytes instead")
+        elif isinstance(outcome, str):
+            outcome = outcome.encode("utf-8")
+        else:
+            outcome = bytes(outcome)
+        ask = self._asks.pop(ask_id)
+        raw = RawReply(ask.id, ask.target, outcome, ask.context_raw)
+        caller, self._caller = self._caller, ask.target
+        try:
+            out = self._turn(lambda: dispatch(self.entity_cls, ask.continuation, b""), raw)
+        finally:
+            self._caller = caller
+        return from_json(out)
+
+    def reply_ok(self, ask_id: str, value: Any = None) -> Any:
+        """Delivers the reply ``value`` (as JSON) to pending ask ``ask_id``; see :meth:`reply`."""
+        return self.reply(ask_id, to_json(value))
+
+    def answer(self, ask_id: str, callee: "TestHarness") -> Any:
+        """Runs pending ask ``ask_id`` on ``callee`` (another harness, seeing this entity as
+        its caller), then delivers its reply — or its CallError, as ``AskError.refused`` —
+        to this entity's continuation: an ask's round trip, both turns atomic. Any other
+        exception of the callee propagates and the ask stays pending. Returns the
+        continuation's parsed JSON reply."""
+        if ask_id not in self._asks:
+            raise KeyError(f"no pending ask {ask_id}")
+        ask = self._asks[ask_id]
+        caller, callee._caller = callee._caller, self._self_ref
+        try:
+            outcome: Union[bytes, AskError] = callee.invoke(ask.operation, ask.payload)
+        except CallError as e:
+            outcome = AskError.refused(e)
+        finally:
+            callee._caller = caller
+        return self.reply(ask_id, outcome)
 
     def migrate(self, from_version: int) -> None:
         """Runs the entity's ``migrate(from_version)`` (no-op without one) as one turn."""

@@ -46,3 +46,99 @@ def test_builds_a_component(tmp_path):
     out = build.build(f, tmp_path / "tiny.wasm", quiet=True)
     assert out.stat().st_size > 1_000_000
     assert out.read_bytes()[:8] == b"\0asm\x0d\0\x01\0"
+
+
+ASKER = '''
+from conflux_sdk import AskError, EntityRef, continuation, entity, messaging
+
+
+@entity
+class Asker:
+    def __init__(self):
+        self.seen = []
+
+    def go(self, team):
+        return messaging.ask(EntityRef("team", team), "add_member", "sue", continuation="on_added",
+                             context=team, timeout_ms=2500)
+
+    @continuation
+    def on_added(self, result, ask):
+        if isinstance(result, AskError):
+            got = [result.kind, None if result.error is None else [result.error.kind, result.error.message], result.reason]
+        else:
+            got = ["ok", result]
+        self.seen.append(got + [ask.id, str(ask.callee), ask.context])
+'''
+
+
+@pytest.fixture
+def generated_entry(tmp_path, monkeypatch):
+    """The generated entry, imported natively over componentize-py's own generated
+    bindings (`componentize-py bindings`), with the WIT imports stubbed in memory."""
+    bindings = tmp_path / "bindings"
+    cmd = build.componentize_command() + ["-d", str(build.wit_dir()), "-w", build.WORLD, "bindings", str(bindings)]
+    try:
+        done = subprocess.run(cmd, capture_output=True)
+    except OSError:
+        pytest.skip("componentize-py is not installed")
+    if done.returncode != 0:
+        pytest.skip(f"componentize-py bindings failed: {done.stderr.decode()[-300:]}")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "asker.py").write_text(ASKER)
+    (tmp_path / "m" / f"{build.ENTRY_MODULE}.py").write_text(build.render_entry("asker", None))
+    from conflux_sdk import _core
+
+    monkeypatch.setattr(_core, "_host", None)  # the entry installs its host; put the SDK's back afterwards
+    before = set(sys.modules)
+    for p in [bindings, tmp_path / "m"]:
+        monkeypatch.syspath_prepend(str(p))
+    import wit_world.imports.context as wc
+    import wit_world.imports.messaging as wm
+    import wit_world.imports.state as ws
+    import wit_world.imports.types as wt
+
+    store, calls = {}, {"ask": [], "reply": None}
+    monkeypatch.setattr(ws, "get", lambda k: store.get(k))
+    monkeypatch.setattr(ws, "set", lambda k, v: store.__setitem__(k, bytes(v)))
+    monkeypatch.setattr(wc, "self_ref", lambda: wt.EntityRef("user", "sue"))
+    monkeypatch.setattr(wc, "caller", lambda: None)
+    monkeypatch.setattr(wm, "ask", lambda *a: calls["ask"].append(a) or "ask-7")
+    monkeypatch.setattr(wm, "reply", lambda: calls["reply"])
+    import conflux_entry
+
+    yield conflux_entry, wm, wt, store, calls
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_the_entry_binds_ask_and_reply_to_the_wit(generated_entry):
+    entry, wm, wt, store, calls = generated_entry
+    from componentize_py_types import Err, Ok
+
+    handler = entry.Handler()
+    assert handler.handle("go", b'"red"') == b'"ask-7"'
+    ((target, op, payload, cont, ctx, timeout),) = calls["ask"]
+    assert isinstance(target, wt.EntityRef) and (target.entity_type, target.id) == ("team", "red")
+    assert (op, payload, cont, ctx, timeout) == ("add_member", b'"sue"', "on_added", b'"red"', 2500)
+    with pytest.raises(Err) as e:  # not a reply turn: refused as in Rust
+        handler.handle("on_added", b"")
+    assert e.value.value == wt.CallError_BadRequest("'on_added' is a continuation: only the reply to an ask runs it")
+    outcomes = [
+        Ok(b"null"),
+        Err(wm.AskError_Refused(wt.CallError_Failed("team red is full"))),
+        Err(wm.AskError_Refused(wt.CallError_BadRequest("no"))),
+        Err(wm.AskError_TimedOut()),
+        Err(wm.AskError_Undeliverable("type team is not deployed")),
+    ]
+    for outcome in outcomes:
+        calls["reply"] = wm.AskReply("ask-7", wt.EntityRef("team", "red"), outcome, b'"red"')
+        handler.handle("on_added", b"")
+    import json
+
+    assert json.loads(store["$self"])["seen"] == [
+        ["ok", None, "ask-7", "team/red", "red"],
+        ["refused", ["failed", "team red is full"], None, "ask-7", "team/red", "red"],
+        ["refused", ["bad-request", "no"], None, "ask-7", "team/red", "red"],
+        ["timed_out", None, None, "ask-7", "team/red", "red"],
+        ["undeliverable", None, "type team is not deployed", "ask-7", "team/red", "red"],
+    ]
