@@ -2,7 +2,7 @@
 
 import pytest
 
-from conflux_sdk import BadRequest, EntityRef
+from conflux_sdk import BadRequest, EntityRef, Failed
 from conflux_sdk.testing import TestHarness
 from team import Team
 
@@ -18,6 +18,7 @@ def test_only_the_user_adds_itself():
     with pytest.raises(BadRequest):
         h.call("add_member", "bob")
     assert h.call("members") == ["sue"]
+    assert h.get_raw("$self") == b'{"members":["sue"]}', "the state JSON every SDK reads"
 
 
 def test_members_are_a_sorted_set_like_rust():
@@ -34,3 +35,31 @@ def test_members_are_a_sorted_set_like_rust():
     h2.call("add_member", "sue")
     assert h2.get_raw("$self") == b'{"members":["sue"]}'
     assert h2.entity().members == {"sue"}
+
+
+def test_a_full_team_refuses_newcomers_but_not_members():
+    h = TestHarness(Team, "team", "red")
+    h.call("limit", 1)
+    assert h.get_raw("$self") == b'{"members":[],"capacity":1}'
+    h.set_caller(EntityRef("user", "sue"))
+    h.call("add_member", "sue")
+    h.call("add_member", "sue")
+    h.set_caller(EntityRef("user", "bob"))
+    with pytest.raises(Failed) as e:
+        h.call("add_member", "bob")
+    assert e.value.message == "team red is full"
+    assert h.call("members") == ["sue"]
+    assert h.get_raw("$self") == b'{"members":["sue"],"capacity":1}'
+
+
+def test_limit_takes_a_non_negative_integer():
+    h = TestHarness(Team, "team", "red")
+    for bad in [b"-1", b"1.5", b'"2"', b"null", b"true"]:
+        with pytest.raises(BadRequest):
+            h.invoke("limit", bad)
+    assert h.get_raw("$self") is None
+    # A Rust team's state with a capacity loads.
+    h.set_raw("$self", '{"members":["amy"],"capacity":1}')
+    h.set_caller(EntityRef("user", "bob"))
+    with pytest.raises(Failed):
+        h.call("add_member", "bob")

@@ -1,30 +1,56 @@
 // The `user` side of the team-joiner example in TypeScript (deployed as type `user`).
 // One entity per user serialises every change to that user, so a user can never end
-// up on two teams. Same state JSON as examples/team-joiner: {"team":"red"} / {"team":null}.
+// up on two teams. The user asks the team to take it and is on the team only once the
+// team accepted. Same state JSON as examples/team-joiner: {"team":"red"} /
+// {"team":null} / {"team":null,"joining":"red"} while the team answers.
 
-import { badRequest, context, entityRef, failed, log, messaging } from "@conflux/sdk";
+import { AskError, badRequest, context, entityRef, failed, log, messaging, type AskContext, type AskResult } from "@conflux/sdk";
 
 export default class User {
+  /** The team that accepted this user. */
   team: string | null = null;
+  /** The team asked to accept this user, until it answers (left out of the JSON when undefined, like Rust's None here). */
+  joining: string | undefined = undefined;
 
   static args = { join: "string" } as const;
   // The field `team` is the state ({"team": ...}); the `team` operation is this method.
   static rename = { currentTeam: "team" };
+  // Run only by the team's answer. The same operation name as the Rust and Python users',
+  // so an ask pending across a hot swap between languages still finds its continuation.
+  static continuations = ["on_added"] as const;
 
-  /** Puts this user on `team` and returns it. Re-joining the same team succeeds; another team fails. */
+  /**
+   * Asks `team` to take this user and returns it; the user is on it once the team accepts.
+   * Joining the same team again succeeds (idempotent); joining another while on one, or
+   * while another is answering, fails.
+   */
   join(team: string): string {
     if (team.trim() === "") throw badRequest("team name must not be empty");
     const me = context.selfRef().id;
-    if (this.team !== null) {
-      if (this.team !== team) throw failed(`user ${me} is already on team ${this.team}`);
+    const current = this.team ?? this.joining;
+    if (current !== null && current !== undefined) {
+      if (current !== team) throw failed(`user ${me} is already on team ${current}`);
       return team;
     }
-    log.info(`user ${me} joined team ${team}`);
-    this.team = team;
-    // Committed with this turn and delivered effectively once: the team's member list
-    // converges to the users' view.
-    messaging.send(entityRef("team", team), "add_member", me);
+    // Committed with this turn; the team's answer runs `on_added` as a turn of its own,
+    // effectively once.
+    messaging.ask(entityRef("team", team), "add_member", me, { continuation: "on_added", context: team });
+    this.joining = team;
     return team;
+  }
+
+  /** The team's answer: on it if accepted; free again if refused. */
+  on_added(result: AskResult<null>, ask: AskContext): void {
+    const team = ask.context<string>();
+    if (this.joining !== team) return;
+    this.joining = undefined;
+    const me = context.selfRef().id;
+    if (result instanceof AskError) {
+      log.warn(`user ${me} did not join team ${team}: ${result.message}`);
+    } else {
+      log.info(`user ${me} joined team ${team}`);
+      this.team = team;
+    }
   }
 
   /** The user's team, or null if none. */
