@@ -1,7 +1,8 @@
 //! End to end with the real binary: entities written in TypeScript
 //! (componentize-js) and Python (componentize-py) next to Rust ones — exact
 //! totals under concurrency, `kill -9`, the Team Joiner race across languages,
-//! hot swaps between languages, and the sandbox seen from an interpreter.
+//! asks answered and refused across languages, hot swaps between languages,
+//! and the sandbox seen from an interpreter.
 //!
 //! The components are built by `scripts/build-ts.sh` and
 //! `scripts/build-python.sh` (which `scripts/test.sh` runs first) into
@@ -73,8 +74,10 @@ fn a_python_counter_is_exact_and_survives_kill_dash_nine() {
 
 /// The seeds' race, across languages: 24 concurrent joins of one user to 24
 /// teams, where `user` and `team` are written in different languages. Exactly
-/// one join wins, and only the winning team — in the other language — lists
-/// the user, which proves the message crossed languages with its caller.
+/// one join wins — it asks its team, and the others are refused while that
+/// ask is pending — and only the winning team, in the other language, lists
+/// the user: the ask crossed languages with its caller, and the team's answer
+/// came back to the user's continuation, which put the user on the team.
 #[test]
 fn the_team_joiner_race_is_fixed_across_languages() {
     let dir = tempfile::tempdir().unwrap();
@@ -110,14 +113,14 @@ fn the_team_joiner_race_is_fixed_across_languages() {
                 }
             }
             assert_eq!(winners.len(), 1, "{pair}: exactly one join must win: {winners:?}");
-            // A Rust user is on its team once the team accepted its ask.
+            // The user is on its team once the team accepted its ask, in every language.
             let mut c = d.client().await;
             eventually(30, "the user on its team", async || {
                 (call(&mut c, "user", &user, "team", "").await.unwrap() == json!(winners[0])).then_some(())
             })
             .await;
             let winner = winners[0].clone();
-            let members = eventually(30, "the add_member message", async || {
+            let members = eventually(30, "the add_member ask", async || {
                 let m = call(&mut c, "team", &winner, "members", "").await.unwrap();
                 (m != json!([])).then_some(m)
             })
@@ -136,7 +139,94 @@ fn the_team_joiner_race_is_fixed_across_languages() {
         });
     }
     let dead = stdout(&d.cli(&["dead-letters"]));
-    assert!(!dead.contains("add_member"), "no message was lost to a dead letter: {dead}");
+    assert!(
+        !dead.contains("add_member") && !dead.contains("on_added"),
+        "no ask or answer became a dead letter: {dead}"
+    );
+}
+
+/// `$self` of `ty/id` as stored, or "" if it has none.
+async fn self_json(
+    c: &mut conflux_client::pb::conflux_client::ConfluxClient<tonic::transport::Channel>,
+    ty: &str,
+    id: &str,
+) -> String {
+    let req = conflux_client::pb::GetStateRequest {
+        entity: Some(conflux_client::pb::EntityRef { entity_type: ty.into(), id: id.into() }),
+        start_after: String::new(),
+        limit: 0,
+    };
+    let page = c.get_state(req).await.unwrap().into_inner();
+    page.entries
+        .iter()
+        .find(|e| e.key == "$self")
+        .map(|e| String::from_utf8(e.value.clone()).unwrap())
+        .unwrap_or_default()
+}
+
+/// Asks refused across languages: a team limited to one member accepts the
+/// first user and refuses the second, whose continuation — written in another
+/// language than the team — gets the team's `failed` with its message and
+/// leaves the user on no team, free to join another. Users and teams of each
+/// language write the Rust examples' state JSON, and no ask or answer becomes
+/// a dead letter. It reuses the race's components: TypeScript ↔ Python both
+/// ways, and Rust on either side.
+#[test]
+fn a_full_team_refuses_a_user_of_another_language_through_its_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path(), &[]);
+    let pairs = [
+        ("ts-user+py-team", polyglot_wasm("user-ts"), polyglot_wasm("team-py")),
+        ("py-user+ts-team", polyglot_wasm("user-py"), polyglot_wasm("team-ts")),
+        ("rust-user+ts-team", guest_wasm("team-joiner"), polyglot_wasm("team-ts")),
+        ("py-user+rust-team", polyglot_wasm("user-py"), guest_wasm("team")),
+    ];
+    let runtime = rt();
+    for (round, (pair, user_wasm, team_wasm)) in pairs.iter().enumerate() {
+        deploy(&d, "user", user_wasm);
+        deploy(&d, "team", team_wasm);
+        let (team, open) = (format!("r{round}-full"), format!("r{round}-open"));
+        let (amy, bob) = (format!("r{round}-amy"), format!("r{round}-bob"));
+        runtime.block_on(async {
+            let mut c = d.client().await;
+            call(&mut c, "team", &team, "limit", "1").await.unwrap();
+            let join = json!(team).to_string();
+            assert_eq!(call(&mut c, "user", &amy, "join", &join).await.unwrap(), json!(team), "{pair}");
+            eventually(30, "the first user on the team", async || {
+                (call(&mut c, "user", &amy, "team", "").await.unwrap() == json!(team)).then_some(())
+            })
+            .await;
+            // The second join asks and returns at once; the full team's answer frees the user.
+            assert_eq!(call(&mut c, "user", &bob, "join", &join).await.unwrap(), json!(team), "{pair}");
+            eventually(30, "the refusal", async || {
+                (self_json(&mut c, "user", &bob).await == r#"{"team":null}"#).then_some(())
+            })
+            .await;
+            assert_eq!(call(&mut c, "user", &bob, "team", "").await.unwrap(), Value::Null, "{pair}");
+            assert_eq!(call(&mut c, "team", &team, "members", "").await.unwrap(), json!([amy]), "{pair}");
+            assert_eq!(self_json(&mut c, "user", &amy).await, format!(r#"{{"team":"{team}"}}"#), "{pair}");
+            assert_eq!(
+                self_json(&mut c, "team", &team).await,
+                format!(r#"{{"members":["{amy}"],"capacity":1}}"#),
+                "{pair}"
+            );
+            // Free again: another team takes the refused user.
+            let join_open = json!(open).to_string();
+            assert_eq!(call(&mut c, "user", &bob, "join", &join_open).await.unwrap(), json!(open), "{pair}");
+            eventually(30, "the refused user on another team", async || {
+                (call(&mut c, "user", &bob, "team", "").await.unwrap() == json!(open)).then_some(())
+            })
+            .await;
+        });
+        let logs = stdout(&d.cli(&["logs", &format!("user/{bob}")]));
+        let refusal = format!("user {bob} did not join team {team}: the callee refused: failed: team {team} is full");
+        assert!(logs.contains(&refusal), "{pair}: the continuation got the team's refusal, kind and message: {logs}");
+    }
+    runtime.block_on(async {
+        let mut c = d.client().await;
+        let s = c.status(conflux_client::pb::StatusRequest::default()).await.unwrap().into_inner();
+        assert_eq!(s.dead_letters, 0, "no ask or answer became a dead letter");
+    });
 }
 
 /// 16 clients add to 32 counters while the type moves Rust → TypeScript →
