@@ -55,17 +55,15 @@ fn new_project(lang_args: &[&str], files: &[&str], next_steps: &[&str]) -> (temp
 /// hello_shop/first add 5` prints 5, `add 3` over HTTP replies 8, and the
 /// entity's "added 5" and "added 3" are in `conflux logs`.
 ///
-/// No `runtime.compile_cache_dir` (tests/polyglot.rs's shared cache): it is
-/// keyed by the component's bytes, and componentize-js and componentize-py
-/// builds are not reproducible (the interpreter snapshot differs from build to
-/// build, even of the same sources in the same directory), so a freshly built
-/// TypeScript or Python component never hits it. It would only add two dead
-/// ~16 MB entries per run, crowding out the ones that polyglot.rs reuses. So
-/// each run compiles the 12-18 MB component (~20 s on one core).
+/// With tests/polyglot.rs's shared `runtime.compile_cache_dir`: its
+/// whole-component cache never hits here (componentize-js and componentize-py
+/// builds are not reproducible: the interpreter snapshot differs from build
+/// to build), but its function cache does — the interpreter's functions are
+/// the ones every TypeScript (or Python) component compiled before.
 fn deploy_and_use(wasm: &Path) {
     assert!(wasm.is_file(), "{} missing", wasm.display());
     let data = tempfile::tempdir().unwrap();
-    let d = Daemon::start(data.path());
+    let d = Daemon::start_with(data.path(), &["--set", &compile_cache_setting()]);
     let started = Instant::now();
     deploy(&d, "hello_shop", wasm);
     eprintln!("conflux deploy: {:.1} s", started.elapsed().as_secs_f64());

@@ -8,6 +8,7 @@
 //! commit log. An instance whose turn
 //! trapped is poisoned and must be dropped.
 
+mod fn_cache;
 mod host;
 mod output;
 mod wasi;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
+pub use fn_cache::FunctionCache;
 pub use host::{CancelledTimer, MemoryBudget, OutgoingMessage, ReplyIn, TurnEffects, TurnState};
 pub use output::{GuestLogLine, GuestLogs};
 pub use wasi::{NoSlot, TurnSlot};
@@ -267,10 +269,18 @@ impl Runtime {
             .parallel_compilation(false);
         if let Some(dir) = &cfg.compile_cache_dir {
             let dir = std::path::absolute(dir).map_err(|e| RuntimeError::Engine(format!("{}: {e}", dir.display())))?;
+            // Apart: wasmtime's cleanup removes whatever it does not recognise in its directory.
             let mut cache = wasmtime::CacheConfig::new();
-            cache.with_directory(dir);
+            cache.with_directory(dir.join("wasmtime"));
             let cache = wasmtime::Cache::new(cache).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
             c.cache(Some(cache));
+            if cfg.max_function_cache_bytes > 0 {
+                let fns = dir.join("functions");
+                let functions = FunctionCache::in_dir(&fns, cfg.max_function_cache_bytes)
+                    .map_err(|e| RuntimeError::Engine(format!("{}: {e}", fns.display())))?;
+                c.enable_incremental_compilation(Arc::new(functions))
+                    .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+            }
         }
         let engine = Engine::new(&c).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
