@@ -1249,7 +1249,9 @@ fn asks_get_exactly_one_continuation_each_through_kill_dash_nine_of_the_callers_
     const ASKERS: usize = 6;
     const CALLEES: usize = 12;
     let runtime = rt();
-    let acked: Arc<Mutex<Vec<(usize, Vec<String>)>>> = Arc::default();
+    // Per acknowledged call: the asker and the ids of its asks.
+    type Acked = Vec<(usize, Vec<String>)>;
+    let acked: Arc<Mutex<Acked>> = Arc::default();
     // Asks through `via` to `targets` until `stop`; returns how many calls were acknowledged.
     let ask_load = |cluster: &Cluster, via: Vec<usize>, targets: Vec<String>, phase: usize| {
         let urls: Vec<String> = via.iter().map(|i| cluster.node(*i).url()).collect();
