@@ -1296,18 +1296,23 @@ fn asks_get_exactly_one_continuation_each_through_kill_dash_nine_of_the_callers_
         })
         .await
     });
-    let survivors: Vec<usize> = (0..3).filter(|i| *i != caller_leader).collect();
-    let (stop, task) = ask_load(&cluster, survivors, away, 1);
-    std::thread::sleep(Duration::from_millis(1000));
-    cluster.kill9(caller_leader);
-    std::thread::sleep(Duration::from_millis(1500));
-    cluster.restart(caller_leader);
-    runtime.block_on(eventually(60, "the caller's leader to catch up", async || {
-        caught_up(&cluster_status(cluster.node(caller_leader)).await).then_some(())
-    }));
-    stop.store(true, Ordering::SeqCst);
-    let calls = runtime.block_on(task).unwrap();
-    assert!(calls > 5, "only {calls} ask calls acknowledged around the caller's leader's kill");
+    // Asks to `targets` through the other members while `victim` is killed
+    // with -9, restarted and caught up.
+    let kill_under_asks = |cluster: &mut Cluster, victim: usize, targets: Vec<String>, phase: usize| {
+        let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+        let (stop, task) = ask_load(cluster, survivors, targets, phase);
+        std::thread::sleep(Duration::from_millis(1000));
+        cluster.kill9(victim);
+        std::thread::sleep(Duration::from_millis(1500));
+        cluster.restart(victim);
+        runtime.block_on(eventually(60, "the killed member to catch up", async || {
+            caught_up(&cluster_status(cluster.node(victim)).await).then_some(())
+        }));
+        stop.store(true, Ordering::SeqCst);
+        let calls = runtime.block_on(task).unwrap();
+        assert!(calls > 5, "phase {phase}: only {calls} ask calls acknowledged around member {}'s kill", victim + 1);
+    };
+    kill_under_asks(&mut cluster, caller_leader, away, 1);
 
     // The callee's leader: the member leading most of the callees' shards now.
     let callee_leader = runtime.block_on(async {
@@ -1328,18 +1333,7 @@ fn asks_get_exactly_one_continuation_each_through_kill_dash_nine_of_the_callers_
         }
         mine
     });
-    let survivors: Vec<usize> = (0..3).filter(|i| *i != callee_leader).collect();
-    let (stop, task) = ask_load(&cluster, survivors, mine, 2);
-    std::thread::sleep(Duration::from_millis(1000));
-    cluster.kill9(callee_leader);
-    std::thread::sleep(Duration::from_millis(1500));
-    cluster.restart(callee_leader);
-    runtime.block_on(eventually(60, "the callee's leader to catch up", async || {
-        caught_up(&cluster_status(cluster.node(callee_leader)).await).then_some(())
-    }));
-    stop.store(true, Ordering::SeqCst);
-    let calls = runtime.block_on(task).unwrap();
-    assert!(calls > 5, "only {calls} ask calls acknowledged around the callee's leader's kill");
+    kill_under_asks(&mut cluster, callee_leader, mine, 2);
 
     let acked = acked.lock().unwrap().clone();
     runtime.block_on(async {
