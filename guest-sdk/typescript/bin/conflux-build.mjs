@@ -3,6 +3,7 @@
 // whose default export is the entity class.
 //
 //   conflux-build src/counter.ts -o entity.wasm [--allow-http] [--keep-bundle]
+//   conflux-build src/counter.ts --bundle-only -o entity.bundle.js
 //
 // 1. esbuild bundles a generated entry (it installs the real conflux:entity/* imports
 //    as the SDK's host and exports `handler` + `migration`) together with the user's
@@ -11,13 +12,17 @@
 //    conflux:entity/migrating-entity, with the `http` and `fetch-event` features
 //    disabled so it imports no wasi:http (--allow-http keeps them: only for the
 //    sandbox test guest that the host must refuse).
+// --bundle-only stops after step 1 and writes the bundle: what the component would run
+// (the tests read it to check that a typed ask client's callee is not in it).
 
 import { mkdtemp, mkdir, readFile, rm, writeFile, realpath, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
-const USAGE = "usage: conflux-build <entity module .ts/.js> -o <output.wasm> [--allow-http] [--keep-bundle]";
+const USAGE =
+  "usage: conflux-build <entity module .ts/.js> -o <output.wasm> [--allow-http] [--keep-bundle]\n" +
+  "       conflux-build <entity module .ts/.js> --bundle-only -o <output.js>";
 
 function fail(msg) {
   console.error(`conflux-build: ${msg}`);
@@ -25,13 +30,14 @@ function fail(msg) {
 }
 
 function parseArgs(argv) {
-  const opts = { input: undefined, output: undefined, allowHttp: false, keepBundle: false };
+  const opts = { input: undefined, output: undefined, allowHttp: false, keepBundle: false, bundleOnly: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === "-o" || a === "--out") opts.output = argv[++i];
     else if (a.startsWith("--out=")) opts.output = a.slice(6);
     else if (a === "--allow-http") opts.allowHttp = true;
     else if (a === "--keep-bundle") opts.keepBundle = true;
+    else if (a === "--bundle-only") opts.bundleOnly = true;
     else if (a === "-h" || a === "--help") {
       console.log(USAGE);
       process.exit(0);
@@ -68,7 +74,6 @@ async function importFromSdk(name) {
   }
 }
 const esbuild = await importFromSdk("esbuild");
-const { componentize } = await importFromSdk("@bytecodealliance/componentize-js");
 
 const input = path.resolve(opts.input);
 const output = path.resolve(opts.output);
@@ -149,26 +154,32 @@ try {
   });
   if (result.errors.length > 0) fail("bundling failed");
   const t2 = Date.now();
-
-  const disableFeatures = opts.allowHttp ? [] : ["http", "fetch-event"];
-  const { component } = await componentize({
-    sourcePath: bundlePath,
-    witPath,
-    worldName: "migrating-entity",
-    disableFeatures,
-  });
-  const t3 = Date.now();
   await mkdir(path.dirname(output), { recursive: true });
-  await writeFile(output, component);
-  if (opts.keepBundle) {
-    const kept = output.replace(/\.wasm$/, "") + ".bundle.js";
-    await writeFile(kept, await readFile(bundlePath));
+  if (opts.bundleOnly) {
+    await writeFile(output, await readFile(bundlePath));
+    console.log(`conflux-build: ${path.relative(process.cwd(), output) || output} (bundle only, ${t2 - t1} ms)`);
+  } else {
+    // Loaded only to componentize: a --bundle-only run does not need it.
+    const { componentize } = await importFromSdk("@bytecodealliance/componentize-js");
+    const disableFeatures = opts.allowHttp ? [] : ["http", "fetch-event"];
+    const { component } = await componentize({
+      sourcePath: bundlePath,
+      witPath,
+      worldName: "migrating-entity",
+      disableFeatures,
+    });
+    const t3 = Date.now();
+    await writeFile(output, component);
+    if (opts.keepBundle) {
+      const kept = output.replace(/\.wasm$/, "") + ".bundle.js";
+      await writeFile(kept, await readFile(bundlePath));
+    }
+    console.log(
+      `conflux-build: ${path.relative(process.cwd(), output) || output} ` +
+        `(${(component.length / 1048576).toFixed(1)} MiB; bundle ${t2 - t1} ms, componentize ${t3 - t2} ms, total ${Date.now() - t0} ms` +
+        `${opts.allowHttp ? "; wasi:http ALLOWED" : ""})`,
+    );
   }
-  console.log(
-    `conflux-build: ${path.relative(process.cwd(), output) || output} ` +
-      `(${(component.length / 1048576).toFixed(1)} MiB; bundle ${t2 - t1} ms, componentize ${t3 - t2} ms, total ${Date.now() - t0} ms` +
-      `${opts.allowHttp ? "; wasi:http ALLOWED" : ""})`,
-  );
 } catch (e) {
   fail(e && e.stack ? e.stack : String(e));
 } finally {

@@ -4,10 +4,12 @@ import { CallError, failed } from "./errors";
 import { host, installHost, type EntityRef, type Host } from "./host";
 import { fromUtf8, toJsonBytes, utf8 } from "./json";
 import { continuationNames, dispatch, migrate as runMigrate, operationNames, runningEntity, type EntityClass } from "./entity";
+import { askClient, type AskClient, type AskOptions, type EntityClassType } from "./client";
 
 export { CallError, badRequest, failed, isCallError, unknownOperation, type CallErrorKind } from "./errors";
 export { SELF_KEY, continuationNames, operationNames, type ArgType, type EntityClass } from "./entity";
 export { AskContext, AskError, type AskErrorKind, type AskResult } from "./ask";
+export type { AskClient, AskMethod, AskOptions, EntityClassType, OperationsOf, ReplyOf } from "./client";
 export type { EntityRef } from "./host";
 /** Compares strings by UTF-8 byte order (the host's key order; Rust's String order). */
 export { compareBytes } from "./json";
@@ -115,16 +117,6 @@ export const log = {
   error(message: string): void { host().log(4, message); },
 };
 
-/** How `messaging.ask` sends an ask and where its answer goes. */
-export interface AskOptions {
-  /** The operation of THIS entity, listed in its `static continuations`, that the answer runs. */
-  continuation: string;
-  /** A value handed back to the continuation unchanged (`ask.context()`), as JSON. */
-  context?: unknown;
-  /** If no answer came within this many ms, the continuation gets `AskError` `timedOut` (durably: a timer). */
-  timeoutMs?: number;
-}
-
 function checkContinuation(continuation: unknown): string {
   if (typeof continuation !== "string" || continuation === "") {
     throw new Error("@conflux/sdk: messaging.ask needs { continuation: '<a continuation operation of this entity>' }");
@@ -180,6 +172,34 @@ export const messaging = {
     return host().ask(target, operation, payload, continuation, context, timeoutMs);
   },
 };
+
+/**
+ * A typed ask client of entity `entityType`/`id` (or of `target`), whose class is `C`:
+ *
+ * ```ts
+ * import type Team from "./team";           // a type only: Team's code stays out of the bundle
+ * ask<typeof Team>("team", id).add_member(me, { continuation: "on_added", context: id });
+ * ```
+ *
+ * It has one method per operation of `C` — its public methods, under their `static rename`
+ * names, less its `static continuations` — taking the method's argument type and the ask's
+ * options (`(options)` for an operation without argument), and returning the ask's id: a
+ * misspelt operation or a wrong argument is a compile error. Each call is
+ * `messaging.ask(target, operation, arg, options)`. Declare `static rename` and
+ * `static continuations` `as const` in the callee, or the compiler cannot see their names.
+ */
+export function ask<C extends EntityClassType>(entityType: string, id: string): AskClient<C>;
+export function ask<C extends EntityClassType>(target: EntityRef): AskClient<C>;
+export function ask<C extends EntityClassType>(typeOrTarget: string | EntityRef, id?: string): AskClient<C> {
+  let target: EntityRef;
+  if (typeof typeOrTarget === "string") {
+    if (typeof id !== "string") throw new TypeError("@conflux/sdk: ask(entityType, id) needs the entity's id");
+    target = { entityType: typeOrTarget, id };
+  } else {
+    target = typeOrTarget;
+  }
+  return askClient(target, (to, operation, arg, options) => messaging.ask(to, operation, arg, options)) as AskClient<C>;
+}
 
 function clampDelay(ms: number): number {
   return Number.isFinite(ms) && ms > 0 ? Math.floor(ms) : 0;
