@@ -26,6 +26,7 @@ Test natively with :class:`conflux_sdk.testing.TestHarness`; build a component w
 
 from . import context, log, messaging, state
 from ._ask import AskContext, AskError
+from ._client import AskClient, ask, type_name
 from ._core import (
     SELF_KEY,
     BadRequest,
@@ -54,6 +55,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SELF_KEY",
+    "AskClient",
     "AskContext",
     "AskError",
     "BadRequest",
@@ -61,6 +63,7 @@ __all__ = [
     "EntityRef",
     "Failed",
     "UnknownOperation",
+    "ask",
     "context",
     "continuation",
     "continuations",
@@ -78,4 +81,5 @@ __all__ = [
     "readonly",
     "skip_if_none",
     "state",
+    "type_name",
 ]

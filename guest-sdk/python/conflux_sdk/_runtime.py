@@ -155,11 +155,28 @@ def continuations(cls: type) -> List[str]:
 _running: List[type] = []  # the entity classes whose operations are running (innermost last)
 
 
-def check_continuation(name: Any) -> str:
-    """Refuses (ValueError: a bug) an ask whose continuation is not one of the running
-    entity's ``@continuation`` operations: its reply would find nothing to run."""
-    if not isinstance(name, str) or not name:
-        raise ValueError("conflux_sdk: messaging.ask needs continuation='<a @continuation operation of this entity>'")
+def continuation_name(value: Any) -> str:
+    """The operation name of a continuation given as its name or as the method itself
+    (``self.on_added``, ``User.on_added``)."""
+    if isinstance(value, str) and value:
+        return value
+    func = getattr(value, "__func__", value)  # a bound method's function
+    if inspect.isfunction(func):
+        if not getattr(func, "__conflux_continuation__", False):
+            raise ValueError(
+                f"conflux_sdk: {func.__qualname__} is not a @continuation, so a reply cannot run it"
+            )
+        return getattr(func, "__conflux_name__", func.__name__)
+    raise ValueError(
+        "conflux_sdk: an ask needs continuation='<a @continuation operation of this entity>' "
+        "(its name, or the method: continuation=self.on_added)"
+    )
+
+
+def check_continuation(value: Any) -> str:
+    """The continuation's operation name. Refuses (ValueError: a bug) one that is not one of
+    the running entity's ``@continuation`` operations: its reply would find nothing to run."""
+    name = continuation_name(value)
     if _running:
         cls = _running[-1]
         if name not in continuations(cls):

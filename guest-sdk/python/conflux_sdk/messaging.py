@@ -8,7 +8,7 @@ the receiver sees the sender as ``context.caller()``. A send's reply is discarde
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 from ._ask import AskContext, AskError, RawReply
 from ._core import EntityRef, Failed, current_host, encode_arg, ref_of, to_json
@@ -42,16 +42,17 @@ def cancel(timer_id: str) -> bool:
     return bool(current_host().cancel(str(timer_id)))
 
 
-def ask(target: EntityRef, operation: str, arg: Any = None, *, continuation: str, context: Any = None,
-        timeout_ms: Optional[int] = None) -> str:
+def ask(target: EntityRef, operation: str, arg: Any = None, *, continuation: Union[str, Callable[..., Any]],
+        context: Any = None, timeout_ms: Optional[int] = None) -> str:
     """Asks ``target`` to run ``operation(arg)`` (JSON; None → null) when this turn
     commits. Its answer — the reply value, or an :class:`AskError` — later runs
-    ``continuation``, an operation of this entity marked ``@continuation``, as a turn of
+    ``continuation``, an operation of this entity marked ``@continuation`` (its name, or the
+    method: ``continuation=self.on_added``), as a turn of
     its own, effectively once, with ``context`` (JSON; None: none) back in its
     :class:`AskContext`. With ``timeout_ms``, no answer by then runs it with
     ``AskError`` ``timed_out`` (durably: a timer). This turn does not wait. Returns the
     ask's id."""
-    check_continuation(continuation)
+    continuation = check_continuation(continuation)
     payload = encode_arg(operation, arg)
     if context is None:
         raw_context = b""

@@ -72,9 +72,10 @@ class Asker:
 
 
 @pytest.fixture
-def generated_entry(tmp_path, monkeypatch):
-    """The generated entry, imported natively over componentize-py's own generated
-    bindings (`componentize-py bindings`), with the WIT imports stubbed in memory."""
+def entry_of(tmp_path, monkeypatch):
+    """A factory: the entry generated for module ``module`` of ``files`` (name → source),
+    imported natively over componentize-py's own generated bindings (`componentize-py
+    bindings`), with the WIT imports stubbed in memory."""
     bindings = tmp_path / "bindings"
     cmd = build.componentize_command() + ["-d", str(build.wit_dir()), "-w", build.WORLD, "bindings", str(bindings)]
     try:
@@ -83,32 +84,42 @@ def generated_entry(tmp_path, monkeypatch):
         pytest.skip("componentize-py is not installed")
     if done.returncode != 0:
         pytest.skip(f"componentize-py bindings failed: {done.stderr.decode()[-300:]}")
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "asker.py").write_text(ASKER)
-    (tmp_path / "m" / f"{build.ENTRY_MODULE}.py").write_text(build.render_entry("asker", None))
     from conflux_sdk import _core
 
     monkeypatch.setattr(_core, "_host", None)  # the entry installs its host; put the SDK's back afterwards
     before = set(sys.modules)
-    for p in [bindings, tmp_path / "m"]:
-        monkeypatch.syspath_prepend(str(p))
-    import wit_world.imports.context as wc
-    import wit_world.imports.messaging as wm
-    import wit_world.imports.state as ws
-    import wit_world.imports.types as wt
 
-    store, calls = {}, {"ask": [], "reply": None}
-    monkeypatch.setattr(ws, "get", lambda k: store.get(k))
-    monkeypatch.setattr(ws, "set", lambda k, v: store.__setitem__(k, bytes(v)))
-    monkeypatch.setattr(wc, "self_ref", lambda: wt.EntityRef("user", "sue"))
-    monkeypatch.setattr(wc, "caller", lambda: None)
-    monkeypatch.setattr(wm, "ask", lambda *a: calls["ask"].append(a) or "ask-7")
-    monkeypatch.setattr(wm, "reply", lambda: calls["reply"])
-    import conflux_entry
+    def load(files, module):
+        (tmp_path / "m").mkdir()
+        for name, source in files.items():
+            (tmp_path / "m" / f"{name}.py").write_text(source)
+        (tmp_path / "m" / f"{build.ENTRY_MODULE}.py").write_text(build.render_entry(module, None))
+        for p in [bindings, tmp_path / "m"]:
+            monkeypatch.syspath_prepend(str(p))
+        import wit_world.imports.context as wc
+        import wit_world.imports.messaging as wm
+        import wit_world.imports.state as ws
+        import wit_world.imports.types as wt
 
-    yield conflux_entry, wm, wt, store, calls
+        store, calls = {}, {"ask": [], "reply": None}
+        monkeypatch.setattr(ws, "get", lambda k: store.get(k))
+        monkeypatch.setattr(ws, "set", lambda k, v: store.__setitem__(k, bytes(v)))
+        monkeypatch.setattr(wc, "self_ref", lambda: wt.EntityRef("user", "sue"))
+        monkeypatch.setattr(wc, "caller", lambda: None)
+        monkeypatch.setattr(wm, "ask", lambda *a: calls["ask"].append(a) or "ask-7")
+        monkeypatch.setattr(wm, "reply", lambda: calls["reply"])
+        import conflux_entry
+
+        return conflux_entry, wm, wt, store, calls
+
+    yield load
     for name in set(sys.modules) - before:
         del sys.modules[name]
+
+
+@pytest.fixture
+def generated_entry(entry_of):
+    return entry_of({"asker": ASKER}, "asker")
 
 
 def test_the_entry_binds_ask_and_reply_to_the_wit(generated_entry):
@@ -142,3 +153,49 @@ def test_the_entry_binds_ask_and_reply_to_the_wit(generated_entry):
         ["timed_out", None, None, "ask-7", "team/red", "red"],
         ["undeliverable", None, "type team is not deployed", "ask-7", "team/red", "red"],
     ]
+
+
+TEAM = '''
+from conflux_sdk import Failed, entity
+
+
+@entity
+class Team:
+    def add_member(self, user: str):
+        raise Failed("TEAM-CODE-RAN")
+'''
+
+TYPED_ASKER = '''
+from conflux_sdk import ask, continuation, entity
+from team import Team  # the callee's class, for its typed client only
+
+
+@entity
+class Asker:
+    def go(self, team):
+        return ask(Team, team).add_member("sue", continuation=self.on_added, context=team, timeout_ms=2500)
+
+    @continuation
+    def on_added(self, result):
+        pass
+'''
+
+
+def test_a_module_importing_its_callee_serves_only_its_own_entity(entry_of, tmp_path):
+    """What Rust's `client` feature does for a callee crate: the caller's component
+    imports the callee's class for its typed ask client, and its handler serves the
+    caller's entity alone (conflux-build picks the @entity its own module defines)."""
+    entry, wm, wt, store, calls = entry_of({"team": TEAM, "asker": TYPED_ASKER}, "asker")
+    from componentize_py_types import Err
+
+    assert entry.ENTITY.__name__ == "Asker" and entry.ENTITY.__module__ == "asker"
+    handler = entry.Handler()
+    assert handler.handle("go", b'"red"') == b'"ask-7"'
+    ((target, op, payload, cont, ctx, timeout),) = calls["ask"]
+    assert (target.entity_type, target.id, op, payload, cont, ctx, timeout) == (
+        "team", "red", "add_member", b'"sue"', "on_added", b'"red"', 2500)
+    with pytest.raises(Err) as e:  # the team's operation is not this component's
+        handler.handle("add_member", b'"sue"')
+    assert e.value.value == wt.CallError_UnknownOperation(
+        "unknown operation 'add_member' for entity type Asker; offered: go")
+    assert build._check_natively(tmp_path / "m" / "asker.py", "asker", None) is None, "conflux-build accepts it"
