@@ -17,7 +17,7 @@ class Team:
     # At most this many members; unlimited if None.
     capacity: Optional[int] = skip_if_none()
 
-    def add_member(self, user):
+    def add_member(self, user: str):
         """(Asked by a `user`.) Adds the calling user; a full team refuses. Idempotent."""
         c = context.caller()
         if not (isinstance(user, str) and c is not None and c.entity_type == "user" and c.id == user):
@@ -29,7 +29,7 @@ class Team:
         self.members.add(user)
         return None
 
-    def limit(self, capacity):
+    def limit(self, capacity: int):
         """Limits the team to `capacity` members from now on."""
         if type(capacity) is not int or capacity < 0:
             raise BadRequest("invalid payload for operation 'limit': expected a non-negative integer")

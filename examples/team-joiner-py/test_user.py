@@ -1,8 +1,10 @@
 """Mirrors the tests of examples/team-joiner/src/lib.rs."""
 
+from pathlib import Path
+
 import pytest
 
-from conflux_sdk import AskError, BadRequest, Failed, UnknownOperation
+from conflux_sdk import AskError, BadRequest, Failed, UnknownOperation, ask
 from conflux_sdk.testing import TestHarness
 from team import Team
 from user import User
@@ -118,3 +120,18 @@ def test_reads_state_written_by_rust():
     with pytest.raises(Failed) as e:
         h.call("join", "blue")
     assert e.value.message == "user sue is already on team red"
+
+
+def test_the_user_asks_through_the_team_s_typed_client_and_is_the_module_s_only_entity():
+    import user
+    from conflux_sdk import build, find_entity
+
+    # user.py imports Team for its client; conflux-build serves User alone.
+    assert find_entity(user) is User and user.Team is Team
+    assert build._check_natively(Path(user.__file__), "user", None) is None
+    # The client checks the ask against Team: a misspelt operation or a wrong argument
+    # raises before anything is asked.
+    with pytest.raises(AttributeError, match="Team has no operation 'add_membr'"):
+        ask(Team, "red").add_membr("sue", continuation="on_added")
+    with pytest.raises(TypeError, match=r"takes user: str; got int 7"):
+        ask(Team, "red").add_member(7, continuation="on_added")

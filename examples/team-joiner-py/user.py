@@ -9,9 +9,12 @@ accepted. State JSON matches the Rust example: `{"team":"red"}` / `{"team":null}
 from dataclasses import dataclass
 from typing import Optional
 
-from conflux_sdk import (
-    AskError, BadRequest, EntityRef, Failed, context, continuation, entity, log, messaging, operation, skip_if_none,
-)
+from conflux_sdk import AskError, BadRequest, Failed, ask, context, continuation, entity, log, operation, skip_if_none
+
+# The team's class, for its typed ask client only: this module's entity (the one conflux-build
+# serves) is User, the one @entity class it defines — like the Rust user's dependency on the
+# team crate with its feature "client".
+from team import Team
 
 
 @entity
@@ -37,17 +40,18 @@ class User:
                 raise Failed(f"user {me} is already on team {current}")
             return team
         # Committed with this turn; the team's answer runs `on_added` as a turn of its
-        # own, effectively once.
-        messaging.ask(EntityRef("team", team), "add_member", me, continuation="on_added", context=team)
+        # own, effectively once. A typed ask: `add_member` must be an operation of Team,
+        # taking a str (its annotation), or this raises before anything is asked.
+        ask(Team, team).add_member(me, continuation=self.on_added, context=team)
         self.joining = team
         return team
 
     # Run only by the team's answer. The same operation name as the Rust and TypeScript
     # users', so an ask pending across a hot swap between languages finds it.
     @continuation
-    def on_added(self, result, ask):
+    def on_added(self, result, asked):
         """The team's answer: on it if accepted; free again if refused."""
-        team = ask.context
+        team = asked.context
         if self.joining != team:
             return None
         self.joining = None

@@ -4,7 +4,11 @@
 // team accepted. Same state JSON as examples/team-joiner: {"team":"red"} /
 // {"team":null} / {"team":null,"joining":"red"} while the team answers.
 
-import { AskError, badRequest, context, entityRef, failed, log, messaging, type AskContext, type AskResult } from "@conflux/sdk";
+import { AskError, ask, badRequest, context, failed, log, type AskContext, type AskResult, type ReplyOf } from "@conflux/sdk";
+// The team's class as a type only: the compiler checks the ask against it (operation
+// name, argument type) and the bundle of this entity holds none of the team's code —
+// like the Rust user's dependency on the team crate with its feature "client".
+import type Team from "./team";
 
 export default class User {
   /** The team that accepted this user. */
@@ -33,15 +37,15 @@ export default class User {
       return team;
     }
     // Committed with this turn; the team's answer runs `on_added` as a turn of its own,
-    // effectively once.
-    messaging.ask(entityRef("team", team), "add_member", me, { continuation: "on_added", context: team });
+    // effectively once. A typed ask: `add_member` must be an operation of Team taking a string.
+    ask<typeof Team>("team", team).add_member(me, { continuation: "on_added", context: team });
     this.joining = team;
     return team;
   }
 
   /** The team's answer: on it if accepted; free again if refused. */
-  on_added(result: AskResult<null>, ask: AskContext): void {
-    const team = ask.context<string>();
+  on_added(result: AskResult<ReplyOf<typeof Team, "add_member">>, asked: AskContext): void {
+    const team = asked.context<string>();
     if (this.joining !== team) return;
     this.joining = undefined;
     const me = context.selfRef().id;

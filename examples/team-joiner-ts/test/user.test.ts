@@ -1,6 +1,12 @@
 // Mirrors the tests of examples/team-joiner/src/lib.rs.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { createRequire } from "node:module";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
 
 import { AskError, failed, isCallError, refToString } from "@conflux/sdk";
 import { TestHarness } from "@conflux/sdk/testing";
@@ -98,4 +104,30 @@ test("state written by Rust loads: on no team, on a team, joining one", () => {
   // A Rust user that asked before a hot swap: the answer reaches this build's on_added.
   h.setRaw("$self", '{"team":null,"joining":"red"}');
   assert.throws(() => h.call("join", "blue"), (e: unknown) => isCallError(e, "failed") && e.message === "user sue is already on team red");
+});
+
+// The user asks through `ask<typeof Team>` with Team imported as a type only, so the
+// user's component holds none of the team's code (as the Rust user links no team handler).
+test("the user's bundle holds none of the team's code", () => {
+  const sdk = createRequire(import.meta.url).resolve("@conflux/sdk"); // <sdk>/src/index.ts
+  const build = path.join(path.dirname(sdk), "..", "bin", "conflux-build.mjs");
+  const src = path.join(path.dirname(fileURLToPath(import.meta.url)), "..", "src");
+  const dir = mkdtempSync(path.join(tmpdir(), "team-joiner-ts-"));
+  const bundleOf = (module: string): string => {
+    const out = path.join(dir, `${module}.js`);
+    execFileSync(process.execPath, [build, path.join(src, `${module}.ts`), "--bundle-only", "-o", out], { stdio: "pipe" });
+    return readFileSync(out, "utf8");
+  };
+  try {
+    const teamCode = "'add_member' is sent by the joining user"; // a message only team.ts has
+    const teamClass = /\bclass Team\b|\bTeam = class\b/;
+    const team = bundleOf("team");
+    assert.ok(team.includes(teamCode) && teamClass.test(team), "what identifies the team's code");
+    const user = bundleOf("user");
+    assert.ok(/\bclass User\b|\bUser = class\b/.test(user));
+    assert.ok(user.includes(".add_member(me,"), "the user asks add_member through the typed client");
+    assert.ok(!user.includes(teamCode) && !teamClass.test(user), "no team code in the user's bundle");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
