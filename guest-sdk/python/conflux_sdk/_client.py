@@ -88,7 +88,7 @@ class AskClient(Generic[E]):
     def __dir__(self) -> list:
         return [name for name, op in _ops(self._entity).items() if not op.continuation]
 
-    def __getattr__(self, name: str) -> Callable[..., str]:
+    def __getattr__(self, name: str) -> "_AskOperation":
         if name.startswith("_"):  # dunders (copy, pickle, ...) and private names: never operations
             raise AttributeError(name)
         cls = self._entity
