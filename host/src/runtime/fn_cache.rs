@@ -22,6 +22,9 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+/// Names a file being written; such files are not entries.
+const TMP_PREFIX: &str = ".tmp-";
+
 /// A bounded store of compiled functions (see the module doc).
 #[derive(Debug)]
 pub struct FunctionCache {
@@ -79,7 +82,7 @@ impl FunctionCache {
         let parent = path.parent().expect("a fanned-out path has a parent");
         std::fs::create_dir_all(parent)?;
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = parent.join(format!(".tmp-{}-{seq}", std::process::id()));
+        let tmp = parent.join(format!("{TMP_PREFIX}{}-{seq}", std::process::id()));
         std::fs::write(&tmp, value)?;
         std::fs::rename(&tmp, path).inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
@@ -109,8 +112,14 @@ impl wasmtime::CacheStore for FunctionCache {
     }
 }
 
-/// Bytes of the files under `dir`, two levels deep (the fan-out).
+/// Bytes of the entries under `dir`, two levels deep (the fan-out). Another
+/// node of the machine may be writing meanwhile: its temporary files are not
+/// entries, and one renamed or removed between listing and reading its size
+/// counts as nothing rather than failing the node's start.
 fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
+    fn vanished(e: std::io::Error) -> std::io::Result<u64> {
+        if e.kind() == std::io::ErrorKind::NotFound { Ok(0) } else { Err(e) }
+    }
     let mut total = 0;
     for fan in std::fs::read_dir(dir)? {
         let fan = fan?;
@@ -118,7 +127,11 @@ fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
             continue;
         }
         for f in std::fs::read_dir(fan.path())? {
-            total += f?.metadata()?.len();
+            let f = f?;
+            if f.file_name().as_encoded_bytes().starts_with(TMP_PREFIX.as_bytes()) {
+                continue;
+            }
+            total += f.metadata().map(|m| m.len()).or_else(vanished)?;
         }
     }
     Ok(total)
@@ -145,5 +158,37 @@ mod tests {
         assert!(!again.insert(b"k3", vec![1; 50]), "full: not kept");
         assert!(again.get(b"k3").is_none());
         assert_eq!(again.bytes(), 40 + 52);
+    }
+
+    /// Nodes of one machine share the directory: one counts it at start while
+    /// another writes (a temporary file renamed away) — a file that vanishes
+    /// mid-count is not an error. Seen as a node failing to start in CI.
+    #[test]
+    fn counting_tolerates_files_another_node_renames_or_removes_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let fan = dir.path().join("ab");
+        std::fs::create_dir_all(&fan).unwrap();
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (fan, done) = (fan.clone(), done.clone());
+            std::thread::spawn(move || {
+                for i in 0..20_000u32 {
+                    let tmp = fan.join(format!("{TMP_PREFIX}1-{i}"));
+                    std::fs::write(&tmp, [0u8; 16]).unwrap();
+                    let kept = fan.join(format!("ab{i:08x}"));
+                    std::fs::rename(&tmp, &kept).unwrap();
+                    std::fs::remove_file(&kept).unwrap();
+                }
+                done.store(true, Ordering::Relaxed);
+            })
+        };
+        let mut counts = 0;
+        while !done.load(Ordering::Relaxed) {
+            let c = FunctionCache::in_dir(dir.path(), 1 << 20).expect("a vanished file is not an error");
+            assert!(c.bytes() <= 16, "temporary files do not count, so at most one entry: {}", c.bytes());
+            counts += 1;
+        }
+        writer.join().unwrap();
+        assert!(counts > 0);
     }
 }
